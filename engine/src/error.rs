@@ -1,0 +1,97 @@
+//! The engine's one error type.
+
+use crate::id::TaskId;
+
+/// Everything that can go wrong in the engine, typed so callers can decide what to do.
+///
+/// Store failures (`Conflict`, `LeaseLost`, `Decode`, `Database`) are kept apart from input
+/// errors (`InvalidId`, `InvalidChannel`, ...) so a worker knows which ones a retry can fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stream was not at the version the append expected: someone else appended first.
+    /// Nothing was written. Re-read the stream, decide again, and retry.
+    #[error("conflict on task {stream}: expected version {expected}, stream is at {actual}")]
+    Conflict {
+        stream: TaskId,
+        expected: u32,
+        actual: u32,
+    },
+
+    /// The append carried a lease epoch that is no longer current: another worker claimed
+    /// the task since. Nothing was written; this worker must stop working on the task.
+    #[error("lease lost on task {task}: epoch {epoch} is no longer current")]
+    LeaseLost { task: TaskId, epoch: i64 },
+
+    /// A stored event could not be read as a known event type and schema version.
+    #[error(
+        "cannot decode event at global position {position} \
+         (task {stream}, version {version}, type {event_type:?} v{schema_version}): {reason}"
+    )]
+    Decode {
+        position: i64,
+        stream: TaskId,
+        version: u32,
+        event_type: String,
+        schema_version: i16,
+        reason: String,
+    },
+
+    /// No task (stream) with this id exists.
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+
+    /// An event id that is already stored elsewhere (another stream or version) was reused.
+    #[error("event id {event_id} is already stored at another stream position")]
+    EventIdReused { event_id: uuid::Uuid },
+
+    /// An idempotency key was reused for a submission that differs from the stored one.
+    #[error("idempotency key {key:?} already names task {existing} with different parameters")]
+    IdempotencyKeyReused { key: String, existing: TaskId },
+
+    /// A task id that is not a UUID.
+    #[error(
+        "invalid task id {input:?}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    )]
+    InvalidId { input: String },
+
+    /// A channel id outside `[a-z0-9_-]{1,64}`.
+    #[error("invalid channel id {input:?}: use 1 to 64 characters of a-z, 0-9, '_' or '-'")]
+    InvalidChannel { input: String },
+
+    /// A value that breaks an engine limit or invariant (an empty append, a version overflow).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// An event could not be encoded to JSON.
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] serde_json::Error),
+
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// The database failed or could not be reached. Usually transient: retry with backoff.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed (database outages, conflicts).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Conflict { .. } => true,
+            Error::Database(e) => !matches!(
+                e,
+                sqlx::Error::ColumnDecode { .. }
+                    | sqlx::Error::Decode(_)
+                    | sqlx::Error::TypeNotFound { .. }
+                    | sqlx::Error::ColumnNotFound(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The engine's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

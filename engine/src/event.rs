@@ -1,0 +1,378 @@
+//! The log format: event types and payloads (a public contract — see DESIGN.md).
+//!
+//! Names are snake_case and never renamed. A breaking payload change means a new
+//! `schema_version` and an upcaster in [`upcast`], the one place old versions are read.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::id::{ChannelId, TaskId};
+use crate::status::TaskStatus;
+
+/// The schema version every event is written with today.
+pub const CURRENT_SCHEMA_VERSION: i16 = 1;
+
+/// How a failure should be treated: retried with backoff, or final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Timeouts, 429, 5xx: retried with exponential backoff, then rescheduled.
+    Transient,
+    /// Bad input, 4xx: the task fails with the reason.
+    Permanent,
+}
+
+/// One fact about a task. The variant is stored as `event_type`, its fields as `payload`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// The task exists: its workflow, channel and input. Always version 1 of a stream.
+    TaskSubmitted {
+        workflow: String,
+        channel_id: ChannelId,
+        input: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notion_page_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+    },
+    /// A worker took the task: the lease epoch that fences its appends and the task attempt.
+    TaskClaimed {
+        worker_id: String,
+        lease_epoch: i64,
+        attempt: u32,
+    },
+    /// A step began (or began again) with `items` planned (1 for an atomic step).
+    StepStarted {
+        step: String,
+        attempt: u32,
+        items: u32,
+        #[serde(default)]
+        atomic: bool,
+    },
+    /// One item is done: what it produced, what it cost, how long it took.
+    ItemCompleted {
+        step: String,
+        /// 1-based, as users count ("clip 7").
+        item: u32,
+        attempt: u32,
+        artifact: String,
+        cost_micros: i64,
+        duration_ms: u64,
+    },
+    /// One try of an item failed; `kind` says whether it will be retried.
+    ItemFailed {
+        step: String,
+        item: u32,
+        attempt: u32,
+        kind: FailureKind,
+        error: String,
+        /// The in-process try number within this attempt (1 = first try).
+        #[serde(default = "one")]
+        retry: u32,
+    },
+    /// Every planned item of the step has a completion.
+    StepCompleted { step: String, attempt: u32 },
+    /// The task moved from one status to another (storage names).
+    StatusChanged { from: TaskStatus, to: TaskStatus },
+    /// The attempt gave up for now; a worker may resume the task by replay at `next_run_at`.
+    RetryScheduled {
+        attempt: u32,
+        next_run_at: DateTime<Utc>,
+        reason: String,
+    },
+    /// The task cannot succeed: a permanent error or the attempt limit.
+    TaskFailed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        item: Option<u32>,
+    },
+    /// Every step is done; a human has to look.
+    ReviewRequested {},
+    /// The human accepted the result.
+    ReviewApproved {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reviewer: Option<String>,
+    },
+    /// The human sent the task back: `redo_from` and every later step run again.
+    ReviewRejected {
+        redo_from: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The task is done for good.
+    TaskCompleted {},
+    /// An operator stopped the task; it takes effect at the next item boundary.
+    TaskCancelled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Event {
+    /// Every event type name, as stored in `events.event_type`.
+    pub const TYPES: [&'static str; 14] = [
+        "task_submitted",
+        "task_claimed",
+        "step_started",
+        "item_completed",
+        "item_failed",
+        "step_completed",
+        "status_changed",
+        "retry_scheduled",
+        "task_failed",
+        "review_requested",
+        "review_approved",
+        "review_rejected",
+        "task_completed",
+        "task_cancelled",
+    ];
+
+    /// The stored `event_type` of this event.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::TaskSubmitted { .. } => "task_submitted",
+            Event::TaskClaimed { .. } => "task_claimed",
+            Event::StepStarted { .. } => "step_started",
+            Event::ItemCompleted { .. } => "item_completed",
+            Event::ItemFailed { .. } => "item_failed",
+            Event::StepCompleted { .. } => "step_completed",
+            Event::StatusChanged { .. } => "status_changed",
+            Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::TaskFailed { .. } => "task_failed",
+            Event::ReviewRequested { .. } => "review_requested",
+            Event::ReviewApproved { .. } => "review_approved",
+            Event::ReviewRejected { .. } => "review_rejected",
+            Event::TaskCompleted { .. } => "task_completed",
+            Event::TaskCancelled { .. } => "task_cancelled",
+        }
+    }
+
+    /// Splits the event into its stored `(event_type, payload)`.
+    pub fn encode(&self) -> Result<(&'static str, Value)> {
+        let mut tagged = serde_json::to_value(self)?;
+        let payload = tagged
+            .get_mut("payload")
+            .map(Value::take)
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        Ok((self.event_type(), payload))
+    }
+
+    /// Reads a stored event of the current schema version (see [`upcast`] for older ones).
+    fn decode_current(event_type: &str, payload: Value) -> Result<Event, String> {
+        if !Event::TYPES.contains(&event_type) {
+            return Err(format!("unknown event type {event_type:?}"));
+        }
+        let tagged = serde_json::json!({ "type": event_type, "payload": payload });
+        serde_json::from_value(tagged).map_err(|e| format!("invalid payload: {e}"))
+    }
+}
+
+/// Brings a stored payload of any known schema version to the current one. The single
+/// place where old versions are understood; an unknown version is an error, never a guess.
+pub fn upcast(event_type: &str, schema_version: i16, payload: Value) -> Result<Value, String> {
+    match schema_version {
+        CURRENT_SCHEMA_VERSION => Ok(payload),
+        other => Err(format!(
+            "unknown schema version {other} for {event_type:?} (this build reads up to {CURRENT_SCHEMA_VERSION})"
+        )),
+    }
+}
+
+/// Who caused an event and in which context; stored as `events.metadata`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+}
+
+/// An event to append. The `event_id` makes the append idempotent: appending the same id
+/// at the same stream position again is a success that writes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event: Event,
+    pub metadata: EventMetadata,
+}
+
+impl NewEvent {
+    /// An event with a fresh random id and empty metadata.
+    pub fn new(event: Event) -> Self {
+        NewEvent {
+            event_id: Uuid::new_v4(),
+            event,
+            metadata: EventMetadata::default(),
+        }
+    }
+
+    /// Uses a caller-chosen id (deterministic ids make retried appends idempotent).
+    pub fn with_id(mut self, event_id: Uuid) -> Self {
+        self.event_id = event_id;
+        self
+    }
+
+    /// Attaches metadata.
+    pub fn with_metadata(mut self, metadata: EventMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// An event as stored in the log, decoded and upcast to the current schema.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    pub global_position: i64,
+    /// The writing transaction's id (`xid8`): with `global_position`, the global-order key.
+    pub tx_id: u64,
+    pub stream_id: TaskId,
+    /// 1-based position in the task's stream.
+    pub version: u32,
+    pub event_id: Uuid,
+    /// The schema version the event was written with (before upcasting).
+    pub schema_version: i16,
+    pub event: Event,
+    pub metadata: EventMetadata,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// A row of `events` before decoding.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    pub(crate) global_position: i64,
+    pub(crate) tx_id: i64,
+    pub(crate) stream_id: Uuid,
+    pub(crate) stream_version: i32,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: String,
+    pub(crate) schema_version: i16,
+    pub(crate) payload: Value,
+    pub(crate) metadata: Value,
+    pub(crate) recorded_at: DateTime<Utc>,
+}
+
+impl EventRow {
+    /// Decodes the row; an unknown type, version or payload is a typed `Decode` error that
+    /// names the event's position.
+    pub(crate) fn decode(self) -> Result<RecordedEvent> {
+        let version = u32::try_from(self.stream_version).unwrap_or(0);
+        let fail = |reason: String| Error::Decode {
+            position: self.global_position,
+            stream: TaskId::from(self.stream_id),
+            version,
+            event_type: crate::id::truncate_for_display(&self.event_type, 64),
+            schema_version: self.schema_version,
+            reason,
+        };
+        let payload = upcast(&self.event_type, self.schema_version, self.payload).map_err(&fail)?;
+        let event = Event::decode_current(&self.event_type, payload).map_err(&fail)?;
+        let metadata = serde_json::from_value(self.metadata)
+            .map_err(|e| fail(format!("invalid metadata: {e}")))?;
+        Ok(RecordedEvent {
+            global_position: self.global_position,
+            tx_id: u64::try_from(self.tx_id).unwrap_or(0),
+            stream_id: TaskId::from(self.stream_id),
+            version,
+            event_id: self.event_id,
+            schema_version: self.schema_version,
+            event,
+            metadata,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Event> {
+        vec![
+            Event::TaskSubmitted {
+                workflow: "video".into(),
+                channel_id: ChannelId::parse("history").expect("valid"),
+                input: serde_json::json!({"topic": "Rome"}),
+                notion_page_id: None,
+                idempotency_key: None,
+            },
+            Event::ItemCompleted {
+                step: "video".into(),
+                item: 7,
+                attempt: 2,
+                artifact: "video/07.mp4".into(),
+                cost_micros: 550_000,
+                duration_ms: 300_000,
+            },
+            Event::StatusChanged {
+                from: TaskStatus::GeneratingVideo,
+                to: TaskStatus::GeneratingAudio,
+            },
+            Event::ReviewRequested {},
+        ]
+    }
+
+    #[test]
+    fn encode_then_decode_is_identity_for_every_sample() {
+        for event in samples() {
+            let (event_type, payload) = event.encode().expect("encode");
+            assert_eq!(event_type, event.event_type());
+            assert!(
+                payload.is_object(),
+                "{event_type} payload must be an object"
+            );
+            assert_eq!(Event::decode_current(event_type, payload), Ok(event));
+        }
+    }
+
+    #[test]
+    fn item_completed_payload_uses_the_documented_field_names() {
+        let (_, payload) = samples()[1].encode().expect("encode");
+        let mut keys: Vec<_> = payload
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "artifact",
+                "attempt",
+                "cost_micros",
+                "duration_ms",
+                "item",
+                "step"
+            ]
+        );
+    }
+
+    #[test]
+    fn event_type_names_cover_every_variant() {
+        for event in samples() {
+            assert!(Event::TYPES.contains(&event.event_type()));
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_versions_are_errors() {
+        assert!(Event::decode_current("task_exploded", serde_json::json!({})).is_err());
+        assert!(upcast("task_submitted", 99, serde_json::json!({})).is_err());
+        assert!(upcast("task_submitted", 0, serde_json::json!({})).is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! reel's engine: a durable workflow engine on an event-sourced log in PostgreSQL.
+//!
+//! Every fact about a task is an immutable event appended to the task's stream. The
+//! store ([`PgStore`]) appends with optimistic concurrency and lease fencing, reads one
+//! stream in version order, and reads all streams in a gap-safe global order for
+//! projectors ([`Subscription`]).
+//!
+//! ```no_run
+//! use engine::prelude::*;
+//!
+//! # async fn demo(pool: sqlx::PgPool) -> engine::Result<()> {
+//! let store = PgStore::new(pool);
+//! store.migrate().await?;
+//! let channel = ChannelId::parse("history")?;
+//! let task = store
+//!     .create_task(NewTask::new("video", channel, serde_json::json!({"topic": "Rome"})))
+//!     .await?
+//!     .task_id();
+//! let events = store.read_stream(task, 1).await?;
+//! assert_eq!(events[0].event.event_type(), "task_submitted");
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod event;
+mod id;
+mod status;
+mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use event::{
+    CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, RecordedEvent, upcast,
+};
+pub use id::{ChannelId, TaskId, truncate_for_display};
+pub use status::{TaskStatus, UnknownStatus};
+pub use store::{
+    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, MIGRATOR, NewTask,
+    PgStore, Subscription, SubscriptionOptions,
+};
+
+/// What a workflow author or store user imports.
+pub mod prelude {
+    pub use crate::{
+        ChannelId, Event, EventStore, FailureKind, Fence, GlobalLog, NewEvent, NewTask, PgStore,
+        RecordedEvent, TaskId, TaskStatus,
+    };
+}

@@ -1,0 +1,156 @@
+//! The event store: small traits in front of storage, a PostgreSQL implementation behind.
+
+mod postgres;
+mod subscription;
+
+use std::future::Future;
+
+use serde_json::Value;
+
+pub use postgres::PgStore;
+pub use subscription::{Subscription, SubscriptionOptions};
+
+use crate::error::Result;
+use crate::event::{NewEvent, RecordedEvent};
+use crate::id::{ChannelId, TaskId};
+
+/// The migrations of the workspace's `migrations/` folder, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The `pg_notify` channel every append signals (with an empty payload) at commit.
+pub const EVENTS_CHANNEL: &str = "reel_events";
+
+/// What an append must prove besides the expected version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// The appender holds the task's lease at this epoch; a newer claim makes the append
+    /// fail with `LeaseLost`. Workers always append with this.
+    Lease { epoch: i64 },
+    /// No lease is checked: only the expected version guards the append. For operator
+    /// commands (approve, reject, cancel) that race workers through optimistic concurrency.
+    Unleased,
+}
+
+impl Fence {
+    pub(crate) fn epoch(self) -> Option<i64> {
+        match self {
+            Fence::Lease { epoch } => Some(epoch),
+            Fence::Unleased => None,
+        }
+    }
+}
+
+/// The result of a successful append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream's version after the append: the next append's expected version.
+    pub version: u32,
+    /// The global positions of the appended events (empty when `replayed`).
+    pub positions: Vec<i64>,
+    /// The same events were already stored at these versions (a retried append after a
+    /// lost acknowledgement): nothing was written.
+    pub replayed: bool,
+}
+
+/// A global reader's position: the pair `(tx_id, global_position)`, never the position
+/// alone (identity values are drawn before commit, so positions commit out of order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Checkpoint {
+    pub tx_id: u64,
+    pub position: i64,
+}
+
+impl Checkpoint {
+    /// The start of the log.
+    pub const START: Checkpoint = Checkpoint {
+        tx_id: 0,
+        position: 0,
+    };
+
+    /// The checkpoint just past `event`.
+    pub fn after(event: &RecordedEvent) -> Checkpoint {
+        Checkpoint {
+            tx_id: event.tx_id,
+            position: event.global_position,
+        }
+    }
+}
+
+/// A task to create: its first event (`task_submitted`) and its `tasks` row.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub workflow: String,
+    pub channel_id: ChannelId,
+    pub input: Value,
+    pub notion_page_id: Option<String>,
+    /// A repeated submit with the same key returns the task created by the first one.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewTask {
+    /// A task of `workflow` on `channel` with `input`, a fresh id and no Notion page.
+    pub fn new(workflow: impl Into<String>, channel_id: ChannelId, input: Value) -> Self {
+        NewTask {
+            id: TaskId::new(),
+            workflow: workflow.into(),
+            channel_id,
+            input,
+            notion_page_id: None,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// The outcome of [`EventStore::create_task`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// A new task was stored.
+    New(TaskId),
+    /// The idempotency key named an existing task with the same parameters.
+    Existing(TaskId),
+}
+
+impl Created {
+    /// The task's id, new or existing.
+    pub fn task_id(self) -> TaskId {
+        match self {
+            Created::New(id) | Created::Existing(id) => id,
+        }
+    }
+}
+
+/// Writing and reading one task's stream.
+pub trait EventStore: Send + Sync {
+    /// Creates a task: its `task_submitted` event (version 1) and its `tasks` row, atomically.
+    fn create_task(&self, task: NewTask) -> impl Future<Output = Result<Created>> + Send;
+
+    /// Appends `events` at `expected_version + 1 ..` in one short transaction, if the stream
+    /// is at `expected_version` and the fence holds. Errors: `Conflict`, `LeaseLost`,
+    /// `TaskNotFound`, `EventIdReused`; a failed append writes nothing.
+    fn append(
+        &self,
+        stream: TaskId,
+        expected_version: u32,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> impl Future<Output = Result<Appended>> + Send;
+
+    /// The stream's events with version ≥ `from_version`, in version order.
+    fn read_stream(
+        &self,
+        stream: TaskId,
+        from_version: u32,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send;
+}
+
+/// Reading every stream in one global order, gap-safely.
+pub trait GlobalLog: Send + Sync {
+    /// Up to `limit` committed events after `checkpoint`, ordered by `(tx_id, global_position)`,
+    /// never returning an event while an older transaction might still commit before it.
+    fn read_all_after(
+        &self,
+        checkpoint: Checkpoint,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send;
+}

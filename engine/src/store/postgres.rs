@@ -1,0 +1,511 @@
+//! The PostgreSQL event store.
+//!
+//! An append is one statement (so one implicit transaction and one round trip): the fence
+//! `UPDATE tasks` runs first and takes the task's row lock, the event rows are inserted only
+//! if it matched, and `pg_notify` fires at commit. Because the fence is the first write,
+//! one task's transactions take their xids in version order (see DESIGN.md).
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Acquire, Row};
+use uuid::Uuid;
+
+use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, NewTask};
+use crate::error::{Error, Result};
+use crate::event::{CURRENT_SCHEMA_VERSION, Event, EventRow, NewEvent, RecordedEvent};
+use crate::id::{TaskId, truncate_for_display};
+use crate::status::TaskStatus;
+
+/// The longest error text copied into the `tasks` row.
+const LAST_ERROR_MAX_CHARS: usize = 500;
+
+const APPEND_SQL: &str = r#"
+WITH fence AS (
+    UPDATE tasks SET
+        version          = $3 + cardinality($4::uuid[]),
+        status           = COALESCE($9, status),
+        next_run_at      = CASE WHEN $10 THEN $11 ELSE next_run_at END,
+        last_error       = COALESCE($12, last_error),
+        lease_owner      = CASE WHEN $13 THEN NULL ELSE lease_owner END,
+        lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
+        attempt          = COALESCE($14, attempt),
+        updated_at       = now()
+    WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
+    RETURNING id
+), inserted AS (
+    INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+    SELECT fence.id, ($3 + e.ord)::int, e.event_id, e.event_type, e.schema_version, e.payload, e.metadata
+    FROM fence,
+         UNNEST($4::uuid[], $5::text[], $6::int2[], $7::jsonb[], $8::jsonb[])
+             WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord)
+    RETURNING global_position
+), notified AS (
+    SELECT pg_notify($15, '') FROM fence
+)
+SELECT
+    (SELECT count(*) FROM fence) AS fenced,
+    (SELECT count(*) FROM notified) AS notified,
+    COALESCE((SELECT array_agg(global_position ORDER BY global_position) FROM inserted), '{}') AS positions
+"#;
+
+const CREATE_TASK_SQL: &str = r#"
+WITH task AS (
+    INSERT INTO tasks (id, workflow, channel_id, status, version, notion_page_id, idempotency_key)
+    VALUES ($1, $2, $3, 'queued', 1, $4, $5)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), submitted AS (
+    INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+    SELECT task.id, 1, $6, 'task_submitted', $7, $8, '{}' FROM task
+    RETURNING global_position
+), notified AS (
+    SELECT pg_notify($9, '') FROM task
+)
+SELECT (SELECT count(*) FROM task) AS created, (SELECT count(*) FROM notified) AS notified
+"#;
+
+/// The columns every event read selects, as `EventRow` expects them.
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT global_position, tx_id::text::bigint AS tx_id, stream_id, stream_version, ",
+            "event_id, event_type, schema_version, payload, metadata, recorded_at FROM events ",
+            $rest
+        )
+    };
+}
+
+const READ_STREAM_SQL: &str =
+    select_events!("WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version");
+
+// One statement, so one snapshot decides both the watermark and the rows: nothing at or
+// above the oldest running xid is returned, because it may still commit below rows that
+// are already visible.
+const READ_ALL_AFTER_SQL: &str = select_events!(
+    "WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
+       AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+     ORDER BY tx_id, global_position LIMIT $3"
+);
+
+/// The event store on a PostgreSQL pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// A store on `pool` (whose database has the migrations applied: see [`PgStore::migrate`]).
+    pub fn new(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+
+    /// Applies the embedded migrations (idempotent; safe to run from several processes).
+    pub async fn migrate(&self) -> Result<()> {
+        super::MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends inside a transaction the caller holds open (to compose an append with other
+    /// writes). The events become visible, and global readers move past them, at commit.
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        stream: TaskId,
+        expected_version: u32,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> Result<Appended> {
+        let batch = EncodedBatch::new(stream, expected_version, events)?;
+        let change = RowChange::from_events(events);
+        let outcome = sqlx::query(APPEND_SQL)
+            .bind(stream.as_uuid())
+            .bind(fence.epoch())
+            .bind(batch.expected)
+            .bind(&batch.event_ids)
+            .bind(&batch.event_types)
+            .bind(&batch.schema_versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(change.status.map(TaskStatus::as_str))
+            .bind(change.next_run_at.is_some())
+            .bind(change.next_run_at.flatten())
+            .bind(change.last_error)
+            .bind(change.release_lease)
+            .bind(change.attempt)
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&mut *conn)
+            .await;
+        let row = match outcome {
+            Ok(row) => row,
+            Err(err) => {
+                return Err(self
+                    .translate_insert_error(err, stream, expected_version, events)
+                    .await);
+            }
+        };
+        if row.try_get::<i64, _>("fenced")? == 1 {
+            let positions: Vec<i64> = row.try_get("positions")?;
+            return Ok(Appended {
+                version: expected_version + batch.len,
+                positions,
+                replayed: false,
+            });
+        }
+        self.explain_rejection(stream, expected_version, fence, events)
+            .await
+    }
+
+    /// Why the fence matched no row: a replay of stored events (success), a lost lease,
+    /// a version conflict, or a missing task. Reads committed state through the pool.
+    async fn explain_rejection(
+        &self,
+        stream: TaskId,
+        expected: u32,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> Result<Appended> {
+        if let Some(version) = self.already_stored(stream, expected, events).await? {
+            return Ok(Appended {
+                version,
+                positions: Vec::new(),
+                replayed: true,
+            });
+        }
+        let row = sqlx::query("SELECT version, lease_epoch FROM tasks WHERE id = $1")
+            .bind(stream.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Err(Error::TaskNotFound(stream));
+        };
+        let actual = version_from_db(row.try_get("version")?);
+        let current_epoch: i64 = row.try_get("lease_epoch")?;
+        match fence {
+            Fence::Lease { epoch } if epoch != current_epoch => Err(Error::LeaseLost {
+                task: stream,
+                epoch,
+            }),
+            _ => Err(Error::Conflict {
+                stream,
+                expected,
+                actual,
+            }),
+        }
+    }
+
+    /// If every event id is already stored in this stream at the position this append
+    /// would have given it, returns the version after them.
+    async fn already_stored(
+        &self,
+        stream: TaskId,
+        expected: u32,
+        events: &[NewEvent],
+    ) -> Result<Option<u32>> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let rows = sqlx::query(
+            "SELECT event_id, stream_id, stream_version FROM events WHERE event_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        for (offset, event) in events.iter().enumerate() {
+            let wanted = i64::from(expected) + offset as i64 + 1;
+            let stored = rows
+                .iter()
+                .find(|r| r.try_get::<Uuid, _>("event_id").ok() == Some(event.event_id));
+            let Some(stored) = stored else {
+                return Ok(None);
+            };
+            let same_place = stored.try_get::<Uuid, _>("stream_id")? == stream.as_uuid()
+                && i64::from(stored.try_get::<i32, _>("stream_version")?) == wanted;
+            if !same_place {
+                return Err(Error::EventIdReused {
+                    event_id: event.event_id,
+                });
+            }
+        }
+        Ok(Some(expected + events.len() as u32))
+    }
+
+    /// Maps a failed append statement to a typed error. Unique violations mean a racing
+    /// writer or a reused event id; anything else is a database error.
+    async fn translate_insert_error(
+        &self,
+        err: sqlx::Error,
+        stream: TaskId,
+        expected: u32,
+        events: &[NewEvent],
+    ) -> Error {
+        let constraint = match &err {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                db.constraint().map(str::to_owned)
+            }
+            _ => return Error::Database(err),
+        };
+        match constraint.as_deref() {
+            Some("events_event_id_key") => {
+                match self.already_stored(stream, expected, events).await {
+                    Err(e) => e,
+                    Ok(_) => Error::EventIdReused {
+                        event_id: events.first().map(|e| e.event_id).unwrap_or_default(),
+                    },
+                }
+            }
+            _ => {
+                let actual = self.stream_version(stream).await.unwrap_or(expected);
+                Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                }
+            }
+        }
+    }
+
+    /// The stream's current version as committed (0 if it has no events).
+    pub async fn stream_version(&self, stream: TaskId) -> Result<u32> {
+        let version: Option<i32> =
+            sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+                .bind(stream.as_uuid())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(version.map(version_from_db).unwrap_or(0))
+    }
+
+    async fn existing_task(&self, task: &NewTask) -> Result<Created> {
+        let row = sqlx::query(
+            "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, e.payload -> 'input' AS input \
+             FROM tasks t JOIN events e ON e.stream_id = t.id AND e.stream_version = 1 \
+             WHERE t.id = $1 OR t.idempotency_key = $2 \
+             ORDER BY (t.idempotency_key IS NOT DISTINCT FROM $2) DESC LIMIT 1",
+        )
+        .bind(task.id.as_uuid())
+        .bind(task.idempotency_key.as_deref())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            // The conflicting insert rolled back meanwhile: the caller may simply retry.
+            return Err(Error::Conflict {
+                stream: task.id,
+                expected: 0,
+                actual: 0,
+            });
+        };
+        let existing = TaskId::from(row.try_get::<Uuid, _>("id")?);
+        let same = row.try_get::<String, _>("workflow")? == task.workflow
+            && row.try_get::<String, _>("channel_id")? == task.channel_id.as_str()
+            && row.try_get::<Option<Value>, _>("input")?.as_ref() == Some(&task.input);
+        match (&task.idempotency_key, same) {
+            (_, true) => Ok(Created::Existing(existing)),
+            (Some(key), false)
+                if row
+                    .try_get::<Option<String>, _>("idempotency_key")?
+                    .as_ref()
+                    == Some(key) =>
+            {
+                Err(Error::IdempotencyKeyReused {
+                    key: truncate_for_display(key, 80),
+                    existing,
+                })
+            }
+            _ => Err(Error::Conflict {
+                stream: task.id,
+                expected: 0,
+                actual: 1,
+            }),
+        }
+    }
+
+    async fn fetch_events(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<RecordedEvent>> {
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                <EventRow as sqlx::FromRow<_>>::from_row(row)
+                    .map_err(Error::from)
+                    .and_then(EventRow::decode)
+            })
+            .collect()
+    }
+}
+
+impl EventStore for PgStore {
+    async fn create_task(&self, task: NewTask) -> Result<Created> {
+        let submitted = Event::TaskSubmitted {
+            workflow: task.workflow.clone(),
+            channel_id: task.channel_id.clone(),
+            input: task.input.clone(),
+            notion_page_id: task.notion_page_id.clone(),
+            idempotency_key: task.idempotency_key.clone(),
+        };
+        let (_, payload) = submitted.encode()?;
+        // Deterministic: a retried create after a lost acknowledgement writes nothing new.
+        let event_id = Uuid::new_v5(&task.id.as_uuid(), b"task_submitted");
+        let row = sqlx::query(CREATE_TASK_SQL)
+            .bind(task.id.as_uuid())
+            .bind(&task.workflow)
+            .bind(task.channel_id.as_str())
+            .bind(task.notion_page_id.as_deref())
+            .bind(task.idempotency_key.as_deref())
+            .bind(event_id)
+            .bind(CURRENT_SCHEMA_VERSION)
+            .bind(payload)
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&self.pool)
+            .await?;
+        if row.try_get::<i64, _>("created")? == 1 {
+            return Ok(Created::New(task.id));
+        }
+        self.existing_task(&task).await
+    }
+
+    async fn append(
+        &self,
+        stream: TaskId,
+        expected_version: u32,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> Result<Appended> {
+        let mut conn = self.pool.acquire().await?;
+        let conn = conn.acquire().await?;
+        self.append_in(conn, stream, expected_version, fence, events)
+            .await
+    }
+
+    async fn read_stream(&self, stream: TaskId, from_version: u32) -> Result<Vec<RecordedEvent>> {
+        let from = i32::try_from(from_version).unwrap_or(i32::MAX);
+        self.fetch_events(
+            sqlx::query(READ_STREAM_SQL)
+                .bind(stream.as_uuid())
+                .bind(from),
+        )
+        .await
+    }
+}
+
+impl GlobalLog for PgStore {
+    async fn read_all_after(
+        &self,
+        checkpoint: Checkpoint,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.fetch_events(
+            sqlx::query(READ_ALL_AFTER_SQL)
+                .bind(checkpoint.tx_id.to_string())
+                .bind(checkpoint.position)
+                .bind(i64::from(limit)),
+        )
+        .await
+    }
+}
+
+fn version_from_db(version: i32) -> u32 {
+    u32::try_from(version).unwrap_or(0)
+}
+
+/// The events of one append, as the column arrays the statement unnests.
+struct EncodedBatch {
+    expected: i32,
+    len: u32,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'static str>,
+    schema_versions: Vec<i16>,
+    payloads: Vec<Value>,
+    metadata: Vec<Value>,
+}
+
+impl EncodedBatch {
+    fn new(stream: TaskId, expected_version: u32, events: &[NewEvent]) -> Result<Self> {
+        if events.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "empty append to task {stream}"
+            )));
+        }
+        let len = u32::try_from(events.len())
+            .map_err(|_| Error::InvalidInput("append too large".into()))?;
+        let expected = i32::try_from(expected_version)
+            .ok()
+            .filter(|v| v.checked_add(len as i32).is_some())
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("stream version overflow on task {stream}"))
+            })?;
+        let mut batch = EncodedBatch {
+            expected,
+            len,
+            event_ids: Vec::with_capacity(events.len()),
+            event_types: Vec::with_capacity(events.len()),
+            schema_versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+        };
+        for new in events {
+            let (event_type, payload) = new.event.encode()?;
+            batch.event_ids.push(new.event_id);
+            batch.event_types.push(event_type);
+            batch.schema_versions.push(CURRENT_SCHEMA_VERSION);
+            batch.payloads.push(payload);
+            batch.metadata.push(serde_json::to_value(&new.metadata)?);
+        }
+        Ok(batch)
+    }
+}
+
+/// How a batch of events changes the derived `tasks` row (kept in the append's statement).
+#[derive(Debug, Default)]
+struct RowChange {
+    status: Option<TaskStatus>,
+    /// `Some(x)`: set `next_run_at` to `x`.
+    next_run_at: Option<Option<DateTime<Utc>>>,
+    last_error: Option<String>,
+    release_lease: bool,
+    attempt: Option<i32>,
+}
+
+impl RowChange {
+    fn from_events(events: &[NewEvent]) -> Self {
+        let mut change = RowChange::default();
+        for new in events {
+            match &new.event {
+                Event::StatusChanged { to, .. } => change.status = Some(*to),
+                Event::TaskClaimed { attempt, .. } => {
+                    change.attempt = i32::try_from(*attempt).ok();
+                    change.next_run_at = Some(None);
+                }
+                Event::RetryScheduled {
+                    next_run_at,
+                    reason,
+                    ..
+                } => {
+                    change.next_run_at = Some(Some(*next_run_at));
+                    change.last_error = Some(truncate_for_display(reason, LAST_ERROR_MAX_CHARS));
+                    change.release_lease = true;
+                }
+                Event::ItemFailed { error, .. } => {
+                    change.last_error = Some(truncate_for_display(error, LAST_ERROR_MAX_CHARS));
+                }
+                Event::TaskFailed { reason, .. } => {
+                    change.last_error = Some(truncate_for_display(reason, LAST_ERROR_MAX_CHARS));
+                    change.release_lease = true;
+                }
+                Event::ReviewRequested {}
+                | Event::TaskCompleted {}
+                | Event::TaskCancelled { .. } => {
+                    change.release_lease = true;
+                }
+                _ => {}
+            }
+        }
+        change
+    }
+}

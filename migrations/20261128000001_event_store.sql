@@ -19,7 +19,6 @@ CREATE TABLE events (
 );
 
 CREATE INDEX events_tx_order ON events (tx_id, global_position);
-CREATE INDEX events_correlation ON events ((metadata ->> 'correlation_id'));
 
 -- The derived row per task (one task = one stream). Updated in the same transaction as
 -- every append to the task's stream; the lease columns are the workers' coordination.

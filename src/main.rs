@@ -1,1 +1,112 @@
-fn main() {}
+//! `reel`: the command line of the reel workflow engine.
+//!
+//! Thin by design: parse, set up logging, call into the libraries, and turn errors into
+//! one line on stderr and a non-zero exit code that scripts can rely on.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use engine::PgStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reel",
+    version,
+    about = "A durable workflow engine on an event-sourced PostgreSQL log"
+)]
+struct Cli {
+    /// PostgreSQL URL (also read from the environment or a .env file).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if it is missing and apply the schema migrations.
+    Migrate,
+}
+
+/// Exit codes: 0 success, 1 failure (the error is printed on one line), 2 bad usage.
+fn main() -> ExitCode {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let url = cli
+        .database_url
+        .context("no database: set DATABASE_URL or pass --database-url")?;
+    match cli.command {
+        Command::Migrate => {
+            let options = engine::db::parse_url(&url)?;
+            if engine::db::create_database_if_missing(&options).await? {
+                println!(
+                    "created database {}",
+                    options.get_database().unwrap_or("postgres")
+                );
+            }
+            let store = PgStore::new(engine::db::connect(&url, 2).await?);
+            store.migrate().await?;
+            println!("migrations applied");
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause that a message above
+/// already quotes (library errors often embed their source's text).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}

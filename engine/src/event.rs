@@ -158,6 +158,21 @@ impl Event {
         }
     }
 
+    /// Whether appending this event should wake followers at once (`pg_notify`): status,
+    /// scheduling and review changes do. Per-item progress does not — NOTIFY costs about
+    /// as much as the append itself at commit, and followers pick such events up on their
+    /// next poll or the next wake-up (a reader always reads everything committed so far).
+    pub fn wakes_followers(&self) -> bool {
+        !matches!(
+            self,
+            Event::TaskClaimed { .. }
+                | Event::StepStarted { .. }
+                | Event::ItemCompleted { .. }
+                | Event::ItemFailed { .. }
+                | Event::StepCompleted { .. }
+        )
+    }
+
     /// Splits the event into its stored `(event_type, payload)`.
     pub fn encode(&self) -> Result<(&'static str, Value)> {
         let mut tagged = serde_json::to_value(self)?;

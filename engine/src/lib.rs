@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod db;
 mod error;
 mod event;
 mod id;

@@ -2,13 +2,14 @@
 //!
 //! An append is one statement (so one implicit transaction and one round trip): the fence
 //! `UPDATE tasks` runs first and takes the task's row lock, the event rows are inserted only
-//! if it matched, and `pg_notify` fires at commit. Because the fence is the first write,
+//! if it matched, and `pg_notify` fires at commit when the batch holds an event that
+//! followers wait for (see [`Event::wakes_followers`]). Because the fence is the first write,
 //! one task's transactions take their xids in version order (see DESIGN.md).
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::{Acquire, Row};
 use uuid::Uuid;
 
 use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, NewTask};
@@ -41,7 +42,7 @@ WITH fence AS (
              WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, metadata, ord)
     RETURNING global_position
 ), notified AS (
-    SELECT pg_notify($15, '') FROM fence
+    SELECT pg_notify($15, '') FROM fence WHERE $16
 )
 SELECT
     (SELECT count(*) FROM fence) AS fenced,
@@ -139,6 +140,7 @@ impl PgStore {
             .bind(change.release_lease)
             .bind(change.attempt)
             .bind(EVENTS_CHANNEL)
+            .bind(events.iter().any(|e| e.event.wakes_followers()))
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -378,8 +380,7 @@ impl EventStore for PgStore {
         events: &[NewEvent],
     ) -> Result<Appended> {
         let mut conn = self.pool.acquire().await?;
-        let conn = conn.acquire().await?;
-        self.append_in(conn, stream, expected_version, fence, events)
+        self.append_in(&mut conn, stream, expected_version, fence, events)
             .await
     }
 

@@ -1,0 +1,317 @@
+//! Run with: cargo run --release --example bench [-- --json] [-- --quick]
+//!
+//! reel's benchmark program: prints a table (or, with `--json`, one JSON object per row with
+//! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
+//! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
+//! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use engine::prelude::*;
+use engine::{Fence, db};
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// Prints rows as a table, or as JSON lines with `--json`.
+struct Report {
+    json: bool,
+}
+
+impl Report {
+    fn add(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
+        let name = name.into();
+        if self.json {
+            println!("{}", json!({"name": name, "value": value, "unit": unit}));
+        } else {
+            println!("{name:<60} {value:>12.3} {unit}");
+        }
+    }
+}
+
+/// Latencies of one measured loop.
+struct Sample {
+    latencies: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Sample {
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted
+            .get(index)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    }
+
+    fn per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+
+    fn merge(samples: Vec<Sample>, wall: Duration) -> Sample {
+        let latencies = samples.into_iter().flat_map(|s| s.latencies).collect();
+        Sample { latencies, wall }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = dotenvy::dotenv();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut report = Report {
+        json: args.iter().any(|a| a == "--json"),
+    };
+    let iterations = if quick { 300 } else { 3000 };
+
+    let pool = fresh_database().await?;
+    let store = PgStore::new(pool.clone());
+    store.migrate().await?;
+    sqlx::query("CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v bigint NOT NULL, payload jsonb NOT NULL)")
+        .execute(&pool)
+        .await?;
+    if !report.json {
+        println!("{:<60} {:>12} unit", "benchmark", "value");
+        println!("{}", "-".repeat(75));
+    }
+
+    bench_store(&mut report, &pool, &store, iterations).await?;
+    Ok(())
+}
+
+/// Drops and recreates `reel_bench`, so every run starts from the same empty state.
+async fn fresh_database() -> anyhow::Result<PgPool> {
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let options = db::parse_url(&server)?;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone().database("postgres"))
+        .await
+        .with_context(|| format!("is PostgreSQL running at {server}?"))?;
+    sqlx::raw_sql("DROP DATABASE IF EXISTS reel_bench WITH (FORCE)")
+        .execute(&admin)
+        .await?;
+    sqlx::raw_sql("CREATE DATABASE reel_bench")
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect_with(options.database("reel_bench"))
+        .await?)
+}
+
+/// How a measured loop reaches the database.
+#[derive(Clone, Copy)]
+enum Via {
+    /// One connection held for the whole loop: the database's own cost.
+    Held,
+    /// A pool checkout per operation, as applications run (sqlx pings a connection on
+    /// release, so each checkout costs an extra round trip).
+    Pool,
+}
+
+/// Append latency and throughput against a raw single-row INSERT on the same server.
+async fn bench_store(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    n: usize,
+) -> anyhow::Result<()> {
+    // Warm both paths (connections, plans, caches) before measuring.
+    raw_inserts(pool.clone(), n / 10, Via::Pool).await?;
+    let warm = new_task(store).await?;
+    appends(store.clone(), warm, n / 10, Via::Pool).await?;
+
+    for (via, label) in [(Via::Held, "held connection"), (Via::Pool, "pool")] {
+        let raw = raw_inserts(pool.clone(), n, via).await?;
+        report.add(
+            format!("raw INSERT commit p50 ({label})"),
+            raw.percentile_ms(0.50),
+            "ms",
+        );
+        report.add(
+            format!("raw INSERT commit p95 ({label})"),
+            raw.percentile_ms(0.95),
+            "ms",
+        );
+        report.add(
+            format!("raw INSERT rows/s ({label})"),
+            raw.per_second(),
+            "rows/s",
+        );
+        let task = new_task(store).await?;
+        let one = appends(store.clone(), task, n, via).await?;
+        report.add(
+            format!("append p50 ({label})"),
+            one.percentile_ms(0.50),
+            "ms",
+        );
+        report.add(
+            format!("append p95 ({label})"),
+            one.percentile_ms(0.95),
+            "ms",
+        );
+        report.add(
+            format!("append events/s ({label})"),
+            one.per_second(),
+            "events/s",
+        );
+        report.add(
+            format!("append p50 / raw INSERT p50 ({label}; goal <= 1.3)"),
+            one.percentile_ms(0.5) / raw.percentile_ms(0.5),
+            "x",
+        );
+    }
+    let floor_task = new_task(store).await?;
+    let floor = fence_and_insert_floor(pool.clone(), floor_task, n).await?;
+    report.add(
+        "fence UPDATE + event INSERT, bare SQL p50 (held)",
+        floor.percentile_ms(0.50),
+        "ms",
+    );
+
+    let raw4 = concurrently(4, |_| raw_inserts(pool.clone(), n / 4, Via::Pool)).await?;
+    report.add(
+        "raw INSERT rows/s (4 clients, pool)",
+        raw4.per_second(),
+        "rows/s",
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(new_task(store).await?);
+    }
+    let four = concurrently(4, |i| appends(store.clone(), tasks[i], n / 4, Via::Pool)).await?;
+    report.add(
+        "append events/s (4 writers, pool)",
+        four.per_second(),
+        "events/s",
+    );
+    report.add(
+        "append p50 (4 writers, pool)",
+        four.percentile_ms(0.50),
+        "ms",
+    );
+    report.add(
+        "append p95 (4 writers, pool)",
+        four.percentile_ms(0.95),
+        "ms",
+    );
+    report.add(
+        "append events/s / raw rows/s (4 clients)",
+        four.per_second() / raw4.per_second(),
+        "x",
+    );
+    Ok(())
+}
+
+async fn new_task(store: &PgStore) -> anyhow::Result<TaskId> {
+    let channel = ChannelId::parse("bench")?;
+    Ok(store
+        .create_task(NewTask::new("bench", channel, json!({})))
+        .await?
+        .task_id())
+}
+
+async fn raw_inserts(pool: PgPool, n: usize, via: Via) -> anyhow::Result<Sample> {
+    let mut held = pool.acquire().await?;
+    let payload = json!({"from": "queued", "to": "generating_assets"});
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let insert = sqlx::query("INSERT INTO bench_raw (v, payload) VALUES ($1, $2)")
+            .bind(i as i64)
+            .bind(&payload);
+        match via {
+            Via::Held => insert.execute(&mut *held).await?,
+            Via::Pool => insert.execute(&pool).await?,
+        };
+        latencies.push(t.elapsed());
+    }
+    Ok(Sample {
+        latencies,
+        wall: started.elapsed(),
+    })
+}
+
+/// The least any fenced append can cost here: the fence UPDATE and one event INSERT in one
+/// hand-written statement, with no version check, encoding or error translation.
+async fn fence_and_insert_floor(pool: PgPool, task: TaskId, n: usize) -> anyhow::Result<Sample> {
+    let mut conn = pool.acquire().await?;
+    let payload = json!({"step": "video", "item": 3, "attempt": 1, "artifact": "video/3.mp4", "cost_micros": 550000, "duration_ms": 300000});
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        sqlx::query(
+            "WITH fence AS (UPDATE tasks SET version = version + 1, updated_at = now() WHERE id = $1 RETURNING id, version) \
+             INSERT INTO events (stream_id, stream_version, event_id, event_type, payload) \
+             SELECT id, version, gen_random_uuid(), 'item_completed', $2 FROM fence",
+        )
+        .bind(task.as_uuid())
+        .bind(&payload)
+        .execute(&mut *conn)
+        .await?;
+        latencies.push(t.elapsed());
+    }
+    Ok(Sample {
+        latencies,
+        wall: started.elapsed(),
+    })
+}
+
+/// The hot path's event: one item completion.
+fn item_completed(i: usize) -> NewEvent {
+    NewEvent::new(Event::ItemCompleted {
+        step: "video".into(),
+        item: i as u32 + 1,
+        attempt: 1,
+        artifact: format!("video/{i}.mp4"),
+        cost_micros: 550_000,
+        duration_ms: 300_000,
+    })
+}
+
+async fn appends(store: PgStore, task: TaskId, n: usize, via: Via) -> anyhow::Result<Sample> {
+    let mut held = store.pool().acquire().await?;
+    let mut version = store.stream_version(task).await?;
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let event = [item_completed(i)];
+        let t = Instant::now();
+        let appended = match via {
+            Via::Held => {
+                store
+                    .append_in(&mut held, task, version, Fence::Unleased, &event)
+                    .await?
+            }
+            Via::Pool => store.append(task, version, Fence::Unleased, &event).await?,
+        };
+        version = appended.version;
+        latencies.push(t.elapsed());
+    }
+    Ok(Sample {
+        latencies,
+        wall: started.elapsed(),
+    })
+}
+
+/// Runs `clients` copies of a measured loop at once; throughput is over the shared wall time.
+async fn concurrently<F, Fut>(clients: usize, make: F) -> anyhow::Result<Sample>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Sample>> + Send + 'static,
+{
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i))).collect();
+    let mut samples = Vec::new();
+    for handle in handles {
+        samples.push(handle.await??);
+    }
+    Ok(Sample::merge(samples, started.elapsed()))
+}

@@ -49,6 +49,26 @@ pub enum Error {
     #[error("idempotency key {key:?} already names task {existing} with different parameters")]
     IdempotencyKeyReused { key: String, existing: TaskId },
 
+    /// The task names a workflow this process does not know.
+    #[error("unknown workflow {0:?}")]
+    UnknownWorkflow(String),
+
+    /// A step name that the task's workflow does not have.
+    #[error("workflow {workflow:?} has no step {step:?} (steps: {known})")]
+    UnknownStep {
+        workflow: String,
+        step: String,
+        known: String,
+    },
+
+    /// The task is not in a status that allows the action.
+    #[error("task {task} is {status}; cannot {action}")]
+    InvalidState {
+        task: TaskId,
+        status: crate::status::TaskStatus,
+        action: &'static str,
+    },
+
     /// A task id that is not a UUID.
     #[error(
         "invalid task id {input:?}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"

@@ -22,30 +22,45 @@
 //! # }
 //! ```
 
+pub mod commands;
 pub mod db;
 mod error;
 mod event;
 mod id;
+mod orchestrator;
+mod state;
 mod status;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
+mod workflow;
 
 pub use error::{Error, Result};
 pub use event::{
     CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, RecordedEvent, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
+pub use orchestrator::{Orchestrator, RunOutcome};
+pub use state::{
+    ItemFailure, ItemRecord, ResumeRecord, RetryRecord, ReviewOutcome, StepState, TaskState,
+    Totals, fold,
+};
 pub use status::{TaskStatus, UnknownStatus};
 pub use store::{
-    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, MIGRATOR, NewTask,
-    PgStore, Subscription, SubscriptionOptions,
+    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, MIGRATOR,
+    NewTask, PgStore, Subscription, SubscriptionOptions,
+};
+pub use workflow::{
+    Backoff, BoxFuture, ERROR_MESSAGE_MAX_CHARS, ItemOutput, Registry, RetryPolicy, Step,
+    StepContext, StepError, StepWork, TaskRetryPolicy, Workflow,
 };
 
 /// What a workflow author or store user imports.
 pub mod prelude {
     pub use crate::{
-        ChannelId, Event, EventStore, FailureKind, Fence, GlobalLog, NewEvent, NewTask, PgStore,
-        RecordedEvent, TaskId, TaskStatus,
+        Backoff, ChannelId, Event, EventStore, FailureKind, Fence, GlobalLog, ItemOutput, NewEvent,
+        NewTask, Orchestrator, PgStore, RecordedEvent, Registry, RetryPolicy, RunOutcome, Step,
+        StepContext, StepError, StepWork, TaskId, TaskRetryPolicy, TaskState, TaskStatus, Workflow,
+        fold,
     };
 }

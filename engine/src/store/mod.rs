@@ -1,5 +1,6 @@
 //! The event store: small traits in front of storage, a PostgreSQL implementation behind.
 
+mod lease;
 mod postgres;
 mod subscription;
 
@@ -7,6 +8,7 @@ use std::future::Future;
 
 use serde_json::Value;
 
+pub use lease::Lease;
 pub use postgres::PgStore;
 pub use subscription::{Subscription, SubscriptionOptions};
 

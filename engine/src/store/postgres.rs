@@ -478,7 +478,13 @@ impl RowChange {
         let mut change = RowChange::default();
         for new in events {
             match &new.event {
-                Event::StatusChanged { to, .. } => change.status = Some(*to),
+                Event::StatusChanged { to, .. } => {
+                    change.status = Some(*to);
+                    if *to == TaskStatus::Queued {
+                        // Sent back to the queue (review rejected, operator retry): run now.
+                        change.next_run_at = Some(None);
+                    }
+                }
                 Event::TaskClaimed { attempt, .. } => {
                     change.attempt = i32::try_from(*attempt).ok();
                     change.next_run_at = Some(None);

@@ -1,0 +1,412 @@
+//! Running a claimed task: replay its stream, then run only what is missing.
+//!
+//! Nothing is held while a step's work runs: each item's completion is one short append,
+//! fenced by the lease. Decisions come from the fold; the log records every outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventMetadata, FailureKind, NewEvent};
+use crate::id::ChannelId;
+use crate::state::{TaskState, fold};
+use crate::status::TaskStatus;
+use crate::store::{EventStore, Lease, PgStore};
+use crate::workflow::{Registry, Step, StepContext, StepError, Workflow};
+
+/// How a run of a claimed task ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunOutcome {
+    /// Every step is done; the task waits in `final_review`.
+    AwaitingReview,
+    /// An attempt gave up on a transient failure; a later claim resumes by replay.
+    RetryScheduled { next_run_at: chrono::DateTime<Utc> },
+    /// A permanent failure or the attempt limit: the task is `failed`.
+    Failed { reason: String },
+    /// The task was cancelled; the run stopped at an item boundary.
+    Cancelled,
+    /// The run stopped early (the process is shutting down, or the stream changed under it);
+    /// the lease is released and a later claim resumes by replay.
+    Stopped,
+    /// The task was not runnable (already in review or finished).
+    NotRunnable(TaskStatus),
+}
+
+/// Runs claimed tasks of the registered workflows.
+#[derive(Clone, Debug)]
+pub struct Orchestrator {
+    store: PgStore,
+    registry: Arc<Registry>,
+}
+
+impl Orchestrator {
+    /// An orchestrator over `store` for the workflows in `registry`.
+    pub fn new(store: PgStore, registry: Registry) -> Self {
+        Orchestrator {
+            store,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The workflows this orchestrator runs.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs the task `lease` holds until it awaits review, fails, is rescheduled, or stops.
+    /// `cancel` stops the run at once (in-flight items are abandoned, nothing is recorded
+    /// for them). `LeaseLost` means another worker owns the task now: stop touching it.
+    pub async fn run(&self, lease: &Lease, cancel: CancellationToken) -> Result<RunOutcome> {
+        let outcome = match self.run_claimed(lease, &cancel).await {
+            Err(Error::Conflict { .. }) => {
+                // Someone else appended (an operator's cancel, usually): look again.
+                let state = fold(&self.store.read_stream(lease.task, 1).await?);
+                if state.cancelled {
+                    RunOutcome::Cancelled
+                } else {
+                    RunOutcome::Stopped
+                }
+            }
+            other => other?,
+        };
+        if matches!(
+            outcome,
+            RunOutcome::Stopped | RunOutcome::Cancelled | RunOutcome::NotRunnable(_)
+        ) {
+            self.store.release_lease(lease).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn run_claimed(&self, lease: &Lease, cancel: &CancellationToken) -> Result<RunOutcome> {
+        let state = fold(&self.store.read_stream(lease.task, 1).await?);
+        if !state.status().is_runnable() || state.cancelled {
+            return Ok(RunOutcome::NotRunnable(state.status()));
+        }
+        let workflow = self
+            .registry
+            .get(&state.workflow)
+            .ok_or_else(|| Error::UnknownWorkflow(state.workflow.clone()))?;
+        let channel = state
+            .channel_id
+            .clone()
+            .ok_or(Error::TaskNotFound(lease.task))?;
+        let run = TaskRun {
+            log: Arc::new(Log::new(self.store.clone(), lease, state.version)),
+            workflow,
+            channel,
+            input: Arc::new(state.input.clone()),
+            attempt: lease.attempt,
+            cancel: cancel.clone(),
+        };
+        run.execute(state).await
+    }
+}
+
+/// One claimed run of one task.
+struct TaskRun {
+    log: Arc<Log>,
+    workflow: Arc<Workflow>,
+    channel: ChannelId,
+    input: Arc<Value>,
+    attempt: u32,
+    cancel: CancellationToken,
+}
+
+/// How running one step's missing items ended.
+enum StepEnd {
+    Completed,
+    GaveUp { error: StepError, item: u32 },
+    Stopped,
+}
+
+impl TaskRun {
+    async fn execute(&self, state: TaskState) -> Result<RunOutcome> {
+        let mut status = state.status();
+        for step in self.workflow.steps() {
+            let progress = state.step(step.name());
+            if progress.is_some_and(|p| p.completed) {
+                continue;
+            }
+            if status != step.status() {
+                self.log
+                    .append(vec![Event::StatusChanged {
+                        from: status,
+                        to: step.status(),
+                    }])
+                    .await?;
+                status = step.status();
+            }
+            let planned = match step.work.plan(&self.input) {
+                Ok(planned) => planned,
+                Err(error) => return self.give_up(status, step, error, None).await,
+            };
+            if progress.and_then(|p| p.planned) != Some(planned) {
+                self.log
+                    .append(vec![Event::StepStarted {
+                        step: step.name().to_owned(),
+                        attempt: self.attempt,
+                        items: planned,
+                        atomic: step.atomic,
+                    }])
+                    .await?;
+            }
+            let missing =
+                progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
+            match self.run_items(step, missing).await? {
+                StepEnd::Completed => {
+                    self.log
+                        .append(vec![Event::StepCompleted {
+                            step: step.name().to_owned(),
+                            attempt: self.attempt,
+                        }])
+                        .await?;
+                }
+                StepEnd::GaveUp { error, item } => {
+                    return self.give_up(status, step, error, Some(item)).await;
+                }
+                StepEnd::Stopped => return Ok(RunOutcome::Stopped),
+            }
+        }
+        self.log
+            .append(vec![
+                Event::StatusChanged {
+                    from: status,
+                    to: TaskStatus::FinalReview,
+                },
+                Event::ReviewRequested {},
+            ])
+            .await?;
+        Ok(RunOutcome::AwaitingReview)
+    }
+
+    /// Runs `missing` items with the step's concurrency. After the first item that gives
+    /// up, no new item starts; items in flight finish and are recorded.
+    async fn run_items(&self, step: &Step, missing: Vec<u32>) -> Result<StepEnd> {
+        let no_new_items = CancellationToken::new();
+        let mut results = futures_util::stream::iter(missing)
+            .map(|item| self.run_item(step, item, no_new_items.clone()))
+            .buffer_unordered(step.concurrency);
+        let mut end = StepEnd::Completed;
+        let mut store_error = None;
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(StepEnd::Completed) => {}
+                Ok(gave_up @ StepEnd::GaveUp { .. }) => {
+                    no_new_items.cancel();
+                    if matches!(end, StepEnd::Completed) {
+                        end = gave_up;
+                    }
+                }
+                Ok(StepEnd::Stopped) => {
+                    no_new_items.cancel();
+                    if !matches!(end, StepEnd::GaveUp { .. }) {
+                        end = StepEnd::Stopped;
+                    }
+                }
+                Err(err) => {
+                    no_new_items.cancel();
+                    store_error.get_or_insert(err);
+                }
+            }
+        }
+        match store_error {
+            Some(err) => Err(err),
+            None => Ok(end),
+        }
+    }
+
+    /// Tries one item up to the step's policy, recording each outcome.
+    async fn run_item(
+        &self,
+        step: &Step,
+        item: u32,
+        no_new_items: CancellationToken,
+    ) -> Result<StepEnd> {
+        let policy = step.retry;
+        for try_number in 1..=policy.max_tries.max(1) {
+            if no_new_items.is_cancelled() || self.cancel.is_cancelled() {
+                return Ok(StepEnd::Stopped);
+            }
+            let ctx = self.context(step, try_number);
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = step.work.run(ctx, item) => result,
+                () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
+            };
+            let error = match result {
+                Ok(output) => {
+                    self.log
+                        .append(vec![Event::ItemCompleted {
+                            step: step.name().to_owned(),
+                            item,
+                            attempt: self.attempt,
+                            artifact: output.artifact,
+                            cost_micros: output.cost_micros,
+                            duration_ms: u64::try_from(started.elapsed().as_millis())
+                                .unwrap_or(u64::MAX),
+                        }])
+                        .await?;
+                    return Ok(StepEnd::Completed);
+                }
+                Err(error) => error,
+            };
+            self.log
+                .append(vec![Event::ItemFailed {
+                    step: step.name().to_owned(),
+                    item,
+                    attempt: self.attempt,
+                    kind: error.kind,
+                    error: error.message.clone(),
+                    retry: try_number,
+                }])
+                .await?;
+            if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
+                return Ok(StepEnd::GaveUp { error, item });
+            }
+            let delay = policy.backoff.delay(try_number, rand::random::<f64>());
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
+            }
+        }
+        Ok(StepEnd::Stopped)
+    }
+
+    fn context(&self, step: &Step, try_number: u32) -> StepContext {
+        StepContext {
+            task_id: self.log.lease.task,
+            channel_id: self.channel.clone(),
+            workflow: Arc::from(self.workflow.name()),
+            step: step.name.clone(),
+            attempt: self.attempt,
+            try_number,
+            input: self.input.clone(),
+            cancel: self.cancel.child_token(),
+        }
+    }
+
+    /// Ends the attempt after a failure: a permanent error or the last allowed attempt
+    /// fails the task; a transient one schedules the next attempt.
+    async fn give_up(
+        &self,
+        status: TaskStatus,
+        step: &Step,
+        error: StepError,
+        item: Option<u32>,
+    ) -> Result<RunOutcome> {
+        let policy = self.workflow.task_retry;
+        if error.kind == FailureKind::Transient && self.attempt < policy.max_attempts {
+            let delay = policy.backoff.delay(self.attempt, rand::random::<f64>());
+            let next_run_at =
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let reason = describe(step, item, &error.message);
+            self.log
+                .append(vec![
+                    Event::RetryScheduled {
+                        attempt: self.attempt,
+                        next_run_at,
+                        reason,
+                    },
+                    Event::StatusChanged {
+                        from: status,
+                        to: TaskStatus::RetryScheduled,
+                    },
+                ])
+                .await?;
+            return Ok(RunOutcome::RetryScheduled { next_run_at });
+        }
+        let reason = match error.kind {
+            FailureKind::Permanent => describe(step, item, &error.message),
+            FailureKind::Transient => format!(
+                "gave up after {} attempts: {}",
+                self.attempt,
+                describe(step, item, &error.message)
+            ),
+        };
+        self.log
+            .append(vec![
+                Event::TaskFailed {
+                    reason: reason.clone(),
+                    step: Some(step.name().to_owned()),
+                    item,
+                },
+                Event::StatusChanged {
+                    from: status,
+                    to: TaskStatus::Failed,
+                },
+            ])
+            .await?;
+        Ok(RunOutcome::Failed { reason })
+    }
+}
+
+fn describe(step: &Step, item: Option<u32>, message: &str) -> String {
+    match item {
+        Some(item) if !step.atomic => format!("{} item {item}: {message}", step.name()),
+        _ => format!("{}: {message}", step.name()),
+    }
+}
+
+/// The run's appender: serialises appends under the lease, tracking the stream version.
+/// The version lock is held only for the append itself, never while a step works.
+struct Log {
+    store: PgStore,
+    lease: Lease,
+    version: Mutex<u32>,
+    metadata: EventMetadata,
+}
+
+impl Log {
+    fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
+        let metadata = EventMetadata {
+            correlation_id: Some(lease.task.as_uuid()),
+            worker_id: Some(lease.worker_id.clone()),
+            attempt: Some(lease.attempt),
+            ..EventMetadata::default()
+        };
+        Log {
+            store,
+            lease: lease.clone(),
+            version: Mutex::new(version),
+            metadata,
+        }
+    }
+
+    /// Appends under the lease. Database hiccups are retried with the same event ids, so a
+    /// retry after a lost acknowledgement writes nothing twice.
+    async fn append(&self, events: Vec<Event>) -> Result<()> {
+        let batch: Vec<NewEvent> = events
+            .into_iter()
+            .map(|e| NewEvent::new(e).with_metadata(self.metadata.clone()))
+            .collect();
+        let mut version = self.version.lock().await;
+        let mut delay = Duration::from_millis(50);
+        let mut retry = 0;
+        loop {
+            retry += 1;
+            match self
+                .store
+                .append(self.lease.task, *version, self.lease.fence(), &batch)
+                .await
+            {
+                Ok(appended) => {
+                    *version = appended.version;
+                    return Ok(());
+                }
+                Err(Error::Database(err)) if retry <= 8 => {
+                    tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}

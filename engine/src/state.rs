@@ -1,0 +1,342 @@
+//! The fold: a task's state is its history, replayed.
+//!
+//! `fold` is pure and synchronous — no I/O, no clock — and is the only interpretation of
+//! events: the orchestrator decides what to run from it, the CLI and audits print it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::{Event, FailureKind, RecordedEvent};
+use crate::id::{ChannelId, TaskId};
+use crate::status::TaskStatus;
+
+/// Replays `events` (in stream order) into the task's state.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> TaskState {
+    let mut state = TaskState::default();
+    for event in events {
+        state.apply(event);
+    }
+    state
+}
+
+/// One completed item, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ItemRecord {
+    pub item: u32,
+    pub attempt: u32,
+    pub artifact: String,
+    pub cost_micros: i64,
+    pub duration_ms: u64,
+    /// The stream version of the `item_completed` event.
+    pub version: u32,
+}
+
+/// One failed try of an item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ItemFailure {
+    pub item: u32,
+    pub attempt: u32,
+    pub kind: FailureKind,
+    pub error: String,
+    pub retry: u32,
+    pub version: u32,
+}
+
+/// Cost and time, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub items: u32,
+    pub cost_micros: i64,
+    pub duration_ms: u64,
+}
+
+impl Totals {
+    fn add(&mut self, record: &ItemRecord) {
+        self.items += 1;
+        self.cost_micros += record.cost_micros;
+        self.duration_ms += record.duration_ms;
+    }
+}
+
+/// A step's progress in its current run (a rejected review starts a new run).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StepState {
+    pub name: String,
+    /// 1 for the first run; +1 each time a review rejection sends the task back here.
+    pub run: u32,
+    /// Items planned by the latest `step_started` of this run (None: not started).
+    pub planned: Option<u32>,
+    pub atomic: bool,
+    pub completed: bool,
+    /// Completions of this run, by item.
+    pub items: BTreeMap<u32, ItemRecord>,
+    pub failures: Vec<ItemFailure>,
+    /// Completions of earlier runs, replaced by a redo (kept for cost accounting).
+    pub superseded: Vec<ItemRecord>,
+    /// Items completed again although already complete in this run (ignored; audits report).
+    pub duplicates: Vec<u32>,
+}
+
+impl StepState {
+    /// Items of `1..=planned` with no completion in this run, in order. `planned` is the
+    /// step's plan now: completions beyond it are ignored (see [`StepState::extra_items`]).
+    pub fn missing_items(&self, planned: u32) -> Vec<u32> {
+        (1..=planned)
+            .filter(|i| !self.items.contains_key(i))
+            .collect()
+    }
+
+    /// Completed items beyond `planned` (the plan shrank): ignored for progress, reported.
+    pub fn extra_items(&self, planned: u32) -> Vec<u32> {
+        self.items
+            .keys()
+            .copied()
+            .filter(|i| *i > planned || *i == 0)
+            .collect()
+    }
+}
+
+/// A scheduled retry of the whole task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryRecord {
+    pub attempt: u32,
+    pub next_run_at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// What a resumed attempt did not have to redo.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ResumeRecord {
+    /// The attempt that resumed.
+    pub attempt: u32,
+    /// Items already complete when it started, by step.
+    pub skipped: BTreeMap<String, Vec<u32>>,
+    /// Their recorded cost and time: what resuming saved.
+    pub saved: Totals,
+}
+
+/// The human review's outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ReviewOutcome {
+    Approved {
+        reviewer: Option<String>,
+    },
+    Rejected {
+        redo_from: String,
+        reason: Option<String>,
+    },
+}
+
+/// Everything known about a task, rebuilt from its events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TaskState {
+    pub task_id: Option<TaskId>,
+    pub workflow: String,
+    pub channel_id: Option<ChannelId>,
+    pub input: Value,
+    pub notion_page_id: Option<String>,
+    pub status: Option<TaskStatus>,
+    /// The version of the last applied event: the next append's expected version.
+    pub version: u32,
+    /// The current task attempt (the number of claims so far).
+    pub attempt: u32,
+    pub steps: Vec<StepState>,
+    pub retries: Vec<RetryRecord>,
+    pub resumes: Vec<ResumeRecord>,
+    pub failure: Option<String>,
+    pub reviews_requested: u32,
+    pub review: Option<ReviewOutcome>,
+    pub cancelled: bool,
+    /// Everything spent, including superseded runs and items later redone.
+    pub spent: Totals,
+}
+
+impl TaskState {
+    /// The task's status (`queued` before any event).
+    pub fn status(&self) -> TaskStatus {
+        self.status.unwrap_or(TaskStatus::Queued)
+    }
+
+    /// The state of `step` in its current run, if it ever started.
+    pub fn step(&self, name: &str) -> Option<&StepState> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// What all resumes saved, summed.
+    pub fn saved(&self) -> Totals {
+        self.resumes.iter().fold(Totals::default(), |mut sum, r| {
+            sum.items += r.saved.items;
+            sum.cost_micros += r.saved.cost_micros;
+            sum.duration_ms += r.saved.duration_ms;
+            sum
+        })
+    }
+
+    /// Applies one event. Events at or below the current version were already applied
+    /// (a redelivery) and change nothing.
+    pub fn apply(&mut self, recorded: &RecordedEvent) {
+        if recorded.version <= self.version {
+            return;
+        }
+        self.version = recorded.version;
+        self.task_id.get_or_insert(recorded.stream_id);
+        let version = recorded.version;
+        match &recorded.event {
+            Event::TaskSubmitted {
+                workflow,
+                channel_id,
+                input,
+                notion_page_id,
+                ..
+            } => {
+                self.workflow.clone_from(workflow);
+                self.channel_id = Some(channel_id.clone());
+                self.input = input.clone();
+                self.notion_page_id.clone_from(notion_page_id);
+                self.status.get_or_insert(TaskStatus::Queued);
+            }
+            Event::TaskClaimed { attempt, .. } => self.claimed(*attempt),
+            Event::StepStarted {
+                step,
+                items,
+                atomic,
+                ..
+            } => {
+                let state = self.step_mut(step);
+                state.planned = Some(*items);
+                state.atomic = *atomic;
+            }
+            Event::ItemCompleted {
+                step,
+                item,
+                attempt,
+                artifact,
+                cost_micros,
+                duration_ms,
+            } => {
+                let record = ItemRecord {
+                    item: *item,
+                    attempt: *attempt,
+                    artifact: artifact.clone(),
+                    cost_micros: *cost_micros,
+                    duration_ms: *duration_ms,
+                    version,
+                };
+                self.spent.add(&record);
+                let state = self.step_mut(step);
+                if state.items.contains_key(item) {
+                    state.duplicates.push(*item);
+                } else {
+                    state.items.insert(*item, record);
+                }
+            }
+            Event::ItemFailed {
+                step,
+                item,
+                attempt,
+                kind,
+                error,
+                retry,
+            } => {
+                self.step_mut(step).failures.push(ItemFailure {
+                    item: *item,
+                    attempt: *attempt,
+                    kind: *kind,
+                    error: error.clone(),
+                    retry: *retry,
+                    version,
+                });
+            }
+            Event::StepCompleted { step, .. } => self.step_mut(step).completed = true,
+            Event::StatusChanged { to, .. } => self.status = Some(*to),
+            Event::RetryScheduled {
+                attempt,
+                next_run_at,
+                reason,
+            } => self.retries.push(RetryRecord {
+                attempt: *attempt,
+                next_run_at: *next_run_at,
+                reason: reason.clone(),
+            }),
+            Event::TaskFailed { reason, .. } => self.failure = Some(reason.clone()),
+            Event::ReviewRequested {} => {
+                self.reviews_requested += 1;
+                self.review = None;
+            }
+            Event::ReviewApproved { reviewer } => {
+                self.review = Some(ReviewOutcome::Approved {
+                    reviewer: reviewer.clone(),
+                });
+            }
+            Event::ReviewRejected { redo_from, reason } => {
+                self.supersede_from(redo_from);
+                self.review = Some(ReviewOutcome::Rejected {
+                    redo_from: redo_from.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            Event::TaskCompleted {} => {}
+            Event::TaskCancelled { .. } => self.cancelled = true,
+        }
+    }
+
+    fn claimed(&mut self, attempt: u32) {
+        let resumes = self.attempt > 0;
+        self.attempt = attempt;
+        if !resumes {
+            return;
+        }
+        let mut record = ResumeRecord {
+            attempt,
+            ..ResumeRecord::default()
+        };
+        for step in &self.steps {
+            if step.items.is_empty() {
+                continue;
+            }
+            record
+                .skipped
+                .insert(step.name.clone(), step.items.keys().copied().collect());
+            for item in step.items.values() {
+                record.saved.add(item);
+            }
+        }
+        if record.saved.items > 0 {
+            self.resumes.push(record);
+        }
+    }
+
+    fn step_mut(&mut self, name: &str) -> &mut StepState {
+        let index = match self.steps.iter().position(|s| s.name == name) {
+            Some(index) => index,
+            None => {
+                self.steps.push(StepState {
+                    name: name.to_owned(),
+                    run: 1,
+                    ..StepState::default()
+                });
+                self.steps.len() - 1
+            }
+        };
+        &mut self.steps[index]
+    }
+
+    /// A rejected review sends the task back to `redo_from`: that step and every step that
+    /// started after it begin a new run; their completions are superseded.
+    fn supersede_from(&mut self, redo_from: &str) {
+        let Some(first) = self.steps.iter().position(|s| s.name == redo_from) else {
+            return;
+        };
+        for step in &mut self.steps[first..] {
+            let old = std::mem::take(&mut step.items);
+            step.superseded.extend(old.into_values());
+            step.run += 1;
+            step.planned = None;
+            step.completed = false;
+        }
+    }
+}

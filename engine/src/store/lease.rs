@@ -1,0 +1,125 @@
+//! Leases: which worker may append to a task right now.
+//!
+//! A claim bumps `lease_epoch`; every append of the claimant is fenced by that epoch, so a
+//! worker that was paused past its lease cannot write after another worker took over.
+
+use std::time::Duration;
+
+use sqlx::Row;
+
+use super::{Fence, PgStore};
+use crate::error::Result;
+use crate::event::{Event, EventMetadata, NewEvent};
+use crate::id::TaskId;
+
+/// A worker's right to run a task, until `expires` unless extended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub task: TaskId,
+    pub worker_id: String,
+    /// The fence every append of this lease carries.
+    pub epoch: i64,
+    /// The task attempt this claim started (1 = first run).
+    pub attempt: u32,
+    /// The stream version right after the claim's `task_claimed` event.
+    pub version: u32,
+}
+
+impl Lease {
+    /// The fence for appends under this lease.
+    pub fn fence(&self) -> Fence {
+        Fence::Lease { epoch: self.epoch }
+    }
+}
+
+const CLAIM_SQL: &str = r#"
+UPDATE tasks SET
+    lease_epoch      = lease_epoch + 1,
+    lease_owner      = $2,
+    lease_expires_at = now() + make_interval(secs => $3),
+    attempt          = attempt + 1,
+    updated_at       = now()
+WHERE id = $1
+  AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+  AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $2)
+  AND (next_run_at IS NULL OR next_run_at <= now())
+RETURNING lease_epoch, attempt, version
+"#;
+
+impl PgStore {
+    /// Claims `task` for `worker_id` if it is runnable, due, and its lease is free, expired
+    /// or already this worker's (a restarted worker reclaims its own leases at once).
+    /// Appends `task_claimed` in the same transaction. `None`: not claimable now.
+    pub async fn claim_task(
+        &self,
+        task: TaskId,
+        worker_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query(CLAIM_SQL)
+            .bind(task.as_uuid())
+            .bind(worker_id)
+            .bind(ttl.as_secs_f64())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let epoch: i64 = row.try_get("lease_epoch")?;
+        let attempt = u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0);
+        let version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
+        let claimed = NewEvent::new(Event::TaskClaimed {
+            worker_id: worker_id.to_owned(),
+            lease_epoch: epoch,
+            attempt,
+        })
+        .with_metadata(EventMetadata {
+            correlation_id: Some(task.as_uuid()),
+            worker_id: Some(worker_id.to_owned()),
+            attempt: Some(attempt),
+            ..EventMetadata::default()
+        });
+        let appended = self
+            .append_in(&mut tx, task, version, Fence::Lease { epoch }, &[claimed])
+            .await?;
+        tx.commit().await?;
+        Ok(Some(Lease {
+            task,
+            worker_id: worker_id.to_owned(),
+            epoch,
+            attempt,
+            version: appended.version,
+        }))
+    }
+
+    /// Extends the lease by `ttl` from now; false when it was lost (another claim since).
+    pub async fn extend_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
+        let extended = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
+             WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $4",
+        )
+        .bind(lease.task.as_uuid())
+        .bind(lease.epoch)
+        .bind(ttl.as_secs_f64())
+        .bind(&lease.worker_id)
+        .execute(self.pool())
+        .await?;
+        Ok(extended.rows_affected() == 1)
+    }
+
+    /// Gives the lease up so another worker can claim the task at once; false when it was
+    /// already released or lost.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<bool> {
+        let released = sqlx::query(
+            "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3",
+        )
+        .bind(lease.task.as_uuid())
+        .bind(lease.epoch)
+        .bind(&lease.worker_id)
+        .execute(self.pool())
+        .await?;
+        Ok(released.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,218 @@
+//! Shared test harness: a video-pipeline-shaped workflow whose steps count every real call
+//! and fail on demand, and a driver that claims and runs a task like a worker would.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engine::prelude::*;
+use engine::{Backoff, Lease};
+use serde_json::json;
+
+/// One call of a step's code: (step, item, task attempt).
+pub type Call = (String, u32, u32);
+
+/// When a (step, item) fails.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub kind: FailureKind,
+    /// Task attempts on which it fails; empty = every attempt.
+    pub attempts: Vec<u32>,
+}
+
+/// Counts calls and injects faults into the steps it builds.
+#[derive(Clone, Default)]
+pub struct Probe {
+    pub calls: Arc<Mutex<Vec<Call>>>,
+    pub faults: Arc<Mutex<HashMap<(String, u32), Fault>>>,
+}
+
+impl Probe {
+    pub fn fail(&self, step: &str, item: u32, kind: FailureKind, attempts: &[u32]) {
+        self.faults.lock().expect("probe lock").insert(
+            (step.to_owned(), item),
+            Fault {
+                kind,
+                attempts: attempts.to_vec(),
+            },
+        );
+    }
+
+    /// Items of `step` called during `attempt`, in call order, each once.
+    pub fn items_called(&self, step: &str, attempt: u32) -> Vec<u32> {
+        let mut items: Vec<u32> = self
+            .calls
+            .lock()
+            .expect("probe lock")
+            .iter()
+            .filter(|(s, _, a)| s == step && *a == attempt)
+            .map(|(_, i, _)| *i)
+            .collect();
+        items.dedup();
+        items
+    }
+
+    /// How many times (step, item) was called over all attempts.
+    pub fn call_count(&self, step: &str, item: u32) -> usize {
+        self.calls
+            .lock()
+            .expect("probe lock")
+            .iter()
+            .filter(|(s, i, _)| s == step && *i == item)
+            .count()
+    }
+
+    fn call(&self, ctx: &StepContext, item: u32) -> Result<ItemOutput, StepError> {
+        self.calls
+            .lock()
+            .expect("probe lock")
+            .push((ctx.step.to_string(), item, ctx.attempt));
+        let fault = self
+            .faults
+            .lock()
+            .expect("probe lock")
+            .get(&(ctx.step.to_string(), item))
+            .cloned();
+        if let Some(fault) = fault
+            && (fault.attempts.is_empty() || fault.attempts.contains(&ctx.attempt))
+        {
+            let message = format!("injected failure at {} {item}", ctx.step);
+            return Err(match fault.kind {
+                FailureKind::Transient => StepError::transient(message),
+                FailureKind::Permanent => StepError::permanent(message),
+            });
+        }
+        Ok(ItemOutput::new(
+            format!("{}/{}/{item}", ctx.task_id, ctx.step),
+            1_000 * i64::from(item),
+        ))
+    }
+
+    /// An itemized step with `count` items.
+    pub fn items(&self, name: &str, status: TaskStatus, count: u32) -> Step {
+        let probe = self.clone();
+        Step::items(
+            name,
+            status,
+            move |_input| Ok(count),
+            move |ctx: StepContext, item| {
+                let result = probe.call(&ctx, item);
+                async move { result }
+            },
+        )
+        .retry(fast_retry(2))
+    }
+
+    /// An atomic step.
+    pub fn once(&self, name: &str, status: TaskStatus) -> Step {
+        let probe = self.clone();
+        Step::once(name, status, move |ctx: StepContext| {
+            let result = probe.call(&ctx, 1);
+            async move { result }
+        })
+        .retry(fast_retry(2))
+    }
+
+    /// The video pipeline's shape: 22 assets, composites, 18 clips, 18 narrations, 18 SFX,
+    /// assembly.
+    pub fn pipeline(&self) -> Workflow {
+        Workflow::new("video")
+            .step(self.items("assets", TaskStatus::GeneratingAssets, 22))
+            .step(self.once("composites", TaskStatus::GeneratingComposites))
+            .step(self.items("video", TaskStatus::GeneratingVideo, 18))
+            .step(self.items("narration", TaskStatus::GeneratingAudio, 18))
+            .step(self.items("sfx", TaskStatus::GeneratingSfx, 18))
+            .step(self.once("assembly", TaskStatus::Assembling))
+            .task_retry(immediate_task_retry(3))
+    }
+}
+
+/// `tries` tries per item, 5 ms apart.
+pub fn fast_retry(tries: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_tries: tries,
+        backoff: Backoff {
+            initial: Duration::from_millis(5),
+            multiplier: 2.0,
+            max: Duration::from_millis(50),
+            jitter: 0.0,
+        },
+    }
+}
+
+/// `attempts` task attempts, the next one due at once.
+pub fn immediate_task_retry(attempts: u32) -> TaskRetryPolicy {
+    TaskRetryPolicy {
+        max_attempts: attempts,
+        backoff: Backoff {
+            initial: Duration::ZERO,
+            multiplier: 1.0,
+            max: Duration::ZERO,
+            jitter: 0.0,
+        },
+    }
+}
+
+pub async fn submit(store: &PgStore, workflow: &str) -> TaskId {
+    let channel = ChannelId::parse("history").expect("channel");
+    store
+        .create_task(NewTask::new(workflow, channel, json!({"topic": "Rome"})))
+        .await
+        .expect("submit")
+        .task_id()
+}
+
+pub async fn claim(store: &PgStore, task: TaskId) -> Lease {
+    store
+        .claim_task(task, "test-worker", Duration::from_secs(60))
+        .await
+        .expect("claim")
+        .expect("the task is claimable")
+}
+
+/// Claims and runs `task` until it stops being runnable; returns every run's outcome.
+pub async fn run_to_rest(
+    store: &PgStore,
+    orchestrator: &Orchestrator,
+    task: TaskId,
+) -> Vec<RunOutcome> {
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        let Some(lease) = store
+            .claim_task(task, "test-worker", Duration::from_secs(60))
+            .await
+            .expect("claim")
+        else {
+            break;
+        };
+        let outcome = orchestrator
+            .run(&lease, tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("run");
+        let again = matches!(outcome, RunOutcome::RetryScheduled { .. });
+        outcomes.push(outcome);
+        if !again {
+            break;
+        }
+    }
+    outcomes
+}
+
+pub async fn state(store: &PgStore, task: TaskId) -> TaskState {
+    fold(&store.read_stream(task, 1).await.expect("read"))
+}
+
+/// How many `item_completed` events each item of `step` has in the log (current and
+/// superseded runs together).
+pub async fn completions(store: &PgStore, task: TaskId, step: &str) -> HashMap<u32, usize> {
+    let mut counts = HashMap::new();
+    for event in store.read_stream(task, 1).await.expect("read") {
+        if let Event::ItemCompleted { step: s, item, .. } = &event.event
+            && s == step
+        {
+            *counts.entry(*item).or_insert(0) += 1;
+        }
+    }
+    counts
+}

@@ -79,6 +79,30 @@ impl TaskStatus {
         }
     }
 
+    /// What the status means, for docs and help texts.
+    pub fn description(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "submitted (or sent back by a review), waiting for a worker",
+            TaskStatus::GeneratingAssets => "the assets step runs",
+            TaskStatus::GeneratingComposites => "the composites step runs",
+            TaskStatus::GeneratingVideo => "the video step runs",
+            TaskStatus::GeneratingAudio => "the narration step runs",
+            TaskStatus::GeneratingSfx => "the sound-effects step runs",
+            TaskStatus::Assembling => "the assembly step runs",
+            TaskStatus::RetryScheduled => {
+                "an attempt gave up on a transient error; resumes at next_run_at"
+            }
+            TaskStatus::FinalReview => {
+                "every step is done; waiting for a human to approve or reject"
+            }
+            TaskStatus::Completed => "approved; done for good",
+            TaskStatus::Failed => {
+                "a permanent error or the attempt limit; the reason is in the log"
+            }
+            TaskStatus::Cancelled => "stopped by an operator",
+        }
+    }
+
     /// No work follows without a human or operator (`completed`, `failed`, `cancelled`).
     pub fn is_terminal(self) -> bool {
         matches!(

@@ -1,0 +1,48 @@
+//! The status table in the docs is rendered from `TaskStatus`: they cannot drift apart
+//! (seed scenario 8: "final_review", never "awaiting_review").
+
+use engine::TaskStatus;
+
+const BEGIN: &str = "<!-- status-table:begin";
+const END: &str = "<!-- status-table:end -->";
+
+fn rendered() -> String {
+    let mut table = String::from("| storage name | shown as (Notion) | meaning |\n|---|---|---|\n");
+    for status in TaskStatus::ALL {
+        table.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            status.as_str(),
+            status.display_name(),
+            status.description()
+        ));
+    }
+    table
+}
+
+fn table_in(doc: &str) -> Option<String> {
+    let start = doc.find(BEGIN)?;
+    let body = &doc[start..];
+    let body = &body[body.find('\n')? + 1..];
+    Some(body[..body.find(END)?].to_owned())
+}
+
+#[test]
+fn the_readme_status_table_matches_the_enum() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let table = table_in(&readme).expect("README.md has a status table between the markers");
+    assert_eq!(
+        table,
+        rendered(),
+        "regenerate the README status table from TaskStatus"
+    );
+}
+
+#[test]
+fn no_doc_calls_the_review_status_awaiting_review() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let table = table_in(&readme).expect("table");
+    assert!(!table.contains("awaiting_review") && !table.contains("Awaiting Review"));
+    assert!(table.contains("| `final_review` | Final Review |"));
+}

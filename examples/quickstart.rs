@@ -93,23 +93,17 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let (mut planned, mut spent_micros, mut completed) = (0, 0, Vec::new());
-    for event in store.read_stream(task, 1).await? {
-        match event.event {
-            Event::StepStarted { items, .. } => planned = items,
-            Event::ItemCompleted {
-                item, cost_micros, ..
-            } => {
-                completed.push(item);
-                spent_micros += cost_micros;
-            }
-            _ => {}
-        }
-    }
-    let missing: Vec<u32> = (1..=planned).filter(|i| !completed.contains(i)).collect();
+    // The fold: the same pure function the orchestrator and the audit tools use.
+    let state = fold(&store.read_stream(task, 1).await?);
+    let video = state.step("video").context("the video step started")?;
+    let planned = video.planned.unwrap_or(0);
     println!(
-        "\nstate: clips completed {completed:?}, clips still to run {missing:?}, spent ${:.2}",
-        spent_micros as f64 / 1e6
+        "\nstate: {} ({}), clips completed {:?}, clips still to run {:?}, spent ${:.2}",
+        state.status().display_name(),
+        state.status(),
+        video.items.keys().collect::<Vec<_>>(),
+        video.missing_items(planned),
+        state.spent.cost_micros as f64 / 1e6
     );
 
     let global = store.read_all_after(Checkpoint::START, 10_000).await?;

@@ -191,6 +191,18 @@ impl Event {
         let tagged = serde_json::json!({ "type": event_type, "payload": payload });
         serde_json::from_value(tagged).map_err(|e| format!("invalid payload: {e}"))
     }
+
+    /// Reads a stored event of the current schema version straight from its JSON text.
+    /// With the tag written first, serde reads the payload without buffering it, and no
+    /// intermediate `Value` is built: the replay hot path.
+    fn decode_current_text(event_type: &str, payload: &str) -> Result<Event, String> {
+        if !Event::TYPES.contains(&event_type) {
+            return Err(format!("unknown event type {event_type:?}"));
+        }
+        // `event_type` is one of TYPES (plain snake_case): safe to splice into JSON.
+        let tagged = format!(r#"{{"type":"{event_type}","payload":{payload}}}"#);
+        serde_json::from_str(&tagged).map_err(|e| format!("invalid payload: {e}"))
+    }
 }
 
 /// Brings a stored payload of any known schema version to the current one. The single
@@ -266,7 +278,7 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// A row of `events` before decoding.
+/// A row of `events` before decoding (`payload` and `metadata` as JSON text).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct EventRow {
     pub(crate) global_position: i64,
@@ -276,8 +288,8 @@ pub(crate) struct EventRow {
     pub(crate) event_id: Uuid,
     pub(crate) event_type: String,
     pub(crate) schema_version: i16,
-    pub(crate) payload: Value,
-    pub(crate) metadata: Value,
+    pub(crate) payload: String,
+    pub(crate) metadata: String,
     pub(crate) recorded_at: DateTime<Utc>,
 }
 
@@ -294,9 +306,15 @@ impl EventRow {
             schema_version: self.schema_version,
             reason,
         };
-        let payload = upcast(&self.event_type, self.schema_version, self.payload).map_err(&fail)?;
-        let event = Event::decode_current(&self.event_type, payload).map_err(&fail)?;
-        let metadata = serde_json::from_value(self.metadata)
+        let event = if self.schema_version == CURRENT_SCHEMA_VERSION {
+            Event::decode_current_text(&self.event_type, &self.payload).map_err(&fail)?
+        } else {
+            let stored: Value = serde_json::from_str(&self.payload)
+                .map_err(|e| fail(format!("invalid payload: {e}")))?;
+            let payload = upcast(&self.event_type, self.schema_version, stored).map_err(&fail)?;
+            Event::decode_current(&self.event_type, payload).map_err(&fail)?
+        };
+        let metadata = serde_json::from_str(&self.metadata)
             .map_err(|e| fail(format!("invalid metadata: {e}")))?;
         Ok(RecordedEvent {
             global_position: self.global_position,
@@ -350,7 +368,12 @@ mod tests {
                 payload.is_object(),
                 "{event_type} payload must be an object"
             );
-            assert_eq!(Event::decode_current(event_type, payload), Ok(event));
+            let text = payload.to_string();
+            assert_eq!(
+                Event::decode_current(event_type, payload),
+                Ok(event.clone())
+            );
+            assert_eq!(Event::decode_current_text(event_type, &text), Ok(event));
         }
     }
 

@@ -3,7 +3,7 @@
 //! `fold` is pure and synchronous — no I/O, no clock — and is the only interpretation of
 //! events: the orchestrator decides what to run from it, the CLI and audits print it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -153,6 +153,9 @@ pub struct TaskState {
     pub cancelled: bool,
     /// Everything spent, including superseded runs and items later redone.
     pub spent: Totals,
+    /// Position of each step in `steps`, by name (replay stays linear in the events).
+    #[serde(skip)]
+    step_index: HashMap<String, usize>,
 }
 
 impl TaskState {
@@ -163,7 +166,7 @@ impl TaskState {
 
     /// The state of `step` in its current run, if it ever started.
     pub fn step(&self, name: &str) -> Option<&StepState> {
-        self.steps.iter().find(|s| s.name == name)
+        self.step_index.get(name).map(|&i| &self.steps[i])
     }
 
     /// What all resumes saved, summed.
@@ -311,14 +314,16 @@ impl TaskState {
     }
 
     fn step_mut(&mut self, name: &str) -> &mut StepState {
-        let index = match self.steps.iter().position(|s| s.name == name) {
-            Some(index) => index,
+        let index = match self.step_index.get(name) {
+            Some(&index) => index,
             None => {
                 self.steps.push(StepState {
                     name: name.to_owned(),
                     run: 1,
                     ..StepState::default()
                 });
+                self.step_index
+                    .insert(name.to_owned(), self.steps.len() - 1);
                 self.steps.len() - 1
             }
         };
@@ -328,7 +333,7 @@ impl TaskState {
     /// A rejected review sends the task back to `redo_from`: that step and every step that
     /// started after it begin a new run; their completions are superseded.
     fn supersede_from(&mut self, redo_from: &str) {
-        let Some(first) = self.steps.iter().position(|s| s.name == redo_from) else {
+        let Some(&first) = self.step_index.get(redo_from) else {
             return;
         };
         for step in &mut self.steps[first..] {

@@ -71,7 +71,8 @@ macro_rules! select_events {
     ($rest:literal) => {
         concat!(
             "SELECT global_position, tx_id::text::bigint AS tx_id, stream_id, stream_version, ",
-            "event_id, event_type, schema_version, payload, metadata, recorded_at FROM events ",
+            "event_id, event_type, schema_version, payload::text AS payload, ",
+            "metadata::text AS metadata, recorded_at FROM events ",
             $rest
         )
     };

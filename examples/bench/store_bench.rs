@@ -1,112 +1,17 @@
-//! Run with: cargo run --release --example bench [-- --json] [-- --quick]
-//!
-//! reel's benchmark program: prints a table (or, with `--json`, one JSON object per row with
-//! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
-//! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
-//! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations.
+//! Append latency and throughput against a raw single-row INSERT on the same server.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context;
+use engine::Fence;
 use engine::prelude::*;
-use engine::{Fence, db};
 use serde_json::json;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 
-/// Prints rows as a table, or as JSON lines with `--json`.
-struct Report {
-    json: bool,
-}
-
-impl Report {
-    fn add(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
-        let name = name.into();
-        if self.json {
-            println!("{}", json!({"name": name, "value": value, "unit": unit}));
-        } else {
-            println!("{name:<60} {value:>12.3} {unit}");
-        }
-    }
-}
-
-/// Latencies of one measured loop.
-struct Sample {
-    latencies: Vec<Duration>,
-    wall: Duration,
-}
-
-impl Sample {
-    fn percentile_ms(&self, p: f64) -> f64 {
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted
-            .get(index)
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
-    }
-
-    fn per_second(&self) -> f64 {
-        self.latencies.len() as f64 / self.wall.as_secs_f64()
-    }
-
-    fn merge(samples: Vec<Sample>, wall: Duration) -> Sample {
-        let latencies = samples.into_iter().flat_map(|s| s.latencies).collect();
-        Sample { latencies, wall }
-    }
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let _ = dotenvy::dotenv();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut report = Report {
-        json: args.iter().any(|a| a == "--json"),
-    };
-    let iterations = if quick { 300 } else { 3000 };
-
-    let pool = fresh_database().await?;
-    let store = PgStore::new(pool.clone());
-    store.migrate().await?;
-    sqlx::query("CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v bigint NOT NULL, payload jsonb NOT NULL)")
-        .execute(&pool)
-        .await?;
-    if !report.json {
-        println!("{:<60} {:>12} unit", "benchmark", "value");
-        println!("{}", "-".repeat(75));
-    }
-
-    bench_store(&mut report, &pool, &store, iterations).await?;
-    Ok(())
-}
-
-/// Drops and recreates `reel_bench`, so every run starts from the same empty state.
-async fn fresh_database() -> anyhow::Result<PgPool> {
-    let server = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let options = db::parse_url(&server)?;
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options.clone().database("postgres"))
-        .await
-        .with_context(|| format!("is PostgreSQL running at {server}?"))?;
-    sqlx::raw_sql("DROP DATABASE IF EXISTS reel_bench WITH (FORCE)")
-        .execute(&admin)
-        .await?;
-    sqlx::raw_sql("CREATE DATABASE reel_bench")
-        .execute(&admin)
-        .await?;
-    admin.close().await;
-    Ok(PgPoolOptions::new()
-        .max_connections(8)
-        .test_before_acquire(false)
-        .connect_with(options.database("reel_bench"))
-        .await?)
-}
+use crate::{Report, Sample};
 
 /// How a measured loop reaches the database.
 #[derive(Clone, Copy)]
-enum Via {
+pub(crate) enum Via {
     /// One connection held for the whole loop: the database's own cost.
     Held,
     /// A pool checkout per operation, as applications run (sqlx pings a connection on
@@ -114,8 +19,8 @@ enum Via {
     Pool,
 }
 
-/// Append latency and throughput against a raw single-row INSERT on the same server.
-async fn bench_store(
+/// Prints the store rows.
+pub(crate) async fn run(
     report: &mut Report,
     pool: &PgPool,
     store: &PgStore,
@@ -208,7 +113,7 @@ async fn bench_store(
     Ok(())
 }
 
-async fn new_task(store: &PgStore) -> anyhow::Result<TaskId> {
+pub(crate) async fn new_task(store: &PgStore) -> anyhow::Result<TaskId> {
     let channel = ChannelId::parse("bench")?;
     Ok(store
         .create_task(NewTask::new("bench", channel, json!({})))
@@ -216,7 +121,7 @@ async fn new_task(store: &PgStore) -> anyhow::Result<TaskId> {
         .task_id())
 }
 
-async fn raw_inserts(pool: PgPool, n: usize, via: Via) -> anyhow::Result<Sample> {
+pub(crate) async fn raw_inserts(pool: PgPool, n: usize, via: Via) -> anyhow::Result<Sample> {
     let mut held = pool.acquire().await?;
     let payload = json!({"from": "queued", "to": "generating_assets"});
     let started = Instant::now();

@@ -1,0 +1,278 @@
+//! Engine rows: the orchestrator's overhead per item, fold speed, the resume decision.
+
+use std::time::{Duration, Instant};
+
+use engine::prelude::*;
+use engine::{EventMetadata, Fence, Lease};
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::Report;
+use crate::store_bench::{Via, new_task, raw_inserts};
+
+pub(crate) async fn run(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    quick: bool,
+) -> anyhow::Result<()> {
+    orchestrator_overhead(report, pool, store, if quick { 10 } else { 60 }).await?;
+    fold_speed(report, store, if quick { 10_000 } else { 100_000 }).await?;
+    resume_decision(report, if quick { 1_000 } else { 20_000 });
+    Ok(())
+}
+
+/// Tasks of 18 no-op items run one at a time: what the engine itself costs per item.
+async fn orchestrator_overhead(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let workflow = Workflow::new("noop").step(Step::items(
+        "clips",
+        TaskStatus::GeneratingVideo,
+        |_| Ok(18),
+        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 0)) },
+    ));
+    let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
+    let channel = ChannelId::parse("bench")?;
+    let mut ids = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        ids.push(
+            store
+                .create_task(NewTask::new("noop", channel.clone(), json!({})))
+                .await?
+                .task_id(),
+        );
+    }
+    let started = Instant::now();
+    for task in ids {
+        let lease = claim(store, task).await?;
+        let outcome = orchestrator.run(&lease, CancellationToken::new()).await?;
+        anyhow::ensure!(
+            outcome == RunOutcome::AwaitingReview,
+            "unexpected outcome {outcome:?}"
+        );
+    }
+    let wall = started.elapsed();
+    let items = (tasks * 18) as f64;
+    let per_item_ms = wall.as_secs_f64() * 1e3 / items;
+    let raw = raw_inserts(pool.clone(), 500, Via::Pool).await?;
+    report.add(
+        "engine items/s (no-op items, one task at a time; goal >= 1350)",
+        items / wall.as_secs_f64(),
+        "items/s",
+    );
+    report.add(
+        "engine wall time per item (claim, replay, appends)",
+        per_item_ms,
+        "ms",
+    );
+    report.add(
+        "raw INSERT commit p50 (pool, same run)",
+        raw.percentile_ms(0.5),
+        "ms",
+    );
+    report.add(
+        "engine per item / raw INSERT p50 (goal <= 1.3)",
+        per_item_ms / raw.percentile_ms(0.5),
+        "x",
+    );
+    Ok(())
+}
+
+async fn claim(store: &PgStore, task: TaskId) -> anyhow::Result<Lease> {
+    store
+        .claim_task(task, "bench", Duration::from_secs(60))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("task {task} not claimable"))
+}
+
+fn recorded(task: TaskId, version: u32, event: Event) -> RecordedEvent {
+    RecordedEvent {
+        global_position: i64::from(version),
+        tx_id: u64::from(version),
+        stream_id: task,
+        version,
+        event_id: Uuid::new_v4(),
+        schema_version: 1,
+        event,
+        metadata: EventMetadata::default(),
+        recorded_at: chrono::Utc::now(),
+    }
+}
+
+fn completion(step: &str, item: u32, attempt: u32) -> Event {
+    Event::ItemCompleted {
+        step: step.to_owned(),
+        item,
+        attempt,
+        artifact: format!("{step}/{item:03}.bin"),
+        cost_micros: 550_000,
+        duration_ms: 300_000,
+    }
+}
+
+/// A long stream: steps of 100 events (a step_started and 99 completions).
+fn long_history(task: TaskId, events: usize) -> Vec<Event> {
+    (0..events)
+        .map(|i| {
+            let step = format!("step-{}", i / 100);
+            match i % 100 {
+                0 => Event::StepStarted {
+                    step,
+                    attempt: 1,
+                    items: 99,
+                    atomic: false,
+                },
+                n => completion(&step, n as u32, 1),
+            }
+        })
+        .enumerate()
+        .map(|(i, e)| if i == 0 { submitted(task) } else { e })
+        .collect()
+}
+
+fn submitted(_task: TaskId) -> Event {
+    Event::TaskSubmitted {
+        workflow: "bench".into(),
+        channel_id: ChannelId::parse("bench").expect("valid channel"),
+        input: json!({}),
+        notion_page_id: None,
+        idempotency_key: None,
+    }
+}
+
+/// The fold alone over a long in-memory stream, then read + decode + fold from PostgreSQL.
+async fn fold_speed(report: &mut Report, store: &PgStore, events: usize) -> anyhow::Result<()> {
+    let task = new_task(store).await?;
+    let history = long_history(task, events);
+    let stream: Vec<RecordedEvent> = history
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, e)| recorded(task, i as u32 + 1, e))
+        .collect();
+    let started = Instant::now();
+    let state = fold(&stream);
+    let fold_ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        state.version as usize == events,
+        "fold must apply every event"
+    );
+    report.add(
+        format!("fold of a {events}-event stream (in memory)"),
+        fold_ms,
+        "ms",
+    );
+
+    // The same stream stored: appended in batches of 1,000 (task_submitted is version 1).
+    let mut version = 1;
+    for chunk in history[1..].chunks(1000) {
+        let batch: Vec<NewEvent> = chunk.iter().cloned().map(NewEvent::new).collect();
+        version = store
+            .append(task, version, Fence::Unleased, &batch)
+            .await?
+            .version;
+    }
+    let started = Instant::now();
+    let stored = store.read_stream(task, 1).await?;
+    let state = fold(&stored);
+    let replay_ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        state.version as usize == events,
+        "replay must apply every event"
+    );
+    report.add(
+        format!("read + decode + fold of a {events}-event stream"),
+        replay_ms,
+        "ms",
+    );
+    Ok(())
+}
+
+/// The video pipeline failed at clip 7 and is claimed again: fold its history and work out
+/// what each step still has to run.
+fn resume_decision(report: &mut Report, iterations: u32) {
+    let task = TaskId::new();
+    let mut events = vec![
+        submitted(task),
+        Event::TaskClaimed {
+            worker_id: "w".into(),
+            lease_epoch: 1,
+            attempt: 1,
+        },
+        Event::StepStarted {
+            step: "assets".into(),
+            attempt: 1,
+            items: 22,
+            atomic: false,
+        },
+    ];
+    events.extend((1..=22).map(|i| completion("assets", i, 1)));
+    events.push(Event::StepCompleted {
+        step: "assets".into(),
+        attempt: 1,
+    });
+    events.push(Event::StepStarted {
+        step: "composites".into(),
+        attempt: 1,
+        items: 1,
+        atomic: true,
+    });
+    events.push(completion("composites", 1, 1));
+    events.push(Event::StepCompleted {
+        step: "composites".into(),
+        attempt: 1,
+    });
+    events.push(Event::StepStarted {
+        step: "video".into(),
+        attempt: 1,
+        items: 18,
+        atomic: false,
+    });
+    events.extend((1..=6).map(|i| completion("video", i, 1)));
+    events.push(Event::TaskClaimed {
+        worker_id: "w".into(),
+        lease_epoch: 2,
+        attempt: 2,
+    });
+    let stream: Vec<RecordedEvent> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| recorded(task, i as u32 + 1, e))
+        .collect();
+    let plan = [
+        ("assets", 22),
+        ("composites", 1),
+        ("video", 18),
+        ("narration", 18),
+        ("sfx", 18),
+        ("assembly", 1),
+    ];
+
+    let started = Instant::now();
+    let mut to_run = 0;
+    for _ in 0..iterations {
+        let state = fold(std::hint::black_box(&stream));
+        for (step, planned) in plan {
+            to_run += state
+                .step(step)
+                .map_or(planned, |s| s.missing_items(planned).len() as u32);
+        }
+    }
+    let per_decision = started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations);
+    assert_eq!(
+        to_run,
+        iterations * (12 + 18 + 18 + 1),
+        "the decision must find clips 7-18 and the later steps"
+    );
+    report.add(
+        "resume decision, 18-clip task failed at clip 7",
+        per_decision,
+        "us",
+    );
+}

@@ -1,0 +1,109 @@
+//! Run with: cargo run --release --example bench [-- --json] [-- --quick]
+//!
+//! reel's benchmark program: prints a table (or, with `--json`, one JSON object per row with
+//! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
+//! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
+//! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations.
+
+mod engine_bench;
+mod store_bench;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use engine::db;
+use engine::prelude::*;
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// Prints rows as a table, or as JSON lines with `--json`.
+pub(crate) struct Report {
+    json: bool,
+}
+
+impl Report {
+    pub(crate) fn add(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
+        let name = name.into();
+        if self.json {
+            println!("{}", json!({"name": name, "value": value, "unit": unit}));
+        } else {
+            println!("{name:<60} {value:>12.3} {unit}");
+        }
+    }
+}
+
+/// Latencies of one measured loop.
+pub(crate) struct Sample {
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) wall: Duration,
+}
+
+impl Sample {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted
+            .get(index)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    }
+
+    pub(crate) fn per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+
+    pub(crate) fn merge(samples: Vec<Sample>, wall: Duration) -> Sample {
+        let latencies = samples.into_iter().flat_map(|s| s.latencies).collect();
+        Sample { latencies, wall }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = dotenvy::dotenv();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut report = Report {
+        json: args.iter().any(|a| a == "--json"),
+    };
+    let iterations = if quick { 300 } else { 3000 };
+
+    let pool = fresh_database().await?;
+    let store = PgStore::new(pool.clone());
+    store.migrate().await?;
+    sqlx::query("CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v bigint NOT NULL, payload jsonb NOT NULL)")
+        .execute(&pool)
+        .await?;
+    if !report.json {
+        println!("{:<60} {:>12} unit", "benchmark", "value");
+        println!("{}", "-".repeat(75));
+    }
+
+    store_bench::run(&mut report, &pool, &store, iterations).await?;
+    engine_bench::run(&mut report, &pool, &store, quick).await?;
+    Ok(())
+}
+
+/// Drops and recreates `reel_bench`, so every run starts from the same empty state.
+async fn fresh_database() -> anyhow::Result<PgPool> {
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let options = db::parse_url(&server)?;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone().database("postgres"))
+        .await
+        .with_context(|| format!("is PostgreSQL running at {server}?"))?;
+    sqlx::raw_sql("DROP DATABASE IF EXISTS reel_bench WITH (FORCE)")
+        .execute(&admin)
+        .await?;
+    sqlx::raw_sql("CREATE DATABASE reel_bench")
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect_with(options.database("reel_bench"))
+        .await?)
+}

@@ -134,13 +134,13 @@ impl TaskRun {
             if progress.is_some_and(|p| p.completed) {
                 continue;
             }
+            // Opening events go out together, and before the step's (slow) work starts,
+            // so followers see the new status at once.
             if status != step.status() {
-                self.log
-                    .append(vec![Event::StatusChanged {
-                        from: status,
-                        to: step.status(),
-                    }])
-                    .await?;
+                self.log.stage(Event::StatusChanged {
+                    from: status,
+                    to: step.status(),
+                });
                 status = step.status();
             }
             let planned = match step.work.plan(&self.input) {
@@ -148,26 +148,23 @@ impl TaskRun {
                 Err(error) => return self.give_up(status, step, error, None).await,
             };
             if progress.and_then(|p| p.planned) != Some(planned) {
-                self.log
-                    .append(vec![Event::StepStarted {
-                        step: step.name().to_owned(),
-                        attempt: self.attempt,
-                        items: planned,
-                        atomic: step.atomic,
-                    }])
-                    .await?;
+                self.log.stage(Event::StepStarted {
+                    step: step.name().to_owned(),
+                    attempt: self.attempt,
+                    items: planned,
+                    atomic: step.atomic,
+                });
             }
+            self.log.append(Vec::new()).await?;
             let missing =
                 progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
             match self.run_items(step, missing).await? {
-                StepEnd::Completed => {
-                    self.log
-                        .append(vec![Event::StepCompleted {
-                            step: step.name().to_owned(),
-                            attempt: self.attempt,
-                        }])
-                        .await?;
-                }
+                // Recorded with the next append, which follows at once (the next step's
+                // opening, the review request, or the failure).
+                StepEnd::Completed => self.log.stage(Event::StepCompleted {
+                    step: step.name().to_owned(),
+                    attempt: self.attempt,
+                }),
                 StepEnd::GaveUp { error, item } => {
                     return self.give_up(status, step, error, Some(item)).await;
                 }
@@ -360,6 +357,8 @@ struct Log {
     store: PgStore,
     lease: Lease,
     version: Mutex<u32>,
+    /// Events to send with the next append (saves a round trip at step boundaries).
+    staged: std::sync::Mutex<Vec<Event>>,
     metadata: EventMetadata,
 }
 
@@ -375,18 +374,32 @@ impl Log {
             store,
             lease: lease.clone(),
             version: Mutex::new(version),
+            staged: std::sync::Mutex::new(Vec::new()),
             metadata,
         }
+    }
+
+    /// Queues `event` for the next append.
+    fn stage(&self, event: Event) {
+        self.staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
     }
 
     /// Appends under the lease. Database hiccups are retried with the same event ids, so a
     /// retry after a lost acknowledgement writes nothing twice.
     async fn append(&self, events: Vec<Event>) -> Result<()> {
-        let batch: Vec<NewEvent> = events
+        let mut version = self.version.lock().await;
+        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        if staged.is_empty() && events.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<NewEvent> = staged
             .into_iter()
+            .chain(events)
             .map(|e| NewEvent::new(e).with_metadata(self.metadata.clone()))
             .collect();
-        let mut version = self.version.lock().await;
         let mut delay = Duration::from_millis(50);
         let mut retry = 0;
         loop {

@@ -33,6 +33,7 @@ mod status;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
+mod worker;
 mod workflow;
 
 pub use error::{Error, Result};
@@ -50,6 +51,7 @@ pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, MIGRATOR,
     NewTask, PgStore, Subscription, SubscriptionOptions,
 };
+pub use worker::{Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, ERROR_MESSAGE_MAX_CHARS, ItemOutput, Registry, RetryPolicy, Step,
     StepContext, StepError, StepWork, TaskRetryPolicy, Workflow,

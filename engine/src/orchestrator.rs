@@ -63,7 +63,18 @@ impl Orchestrator {
     /// `cancel` stops the run at once (in-flight items are abandoned, nothing is recorded
     /// for them). `LeaseLost` means another worker owns the task now: stop touching it.
     pub async fn run(&self, lease: &Lease, cancel: CancellationToken) -> Result<RunOutcome> {
-        let outcome = match self.run_claimed(lease, &cancel).await {
+        self.run_with(lease, cancel.clone(), cancel).await
+    }
+
+    /// Like [`Orchestrator::run`], with a gentler stop: after `drain` fires no new item (or
+    /// retry) starts, but items in flight finish and are recorded; `abort` abandons them.
+    pub async fn run_with(
+        &self,
+        lease: &Lease,
+        drain: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<RunOutcome> {
+        let outcome = match self.run_claimed(lease, drain, abort).await {
             Err(Error::Conflict { .. }) => {
                 // Someone else appended (an operator's cancel, usually): look again.
                 let state = fold(&self.store.read_stream(lease.task, 1).await?);
@@ -84,7 +95,12 @@ impl Orchestrator {
         Ok(outcome)
     }
 
-    async fn run_claimed(&self, lease: &Lease, cancel: &CancellationToken) -> Result<RunOutcome> {
+    async fn run_claimed(
+        &self,
+        lease: &Lease,
+        drain: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<RunOutcome> {
         let state = fold(&self.store.read_stream(lease.task, 1).await?);
         if !state.status().is_runnable() || state.cancelled {
             return Ok(RunOutcome::NotRunnable(state.status()));
@@ -103,7 +119,8 @@ impl Orchestrator {
             channel,
             input: Arc::new(state.input.clone()),
             attempt: lease.attempt,
-            cancel: cancel.clone(),
+            drain,
+            cancel: abort,
         };
         run.execute(state).await
     }
@@ -116,6 +133,9 @@ struct TaskRun {
     channel: ChannelId,
     input: Arc<Value>,
     attempt: u32,
+    /// No new item or retry starts once this fires.
+    drain: CancellationToken,
+    /// Abandons items in flight.
     cancel: CancellationToken,
 }
 
@@ -228,7 +248,10 @@ impl TaskRun {
     ) -> Result<StepEnd> {
         let policy = step.retry;
         for try_number in 1..=policy.max_tries.max(1) {
-            if no_new_items.is_cancelled() || self.cancel.is_cancelled() {
+            if no_new_items.is_cancelled()
+                || self.drain.is_cancelled()
+                || self.cancel.is_cancelled()
+            {
                 return Ok(StepEnd::Stopped);
             }
             let ctx = self.context(step, try_number);
@@ -270,6 +293,7 @@ impl TaskRun {
             let delay = policy.backoff.delay(try_number, rand::random::<f64>());
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                () = self.drain.cancelled() => return Ok(StepEnd::Stopped),
                 () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
             }
         }

@@ -46,6 +46,31 @@ WHERE id = $1
 RETURNING lease_epoch, attempt, version
 "#;
 
+/// The next due task whose lease is free, expired, or this worker's own from before a
+/// restart (never one this process is running now). SKIP LOCKED: concurrent claimers
+/// never wait for each other and never take the same task.
+const CLAIM_NEXT_SQL: &str = r#"
+WITH next AS (
+    SELECT id FROM tasks
+    WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+      AND (next_run_at IS NULL OR next_run_at <= now())
+      AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $1)
+      AND NOT (id = ANY($3))
+    ORDER BY (lease_owner IS NOT DISTINCT FROM $1) DESC, COALESCE(next_run_at, created_at)
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks SET
+    lease_epoch      = tasks.lease_epoch + 1,
+    lease_owner      = $1,
+    lease_expires_at = now() + make_interval(secs => $2),
+    attempt          = tasks.attempt + 1,
+    updated_at       = now()
+FROM next
+WHERE tasks.id = next.id
+RETURNING tasks.id, tasks.lease_epoch, tasks.attempt, tasks.version
+"#;
+
 impl PgStore {
     /// Claims `task` for `worker_id` if it is runnable, due, and its lease is free, expired
     /// or already this worker's (a restarted worker reclaims its own leases at once).
@@ -66,6 +91,45 @@ impl PgStore {
         let Some(row) = row else {
             return Ok(None);
         };
+        let lease = self.record_claim(&mut tx, task, worker_id, &row).await?;
+        tx.commit().await?;
+        Ok(Some(lease))
+    }
+
+    /// Claims the next runnable task for `worker_id`, skipping the tasks in `running` (the
+    /// ones this process runs now). Its own leases from before a restart come first.
+    pub async fn claim_next(
+        &self,
+        worker_id: &str,
+        ttl: Duration,
+        running: &[TaskId],
+    ) -> Result<Option<Lease>> {
+        let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query(CLAIM_NEXT_SQL)
+            .bind(worker_id)
+            .bind(ttl.as_secs_f64())
+            .bind(&running)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let task = TaskId::from(row.try_get::<uuid::Uuid, _>("id")?);
+        let lease = self.record_claim(&mut tx, task, worker_id, &row).await?;
+        tx.commit().await?;
+        Ok(Some(lease))
+    }
+
+    /// Appends `task_claimed` for a claim `row` (epoch, attempt, version) in the claim's
+    /// transaction, fenced by the new epoch.
+    async fn record_claim(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        task: TaskId,
+        worker_id: &str,
+        row: &sqlx::postgres::PgRow,
+    ) -> Result<Lease> {
         let epoch: i64 = row.try_get("lease_epoch")?;
         let attempt = u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0);
         let version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
@@ -81,16 +145,25 @@ impl PgStore {
             ..EventMetadata::default()
         });
         let appended = self
-            .append_in(&mut tx, task, version, Fence::Lease { epoch }, &[claimed])
+            .append_in(tx, task, version, Fence::Lease { epoch }, &[claimed])
             .await?;
-        tx.commit().await?;
-        Ok(Some(Lease {
+        Ok(Lease {
             task,
             worker_id: worker_id.to_owned(),
             epoch,
             attempt,
             version: appended.version,
-        }))
+        })
+    }
+
+    /// Tasks queued, running or scheduled for retry (not in review, not finished).
+    pub async fn unfinished_tasks(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM tasks \
+             WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')",
+        )
+        .fetch_one(self.pool())
+        .await?)
     }
 
     /// Extends the lease by `ttl` from now; false when it was lost (another claim since).

@@ -3,6 +3,7 @@
 mod lease;
 mod postgres;
 mod subscription;
+mod wakeup;
 
 use std::future::Future;
 
@@ -11,6 +12,7 @@ use serde_json::Value;
 pub use lease::Lease;
 pub use postgres::PgStore;
 pub use subscription::{Subscription, SubscriptionOptions};
+pub(crate) use wakeup::WakeUps;
 
 use crate::error::Result;
 use crate::event::{NewEvent, RecordedEvent};

@@ -7,9 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
-
-use super::{Checkpoint, EVENTS_CHANNEL, GlobalLog, PgStore};
+use super::wakeup::WakeUps;
+use super::{Checkpoint, GlobalLog, PgStore};
 use crate::error::Result;
 use crate::event::RecordedEvent;
 
@@ -41,7 +40,7 @@ impl Default for SubscriptionOptions {
 #[derive(Debug)]
 pub struct Subscription {
     store: PgStore,
-    listener: Option<PgListener>,
+    wake_ups: WakeUps,
     position: Checkpoint,
     options: SubscriptionOptions,
 }
@@ -50,14 +49,12 @@ impl Subscription {
     /// Starts following the log after `from`. Listening starts before the first read, so
     /// no notification between the two is missed.
     pub async fn start(store: PgStore, from: Checkpoint, options: SubscriptionOptions) -> Self {
-        let mut subscription = Subscription {
+        Subscription {
+            wake_ups: WakeUps::start(store.pool().clone()).await,
             store,
-            listener: None,
             position: from,
             options,
-        };
-        subscription.ensure_listening().await;
-        subscription
+        }
     }
 
     /// Where the next batch starts.
@@ -90,59 +87,13 @@ impl Subscription {
                 Some(at) if at.elapsed() < self.options.poll_interval => {
                     tokio::time::sleep(WATERMARK_RETRY).await;
                 }
-                _ => woken_at = self.wait_for_wake_up().await.then(Instant::now),
-            }
-        }
-    }
-
-    /// Returns when a notification arrives or the listener had trouble (true: events may
-    /// be waiting, read at once) or when the poll interval passes (false).
-    async fn wait_for_wake_up(&mut self) -> bool {
-        if !self.ensure_listening().await {
-            tokio::time::sleep(self.options.poll_interval).await;
-            return false;
-        }
-        let Some(listener) = self.listener.as_mut() else {
-            return true;
-        };
-        match tokio::time::timeout(self.options.poll_interval, listener.try_recv()).await {
-            Err(_elapsed) => false,
-            Ok(Ok(Some(_))) => {
-                // Drain notifications that piled up; one read serves them all.
-                while listener.next_buffered().is_some() {}
-                true
-            }
-            Ok(Ok(None)) => {
-                tracing::warn!("event listener connection lost; re-reading, then listening again");
-                true
-            }
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "event listener failed; reconnecting");
-                self.listener = None;
-                true
-            }
-        }
-    }
-
-    /// Connects and LISTENs if not already; false when the database cannot be reached now.
-    async fn ensure_listening(&mut self) -> bool {
-        if self.listener.is_some() {
-            return true;
-        }
-        let connected = async {
-            let mut listener = PgListener::connect_with(self.store.pool()).await?;
-            listener.listen(EVENTS_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        match connected {
-            Ok(listener) => {
-                self.listener = Some(listener);
-                true
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot LISTEN for events; polling");
-                false
+                _ => {
+                    woken_at = self
+                        .wake_ups
+                        .wait(self.options.poll_interval)
+                        .await
+                        .then(Instant::now)
+                }
             }
         }
     }

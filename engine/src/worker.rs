@@ -1,0 +1,307 @@
+//! The worker: claims runnable tasks and runs them, many at once, until told to stop.
+//!
+//! Workers coordinate only through PostgreSQL: a claim is a `FOR UPDATE SKIP LOCKED` pick
+//! that bumps the task's lease epoch, a heartbeat extends the lease while the task runs,
+//! and every append is fenced by the epoch. A crashed worker's leases expire and another
+//! worker resumes its tasks by replay; a worker restarted with the same id reclaims its
+//! own leases at once.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::id::TaskId;
+use crate::orchestrator::{Orchestrator, RunOutcome};
+use crate::store::{Lease, PgStore, WakeUps};
+use crate::workflow::Registry;
+
+/// How a worker behaves.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Unique per process; a restart with the same id reclaims that process's leases.
+    pub worker_id: String,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// How long a claim (or heartbeat) holds a task.
+    pub lease_ttl: Duration,
+    /// How often running tasks' leases are extended (well under `lease_ttl`).
+    pub heartbeat_interval: Duration,
+    /// The longest wait between looks for work when no notification arrives.
+    pub poll_interval: Duration,
+    /// After shutdown is requested: how long items in flight may take to finish before
+    /// they are abandoned (and their tasks released for another worker).
+    pub shutdown_grace: Duration,
+    /// Return once no task is queued, running or scheduled for retry.
+    pub until_idle: bool,
+}
+
+impl WorkerOptions {
+    /// Defaults for a worker called `worker_id`.
+    pub fn new(worker_id: impl Into<String>) -> Self {
+        WorkerOptions {
+            worker_id: worker_id.into(),
+            concurrency: 4,
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+            until_idle: false,
+        }
+    }
+}
+
+/// What a worker did before it returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    pub claimed: u64,
+    pub awaiting_review: u64,
+    pub rescheduled: u64,
+    pub failed: u64,
+    /// Runs that stopped early (shutdown, lost lease, conflicts, errors).
+    pub stopped: u64,
+}
+
+/// A worker process's engine: options → service → `run(shutdown)`.
+#[derive(Debug)]
+pub struct Worker {
+    store: PgStore,
+    orchestrator: Orchestrator,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    /// A worker over `store` running the workflows of `registry`.
+    pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
+        let orchestrator = Orchestrator::new(store.clone(), registry);
+        Worker {
+            store,
+            orchestrator,
+            options,
+        }
+    }
+
+    /// Claims and runs tasks until `shutdown` fires (or, with `until_idle`, until there is
+    /// nothing left to do). On shutdown it stops claiming, lets items in flight finish for
+    /// up to the grace period, abandons the rest, and releases every lease it holds.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let drain = shutdown.child_token();
+        let abort = CancellationToken::new();
+        let mut running: JoinSet<(TaskId, Result<RunOutcome>)> = JoinSet::new();
+        let mut in_flight: HashSet<TaskId> = HashSet::new();
+        let mut report = WorkerReport::default();
+        let mut wake_ups = WakeUps::start(self.store.pool().clone()).await;
+        let mut outage = Backoff::new();
+
+        while !shutdown.is_cancelled() {
+            match self
+                .fill(&mut running, &mut in_flight, &drain, &abort)
+                .await
+            {
+                Ok(claimed) => {
+                    report.claimed += claimed;
+                    outage.reset();
+                }
+                Err(err) => {
+                    let wait = outage.next();
+                    tracing::warn!(worker = %self.options.worker_id, error = %err, ?wait, "cannot claim; retrying");
+                    sleep_or(wait, &shutdown).await;
+                    continue;
+                }
+            }
+            if self.options.until_idle && running.is_empty() {
+                match self.store.unfinished_tasks().await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "cannot count unfinished tasks"),
+                }
+            }
+            let full = running.len() >= self.options.concurrency;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    record(&mut report, &mut in_flight, joined);
+                }
+                _ = wake_ups.wait(self.options.poll_interval), if !full => {}
+            }
+        }
+        self.drain(running, in_flight, report, abort).await
+    }
+
+    /// Claims until the worker is full or nothing is claimable; returns how many it claimed.
+    async fn fill(
+        &self,
+        running: &mut JoinSet<(TaskId, Result<RunOutcome>)>,
+        in_flight: &mut HashSet<TaskId>,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<u64> {
+        let mut claimed = 0;
+        while running.len() < self.options.concurrency && !drain.is_cancelled() {
+            let busy: Vec<TaskId> = in_flight.iter().copied().collect();
+            let Some(lease) = self
+                .store
+                .claim_next(&self.options.worker_id, self.options.lease_ttl, &busy)
+                .await?
+            else {
+                break;
+            };
+            tracing::info!(task = %lease.task, attempt = lease.attempt, epoch = lease.epoch, "claimed");
+            in_flight.insert(lease.task);
+            claimed += 1;
+            let run = TaskRunner {
+                store: self.store.clone(),
+                orchestrator: self.orchestrator.clone(),
+                lease,
+                ttl: self.options.lease_ttl,
+                heartbeat: self.options.heartbeat_interval,
+            };
+            let (drain, abort) = (drain.clone(), abort.child_token());
+            running.spawn(async move {
+                let task = run.lease.task;
+                (task, run.run(drain, abort).await)
+            });
+        }
+        Ok(claimed)
+    }
+
+    /// Shutdown: no new items; wait for items in flight up to the grace period; then abandon
+    /// what is left. Every run releases its lease as it stops.
+    async fn drain(
+        &self,
+        mut running: JoinSet<(TaskId, Result<RunOutcome>)>,
+        mut in_flight: HashSet<TaskId>,
+        mut report: WorkerReport,
+        abort: CancellationToken,
+    ) -> Result<WorkerReport> {
+        if !running.is_empty() {
+            tracing::info!(tasks = running.len(), grace = ?self.options.shutdown_grace, "stopping: letting items in flight finish");
+        }
+        let deadline = Instant::now() + self.options.shutdown_grace;
+        while !running.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, running.join_next()).await {
+                Ok(Some(joined)) => record(&mut report, &mut in_flight, joined),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        tasks = running.len(),
+                        "grace period over: abandoning items in flight"
+                    );
+                    abort.cancel();
+                    while let Some(joined) = running.join_next().await {
+                        record(&mut report, &mut in_flight, joined);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn record(
+    report: &mut WorkerReport,
+    in_flight: &mut HashSet<TaskId>,
+    joined: std::result::Result<(TaskId, Result<RunOutcome>), tokio::task::JoinError>,
+) {
+    let (task, outcome) = match joined {
+        Ok(done) => done,
+        Err(err) => {
+            tracing::error!(error = %err, "a task run panicked");
+            report.stopped += 1;
+            return;
+        }
+    };
+    in_flight.remove(&task);
+    match outcome {
+        Ok(RunOutcome::AwaitingReview) => report.awaiting_review += 1,
+        Ok(RunOutcome::RetryScheduled { next_run_at }) => {
+            tracing::info!(%task, %next_run_at, "retry scheduled");
+            report.rescheduled += 1;
+        }
+        Ok(RunOutcome::Failed { reason }) => {
+            tracing::warn!(%task, %reason, "task failed");
+            report.failed += 1;
+        }
+        Ok(other) => {
+            tracing::info!(%task, outcome = ?other, "run stopped");
+            report.stopped += 1;
+        }
+        Err(Error::LeaseLost { epoch, .. }) => {
+            tracing::warn!(%task, epoch, "lease lost: another worker owns the task now");
+            report.stopped += 1;
+        }
+        Err(err) => {
+            tracing::error!(%task, error = %err, "task run failed; it resumes when its lease expires");
+            report.stopped += 1;
+        }
+    }
+}
+
+/// One claimed task: its run, and the heartbeat that keeps its lease.
+struct TaskRunner {
+    store: PgStore,
+    orchestrator: Orchestrator,
+    lease: Lease,
+    ttl: Duration,
+    heartbeat: Duration,
+}
+
+impl TaskRunner {
+    async fn run(&self, drain: CancellationToken, abort: CancellationToken) -> Result<RunOutcome> {
+        let run = self
+            .orchestrator
+            .run_with(&self.lease, drain, abort.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            outcome = &mut run => outcome,
+            () = self.keep_lease(&abort) => run.await,
+        }
+    }
+
+    /// Extends the lease every heartbeat; returns (after aborting the run) once it is lost.
+    async fn keep_lease(&self, abort: &CancellationToken) {
+        loop {
+            tokio::time::sleep(self.heartbeat).await;
+            match self.store.extend_lease(&self.lease, self.ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(task = %self.lease.task, epoch = self.lease.epoch, "lease lost; abandoning the task");
+                    abort.cancel();
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(task = %self.lease.task, error = %err, "heartbeat failed; retrying")
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff for database outages: 100 ms doubling to 10 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
+async fn sleep_or(wait: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = shutdown.cancelled() => {}
+    }
+}

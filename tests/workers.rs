@@ -1,0 +1,250 @@
+//! Workers against a real PostgreSQL: many workers never share a task, fencing stops a
+//! stalled worker, shutdown finishes items in flight and releases leases, and a restarted
+//! worker reclaims its own leases at once.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::submit;
+use engine::testing::TestDatabase;
+use engine::{
+    Error, Event, EventStore, ItemOutput, Orchestrator, PgStore, Registry, RunOutcome, Step,
+    StepContext, TaskStatus, Worker, WorkerOptions, Workflow,
+};
+use tokio_util::sync::CancellationToken;
+
+/// A workflow of `items` items that each take `millis`, counting starts.
+fn timed_workflow(items: u32, millis: u64, started: Arc<AtomicU32>) -> Workflow {
+    Workflow::new("timed").step(Step::items(
+        "work",
+        TaskStatus::GeneratingVideo,
+        move |_| Ok(items),
+        move |_ctx: StepContext, item| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Ok(ItemOutput::new(format!("item-{item}"), 1))
+            }
+        },
+    ))
+}
+
+fn options(id: &str) -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 2,
+        lease_ttl: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(5),
+        until_idle: true,
+        ..WorkerOptions::new(id)
+    }
+}
+
+#[tokio::test]
+async fn four_workers_on_two_hundred_tasks_never_hold_a_task_at_once() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        tasks.push(submit(&store, "timed").await);
+    }
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = PgStore::new(db.pool().clone());
+            let registry = Registry::new().register(timed_workflow(3, 1, Arc::default()));
+            tokio::spawn(
+                Worker::new(store, registry, options(&format!("worker-{w}")))
+                    .run(CancellationToken::new()),
+            )
+        })
+        .collect();
+    let mut claimed = 0;
+    let mut busy_workers = 0;
+    for worker in workers {
+        let report = tokio::time::timeout(Duration::from_secs(120), worker)
+            .await
+            .expect("workers finish")
+            .expect("join")
+            .expect("worker");
+        claimed += report.claimed;
+        busy_workers += u32::from(report.claimed > 0);
+    }
+    assert!(claimed >= 200);
+    assert!(busy_workers >= 2, "the work must have been shared");
+
+    for task in tasks {
+        let events = store.read_stream(task, 1).await.expect("read");
+        let mut holder: Option<String> = None;
+        let mut completions: HashMap<u32, u32> = HashMap::new();
+        for event in &events {
+            match &event.event {
+                Event::TaskClaimed { worker_id, .. } => holder = Some(worker_id.clone()),
+                Event::TaskSubmitted { .. } => {}
+                _ => assert_eq!(
+                    event.metadata.worker_id, holder,
+                    "task {task} v{}: written by a worker that did not hold it",
+                    event.version
+                ),
+            }
+            if let Event::ItemCompleted { item, .. } = &event.event {
+                *completions.entry(*item).or_default() += 1;
+            }
+        }
+        assert_eq!(completions.len(), 3, "task {task}");
+        assert!(
+            completions.values().all(|n| *n == 1),
+            "task {task}: {completions:?}"
+        );
+        assert_eq!(engine::fold(&events).status(), TaskStatus::FinalReview);
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_worker_cannot_append_after_another_took_over() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let registry = Registry::new().register(timed_workflow(3, 1, Arc::default()));
+    let orchestrator = Orchestrator::new(store.clone(), registry);
+    let task = submit(&store, "timed").await;
+
+    let stalled = store
+        .claim_task(task, "stalled", Duration::from_millis(200))
+        .await
+        .expect("claim")
+        .expect("free");
+    tokio::time::sleep(Duration::from_millis(400)).await; // a GC pause past the lease
+    let taker = store
+        .claim_next("taker", Duration::from_secs(30), &[])
+        .await
+        .expect("claim")
+        .expect("expired");
+    assert_eq!(taker.task, task);
+    assert!(taker.epoch > stalled.epoch);
+
+    let err = orchestrator
+        .run(&stalled, CancellationToken::new())
+        .await
+        .expect_err("fenced off");
+    assert!(
+        matches!(err, Error::LeaseLost { epoch, .. } if epoch == stalled.epoch),
+        "{err:?}"
+    );
+    let outcome = orchestrator
+        .run(&taker, CancellationToken::new())
+        .await
+        .expect("the new holder runs");
+    assert_eq!(outcome, RunOutcome::AwaitingReview);
+    let events = store.read_stream(task, 1).await.expect("read");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.metadata.worker_id.as_deref() != Some("stalled")
+                || matches!(e.event, Event::TaskClaimed { .. }))
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_item_in_flight_finish_and_releases_the_lease() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let started = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new().register(timed_workflow(5, 400, started.clone()));
+    let task = submit(&store, "timed").await;
+    let shutdown = CancellationToken::new();
+    let options = WorkerOptions {
+        until_idle: false,
+        concurrency: 1,
+        ..options("graceful")
+    };
+    let worker = tokio::spawn(Worker::new(store.clone(), registry, options).run(shutdown.clone()));
+
+    while started.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await; // item 1 is in flight
+    shutdown.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("worker");
+    assert_eq!(report.stopped, 1);
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "no item starts after the signal"
+    );
+
+    let state = common::state(&store, task).await;
+    assert_eq!(
+        state.step("work").expect("work").items.len(),
+        1,
+        "the item in flight finished and was recorded"
+    );
+    let owner: Option<String> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
+        .bind(task.as_uuid())
+        .fetch_one(db.pool())
+        .await
+        .expect("row");
+    assert_eq!(owner, None, "the lease is released");
+    let next = store
+        .claim_next("other", Duration::from_secs(30), &[])
+        .await
+        .expect("claim");
+    assert_eq!(
+        next.map(|l| l.task),
+        Some(task),
+        "another worker resumes at once"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_worker_reclaims_its_own_lease_at_once() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = submit(&store, "timed").await;
+    // The worker claimed the task, then its process died: the lease has 60 s to run.
+    let crashed = store
+        .claim_task(task, "worker-7", Duration::from_secs(60))
+        .await
+        .expect("claim")
+        .expect("free");
+    assert!(
+        store
+            .claim_next("worker-8", Duration::from_secs(60), &[])
+            .await
+            .expect("claim")
+            .is_none(),
+        "others wait for expiry"
+    );
+
+    let registry = Registry::new().register(timed_workflow(3, 1, Arc::default()));
+    let restarted = Instant::now();
+    let report = Worker::new(store.clone(), registry, options("worker-7"))
+        .run(CancellationToken::new())
+        .await
+        .expect("worker");
+    assert_eq!(report.awaiting_review, 1);
+    assert!(
+        restarted.elapsed() < Duration::from_secs(3),
+        "reclaimed at once: {:?}",
+        restarted.elapsed()
+    );
+    let claims: HashSet<i64> = store
+        .read_stream(task, 1)
+        .await
+        .expect("read")
+        .iter()
+        .filter_map(|e| match e.event {
+            Event::TaskClaimed { lease_epoch, .. } => Some(lease_epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claims.len(), 2);
+    assert!(claims.iter().all(|&e| e >= crashed.epoch));
+}

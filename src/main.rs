@@ -3,6 +3,8 @@
 //! Thin by design: parse, set up logging, call into the libraries, and turn errors into
 //! one line on stderr and a non-zero exit code that scripts can rely on.
 
+mod cli;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -38,6 +40,10 @@ enum LogFormat {
 enum Command {
     /// Create the database if it is missing and apply the schema migrations.
     Migrate,
+    /// Submit a video task; prints its id.
+    Submit(cli::SubmitArgs),
+    /// Claim and run tasks until SIGTERM/SIGINT (a second signal exits at once).
+    Worker(cli::WorkerArgs),
 }
 
 /// Exit codes: 0 success, 1 failure (the error is printed on one line), 2 bad usage.
@@ -78,6 +84,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.migrate().await?;
             println!("migrations applied");
         }
+        Command::Submit(args) => cli::submit(&url, args).await?,
+        Command::Worker(args) => cli::worker(&url, args).await?,
     }
     Ok(())
 }

@@ -1,0 +1,137 @@
+//! The `reel` subcommands beyond `migrate`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use engine::{ChannelId, EventStore, NewTask, PgStore, Registry, Worker, WorkerOptions};
+use serde_json::json;
+use steps::Fault;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub(crate) struct SubmitArgs {
+    /// The channel (a-z, 0-9, '_' or '-').
+    #[arg(long)]
+    channel: String,
+    /// The video's topic.
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    story_direction: Option<String>,
+    /// The task's Notion page (mirrored by notion-projector).
+    #[arg(long)]
+    notion_page: Option<String>,
+    /// Inject a failure: STEP:ITEM (transient, first attempt only) or STEP:ITEM:permanent.
+    #[arg(long = "fail", value_name = "STEP:ITEM[:permanent]")]
+    faults: Vec<Fault>,
+    /// A repeated submit with the same key returns the same task.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+pub(crate) async fn submit(url: &str, args: SubmitArgs) -> anyhow::Result<()> {
+    let channel = ChannelId::parse(&args.channel)?;
+    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let mut input = json!({"topic": args.topic, "faults": args.faults});
+    if let Some(direction) = args.story_direction {
+        input["story_direction"] = json!(direction);
+    }
+    let mut task = NewTask::new(steps::WORKFLOW, channel, input);
+    task.notion_page_id = args.notion_page;
+    task.idempotency_key = args.idempotency_key;
+    println!("{}", store.create_task(task).await?.task_id());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// Tasks run at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Unique per process; restarting with the same id reclaims its leases at once.
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Exit 0 once no task is queued, running or scheduled for retry.
+    #[arg(long)]
+    until_idle: bool,
+    /// Scales the simulated providers' durations and the retry waits.
+    #[arg(long, env = "REEL_TIME_SCALE", default_value_t = 0.001)]
+    time_scale: f64,
+    /// Where artifacts are written (per channel, per task).
+    #[arg(long, env = "REEL_ARTIFACTS", default_value = "artifacts")]
+    artifacts: PathBuf,
+    /// Seconds a claim holds a task without a heartbeat.
+    #[arg(long, default_value_t = 30)]
+    lease_ttl: u64,
+    /// Seconds items in flight may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+pub(crate) async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        args.time_scale >= 0.0 && args.time_scale.is_finite(),
+        "--time-scale must be >= 0"
+    );
+    let store = PgStore::new(engine::db::connect(url, (args.concurrency as u32 + 4).max(8)).await?);
+    let config = steps::PipelineConfig {
+        artifacts_root: args.artifacts,
+        time_scale: args.time_scale,
+    };
+    let registry = Registry::new().register(steps::video_workflow(
+        &config,
+        steps::simulated::providers(args.time_scale),
+    ));
+    let lease_ttl = Duration::from_secs(args.lease_ttl.max(1));
+    let options = WorkerOptions {
+        concurrency: args.concurrency,
+        lease_ttl,
+        heartbeat_interval: lease_ttl / 3,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        until_idle: args.until_idle,
+        ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let report = Worker::new(store, registry, options)
+        .run(shutdown)
+        .await
+        .context("worker stopped")?;
+    tracing::info!(?report, "worker done");
+    Ok(())
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for count in 1.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if count == 1 {
+            tracing::info!(
+                "shutting down: finishing items in flight (signal again to exit at once)"
+            );
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Real worker processes, killed with SIGKILL at random moments and restarted: every task
+//! still reaches final_review and every item is recorded exactly once. And SIGTERM: the
+//! item in flight finishes, the lease is released, another worker resumes at once.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::testing::TestDatabase;
+use engine::{ChannelId, Event, EventStore, NewTask, PgStore, TaskId, TaskStatus};
+use rand::Rng;
+use serde_json::json;
+
+fn spawn_worker(
+    db: &TestDatabase,
+    id: &str,
+    artifacts: &std::path::Path,
+    time_scale: &str,
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "worker",
+            "--worker-id",
+            id,
+            "--concurrency",
+            "4",
+            "--until-idle",
+            "--lease-ttl",
+            "2",
+        ])
+        .args(["--time-scale", time_scale])
+        .env("DATABASE_URL", db.url())
+        .env("REEL_ARTIFACTS", artifacts)
+        .env("REEL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start reel worker")
+}
+
+async fn submit_many(store: &PgStore, n: usize) -> Vec<TaskId> {
+    let channel = ChannelId::parse("chaos").expect("channel");
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let input = json!({"topic": format!("topic {i}"), "faults": []});
+        tasks.push(
+            store
+                .create_task(NewTask::new(steps::WORKFLOW, channel.clone(), input))
+                .await
+                .expect("submit")
+                .task_id(),
+        );
+    }
+    tasks
+}
+
+/// Every task in final_review, and each (step, item) of its current runs completed once.
+async fn assert_exactly_once(store: &PgStore, tasks: &[TaskId]) {
+    for &task in tasks {
+        let events = store.read_stream(task, 1).await.expect("read");
+        let state = engine::fold(&events);
+        assert_eq!(state.status(), TaskStatus::FinalReview, "task {task}");
+        let mut completions: HashMap<(String, u32), u32> = HashMap::new();
+        for event in &events {
+            if let Event::ItemCompleted { step, item, .. } = &event.event {
+                *completions.entry((step.clone(), *item)).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            completions.len(),
+            22 + 1 + 18 + 18 + 18 + 1,
+            "task {task}: every item completed"
+        );
+        let twice: Vec<_> = completions.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "task {task}: completed more than once: {twice:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_workers_at_random_and_every_item_completes_exactly_once() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let tasks = submit_many(&store, 24).await;
+    // A 5-minute clip takes 3 ms: items take milliseconds, the run takes seconds.
+    let scale = "0.00001";
+    let ids = ["chaos-a", "chaos-b", "chaos-c"];
+    let mut workers: Vec<Child> = ids
+        .iter()
+        .map(|id| spawn_worker(&db, id, artifacts.path(), scale))
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    while kills < 20 && Instant::now() < deadline {
+        let (pause, victim) = {
+            let mut rng = rand::rng();
+            (
+                rng.random_range(50..250),
+                rng.random_range(0..workers.len()),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let worker = &mut workers[victim];
+        if worker.try_wait().expect("poll").is_none() {
+            worker.kill().expect("SIGKILL");
+            worker.wait().expect("reap");
+            kills += 1;
+        }
+        // Restarted with the same id: it reclaims its own leases at once.
+        workers[victim] = spawn_worker(&db, ids[victim], artifacts.path(), scale);
+    }
+    assert!(
+        kills >= 20,
+        "only {kills} kills happened: the workers finished too early"
+    );
+
+    for worker in &mut workers {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = worker.try_wait().expect("poll") {
+                assert!(status.success(), "a worker exited with {status}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "workers did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_exactly_once(&store, &tasks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_worker_resumes() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let task = submit_many(&store, 1).await[0];
+    // An asset takes 40 s nominal: 0.4 s at this scale.
+    let mut worker = spawn_worker(&db, "graceful", artifacts.path(), "0.01");
+
+    let started = Instant::now();
+    while store
+        .read_stream(task, 1)
+        .await
+        .expect("read")
+        .iter()
+        .all(|e| !matches!(e.event, Event::StepStarted { .. }))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker never started the task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await; // asset 1 is in flight
+    let signalled = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    let status = worker.wait().expect("exit");
+    assert!(status.success(), "graceful exit, got {status}");
+
+    let state = engine::fold(&store.read_stream(task, 1).await.expect("read"));
+    let assets = state.step("assets").expect("assets");
+    assert_eq!(
+        assets.items.len(),
+        1,
+        "the asset in flight finished and was recorded; no other started"
+    );
+    let owner: Option<String> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
+        .bind(task.as_uuid())
+        .fetch_one(db.pool())
+        .await
+        .expect("row");
+    assert_eq!(owner, None, "the lease is released");
+    let next = store
+        .claim_next("successor", Duration::from_secs(30), &[])
+        .await
+        .expect("claim");
+    assert_eq!(
+        next.map(|l| l.task),
+        Some(task),
+        "another worker takes over at once"
+    );
+}

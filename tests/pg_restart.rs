@@ -1,0 +1,197 @@
+//! PostgreSQL restarted mid-run: workers reconnect and carry on; every task completes and
+//! nothing is lost. Runs against a throwaway cluster this test starts itself, so other
+//! tests are not disturbed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::{ChannelId, Event, EventStore, NewTask, PgStore, TaskStatus};
+use serde_json::json;
+
+/// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn start() -> Result<Cluster, String> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|e| format!("no PostgreSQL binaries in /usr/lib/postgresql: {e}"))?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
+        let dir = std::env::temp_dir().join(format!("reel-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let cluster = Cluster { bin, dir, port };
+        if is_root() {
+            run(Command::new("chown").arg("postgres").arg(&cluster.dir))?;
+        }
+        let data = cluster.dir.join("data");
+        cluster.pg(&["initdb", "-D", path(&data), "-A", "trust", "-U", "postgres"])?;
+        cluster.ctl("start")?;
+        Ok(cluster)
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn ctl(&self, action: &str) -> Result<(), String> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            path(&self.dir)
+        );
+        self.pg(&[
+            "pg_ctl",
+            "-D",
+            path(&data),
+            "-l",
+            path(&log),
+            "-w",
+            "-m",
+            "fast",
+            "-o",
+            &options,
+            action,
+        ])
+    }
+
+    fn pg(&self, args: &[&str]) -> Result<(), String> {
+        let program = self.bin.join(args[0]);
+        let mut command = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        run(command.args(&args[1..]))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.ctl("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn run(command: &mut Command) -> Result<(), String> {
+    let out = command.output().map_err(|e| format!("{command:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn spawn_worker(url: &str, id: &str, artifacts: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "worker",
+            "--worker-id",
+            id,
+            "--concurrency",
+            "4",
+            "--until-idle",
+            "--time-scale",
+            "0.0001",
+        ])
+        .env("DATABASE_URL", url)
+        .env("REEL_ARTIFACTS", artifacts)
+        .env("REEL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start reel worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_survive_a_postgres_restart_and_lose_nothing() {
+    let cluster = Cluster::start().unwrap_or_else(|why| {
+        panic!("cannot start a throwaway PostgreSQL cluster for this test (it needs initdb/pg_ctl and, as root, the postgres user): {why}")
+    });
+    let url = cluster.url("reel");
+    let migrate = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("migrate");
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let store = PgStore::new(engine::db::connect(&url, 4).await.expect("connect"));
+    let channel = ChannelId::parse("restart").expect("channel");
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let task = NewTask::new(
+            steps::WORKFLOW,
+            channel.clone(),
+            json!({"topic": format!("t{i}"), "faults": []}),
+        );
+        tasks.push(store.create_task(task).await.expect("submit").task_id());
+    }
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let mut workers: Vec<Child> = ["r1", "r2"]
+        .iter()
+        .map(|id| spawn_worker(&url, id, artifacts.path()))
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let unfinished = store.unfinished_tasks().await.expect("count");
+    assert!(unfinished > 0, "the restart must hit a run in progress");
+    cluster.ctl("restart").expect("restart PostgreSQL");
+
+    let started = Instant::now();
+    for worker in &mut workers {
+        loop {
+            if let Some(status) = worker.try_wait().expect("poll") {
+                assert!(status.success(), "a worker exited with {status}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "workers did not finish after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let store = PgStore::new(engine::db::connect(&url, 2).await.expect("reconnect"));
+    for task in tasks {
+        let events = store.read_stream(task, 1).await.expect("read");
+        assert_eq!(
+            engine::fold(&events).status(),
+            TaskStatus::FinalReview,
+            "task {task}"
+        );
+        let completions = events
+            .iter()
+            .filter(|e| matches!(e.event, Event::ItemCompleted { .. }))
+            .count();
+        assert_eq!(completions, 78, "task {task}: every item exactly once");
+    }
+}

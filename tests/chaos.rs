@@ -181,7 +181,12 @@ async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_work
         .expect("row");
     assert_eq!(owner, None, "the lease is released");
     let next = store
-        .claim_next("successor", Duration::from_secs(30), &[])
+        .claim_next(
+            "successor",
+            Duration::from_secs(30),
+            &[],
+            &[steps::WORKFLOW.into()],
+        )
         .await
         .expect("claim");
     assert_eq!(

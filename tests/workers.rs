@@ -119,7 +119,7 @@ async fn a_stalled_worker_cannot_append_after_another_took_over() {
         .expect("free");
     tokio::time::sleep(Duration::from_millis(400)).await; // a GC pause past the lease
     let taker = store
-        .claim_next("taker", Duration::from_secs(30), &[])
+        .claim_next("taker", Duration::from_secs(30), &[], &["timed".into()])
         .await
         .expect("claim")
         .expect("expired");
@@ -193,7 +193,7 @@ async fn shutdown_lets_the_item_in_flight_finish_and_releases_the_lease() {
         .expect("row");
     assert_eq!(owner, None, "the lease is released");
     let next = store
-        .claim_next("other", Duration::from_secs(30), &[])
+        .claim_next("other", Duration::from_secs(30), &[], &["timed".into()])
         .await
         .expect("claim");
     assert_eq!(
@@ -216,7 +216,7 @@ async fn a_restarted_worker_reclaims_its_own_lease_at_once() {
         .expect("free");
     assert!(
         store
-            .claim_next("worker-8", Duration::from_secs(60), &[])
+            .claim_next("worker-8", Duration::from_secs(60), &[], &["timed".into()])
             .await
             .expect("claim")
             .is_none(),
@@ -247,4 +247,78 @@ async fn a_restarted_worker_reclaims_its_own_lease_at_once() {
         .collect();
     assert_eq!(claims.len(), 2);
     assert!(claims.iter().all(|&e| e >= crashed.epoch));
+}
+
+#[tokio::test]
+async fn a_lost_lease_stops_the_task_in_this_process() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let started = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new().register(timed_workflow(20, 100, started.clone()));
+    let task = submit(&store, "timed").await;
+    let options = WorkerOptions {
+        until_idle: false,
+        concurrency: 1,
+        lease_ttl: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(100),
+        ..options("loser")
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(Worker::new(store.clone(), registry, options).run(shutdown.clone()));
+    while started.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Another worker claims the task over this one's head (its epoch moves on).
+    let version: i32 = sqlx::query_scalar(
+        "UPDATE tasks SET lease_epoch = lease_epoch + 1, lease_owner = 'thief' WHERE id = $1 RETURNING version",
+    )
+    .bind(task.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .expect("steal");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let starts_after_loss = started.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        starts_after_loss,
+        "no item starts once the lease is lost"
+    );
+    shutdown.cancel();
+    let report = worker.await.expect("join").expect("worker");
+    assert_eq!(report.stopped, 1);
+    let written_after = store
+        .read_stream(task, version as u32 + 1)
+        .await
+        .expect("read");
+    assert!(
+        written_after.is_empty(),
+        "the fenced-off worker wrote {written_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_claims_only_tasks_of_workflows_it_knows() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let foreign = submit(&store, "someone-elses-workflow").await;
+    let mine = submit(&store, "timed").await;
+    let registry = Registry::new().register(timed_workflow(2, 1, Arc::default()));
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        Worker::new(store.clone(), registry, options("picky")).run(CancellationToken::new()),
+    )
+    .await
+    .expect("until-idle ignores other workflows' tasks")
+    .expect("worker");
+    assert_eq!(report.claimed, 1);
+    assert_eq!(
+        common::state(&store, mine).await.status(),
+        TaskStatus::FinalReview
+    );
+    let untouched = common::state(&store, foreign).await;
+    assert_eq!(
+        (untouched.status(), untouched.attempt),
+        (TaskStatus::Queued, 0)
+    );
 }

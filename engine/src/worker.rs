@@ -69,16 +69,20 @@ pub struct WorkerReport {
 pub struct Worker {
     store: PgStore,
     orchestrator: Orchestrator,
+    /// Only tasks of these workflows are claimed.
+    workflows: Vec<String>,
     options: WorkerOptions,
 }
 
 impl Worker {
     /// A worker over `store` running the workflows of `registry`.
     pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
+        let workflows = registry.names();
         let orchestrator = Orchestrator::new(store.clone(), registry);
         Worker {
             store,
             orchestrator,
+            workflows,
             options,
         }
     }
@@ -112,7 +116,7 @@ impl Worker {
                 }
             }
             if self.options.until_idle && running.is_empty() {
-                match self.store.unfinished_tasks().await {
+                match self.store.unfinished_tasks(&self.workflows).await {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "cannot count unfinished tasks"),
@@ -143,7 +147,12 @@ impl Worker {
             let busy: Vec<TaskId> = in_flight.iter().copied().collect();
             let Some(lease) = self
                 .store
-                .claim_next(&self.options.worker_id, self.options.lease_ttl, &busy)
+                .claim_next(
+                    &self.options.worker_id,
+                    self.options.lease_ttl,
+                    &busy,
+                    &self.workflows,
+                )
                 .await?
             else {
                 break;

@@ -348,6 +348,13 @@ impl Registry {
         self
     }
 
+    /// The names of the registered workflows.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.workflows.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The workflow called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Workflow>> {
         self.workflows.get(name).cloned()

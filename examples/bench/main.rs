@@ -7,6 +7,7 @@
 
 mod engine_bench;
 mod store_bench;
+mod worker_bench;
 
 use std::time::Duration;
 
@@ -81,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
 
     store_bench::run(&mut report, &pool, &store, iterations).await?;
     engine_bench::run(&mut report, &pool, &store, quick).await?;
+    worker_bench::run(&mut report, &pool, &store, quick).await?;
     Ok(())
 }
 

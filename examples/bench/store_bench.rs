@@ -207,7 +207,7 @@ async fn appends(store: PgStore, task: TaskId, n: usize, via: Via) -> anyhow::Re
 }
 
 /// Runs `clients` copies of a measured loop at once; throughput is over the shared wall time.
-async fn concurrently<F, Fut>(clients: usize, make: F) -> anyhow::Result<Sample>
+pub(crate) async fn concurrently<F, Fut>(clients: usize, make: F) -> anyhow::Result<Sample>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Sample>> + Send + 'static,

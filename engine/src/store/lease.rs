@@ -56,6 +56,7 @@ WITH next AS (
       AND (next_run_at IS NULL OR next_run_at <= now())
       AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $1)
       AND NOT (id = ANY($3))
+      AND workflow = ANY($4)
     ORDER BY (lease_owner IS NOT DISTINCT FROM $1) DESC, COALESCE(next_run_at, created_at)
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -96,13 +97,15 @@ impl PgStore {
         Ok(Some(lease))
     }
 
-    /// Claims the next runnable task for `worker_id`, skipping the tasks in `running` (the
-    /// ones this process runs now). Its own leases from before a restart come first.
+    /// Claims the next runnable task of one of `workflows` for `worker_id`, skipping the
+    /// tasks in `running` (the ones this process runs now). Its own leases from before a
+    /// restart come first.
     pub async fn claim_next(
         &self,
         worker_id: &str,
         ttl: Duration,
         running: &[TaskId],
+        workflows: &[String],
     ) -> Result<Option<Lease>> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
         let mut tx = self.pool().begin().await?;
@@ -110,6 +113,7 @@ impl PgStore {
             .bind(worker_id)
             .bind(ttl.as_secs_f64())
             .bind(&running)
+            .bind(workflows)
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
@@ -156,12 +160,15 @@ impl PgStore {
         })
     }
 
-    /// Tasks queued, running or scheduled for retry (not in review, not finished).
-    pub async fn unfinished_tasks(&self) -> Result<i64> {
+    /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not
+    /// finished).
+    pub async fn unfinished_tasks(&self, workflows: &[String]) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM tasks \
-             WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')",
+             WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
+               AND workflow = ANY($1)",
         )
+        .bind(workflows)
         .fetch_one(self.pool())
         .await?)
     }

@@ -1,0 +1,206 @@
+//! Worker rows: throughput of 1, 2 and 4 workers, a restarted worker's time to its first
+//! item, and the time from a task becoming runnable to its claim.
+//!
+//! Workers run in this process, each with its own connection pool (as separate processes
+//! would have); items are no-ops, so the rows measure the engine and the database.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::prelude::*;
+use engine::{Worker, WorkerOptions};
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::Report;
+use crate::store_bench::{Via, concurrently, raw_inserts};
+
+const ITEMS: u32 = 18;
+
+fn noop_workflow(first_item: Option<Arc<Notify>>) -> Workflow {
+    Workflow::new("noop").step(Step::items(
+        "clips",
+        TaskStatus::GeneratingVideo,
+        |_| Ok(ITEMS),
+        move |_ctx: StepContext, item| {
+            if let Some(first) = &first_item {
+                first.notify_one();
+            }
+            async move { Ok(ItemOutput::new(format!("clip-{item}"), 0)) }
+        },
+    ))
+}
+
+fn options(id: &str, until_idle: bool) -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 4,
+        poll_interval: Duration::from_millis(200),
+        until_idle,
+        ..WorkerOptions::new(id)
+    }
+}
+
+async fn own_pool(pool: &PgPool) -> anyhow::Result<PgStore> {
+    let options = pool.connect_options().as_ref().clone();
+    Ok(PgStore::new(
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?,
+    ))
+}
+
+async fn submit(store: &PgStore, n: usize) -> anyhow::Result<()> {
+    let channel = ChannelId::parse("bench")?;
+    for _ in 0..n {
+        store
+            .create_task(NewTask::new("noop", channel.clone(), json!({})))
+            .await?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    quick: bool,
+) -> anyhow::Result<()> {
+    let tasks = if quick { 20 } else { 100 };
+    let raw4 = concurrently(4, |_| {
+        raw_inserts(pool.clone(), if quick { 200 } else { 1000 }, Via::Pool)
+    })
+    .await?;
+    report.add(
+        "raw INSERT rows/s (4 clients, pool, same run)",
+        raw4.per_second(),
+        "rows/s",
+    );
+    for workers in [1, 2, 4] {
+        submit(store, tasks).await?;
+        let started = Instant::now();
+        let mut running = Vec::new();
+        for w in 0..workers {
+            let worker_store = own_pool(pool).await?;
+            let worker = Worker::new(
+                worker_store,
+                Registry::new().register(noop_workflow(None)),
+                options(&format!("bench-{w}"), true),
+            );
+            running.push(tokio::spawn(worker.run(CancellationToken::new())));
+        }
+        for worker in running {
+            worker.await??;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        report.add(
+            format!("{workers} worker(s): tasks/s (18 no-op items each)"),
+            tasks as f64 / wall,
+            "tasks/s",
+        );
+        report.add(
+            format!("{workers} worker(s): items/s"),
+            tasks as f64 * f64::from(ITEMS) / wall,
+            "items/s",
+        );
+        if workers == 4 {
+            // Each item is one append: compare appends/s with raw single-row INSERTs/s.
+            let ratio = tasks as f64 * f64::from(ITEMS) / wall / raw4.per_second();
+            report.add(
+                "4 workers items/s / raw INSERT rows/s, 4 clients (goal >= 0.7)",
+                ratio,
+                "x",
+            );
+        }
+    }
+    restart_to_first_item(report, pool, store).await?;
+    runnable_to_claimed(report, pool, store, if quick { 10 } else { 40 }).await
+}
+
+/// A worker died holding a task's lease; the same worker id starts again.
+async fn restart_to_first_item(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+) -> anyhow::Result<()> {
+    submit(store, 1).await?;
+    store
+        .claim_next("phoenix", Duration::from_secs(60), &[], &["noop".into()])
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("nothing to claim"))?;
+    let first = Arc::new(Notify::new());
+    let registry = Registry::new().register(noop_workflow(Some(first.clone())));
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(
+        Worker::new(own_pool(pool).await?, registry, options("phoenix", true))
+            .run(shutdown.clone()),
+    );
+    first.notified().await;
+    report.add(
+        "restarted worker: start to first new item (goal < 500)",
+        started.elapsed().as_secs_f64() * 1e3,
+        "ms",
+    );
+    worker.await??;
+    Ok(())
+}
+
+/// An idle worker (listening) and tasks submitted one by one: submit → task_claimed.
+async fn runnable_to_claimed(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    n: usize,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let registry = Registry::new().register(noop_workflow(None));
+    let worker = tokio::spawn(
+        Worker::new(own_pool(pool).await?, registry, options("idle", false)).run(shutdown.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let channel = ChannelId::parse("bench")?;
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let task = store
+            .create_task(NewTask::new("noop", channel.clone(), json!({})))
+            .await?
+            .task_id();
+        let submitted = Instant::now();
+        loop {
+            let claimed: Option<i64> = sqlx::query_scalar(
+                "SELECT lease_epoch FROM tasks WHERE id = $1 AND lease_epoch > 0",
+            )
+            .bind(task.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+            if claimed.is_some() {
+                latencies.push(submitted.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                submitted.elapsed() < Duration::from_secs(10),
+                "task {task} never claimed"
+            );
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    shutdown.cancel();
+    worker.await??;
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    report.add(
+        "runnable -> claimed p50 (idle worker, NOTIFY; goal < 50)",
+        ms(latencies[latencies.len() / 2]),
+        "ms",
+    );
+    report.add(
+        "runnable -> claimed p95",
+        ms(latencies[latencies.len() * 95 / 100]),
+        "ms",
+    );
+    Ok(())
+}

@@ -44,6 +44,16 @@ enum Command {
     Submit(cli::SubmitArgs),
     /// Claim and run tasks until SIGTERM/SIGINT (a second signal exits at once).
     Worker(cli::WorkerArgs),
+    /// List tasks (newest first).
+    Tasks(cli::TasksArgs),
+    /// Send a failed (or retry-scheduled) task back to the queue; it resumes by replay.
+    Retry(cli::TaskArg),
+    /// Accept a task in final review: it becomes completed.
+    Approve(cli::TaskArg),
+    /// Send a task in final review back: STEP and every later step run again.
+    Reject(cli::ReviewArgs),
+    /// Cancel a task; a worker running it stops at the next item boundary.
+    Cancel(cli::TaskArg),
 }
 
 /// Exit codes: 0 success, 1 failure (the error is printed on one line), 2 bad usage.
@@ -86,6 +96,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Submit(args) => cli::submit(&url, args).await?,
         Command::Worker(args) => cli::worker(&url, args).await?,
+        Command::Tasks(args) => cli::tasks(&url, args).await?,
+        Command::Retry(args) => cli::retry(&url, args).await?,
+        Command::Approve(args) => cli::approve(&url, args).await?,
+        Command::Reject(args) => cli::reject(&url, args).await?,
+        Command::Cancel(args) => cli::cancel(&url, args).await?,
     }
     Ok(())
 }

@@ -35,7 +35,6 @@ pub async fn reject(
     redo_from: &str,
     reason: Option<String>,
 ) -> Result<TaskState> {
-    let state = load(store, task).await?;
     if workflow.step_index(redo_from).is_none() {
         let known: Vec<&str> = workflow.steps().iter().map(|s| s.name()).collect();
         return Err(Error::UnknownStep {
@@ -44,6 +43,7 @@ pub async fn reject(
             known: known.join(", "),
         });
     }
+    let state = load(store, task).await?;
     require(task, &state, "reject", |s| s == TaskStatus::FinalReview)?;
     let events = vec![
         Event::ReviewRejected {
@@ -70,6 +70,20 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
             to: TaskStatus::Cancelled,
         },
     ];
+    commit(store, task, state.version, events).await
+}
+
+/// Sends a `failed` task (or one waiting for its scheduled retry) back to the queue to
+/// run now, with a fresh attempt budget. It resumes by replay: completed items are kept.
+pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {
+    let state = load(store, task).await?;
+    require(task, &state, "retry", |s| {
+        matches!(s, TaskStatus::Failed | TaskStatus::RetryScheduled)
+    })?;
+    let events = vec![Event::StatusChanged {
+        from: state.status(),
+        to: TaskStatus::Queued,
+    }];
     commit(store, task, state.version, events).await
 }
 

@@ -119,6 +119,7 @@ impl Orchestrator {
             channel,
             input: Arc::new(state.input.clone()),
             attempt: lease.attempt,
+            budget_base: state.budget_base,
             drain,
             cancel: abort,
         };
@@ -133,6 +134,8 @@ struct TaskRun {
     channel: ChannelId,
     input: Arc<Value>,
     attempt: u32,
+    /// Attempts before the last operator retry (not counted against the limit).
+    budget_base: u32,
     /// No new item or retry starts once this fires.
     drain: CancellationToken,
     /// Abandons items in flight.
@@ -323,7 +326,8 @@ impl TaskRun {
         item: Option<u32>,
     ) -> Result<RunOutcome> {
         let policy = self.workflow.task_retry;
-        if error.kind == FailureKind::Transient && self.attempt < policy.max_attempts {
+        let attempts_used = self.attempt.saturating_sub(self.budget_base);
+        if error.kind == FailureKind::Transient && attempts_used < policy.max_attempts {
             let delay = policy.backoff.delay(self.attempt, rand::random::<f64>());
             let next_run_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);

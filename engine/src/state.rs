@@ -144,6 +144,9 @@ pub struct TaskState {
     pub version: u32,
     /// The current task attempt (the number of claims so far).
     pub attempt: u32,
+    /// Attempts made before the last operator retry (they do not count against the
+    /// workflow's attempt limit).
+    pub budget_base: u32,
     pub steps: Vec<StepState>,
     pub retries: Vec<RetryRecord>,
     pub resumes: Vec<ResumeRecord>,
@@ -255,7 +258,15 @@ impl TaskState {
                 });
             }
             Event::StepCompleted { step, .. } => self.step_mut(step).completed = true,
-            Event::StatusChanged { to, .. } => self.status = Some(*to),
+            Event::StatusChanged { from, to } => {
+                if *to == TaskStatus::Queued
+                    && matches!(from, TaskStatus::Failed | TaskStatus::RetryScheduled)
+                {
+                    // An operator retry: the task gets a fresh attempt budget.
+                    self.budget_base = self.attempt;
+                }
+                self.status = Some(*to);
+            }
             Event::RetryScheduled {
                 attempt,
                 next_run_at,

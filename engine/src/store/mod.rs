@@ -1,6 +1,7 @@
 //! The event store: small traits in front of storage, a PostgreSQL implementation behind.
 
 mod lease;
+mod listing;
 mod postgres;
 mod subscription;
 mod wakeup;
@@ -10,6 +11,7 @@ use std::future::Future;
 use serde_json::Value;
 
 pub use lease::Lease;
+pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
 pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;

@@ -1,0 +1,78 @@
+//! Listing tasks from the derived `tasks` table (every listing can filter by channel).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+
+use super::PgStore;
+use crate::error::{Error, Result};
+use crate::id::{ChannelId, TaskId};
+use crate::status::TaskStatus;
+
+/// One task, as the `tasks` table shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TaskSummary {
+    pub id: TaskId,
+    pub workflow: String,
+    pub channel_id: String,
+    pub status: TaskStatus,
+    pub attempt: u32,
+    /// The stream's version.
+    pub version: u32,
+    pub lease_owner: Option<String>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    /// The latest failure's message (truncated).
+    pub last_error: Option<String>,
+    pub notion_page_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which tasks to list.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub channel: Option<ChannelId>,
+    /// At most this many, newest first (0: no limit).
+    pub limit: u32,
+}
+
+impl PgStore {
+    /// Tasks matching `filter`, newest first.
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
+        let rows = sqlx::query(
+            "SELECT id, workflow, channel_id, status, attempt, version, lease_owner, next_run_at, \
+                    last_error, notion_page_id, created_at, updated_at \
+             FROM tasks \
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR channel_id = $2) \
+             ORDER BY created_at DESC, id \
+             LIMIT CASE WHEN $3 = 0 THEN NULL ELSE $3 END",
+        )
+        .bind(filter.status.map(TaskStatus::as_str))
+        .bind(filter.channel.as_ref().map(ChannelId::as_str))
+        .bind(i64::from(filter.limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(summary).collect()
+    }
+}
+
+fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
+    let status: String = row.try_get("status")?;
+    Ok(TaskSummary {
+        id: TaskId::from(row.try_get::<uuid::Uuid, _>("id")?),
+        workflow: row.try_get("workflow")?,
+        channel_id: row.try_get("channel_id")?,
+        status: status
+            .parse()
+            .map_err(|e| Error::InvalidInput(format!("tasks.status: {e}")))?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
+        version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+        lease_owner: row.try_get("lease_owner")?,
+        next_run_at: row.try_get("next_run_at")?,
+        last_error: row.try_get("last_error")?,
+        notion_page_id: row.try_get("notion_page_id")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

@@ -1,0 +1,356 @@
+//! The `reel` binary end to end against a real PostgreSQL: seed scenario 9, a permanent
+//! failure visible in `reel tasks`, a rejected review, and every error path.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use engine::testing::TestDatabase;
+use engine::{Event, EventStore, TaskId};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn reel(db: &TestDatabase, artifacts: &std::path::Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("REEL_ARTIFACTS", artifacts)
+        .env("REEL_TIME_SCALE", "0.00005")
+        .env("REEL_LOG", "warn")
+        .output()
+        .expect("run reel");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(run: Run) -> String {
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    run.stdout.trim().to_owned()
+}
+
+/// (step, item) → the attempts on which it completed.
+async fn completions(db: &TestDatabase, task: TaskId) -> HashMap<(String, u32), Vec<u32>> {
+    let mut map: HashMap<(String, u32), Vec<u32>> = HashMap::new();
+    for event in db.store().read_stream(task, 1).await.expect("read") {
+        if let Event::ItemCompleted {
+            step,
+            item,
+            attempt,
+            ..
+        } = event.event
+        {
+            map.entry((step, item)).or_default().push(attempt);
+        }
+    }
+    map
+}
+
+async fn task_count(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(db.pool())
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_9_a_clip_7_failure_resumes_at_clip_7_and_is_approved() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = ok(reel(
+        &db,
+        dir.path(),
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--topic",
+            "Rome",
+            "--fail",
+            "video:7",
+        ],
+    ));
+    let task: TaskId = id.parse().expect("submit prints the task id");
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+
+    let done = completions(&db, task).await;
+    for clip in 1..=6 {
+        assert_eq!(
+            done[&("video".to_owned(), clip)],
+            [1],
+            "clip {clip}: attempt 1 only, never again"
+        );
+    }
+    for clip in 7..=18 {
+        assert_eq!(
+            done[&("video".to_owned(), clip)],
+            [2],
+            "clip {clip}: on the retry"
+        );
+    }
+    let events = db.store().read_stream(task, 1).await.expect("read");
+    assert!(events.iter().any(|e| matches!(&e.event, Event::ItemFailed { step, item: 7, attempt: 1, .. } if step == "video")));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.event, Event::RetryScheduled { attempt: 1, .. }))
+    );
+    let listed = ok(reel(
+        &db,
+        dir.path(),
+        &["tasks", "--status", "final_review", "--json"],
+    ));
+    assert!(listed.contains(&id), "{listed}");
+    assert!(
+        dir.path()
+            .join("history")
+            .join(&id)
+            .join("video")
+            .join("07.mp4")
+            .exists(),
+        "artifacts live under the channel"
+    );
+
+    let approved = ok(reel(&db, dir.path(), &["approve", &id]));
+    assert!(approved.contains("completed"), "{approved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_fails_the_task_with_its_reason_in_reel_tasks() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = ok(reel(
+        &db,
+        dir.path(),
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--topic",
+            "Rome",
+            "--fail",
+            "narration:4:permanent",
+        ],
+    ));
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+    let listed = ok(reel(
+        &db,
+        dir.path(),
+        &["tasks", "--channel", "history", "--json"],
+    ));
+    let tasks: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let task = &tasks[0];
+    assert_eq!(task["id"], id.as_str());
+    assert_eq!(task["status"], "failed");
+    let error = task["last_error"].as_str().expect("a reason");
+    assert!(
+        error.contains("narration item 4") && error.contains("permanent"),
+        "{error}"
+    );
+    let table = ok(reel(&db, dir.path(), &["tasks", "--status", "failed"]));
+    assert!(
+        table.contains(&id) && table.contains("narration item 4"),
+        "{table}"
+    );
+    assert!(
+        ok(reel(
+            &db,
+            dir.path(),
+            &["tasks", "--channel", "other", "--json"]
+        ))
+        .starts_with("[]")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_redo_from_narration_reruns_narration_sfx_and_assembly_only() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = ok(reel(
+        &db,
+        dir.path(),
+        &["submit", "--channel", "history", "--topic", "Rome"],
+    ));
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+    ok(reel(
+        &db,
+        dir.path(),
+        &[
+            "reject",
+            &id,
+            "--redo-from",
+            "narration",
+            "--reason",
+            "voice too fast",
+        ],
+    ));
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+
+    let done = completions(&db, id.parse().expect("id")).await;
+    for ((step, item), runs) in &done {
+        let expected = if ["narration", "sfx", "assembly"].contains(&step.as_str()) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(runs.len(), expected, "{step} {item}: {runs:?}");
+    }
+    assert_eq!(done.len(), 22 + 1 + 18 + 18 + 18 + 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["submit", "--channel", "../etc", "--topic", "x"],
+            1,
+            "invalid channel id",
+        ),
+        (
+            &["submit", "--channel", "History", "--topic", "x"],
+            1,
+            "invalid channel id",
+        ),
+        (
+            &[
+                "submit",
+                "--channel",
+                "h",
+                "--topic",
+                "x",
+                "--fail",
+                "music:3",
+            ],
+            2,
+            "unknown step",
+        ),
+        (
+            &[
+                "submit",
+                "--channel",
+                "h",
+                "--topic",
+                "x",
+                "--fail",
+                "video:0",
+            ],
+            2,
+            "ITEM must be a number",
+        ),
+        (&["approve", "not-a-uuid"], 1, "invalid task id"),
+        (
+            &["approve", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"],
+            1,
+            "not found",
+        ),
+        (
+            &[
+                "reject",
+                "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                "--redo-from",
+                "music",
+            ],
+            1,
+            "has no step",
+        ),
+        (&["cancel", "zzz"], 1, "invalid task id"),
+        (
+            &["retry", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"],
+            1,
+            "not found",
+        ),
+        (
+            &["tasks", "--status", "awaiting_review"],
+            2,
+            "unknown status",
+        ),
+        (&["tasks", "--channel", "a/b"], 1, "invalid channel id"),
+        (
+            &["worker", "--concurrency", "0", "--until-idle"],
+            1,
+            "--concurrency must be at least 1",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let run = reel(&db, dir.path(), args);
+        assert_eq!(run.code, *code, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: {}", run.stderr);
+        if *code == 1 {
+            assert_eq!(
+                run.stderr.trim().lines().count(),
+                1,
+                "{args:?}: one line: {}",
+                run.stderr
+            );
+        }
+    }
+    assert_eq!(task_count(&db).await, 0, "nothing was written");
+
+    // A task that is not in review cannot be approved; a finished one cannot be cancelled.
+    let id = ok(reel(
+        &db,
+        dir.path(),
+        &["submit", "--channel", "history", "--topic", "Rome"],
+    ));
+    let run = reel(&db, dir.path(), &["approve", &id]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("is queued; cannot approve"),
+        "{}",
+        run.stderr
+    );
+    let run = reel(&db, dir.path(), &["retry", &id]);
+    assert!(run.stderr.contains("cannot retry"), "{}", run.stderr);
+    ok(reel(&db, dir.path(), &["cancel", &id]));
+    let run = reel(&db, dir.path(), &["cancel", &id]);
+    assert!(
+        run.stderr.contains("is cancelled; cannot cancel"),
+        "{}",
+        run.stderr
+    );
+    let run = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["tasks"])
+        .env_remove("DATABASE_URL")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("DATABASE_URL"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_sends_a_failed_task_back_and_it_resumes_by_replay() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = ok(reel(
+        &db,
+        dir.path(),
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--topic",
+            "Rome",
+            "--fail",
+            "sfx:5:permanent",
+        ],
+    ));
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+    assert!(ok(reel(&db, dir.path(), &["tasks", "--status", "failed"])).contains(&id));
+    // The provider keeps failing permanently, but everything before sfx 5 is kept.
+    ok(reel(&db, dir.path(), &["retry", &id]));
+    ok(reel(&db, dir.path(), &["worker", "--until-idle"]));
+    let done = completions(&db, id.parse().expect("id")).await;
+    assert!(
+        done.values().all(|runs| runs.len() == 1),
+        "nothing ran twice: {done:?}"
+    );
+    assert!(ok(reel(&db, dir.path(), &["tasks", "--status", "failed"])).contains(&id));
+}

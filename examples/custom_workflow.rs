@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use engine::prelude::*;
 use engine::{Backoff, db};
 use serde_json::json;
@@ -58,12 +59,10 @@ fn newsletter() -> Workflow {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
-    let server = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let options = db::parse_url(&server)?.database("reel_example");
-    db::create_database_if_missing(&options).await?;
-    let store = PgStore::new(sqlx::PgPool::connect_with(options).await?);
-    store.migrate().await?;
+    let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| db::DEFAULT_URL.into());
+    let store = db::open_database(&server, "reel_example", 4)
+        .await
+        .with_context(|| format!("is PostgreSQL running at {server}?"))?;
 
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(newsletter()));
     let channel = ChannelId::parse("newsletters")?;

@@ -12,18 +12,10 @@ use serde_json::json;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
-    let server = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let options = db::parse_url(&server)?.database("reel_example");
-    db::create_database_if_missing(&options)
+    let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| db::DEFAULT_URL.into());
+    let store = db::open_database(&server, "reel_example", 2)
         .await
         .with_context(|| format!("is PostgreSQL running at {server}?"))?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await?;
-    let store = PgStore::new(pool);
-    store.migrate().await?;
 
     let channel = ChannelId::parse("history")?;
     let task = store

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use engine::prelude::*;
 use engine::{Checkpoint, GlobalLog, Subscription, SubscriptionOptions, Worker, WorkerOptions, db};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -21,19 +22,10 @@ const TIME_SCALE: f64 = 0.0005;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
-    let server = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let options = db::parse_url(&server)?.database("reel_example");
-    db::create_database_if_missing(&options)
+    let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| db::DEFAULT_URL.into());
+    let store = db::open_database(&server, "reel_example", 8)
         .await
-        .map_err(|e| anyhow::anyhow!("is PostgreSQL running at {server}? {e}"))?;
-    let store = PgStore::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?,
-    );
-    store.migrate().await?;
+        .with_context(|| format!("is PostgreSQL running at {server}?"))?;
 
     // Follow the log from here on: the progress bars are a projection of it.
     let start = store

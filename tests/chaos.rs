@@ -3,7 +3,9 @@
 //! item in flight finishes, the lease is released, another worker resumes at once.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
@@ -17,25 +19,7 @@ fn spawn_worker(
     artifacts: &std::path::Path,
     time_scale: &str,
 ) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_reel"))
-        .args([
-            "worker",
-            "--worker-id",
-            id,
-            "--concurrency",
-            "4",
-            "--until-idle",
-            "--lease-ttl",
-            "2",
-        ])
-        .args(["--time-scale", time_scale])
-        .env("DATABASE_URL", db.url())
-        .env("REEL_ARTIFACTS", artifacts)
-        .env("REEL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start reel worker")
+    common::spawn_reel_worker(db.url(), id, artifacts, time_scale, &["--lease-ttl", "2"])
 }
 
 async fn submit_many(store: &PgStore, n: usize) -> Vec<TaskId> {
@@ -60,6 +44,8 @@ async fn assert_exactly_once(store: &PgStore, tasks: &[TaskId]) {
         let events = store.read_stream(task, 1).await.expect("read");
         let state = engine::fold(&events);
         assert_eq!(state.status(), TaskStatus::FinalReview, "task {task}");
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "task {task}: {:?}", audit.violations);
         let mut completions: HashMap<(String, u32), u32> = HashMap::new();
         for event in &events {
             if let Event::ItemCompleted { step, item, .. } = &event.event {
@@ -119,18 +105,7 @@ async fn sigkill_workers_at_random_and_every_item_completes_exactly_once() {
     );
 
     for worker in &mut workers {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = worker.try_wait().expect("poll") {
-                assert!(status.success(), "a worker exited with {status}");
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "workers did not finish"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_for_success(worker, Duration::from_secs(90)).await;
     }
     assert_exactly_once(&store, &tasks).await;
 }

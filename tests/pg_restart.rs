@@ -3,8 +3,10 @@
 //! tests are not disturbed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use engine::{ChannelId, Event, EventStore, NewTask, PgStore, TaskStatus};
 use serde_json::json;
@@ -108,27 +110,6 @@ fn run(command: &mut Command) -> Result<(), String> {
     }
 }
 
-fn spawn_worker(url: &str, id: &str, artifacts: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_reel"))
-        .args([
-            "worker",
-            "--worker-id",
-            id,
-            "--concurrency",
-            "4",
-            "--until-idle",
-            "--time-scale",
-            "0.0001",
-        ])
-        .env("DATABASE_URL", url)
-        .env("REEL_ARTIFACTS", artifacts)
-        .env("REEL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start reel worker")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_survive_a_postgres_restart_and_lose_nothing() {
     let cluster = Cluster::start().unwrap_or_else(|why| {
@@ -158,7 +139,7 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
     let artifacts = tempfile::tempdir().expect("tempdir");
     let mut workers: Vec<Child> = ["r1", "r2"]
         .iter()
-        .map(|id| spawn_worker(&url, id, artifacts.path()))
+        .map(|id| common::spawn_reel_worker(&url, id, artifacts.path(), "0.0001", &[]))
         .collect();
 
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -169,19 +150,8 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
     assert!(unfinished > 0, "the restart must hit a run in progress");
     cluster.ctl("restart").expect("restart PostgreSQL");
 
-    let started = Instant::now();
     for worker in &mut workers {
-        loop {
-            if let Some(status) = worker.try_wait().expect("poll") {
-                assert!(status.success(), "a worker exited with {status}");
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "workers did not finish after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_for_success(worker, Duration::from_secs(120)).await;
     }
     let store = PgStore::new(engine::db::connect(&url, 2).await.expect("reconnect"));
     for task in tasks {

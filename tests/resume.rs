@@ -60,6 +60,10 @@ async fn resume_scenario(step: &str, item: u32, planned: u32) {
         );
     }
 
+    let events = store.read_stream(task, 1).await.expect("read");
+    let audit = engine::audit::audit(task, &events);
+    assert!(audit.is_clean(), "{:?}", audit.violations);
+    assert_eq!(audit.items_skipped, state(&store, task).await.saved().items);
     let state = state(&store, task).await;
     assert_eq!(state.status(), TaskStatus::FinalReview);
     let resume = &state.resumes[0];
@@ -329,6 +333,13 @@ async fn approve_completes_and_reject_redoes_exactly_the_steps_from_there_on() {
         .await
         .expect("approve");
     assert_eq!(approved.status(), TaskStatus::Completed);
+    let events = store.read_stream(task, 1).await.expect("read");
+    let audit = engine::audit::audit(task, &events);
+    assert!(
+        audit.is_clean(),
+        "a rejected-and-redone history is sound: {:?}",
+        audit.violations
+    );
     let err = commands::approve(&store, task, None)
         .await
         .expect_err("already completed");
@@ -395,6 +406,9 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
         [1, 2, 3],
         "no item starts after the cancel"
     );
+    let events = store.read_stream(task, 1).await.expect("read");
+    let audit = engine::audit::audit(task, &events);
+    assert!(audit.is_clean(), "{:?}", audit.violations);
     let state = state(&store, task).await;
     assert_eq!(state.status(), TaskStatus::Cancelled);
     assert_eq!(

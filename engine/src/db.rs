@@ -51,3 +51,25 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bo
     let _ = conn.close().await;
     Ok(!exists)
 }
+
+/// The server the tools and examples use when `DATABASE_URL` is not set.
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Opens the database `name` on the server at `server_url` for a tool or example that owns
+/// it: creates it if missing, connects with up to `max_connections`, applies migrations.
+pub async fn open_database(
+    server_url: &str,
+    name: &str,
+    max_connections: u32,
+) -> Result<crate::PgStore> {
+    let options = parse_url(server_url)?.database(name);
+    create_database_if_missing(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    let store = crate::PgStore::new(pool);
+    store.migrate().await?;
+    Ok(store)
+}

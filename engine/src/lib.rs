@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod audit;
 pub mod commands;
 pub mod db;
 mod error;

@@ -216,3 +216,48 @@ pub async fn completions(store: &PgStore, task: TaskId, step: &str) -> HashMap<u
     }
     counts
 }
+
+/// Starts a `reel worker --until-idle` process on `database_url`.
+pub fn spawn_reel_worker(
+    database_url: &str,
+    id: &str,
+    artifacts: &std::path::Path,
+    time_scale: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "worker",
+            "--worker-id",
+            id,
+            "--concurrency",
+            "4",
+            "--until-idle",
+            "--time-scale",
+            time_scale,
+        ])
+        .args(extra)
+        .env("DATABASE_URL", database_url)
+        .env("REEL_ARTIFACTS", artifacts)
+        .env("REEL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start reel worker")
+}
+
+/// Waits for `child` to exit successfully within `limit`.
+pub async fn wait_for_success(child: &mut std::process::Child, limit: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            assert!(status.success(), "a worker exited with {status}");
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "a worker did not finish within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,504 @@
+//! Auditing a task's history: the invariants every stream the engine writes must keep.
+//!
+//! A pure function over the events, like the fold (and using it): it reports every broken
+//! rule with the task, the version and the rule's stable name, so an operator can find the
+//! exact event. The status transition table lives here, once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::event::{Event, RecordedEvent};
+use crate::id::TaskId;
+use crate::state::{TaskState, Totals};
+use crate::status::TaskStatus;
+
+/// The invariants, by stable snake_case name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Versions run 1, 2, 3, … with no hole and no repeat.
+    VersionsContiguous,
+    /// The first event is `task_submitted`, and only the first.
+    SubmittedFirst,
+    /// No item is completed twice within one run of a step.
+    ItemCompletedOnce,
+    /// Every `item_completed` follows a `step_started` of its step (in the current run)
+    /// and lies within that step's plan.
+    CompletionInStartedStep,
+    /// Status changes follow the transition table and start from the current status.
+    LegalTransition,
+    /// After `task_completed`, `task_cancelled` or `task_failed`, only review or retry
+    /// events may follow.
+    NothingAfterTerminal,
+    /// A resumed attempt runs only the items that were still missing when it started.
+    RetrySkipsCompleted,
+}
+
+impl Rule {
+    /// Every rule.
+    pub const ALL: [Rule; 7] = [
+        Rule::VersionsContiguous,
+        Rule::SubmittedFirst,
+        Rule::ItemCompletedOnce,
+        Rule::CompletionInStartedStep,
+        Rule::LegalTransition,
+        Rule::NothingAfterTerminal,
+        Rule::RetrySkipsCompleted,
+    ];
+}
+
+/// One broken rule at one event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub task: TaskId,
+    /// The stream version of the offending event.
+    pub version: u32,
+    pub rule: Rule,
+    pub message: String,
+}
+
+/// A task's audit: what broke, and what the history says it cost and saved.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuditReport {
+    pub task: TaskId,
+    pub status: TaskStatus,
+    pub events: usize,
+    pub violations: Vec<Violation>,
+    /// Every item completion recorded (all runs and attempts).
+    pub items_run: u32,
+    /// Items a resumed attempt did not have to run again.
+    pub items_skipped: u32,
+    pub spent: Totals,
+    pub saved: Totals,
+}
+
+impl AuditReport {
+    /// True when no rule is broken.
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Whether a task may move from `from` to `to`.
+pub fn transition_allowed(from: TaskStatus, to: TaskStatus) -> bool {
+    use TaskStatus::*;
+    let working = |s: TaskStatus| {
+        matches!(
+            s,
+            GeneratingAssets
+                | GeneratingComposites
+                | GeneratingVideo
+                | GeneratingAudio
+                | GeneratingSfx
+                | Assembling
+        )
+    };
+    match from {
+        Queued | RetryScheduled => {
+            working(to)
+                || matches!(to, FinalReview | Failed | Cancelled | RetryScheduled)
+                || (from == RetryScheduled && to == Queued)
+        }
+        s if working(s) => {
+            working(to) || matches!(to, RetryScheduled | Failed | FinalReview | Cancelled)
+        }
+        FinalReview => matches!(to, Completed | Queued | Cancelled),
+        Failed => to == Queued,
+        _ => false,
+    }
+}
+
+/// Audits one task's stream (in version order).
+pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
+    let mut checker = Checker {
+        task,
+        violations: Vec::new(),
+        state: TaskState::default(),
+        terminal: None,
+        resumed_with: BTreeMap::new(),
+    };
+    for (index, event) in events.iter().enumerate() {
+        checker.check(index, event);
+        checker.state.apply(event);
+    }
+    let state = checker.state;
+    let saved = state.saved();
+    AuditReport {
+        task,
+        status: state.status(),
+        events: events.len(),
+        violations: checker.violations,
+        items_run: state.spent.items,
+        items_skipped: saved.items,
+        spent: state.spent,
+        saved,
+    }
+}
+
+struct Checker {
+    task: TaskId,
+    violations: Vec<Violation>,
+    /// The state before the event being checked.
+    state: TaskState,
+    /// The terminal event seen last, until a retry or review reopens the task.
+    terminal: Option<&'static str>,
+    /// Per step: the items already complete when the current attempt claimed the task.
+    resumed_with: BTreeMap<String, BTreeSet<u32>>,
+}
+
+impl Checker {
+    fn flag(&mut self, version: u32, rule: Rule, message: String) {
+        self.violations.push(Violation {
+            task: self.task,
+            version,
+            rule,
+            message,
+        });
+    }
+
+    fn check(&mut self, index: usize, recorded: &RecordedEvent) {
+        let version = recorded.version;
+        let expected = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        if version != expected {
+            self.flag(
+                version,
+                Rule::VersionsContiguous,
+                format!("expected version {expected}, found {version}"),
+            );
+        }
+        let submitted = matches!(recorded.event, Event::TaskSubmitted { .. });
+        if submitted != (index == 0) {
+            let message = if submitted {
+                "task_submitted after the first event"
+            } else {
+                "the first event is not task_submitted"
+            };
+            self.flag(version, Rule::SubmittedFirst, message.to_owned());
+        }
+        self.check_terminal(version, &recorded.event);
+        match &recorded.event {
+            Event::TaskClaimed { .. } => {
+                self.resumed_with = self
+                    .state
+                    .steps
+                    .iter()
+                    .map(|s| (s.name.clone(), s.items.keys().copied().collect()))
+                    .collect();
+            }
+            Event::ItemCompleted { step, item, .. } => self.check_completion(version, step, *item),
+            Event::StatusChanged { from, to } => {
+                let current = self.state.status();
+                if *from != current {
+                    self.flag(
+                        version,
+                        Rule::LegalTransition,
+                        format!("status_changed from {from}, but the task is {current}"),
+                    );
+                } else if !transition_allowed(*from, *to) {
+                    self.flag(
+                        version,
+                        Rule::LegalTransition,
+                        format!("{from} -> {to} is not an allowed transition"),
+                    );
+                }
+            }
+            Event::ReviewRejected { redo_from, .. } => {
+                // The redone steps start afresh: their earlier items are not "already complete".
+                if let Some(first) = self.state.steps.iter().position(|s| &s.name == redo_from) {
+                    for step in &self.state.steps[first..] {
+                        self.resumed_with.remove(&step.name);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn check_completion(&mut self, version: u32, step: &str, item: u32) {
+        let progress = self.state.step(step);
+        let planned = progress.and_then(|p| p.planned);
+        let first = progress.and_then(|p| p.items.get(&item)).map(|r| r.version);
+        let resumed = self
+            .resumed_with
+            .get(step)
+            .is_some_and(|done| done.contains(&item));
+        match planned {
+            None => self.flag(
+                version,
+                Rule::CompletionInStartedStep,
+                format!("{step} item {item} completed, but {step} was not started"),
+            ),
+            Some(planned) if item == 0 || item > planned => self.flag(
+                version,
+                Rule::CompletionInStartedStep,
+                format!("{step} item {item} is outside the plan of {planned}"),
+            ),
+            Some(_) => {}
+        }
+        if let Some(first) = first {
+            let (rule, why) = if resumed {
+                (Rule::RetrySkipsCompleted, "a resumed attempt ran it again")
+            } else {
+                (Rule::ItemCompletedOnce, "completed twice in one run")
+            };
+            self.flag(
+                version,
+                rule,
+                format!("{step} item {item}: {why} (first at version {first})"),
+            );
+        }
+    }
+
+    fn check_terminal(&mut self, version: u32, event: &Event) {
+        let reopens = matches!(
+            event,
+            Event::StatusChanged {
+                to: TaskStatus::Queued,
+                ..
+            } | Event::ReviewRequested {}
+                | Event::ReviewApproved { .. }
+                | Event::ReviewRejected { .. }
+        );
+        // The terminal event's own status change travels in the same append.
+        let own_status = match (self.terminal, event) {
+            (Some("task_failed"), Event::StatusChanged { to, .. }) => *to == TaskStatus::Failed,
+            (Some("task_cancelled"), Event::StatusChanged { to, .. }) => {
+                *to == TaskStatus::Cancelled
+            }
+            _ => false,
+        };
+        if let Some(terminal) = self.terminal {
+            if reopens {
+                self.terminal = None;
+            } else if !own_status {
+                self.flag(
+                    version,
+                    Rule::NothingAfterTerminal,
+                    format!("{} after {terminal}", event.event_type()),
+                );
+            }
+        }
+        match event {
+            Event::TaskCompleted {} | Event::TaskCancelled { .. } => {
+                self.terminal = Some(event.event_type())
+            }
+            // The failure's own status change rides with it.
+            Event::TaskFailed { .. } => self.terminal = Some("task_failed"),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventMetadata, FailureKind};
+    use crate::id::ChannelId;
+
+    fn history(events: Vec<Event>) -> (TaskId, Vec<RecordedEvent>) {
+        let task = TaskId::new();
+        let recorded = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| RecordedEvent {
+                global_position: i as i64 + 1,
+                tx_id: i as u64 + 1,
+                stream_id: task,
+                version: i as u32 + 1,
+                event_id: uuid::Uuid::new_v4(),
+                schema_version: 1,
+                event,
+                metadata: EventMetadata::default(),
+                recorded_at: chrono::DateTime::UNIX_EPOCH,
+            })
+            .collect();
+        (task, recorded)
+    }
+
+    fn submitted() -> Event {
+        Event::TaskSubmitted {
+            workflow: "video".into(),
+            channel_id: ChannelId::parse("history").expect("channel"),
+            input: serde_json::json!({}),
+            notion_page_id: None,
+            idempotency_key: None,
+        }
+    }
+
+    fn claimed(attempt: u32) -> Event {
+        Event::TaskClaimed {
+            worker_id: "w".into(),
+            lease_epoch: i64::from(attempt),
+            attempt,
+        }
+    }
+
+    fn started(items: u32) -> Event {
+        Event::StepStarted {
+            step: "video".into(),
+            attempt: 1,
+            items,
+            atomic: false,
+        }
+    }
+
+    fn done(item: u32, attempt: u32) -> Event {
+        Event::ItemCompleted {
+            step: "video".into(),
+            item,
+            attempt,
+            artifact: format!("clip-{item}"),
+            cost_micros: 550_000,
+            duration_ms: 300_000,
+        }
+    }
+
+    fn status(from: TaskStatus, to: TaskStatus) -> Event {
+        Event::StatusChanged { from, to }
+    }
+
+    /// A run that fails at clip 3, is rescheduled and resumes: the shape the engine writes.
+    fn resumed_run() -> Vec<Event> {
+        vec![
+            submitted(),
+            claimed(1),
+            status(TaskStatus::Queued, TaskStatus::GeneratingVideo),
+            started(4),
+            done(1, 1),
+            done(2, 1),
+            Event::ItemFailed {
+                step: "video".into(),
+                item: 3,
+                attempt: 1,
+                kind: FailureKind::Transient,
+                error: "timeout".into(),
+                retry: 1,
+            },
+            Event::RetryScheduled {
+                attempt: 1,
+                next_run_at: chrono::DateTime::UNIX_EPOCH,
+                reason: "video item 3".into(),
+            },
+            status(TaskStatus::GeneratingVideo, TaskStatus::RetryScheduled),
+            claimed(2),
+            status(TaskStatus::RetryScheduled, TaskStatus::GeneratingVideo),
+            done(3, 2),
+            done(4, 2),
+            Event::StepCompleted {
+                step: "video".into(),
+                attempt: 2,
+            },
+            status(TaskStatus::GeneratingVideo, TaskStatus::FinalReview),
+            Event::ReviewRequested {},
+            Event::ReviewApproved { reviewer: None },
+            status(TaskStatus::FinalReview, TaskStatus::Completed),
+            Event::TaskCompleted {},
+        ]
+    }
+
+    fn rules(events: Vec<Event>) -> Vec<(u32, Rule)> {
+        let (task, recorded) = history(events);
+        audit(task, &recorded)
+            .violations
+            .iter()
+            .map(|v| (v.version, v.rule))
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_resumed_run_passes_and_reports_what_resuming_saved() {
+        let (task, recorded) = history(resumed_run());
+        let report = audit(task, &recorded);
+        assert!(report.is_clean(), "{:?}", report.violations);
+        assert_eq!((report.items_run, report.items_skipped), (4, 2));
+        assert_eq!(report.saved.cost_micros, 1_100_000);
+        assert_eq!(report.status, TaskStatus::Completed);
+    }
+
+    #[test]
+    fn each_rule_is_caught_at_its_version() {
+        let (task, mut recorded) = history(resumed_run());
+        recorded.remove(4);
+        let report = audit(task, &recorded);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.rule == Rule::VersionsContiguous && v.version == 6)
+        );
+
+        let mut twice = resumed_run();
+        twice.insert(6, done(2, 1));
+        assert!(rules(twice).contains(&(7, Rule::ItemCompletedOnce)));
+
+        let mut rerun = resumed_run();
+        rerun.insert(11, done(1, 2));
+        assert!(rules(rerun).contains(&(12, Rule::RetrySkipsCompleted)));
+
+        let mut unstarted = resumed_run();
+        unstarted.remove(3);
+        assert!(rules(unstarted).contains(&(4, Rule::CompletionInStartedStep)));
+
+        let mut outside = resumed_run();
+        outside.insert(6, done(9, 1));
+        assert!(rules(outside).contains(&(7, Rule::CompletionInStartedStep)));
+
+        let mut illegal = resumed_run();
+        illegal.insert(2, status(TaskStatus::Queued, TaskStatus::Completed));
+        assert!(rules(illegal).contains(&(3, Rule::LegalTransition)));
+
+        let mut after = resumed_run();
+        after.push(done(4, 3));
+        let found = rules(after);
+        assert!(
+            found.contains(&(20, Rule::NothingAfterTerminal)),
+            "{found:?}"
+        );
+
+        let mut second_submit = resumed_run();
+        second_submit.insert(1, submitted());
+        assert!(rules(second_submit).contains(&(2, Rule::SubmittedFirst)));
+    }
+
+    #[test]
+    fn a_failed_task_may_be_retried() {
+        let events = vec![
+            submitted(),
+            claimed(1),
+            Event::TaskFailed {
+                reason: "bad input".into(),
+                step: None,
+                item: None,
+            },
+            status(TaskStatus::Queued, TaskStatus::Failed),
+            status(TaskStatus::Failed, TaskStatus::Queued),
+            claimed(2),
+        ];
+        assert_eq!(rules(events), []);
+    }
+
+    #[test]
+    fn the_transition_table_allows_the_engine_paths_and_nothing_out_of_completed() {
+        assert!(transition_allowed(
+            TaskStatus::Queued,
+            TaskStatus::GeneratingAssets
+        ));
+        assert!(transition_allowed(
+            TaskStatus::FinalReview,
+            TaskStatus::Queued
+        ));
+        assert!(!transition_allowed(
+            TaskStatus::Completed,
+            TaskStatus::Queued
+        ));
+        assert!(!transition_allowed(
+            TaskStatus::Cancelled,
+            TaskStatus::Queued
+        ));
+        assert!(!transition_allowed(
+            TaskStatus::Queued,
+            TaskStatus::Completed
+        ));
+    }
+}

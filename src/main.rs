@@ -54,9 +54,16 @@ enum Command {
     Reject(cli::ReviewArgs),
     /// Cancel a task; a worker running it stops at the next item boundary.
     Cancel(cli::TaskArg),
+    /// A task's history as a timeline and the state it folds to (--at VERSION: time travel).
+    Replay(cli::ReplayArgs),
+    /// Check histories' invariants; exit 3 when one is broken.
+    Audit(cli::AuditArgs),
+    /// Tasks per status, failure reasons, cost spent and saved.
+    Stats(cli::StatsArgs),
 }
 
-/// Exit codes: 0 success, 1 failure (the error is printed on one line), 2 bad usage.
+/// Exit codes: 0 success, 1 failure (the error is printed on one line), 2 bad usage,
+/// 3 `reel audit` found broken invariants.
 fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
@@ -70,6 +77,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<cli::AuditFailed>().is_some() => {
+            eprintln!("audit: {err}");
+            ExitCode::from(3)
+        }
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
@@ -101,6 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Approve(args) => cli::approve(&url, args).await?,
         Command::Reject(args) => cli::reject(&url, args).await?,
         Command::Cancel(args) => cli::cancel(&url, args).await?,
+        Command::Replay(args) => cli::replay(&url, args).await?,
+        Command::Audit(args) => cli::audit(&url, args).await?,
+        Command::Stats(args) => cli::stats(&url, args).await?,
     }
     Ok(())
 }

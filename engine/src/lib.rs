@@ -34,6 +34,7 @@ mod status;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod timeline;
 mod worker;
 mod workflow;
 

@@ -1,10 +1,14 @@
 //! The `reel` subcommands.
 
+mod audit;
+mod replay;
 mod review;
 mod submit;
 mod tasks;
 mod worker;
 
+pub(crate) use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
+pub(crate) use replay::{ReplayArgs, replay};
 pub(crate) use review::{ReviewArgs, TaskArg, approve, cancel, reject, retry};
 pub(crate) use submit::{SubmitArgs, submit};
 pub(crate) use tasks::{TasksArgs, tasks};
@@ -28,4 +32,9 @@ pub(crate) fn print_state(state: &TaskState, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Micro-dollars as dollars, e.g. `$0.550`.
+pub(crate) fn money(micros: i64) -> String {
+    format!("${:.3}", micros as f64 / 1e6)
 }

@@ -81,6 +81,12 @@ macro_rules! select_events {
 const READ_STREAM_SQL: &str =
     select_events!("WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version");
 
+const READ_STREAM_UNTIL_SQL: &str =
+    select_events!("WHERE stream_id = $1 AND stream_version < $2 ORDER BY stream_version");
+
+const READ_STREAMS_SQL: &str =
+    select_events!("WHERE stream_id = ANY($1) ORDER BY stream_id, stream_version");
+
 // One statement, so one snapshot decides both the watermark and the rows: nothing at or
 // above the oldest running xid is returned, because it may still commit below rows that
 // are already visible.
@@ -272,6 +278,29 @@ impl PgStore {
                 }
             }
         }
+    }
+
+    /// Several whole streams in one query, grouped by stream and in version order (for
+    /// scans that walk many tasks a page at a time).
+    pub async fn read_streams(&self, streams: &[TaskId]) -> Result<Vec<RecordedEvent>> {
+        let ids: Vec<Uuid> = streams.iter().map(TaskId::as_uuid).collect();
+        self.fetch_events(sqlx::query(READ_STREAMS_SQL).bind(ids))
+            .await
+    }
+
+    /// The stream's events before `version` (to read up to an undecodable event).
+    pub async fn read_stream_until(
+        &self,
+        stream: TaskId,
+        version: u32,
+    ) -> Result<Vec<RecordedEvent>> {
+        let until = i32::try_from(version).unwrap_or(i32::MAX);
+        self.fetch_events(
+            sqlx::query(READ_STREAM_UNTIL_SQL)
+                .bind(stream.as_uuid())
+                .bind(until),
+        )
+        .await
     }
 
     /// The stream's current version as committed (0 if it has no events).

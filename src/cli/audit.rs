@@ -1,0 +1,221 @@
+//! `reel audit` and `reel stats`: is every history sound, and what did it all cost.
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use engine::audit::{AuditReport, Scope, audit_stored, scan};
+use engine::{ChannelId, PgStore, TaskFilter, TaskId};
+use serde::Serialize;
+
+use super::money;
+
+/// `reel audit` found broken invariants: exit code 3 (errors are 1, usage 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} task(s) with broken invariants")]
+pub(crate) struct AuditFailed(pub(crate) u64);
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["task", "all", "failed"]))]
+pub(crate) struct AuditArgs {
+    /// Audit this task.
+    task: Option<String>,
+    /// Audit every task (streamed a page at a time).
+    #[arg(long)]
+    all: bool,
+    /// Audit the failed tasks.
+    #[arg(long)]
+    failed: bool,
+    /// Only this channel's tasks (with --all or --failed).
+    #[arg(long)]
+    channel: Option<String>,
+    /// One JSON object per task (JSON lines), then a summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
+    let task = args.task.as_deref().map(str::parse::<TaskId>).transpose()?;
+    let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
+    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let json = args.json;
+    let print = |report: &AuditReport| {
+        if json {
+            println!("{}", serde_json::to_string(report).unwrap_or_default());
+        } else {
+            print!("{}", render(report));
+        }
+    };
+    let broken = match task {
+        Some(task) => {
+            let report = audit_stored(&store, task).await?;
+            print(&report);
+            u64::from(!report.is_clean())
+        }
+        None => {
+            let scope = Scope {
+                channel,
+                failed_only: args.failed,
+            };
+            let summary = scan(&store, &scope, |report| print(&report)).await?;
+            if json {
+                println!("{}", serde_json::json!({"summary": summary}));
+            } else {
+                println!(
+                    "audited {} tasks: {} with broken invariants ({} violations)",
+                    summary.tasks, summary.tasks_with_violations, summary.violations
+                );
+            }
+            summary.tasks_with_violations
+        }
+    };
+    if broken > 0 {
+        return Err(AuditFailed(broken).into());
+    }
+    Ok(())
+}
+
+/// The text form of one task's audit (also what the golden tests compare).
+pub(crate) fn render(report: &AuditReport) -> String {
+    let verdict = if report.is_clean() {
+        "ok".to_owned()
+    } else {
+        format!("{} violation(s)", report.violations.len())
+    };
+    let mut out = format!(
+        "task {}: {verdict} — {} ({} events); items run {}, skipped on resume {}; spent {} / {:.3}s; saved {} / {:.3}s\n",
+        report.task,
+        report.status,
+        report.events,
+        report.items_run,
+        report.items_skipped,
+        money(report.spent.cost_micros),
+        report.spent.duration_ms as f64 / 1e3,
+        money(report.saved.cost_micros),
+        report.saved.duration_ms as f64 / 1e3,
+    );
+    for violation in &report.violations {
+        let rule = serde_json::to_value(violation.rule)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  v{} {rule}: {}\n",
+            violation.version, violation.message
+        ));
+    }
+    out
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatsArgs {
+    /// Only this channel's tasks.
+    #[arg(long)]
+    channel: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `reel stats --json`.
+#[derive(Debug, Default, Serialize)]
+struct Stats {
+    tasks: u64,
+    by_status: BTreeMap<String, u64>,
+    /// Failure reasons (item numbers folded away), most frequent first.
+    failure_reasons: Vec<(String, u64)>,
+    spent_micros: i64,
+    saved_micros: i64,
+    items_run: u64,
+    items_skipped: u64,
+}
+
+pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
+    let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
+    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let mut stats = Stats::default();
+    for task in store
+        .list_tasks(&TaskFilter {
+            channel: channel.clone(),
+            ..TaskFilter::default()
+        })
+        .await?
+    {
+        *stats
+            .by_status
+            .entry(task.status.as_str().to_owned())
+            .or_default() += 1;
+    }
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    scan(
+        &store,
+        &Scope {
+            channel,
+            failed_only: false,
+        },
+        |report| {
+            stats.tasks += 1;
+            stats.spent_micros += report.spent.cost_micros;
+            stats.saved_micros += report.saved.cost_micros;
+            stats.items_run += u64::from(report.items_run);
+            stats.items_skipped += u64::from(report.items_skipped);
+        },
+    )
+    .await?;
+    for task in store
+        .list_tasks(&TaskFilter {
+            status: Some(engine::TaskStatus::Failed),
+            ..TaskFilter::default()
+        })
+        .await?
+    {
+        if let Some(error) = task.last_error {
+            *reasons.entry(fold_numbers(&error)).or_default() += 1;
+        }
+    }
+    stats.failure_reasons = reasons.into_iter().collect();
+    stats
+        .failure_reasons
+        .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    println!("{} tasks", stats.tasks);
+    for (status, count) in &stats.by_status {
+        println!("  {status:<22} {count}");
+    }
+    println!(
+        "spent {} over {} items; resuming skipped {} items and saved {}",
+        money(stats.spent_micros),
+        stats.items_run,
+        stats.items_skipped,
+        money(stats.saved_micros)
+    );
+    if !stats.failure_reasons.is_empty() {
+        println!("failure reasons:");
+        for (reason, count) in &stats.failure_reasons {
+            println!(
+                "  {count:>5}  {}",
+                engine::truncate_for_display(reason, 100)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Groups reasons that differ only in numbers ("video item 7" and "video item 9").
+fn fold_numbers(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut in_number = false;
+    for c in reason.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
+}

@@ -5,6 +5,7 @@
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations.
 
+mod audit_bench;
 mod engine_bench;
 mod store_bench;
 mod worker_bench;
@@ -83,13 +84,23 @@ async fn main() -> anyhow::Result<()> {
     store_bench::run(&mut report, &pool, &store, iterations).await?;
     engine_bench::run(&mut report, &pool, &store, quick).await?;
     worker_bench::run(&mut report, &pool, &store, quick).await?;
+    audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;
     Ok(())
 }
 
 /// Drops and recreates `reel_bench`, so every run starts from the same empty state.
+fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| db::DEFAULT_URL.into())
+}
+
+/// The URL of the bench's own database.
+fn bench_url() -> anyhow::Result<String> {
+    let options = db::parse_url(&server_url())?.database("reel_bench");
+    Ok(sqlx::ConnectOptions::to_url_lossy(&options).to_string())
+}
+
 async fn fresh_database() -> anyhow::Result<PgPool> {
-    let server = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let server = server_url();
     let options = db::parse_url(&server)?;
     let admin = PgPoolOptions::new()
         .max_connections(1)

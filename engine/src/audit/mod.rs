@@ -13,6 +13,10 @@ use crate::id::TaskId;
 use crate::state::{TaskState, Totals};
 use crate::status::TaskStatus;
 
+mod scan;
+
+pub use scan::{ScanSummary, Scope, audit_stored, scan};
+
 /// The invariants, by stable snake_case name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -503,105 +507,5 @@ mod tests {
             TaskStatus::Queued,
             TaskStatus::Completed
         ));
-    }
-}
-
-/// Which tasks [`scan`] audits.
-#[derive(Clone, Debug, Default)]
-pub struct Scope {
-    /// Only this channel's tasks.
-    pub channel: Option<crate::id::ChannelId>,
-    /// Only failed tasks.
-    pub failed_only: bool,
-}
-
-/// Totals over a scan.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ScanSummary {
-    pub tasks: u64,
-    pub tasks_with_violations: u64,
-    pub violations: u64,
-}
-
-/// The tasks audited per database round trip: bounds memory to one page of streams.
-const SCAN_PAGE: usize = 200;
-
-/// Audits every task in `scope`, a page of tasks at a time (memory stays bounded however
-/// many tasks there are), handing each report to `each` as it is made.
-pub async fn scan(
-    store: &crate::store::PgStore,
-    scope: &Scope,
-    mut each: impl FnMut(AuditReport),
-) -> crate::error::Result<ScanSummary> {
-    let mut summary = ScanSummary::default();
-    let mut after = uuid::Uuid::nil();
-    loop {
-        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE id > $1 AND ($2::text IS NULL OR channel_id = $2) \
-             AND (NOT $3 OR status = 'failed') ORDER BY id LIMIT $4",
-        )
-        .bind(after)
-        .bind(scope.channel.as_ref().map(crate::id::ChannelId::as_str))
-        .bind(scope.failed_only)
-        .bind(SCAN_PAGE as i64)
-        .fetch_all(store.pool())
-        .await?;
-        let Some(&last) = ids.last() else {
-            return Ok(summary);
-        };
-        after = last;
-        let tasks: Vec<TaskId> = ids.into_iter().map(TaskId::from).collect();
-        let mut record = |report: AuditReport| {
-            summary.tasks += 1;
-            summary.violations += report.violations.len() as u64;
-            summary.tasks_with_violations += u64::from(!report.is_clean());
-            each(report);
-        };
-        match store.read_streams(&tasks).await {
-            Ok(events) => {
-                for stream in events.chunk_by(|a, b| a.stream_id == b.stream_id) {
-                    record(audit(stream[0].stream_id, stream));
-                }
-            }
-            // One undecodable event must not hide the other tasks: audit this page task by task.
-            Err(crate::error::Error::Decode { .. }) => {
-                for task in tasks {
-                    record(audit_stored(store, task).await?);
-                }
-            }
-            Err(other) => return Err(other),
-        }
-    }
-}
-
-/// Audits one stored task; an event that cannot be decoded is reported as a `KnownEvents`
-/// violation at its version.
-pub async fn audit_stored(
-    store: &crate::store::PgStore,
-    task: TaskId,
-) -> crate::error::Result<AuditReport> {
-    use crate::store::EventStore;
-    match store.read_stream(task, 1).await {
-        Ok(events) if events.is_empty() => Err(crate::error::Error::TaskNotFound(task)),
-        Ok(events) => Ok(audit(task, &events)),
-        Err(crate::error::Error::Decode {
-            position,
-            version,
-            event_type,
-            schema_version,
-            reason,
-            ..
-        }) => {
-            let good = store.read_stream_until(task, version).await?;
-            let mut report = audit(task, &good);
-            report.violations.push(Violation {
-                task,
-                version,
-                rule: Rule::KnownEvents,
-                message: format!("event at global position {position} ({event_type} v{schema_version}) cannot be read: {reason}"),
-            });
-            Ok(report)
-        }
-        Err(other) => Err(other),
     }
 }

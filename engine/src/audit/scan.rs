@@ -37,6 +37,9 @@ const SCAN_PAGE: usize = 200;
 /// works on them (on other cores) while this task checks the page in hand.
 const PAGES_IN_FLIGHT: usize = 2;
 
+/// A page's task ids and the read of their events.
+type PageRead = (Vec<TaskId>, JoinHandle<Result<Vec<RecordedEvent>>>);
+
 async fn next_ids(store: &PgStore, scope: &Scope, after: Uuid) -> Result<Vec<TaskId>> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM tasks WHERE id > $1 AND ($2::text IS NULL OR channel_id = $2) \
@@ -59,8 +62,7 @@ pub async fn scan(
     mut each: impl FnMut(AuditReport),
 ) -> Result<ScanSummary> {
     let mut summary = ScanSummary::default();
-    let mut in_flight: VecDeque<(Vec<TaskId>, JoinHandle<Result<Vec<RecordedEvent>>>)> =
-        VecDeque::new();
+    let mut in_flight: VecDeque<PageRead> = VecDeque::new();
     let mut after = Some(Uuid::nil());
     loop {
         while in_flight.len() < PAGES_IN_FLIGHT {

@@ -2,10 +2,9 @@
 
 use std::collections::BTreeSet;
 
-use engine::{ChannelId, Event, EventMetadata, FailureKind, RecordedEvent, TaskId, fold};
+use engine::{ChannelId, Event, FailureKind, RecordedEvent, TaskId, fold};
 use proptest::prelude::*;
 use serde_json::json;
-use uuid::Uuid;
 
 /// What the orchestrator (or a reviewer) can do next in a one-step workflow.
 #[derive(Clone, Debug)]
@@ -34,20 +33,6 @@ struct History {
     completed_after: Vec<BTreeSet<u32>>,
 }
 
-fn record(task: TaskId, version: u32, event: Event) -> RecordedEvent {
-    RecordedEvent {
-        global_position: i64::from(version),
-        tx_id: u64::from(version),
-        stream_id: task,
-        version,
-        event_id: Uuid::new_v4(),
-        schema_version: 1,
-        event,
-        metadata: EventMetadata::default(),
-        recorded_at: chrono::DateTime::UNIX_EPOCH,
-    }
-}
-
 fn build(planned: u32, actions: &[Action]) -> History {
     let task = TaskId::new();
     let submitted = Event::TaskSubmitted {
@@ -58,7 +43,7 @@ fn build(planned: u32, actions: &[Action]) -> History {
         idempotency_key: None,
     };
     let mut history = History {
-        events: vec![record(task, 1, submitted)],
+        events: vec![RecordedEvent::in_memory(task, 1, submitted)],
         completed_after: vec![BTreeSet::new()],
     };
     let (mut attempt, mut started, mut done) = (0u32, false, BTreeSet::new());
@@ -113,7 +98,9 @@ fn build(planned: u32, actions: &[Action]) -> History {
             _ => continue,
         };
         let version = history.events.len() as u32 + 1;
-        history.events.push(record(task, version, event));
+        history
+            .events
+            .push(RecordedEvent::in_memory(task, version, event));
         history.completed_after.push(done.clone());
     }
     history

@@ -278,6 +278,33 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+impl RecordedEvent {
+    /// An event as if it had been read at `version` of `stream`: the global position and
+    /// transaction id equal the version, the time is the Unix epoch. For building histories
+    /// in memory — tests of a workflow's fold, benches, tools.
+    pub fn in_memory(stream: TaskId, version: u32, event: Event) -> Self {
+        RecordedEvent {
+            global_position: i64::from(version),
+            tx_id: u64::from(version),
+            stream_id: stream,
+            version,
+            event_id: Uuid::new_v4(),
+            schema_version: CURRENT_SCHEMA_VERSION,
+            event,
+            metadata: EventMetadata::default(),
+            recorded_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// `events` as a stream of `stream`, versions 1, 2, 3, … (see [`RecordedEvent::in_memory`]).
+    pub fn in_memory_stream(stream: TaskId, events: impl IntoIterator<Item = Event>) -> Vec<Self> {
+        (1..)
+            .zip(events)
+            .map(|(version, event)| Self::in_memory(stream, version, event))
+            .collect()
+    }
+}
+
 /// A row of `events` before decoding (`payload` and `metadata` as JSON text).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct EventRow {

@@ -3,11 +3,10 @@
 use std::time::{Duration, Instant};
 
 use engine::prelude::*;
-use engine::{EventMetadata, Fence, Lease};
+use engine::{Fence, Lease};
 use serde_json::json;
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::Report;
 use crate::store_bench::{Via, new_task, raw_inserts};
@@ -91,20 +90,6 @@ async fn claim(store: &PgStore, task: TaskId) -> anyhow::Result<Lease> {
         .ok_or_else(|| anyhow::anyhow!("task {task} not claimable"))
 }
 
-fn recorded(task: TaskId, version: u32, event: Event) -> RecordedEvent {
-    RecordedEvent {
-        global_position: i64::from(version),
-        tx_id: u64::from(version),
-        stream_id: task,
-        version,
-        event_id: Uuid::new_v4(),
-        schema_version: 1,
-        event,
-        metadata: EventMetadata::default(),
-        recorded_at: chrono::Utc::now(),
-    }
-}
-
 fn completion(step: &str, item: u32, attempt: u32) -> Event {
     Event::ItemCompleted {
         step: step.to_owned(),
@@ -154,7 +139,7 @@ async fn fold_speed(report: &mut Report, store: &PgStore, events: usize) -> anyh
         .iter()
         .cloned()
         .enumerate()
-        .map(|(i, e)| recorded(task, i as u32 + 1, e))
+        .map(|(i, e)| RecordedEvent::in_memory(task, i as u32 + 1, e))
         .collect();
     let started = Instant::now();
     let state = fold(&stream);
@@ -243,7 +228,7 @@ fn resume_decision(report: &mut Report, iterations: u32) {
     let stream: Vec<RecordedEvent> = events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| recorded(task, i as u32 + 1, e))
+        .map(|(i, e)| RecordedEvent::in_memory(task, i as u32 + 1, e))
         .collect();
     let plan = [
         ("assets", 22),

@@ -300,27 +300,12 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventMetadata, FailureKind};
+    use crate::event::FailureKind;
     use crate::id::ChannelId;
 
     fn history(events: Vec<Event>) -> (TaskId, Vec<RecordedEvent>) {
         let task = TaskId::new();
-        let recorded = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| RecordedEvent {
-                global_position: i as i64 + 1,
-                tx_id: i as u64 + 1,
-                stream_id: task,
-                version: i as u32 + 1,
-                event_id: uuid::Uuid::new_v4(),
-                schema_version: 1,
-                event,
-                metadata: EventMetadata::default(),
-                recorded_at: chrono::DateTime::UNIX_EPOCH,
-            })
-            .collect();
-        (task, recorded)
+        (task, RecordedEvent::in_memory_stream(task, events))
     }
 
     fn submitted() -> Event {

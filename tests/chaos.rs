@@ -149,11 +149,7 @@ async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_work
         1,
         "the asset in flight finished and was recorded; no other started"
     );
-    let owner: Option<String> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
-        .bind(task.as_uuid())
-        .fetch_one(db.pool())
-        .await
-        .expect("row");
+    let owner = common::lease_owner(&db, task).await;
     assert_eq!(owner, None, "the lease is released");
     let next = store
         .claim_next(

@@ -186,11 +186,7 @@ async fn shutdown_lets_the_item_in_flight_finish_and_releases_the_lease() {
         1,
         "the item in flight finished and was recorded"
     );
-    let owner: Option<String> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
-        .bind(task.as_uuid())
-        .fetch_one(db.pool())
-        .await
-        .expect("row");
+    let owner = common::lease_owner(&db, task).await;
     assert_eq!(owner, None, "the lease is released");
     let next = store
         .claim_next("other", Duration::from_secs(30), &[], &["timed".into()])

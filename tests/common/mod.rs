@@ -261,3 +261,12 @@ pub async fn wait_for_success(child: &mut std::process::Child, limit: Duration) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Who holds `task`'s lease now, per the `tasks` row.
+pub async fn lease_owner(db: &engine::testing::TestDatabase, task: TaskId) -> Option<String> {
+    sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
+        .bind(task.as_uuid())
+        .fetch_one(db.pool())
+        .await
+        .expect("the task's row")
+}

@@ -50,8 +50,8 @@ pub use state::{
 };
 pub use status::{TaskStatus, UnknownStatus};
 pub use store::{
-    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, MIGRATOR,
-    NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
+    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, LogPage,
+    MIGRATOR, NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
 pub use worker::{Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

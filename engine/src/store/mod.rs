@@ -82,6 +82,18 @@ impl Checkpoint {
     }
 }
 
+/// One read of the global log with a type filter: see [`PgStore::read_page`].
+#[derive(Debug)]
+pub struct LogPage {
+    /// The matching events in global order, each decoded on its own: an event that cannot
+    /// be decoded is a typed `Decode` error naming its position, in its place.
+    pub events: Vec<Result<RecordedEvent>>,
+    /// The checkpoint just past the last row scanned, matching or not (`None`: nothing new).
+    pub end: Option<Checkpoint>,
+    /// How many rows the read scanned, matching or not.
+    pub scanned: usize,
+}
+
 /// A task to create: its first event (`task_submitted`) and its `tasks` row.
 #[derive(Clone, Debug)]
 pub struct NewTask {

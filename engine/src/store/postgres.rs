@@ -12,7 +12,9 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, NewTask};
+use super::{
+    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, LogPage, NewTask,
+};
 use crate::error::{Error, Result};
 use crate::event::{CURRENT_SCHEMA_VERSION, Event, EventRow, NewEvent, RecordedEvent};
 use crate::id::{TaskId, truncate_for_display};
@@ -95,6 +97,17 @@ const READ_ALL_AFTER_SQL: &str = select_events!(
        AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY tx_id, global_position LIMIT $3"
 );
+
+// The same window as READ_ALL_AFTER_SQL, but only rows whose type is in $4 (or every row
+// when $4 is NULL) carry their payload: the others are scanned for the checkpoint only, so a
+// follower that cares about a few types neither decodes nor fails on the rest.
+const READ_PAGE_SQL: &str = "SELECT global_position, tx_id::text::bigint AS tx_id, stream_id, \
+       stream_version, event_id, event_type, schema_version, \
+       CASE WHEN $4::text[] IS NULL OR event_type = ANY($4) THEN payload::text END AS payload, \
+       metadata::text AS metadata, recorded_at FROM events \
+     WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
+       AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+     ORDER BY tx_id, global_position LIMIT $3";
 
 /// The event store on a PostgreSQL pool. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -355,6 +368,47 @@ impl PgStore {
                 actual: 1,
             }),
         }
+    }
+
+    /// Up to `limit` committed events after `checkpoint` in global order (gap-safe, like
+    /// [`GlobalLog::read_all_after`]), decoding only those whose type is in `types` (every
+    /// type when `None`). Each matching row decodes on its own, so one undecodable event is
+    /// an `Err` in its place rather than a failed page; [`LogPage::end`] covers every row
+    /// scanned, matching or not.
+    pub async fn read_page(
+        &self,
+        checkpoint: Checkpoint,
+        limit: u32,
+        types: Option<&[&str]>,
+    ) -> Result<LogPage> {
+        let rows = sqlx::query(READ_PAGE_SQL)
+            .bind(checkpoint.tx_id.to_string())
+            .bind(checkpoint.position)
+            .bind(i64::from(limit))
+            .bind(types)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut page = LogPage {
+            events: Vec::new(),
+            end: None,
+            scanned: rows.len(),
+        };
+        for row in &rows {
+            let global_position: i64 = row.try_get("global_position")?;
+            let tx_id: i64 = row.try_get("tx_id")?;
+            page.end = Some(Checkpoint {
+                tx_id: u64::try_from(tx_id).unwrap_or(0),
+                position: global_position,
+            });
+            if row.try_get::<Option<String>, _>("payload")?.is_some() {
+                page.events.push(
+                    <EventRow as sqlx::FromRow<_>>::from_row(row)
+                        .map_err(Error::from)
+                        .and_then(EventRow::decode),
+                );
+            }
+        }
+        Ok(page)
     }
 
     async fn fetch_events(

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::wakeup::WakeUps;
-use super::{Checkpoint, GlobalLog, PgStore};
+use super::{Checkpoint, LogPage, PgStore};
 use crate::error::Result;
 use crate::event::RecordedEvent;
 
@@ -69,19 +69,34 @@ impl Subscription {
 
     /// Waits for and returns the next non-empty batch of committed events, in global order.
     /// Cancel-safe: dropping the future loses nothing (the position moves only on return).
+    /// An event that cannot be decoded fails the call and leaves the position before it.
     pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>> {
+        let before = self.position;
+        let page = self.next_page(None).await?;
+        let batch: Result<Vec<RecordedEvent>> = page.events.into_iter().collect();
+        if batch.is_err() {
+            self.position = before;
+        }
+        batch
+    }
+
+    /// Waits for the next read that scans at least one new row, and returns it with only
+    /// the events of `types` decoded (every type when `None`). The page may hold no
+    /// matching event: its [`LogPage::end`] still moves a consumer's checkpoint past what
+    /// it scanned. Cancel-safe like [`Subscription::next_batch`].
+    pub async fn next_page(&mut self, types: Option<&[&str]>) -> Result<LogPage> {
         // A notification arrives at commit, but its event is readable only once every older
         // transaction on the cluster has ended (the watermark). So after a wake-up that
         // reads nothing, re-read quickly for up to a poll interval instead of sleeping it.
         let mut woken_at: Option<Instant> = None;
         loop {
-            let batch = self
+            let page = self
                 .store
-                .read_all_after(self.position, self.options.batch_size)
+                .read_page(self.position, self.options.batch_size, types)
                 .await?;
-            if let Some(last) = batch.last() {
-                self.position = Checkpoint::after(last);
-                return Ok(batch);
+            if let Some(end) = page.end {
+                self.position = end;
+                return Ok(page);
             }
             match woken_at {
                 Some(at) if at.elapsed() < self.options.poll_interval => {

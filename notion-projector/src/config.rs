@@ -1,0 +1,283 @@
+//! The binary's configuration (environment variables and flags) and its main loop.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use engine::PgStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::notion::{
+    DEFAULT_API_URL, DEFAULT_NOTION_VERSION, NotionClient, NotionConfig, PropertyType, Token,
+};
+use crate::projector::{Projector, ProjectorOptions};
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Mirror reel task status into Notion: follow the event log, send each task's latest
+/// status to its Notion page, within Notion's rate limit, through outages. Durations take
+/// `ms`, `s` or `m` (a bare number is seconds).
+#[derive(Clone, Parser)]
+#[command(name = "notion-projector", version)]
+pub struct Config {
+    /// PostgreSQL holding reel's event log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The Notion integration token (prefer the environment variable: flags show in `ps`).
+    /// Never logged.
+    #[arg(long = "notion-token", env = "NOTION_TOKEN", hide_env_values = true)]
+    pub notion_token: String,
+    /// Notion's API address (tests point it at a local fake).
+    #[arg(long, env = "NOTION_API_URL", default_value = DEFAULT_API_URL)]
+    pub notion_api_url: String,
+    /// The `Notion-Version` header.
+    #[arg(long, env = "NOTION_VERSION", default_value = DEFAULT_NOTION_VERSION)]
+    pub notion_version: String,
+    /// The page property that shows the status.
+    #[arg(long, env = "NOTION_STATUS_PROPERTY", default_value = "Status")]
+    pub status_property: String,
+    /// Whether that property is a Status or a Select property.
+    #[arg(long, value_enum, default_value_t = PropertyType::Status)]
+    pub property_type: PropertyType,
+    /// Requests per second to Notion, on average (Notion allows 3).
+    #[arg(long, default_value_t = 3.0, value_parser = parse_rate)]
+    pub rate: f64,
+    /// Requests allowed back to back before the rate applies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub burst: u32,
+    /// The longest wait between reads of the log when no notification arrives.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Events read per batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// The longest wait for one answer from Notion.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_timeout: Duration,
+    /// Retries after a 5xx, a timeout or an unreachable Notion before the sync is recorded
+    /// in `sync_failures` (and tried again on a later pass).
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: u32,
+    /// The first retry's delay; it doubles per retry, with jitter.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// The longest retry delay and the longest `Retry-After` honoured.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+    /// How often recorded transient failures are tried again.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub failure_retry_interval: Duration,
+    /// How often a standby tries to take over.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub standby_interval: Duration,
+    /// Requests in flight at once (the rate still applies).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+    /// The checkpoint's and leader lock's name; instances with one name share one checkpoint.
+    #[arg(long, env = "NOTION_PROJECTOR_NAME", default_value = "notion")]
+    pub name: String,
+    /// Serve `/healthz` and `/metrics` here, e.g. `0.0.0.0:9187`.
+    #[arg(long, env = "NOTION_PROJECTOR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Do not apply pending migrations at start (for a role without DDL rights).
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Log lines as text or JSON (filter with `REEL_LOG`, e.g. `REEL_LOG=debug`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("notion_api_url", &self.notion_api_url)
+            .field("notion_version", &self.notion_version)
+            .field("status_property", &self.status_property)
+            .field("property_type", &self.property_type)
+            .field("rate", &self.rate)
+            .field("burst", &self.burst)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// The projector's options from the flags.
+    pub fn projector_options(&self) -> ProjectorOptions {
+        ProjectorOptions {
+            name: self.name.clone(),
+            status_property: self.status_property.clone(),
+            property_type: self.property_type,
+            rate: self.rate,
+            burst: self.burst,
+            poll_interval: self.poll_interval,
+            batch_size: self.batch_size,
+            max_retries: self.max_retries,
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+            failure_retry_interval: self.failure_retry_interval,
+            standby_interval: self.standby_interval,
+            concurrency: usize::try_from(self.concurrency).unwrap_or(1),
+        }
+    }
+
+    /// Installs the tracing subscriber (stderr; `REEL_LOG` filter, default `info`).
+    pub fn init_logging(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("REEL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match self.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+}
+
+/// Runs the projector until SIGTERM/SIGINT (a second signal exits at once).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let token = Token::new(config.notion_token.clone());
+    anyhow::ensure!(
+        !config.notion_token.trim().is_empty(),
+        "NOTION_TOKEN is empty"
+    );
+    let client = NotionClient::new(NotionConfig {
+        api_url: config.notion_api_url.clone(),
+        token,
+        version: config.notion_version.clone(),
+        timeout: config.http_timeout,
+    })?;
+    let pool = engine::db::connect(&config.database_url, 4)
+        .await
+        .context("cannot connect to the database")?;
+    let store = PgStore::new(pool.clone());
+    if !config.no_migrate {
+        store.migrate().await.context("cannot apply migrations")?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::metrics::serve(
+            addr,
+            metrics.clone(),
+            pool,
+            config.name.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "serving /healthz and /metrics");
+    }
+    tracing::info!(
+        api = %config.notion_api_url,
+        version = %config.notion_version,
+        property = %config.status_property,
+        rate = config.rate,
+        "notion-projector starting"
+    );
+    Projector::new(store, client, config.projector_options(), metrics)
+        .run(shutdown)
+        .await;
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: stop after the requests in flight. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for count in 1.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if count == 1 {
+            tracing::info!("shutting down (signal again to exit at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if rate.is_finite() && rate > 0.0 && rate <= 1000.0 {
+        Ok(rate)
+    } else {
+        Err("the rate must be above 0 and at most 1000 requests/s".into())
+    }
+}
+
+/// `250ms`, `2s`, `1.5s`, `1m`, or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    if !value.is_finite() || value < 0.0 || value * scale > 86_400.0 {
+        return Err(format!("{text:?} is out of range (0 to 24 h)"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("2d").is_err());
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug_output() {
+        let config = Config::parse_from([
+            "notion-projector",
+            "--database-url",
+            "postgres://localhost/x",
+            "--notion-token",
+            "ntn_do_not_print_me",
+        ]);
+        assert!(!format!("{config:?}").contains("ntn_do_not_print_me"));
+        assert_eq!(config.rate, 3.0);
+        assert_eq!(config.status_property, "Status");
+        assert_eq!(config.notion_version, "2025-09-03");
+        assert!(parse_rate("0").is_err());
+    }
+}

@@ -1,0 +1,568 @@
+//! A local fake of the part of Notion's API the projector uses, over real HTTP, for tests
+//! and the bench (feature `fake`).
+//!
+//! It answers `PATCH /v1/pages/{id}` and `GET /v1/pages/{id}` with Notion's shapes and
+//! checks what Notion checks: 401 without the right bearer token, 400 `missing_version`
+//! without `Notion-Version`, 400 `validation_error` for a malformed id, an unknown
+//! property, a payload of the wrong property type or an unknown status option, 404
+//! `object_not_found` for an unknown page, and a token bucket (3 requests/s by default)
+//! answering 429 `rate_limited` with `Retry-After`. Faults are injectable: a queue of
+//! one-shot faults (any status, a 502 as HTML like Notion's edge, a 429, a delay), an
+//! outage answering one status to everything, and a latency on every answer. Every
+//! request is recorded with its arrival time and the answer it got.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::notion::PropertyType;
+use crate::page_id::PageId;
+
+/// How the fake behaves.
+#[derive(Clone, Debug)]
+pub struct FakeNotionOptions {
+    /// The bearer token it accepts.
+    pub token: String,
+    /// The token bucket: requests per second on average...
+    pub rate: f64,
+    /// ...and at most this many at once.
+    pub burst: f64,
+    /// The `Retry-After` its 429s carry, in seconds.
+    pub retry_after_secs: u64,
+}
+
+impl Default for FakeNotionOptions {
+    fn default() -> Self {
+        FakeNotionOptions {
+            token: "ntn_fake_token_for_tests".into(),
+            rate: 3.0,
+            burst: 3.0,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// A one-shot fault: the next request that passes authentication and the rate limit gets it.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer this status with Notion's JSON error body (e.g. 500, 503, 504, 409).
+    Status(u16),
+    /// A 502 whose body is HTML, as Notion's edge sends it.
+    BadGatewayHtml,
+    /// A 429 with `Retry-After` of this many seconds.
+    RateLimited { retry_after_secs: u64 },
+    /// Wait this long, then answer normally (past the client's timeout: a timeout).
+    Delay(Duration),
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub at: Instant,
+    pub method: String,
+    /// The id as it appeared in the path.
+    pub page_id: String,
+    /// The option name the body asked for, when it had one.
+    pub value: Option<String>,
+    /// The status the fake answered.
+    pub response: u16,
+    /// The `Authorization` header as received (tests check what the client sent).
+    pub authorization: Option<String>,
+}
+
+#[derive(Debug)]
+struct FakePage {
+    property: String,
+    kind: PropertyType,
+    value: Option<String>,
+    history: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Debug)]
+struct FakeState {
+    options: FakeNotionOptions,
+    pages: HashMap<String, FakePage>,
+    bucket: Bucket,
+    faults: VecDeque<Fault>,
+    outage: Option<u16>,
+    latency: Duration,
+    requests: Vec<RecordedRequest>,
+}
+
+type Shared = Arc<Mutex<FakeState>>;
+
+/// A running fake Notion on 127.0.0.1. Stops when dropped.
+#[derive(Debug)]
+pub struct FakeNotion {
+    addr: SocketAddr,
+    state: Shared,
+    stop: CancellationToken,
+}
+
+impl FakeNotion {
+    /// Starts a fake on a free local port.
+    pub async fn start(options: FakeNotionOptions) -> std::io::Result<FakeNotion> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state: Shared = Arc::new(Mutex::new(FakeState {
+            bucket: Bucket {
+                tokens: options.burst,
+                last: Instant::now(),
+            },
+            options,
+            pages: HashMap::new(),
+            faults: VecDeque::new(),
+            outage: None,
+            latency: Duration::ZERO,
+            requests: Vec::new(),
+        }));
+        let app = Router::new()
+            .route("/v1/pages/{page_id}", get(get_page).patch(patch_page))
+            .with_state(state.clone());
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+        });
+        Ok(FakeNotion { addr, state, stop })
+    }
+
+    /// The base URL to give the projector as `NOTION_API_URL`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The token the fake accepts.
+    pub fn token(&self) -> String {
+        self.lock().options.token.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a page in a data source whose `Status` property is of type status.
+    pub fn add_page(&self, id: &str) {
+        self.add_page_with(id, "Status", PropertyType::Status);
+    }
+
+    /// Adds a page whose status lives in `property` of type `kind`.
+    pub fn add_page_with(&self, id: &str, property: &str, kind: PropertyType) {
+        let key = normalise(id).unwrap_or_else(|| id.to_owned());
+        self.lock().pages.insert(
+            key,
+            FakePage {
+                property: property.to_owned(),
+                kind,
+                value: None,
+                history: Vec::new(),
+            },
+        );
+    }
+
+    /// The option the page shows now.
+    pub fn page_value(&self, id: &str) -> Option<String> {
+        let key = normalise(id)?;
+        self.lock().pages.get(&key).and_then(|p| p.value.clone())
+    }
+
+    /// Every value the page was set to, in order.
+    pub fn page_history(&self, id: &str) -> Vec<String> {
+        let Some(key) = normalise(id) else {
+            return Vec::new();
+        };
+        self.lock()
+            .pages
+            .get(&key)
+            .map(|p| p.history.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// How many requests got `status`.
+    pub fn count(&self, status: u16) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.response == status)
+            .count()
+    }
+
+    /// Queues one-shot faults for the next requests.
+    pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.lock().faults.extend(faults);
+    }
+
+    /// Answers every request with `status` (a JSON error) until set back to `None`.
+    pub fn set_outage(&self, status: Option<u16>) {
+        self.lock().outage = status;
+    }
+
+    /// Delays every answer by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Stops answering (the port closes).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for FakeNotion {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn normalise(id: &str) -> Option<String> {
+    PageId::parse(id).ok().map(|p| p.as_str().to_owned())
+}
+
+async fn get_page(
+    State(state): State<Shared>,
+    Path(page_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    handle(state, "GET", page_id, headers, None).await
+}
+
+async fn patch_page(
+    State(state): State<Shared>,
+    Path(page_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(state, "PATCH", page_id, headers, Some(body)).await
+}
+
+async fn handle(
+    state: Shared,
+    method: &'static str,
+    page_id: String,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+) -> Response {
+    let at = Instant::now();
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let parsed: Option<Value> = body.as_ref().and_then(|b| serde_json::from_slice(b).ok());
+    let value = parsed.as_ref().and_then(requested_value);
+    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (answer, delay) = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        decide(&mut s, &page_id, &headers, body.as_deref(), parsed.as_ref())
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let (status, response) = match answer {
+        Answer::Page(page) => (200, (StatusCode::OK, axum::Json(page)).into_response()),
+        Answer::Error {
+            status,
+            code,
+            message,
+            retry_after,
+        } => (status, error_response(status, code, &message, retry_after)),
+        Answer::Html(status) => (
+            status,
+            (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>cloudflare</center></body></html>",
+            )
+                .into_response(),
+        ),
+    };
+    if let Ok(mut s) = state.lock() {
+        s.requests.push(RecordedRequest {
+            at,
+            method: method.to_owned(),
+            page_id,
+            value,
+            response: status,
+            authorization,
+        });
+    }
+    response
+}
+
+enum Answer {
+    Page(Value),
+    Error {
+        status: u16,
+        code: &'static str,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    Html(u16),
+}
+
+fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer {
+    Answer::Error {
+        status,
+        code,
+        message: message.into(),
+        retry_after: None,
+    }
+}
+
+/// What Notion would answer, in the order it checks: authentication, version, rate
+/// limit, injected faults, the id, the page, the body.
+fn decide(
+    s: &mut FakeState,
+    page_id: &str,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+    parsed: Option<&Value>,
+) -> (Answer, Option<Duration>) {
+    let expected = format!("Bearer {}", s.options.token);
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(expected.as_str())
+    {
+        return (error(401, "unauthorized", "API token is invalid."), None);
+    }
+    if headers.get("notion-version").is_none() {
+        return (
+            error(
+                400,
+                "missing_version",
+                "Notion-Version header failed validation: Notion-Version header should be defined, instead was `undefined`.",
+            ),
+            None,
+        );
+    }
+    let now = Instant::now();
+    let elapsed = now.duration_since(s.bucket.last).as_secs_f64();
+    s.bucket.tokens = (s.bucket.tokens + elapsed * s.options.rate).min(s.options.burst);
+    s.bucket.last = now;
+    if s.bucket.tokens < 1.0 {
+        return (
+            Answer::Error {
+                status: 429,
+                code: "rate_limited",
+                message: "You have been rate limited. Please try again in a few minutes.".into(),
+                retry_after: Some(s.options.retry_after_secs),
+            },
+            None,
+        );
+    }
+    s.bucket.tokens -= 1.0;
+    let mut delay = None;
+    if let Some(status) = s.outage {
+        return (outage_answer(status), None);
+    }
+    match s.faults.pop_front() {
+        Some(Fault::Status(status)) => return (outage_answer(status), None),
+        Some(Fault::BadGatewayHtml) => return (Answer::Html(502), None),
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            return (
+                Answer::Error {
+                    status: 429,
+                    code: "rate_limited",
+                    message: "You have been rate limited. Please try again in a few minutes."
+                        .into(),
+                    retry_after: Some(retry_after_secs),
+                },
+                None,
+            );
+        }
+        Some(Fault::Delay(d)) => delay = Some(d),
+        None => {}
+    }
+    let Some(key) = normalise(page_id) else {
+        return (
+            error(
+                400,
+                "validation_error",
+                format!(
+                    "path failed validation: path.page_id should be a valid uuid, instead was `\"{page_id}\"`."
+                ),
+            ),
+            delay,
+        );
+    };
+    let Some(page) = s.pages.get_mut(&key) else {
+        return (
+            error(
+                404,
+                "object_not_found",
+                format!(
+                    "Could not find page with ID: {key}. Make sure the relevant pages and databases are shared with your integration."
+                ),
+            ),
+            delay,
+        );
+    };
+    if body.is_some() {
+        let Some(parsed) = parsed else {
+            return (
+                error(400, "invalid_json", "Error parsing JSON body."),
+                delay,
+            );
+        };
+        if let Err(message) = apply(page, parsed) {
+            return (error(400, "validation_error", message), delay);
+        }
+    }
+    (Answer::Page(page_object(&key, page)), delay)
+}
+
+fn outage_answer(status: u16) -> Answer {
+    match status {
+        502 => Answer::Html(502),
+        429 | 529 => Answer::Error {
+            status,
+            code: if status == 429 {
+                "rate_limited"
+            } else {
+                "service_overload"
+            },
+            message: "Please try again later.".into(),
+            retry_after: Some(1),
+        },
+        500 => error(500, "internal_server_error", "Unexpected error occurred."),
+        503 => error(
+            503,
+            "service_unavailable",
+            "Notion is unavailable, please try again later.",
+        ),
+        504 => error(
+            504,
+            "gateway_timeout",
+            "Notion timed out while processing the request.",
+        ),
+        409 => error(
+            409,
+            "conflict_error",
+            "Conflict occurred while saving. Please try again.",
+        ),
+        other => error(other, "internal_server_error", "Injected failure."),
+    }
+}
+
+fn requested_value(body: &Value) -> Option<String> {
+    let properties = body.get("properties")?.as_object()?;
+    properties.values().find_map(|v| {
+        ["status", "select"]
+            .iter()
+            .find_map(|k| v.get(k)?.get("name")?.as_str().map(str::to_owned))
+    })
+}
+
+/// Applies a `properties` body to the page, or says why Notion would refuse it.
+fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
+    let Some(object) = body.as_object() else {
+        return Err("body failed validation: body should be an object.".into());
+    };
+    if let Some(key) = object.keys().find(|k| k.as_str() != "properties") {
+        return Err(format!(
+            "body failed validation: {key} is not an allowed property."
+        ));
+    }
+    let Some(properties) = object.get("properties").and_then(Value::as_object) else {
+        return Ok(());
+    };
+    for (name, value) in properties {
+        if *name != page.property {
+            return Err(format!("{name} is not a property that exists."));
+        }
+        let kind = page.kind.as_str();
+        let Some(option) = value.get(kind) else {
+            return Err(format!("{name} is expected to be {kind}."));
+        };
+        let Some(option_name) = option.get("name").and_then(Value::as_str) else {
+            return Err(format!(
+                "body failed validation: body.properties.{name}.{kind}.name should be defined."
+            ));
+        };
+        if option_name.is_empty()
+            || option_name.chars().count() > 2000
+            || (option_name.contains(',') && page.kind == PropertyType::Select)
+        {
+            return Err(format!("Invalid select option name: {option_name}"));
+        }
+        if page.kind == PropertyType::Status
+            && !engine::TaskStatus::ALL
+                .iter()
+                .any(|s| s.display_name() == option_name)
+        {
+            return Err(format!(
+                "Invalid status option. Status option \"{option_name}\" does not exist."
+            ));
+        }
+        page.value = Some(option_name.to_owned());
+        page.history.push(option_name.to_owned());
+    }
+    Ok(())
+}
+
+fn page_object(id: &str, page: &FakePage) -> Value {
+    let kind = page.kind.as_str();
+    let option = page
+        .value
+        .as_ref()
+        .map(|name| json!({"id": format!("opt-{}", name.len()), "name": name, "color": "default"}));
+    json!({
+        "object": "page",
+        "id": id,
+        "parent": {"type": "data_source_id", "data_source_id": "00000000-0000-4000-8000-000000000001"},
+        "in_trash": false,
+        "properties": { page.property.clone(): {"id": "%3FsVd", "type": kind, kind: option} },
+    })
+}
+
+fn error_response(status: u16, code: &str, message: &str, retry_after: Option<u64>) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "object": "error",
+        "status": status,
+        "code": code,
+        "message": message,
+        "request_id": request_id,
+    });
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response();
+    if let Ok(id) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-notion-request-id", id);
+    }
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}

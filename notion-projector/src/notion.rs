@@ -1,0 +1,353 @@
+//! The Notion HTTP client: one request type (set a page's Status), errors classified by
+//! HTTP status — never by body, since a 502 from Notion's edge is HTML, not JSON.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use serde_json::json;
+
+use crate::page_id::PageId;
+
+/// The longest error text kept from a response or a transport error.
+pub const ERROR_MAX_CHARS: usize = 300;
+
+/// Notion's default API address.
+pub const DEFAULT_API_URL: &str = "https://api.notion.com";
+
+/// The API version pinned by default (the official SDK's default).
+pub const DEFAULT_NOTION_VERSION: &str = "2025-09-03";
+
+/// An integration token. Its `Debug` and `Display` never show it, and every error text
+/// built from a response or a transport failure has it scrubbed.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `text` with every occurrence of the token replaced.
+    pub fn scrub(&self, text: &str) -> String {
+        if self.0.len() < 4 {
+            return text.to_owned();
+        }
+        text.replace(&self.0, "[redacted]")
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token([redacted])")
+    }
+}
+
+/// The kind of the Notion property that mirrors the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PropertyType {
+    /// A Status property: the option must already exist in the database.
+    Status,
+    /// A Select property: an unknown option is added by Notion.
+    Select,
+}
+
+impl PropertyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PropertyType::Status => "status",
+            PropertyType::Select => "select",
+        }
+    }
+}
+
+/// Why a request did not succeed, classified for the retry policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotionError {
+    /// 429 or 529: wait `retry_after` (Notion's `Retry-After`), pausing every request.
+    #[error("HTTP {status}: rate limited (retry after {retry_after:?})")]
+    RateLimited {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// 409, 500, 502, 503, 504 and other 5xx: retried with backoff.
+    #[error("HTTP {status}: {message}")]
+    Unavailable { status: u16, message: String },
+    /// No answer within the request timeout: retried with backoff.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The request did not reach Notion or its answer was cut (refused, reset, DNS):
+    /// retried with backoff.
+    #[error("cannot reach Notion: {0}")]
+    Transport(String),
+    /// 400, 401, 403, 404 and other 4xx: a retry cannot help.
+    #[error("HTTP {status} {code}: {message}")]
+    Rejected {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+impl NotionError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, NotionError::Rejected { .. })
+    }
+
+    /// The HTTP status, when Notion answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            NotionError::RateLimited { status, .. }
+            | NotionError::Unavailable { status, .. }
+            | NotionError::Rejected { status, .. } => Some(*status),
+            NotionError::Timeout(_) | NotionError::Transport(_) => None,
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            NotionError::RateLimited { .. } => "rate_limited",
+            NotionError::Unavailable { .. } => "unavailable",
+            NotionError::Timeout(_) => "timeout",
+            NotionError::Transport(_) => "transport",
+            NotionError::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// How to reach Notion.
+#[derive(Clone, Debug)]
+pub struct NotionConfig {
+    /// `https://api.notion.com`, or a local fake in tests.
+    pub api_url: String,
+    pub token: Token,
+    /// The `Notion-Version` header.
+    pub version: String,
+    /// The longest wait for one answer.
+    pub timeout: Duration,
+}
+
+/// A client for `PATCH /v1/pages/{id}`. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct NotionClient {
+    http: reqwest::Client,
+    base: String,
+    token: Token,
+    timeout: Duration,
+}
+
+/// The client could not be built (an invalid header value in the configuration).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Notion client configuration: {0}")]
+pub struct ConfigError(String);
+
+impl NotionClient {
+    pub fn new(config: NotionConfig) -> Result<NotionClient, ConfigError> {
+        let mut headers = HeaderMap::new();
+        let version = HeaderValue::from_str(&config.version)
+            .map_err(|_| ConfigError("NOTION_VERSION is not a valid header value".into()))?;
+        headers.insert("Notion-Version", version);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("reel-notion-projector/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ConfigError(config.token.scrub(&e.to_string())))?;
+        // A token that cannot be a header value would fail every request: say so now,
+        // without echoing it.
+        HeaderValue::from_str(&format!("Bearer {}", config.token.expose())).map_err(|_| {
+            ConfigError("NOTION_TOKEN holds characters not allowed in a header".into())
+        })?;
+        Ok(NotionClient {
+            http,
+            base: config.api_url.trim_end_matches('/').to_owned(),
+            token: config.token,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Sets the page's `property` (a Status or Select property) to the option `name`.
+    pub async fn set_status(
+        &self,
+        page: &PageId,
+        property: &str,
+        kind: PropertyType,
+        name: &str,
+    ) -> Result<(), NotionError> {
+        let body = json!({ "properties": { property: { kind.as_str(): { "name": name } } } });
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", self.token.expose()))
+            .map_err(|_| NotionError::Transport("the token is not a valid header value".into()))?;
+        auth.set_sensitive(true);
+        let sent = self
+            .http
+            .patch(format!("{}/v1/pages/{}", self.base, page))
+            .header(AUTHORIZATION, auth)
+            .json(&body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(err) => return Err(self.transport_error(&err)),
+        };
+        let status = response.status();
+        if status.is_success() {
+            // Drain the body so the connection can be reused; its content is not needed.
+            return match response.bytes().await {
+                Ok(_) => Ok(()),
+                Err(err) => Err(self.transport_error(&err)),
+            };
+        }
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let text = response.text().await.unwrap_or_default();
+        Err(self.classify(status, retry_after, &text))
+    }
+
+    fn classify(
+        &self,
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: &str,
+    ) -> NotionError {
+        let code = status.as_u16();
+        let (error_code, message) = parse_error_body(body);
+        let message = truncate(&self.token.scrub(&message));
+        match code {
+            429 | 529 => NotionError::RateLimited {
+                status: code,
+                retry_after,
+            },
+            409 | 500..=599 => NotionError::Unavailable {
+                status: code,
+                message,
+            },
+            _ => NotionError::Rejected {
+                status: code,
+                code: error_code.unwrap_or_else(|| "unknown".into()),
+                message,
+            },
+        }
+    }
+
+    fn transport_error(&self, err: &reqwest::Error) -> NotionError {
+        if err.is_timeout() {
+            return NotionError::Timeout(self.timeout);
+        }
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            let line = cause.to_string();
+            if !text.contains(&line) {
+                text.push_str(": ");
+                text.push_str(&line);
+            }
+            source = cause.source();
+        }
+        NotionError::Transport(truncate(&self.token.scrub(&text)))
+    }
+}
+
+/// `code` and `message` of Notion's JSON error body; for anything else (the HTML of a 502
+/// from the edge, an empty body) no code and a short description of what came back.
+fn parse_error_body(body: &str) -> (Option<String>, String) {
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
+        let code = value
+            .get("code")
+            .and_then(|c| c.as_str())
+            .map(str::to_owned);
+        let message = value
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned);
+        if code.is_some() || message.is_some() {
+            return (code, message.unwrap_or_default());
+        }
+    }
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        (None, "empty response body".into())
+    } else if trimmed.starts_with('<') {
+        (None, "non-JSON (HTML) response body".into())
+    } else {
+        (None, trimmed.chars().take(120).collect())
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    if let Ok(seconds) = value.parse::<f64>()
+        && seconds.is_finite()
+        && seconds >= 0.0
+    {
+        return Some(Duration::from_secs_f64(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+fn truncate(text: &str) -> String {
+    engine::truncate_for_display(text, ERROR_MAX_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_dates() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-3"), None);
+    }
+
+    #[test]
+    fn error_bodies_json_html_and_empty() {
+        assert_eq!(
+            parse_error_body(
+                r#"{"object":"error","status":404,"code":"object_not_found","message":"Could not find page"}"#
+            ),
+            (
+                Some("object_not_found".into()),
+                "Could not find page".into()
+            )
+        );
+        assert_eq!(
+            parse_error_body("<html><body>502 Bad Gateway</body></html>"),
+            (None, "non-JSON (HTML) response body".into())
+        );
+        assert_eq!(parse_error_body(""), (None, "empty response body".into()));
+    }
+
+    #[test]
+    fn the_token_never_shows() {
+        let token = Token::new("ntn_supersecret_value");
+        assert_eq!(format!("{token:?}"), "Token([redacted])");
+        assert_eq!(
+            token.scrub("bad header Bearer ntn_supersecret_value"),
+            "bad header Bearer [redacted]"
+        );
+    }
+}

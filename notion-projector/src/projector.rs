@@ -1,0 +1,662 @@
+//! The projector: follow the log, coalesce each task to its latest status, PATCH Notion
+//! outside any transaction, then record what was handled and move the checkpoint by
+//! compare-and-set.
+//!
+//! Delivery is at-least-once: a crash between a PATCH and the checkpoint commit re-reads
+//! the events, and the repeated PATCH sets the same absolute value. `notion_sync` is
+//! written right after each successful PATCH, so a redelivered batch skips what already
+//! reached Notion.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::{Checkpoint, Event, PgStore, RecordedEvent, Subscription, SubscriptionOptions};
+use engine::{EventStore, TaskId, TaskStatus};
+use futures_util::StreamExt;
+use rand::Rng;
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::notion::{NotionClient, NotionError, PropertyType};
+use crate::page_id::PageId;
+
+/// The event types that set a task's status: `task_submitted` (queued) and `status_changed`.
+pub const STATUS_EVENT_TYPES: [&str; 2] = ["task_submitted", "status_changed"];
+
+/// How the projector runs. [`ProjectorOptions::default`] matches the binary's defaults.
+#[derive(Clone, Debug)]
+pub struct ProjectorOptions {
+    /// The checkpoint's and the leader lock's name: instances with the same name share one
+    /// checkpoint and only one of them leads.
+    pub name: String,
+    /// The Notion property that shows the status.
+    pub status_property: String,
+    pub property_type: PropertyType,
+    /// Requests per second to Notion, on average.
+    pub rate: f64,
+    /// Requests allowed at once.
+    pub burst: u32,
+    /// The longest wait between reads when no notification arrives.
+    pub poll_interval: Duration,
+    /// Events read per batch.
+    pub batch_size: u32,
+    /// Tries after the first for 5xx, timeouts and unreachable Notion.
+    pub max_retries: u32,
+    /// The first retry's delay; it doubles each time (with jitter of ×0.5–1.5).
+    pub retry_base: Duration,
+    /// The longest retry delay, and the longest `Retry-After` honoured as given.
+    pub retry_max: Duration,
+    /// How often failures whose retries ran out are tried again.
+    pub failure_retry_interval: Duration,
+    /// How often a standby tries to become the leader.
+    pub standby_interval: Duration,
+    /// Requests in flight at once (the limiter still spaces them).
+    pub concurrency: usize,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        ProjectorOptions {
+            name: "notion".into(),
+            status_property: "Status".into(),
+            property_type: PropertyType::Status,
+            rate: 3.0,
+            burst: 1,
+            poll_interval: Duration::from_millis(500),
+            batch_size: 500,
+            max_retries: 3,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            failure_retry_interval: Duration::from_secs(30),
+            standby_interval: Duration::from_secs(1),
+            concurrency: 3,
+        }
+    }
+}
+
+/// Why the projector stepped back (it retries by itself; `run` returns only on shutdown).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The leader lock's connection broke: another instance may lead now.
+    #[error("lost the leader lock: {0}")]
+    LeadershipLost(String),
+    /// Another instance moved the checkpoint: this one is a zombie and must not write.
+    #[error("checkpoint of {projector} moved by another instance (expected {expected:?})")]
+    CheckpointMoved {
+        projector: String,
+        expected: Checkpoint,
+    },
+}
+
+/// The status a task should show, and the event that set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    task: TaskId,
+    version: u32,
+    status: TaskStatus,
+    position: i64,
+}
+
+/// A status to send to one page.
+#[derive(Clone, Debug)]
+struct Job {
+    target: Target,
+    page: PageId,
+}
+
+/// A row for `sync_failures`.
+#[derive(Clone, Debug)]
+struct Failure {
+    position: i64,
+    task: TaskId,
+    http_status: Option<u16>,
+    error: String,
+    retryable: bool,
+}
+
+enum Sent {
+    Synced,
+    Failed(Failure),
+    Interrupted,
+}
+
+/// The sidecar. Build one with [`Projector::new`], then [`Projector::run`] it.
+#[derive(Debug)]
+pub struct Projector {
+    store: PgStore,
+    client: NotionClient,
+    limiter: Limiter,
+    options: ProjectorOptions,
+    metrics: Arc<Metrics>,
+}
+
+impl Projector {
+    pub fn new(
+        store: PgStore,
+        client: NotionClient,
+        options: ProjectorOptions,
+        metrics: Arc<Metrics>,
+    ) -> Projector {
+        Projector {
+            limiter: Limiter::new(options.rate, options.burst),
+            store,
+            client,
+            options,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Leads (or waits as a standby) until `shutdown`; steps back and retries after
+    /// database outages, a lost leader lock or a moved checkpoint.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            match self.standby_then_lead(&shutdown).await {
+                Ok(()) => {}
+                Err(err) => {
+                    self.metrics.leader.set(0);
+                    if matches!(err, ProjectorError::Database(_) | ProjectorError::Engine(_)) {
+                        self.metrics.set_healthy(false);
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    tracing::warn!(error = %err, retry_in = ?backoff, "projector stepped back");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        tracing::info!("projector stopped");
+    }
+
+    async fn standby_then_lead(&self, shutdown: &CancellationToken) -> Result<(), ProjectorError> {
+        let options = self.store.pool().connect_options();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let mut announced = false;
+        loop {
+            let acquired: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(self.lock_name())
+                    .fetch_one(&mut conn)
+                    .await?;
+            self.metrics.set_healthy(true);
+            if acquired {
+                break;
+            }
+            if !announced {
+                tracing::info!(projector = %self.options.name, "another instance leads: waiting as standby");
+                announced = true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.options.standby_interval) => {}
+            }
+        }
+        tracing::info!(projector = %self.options.name, "leading");
+        self.metrics.leader.set(1);
+        // The lock lives as long as its connection: a watchdog pings it, and halts this
+        // leader as soon as it breaks (another instance may take the lock then).
+        let halt = shutdown.child_token();
+        let done = CancellationToken::new();
+        let watchdog = tokio::spawn(watch_lock(conn, halt.clone(), done.clone()));
+        let result = self.lead(&halt).await;
+        done.cancel();
+        self.metrics.leader.set(0);
+        if let Ok(Some(mut conn)) = watchdog.await {
+            let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                .bind(self.lock_name())
+                .execute(&mut conn)
+                .await;
+            let _ = conn.close().await;
+        }
+        match result {
+            Ok(()) if !shutdown.is_cancelled() => Err(ProjectorError::LeadershipLost(
+                "the lock connection failed".into(),
+            )),
+            other => other,
+        }
+    }
+
+    fn lock_name(&self) -> String {
+        format!("reel/notion-projector/{}", self.options.name)
+    }
+
+    /// Follows the log until `halt`.
+    async fn lead(&self, halt: &CancellationToken) -> Result<(), ProjectorError> {
+        let mut checkpoint = self.load_checkpoint().await?;
+        tracing::info!(
+            tx_id = checkpoint.tx_id,
+            position = checkpoint.position,
+            "reading the log after the checkpoint"
+        );
+        let mut subscription = Subscription::start(
+            self.store.clone(),
+            checkpoint,
+            SubscriptionOptions {
+                poll_interval: self.options.poll_interval,
+                batch_size: self.options.batch_size,
+            },
+        )
+        .await;
+        let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
+        failure_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = halt.cancelled() => return Ok(()),
+                _ = failure_pass.tick() => self.retry_failures(halt).await?,
+                page = subscription.next_page(Some(&STATUS_EVENT_TYPES)) => {
+                    let page = page?;
+                    self.metrics.set_healthy(true);
+                    let Some(end) = page.end else { continue };
+                    let Some(failures) = self.handle(page.events, halt).await? else {
+                        return Ok(()); // halted mid-batch: the checkpoint stays, the batch is redelivered
+                    };
+                    self.commit(Some((checkpoint, end)), &failures).await?;
+                    checkpoint = end;
+                }
+            }
+        }
+    }
+
+    /// Sends the latest status of every task in `events`. `None` when halted before the
+    /// end; otherwise the failures to record with the checkpoint.
+    async fn handle(
+        &self,
+        events: Vec<engine::Result<RecordedEvent>>,
+        halt: &CancellationToken,
+    ) -> Result<Option<Vec<Failure>>, ProjectorError> {
+        let mut failures = Vec::new();
+        let mut latest: HashMap<TaskId, Target> = HashMap::new();
+        for event in events {
+            match event {
+                Ok(event) => {
+                    self.metrics.events.inc();
+                    if let Some(target) = target_of(&event) {
+                        let entry = latest.entry(target.task).or_insert(target);
+                        if target.version > entry.version {
+                            *entry = target;
+                        }
+                    }
+                }
+                Err(engine::Error::Decode {
+                    position,
+                    stream,
+                    reason,
+                    ..
+                }) => {
+                    tracing::error!(task_id = %stream, position, %reason, "cannot decode a status event: recorded as a sync failure");
+                    failures.push(Failure {
+                        position,
+                        task: stream,
+                        http_status: None,
+                        error: format!("cannot decode event: {reason}"),
+                        retryable: false,
+                    });
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        let (jobs, up_to_date) = self
+            .plan(latest.into_values().collect(), &mut failures)
+            .await?;
+        self.metrics
+            .skipped
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "up_to_date",
+            })
+            .inc_by(up_to_date.len() as u64);
+        self.send_all(jobs, halt, failures).await
+    }
+
+    /// Sends `jobs` with bounded concurrency; `None` when halted.
+    async fn send_all(
+        &self,
+        jobs: Vec<Job>,
+        halt: &CancellationToken,
+        mut failures: Vec<Failure>,
+    ) -> Result<Option<Vec<Failure>>, ProjectorError> {
+        let mut sent = futures_util::stream::iter(jobs)
+            .map(|job| self.send(job, halt))
+            .buffer_unordered(self.options.concurrency.max(1));
+        let mut interrupted = false;
+        while let Some(outcome) = sent.next().await {
+            match outcome? {
+                Sent::Synced => {}
+                Sent::Failed(failure) => failures.push(failure),
+                Sent::Interrupted => interrupted = true,
+            }
+        }
+        Ok((!interrupted).then_some(failures))
+    }
+
+    /// Which targets need a request: drops tasks already mirrored at or past the version
+    /// (returned apart), logs tasks without a page, records invalid page ids.
+    async fn plan(
+        &self,
+        targets: Vec<Target>,
+        failures: &mut Vec<Failure>,
+    ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
+        if targets.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
+        let rows: Vec<(Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
+            "SELECT u.id, t.notion_page_id, s.applied_version \
+               FROM unnest($1::uuid[]) AS u(id) \
+               LEFT JOIN tasks t ON t.id = u.id \
+               LEFT JOIN notion_sync s ON s.task_id = u.id",
+        )
+        .bind(&ids)
+        .fetch_all(self.store.pool())
+        .await?;
+        let known: HashMap<Uuid, (Option<String>, Option<i32>)> = rows
+            .into_iter()
+            .map(|(id, page, applied)| (id, (page, applied)))
+            .collect();
+        let mut jobs = Vec::new();
+        let mut up_to_date = Vec::new();
+        for target in targets {
+            let (page, applied) = known
+                .get(&target.task.as_uuid())
+                .cloned()
+                .unwrap_or((None, None));
+            if applied.is_some_and(|v| i64::from(v) >= i64::from(target.version)) {
+                up_to_date.push(target.task);
+                continue;
+            }
+            let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
+                tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
+                self.metrics.skip("no_page");
+                continue;
+            };
+            match PageId::parse(&raw) {
+                Ok(page) => jobs.push(Job { target, page }),
+                Err(err) => {
+                    tracing::warn!(task_id = %target.task, error = %err, "invalid notion_page_id: recorded as a sync failure");
+                    failures.push(Failure {
+                        position: target.position,
+                        task: target.task,
+                        http_status: None,
+                        error: err.to_string(),
+                        retryable: false,
+                    });
+                }
+            }
+        }
+        Ok((jobs, up_to_date))
+    }
+
+    /// One task's PATCH with the retry policy.
+    async fn send(&self, job: Job, halt: &CancellationToken) -> Result<Sent, ProjectorError> {
+        let task = job.target.task;
+        let name = job.target.status.display_name();
+        let mut failed_tries = 0u32;
+        loop {
+            tokio::select! {
+                _ = halt.cancelled() => return Ok(Sent::Interrupted),
+                _ = self.limiter.acquire() => {}
+            }
+            let result = self
+                .client
+                .set_status(
+                    &job.page,
+                    &self.options.status_property,
+                    self.options.property_type,
+                    name,
+                )
+                .await;
+            let error = match result {
+                Ok(()) => {
+                    self.metrics.request("ok");
+                    self.record_synced(&job).await?;
+                    tracing::debug!(task_id = %task, status = name, version = job.target.version, "status mirrored");
+                    return Ok(Sent::Synced);
+                }
+                Err(error) => error,
+            };
+            self.metrics.request(error.outcome());
+            let wait = match &error {
+                NotionError::RateLimited { retry_after, .. } => {
+                    // Notion says when: everything waits, and it does not count as a try.
+                    self.metrics.rate_limited.inc();
+                    let wait = retry_after
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(self.options.retry_max.max(Duration::from_secs(1)));
+                    self.limiter.pause_for(wait);
+                    tracing::warn!(task_id = %task, error = %error, wait = ?wait, "Notion rate limited: pausing every request");
+                    Duration::ZERO
+                }
+                error if error.is_retryable() => {
+                    failed_tries += 1;
+                    if failed_tries > self.options.max_retries {
+                        tracing::warn!(task_id = %task, error = %error, tries = failed_tries, "Notion status sync failed: retries exhausted, recorded for a later pass");
+                        return Ok(Sent::Failed(failure(&job, error, true)));
+                    }
+                    let delay = self.backoff(failed_tries);
+                    tracing::warn!(task_id = %task, error = %error, retry_in = ?delay, try_number = failed_tries, "Notion status sync failed: retrying");
+                    delay
+                }
+                error => {
+                    tracing::error!(task_id = %task, page_id = %job.page, error = %error, "Notion rejected the status update: not retried, recorded as a sync failure");
+                    return Ok(Sent::Failed(failure(&job, error, false)));
+                }
+            };
+            self.metrics.retries.inc();
+            tokio::select! {
+                _ = halt.cancelled() => return Ok(Sent::Interrupted),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// `retry_base · 2^(n−1)` with jitter of ×0.5–1.5, at most `retry_max`.
+    fn backoff(&self, failed_tries: u32) -> Duration {
+        let base = self
+            .options
+            .retry_base
+            .saturating_mul(1u32 << failed_tries.saturating_sub(1).min(16));
+        let jittered = base.mul_f64(rand::rng().random_range(0.5..1.5));
+        jittered.min(self.options.retry_max)
+    }
+
+    async fn record_synced(&self, job: &Job) -> Result<(), ProjectorError> {
+        sqlx::query(
+            "WITH synced AS ( \
+                INSERT INTO notion_sync (task_id, applied_version, applied_status, synced_at) \
+                VALUES ($1, $2, $3, now()) \
+                ON CONFLICT (task_id) DO UPDATE \
+                   SET applied_version = EXCLUDED.applied_version, \
+                       applied_status = EXCLUDED.applied_status, synced_at = now() \
+                 WHERE notion_sync.applied_version < EXCLUDED.applied_version \
+                RETURNING 1) \
+             UPDATE sync_failures SET resolved_at = now() \
+              WHERE projector = $4 AND task_id = $1 AND resolved_at IS NULL",
+        )
+        .bind(job.target.task.as_uuid())
+        .bind(i32::try_from(job.target.version).unwrap_or(i32::MAX))
+        .bind(job.target.status.as_str())
+        .bind(&self.options.name)
+        .execute(self.store.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self) -> Result<Checkpoint, ProjectorError> {
+        sqlx::query(
+            "INSERT INTO projector_checkpoints (projector) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.options.name)
+        .execute(self.store.pool())
+        .await?;
+        let (tx_id, position): (String, i64) = sqlx::query_as(
+            "SELECT last_tx_id::text, last_position FROM projector_checkpoints WHERE projector = $1",
+        )
+        .bind(&self.options.name)
+        .fetch_one(self.store.pool())
+        .await?;
+        Ok(Checkpoint {
+            tx_id: tx_id.parse().unwrap_or(0),
+            position,
+        })
+    }
+
+    /// Records `failures` and, when given, moves the checkpoint from `.0` to `.1` by
+    /// compare-and-set — in one short transaction, after every request of the batch.
+    async fn commit(
+        &self,
+        advance: Option<(Checkpoint, Checkpoint)>,
+        failures: &[Failure],
+    ) -> Result<(), ProjectorError> {
+        let mut tx = self.store.pool().begin().await?;
+        for failure in failures {
+            sqlx::query(
+                "INSERT INTO sync_failures \
+                    (projector, global_position, task_id, http_status, error, retryable) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (projector, global_position) DO UPDATE \
+                    SET attempts = sync_failures.attempts + 1, http_status = EXCLUDED.http_status, \
+                        error = EXCLUDED.error, retryable = EXCLUDED.retryable, \
+                        failed_at = now(), resolved_at = NULL",
+            )
+            .bind(&self.options.name)
+            .bind(failure.position)
+            .bind(failure.task.as_uuid())
+            .bind(failure.http_status.map(i32::from))
+            .bind(&failure.error)
+            .bind(failure.retryable)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some((from, to)) = advance {
+            let moved = sqlx::query(
+                "UPDATE projector_checkpoints \
+                    SET last_tx_id = $2::text::xid8, last_position = $3, updated_at = now() \
+                  WHERE projector = $1 AND last_tx_id = $4::text::xid8 AND last_position = $5",
+            )
+            .bind(&self.options.name)
+            .bind(to.tx_id.to_string())
+            .bind(to.position)
+            .bind(from.tx_id.to_string())
+            .bind(from.position)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved != 1 {
+                tx.rollback().await?;
+                return Err(ProjectorError::CheckpointMoved {
+                    projector: self.options.name.clone(),
+                    expected: from,
+                });
+            }
+        }
+        tx.commit().await?;
+        self.metrics.sync_failures.inc_by(failures.len() as u64);
+        Ok(())
+    }
+
+    /// A later pass over failures whose retries ran out: each such task's latest status,
+    /// from its stream, is sent again.
+    async fn retry_failures(&self, halt: &CancellationToken) -> Result<(), ProjectorError> {
+        let tasks: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT task_id FROM sync_failures \
+              WHERE projector = $1 AND resolved_at IS NULL AND retryable LIMIT 100",
+        )
+        .bind(&self.options.name)
+        .fetch_all(self.store.pool())
+        .await?;
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(tasks = tasks.len(), "retrying failed Notion syncs");
+        let mut targets = Vec::new();
+        for task in tasks {
+            let task = TaskId::from(task);
+            let events = self.store.read_stream(task, 1).await?;
+            if let Some(target) = events.iter().rev().find_map(target_of) {
+                targets.push(target);
+            }
+        }
+        let mut failures = Vec::new();
+        let (jobs, up_to_date) = self.plan(targets, &mut failures).await?;
+        if !up_to_date.is_empty() {
+            let ids: Vec<Uuid> = up_to_date.iter().map(TaskId::as_uuid).collect();
+            sqlx::query(
+                "UPDATE sync_failures SET resolved_at = now() \
+                  WHERE projector = $1 AND task_id = ANY($2) AND resolved_at IS NULL",
+            )
+            .bind(&self.options.name)
+            .bind(&ids)
+            .execute(self.store.pool())
+            .await?;
+        }
+        if let Some(failures) = self.send_all(jobs, halt, failures).await? {
+            self.commit(None, &failures).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The status an event sets, if it sets one.
+fn target_of(event: &RecordedEvent) -> Option<Target> {
+    let status = match &event.event {
+        Event::TaskSubmitted { .. } => TaskStatus::Queued,
+        Event::StatusChanged { to, .. } => *to,
+        _ => return None,
+    };
+    Some(Target {
+        task: event.stream_id,
+        version: event.version,
+        status,
+        position: event.global_position,
+    })
+}
+
+fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
+    Failure {
+        position: job.target.position,
+        task: job.target.task,
+        http_status: error.http_status(),
+        error: error.to_string(),
+        retryable,
+    }
+}
+
+/// Pings the lock connection every second; on failure cancels `halt`. Returns the
+/// connection (to unlock it) when `done`.
+async fn watch_lock(
+    mut conn: PgConnection,
+    halt: CancellationToken,
+    done: CancellationToken,
+) -> Option<PgConnection> {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return Some(conn),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let ping = tokio::time::timeout(Duration::from_secs(5), conn.ping()).await;
+        if !matches!(ping, Ok(Ok(()))) {
+            tracing::warn!("the leader lock's connection failed: stepping back");
+            halt.cancel();
+            return None;
+        }
+    }
+}

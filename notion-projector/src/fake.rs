@@ -71,7 +71,7 @@ pub enum Fault {
 pub struct RecordedRequest {
     pub at: Instant,
     pub method: String,
-    /// The id as it appeared in the path.
+    /// The page id from the path, dashed lower-case when it is a valid id (as sent otherwise).
     pub page_id: String,
     /// The option name the body asked for, when it had one.
     pub value: Option<String>,
@@ -306,7 +306,7 @@ async fn handle(
         s.requests.push(RecordedRequest {
             at,
             method: method.to_owned(),
-            page_id,
+            page_id: normalise(&page_id).unwrap_or(page_id),
             value,
             response: status,
             authorization,

@@ -1,0 +1,559 @@
+//! The projector against a real PostgreSQL and a fake Notion over real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use engine::{Event, Fence, NewEvent, TaskStatus};
+use notion_projector::fake::Fault;
+use notion_projector::{ProjectorOptions, PropertyType};
+
+const FIVE_S: Duration = Duration::from_secs(5);
+
+/// Seed scenario 5: a status change shows in Notion within 5 s.
+#[tokio::test]
+async fn scenario_5_a_status_change_is_mirrored_within_5_seconds() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    let running = spawn(&store, client(&notion), fast_options());
+
+    assert!(
+        wait_for(FIVE_S, || notion.page_value(&page).as_deref()
+            == Some("Queued"))
+        .await
+        .is_some(),
+        "the queued task shows as Queued"
+    );
+    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    change_status(&store, task, TaskStatus::GeneratingComposites).await;
+    let took = wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Generating Composites")
+    })
+    .await
+    .expect("the page shows Generating Composites within 5 s");
+    eprintln!("status visible after {took:?}");
+    running.stop().await;
+    assert!(
+        notion
+            .requests()
+            .iter()
+            .all(|r| r.page_id == dashed(&page) && r.response == 200),
+        "every request went to the task's page and succeeded: {:?}",
+        notion.requests()
+    );
+}
+
+/// Seed scenario 6: three tasks change at once; all synced within 5 s with no 429.
+#[tokio::test]
+async fn scenario_6_three_simultaneous_changes_sync_within_5_seconds_without_429() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let page = new_page_id();
+        notion.add_page(&page);
+        tasks.push((new_task(&store, Some(&page)).await, page));
+    }
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    let sent_before = notion.requests().len();
+
+    let changes = tasks.iter().map(|(task, _)| {
+        let store = store.clone();
+        let task = *task;
+        async move { change_status(&store, task, TaskStatus::GeneratingComposites).await }
+    });
+    futures_util::future::join_all(changes).await;
+    let took = wait_for(FIVE_S, || {
+        tasks
+            .iter()
+            .all(|(_, page)| notion.page_value(page).as_deref() == Some("Generating Composites"))
+    })
+    .await
+    .expect("all three pages updated within 5 s");
+    eprintln!("three pages updated after {took:?}");
+    running.stop().await;
+    assert_eq!(notion.count(429), 0, "no request was rate limited");
+    assert_eq!(
+        notion.requests().len() - sent_before,
+        3,
+        "one request per task"
+    );
+}
+
+/// A→B→C before the projector reads: only C is sent, once per task.
+#[tokio::test]
+async fn coalescing_sends_only_the_latest_status() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut pages = Vec::new();
+    for _ in 0..10 {
+        let page = new_page_id();
+        notion.add_page(&page);
+        let task = new_task(&store, Some(&page)).await;
+        for status in [
+            TaskStatus::GeneratingAssets,
+            TaskStatus::GeneratingComposites,
+            TaskStatus::GeneratingVideo,
+        ] {
+            change_status(&store, task, status).await;
+        }
+        pages.push(page);
+    }
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
+    running.stop().await;
+    for page in &pages {
+        assert_eq!(
+            notion.page_history(page),
+            vec!["Generating Video".to_owned()],
+            "one request per task, with the latest status"
+        );
+    }
+    assert_eq!(notion.requests().len(), 10);
+    assert_eq!(notion.count(429), 0);
+
+    // A restart re-reads nothing it already mirrored.
+    let running = spawn(&store, client(&notion), fast_options());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    running.stop().await;
+    assert_eq!(notion.requests().len(), 10, "nothing is sent twice");
+}
+
+/// Seed scenario 7: a 503 outage: retries with backoff, the log keeps moving, retries
+/// run out into `sync_failures`, and a later pass succeeds once Notion is back.
+#[tokio::test]
+async fn scenario_7_an_outage_is_retried_recorded_and_caught_up() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    notion.set_outage(Some(503));
+    let task = new_task(&store, Some(&page)).await;
+    let options = ProjectorOptions {
+        max_retries: 3,
+        retry_base: Duration::from_millis(200),
+        failure_retry_interval: Duration::from_secs(2),
+        ..fast_options()
+    };
+    let running = spawn(&store, client(&notion), options);
+
+    // The pipeline is not held up: its appends go on while Notion is down.
+    for status in [
+        TaskStatus::GeneratingAssets,
+        TaskStatus::GeneratingComposites,
+    ] {
+        tokio::time::timeout(Duration::from_secs(1), change_status(&store, task, status))
+            .await
+            .expect("appends never wait for Notion");
+    }
+    // Retries run out: a retryable failure is recorded and the checkpoint moves on.
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
+    let rows = failures(&store).await;
+    assert!(!rows.is_empty(), "a sync failure is recorded");
+    assert!(
+        rows.iter()
+            .all(|f| f.http_status == Some(503) && f.retryable && !f.resolved)
+    );
+    let tries: Vec<_> = notion.requests().iter().map(|r| r.at).collect();
+    assert!(tries.len() >= 4, "1 try + 3 retries, got {}", tries.len());
+    let gaps: Vec<Duration> = tries.windows(2).take(3).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[2] > gaps[0],
+        "the waits between retries grow (backoff): {gaps:?}"
+    );
+    assert_eq!(notion.page_value(&page), None, "nothing reached Notion yet");
+
+    // Notion comes back: the later pass mirrors the latest status and resolves the row.
+    notion.set_outage(None);
+    wait_for(Duration::from_secs(10), || {
+        notion.page_value(&page).as_deref() == Some("Generating Composites")
+    })
+    .await
+    .expect("caught up after the outage");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.stop().await;
+    assert!(
+        failures(&store).await.iter().all(|f| f.resolved),
+        "the failure is resolved by the successful pass"
+    );
+    assert_eq!(notion.count(429), 0);
+}
+
+/// A 429 with `Retry-After: 2`: no request for 2 s, and the checkpoint waits too.
+#[tokio::test]
+async fn retry_after_pauses_everything_and_holds_the_checkpoint() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let pages: Vec<String> = (0..2).map(|_| new_page_id()).collect();
+    let mut tasks = Vec::new();
+    for page in &pages {
+        notion.add_page(page);
+        tasks.push(new_task(&store, Some(page)).await);
+    }
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    let before = checkpoint(&store, "notion").await.expect("checkpoint");
+    let sent = notion.requests().len();
+
+    notion.inject([Fault::RateLimited {
+        retry_after_secs: 2,
+    }]);
+    for task in &tasks {
+        change_status(&store, *task, TaskStatus::GeneratingAssets).await;
+    }
+    wait_for(FIVE_S, || notion.count(429) == 1)
+        .await
+        .expect("the 429 arrives");
+    let limited_at = notion.requests()[sent].at;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        checkpoint(&store, "notion").await,
+        Some(before),
+        "the checkpoint does not move while the batch waits"
+    );
+    wait_for(FIVE_S, || {
+        pages
+            .iter()
+            .all(|p| notion.page_value(p).as_deref() == Some("Generating Assets"))
+    })
+    .await
+    .expect("both pages updated after the pause");
+    running.stop().await;
+    let after: Vec<_> = notion.requests()[sent + 1..].iter().map(|r| r.at).collect();
+    assert!(!after.is_empty());
+    for at in after {
+        assert!(
+            at - limited_at >= Duration::from_millis(1990),
+            "a request came {:?} after the 429",
+            at - limited_at
+        );
+    }
+}
+
+/// 404 and 401: one request each, a `sync_failures` row, the checkpoint moves on.
+#[tokio::test]
+async fn not_found_and_unauthorized_are_recorded_not_retried() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let known = new_page_id();
+    notion.add_page(&known);
+    let unknown = new_page_id();
+    let missing_task = new_task(&store, Some(&unknown)).await;
+    let ok_task = new_task(&store, Some(&known)).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a failure pass or more
+    running.stop().await;
+
+    assert_eq!(notion.page_value(&known).as_deref(), Some("Queued"));
+    let to_unknown = notion
+        .requests()
+        .iter()
+        .filter(|r| r.page_id == dashed(&unknown))
+        .count();
+    assert_eq!(to_unknown, 1, "a 404 is not retried");
+    let rows = failures(&store).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].task_id, missing_task.as_uuid());
+    assert_eq!(rows[0].http_status, Some(404));
+    assert!(!rows[0].retryable);
+    assert!(
+        rows[0].error.contains("object_not_found"),
+        "{}",
+        rows[0].error
+    );
+    let _ = ok_task;
+
+    // 401: a wrong token gets one request per task, recorded, and no retry storm.
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    let running = spawn(
+        &store,
+        client_with_token(&notion, "ntn_wrong_token_0123456789"),
+        fast_options(),
+    );
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.stop().await;
+    assert_eq!(notion.requests().len(), 1, "{:?}", notion.requests());
+    assert_eq!(notion.count(401), 1);
+    let rows = failures(&store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].http_status, Some(401));
+    assert!(
+        !rows[0].error.contains("ntn_wrong_token"),
+        "{}",
+        rows[0].error
+    );
+}
+
+/// Two appends to one task committing in inverted xid order (the later version has the
+/// older xid): both are read, and the page ends with the higher version's status — also
+/// when each batch holds a single event.
+#[tokio::test]
+async fn out_of_order_commits_end_with_the_higher_versions_status() {
+    for batch_size in [500, 1] {
+        let db = test_db().await;
+        let store = db.store();
+        let notion = fake().await;
+        let page = new_page_id();
+        notion.add_page(&page);
+        let task = new_task(&store, Some(&page)).await;
+        let running = spawn(
+            &store,
+            client(&notion),
+            ProjectorOptions {
+                batch_size,
+                ..fast_options()
+            },
+        );
+        assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+
+        // T1 takes its xid first, then waits; T2 appends version 2 and commits; T1 then
+        // appends version 3 and commits. Version 3 has the older xid.
+        let mut t1 = store.pool().begin().await.expect("begin");
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *t1)
+            .await
+            .expect("take an xid");
+        change_status(&store, task, TaskStatus::GeneratingAssets).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            notion.page_value(&page).as_deref(),
+            Some("Queued"),
+            "version 2 waits behind the older open transaction"
+        );
+        store
+            .append_in(
+                &mut t1,
+                task,
+                2,
+                Fence::Unleased,
+                &[NewEvent::new(Event::StatusChanged {
+                    from: TaskStatus::GeneratingAssets,
+                    to: TaskStatus::GeneratingComposites,
+                })],
+            )
+            .await
+            .expect("append version 3 in the older transaction");
+        t1.commit().await.expect("commit");
+
+        assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running.stop().await;
+        assert_eq!(
+            notion.page_value(&page).as_deref(),
+            Some("Generating Composites"),
+            "batch size {batch_size}: history {:?}",
+            notion.page_history(&page)
+        );
+        let applied: i32 =
+            sqlx::query_scalar("SELECT applied_version FROM notion_sync WHERE task_id = $1")
+                .bind(task.as_uuid())
+                .fetch_one(store.pool())
+                .await
+                .expect("notion_sync row");
+        assert_eq!(applied, 3);
+    }
+}
+
+/// Tasks without a page are skipped without a request; an invalid page id is a failure
+/// row, never a request.
+#[tokio::test]
+async fn tasks_without_a_page_are_skipped() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let silent = new_task(&store, None).await;
+    let invalid = new_task(&store, Some("not-a-page")).await;
+    change_status(&store, silent, TaskStatus::GeneratingAssets).await;
+    let mirrored = new_task(&store, Some(&page)).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    let metrics = running.metrics.clone();
+    running.stop().await;
+    assert_eq!(
+        notion.requests().len(),
+        1,
+        "only the task with a page is sent"
+    );
+    assert_eq!(notion.page_value(&page).as_deref(), Some("Queued"));
+    let rows = failures(&store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].task_id, invalid.as_uuid());
+    assert!(rows[0].error.contains("invalid Notion page id"));
+    assert!(
+        metrics
+            .render()
+            .contains("notion_projector_skipped_total{reason=\"no_page\"} 1")
+    );
+    let _ = mirrored;
+}
+
+/// 502 as HTML, 500, 504 and a timeout are all retried until the status lands.
+#[tokio::test]
+async fn html_502_5xx_and_timeouts_are_retried() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    notion.inject([
+        Fault::BadGatewayHtml,
+        Fault::Status(500),
+        Fault::Delay(Duration::from_secs(3)), // past the client's 2 s timeout
+    ]);
+    let _task = new_task(&store, Some(&page)).await;
+    let running = spawn(
+        &store,
+        client(&notion),
+        ProjectorOptions {
+            max_retries: 4,
+            ..fast_options()
+        },
+    );
+    // (The delayed request may still land after the client gave up, as with Notion.)
+    let metrics = running.metrics.clone();
+    wait_for(Duration::from_secs(15), || {
+        metrics
+            .render()
+            .contains("notion_projector_requests_total{outcome=\"ok\"} 1")
+    })
+    .await
+    .expect("a request succeeds after the faults");
+    assert_eq!(notion.page_value(&page).as_deref(), Some("Queued"));
+    running.stop().await;
+    assert!(failures(&store).await.is_empty());
+    let text = metrics.render();
+    for line in [
+        "notion_projector_requests_total{outcome=\"unavailable\"} 2",
+        "notion_projector_requests_total{outcome=\"timeout\"} 1",
+        "notion_projector_requests_total{outcome=\"ok\"} 1",
+        "notion_projector_retries_total 3",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}
+
+/// A Select property gets the select payload; the fake refuses a status payload there.
+#[tokio::test]
+async fn select_properties_get_the_select_shape() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page_with(&page, "Stage", PropertyType::Select);
+    let task = new_task(&store, Some(&page)).await;
+    change_status(&store, task, TaskStatus::FinalReview).await;
+    let running = spawn(
+        &store,
+        client(&notion),
+        ProjectorOptions {
+            status_property: "Stage".into(),
+            property_type: PropertyType::Select,
+            ..fast_options()
+        },
+    );
+    wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Final Review")
+    })
+    .await
+    .expect("select set to the display name");
+    running.stop().await;
+    assert!(failures(&store).await.is_empty());
+}
+
+/// Another instance moving the checkpoint makes this one's compare-and-set fail: it
+/// steps back and resumes from the stored checkpoint instead of overwriting it.
+#[tokio::test]
+async fn a_moved_checkpoint_is_never_overwritten() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+
+    // Another instance has moved the stored checkpoint far ahead (past any xid in use).
+    let jumped: String = sqlx::query_scalar(
+        "UPDATE projector_checkpoints \
+            SET last_tx_id = (pg_current_xact_id()::text::bigint + 1000000)::text::xid8 \
+          WHERE projector = 'notion' RETURNING last_tx_id::text",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("move the checkpoint");
+    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = checkpoint(&store, "notion").await.expect("checkpoint");
+    assert_eq!(
+        stored.tx_id.to_string(),
+        jumped,
+        "the compare-and-set failed instead of moving the checkpoint back"
+    );
+    running.stop().await;
+}
+
+/// Resetting the checkpoint and the mirror state rebuilds the same mirror from the log.
+#[tokio::test]
+async fn a_reset_checkpoint_rebuilds_the_same_mirror() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut pages = Vec::new();
+    for status in [
+        TaskStatus::GeneratingVideo,
+        TaskStatus::FinalReview,
+        TaskStatus::Queued,
+    ] {
+        let page = new_page_id();
+        notion.add_page(&page);
+        let task = new_task(&store, Some(&page)).await;
+        if status != TaskStatus::Queued {
+            change_status(&store, task, status).await;
+        }
+        pages.push((page, status));
+    }
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    running.stop().await;
+    let first: Vec<_> = pages.iter().map(|(p, _)| notion.page_value(p)).collect();
+
+    sqlx::raw_sql("UPDATE projector_checkpoints SET last_tx_id = '0', last_position = 0; TRUNCATE notion_sync")
+        .execute(store.pool())
+        .await
+        .expect("reset");
+    let rebuilt = fake().await;
+    for (page, _) in &pages {
+        rebuilt.add_page(page);
+    }
+    let running = spawn(&store, client(&rebuilt), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.stop().await;
+    let second: Vec<_> = pages.iter().map(|(p, _)| rebuilt.page_value(p)).collect();
+    assert_eq!(first, second);
+    for ((_, status), value) in pages.iter().zip(&second) {
+        assert_eq!(value.as_deref(), Some(status.display_name()));
+    }
+}

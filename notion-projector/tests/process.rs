@@ -1,0 +1,344 @@
+//! The `notion-projector` binary as real processes: SIGKILL between a PATCH and the
+//! checkpoint commit, a leader and a standby, SIGTERM, logs, metrics.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use engine::TaskStatus;
+use engine::testing::TestDatabase;
+use notion_projector::fake::FakeNotion;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// A running `notion-projector` whose stderr is collected.
+struct Process {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn start(db: &TestDatabase, notion: &FakeNotion, token: &str, extra: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_notion-projector"))
+            .args([
+                "--poll-interval",
+                "200ms",
+                "--retry-base",
+                "100ms",
+                "--failure-retry-interval",
+                "1s",
+                "--standby-interval",
+                "200ms",
+                "--http-timeout",
+                "2s",
+            ])
+            .args(extra)
+            .env("DATABASE_URL", db.url())
+            .env("NOTION_TOKEN", token)
+            .env("NOTION_API_URL", notion.url())
+            .env("REEL_LOG", "debug")
+            .env_remove("NOTION_PROJECTOR_METRICS_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start notion-projector");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Process { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    async fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        wait_for(within, || self.log().contains(needle))
+            .await
+            .is_some()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    async fn sigkill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    async fn sigterm(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM");
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("exits within 10 s of SIGTERM")
+            .expect("wait");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status, self.log())
+    }
+}
+
+/// SIGKILL after some PATCHes of a batch reached Notion but before its checkpoint commit:
+/// the restarted projector re-reads the batch and the pages end in the same state.
+#[tokio::test]
+async fn sigkill_between_patch_and_checkpoint_redelivers_to_the_same_state() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut expected = Vec::new();
+    let statuses = [
+        TaskStatus::GeneratingAssets,
+        TaskStatus::GeneratingVideo,
+        TaskStatus::GeneratingAudio,
+        TaskStatus::Assembling,
+        TaskStatus::FinalReview,
+        TaskStatus::Failed,
+    ];
+    for status in statuses {
+        let page = new_page_id();
+        notion.add_page(&page);
+        let task = new_task(&store, Some(&page)).await;
+        change_status(&store, task, status).await;
+        expected.push((page, status));
+    }
+    let first = Process::start(&db, &notion, &notion.token(), &[]);
+    // Requests go out one per 333 ms; the batch's checkpoint commits after the last one.
+    wait_for(Duration::from_secs(10), || notion.count(200) >= 2)
+        .await
+        .expect("some PATCHes reached Notion");
+    first.sigkill().await;
+    let landed = notion.count(200);
+    assert!(
+        landed < statuses.len(),
+        "killed mid-batch ({landed} landed)"
+    );
+    assert_eq!(
+        checkpoint(&store, "notion").await.map(|c| c.position),
+        Some(0),
+        "killed before the checkpoint commit"
+    );
+
+    let second = Process::start(&db, &notion, &notion.token(), &[]);
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
+    let (status, _) = second.sigterm().await;
+    assert!(status.success(), "graceful exit: {status:?}");
+    for (page, status) in &expected {
+        assert_eq!(
+            notion.page_value(page).as_deref(),
+            Some(status.display_name())
+        );
+        let history = notion.page_history(page);
+        assert!(
+            history.iter().all(|v| v == status.display_name()),
+            "only the latest status was ever sent: {history:?}"
+        );
+    }
+    assert!(failures(&store).await.is_empty());
+}
+
+/// Two instances: only the leader sends. SIGKILL the leader: the standby takes over and
+/// mirrors everything, including what changed around the kill.
+#[tokio::test]
+async fn a_standby_takes_over_when_the_leader_dies_and_skips_nothing() {
+    let db = test_db().await;
+    let store = db.store();
+    // One fake per instance tells who sent what.
+    let notion_a = fake().await;
+    let notion_b = fake().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let page = new_page_id();
+        notion_a.add_page(&page);
+        notion_b.add_page(&page);
+        tasks.push((new_task(&store, Some(&page)).await, page));
+    }
+    let leader = Process::start(&db, &notion_a, &notion_a.token(), &[]);
+    assert!(leader.wait_log("leading", Duration::from_secs(10)).await);
+    let standby = Process::start(&db, &notion_b, &notion_b.token(), &[]);
+    assert!(
+        standby
+            .wait_log("waiting as standby", Duration::from_secs(10))
+            .await
+    );
+
+    for (task, _) in &tasks {
+        change_status(&store, *task, TaskStatus::GeneratingAssets).await;
+    }
+    wait_for(Duration::from_secs(10), || {
+        tasks
+            .iter()
+            .all(|(_, p)| notion_a.page_value(p).as_deref() == Some("Generating Assets"))
+    })
+    .await
+    .expect("the leader mirrors");
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(5)).await);
+    assert_eq!(notion_b.requests().len(), 0, "the standby sends nothing");
+
+    // Changes right before and after the kill.
+    change_status(&store, tasks[0].0, TaskStatus::GeneratingComposites).await;
+    leader.sigkill().await;
+    let sent_by_a = notion_a.requests().len();
+    for (task, _) in &tasks {
+        change_status(&store, *task, TaskStatus::GeneratingVideo).await;
+    }
+    let took = wait_for(Duration::from_secs(15), || {
+        tasks
+            .iter()
+            .all(|(_, p)| notion_b.page_value(p).as_deref() == Some("Generating Video"))
+    })
+    .await
+    .expect("the standby took over and mirrored every task");
+    eprintln!("standby caught up {took:?} after the kill");
+    assert!(standby.log().contains("leading"));
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(5)).await);
+    let _ = standby.sigterm().await;
+    assert_eq!(
+        notion_a.requests().len(),
+        sent_by_a,
+        "the dead leader sends nothing"
+    );
+    assert_eq!(notion_a.count(429) + notion_b.count(429), 0);
+}
+
+/// The token never appears in the logs, even when every request fails; tasks without a
+/// page are logged; SIGTERM exits 0.
+#[tokio::test]
+async fn the_token_never_appears_in_logs_and_skips_are_logged() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let no_page = new_task(&store, None).await;
+    let task = new_task(&store, Some(&page)).await;
+    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    let secret = "ntn_SECRET_must_never_be_logged_4242";
+    // A wrong token: every request gets 401.
+    let process = Process::start(&db, &notion, secret, &["--log-format", "json"]);
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
+    // Then an unreachable Notion: transport errors, retries, a recorded failure.
+    notion.stop();
+    change_status(&store, task, TaskStatus::GeneratingComposites).await;
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
+    let (status, log) = process.sigterm().await;
+    assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
+
+    assert!(
+        !log.contains(secret),
+        "the token leaked into the log:\n{log}"
+    );
+    assert!(
+        !log.contains("SECRET_must"),
+        "part of the token leaked:\n{log}"
+    );
+    assert!(log.contains("401"), "the 401 is logged:\n{log}");
+    assert!(
+        log.contains("cannot reach Notion"),
+        "the outage is logged:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("no notion_page_id") && l.contains(&no_page.to_string())),
+        "the skipped task is logged with its id:\n{log}"
+    );
+    let rows = failures(&store).await;
+    assert!(
+        rows.iter()
+            .any(|f| f.http_status == Some(401) && !f.retryable)
+    );
+    assert!(rows.iter().any(|f| f.http_status.is_none() && f.retryable));
+    assert!(rows.iter().all(|f| !f.error.contains("SECRET")));
+    for request in notion.requests() {
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some(&*format!("Bearer {secret}"))
+        );
+    }
+}
+
+/// `/healthz` and `/metrics` over HTTP, and a clear error for a missing token.
+#[tokio::test]
+async fn serves_health_and_metrics() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    new_task(&store, Some(&page)).await;
+    let process = Process::start(
+        &db,
+        &notion,
+        &notion.token(),
+        &["--metrics-addr", "127.0.0.1:0"],
+    );
+    assert!(
+        process
+            .wait_log("serving /healthz", Duration::from_secs(10))
+            .await
+    );
+    let log = process.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving /healthz"))
+        .and_then(|l| l.split("bound=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("bound address in the log")
+        .to_owned();
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
+    let http = reqwest::Client::new();
+    let health = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = health.json().await.expect("json");
+    assert_eq!(body["role"], "leader");
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "notion_projector_requests_total{outcome=\"ok\"} 1",
+        "notion_projector_lag_events 0",
+        "notion_projector_lag_seconds 0.0",
+        "notion_projector_leader 1",
+        "notion_projector_open_sync_failures 0",
+        "notion_projector_rate_limited_total 0",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    }
+    let _ = process.sigterm().await;
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_notion-projector"))
+        .env("DATABASE_URL", db.url())
+        .env_remove("NOTION_TOKEN")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOTION_TOKEN"));
+}

@@ -1,0 +1,201 @@
+//! The video pipeline with notion-projector beside it (seed scenarios 5, 7 and 9): the
+//! board follows the pipeline within seconds, and the pipeline never waits for Notion —
+//! the same speed when Notion is slow or down, complete regardless, caught up afterwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::testing::TestDatabase;
+use engine::{
+    ChannelId, EventStore, NewTask, PgStore, Registry, TaskId, TaskStatus, Worker, WorkerOptions,
+};
+use notion_projector::fake::{FakeNotion, FakeNotionOptions};
+use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, Token};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const TIME_SCALE: f64 = 0.001;
+
+async fn submit(store: &PgStore, page: &str, fail_clip_7: bool) -> TaskId {
+    let faults = if fail_clip_7 {
+        json!([{"step": "video", "item": 7, "permanent": false}])
+    } else {
+        json!([])
+    };
+    let mut task = NewTask::new(
+        steps::WORKFLOW,
+        ChannelId::parse("history").expect("channel"),
+        json!({"topic": "The fall of Rome", "faults": faults}),
+    );
+    task.notion_page_id = Some(page.to_owned());
+    store.create_task(task).await.expect("submit").task_id()
+}
+
+/// Runs a worker until no task is left; returns how long it took.
+async fn run_pipeline(store: &PgStore, artifacts: &std::path::Path) -> Duration {
+    let config = steps::PipelineConfig {
+        artifacts_root: artifacts.to_owned(),
+        time_scale: TIME_SCALE,
+    };
+    let registry = Registry::new().register(steps::video_workflow(
+        &config,
+        steps::simulated::providers(TIME_SCALE),
+    ));
+    let options = WorkerOptions {
+        until_idle: true,
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::new("notion-sync-test")
+    };
+    let started = Instant::now();
+    Worker::new(store.clone(), registry, options)
+        .run(CancellationToken::new())
+        .await
+        .expect("the worker runs");
+    started.elapsed()
+}
+
+fn start_projector(store: &PgStore, notion: &FakeNotion) -> CancellationToken {
+    let client = NotionClient::new(NotionConfig {
+        api_url: notion.url(),
+        token: Token::new(notion.token()),
+        version: "2025-09-03".into(),
+        timeout: Duration::from_secs(2),
+    })
+    .expect("client");
+    let options = ProjectorOptions {
+        poll_interval: Duration::from_millis(200),
+        retry_base: Duration::from_millis(200),
+        failure_retry_interval: Duration::from_secs(1),
+        ..ProjectorOptions::default()
+    };
+    let projector = Projector::new(store.clone(), client, options, Arc::new(Metrics::new()));
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move { projector.run(stop).await });
+    shutdown
+}
+
+async fn db_status(store: &PgStore, task: TaskId) -> TaskStatus {
+    let events = store.read_stream(task, 1).await.expect("read");
+    engine::fold(&events).status()
+}
+
+/// Polls until `check` holds; the time it took, or `None` after `within`.
+async fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() <= within {
+        if check() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Scenario 9 with Notion: clip 7 fails, the retry resumes at clip 7; the page follows
+/// the pipeline (Generating Video within 5 s of the change) and ends on Final Review.
+#[tokio::test]
+async fn the_board_follows_the_pipeline_within_5_seconds() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let notion = FakeNotion::start(FakeNotionOptions::default())
+        .await
+        .expect("fake");
+    let page = uuid::Uuid::new_v4().simple().to_string();
+    notion.add_page(&page);
+    let shutdown = start_projector(&store, &notion);
+    let task = submit(&store, &page, true).await;
+
+    let pipeline = tokio::spawn({
+        let store = store.clone();
+        let root = artifacts.path().to_owned();
+        async move { run_pipeline(&store, &root).await }
+    });
+    // The moment the log says generating_video, the board has 5 s to show it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db_status(&store, task).await != TaskStatus::GeneratingVideo {
+        assert!(
+            Instant::now() < deadline,
+            "the task never reached generating_video"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = wait_for(Duration::from_secs(5), || {
+        notion
+            .page_history(&page)
+            .iter()
+            .any(|v| v == "Generating Video")
+    })
+    .await
+    .expect("Generating Video shows within 5 s");
+    eprintln!("Generating Video on the board {took:?} after the log said so");
+
+    pipeline.await.expect("pipeline");
+    assert_eq!(db_status(&store, task).await, TaskStatus::FinalReview);
+    wait_for(Duration::from_secs(5), || {
+        notion.page_value(&page).as_deref() == Some("Final Review")
+    })
+    .await
+    .expect("Final Review shows within 5 s");
+    shutdown.cancel();
+    let history = notion.page_history(&page);
+    assert_eq!(history.first().map(String::as_str), Some("Queued"));
+    assert!(
+        history.iter().any(|v| v == "Retry Scheduled"),
+        "the failed attempt shows too: {history:?}"
+    );
+    assert_eq!(notion.count(429), 0);
+}
+
+/// Scenario 5 and 7: the same pipeline takes the same time whether Notion answers, is
+/// slow, or is down (503 on every request); it completes regardless, its status is in
+/// PostgreSQL, and the projector catches the page up when Notion returns.
+#[tokio::test]
+async fn the_pipeline_never_waits_for_notion() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let notion = FakeNotion::start(FakeNotionOptions::default())
+        .await
+        .expect("fake");
+    let shutdown = start_projector(&store, &notion);
+
+    let healthy_page = uuid::Uuid::new_v4().simple().to_string();
+    notion.add_page(&healthy_page);
+    let healthy = submit(&store, &healthy_page, false).await;
+    let with_notion = run_pipeline(&store, artifacts.path()).await;
+    assert_eq!(db_status(&store, healthy).await, TaskStatus::FinalReview);
+
+    // Notion down: every answer is a 503, after a 1 s wait.
+    notion.set_outage(Some(503));
+    notion.set_latency(Duration::from_secs(1));
+    let down_page = uuid::Uuid::new_v4().simple().to_string();
+    notion.add_page(&down_page);
+    let down = submit(&store, &down_page, false).await;
+    let without_notion = run_pipeline(&store, artifacts.path()).await;
+    eprintln!("pipeline with Notion up {with_notion:?}, down and slow {without_notion:?}");
+    assert_eq!(
+        db_status(&store, down).await,
+        TaskStatus::FinalReview,
+        "the pipeline completes while Notion is down"
+    );
+    assert!(
+        without_notion < with_notion * 2 + Duration::from_secs(1),
+        "the pipeline slowed down with Notion down: {without_notion:?} vs {with_notion:?}"
+    );
+    assert!(notion.count(503) >= 1, "the projector did try Notion");
+    assert_ne!(
+        notion.page_value(&down_page).as_deref(),
+        Some("Final Review")
+    );
+
+    notion.set_outage(None);
+    notion.set_latency(Duration::ZERO);
+    wait_for(Duration::from_secs(15), || {
+        notion.page_value(&down_page).as_deref() == Some("Final Review")
+    })
+    .await
+    .expect("the projector catches up once Notion is back");
+    shutdown.cancel();
+}

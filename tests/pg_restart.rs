@@ -168,3 +168,96 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
         assert_eq!(completions, 78, "task {task}: every item exactly once");
     }
 }
+
+/// notion-projector through a PostgreSQL restart: it steps back, reconnects, takes the
+/// leader lock again and mirrors what changed after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_reconnects_after_a_postgres_restart() {
+    use notion_projector::fake::{FakeNotion, FakeNotionOptions};
+    use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions};
+
+    let cluster = Cluster::start().unwrap_or_else(|why| {
+        panic!("cannot start a throwaway PostgreSQL cluster for this test: {why}")
+    });
+    let url = cluster.url("reel");
+    let migrate = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("migrate");
+    assert!(migrate.status.success());
+    let store = PgStore::new(engine::db::connect(&url, 4).await.expect("connect"));
+    let notion = FakeNotion::start(FakeNotionOptions::default())
+        .await
+        .expect("fake");
+    let page = uuid::Uuid::new_v4().simple().to_string();
+    notion.add_page(&page);
+    let mut task = NewTask::new(
+        "video",
+        ChannelId::parse("restart").expect("channel"),
+        json!({"topic": "restart"}),
+    );
+    task.notion_page_id = Some(page.clone());
+    let task = store.create_task(task).await.expect("submit").task_id();
+
+    let client = NotionClient::new(NotionConfig {
+        api_url: notion.url(),
+        token: notion_projector::Token::new(notion.token()),
+        version: "2025-09-03".into(),
+        timeout: Duration::from_secs(2),
+    })
+    .expect("client");
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let projector = Projector::new(
+        store.clone(),
+        client,
+        ProjectorOptions {
+            poll_interval: Duration::from_millis(200),
+            ..ProjectorOptions::default()
+        },
+        metrics.clone(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = shutdown.clone();
+        async move { projector.run(stop).await }
+    });
+    let shows = |value: &'static str| {
+        let notion = &notion;
+        let page = &page;
+        move || notion.page_value(page).as_deref() == Some(value)
+    };
+    assert!(wait(Duration::from_secs(5), shows("Queued")).await);
+
+    cluster.ctl("restart").expect("restart PostgreSQL");
+    let store = PgStore::new(engine::db::connect(&url, 2).await.expect("reconnect"));
+    store
+        .append(
+            task,
+            1,
+            engine::Fence::Unleased,
+            &[engine::NewEvent::new(Event::StatusChanged {
+                from: TaskStatus::Queued,
+                to: TaskStatus::GeneratingAssets,
+            })],
+        )
+        .await
+        .expect("append after the restart");
+    assert!(
+        wait(Duration::from_secs(20), shows("Generating Assets")).await,
+        "the projector mirrors changes after the restart"
+    );
+    assert!(metrics.is_healthy());
+    shutdown.cancel();
+    running.await.expect("the projector stops");
+}
+
+async fn wait(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

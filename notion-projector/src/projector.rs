@@ -406,15 +406,18 @@ impl Projector {
     }
 
     /// One task's PATCH with the retry policy.
-    async fn send(&self, job: Job, halt: &CancellationToken) -> Result<Sent, ProjectorError> {
+    async fn send(&self, mut job: Job, halt: &CancellationToken) -> Result<Sent, ProjectorError> {
         let task = job.target.task;
-        let name = job.target.status.display_name();
         let mut failed_tries = 0u32;
         loop {
             tokio::select! {
                 _ = halt.cancelled() => return Ok(Sent::Interrupted),
                 _ = self.limiter.acquire() => {}
             }
+            // Coalesce late too: while this job waited for its turn, the task may have moved
+            // on. Send the newest status and skip the rest of its events when they arrive.
+            job.target = self.freshest(job.target).await?;
+            let name = job.target.status.display_name();
             let result = self
                 .client
                 .set_status(
@@ -465,6 +468,22 @@ impl Projector {
                 _ = halt.cancelled() => return Ok(Sent::Interrupted),
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// The task's latest status event at or after `target` (committed; this read is per
+    /// task, so it does not need the global watermark: a task's versions commit in order).
+    async fn freshest(&self, target: Target) -> Result<Target, ProjectorError> {
+        let newer = self
+            .store
+            .read_stream(target.task, target.version + 1)
+            .await;
+        match newer {
+            Ok(events) => Ok(events.iter().rev().find_map(target_of).unwrap_or(target)),
+            // An event the projector cannot decode: send what the batch had; the global
+            // read records that event as a failure.
+            Err(engine::Error::Decode { .. }) => Ok(target),
+            Err(other) => Err(other.into()),
         }
     }
 

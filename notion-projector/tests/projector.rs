@@ -557,3 +557,34 @@ async fn a_reset_checkpoint_rebuilds_the_same_mirror() {
         assert_eq!(value.as_deref(), Some(status.display_name()));
     }
 }
+
+/// A task that changes again while its request waits for the rate limiter is sent once,
+/// with the newest status (the later events are then skipped as already mirrored).
+#[tokio::test]
+async fn changes_while_waiting_for_the_limiter_coalesce_into_one_request() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let page = new_page_id();
+        notion.add_page(&page);
+        tasks.push((new_task(&store, Some(&page)).await, page));
+    }
+    let running = spawn(&store, client(&notion), fast_options());
+    wait_for(FIVE_S, || !notion.requests().is_empty())
+        .await
+        .expect("the first request");
+    // Six requests at 3/s take ~2 s: the last task's turn comes after these changes.
+    let (last, last_page) = tasks.last().expect("tasks").clone();
+    change_status(&store, last, TaskStatus::GeneratingAssets).await;
+    change_status(&store, last, TaskStatus::GeneratingComposites).await;
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.stop().await;
+    assert_eq!(
+        notion.page_history(&last_page),
+        vec!["Generating Composites".to_owned()]
+    );
+    assert_eq!(notion.requests().len(), 6, "one request per task");
+}

@@ -29,6 +29,8 @@ mod error;
 mod event;
 mod id;
 mod orchestrator;
+#[cfg(feature = "service")]
+pub mod service;
 mod state;
 mod status;
 mod store;

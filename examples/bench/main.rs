@@ -3,10 +3,12 @@
 //! reel's benchmark program: prints a table (or, with `--json`, one JSON object per row with
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
-//! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations.
+//! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
+//! (store, engine, worker, projector, audit) runs one group of rows.
 
 mod audit_bench;
 mod engine_bench;
+mod projector_bench;
 mod store_bench;
 mod worker_bench;
 
@@ -81,10 +83,27 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", "-".repeat(75));
     }
 
-    store_bench::run(&mut report, &pool, &store, iterations).await?;
-    engine_bench::run(&mut report, &pool, &store, quick).await?;
-    worker_bench::run(&mut report, &pool, &store, quick).await?;
-    audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let runs = |group: &str| only.as_deref().is_none_or(|o| o == group);
+    if runs("store") {
+        store_bench::run(&mut report, &pool, &store, iterations).await?;
+    }
+    if runs("engine") {
+        engine_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("worker") {
+        worker_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("projector") {
+        projector_bench::run(&mut report, &store, quick).await?;
+    }
+    if runs("audit") {
+        audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;
+    }
     Ok(())
 }
 

@@ -132,16 +132,7 @@ impl Config {
 
     /// Installs the tracing subscriber (stderr; `REEL_LOG` filter, default `info`).
     pub fn init_logging(&self) {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("REEL_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-        match self.log_format {
-            LogFormat::Text => builder.init(),
-            LogFormat::Json => builder.json().init(),
-        }
+        engine::service::init_logging(self.log_format == LogFormat::Json);
     }
 }
 
@@ -166,7 +157,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.migrate().await.context("cannot apply migrations")?;
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing requests in flight",
+    ));
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = config.metrics_addr {
         let bound = crate::metrics::serve(
@@ -191,31 +185,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .run(shutdown)
         .await;
     Ok(())
-}
-
-/// First SIGTERM/SIGINT: stop after the requests in flight. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    for count in 1.. {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        if count == 1 {
-            tracing::info!("shutting down (signal again to exit at once)");
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
-    }
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {

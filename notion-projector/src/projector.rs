@@ -324,18 +324,21 @@ impl Projector {
                 reason: "up_to_date",
             })
             .inc_by(up_to_date.len() as u64);
-        self.send_all(jobs, halt, failures).await
+        self.send_all(jobs, halt, failures, self.options.max_retries)
+            .await
     }
 
-    /// Sends `jobs` with bounded concurrency; `None` when halted.
+    /// Sends `jobs` with bounded concurrency, each with up to `max_retries` retries;
+    /// `None` when halted.
     async fn send_all(
         &self,
         jobs: Vec<Job>,
         halt: &CancellationToken,
         mut failures: Vec<Failure>,
+        max_retries: u32,
     ) -> Result<Option<Vec<Failure>>, ProjectorError> {
         let mut sent = futures_util::stream::iter(jobs)
-            .map(|job| self.send(job, halt))
+            .map(|job| self.send(job, halt, max_retries))
             .buffer_unordered(self.options.concurrency.max(1));
         let mut interrupted = false;
         while let Some(outcome) = sent.next().await {
@@ -406,7 +409,12 @@ impl Projector {
     }
 
     /// One task's PATCH with the retry policy.
-    async fn send(&self, mut job: Job, halt: &CancellationToken) -> Result<Sent, ProjectorError> {
+    async fn send(
+        &self,
+        mut job: Job,
+        halt: &CancellationToken,
+        max_retries: u32,
+    ) -> Result<Sent, ProjectorError> {
         let task = job.target.task;
         let mut failed_tries = 0u32;
         loop {
@@ -450,7 +458,7 @@ impl Projector {
                 }
                 error if error.is_retryable() => {
                     failed_tries += 1;
-                    if failed_tries > self.options.max_retries {
+                    if failed_tries > max_retries {
                         tracing::warn!(task_id = %task, error = %error, tries = failed_tries, "Notion status sync failed: retries exhausted, recorded for a later pass");
                         return Ok(Sent::Failed(failure(&job, error, true)));
                     }
@@ -593,7 +601,7 @@ impl Projector {
     }
 
     /// A later pass over failures whose retries ran out: each such task's latest status,
-    /// from its stream, is sent again.
+    /// from its stream, is sent again, once; a failure bumps the row's `attempts`.
     async fn retry_failures(&self, halt: &CancellationToken) -> Result<(), ProjectorError> {
         let tasks: Vec<Uuid> = sqlx::query_scalar(
             "SELECT DISTINCT task_id FROM sync_failures \
@@ -627,7 +635,8 @@ impl Projector {
             .execute(self.store.pool())
             .await?;
         }
-        if let Some(failures) = self.send_all(jobs, halt, failures).await? {
+        // One try each: a pass over many failures must not hold back fresh changes.
+        if let Some(failures) = self.send_all(jobs, halt, failures, 0).await? {
             self.commit(None, &failures).await?;
         }
         Ok(())

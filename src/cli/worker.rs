@@ -58,7 +58,10 @@ pub(crate) async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing items in flight",
+    ));
     let report = Worker::new(store, registry, options)
         .run(shutdown)
         .await
@@ -70,31 +73,4 @@ pub(crate) async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
 fn default_worker_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    for count in 1.. {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        if count == 1 {
-            tracing::info!(
-                "shutting down: finishing items in flight (signal again to exit at once)"
-            );
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
-    }
 }

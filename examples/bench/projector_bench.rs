@@ -1,0 +1,192 @@
+//! notion-projector rows, against the fake Notion over real HTTP at Notion's 3 requests/s:
+//! event → Notion latency at one status change per second, and a burst of 300 status
+//! changes over 100 tasks (requests sent, time to converge, 429s).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::prelude::*;
+use notion_projector::fake::{FakeNotion, FakeNotionOptions};
+use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, Token};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Report, Sample};
+
+const NAME: &str = "bench";
+
+struct BenchTask {
+    id: TaskId,
+    page: String,
+    version: u32,
+    status: TaskStatus,
+}
+
+impl BenchTask {
+    async fn change(&mut self, store: &PgStore, to: TaskStatus) -> anyhow::Result<()> {
+        let appended = store
+            .append(
+                self.id,
+                self.version,
+                Fence::Unleased,
+                &[NewEvent::new(Event::StatusChanged {
+                    from: self.status,
+                    to,
+                })],
+            )
+            .await?;
+        self.version = appended.version;
+        self.status = to;
+        Ok(())
+    }
+}
+
+async fn tasks(store: &PgStore, notion: &FakeNotion, n: usize) -> anyhow::Result<Vec<BenchTask>> {
+    let channel = ChannelId::parse("bench-notion")?;
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let page = uuid::Uuid::new_v4().to_string();
+        notion.add_page(&page);
+        let mut task = NewTask::new("video", channel.clone(), json!({}));
+        task.notion_page_id = Some(page.clone());
+        let id = store.create_task(task).await?.task_id();
+        tasks.push(BenchTask {
+            id,
+            page,
+            version: 1,
+            status: TaskStatus::Queued,
+        });
+    }
+    Ok(tasks)
+}
+
+pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> anyhow::Result<()> {
+    let notion = FakeNotion::start(FakeNotionOptions::default()).await?;
+    let mut nominal = tasks(store, &notion, if quick { 8 } else { 30 }).await?;
+    let mut burst = tasks(store, &notion, 100).await?;
+    // The projector starts at the log's head: the new tasks' Queued counts as mirrored.
+    sqlx::query(
+        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
+         SELECT $1, tx_id, global_position FROM events \
+          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
+         ON CONFLICT (projector) DO UPDATE \
+            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position",
+    )
+    .bind(NAME)
+    .execute(store.pool())
+    .await?;
+    let client = NotionClient::new(NotionConfig {
+        api_url: notion.url(),
+        token: Token::new(notion.token()),
+        version: "2025-09-03".into(),
+        timeout: Duration::from_secs(10),
+    })?;
+    let options = ProjectorOptions {
+        name: NAME.into(),
+        ..ProjectorOptions::default()
+    };
+    let projector = Projector::new(store.clone(), client, options, Arc::new(Metrics::new()));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = shutdown.clone();
+        async move { projector.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Nominal load: one status change per second, each timed from before its append to
+    // the fake's receipt of the PATCH that carries it.
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for task in &mut nominal {
+        let tick = Instant::now();
+        let seen = notion.requests().len();
+        task.change(store, TaskStatus::GeneratingAssets).await?;
+        let arrived = wait_request(&notion, seen, &task.page, Duration::from_secs(10)).await;
+        latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
+        tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
+    }
+    let sample = Sample {
+        latencies,
+        wall: started.elapsed(),
+    };
+    report.add(
+        "projector: event → Notion p50, 1 change/s",
+        sample.percentile_ms(0.5),
+        "ms",
+    );
+    report.add(
+        "projector: event → Notion p95, 1 change/s (goal ≤ 1000)",
+        sample.percentile_ms(0.95),
+        "ms",
+    );
+
+    // Burst: 300 changes over 100 tasks, in three rounds over all tasks.
+    let sent_before = notion.requests().len();
+    let limited_before = notion.count(429);
+    let started = Instant::now();
+    for status in [
+        TaskStatus::GeneratingAssets,
+        TaskStatus::GeneratingComposites,
+        TaskStatus::GeneratingVideo,
+    ] {
+        for task in &mut burst {
+            task.change(store, status).await?;
+        }
+    }
+    let appended = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !burst
+        .iter()
+        .all(|t| notion.page_value(&t.page).as_deref() == Some("Generating Video"))
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the burst did not converge in 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let converged = started.elapsed();
+    shutdown.cancel();
+    let _ = running.await;
+    report.add(
+        "projector: burst 300 changes / 100 tasks, appended in",
+        appended.as_secs_f64(),
+        "s",
+    );
+    report.add(
+        "projector: burst requests sent (goal 100)",
+        (notion.requests().len() - sent_before) as f64,
+        "requests",
+    );
+    report.add(
+        "projector: burst time to converge (100 requests at 3/s ≥ 33 s)",
+        converged.as_secs_f64(),
+        "s",
+    );
+    report.add(
+        "projector: burst 429s (goal 0)",
+        (notion.count(429) - limited_before) as f64,
+        "responses",
+    );
+    Ok(())
+}
+
+/// When the first request after index `seen` for `page` arrived.
+async fn wait_request(
+    notion: &FakeNotion,
+    seen: usize,
+    page: &str,
+    within: Duration,
+) -> Option<tokio::time::Instant> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(request) = notion.requests()[seen..]
+            .iter()
+            .find(|r| r.page_id == page && r.response == 200)
+        {
+            return Some(request.at);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    None
+}

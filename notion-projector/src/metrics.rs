@@ -134,9 +134,11 @@ impl Metrics {
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// Counts one task not sent.
-    pub fn skip(&self, reason: &'static str) {
-        self.skipped.get_or_create(&ReasonLabel { reason }).inc();
+    /// Counts `tasks` not sent for `reason`.
+    pub fn skip(&self, reason: &'static str, tasks: usize) {
+        self.skipped
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(u64::try_from(tasks).unwrap_or(u64::MAX));
     }
 
     /// Whether the last database interaction succeeded.

@@ -318,12 +318,7 @@ impl Projector {
         let (jobs, up_to_date) = self
             .plan(latest.into_values().collect(), &mut failures)
             .await?;
-        self.metrics
-            .skipped
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: "up_to_date",
-            })
-            .inc_by(up_to_date.len() as u64);
+        self.metrics.skip("up_to_date", up_to_date.len());
         self.send_all(jobs, halt, failures, self.options.max_retries)
             .await
     }
@@ -388,7 +383,7 @@ impl Projector {
             }
             let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
                 tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
-                self.metrics.skip("no_page");
+                self.metrics.skip("no_page", 1);
                 continue;
             };
             match PageId::parse(&raw) {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use engine::{Event, Fence, NewEvent, TaskStatus};
+use engine::{Event, EventStore, Fence, NewEvent, TaskStatus};
 use notion_projector::fake::Fault;
 use notion_projector::{ProjectorOptions, PropertyType};
 
@@ -587,4 +587,58 @@ async fn changes_while_waiting_for_the_limiter_coalesce_into_one_request() {
         vec!["Generating Composites".to_owned()]
     );
     assert_eq!(notion.requests().len(), 6, "one request per task");
+}
+
+/// A status event the projector cannot decode (a newer schema version) is recorded as a
+/// sync failure naming its task; the checkpoint moves on and later changes still sync.
+#[tokio::test]
+async fn an_undecodable_status_event_is_recorded_and_passed() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         VALUES ($1, 2, gen_random_uuid(), 'status_changed', 99, '{\"to\": \"somewhere_new\"}')",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .expect("insert an event from the future");
+    sqlx::query("UPDATE tasks SET version = 2 WHERE id = $1")
+        .bind(task.as_uuid())
+        .execute(store.pool())
+        .await
+        .expect("bump the task's version");
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    let rows = failures(&store).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].task_id, task.as_uuid());
+    assert!(rows[0].error.contains("cannot decode"), "{}", rows[0].error);
+    assert!(!rows[0].retryable);
+
+    // The next change of the same task syncs (and resolves the failure).
+    store
+        .append(
+            task,
+            2,
+            Fence::Unleased,
+            &[NewEvent::new(Event::StatusChanged {
+                from: TaskStatus::Queued,
+                to: TaskStatus::GeneratingAssets,
+            })],
+        )
+        .await
+        .expect("append");
+    wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Generating Assets")
+    })
+    .await
+    .expect("later changes sync");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    running.stop().await;
+    assert!(failures(&store).await.iter().all(|f| f.resolved));
 }

@@ -70,7 +70,7 @@ pub struct Config {
     /// The first retry's delay; it doubles per retry, with jitter.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub retry_base: Duration,
-    /// The longest retry delay and the longest `Retry-After` honoured.
+    /// The longest retry delay after a 5xx or a timeout (`Retry-After` is honoured up to 15 min).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub retry_max: Duration,
     /// How often recorded transient failures are tried again.

@@ -27,4 +27,6 @@ pub use limiter::Limiter;
 pub use metrics::Metrics;
 pub use notion::{NotionClient, NotionConfig, NotionError, PropertyType, Token};
 pub use page_id::{InvalidPageId, PageId};
-pub use projector::{Projector, ProjectorError, ProjectorOptions, STATUS_EVENT_TYPES};
+pub use projector::{
+    MAX_RETRY_AFTER, Projector, ProjectorError, ProjectorOptions, STATUS_EVENT_TYPES,
+};

@@ -24,6 +24,10 @@ use crate::metrics::Metrics;
 use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::page_id::PageId;
 
+/// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
+/// than a minute; a larger value is taken as a broken header).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
 /// The event types that set a task's status: `task_submitted` (queued) and `status_changed`.
 pub const STATUS_EVENT_TYPES: [&str; 2] = ["task_submitted", "status_changed"];
 
@@ -48,7 +52,7 @@ pub struct ProjectorOptions {
     pub max_retries: u32,
     /// The first retry's delay; it doubles each time (with jitter of ×0.5–1.5).
     pub retry_base: Duration,
-    /// The longest retry delay, and the longest `Retry-After` honoured as given.
+    /// The longest retry delay after a 5xx or a timeout.
     pub retry_max: Duration,
     /// How often failures whose retries ran out are tried again.
     pub failure_retry_interval: Duration,
@@ -446,7 +450,7 @@ impl Projector {
                     self.metrics.rate_limited.inc();
                     let wait = retry_after
                         .unwrap_or(Duration::from_secs(1))
-                        .min(self.options.retry_max.max(Duration::from_secs(1)));
+                        .min(MAX_RETRY_AFTER);
                     self.limiter.pause_for(wait);
                     tracing::warn!(task_id = %task, error = %error, wait = ?wait, "Notion rate limited: pausing every request");
                     Duration::ZERO

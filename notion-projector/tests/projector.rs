@@ -140,7 +140,7 @@ async fn scenario_7_an_outage_is_retried_recorded_and_caught_up() {
     let task = new_task(&store, Some(&page)).await;
     let options = ProjectorOptions {
         max_retries: 3,
-        retry_base: Duration::from_millis(200),
+        retry_base: Duration::from_millis(300),
         failure_retry_interval: Duration::from_secs(2),
         ..fast_options()
     };

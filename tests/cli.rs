@@ -244,6 +244,19 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
             2,
             "ITEM must be a number",
         ),
+        (
+            &[
+                "submit",
+                "--channel",
+                "h",
+                "--topic",
+                "x",
+                "--notion-page",
+                "my-page",
+            ],
+            2,
+            "invalid Notion page id",
+        ),
         (&["approve", "not-a-uuid"], 1, "invalid task id"),
         (
             &["approve", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"],
@@ -299,6 +312,30 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
         dir.path(),
         &["submit", "--channel", "history", "--topic", "Rome"],
     ));
+    // A page URL is stored as the dashed lower-case id the projector uses.
+    let with_page = ok(reel(
+        &db,
+        dir.path(),
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--topic",
+            "Rome",
+            "--notion-page",
+            "https://www.notion.so/team/Rome-598337872CF94FDF8782E53DB20768A5?v=1",
+        ],
+    ));
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT notion_page_id FROM tasks WHERE id = $1::uuid")
+            .bind(&with_page)
+            .fetch_one(db.pool())
+            .await
+            .expect("stored page");
+    assert_eq!(
+        stored.as_deref(),
+        Some("59833787-2cf9-4fdf-8782-e53db20768a5")
+    );
     let run = reel(&db, dir.path(), &["approve", &id]);
     assert_eq!(run.code, 1);
     assert!(

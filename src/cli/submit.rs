@@ -15,9 +15,10 @@ pub(crate) struct SubmitArgs {
     topic: String,
     #[arg(long)]
     story_direction: Option<String>,
-    /// The task's Notion page (mirrored by notion-projector).
-    #[arg(long)]
-    notion_page: Option<String>,
+    /// The task's Notion page, as an id (dashes optional) or a page URL; stored as the
+    /// dashed lower-case id that notion-projector mirrors the status to.
+    #[arg(long, value_parser = parse_page)]
+    notion_page: Option<notion_projector::PageId>,
     /// Inject a failure: STEP:ITEM (transient, first attempt only) or STEP:ITEM:permanent.
     #[arg(long = "fail", value_name = "STEP:ITEM[:permanent]")]
     faults: Vec<Fault>,
@@ -34,8 +35,12 @@ pub(crate) async fn submit(url: &str, args: SubmitArgs) -> anyhow::Result<()> {
         input["story_direction"] = json!(direction);
     }
     let mut task = NewTask::new(steps::WORKFLOW, channel, input);
-    task.notion_page_id = args.notion_page;
+    task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;
     println!("{}", store.create_task(task).await?.task_id());
     Ok(())
+}
+
+fn parse_page(raw: &str) -> Result<notion_projector::PageId, String> {
+    notion_projector::PageId::parse(raw).map_err(|e| e.to_string())
 }

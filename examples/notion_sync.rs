@@ -34,16 +34,7 @@ async fn main() -> anyhow::Result<()> {
     println!("fake Notion at {} with page {page}", notion.url());
 
     // This example's projector starts at the log's head: earlier runs' tasks are not ours.
-    sqlx::query(
-        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
-         SELECT $1, tx_id, global_position FROM events \
-          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
-         ON CONFLICT (projector) DO UPDATE \
-            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position",
-    )
-    .bind(PROJECTOR)
-    .execute(store.pool())
-    .await?;
+    notion_projector::checkpoint_at_head(&store, PROJECTOR, false).await?;
     let client = NotionClient::new(NotionConfig {
         api_url: notion.url(),
         token: Token::new(notion.token()),

@@ -65,16 +65,7 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     let mut nominal = tasks(store, &notion, if quick { 8 } else { 30 }).await?;
     let mut burst = tasks(store, &notion, 100).await?;
     // The projector starts at the log's head: the new tasks' Queued counts as mirrored.
-    sqlx::query(
-        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
-         SELECT $1, tx_id, global_position FROM events \
-          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
-         ON CONFLICT (projector) DO UPDATE \
-            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position",
-    )
-    .bind(NAME)
-    .execute(store.pool())
-    .await?;
+    notion_projector::checkpoint_at_head(store, NAME, false).await?;
     let client = NotionClient::new(NotionConfig {
         api_url: notion.url(),
         token: Token::new(notion.token()),

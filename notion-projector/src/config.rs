@@ -88,6 +88,10 @@ pub struct Config {
     /// Serve `/healthz` and `/metrics` here, e.g. `0.0.0.0:9187`.
     #[arg(long, env = "NOTION_PROJECTOR_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// On the first start (no checkpoint yet), begin at the log's head instead of
+    /// mirroring the whole history.
+    #[arg(long)]
+    pub from_now: bool,
     /// Do not apply pending migrations at start (for a role without DDL rights).
     #[arg(long)]
     pub no_migrate: bool,
@@ -155,6 +159,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = PgStore::new(pool.clone());
     if !config.no_migrate {
         store.migrate().await.context("cannot apply migrations")?;
+    }
+    if config.from_now {
+        crate::projector::checkpoint_at_head(&store, &config.name, true)
+            .await
+            .context("cannot set the starting checkpoint")?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(engine::service::cancel_on_signals(

@@ -29,4 +29,5 @@ pub use notion::{NotionClient, NotionConfig, NotionError, PropertyType, Token};
 pub use page_id::{InvalidPageId, PageId};
 pub use projector::{
     MAX_RETRY_AFTER, Projector, ProjectorError, ProjectorOptions, STATUS_EVENT_TYPES,
+    checkpoint_at_head,
 };

@@ -642,6 +642,33 @@ impl Projector {
     }
 }
 
+/// Puts the checkpoint of projector `name` at the log's head, so that everything in the log
+/// now counts as mirrored and only later changes are sent. With `only_if_new`, a projector
+/// that already has a checkpoint keeps it (the binary's `--from-now`); otherwise the
+/// checkpoint is moved (for demos and benchmarks that share a database). Use while no
+/// instance of `name` runs: a running leader's compare-and-set then fails and it re-reads.
+pub async fn checkpoint_at_head(
+    store: &PgStore,
+    name: &str,
+    only_if_new: bool,
+) -> Result<(), ProjectorError> {
+    let sql = if only_if_new {
+        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
+         SELECT $1, tx_id, global_position FROM events \
+          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
+         ON CONFLICT (projector) DO NOTHING"
+    } else {
+        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
+         SELECT $1, tx_id, global_position FROM events \
+          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
+         ON CONFLICT (projector) DO UPDATE \
+            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position, \
+                updated_at = now()"
+    };
+    sqlx::query(sql).bind(name).execute(store.pool()).await?;
+    Ok(())
+}
+
 /// The status an event sets, if it sets one.
 fn target_of(event: &RecordedEvent) -> Option<Target> {
     let status = match &event.event {

@@ -342,3 +342,41 @@ async fn serves_health_and_metrics() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOTION_TOKEN"));
 }
+
+/// `--from-now` skips the history on the first start only: what changes while the
+/// projector is stopped is still mirrored after a restart with the same flag.
+#[tokio::test]
+async fn from_now_skips_history_only_on_the_first_start() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let tasks = tasks_with_pages(&store, &notion, 2).await;
+    let (old, old_page) = tasks[0].clone();
+    let (new, new_page) = tasks[1].clone();
+    change_status(&store, old, TaskStatus::GeneratingAssets).await;
+
+    let first = Process::start(&db, &notion, &notion.token(), &["--from-now"]);
+    assert!(first.wait_log("leading", Duration::from_secs(10)).await);
+    change_status(&store, new, TaskStatus::GeneratingAssets).await;
+    wait_for(Duration::from_secs(5), || {
+        notion.page_value(&new_page).as_deref() == Some("Generating Assets")
+    })
+    .await
+    .expect("a change after the start is mirrored");
+    let _ = first.sigterm().await;
+    assert_eq!(
+        notion.page_value(&old_page),
+        None,
+        "the history was skipped"
+    );
+
+    change_status(&store, old, TaskStatus::GeneratingComposites).await;
+    let second = Process::start(&db, &notion, &notion.token(), &["--from-now"]);
+    wait_for(Duration::from_secs(5), || {
+        notion.page_value(&old_page).as_deref() == Some("Generating Composites")
+    })
+    .await
+    .expect("a change made while stopped is mirrored after the restart");
+    let _ = second.sigterm().await;
+    assert_eq!(notion.requests().len(), 2);
+}

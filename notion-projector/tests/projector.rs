@@ -54,12 +54,7 @@ async fn scenario_6_three_simultaneous_changes_sync_within_5_seconds_without_429
     let db = test_db().await;
     let store = db.store();
     let notion = fake().await;
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let page = new_page_id();
-        notion.add_page(&page);
-        tasks.push((new_task(&store, Some(&page)).await, page));
-    }
+    let tasks = tasks_with_pages(&store, &notion, 3).await;
     let running = spawn(&store, client(&notion), fast_options());
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     let sent_before = notion.requests().len();
@@ -565,12 +560,7 @@ async fn changes_while_waiting_for_the_limiter_coalesce_into_one_request() {
     let db = test_db().await;
     let store = db.store();
     let notion = fake().await;
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let page = new_page_id();
-        notion.add_page(&page);
-        tasks.push((new_task(&store, Some(&page)).await, page));
-    }
+    let tasks = tasks_with_pages(&store, &notion, 6).await;
     let running = spawn(&store, client(&notion), fast_options());
     wait_for(FIVE_S, || !notion.requests().is_empty())
         .await

@@ -98,6 +98,21 @@ pub async fn new_task(store: &PgStore, page: Option<&str>) -> TaskId {
         .task_id()
 }
 
+/// `n` queued tasks, each with its own page on `notion`.
+pub async fn tasks_with_pages(
+    store: &PgStore,
+    notion: &FakeNotion,
+    n: usize,
+) -> Vec<(TaskId, String)> {
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let page = new_page_id();
+        notion.add_page(&page);
+        tasks.push((new_task(store, Some(&page)).await, page));
+    }
+    tasks
+}
+
 /// Appends `status_changed` from the task's current status to `to`, as the orchestrator
 /// would; returns the new stream version.
 pub async fn change_status(store: &PgStore, task: TaskId, to: TaskStatus) -> u32 {

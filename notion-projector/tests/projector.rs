@@ -632,3 +632,34 @@ async fn an_undecodable_status_event_is_recorded_and_passed() {
     running.stop().await;
     assert!(failures(&store).await.iter().all(|f| f.resolved));
 }
+
+/// No transaction is open while Notion takes its time: the watermark of every reader of
+/// the log never waits on Notion.
+#[tokio::test]
+async fn no_transaction_is_open_while_a_request_is_in_flight() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    notion.set_latency(Duration::from_millis(1500));
+    let _tasks = tasks_with_pages(&store, &notion, 2).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    // Each answer takes 1.5 s: sample the server's sessions meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                AND (state LIKE 'idle in transaction%' OR xact_start < now() - interval '500 ms')",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("pg_stat_activity");
+        assert_eq!(open, 0, "a transaction stays open during a Notion call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !notion.requests().is_empty(),
+        "requests were in flight while sampling"
+    );
+    running.stop().await;
+}

@@ -13,7 +13,7 @@ use anyhow::Context;
 use engine::prelude::*;
 use engine::{Worker, WorkerOptions, db};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
-use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, Token};
+use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +35,7 @@ async fn main() -> anyhow::Result<()> {
 
     // This example's projector starts at the log's head: earlier runs' tasks are not ours.
     notion_projector::checkpoint_at_head(&store, PROJECTOR, false).await?;
-    let client = NotionClient::new(NotionConfig {
-        api_url: notion.url(),
-        token: Token::new(notion.token()),
-        version: "2025-09-03".into(),
-        timeout: Duration::from_secs(10),
-    })?;
+    let client = notion.client(Duration::from_secs(10));
     let metrics = Arc::new(Metrics::new());
     let projector = Projector::new(
         store.clone(),

@@ -10,7 +10,7 @@ use engine::{
     ChannelId, EventStore, NewTask, PgStore, Registry, TaskId, TaskStatus, Worker, WorkerOptions,
 };
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
-use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, Token};
+use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -55,13 +55,7 @@ async fn run_pipeline(store: &PgStore, artifacts: &std::path::Path) -> Duration 
 }
 
 fn start_projector(store: &PgStore, notion: &FakeNotion) -> CancellationToken {
-    let client = NotionClient::new(NotionConfig {
-        api_url: notion.url(),
-        token: Token::new(notion.token()),
-        version: "2025-09-03".into(),
-        timeout: Duration::from_secs(2),
-    })
-    .expect("client");
+    let client = notion.client(Duration::from_secs(2));
     let options = ProjectorOptions {
         poll_interval: Duration::from_millis(200),
         retry_base: Duration::from_millis(200),

@@ -174,7 +174,7 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_projector_reconnects_after_a_postgres_restart() {
     use notion_projector::fake::{FakeNotion, FakeNotionOptions};
-    use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions};
+    use notion_projector::{Metrics, Projector, ProjectorOptions};
 
     let cluster = Cluster::start().unwrap_or_else(|why| {
         panic!("cannot start a throwaway PostgreSQL cluster for this test: {why}")
@@ -199,13 +199,7 @@ async fn the_projector_reconnects_after_a_postgres_restart() {
     task.notion_page_id = Some(page.clone());
     let task = store.create_task(task).await.expect("submit").task_id();
 
-    let client = NotionClient::new(NotionConfig {
-        api_url: notion.url(),
-        token: notion_projector::Token::new(notion.token()),
-        version: "2025-09-03".into(),
-        timeout: Duration::from_secs(2),
-    })
-    .expect("client");
+    let client = notion.client(Duration::from_secs(2));
     let metrics = std::sync::Arc::new(Metrics::new());
     let projector = Projector::new(
         store.clone(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use engine::prelude::*;
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
-use notion_projector::{Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, Token};
+use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -66,12 +66,7 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     let mut burst = tasks(store, &notion, 100).await?;
     // The projector starts at the log's head: the new tasks' Queued counts as mirrored.
     notion_projector::checkpoint_at_head(store, NAME, false).await?;
-    let client = NotionClient::new(NotionConfig {
-        api_url: notion.url(),
-        token: Token::new(notion.token()),
-        version: "2025-09-03".into(),
-        timeout: Duration::from_secs(10),
-    })?;
+    let client = notion.client(Duration::from_secs(10));
     let options = ProjectorOptions {
         name: NAME.into(),
         ..ProjectorOptions::default()

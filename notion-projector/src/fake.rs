@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::notion::PropertyType;
+use crate::notion::{DEFAULT_NOTION_VERSION, NotionClient, NotionConfig, PropertyType, Token};
 use crate::page_id::PageId;
 
 /// How the fake behaves.
@@ -149,6 +149,26 @@ impl FakeNotion {
     /// The base URL to give the projector as `NOTION_API_URL`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A client for this fake with its token, the default `Notion-Version` and `timeout`.
+    pub fn client(&self, timeout: Duration) -> NotionClient {
+        self.client_with_token(&self.token(), timeout)
+    }
+
+    /// A client for this fake that sends `token` (a wrong one gets 401s).
+    pub fn client_with_token(&self, token: &str, timeout: Duration) -> NotionClient {
+        let config = NotionConfig {
+            api_url: self.url(),
+            token: Token::new(token),
+            version: DEFAULT_NOTION_VERSION.into(),
+            timeout,
+        };
+        match NotionClient::new(config) {
+            Ok(client) => client,
+            // Only a token with characters a header cannot carry gets here: a test's bug.
+            Err(err) => panic!("a client for the fake Notion: {err}"),
+        }
     }
 
     /// The token the fake accepts.

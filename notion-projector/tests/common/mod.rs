@@ -9,9 +9,7 @@ use engine::testing::TestDatabase;
 use engine::{ChannelId, Checkpoint, Event, EventStore, Fence, NewEvent, NewTask, PgStore};
 use engine::{TaskId, TaskStatus};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
-use notion_projector::{
-    Metrics, NotionClient, NotionConfig, Projector, ProjectorOptions, PropertyType, Token,
-};
+use notion_projector::{Metrics, NotionClient, Projector, ProjectorOptions, PropertyType};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,13 +37,7 @@ pub fn client(fake: &FakeNotion) -> NotionClient {
 }
 
 pub fn client_with_token(fake: &FakeNotion, token: &str) -> NotionClient {
-    NotionClient::new(NotionConfig {
-        api_url: fake.url(),
-        token: Token::new(token),
-        version: "2025-09-03".into(),
-        timeout: Duration::from_secs(2),
-    })
-    .expect("client")
+    fake.client_with_token(token, Duration::from_secs(2))
 }
 
 /// A projector running in this process until [`Running::stop`].

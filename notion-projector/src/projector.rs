@@ -319,9 +319,10 @@ impl Projector {
                 Err(other) => return Err(other.into()),
             }
         }
-        let (jobs, up_to_date) = self
-            .plan(latest.into_values().collect(), &mut failures)
-            .await?;
+        // Oldest change first: under the rate limit, tasks are served in log order.
+        let mut targets: Vec<Target> = latest.into_values().collect();
+        targets.sort_by_key(|t| t.position);
+        let (jobs, up_to_date) = self.plan(targets, &mut failures).await?;
         self.metrics.skip("up_to_date", up_to_date.len());
         self.send_all(jobs, halt, failures, self.options.max_retries)
             .await

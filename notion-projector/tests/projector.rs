@@ -565,7 +565,8 @@ async fn changes_while_waiting_for_the_limiter_coalesce_into_one_request() {
     wait_for(FIVE_S, || !notion.requests().is_empty())
         .await
         .expect("the first request");
-    // Six requests at 3/s take ~2 s: the last task's turn comes after these changes.
+    // Six requests at 3/s take ~2 s, in log order: the last task's turn comes after these
+    // changes.
     let (last, last_page) = tasks.last().expect("tasks").clone();
     change_status(&store, last, TaskStatus::GeneratingAssets).await;
     change_status(&store, last, TaskStatus::GeneratingComposites).await;

@@ -61,13 +61,9 @@ async fn main() -> anyhow::Result<()> {
     let task = store.create_task(task).await?.task_id();
     println!("submitted task {task} (clip 7 will time out on the first attempt)\n");
 
-    let config = steps::PipelineConfig {
-        artifacts_root: "target/reel-artifacts".into(),
-        time_scale: TIME_SCALE,
-    };
-    let registry = Registry::new().register(steps::video_workflow(
-        &config,
-        steps::simulated::providers(TIME_SCALE),
+    let registry = Registry::new().register(steps::simulated_video_workflow(
+        "target/reel-artifacts",
+        TIME_SCALE,
     ));
     let options = WorkerOptions {
         until_idle: true,

@@ -33,13 +33,9 @@ async fn submit(store: &PgStore, page: &str, fail_clip_7: bool) -> TaskId {
 
 /// Runs a worker until no task is left; returns how long it took.
 async fn run_pipeline(store: &PgStore, artifacts: &std::path::Path) -> Duration {
-    let config = steps::PipelineConfig {
-        artifacts_root: artifacts.to_owned(),
-        time_scale: TIME_SCALE,
-    };
-    let registry = Registry::new().register(steps::video_workflow(
-        &config,
-        steps::simulated::providers(TIME_SCALE),
+    let registry = Registry::new().register(steps::simulated_video_workflow(
+        artifacts.to_owned(),
+        TIME_SCALE,
     ));
     let options = WorkerOptions {
         until_idle: true,
@@ -86,16 +82,22 @@ async fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> Option<D
     None
 }
 
-/// Scenario 9 with Notion: clip 7 fails, the retry resumes at clip 7; the page follows
-/// the pipeline (Generating Video within 5 s of the change) and ends on Final Review.
-#[tokio::test]
-async fn the_board_follows_the_pipeline_within_5_seconds() {
+/// A test database, an artifacts directory and a fake Notion.
+async fn setup() -> (TestDatabase, tempfile::TempDir, FakeNotion) {
     let db = TestDatabase::create().await;
-    let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
     let notion = FakeNotion::start(FakeNotionOptions::default())
         .await
         .expect("fake");
+    (db, artifacts, notion)
+}
+
+/// Scenario 9 with Notion: clip 7 fails, the retry resumes at clip 7; the page follows
+/// the pipeline (Generating Video within 5 s of the change) and ends on Final Review.
+#[tokio::test]
+async fn the_board_follows_the_pipeline_within_5_seconds() {
+    let (db, artifacts, notion) = setup().await;
+    let store = db.store();
     let page = uuid::Uuid::new_v4().simple().to_string();
     notion.add_page(&page);
     let shutdown = start_projector(&store, &notion);
@@ -163,12 +165,8 @@ async fn the_board_follows_the_pipeline_within_5_seconds() {
 /// PostgreSQL, and the projector catches the page up when Notion returns.
 #[tokio::test]
 async fn the_pipeline_never_waits_for_notion() {
-    let db = TestDatabase::create().await;
+    let (db, artifacts, notion) = setup().await;
     let store = db.store();
-    let artifacts = tempfile::tempdir().expect("tempdir");
-    let notion = FakeNotion::start(FakeNotionOptions::default())
-        .await
-        .expect("fake");
     let shutdown = start_projector(&store, &notion);
 
     let healthy_page = uuid::Uuid::new_v4().simple().to_string();

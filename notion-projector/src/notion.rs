@@ -139,6 +139,9 @@ pub struct NotionConfig {
 pub struct NotionClient {
     http: reqwest::Client,
     base: String,
+    /// `Bearer <token>`, marked sensitive so no debug output shows it.
+    authorization: HeaderValue,
+    /// Kept to scrub error texts.
     token: Token,
     timeout: Duration,
 }
@@ -164,12 +167,15 @@ impl NotionClient {
             .map_err(|e| ConfigError(config.token.scrub(&e.to_string())))?;
         // A token that cannot be a header value would fail every request: say so now,
         // without echoing it.
-        HeaderValue::from_str(&format!("Bearer {}", config.token.expose())).map_err(|_| {
-            ConfigError("NOTION_TOKEN holds characters not allowed in a header".into())
-        })?;
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", config.token.expose()))
+            .map_err(|_| {
+                ConfigError("NOTION_TOKEN holds characters not allowed in a header".into())
+            })?;
+        authorization.set_sensitive(true);
         Ok(NotionClient {
             http,
             base: config.api_url.trim_end_matches('/').to_owned(),
+            authorization,
             token: config.token,
             timeout: config.timeout,
         })
@@ -184,13 +190,10 @@ impl NotionClient {
         name: &str,
     ) -> Result<(), NotionError> {
         let body = json!({ "properties": { property: { kind.as_str(): { "name": name } } } });
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", self.token.expose()))
-            .map_err(|_| NotionError::Transport("the token is not a valid header value".into()))?;
-        auth.set_sensitive(true);
         let sent = self
             .http
             .patch(format!("{}/v1/pages/{}", self.base, page))
-            .header(AUTHORIZATION, auth)
+            .header(AUTHORIZATION, self.authorization.clone())
             .json(&body)
             .send()
             .await;

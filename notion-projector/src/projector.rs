@@ -653,20 +653,19 @@ pub async fn checkpoint_at_head(
     name: &str,
     only_if_new: bool,
 ) -> Result<(), ProjectorError> {
-    let sql = if only_if_new {
-        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
-         SELECT $1, tx_id, global_position FROM events \
-          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
-         ON CONFLICT (projector) DO NOTHING"
-    } else {
+    sqlx::query(
         "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
          SELECT $1, tx_id, global_position FROM events \
           ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
          ON CONFLICT (projector) DO UPDATE \
             SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position, \
-                updated_at = now()"
-    };
-    sqlx::query(sql).bind(name).execute(store.pool()).await?;
+                updated_at = now() \
+          WHERE NOT $2",
+    )
+    .bind(name)
+    .bind(only_if_new)
+    .execute(store.pool())
+    .await?;
     Ok(())
 }
 

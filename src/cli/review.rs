@@ -39,13 +39,7 @@ pub(crate) async fn approve(url: &str, target: TaskArg) -> anyhow::Result<()> {
 
 pub(crate) async fn reject(url: &str, args: ReviewArgs) -> anyhow::Result<()> {
     let (store, task) = open(url, &args.target).await?;
-    let workflow = steps::video_workflow(
-        &steps::PipelineConfig {
-            artifacts_root: "artifacts".into(),
-            time_scale: 1.0,
-        },
-        steps::simulated::providers(1.0),
-    );
+    let workflow = steps::simulated_video_workflow("artifacts", 1.0);
     let state = commands::reject(&store, &workflow, task, &args.redo_from, args.reason).await?;
     print_state(&state, args.target.json)
 }

@@ -40,13 +40,9 @@ pub(crate) async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
         "--time-scale must be >= 0"
     );
     let store = PgStore::new(engine::db::connect(url, (args.concurrency as u32 + 4).max(8)).await?);
-    let config = steps::PipelineConfig {
-        artifacts_root: args.artifacts,
-        time_scale: args.time_scale,
-    };
-    let registry = Registry::new().register(steps::video_workflow(
-        &config,
-        steps::simulated::providers(args.time_scale),
+    let registry = Registry::new().register(steps::simulated_video_workflow(
+        args.artifacts,
+        args.time_scale,
     ));
     let lease_ttl = Duration::from_secs(args.lease_ttl.max(1));
     let options = WorkerOptions {

@@ -35,6 +35,18 @@ pub struct PipelineConfig {
     pub time_scale: f64,
 }
 
+/// The video pipeline on the simulated providers, both at `time_scale` (what the `reel
+/// worker`, the examples and the tests run).
+pub fn simulated_video_workflow(artifacts_root: impl Into<PathBuf>, time_scale: f64) -> Workflow {
+    video_workflow(
+        &PipelineConfig {
+            artifacts_root: artifacts_root.into(),
+            time_scale,
+        },
+        crate::simulated::providers(time_scale),
+    )
+}
+
 /// The video pipeline: 22 assets → composites → 18 clips → 18 narrations → 18 SFX →
 /// assembly → final review.
 pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow {

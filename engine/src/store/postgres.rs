@@ -89,18 +89,11 @@ const READ_STREAM_UNTIL_SQL: &str =
 const READ_STREAMS_SQL: &str =
     select_events!("WHERE stream_id = ANY($1) ORDER BY stream_id, stream_version");
 
-// One statement, so one snapshot decides both the watermark and the rows: nothing at or
-// above the oldest running xid is returned, because it may still commit below rows that
-// are already visible.
-const READ_ALL_AFTER_SQL: &str = select_events!(
-    "WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
-       AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-     ORDER BY tx_id, global_position LIMIT $3"
-);
-
-// The same window as READ_ALL_AFTER_SQL, but only rows whose type is in $4 (or every row
-// when $4 is NULL) carry their payload: the others are scanned for the checkpoint only, so a
-// follower that cares about a few types neither decodes nor fails on the rest.
+// The global read. One statement, so one snapshot decides both the watermark and the rows:
+// nothing at or above the oldest running xid is returned, because it may still commit below
+// rows that are already visible. Only rows whose type is in $4 (or every row when $4 is
+// NULL) carry their payload: the others are scanned for the checkpoint only, so a follower
+// that cares about a few types neither decodes nor fails on the rest.
 const READ_PAGE_SQL: &str = "SELECT global_position, tx_id::text::bigint AS tx_id, stream_id, \
        stream_version, event_id, event_type, schema_version, \
        CASE WHEN $4::text[] IS NULL OR event_type = ANY($4) THEN payload::text END AS payload, \
@@ -485,13 +478,11 @@ impl GlobalLog for PgStore {
         checkpoint: Checkpoint,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>> {
-        self.fetch_events(
-            sqlx::query(READ_ALL_AFTER_SQL)
-                .bind(checkpoint.tx_id.to_string())
-                .bind(checkpoint.position)
-                .bind(i64::from(limit)),
-        )
-        .await
+        self.read_page(checkpoint, limit, None)
+            .await?
+            .events
+            .into_iter()
+            .collect()
     }
 }
 

@@ -97,6 +97,9 @@ fn golden(name: &str, actual: &str) {
 }
 
 async fn golden_replay_and_audit(name: &str, db: &TestDatabase, task: TaskId) {
+    if std::env::var_os("REEL_UPDATE_FIXTURES").is_some() {
+        record_fixture(name, db, task).await;
+    }
     let replay = reel(db, &["replay", &task.to_string()]);
     assert_eq!(replay.code, 0);
     golden(
@@ -158,6 +161,92 @@ async fn golden_a_rejected_and_redone_review() {
         .await
         .expect("approve");
     golden_replay_and_audit("redone", &db, task).await;
+}
+
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.events.jsonl"))
+}
+
+/// Writes the task's rows of `events` as they are stored (one JSON object a line): a log
+/// recorded by this build, which later builds must replay and audit to the same goldens.
+async fn record_fixture(name: &str, db: &TestDatabase, task: TaskId) {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT json_build_object('stream_id', stream_id, 'stream_version', stream_version, \
+           'event_id', event_id, 'event_type', event_type, 'schema_version', schema_version, \
+           'payload', payload, 'metadata', metadata, 'recorded_at', recorded_at)::text \
+         FROM events WHERE stream_id = $1 ORDER BY stream_version",
+    )
+    .bind(task.as_uuid())
+    .fetch_all(db.pool())
+    .await
+    .expect("read events");
+    std::fs::write(fixture_path(name), rows.join("\n") + "\n").expect("write fixture");
+}
+
+/// Loads a recorded log into `db` row for row (and the task row it implies).
+async fn load_fixture(name: &str, db: &TestDatabase) -> TaskId {
+    let text = std::fs::read_to_string(fixture_path(name)).expect("read fixture");
+    let mut task = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(line).expect("fixture row");
+        let id: uuid::Uuid = row["stream_id"]
+            .as_str()
+            .expect("id")
+            .parse()
+            .expect("uuid");
+        if row["stream_version"] == 1 {
+            sqlx::query(
+                "INSERT INTO tasks (id, workflow, channel_id, status, version) \
+                 VALUES ($1, $2, $3, 'queued', 1)",
+            )
+            .bind(id)
+            .bind(row["payload"]["workflow"].as_str())
+            .bind(row["payload"]["channel_id"].as_str())
+            .execute(db.pool())
+            .await
+            .expect("insert task");
+        }
+        sqlx::query(
+            "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, \
+               payload, metadata, recorded_at) \
+             SELECT r.stream_id, r.stream_version, r.event_id, r.event_type, r.schema_version, \
+               r.payload, r.metadata, r.recorded_at \
+             FROM json_populate_record(null::events, $1::json) r",
+        )
+        .bind(line)
+        .execute(db.pool())
+        .await
+        .expect("insert fixture event");
+        task = Some(TaskId::from(id));
+    }
+    task.expect("a non-empty fixture")
+}
+
+/// Logs recorded by earlier builds (tests/fixtures) replay and audit exactly as the goldens say.
+#[tokio::test]
+async fn recorded_logs_replay_and_audit_as_before() {
+    for name in ["clean", "resumed", "permanent", "redone"] {
+        let db = TestDatabase::create().await;
+        let task = load_fixture(name, &db).await;
+        let replay = reel(&db, &["replay", &task.to_string()]);
+        assert_eq!(replay.code, 0, "{name}");
+        let expected = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/golden/{name}.replay.txt")),
+        )
+        .expect("golden");
+        assert_eq!(normalize(&replay.stdout, task), expected, "{name} replay");
+        let audit = reel(&db, &["audit", &task.to_string()]);
+        assert_eq!(audit.code, 0, "{name}: {}", audit.stdout);
+        let expected = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/golden/{name}.audit.txt")),
+        )
+        .expect("golden");
+        assert_eq!(normalize(&audit.stdout, task), expected, "{name} audit");
+    }
 }
 
 /// Appends a raw row after the stream's last version (+ `skip`), as a corrupting writer would.

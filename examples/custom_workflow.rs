@@ -1,58 +1,88 @@
 //! Run with: cargo run --example custom_workflow
 //!
-//! A workflow of your own in a few lines: a two-step "newsletter" (write 3 sections, then
-//! publish once). Section 2 times out on the first attempt; the retry runs only what is
-//! missing. Uses the `reel_example` database on the server named by `DATABASE_URL`.
+//! A workflow of your own: a "newsletter" whose input is typed, whose steps show their own
+//! statuses ("Writing Sections", "Publishing"), and whose last step reads what the first
+//! one recorded in the log. It has no review gate, so its tasks end `completed`. Section 2
+//! times out on the first attempt; the retry replays the log and writes only what is
+//! missing. The worker API runs it in this process until there is nothing left to do.
+//! Uses the `reel_example` database on the server named by `DATABASE_URL`.
 
 use std::time::Duration;
 
 use anyhow::Context;
+use engine::db;
 use engine::prelude::*;
-use engine::{Backoff, db};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
+
+/// What a newsletter task is given.
+#[derive(Debug, Deserialize)]
+struct Brief {
+    topic: String,
+    sections: u32,
+}
+
+/// What each section item records (its `item_completed` output).
+#[derive(Debug, Serialize, Deserialize)]
+struct Section {
+    title: String,
+    words: u32,
+}
+
+/// What publishing records.
+#[derive(Debug, Serialize)]
+struct Issue {
+    sections: usize,
+    words: u32,
+    url: String,
+}
 
 fn newsletter() -> Workflow {
-    let no_wait = Backoff {
-        initial: Duration::ZERO,
-        multiplier: 1.0,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    };
     Workflow::new("newsletter")
+        .input::<Brief>()
         .step(
             Step::items(
                 "sections",
-                TaskStatus::GeneratingAssets,
-                |input| Ok(input["sections"].as_u64().unwrap_or(3) as u32),
+                |input| {
+                    let brief = Brief::deserialize(input)
+                        .map_err(|e| StepError::permanent(e.to_string()))?;
+                    Ok(brief.sections)
+                },
                 |ctx: StepContext, item| async move {
+                    let brief: Brief = ctx.input()?;
                     if item == 2 && ctx.attempt == 1 {
                         return Err(StepError::transient("writer timed out"));
                     }
-                    Ok(ItemOutput::new(
-                        format!("{}/section-{item}.md", ctx.channel_id),
-                        20_000,
-                    ))
+                    let section = Section {
+                        title: format!("{} — part {item}", brief.topic),
+                        words: 300 + 50 * item,
+                    };
+                    Ok(ItemOutput::value(section)?.with_cost_micros(20_000))
                 },
             )
+            .status("writing_sections", "Writing Sections")
             .retry(RetryPolicy {
-                max_tries: 2,
-                backoff: no_wait,
+                max_tries: 1,
+                backoff: Backoff::none(),
             }),
         )
-        .step(Step::once(
-            "publish",
-            TaskStatus::Assembling,
-            |ctx: StepContext| async move {
-                Ok(ItemOutput::new(
-                    format!("https://example.invalid/{}", ctx.task_id),
-                    0,
-                ))
-            },
-        ))
+        .step(
+            Step::once("publish", |ctx: StepContext| async move {
+                // Every section, in order, as the log recorded it: after a crash or a
+                // retry these come from earlier attempts' events, not from memory.
+                let sections: Vec<Section> = ctx.outputs("sections")?;
+                let issue = Issue {
+                    sections: sections.len(),
+                    words: sections.iter().map(|s| s.words).sum(),
+                    url: format!("https://example.invalid/issues/{}", ctx.task_id),
+                };
+                Ok(ItemOutput::value(&issue)?.with_artifact(issue.url))
+            })
+            .status("publishing", "Publishing"),
+        )
         .task_retry(TaskRetryPolicy {
             max_attempts: 3,
-            backoff: no_wait,
+            backoff: Backoff::none(),
         })
 }
 
@@ -64,29 +94,35 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("is PostgreSQL running at {server}?"))?;
 
-    let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(newsletter()));
-    let channel = ChannelId::parse("newsletters")?;
+    let registry = Registry::new().register(newsletter());
+    let input = json!({"topic": "Rust on Postgres", "sections": 3});
     let task = store
-        .create_task(NewTask::new("newsletter", channel, json!({"sections": 3})))
+        .create_task(NewTask::new(
+            "newsletter",
+            ChannelId::parse("newsletters")?,
+            input,
+        ))
         .await?
         .task_id();
+    println!("submitted newsletter task {task}");
 
-    loop {
-        let Some(lease) = store
-            .claim_task(task, "example-worker", Duration::from_secs(30))
-            .await?
-        else {
-            break;
-        };
-        let outcome = orchestrator.run(&lease, CancellationToken::new()).await?;
-        println!("attempt {}: {outcome:?}", lease.attempt);
-        if !matches!(outcome, RunOutcome::RetryScheduled { .. }) {
-            break;
-        }
+    let options = WorkerOptions {
+        poll_interval: Duration::from_millis(100),
+        ..WorkerOptions::new("newsletter-worker")
+    };
+    let report = Worker::new(store.clone(), registry, options)
+        .run_until_idle()
+        .await?;
+    for attempt in report.attempts.iter().filter(|a| a.task == task) {
+        println!("attempt {}: {:?}", attempt.attempt, attempt.outcome);
     }
 
     let state = fold(&store.read_stream(task, 1).await?);
-    println!("task {task} is {}", state.status().display_name());
+    println!(
+        "task {task} is {} ({})",
+        state.status(),
+        state.status_display()
+    );
     for resume in &state.resumes {
         println!(
             "attempt {} skipped {:?} and saved ${:.2}",
@@ -95,5 +131,15 @@ async fn main() -> anyhow::Result<()> {
             resume.saved.cost_micros as f64 / 1e6
         );
     }
+    if let Some(publish) = state.step("publish").and_then(|s| s.items.get(&1)) {
+        println!("published: {}", publish.output.clone().unwrap_or_default());
+    }
+    let url = db::parse_url(&server)?.database("reel_example");
+    println!(
+        "\nthe reel CLI reads it from the log alone, e.g.:\n  DATABASE_URL=postgres://{}@{}:{}/reel_example cargo run -q -- replay {task}",
+        url.get_username(),
+        url.get_host(),
+        url.get_port()
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use engine::prelude::*;
-use engine::{Checkpoint, db};
+use engine::{Checkpoint, Event, Fence, GlobalLog, NewEvent, db};
 use serde_json::json;
 
 #[tokio::main]
@@ -30,8 +30,9 @@ async fn main() -> anyhow::Result<()> {
 
     let events = [
         Event::StatusChanged {
-            from: TaskStatus::Queued,
-            to: TaskStatus::GeneratingVideo,
+            from: TaskStatus::QUEUED,
+            to: TaskStatus::from_static("generating_video"),
+            to_display: Some("Generating Video".into()),
         },
         Event::StepStarted {
             step: "video".into(),
@@ -46,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
             artifact: "video/01.mp4".into(),
             cost_micros: 550_000,
             duration_ms: 300_000,
+            output: None,
         },
         Event::ItemFailed {
             step: "video".into(),
@@ -91,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let planned = video.planned.unwrap_or(0);
     println!(
         "\nstate: {} ({}), clips completed {:?}, clips still to run {:?}, spent ${:.2}",
-        state.status().display_name(),
+        state.status_display(),
         state.status(),
         video.items.keys().collect::<Vec<_>>(),
         video.missing_items(planned),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use engine::prelude::*;
-use engine::{Checkpoint, GlobalLog, Subscription, SubscriptionOptions, Worker, WorkerOptions, db};
+use engine::{Checkpoint, Event, GlobalLog, RecordedEvent, Subscription, SubscriptionOptions, db};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -162,7 +162,10 @@ impl Bars {
                     next_run_at.format("%H:%M:%S%.3f")
                 ));
             }
-            Event::StatusChanged { to, .. } => self.say(format!("status → {}", to.display_name())),
+            event @ Event::StatusChanged { .. } => {
+                let shown = event.display_of_new_status().unwrap_or_default();
+                self.say(format!("status → {shown}"));
+            }
             _ => {}
         }
     }
@@ -188,7 +191,7 @@ fn summary(state: &TaskState) {
     println!(
         "\ntask {} is {}",
         state.task_id.map(|t| t.to_string()).unwrap_or_default(),
-        state.status().display_name()
+        state.status_display()
     );
     println!("  items run:                  {}", state.spent.items);
     println!("  items skipped on resume:    {skipped}");

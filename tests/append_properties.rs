@@ -33,10 +33,10 @@ fn op() -> impl Strategy<Value = Op> {
 fn batch(ids: &[Uuid]) -> Vec<NewEvent> {
     ids.iter()
         .map(|id| {
-            NewEvent::new(Event::StatusChanged {
-                from: TaskStatus::Queued,
-                to: TaskStatus::Queued,
-            })
+            NewEvent::new(Event::status_changed(
+                TaskStatus::QUEUED,
+                TaskStatus::QUEUED,
+            ))
             .with_id(*id)
         })
         .collect()

@@ -29,12 +29,13 @@ fn reel(db: &TestDatabase, args: &[&str]) -> Output {
 
 /// A small pipeline-shaped workflow: 3 assets, composites, 4 clips, assembly.
 fn workflow(probe: &Probe) -> engine::Workflow {
-    use engine::TaskStatus::*;
+    let status = engine::TaskStatus::from_static;
     engine::Workflow::new("video")
-        .step(probe.items("assets", GeneratingAssets, 3))
-        .step(probe.once("composites", GeneratingComposites))
-        .step(probe.items("video", GeneratingVideo, 4))
-        .step(probe.once("assembly", Assembling))
+        .step(probe.items("assets", status("generating_assets"), 3))
+        .step(probe.once("composites", status("generating_composites")))
+        .step(probe.items("video", status("generating_video"), 4))
+        .step(probe.once("assembly", status("assembling")))
+        .review_gate()
         .task_retry(common::immediate_task_retry(3))
 }
 
@@ -146,15 +147,9 @@ async fn golden_a_rejected_and_redone_review() {
     let db = TestDatabase::create().await;
     let probe = Probe::default();
     let (store, task) = history(&db, probe.clone()).await;
-    commands::reject(
-        &store,
-        &workflow(&probe),
-        task,
-        "video",
-        Some("too dark".into()),
-    )
-    .await
-    .expect("reject");
+    commands::reject(&store, task, "video", Some("too dark".into()))
+        .await
+        .expect("reject");
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow(&probe)));
     run_to_rest(&store, &orchestrator, task).await;
     commands::approve(&store, task, Some("ana".into()))

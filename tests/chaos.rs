@@ -43,7 +43,7 @@ async fn assert_exactly_once(store: &PgStore, tasks: &[TaskId]) {
     for &task in tasks {
         let events = store.read_stream(task, 1).await.expect("read");
         let state = engine::fold(&events);
-        assert_eq!(state.status(), TaskStatus::FinalReview, "task {task}");
+        assert_eq!(state.status(), TaskStatus::FINAL_REVIEW, "task {task}");
         let audit = engine::audit::audit(task, &events);
         assert!(audit.is_clean(), "task {task}: {:?}", audit.violations);
         let mut completions: HashMap<(String, u32), u32> = HashMap::new();

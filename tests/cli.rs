@@ -271,7 +271,7 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
                 "music",
             ],
             1,
-            "has no step",
+            "not found",
         ),
         (&["cancel", "zzz"], 1, "invalid task id"),
         (

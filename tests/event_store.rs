@@ -20,7 +20,7 @@ async fn new_task(store: &PgStore) -> TaskId {
 }
 
 fn status(from: TaskStatus, to: TaskStatus) -> NewEvent {
-    NewEvent::new(Event::StatusChanged { from, to })
+    NewEvent::new(Event::status_changed(from, to))
 }
 
 async fn versions(store: &PgStore, task: TaskId) -> Vec<u32> {
@@ -92,10 +92,13 @@ async fn append_advances_the_version_and_the_derived_row() {
             1,
             Fence::Unleased,
             &[
-                status(TaskStatus::Queued, TaskStatus::GeneratingAssets),
                 status(
-                    TaskStatus::GeneratingAssets,
-                    TaskStatus::GeneratingComposites,
+                    TaskStatus::QUEUED,
+                    TaskStatus::from_static("generating_assets"),
+                ),
+                status(
+                    TaskStatus::from_static("generating_assets"),
+                    TaskStatus::from_static("generating_composites"),
                 ),
             ],
         )
@@ -128,7 +131,10 @@ async fn two_concurrent_appends_at_the_same_version_one_wins_one_conflicts() {
             task,
             1,
             Fence::Unleased,
-            &[status(TaskStatus::Queued, TaskStatus::GeneratingAssets)],
+            &[status(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_assets"),
+            )],
         )
         .await
         .expect("A appends");
@@ -139,7 +145,7 @@ async fn two_concurrent_appends_at_the_same_version_one_wins_one_conflicts() {
                 task,
                 1,
                 Fence::Unleased,
-                &[status(TaskStatus::Queued, TaskStatus::Cancelled)],
+                &[status(TaskStatus::QUEUED, TaskStatus::CANCELLED)],
             )
             .await
     });
@@ -167,7 +173,7 @@ async fn racing_writers_leave_dense_versions() {
             let (mut wins, mut conflicts) = (0, 0);
             while wins < 10 {
                 let expected = store.stream_version(task).await.expect("version");
-                let event = status(TaskStatus::Queued, TaskStatus::Queued);
+                let event = status(TaskStatus::QUEUED, TaskStatus::QUEUED);
                 match store
                     .append(task, expected, Fence::Unleased, &[event])
                     .await
@@ -197,10 +203,13 @@ async fn reappending_the_same_event_ids_after_a_lost_ack_writes_nothing() {
     let store = db.store();
     let task = new_task(&store).await;
     let batch = [
-        status(TaskStatus::Queued, TaskStatus::GeneratingAssets),
         status(
-            TaskStatus::GeneratingAssets,
-            TaskStatus::GeneratingComposites,
+            TaskStatus::QUEUED,
+            TaskStatus::from_static("generating_assets"),
+        ),
+        status(
+            TaskStatus::from_static("generating_assets"),
+            TaskStatus::from_static("generating_composites"),
         ),
     ];
 
@@ -247,7 +256,10 @@ async fn an_append_with_a_stale_lease_epoch_is_fenced_off() {
         .await
         .expect("claim");
 
-    let event = status(TaskStatus::Queued, TaskStatus::GeneratingAssets);
+    let event = status(
+        TaskStatus::QUEUED,
+        TaskStatus::from_static("generating_assets"),
+    );
     let err = store
         .append(
             task,
@@ -280,7 +292,7 @@ async fn appending_to_a_missing_task_is_a_typed_error() {
             missing,
             0,
             Fence::Unleased,
-            &[status(TaskStatus::Queued, TaskStatus::Queued)],
+            &[status(TaskStatus::QUEUED, TaskStatus::QUEUED)],
         )
         .await
         .expect_err("no such task");

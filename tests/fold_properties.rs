@@ -77,6 +77,7 @@ fn build(planned: u32, actions: &[Action]) -> History {
                     artifact: format!("clip-{item}"),
                     cost_micros: 550_000,
                     duration_ms: 1_000,
+                    output: None,
                 }
             }
             Action::Fail(n) if started && !missing.is_empty() => Event::ItemFailed {

@@ -23,10 +23,10 @@ async fn new_task(store: &PgStore) -> TaskId {
 }
 
 fn event() -> NewEvent {
-    NewEvent::new(Event::StatusChanged {
-        from: TaskStatus::Queued,
-        to: TaskStatus::GeneratingAssets,
-    })
+    NewEvent::new(Event::status_changed(
+        TaskStatus::QUEUED,
+        TaskStatus::from_static("generating_assets"),
+    ))
 }
 
 /// Reads everything readable now, in batches of `batch`, returning it and the checkpoint.

@@ -110,7 +110,7 @@ async fn the_board_follows_the_pipeline_within_5_seconds() {
     });
     // The moment the log says generating_video, the board has 5 s to show it.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while db_status(&store, task).await != TaskStatus::GeneratingVideo {
+    while db_status(&store, task).await != TaskStatus::from_static("generating_video") {
         assert!(
             Instant::now() < deadline,
             "the task never reached generating_video"
@@ -128,7 +128,7 @@ async fn the_board_follows_the_pipeline_within_5_seconds() {
     eprintln!("Generating Video on the board {took:?} after the log said so");
 
     pipeline.await.expect("pipeline");
-    assert_eq!(db_status(&store, task).await, TaskStatus::FinalReview);
+    assert_eq!(db_status(&store, task).await, TaskStatus::FINAL_REVIEW);
     wait_for(Duration::from_secs(5), || {
         notion.page_value(&page).as_deref() == Some("Final Review")
     })
@@ -146,8 +146,7 @@ async fn the_board_follows_the_pipeline_within_5_seconds() {
         .iter()
         .filter_map(|e| match &e.event {
             engine::Event::TaskSubmitted { .. } => Some("Queued".to_owned()),
-            engine::Event::StatusChanged { to, .. } => Some(to.display_name().to_owned()),
-            _ => None,
+            event => event.display_of_new_status().map(|name| name.into_owned()),
         })
         .collect();
     let mut rest = log_order.iter();
@@ -173,7 +172,7 @@ async fn the_pipeline_never_waits_for_notion() {
     notion.add_page(&healthy_page);
     let healthy = submit(&store, &healthy_page, false).await;
     let with_notion = run_pipeline(&store, artifacts.path()).await;
-    assert_eq!(db_status(&store, healthy).await, TaskStatus::FinalReview);
+    assert_eq!(db_status(&store, healthy).await, TaskStatus::FINAL_REVIEW);
 
     // Notion down: every answer is a 503, after a 1 s wait.
     notion.set_outage(Some(503));
@@ -185,7 +184,7 @@ async fn the_pipeline_never_waits_for_notion() {
     eprintln!("pipeline with Notion up {with_notion:?}, down and slow {without_notion:?}");
     assert_eq!(
         db_status(&store, down).await,
-        TaskStatus::FinalReview,
+        TaskStatus::FINAL_REVIEW,
         "the pipeline completes while Notion is down"
     );
     assert!(

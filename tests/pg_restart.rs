@@ -158,7 +158,7 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
         let events = store.read_stream(task, 1).await.expect("read");
         assert_eq!(
             engine::fold(&events).status(),
-            TaskStatus::FinalReview,
+            TaskStatus::FINAL_REVIEW,
             "task {task}"
         );
         let completions = events
@@ -229,10 +229,10 @@ async fn the_projector_reconnects_after_a_postgres_restart() {
             task,
             1,
             engine::Fence::Unleased,
-            &[engine::NewEvent::new(Event::StatusChanged {
-                from: TaskStatus::Queued,
-                to: TaskStatus::GeneratingAssets,
-            })],
+            &[engine::NewEvent::new(Event::status_changed(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_assets"),
+            ))],
         )
         .await
         .expect("append after the restart");

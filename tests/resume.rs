@@ -65,7 +65,7 @@ async fn resume_scenario(step: &str, item: u32, planned: u32) {
     assert!(audit.is_clean(), "{:?}", audit.violations);
     assert_eq!(audit.items_skipped, state(&store, task).await.saved().items);
     let state = state(&store, task).await;
-    assert_eq!(state.status(), TaskStatus::FinalReview);
+    assert_eq!(state.status(), TaskStatus::FINAL_REVIEW);
     let resume = &state.resumes[0];
     assert_eq!(resume.attempt, 2);
     assert_eq!(resume.skipped[step], (1..item).collect::<Vec<_>>());
@@ -142,7 +142,7 @@ async fn a_permanent_error_fails_the_task_with_its_reason_and_no_retry() {
         "a permanent error is not retried"
     );
     let state = state(&store, task).await;
-    assert_eq!(state.status(), TaskStatus::Failed);
+    assert_eq!(state.status(), TaskStatus::FAILED);
     assert_eq!(state.failure.as_deref(), Some(reason.as_str()));
     assert!(state.retries.is_empty());
     let failure = &state.step("video").expect("video").failures[0];
@@ -184,9 +184,10 @@ async fn a_transient_error_is_retried_with_growing_backoff_then_rescheduled() {
     let workflow = engine::Workflow::new("video")
         .step(
             probe
-                .items("assets", TaskStatus::GeneratingAssets, 5)
+                .items("assets", TaskStatus::from_static("generating_assets"), 5)
                 .retry(policy),
         )
+        .review_gate()
         .task_retry(engine::TaskRetryPolicy {
             max_attempts: 2,
             backoff: engine::Backoff {
@@ -290,16 +291,10 @@ async fn approve_completes_and_reject_redoes_exactly_the_steps_from_there_on() {
         [RunOutcome::AwaitingReview]
     );
 
-    let rejected = commands::reject(
-        &store,
-        &workflow,
-        task,
-        "narration",
-        Some("voice too fast".into()),
-    )
-    .await
-    .expect("reject");
-    assert_eq!(rejected.status(), TaskStatus::Queued);
+    let rejected = commands::reject(&store, task, "narration", Some("voice too fast".into()))
+        .await
+        .expect("reject");
+    assert_eq!(rejected.status(), TaskStatus::QUEUED);
     assert_eq!(
         run_to_rest(&store, &orchestrator, task).await,
         [RunOutcome::AwaitingReview]
@@ -325,14 +320,14 @@ async fn approve_completes_and_reject_redoes_exactly_the_steps_from_there_on() {
     );
     assert_eq!(state.step("video").expect("video").run, 1);
 
-    let err = commands::reject(&store, &workflow, task, "music", None)
+    let err = commands::reject(&store, task, "music", None)
         .await
         .expect_err("unknown step");
     assert!(matches!(err, engine::Error::UnknownStep { .. }), "{err:?}");
     let approved = commands::approve(&store, task, Some("ana".into()))
         .await
         .expect("approve");
-    assert_eq!(approved.status(), TaskStatus::Completed);
+    assert_eq!(approved.status(), TaskStatus::COMPLETED);
     let events = store.read_stream(task, 1).await.expect("read");
     let audit = engine::audit::audit(task, &events);
     assert!(
@@ -347,7 +342,7 @@ async fn approve_completes_and_reject_redoes_exactly_the_steps_from_there_on() {
         matches!(
             err,
             engine::Error::InvalidState {
-                status: TaskStatus::Completed,
+                status: TaskStatus::COMPLETED,
                 ..
             }
         ),
@@ -367,7 +362,6 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
     // The operator cancels while clip 3 is being generated.
     let video = engine::Step::items(
         "video",
-        TaskStatus::GeneratingVideo,
         |_| Ok(18),
         move |ctx: engine::StepContext, item| {
             let (store, task, probe) = (
@@ -390,7 +384,7 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
             }
         },
     );
-    let workflow = engine::Workflow::new("video").step(video);
+    let workflow = engine::Workflow::new("video").step(video).review_gate();
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
     let task = submit(&store, "video").await;
     task_cell.set(task).expect("set once");
@@ -410,7 +404,7 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
     let audit = engine::audit::audit(task, &events);
     assert!(audit.is_clean(), "{:?}", audit.violations);
     let state = state(&store, task).await;
-    assert_eq!(state.status(), TaskStatus::Cancelled);
+    assert_eq!(state.status(), TaskStatus::CANCELLED);
     assert_eq!(
         completions(&store, task, "video").await.len(),
         2,

@@ -16,8 +16,9 @@ async fn resume_after(planned: Option<u32>, done: &[u32]) -> (Vec<u32>, engine::
     let db = TestDatabase::create().await;
     let store = db.store();
     let probe = Probe::default();
-    let workflow =
-        Workflow::new("clips").step(probe.items("video", TaskStatus::GeneratingVideo, 18));
+    let workflow = Workflow::new("clips")
+        .step(probe.items("video", TaskStatus::from_static("generating_video"), 18))
+        .review_gate();
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
     let task = submit(&store, "clips").await;
 
@@ -38,6 +39,7 @@ async fn resume_after(planned: Option<u32>, done: &[u32]) -> (Vec<u32>, engine::
         artifact: format!("clip-{item}"),
         cost_micros: 550_000,
         duration_ms: 300_000,
+        output: None,
     }));
     if !history.is_empty() {
         let batch: Vec<NewEvent> = history.into_iter().map(NewEvent::new).collect();

@@ -1,4 +1,5 @@
-//! The status table in the docs is rendered from `TaskStatus`: they cannot drift apart
+//! The status table in the docs is rendered from the engine's lifecycle statuses and the
+//! video workflow's step statuses (as the workflow declares them): they cannot drift apart
 //! (seed scenario 8: "final_review", never "awaiting_review").
 
 use engine::TaskStatus;
@@ -8,13 +9,27 @@ const END: &str = "<!-- status-table:end -->";
 
 fn rendered() -> String {
     let mut table = String::from("| storage name | shown as (Notion) | meaning |\n|---|---|---|\n");
-    for status in TaskStatus::ALL {
-        table.push_str(&format!(
-            "| `{}` | {} | {} |\n",
+    let mut row = |storage: &str, shown: &str, meaning: &str| {
+        table.push_str(&format!("| `{storage}` | {shown} | {meaning} |\n"));
+    };
+    let lifecycle = |status: TaskStatus| {
+        (
             status.as_str(),
-            status.display_name(),
-            status.description()
-        ));
+            status.default_display(),
+            status.lifecycle_description().unwrap_or_default(),
+        )
+    };
+    let (storage, shown, meaning) = lifecycle(TaskStatus::QUEUED);
+    row(storage, &shown, meaning);
+    let video = steps::simulated_video_workflow("artifacts", 1.0);
+    for step in video.steps() {
+        let status = step.step_status();
+        let meaning = format!("the video workflow's `{}` step runs", step.name());
+        row(status.status.as_str(), &status.display, &meaning);
+    }
+    for status in &TaskStatus::LIFECYCLE[1..] {
+        let (storage, shown, meaning) = lifecycle(*status);
+        row(storage, &shown, meaning);
     }
     table
 }
@@ -34,7 +49,7 @@ fn the_readme_status_table_matches_the_enum() {
     assert_eq!(
         table,
         rendered(),
-        "regenerate the README status table from TaskStatus"
+        "regenerate the README status table from the lifecycle and the video workflow"
     );
 }
 

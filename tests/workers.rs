@@ -19,18 +19,22 @@ use tokio_util::sync::CancellationToken;
 
 /// A workflow of `items` items that each take `millis`, counting starts.
 fn timed_workflow(items: u32, millis: u64, started: Arc<AtomicU32>) -> Workflow {
-    Workflow::new("timed").step(Step::items(
-        "work",
-        TaskStatus::GeneratingVideo,
-        move |_| Ok(items),
-        move |_ctx: StepContext, item| {
-            started.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(millis)).await;
-                Ok(ItemOutput::new(format!("item-{item}"), 1))
-            }
-        },
-    ))
+    Workflow::new("timed")
+        .step(
+            Step::items(
+                "work",
+                move |_| Ok(items),
+                move |_ctx: StepContext, item| {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(millis)).await;
+                        Ok(ItemOutput::new(format!("item-{item}"), 1))
+                    }
+                },
+            )
+            .status("generating_video", "Generating Video"),
+        )
+        .review_gate()
 }
 
 fn options(id: &str) -> WorkerOptions {
@@ -100,7 +104,7 @@ async fn four_workers_on_two_hundred_tasks_never_hold_a_task_at_once() {
             completions.values().all(|n| *n == 1),
             "task {task}: {completions:?}"
         );
-        assert_eq!(engine::fold(&events).status(), TaskStatus::FinalReview);
+        assert_eq!(engine::fold(&events).status(), TaskStatus::FINAL_REVIEW);
     }
 }
 
@@ -310,11 +314,11 @@ async fn a_worker_claims_only_tasks_of_workflows_it_knows() {
     assert_eq!(report.claimed, 1);
     assert_eq!(
         common::state(&store, mine).await.status(),
-        TaskStatus::FinalReview
+        TaskStatus::FINAL_REVIEW
     );
     let untouched = common::state(&store, foreign).await;
     assert_eq!(
         (untouched.status(), untouched.attempt),
-        (TaskStatus::Queued, 0)
+        (TaskStatus::QUEUED, 0)
     );
 }

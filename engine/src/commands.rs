@@ -9,53 +9,60 @@ use crate::id::TaskId;
 use crate::state::{TaskState, fold};
 use crate::status::TaskStatus;
 use crate::store::{EventStore, Fence, PgStore};
-use crate::workflow::Workflow;
 
 /// Accepts the result of a task in `final_review`: it becomes `completed`.
 pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) -> Result<TaskState> {
     let state = load(store, task).await?;
-    require(task, &state, "approve", |s| s == TaskStatus::FinalReview)?;
+    require_review(task, &state, "approve")?;
     let events = vec![
         Event::ReviewApproved { reviewer },
-        Event::StatusChanged {
-            from: TaskStatus::FinalReview,
-            to: TaskStatus::Completed,
-        },
+        Event::status_changed(TaskStatus::FINAL_REVIEW, TaskStatus::COMPLETED),
         Event::TaskCompleted {},
     ];
     commit(store, task, state.version, events).await
 }
 
 /// Sends a task in `final_review` back: `redo_from` and every later step run again (their
-/// earlier completions are superseded); earlier steps are kept.
+/// earlier completions are superseded); earlier steps are kept. `redo_from` must be one of
+/// the steps the task's history shows: no workflow code is needed.
 pub async fn reject(
     store: &PgStore,
-    workflow: &Workflow,
     task: TaskId,
     redo_from: &str,
     reason: Option<String>,
 ) -> Result<TaskState> {
-    if workflow.step_index(redo_from).is_none() {
-        let known: Vec<&str> = workflow.steps().iter().map(|s| s.name()).collect();
+    let state = load(store, task).await?;
+    if state.step(redo_from).is_none() {
+        let known: Vec<&str> = state.steps.iter().map(|s| s.name.as_str()).collect();
         return Err(Error::UnknownStep {
-            workflow: workflow.name().to_owned(),
+            workflow: state.workflow.clone(),
             step: crate::id::truncate_for_display(redo_from, 40),
             known: known.join(", "),
         });
     }
-    let state = load(store, task).await?;
-    require(task, &state, "reject", |s| s == TaskStatus::FinalReview)?;
+    require_review(task, &state, "reject")?;
     let events = vec![
         Event::ReviewRejected {
             redo_from: redo_from.to_owned(),
             reason,
         },
-        Event::StatusChanged {
-            from: TaskStatus::FinalReview,
-            to: TaskStatus::Queued,
-        },
+        Event::status_changed(TaskStatus::FINAL_REVIEW, TaskStatus::QUEUED),
     ];
     commit(store, task, state.version, events).await
+}
+
+/// A review decision needs a task in `final_review`; a task that finished without ever
+/// asking for one (its workflow has no review gate) gets an error that says so.
+fn require_review(task: TaskId, state: &TaskState, action: &'static str) -> Result<()> {
+    if state.reviews_requested == 0 && state.status() == TaskStatus::COMPLETED {
+        return Err(Error::NoReview {
+            task,
+            workflow: state.workflow.clone(),
+            status: state.status(),
+            action,
+        });
+    }
+    require(task, state, action, |s| s == TaskStatus::FINAL_REVIEW)
 }
 
 /// Cancels a task that is not finished. A worker running it stops at its next item
@@ -65,10 +72,7 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
     require(task, &state, "cancel", |s| !s.is_terminal())?;
     let events = vec![
         Event::TaskCancelled { reason },
-        Event::StatusChanged {
-            from: state.status(),
-            to: TaskStatus::Cancelled,
-        },
+        Event::status_changed(state.status(), TaskStatus::CANCELLED),
     ];
     commit(store, task, state.version, events).await
 }
@@ -78,12 +82,9 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
 pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {
     let state = load(store, task).await?;
     require(task, &state, "retry", |s| {
-        matches!(s, TaskStatus::Failed | TaskStatus::RetryScheduled)
+        s == TaskStatus::FAILED || s == TaskStatus::RETRY_SCHEDULED
     })?;
-    let events = vec![Event::StatusChanged {
-        from: state.status(),
-        to: TaskStatus::Queued,
-    }];
+    let events = vec![Event::status_changed(state.status(), TaskStatus::QUEUED)];
     commit(store, task, state.version, events).await
 }
 

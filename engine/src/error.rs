@@ -69,6 +69,17 @@ pub enum Error {
         action: &'static str,
     },
 
+    /// A review decision on a task whose workflow has no review gate.
+    #[error(
+        "task {task} ({workflow}) is {status}; its workflow has no review gate, so there is nothing to {action}"
+    )]
+    NoReview {
+        task: TaskId,
+        workflow: String,
+        status: crate::status::TaskStatus,
+        action: &'static str,
+    },
+
     /// A task id that is not a UUID.
     #[error(
         "invalid task id {input:?}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"

@@ -63,6 +63,10 @@ pub enum Event {
         artifact: String,
         cost_micros: i64,
         duration_ms: u64,
+        /// The step's result, which later steps read (absent in logs recorded before
+        /// outputs existed, and for items that return none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Value>,
     },
     /// One try of an item failed; `kind` says whether it will be retried.
     ItemFailed {
@@ -77,8 +81,15 @@ pub enum Event {
     },
     /// Every planned item of the step has a completion.
     StepCompleted { step: String, attempt: u32 },
-    /// The task moved from one status to another (storage names).
-    StatusChanged { from: TaskStatus, to: TaskStatus },
+    /// The task moved from one status to another (storage names), and the name `to` is
+    /// shown as (absent in logs recorded before workflows declared their statuses: see
+    /// [`TaskStatus::default_display`]).
+    StatusChanged {
+        from: TaskStatus,
+        to: TaskStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_display: Option<String>,
+    },
     /// The attempt gave up for now; a worker may resume the task by replay at `next_run_at`.
     RetryScheduled {
         attempt: u32,
@@ -120,6 +131,28 @@ fn one() -> u32 {
 }
 
 impl Event {
+    /// A `status_changed` to a lifecycle status (shown as its default name).
+    pub fn status_changed(from: TaskStatus, to: TaskStatus) -> Event {
+        Event::StatusChanged {
+            from,
+            to,
+            to_display: Some(to.default_display().into_owned()),
+        }
+    }
+
+    /// The name a `status_changed` event's new status is shown as: the recorded one, or the
+    /// default for logs recorded before display names were (`None` for other events).
+    pub fn display_of_new_status(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            Event::StatusChanged {
+                to_display: Some(name),
+                ..
+            } => Some(std::borrow::Cow::Borrowed(name.as_str())),
+            Event::StatusChanged { to, .. } => Some(to.default_display()),
+            _ => None,
+        }
+    }
+
     /// Every event type name, as stored in `events.event_type`.
     pub const TYPES: [&'static str; 14] = [
         "task_submitted",
@@ -377,10 +410,21 @@ mod tests {
                 artifact: "video/07.mp4".into(),
                 cost_micros: 550_000,
                 duration_ms: 300_000,
+                output: None,
             },
             Event::StatusChanged {
-                from: TaskStatus::GeneratingVideo,
-                to: TaskStatus::GeneratingAudio,
+                from: TaskStatus::parse("generating_video").expect("valid"),
+                to: TaskStatus::parse("generating_audio").expect("valid"),
+                to_display: Some("Generating Audio".into()),
+            },
+            Event::ItemCompleted {
+                step: "sections".into(),
+                item: 2,
+                attempt: 1,
+                artifact: String::new(),
+                cost_micros: 0,
+                duration_ms: 5,
+                output: Some(serde_json::json!({"words": 120})),
             },
             Event::ReviewRequested {},
         ]
@@ -425,6 +469,21 @@ mod tests {
                 "step"
             ]
         );
+    }
+
+    #[test]
+    fn events_recorded_before_outputs_and_display_names_still_decode() {
+        let old = r#"{"step":"video","item":7,"attempt":2,"artifact":"a","cost_micros":1,"duration_ms":2}"#;
+        let event = Event::decode_current_text("item_completed", old).expect("decodes");
+        assert!(matches!(event, Event::ItemCompleted { output: None, .. }));
+        let old = r#"{"from":"generating_video","to":"generating_sfx"}"#;
+        let event = Event::decode_current_text("status_changed", old).expect("decodes");
+        assert_eq!(
+            event.display_of_new_status().as_deref(),
+            Some("Generating SFX")
+        );
+        let (_, payload) = event.encode().expect("encode");
+        assert_eq!(payload.to_string(), old, "re-encoding adds no field");
     }
 
     #[test]

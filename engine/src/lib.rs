@@ -29,6 +29,7 @@ mod error;
 mod event;
 mod id;
 mod orchestrator;
+mod outputs;
 #[cfg(feature = "service")]
 pub mod service;
 mod state;
@@ -46,27 +47,30 @@ pub use event::{
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
 pub use orchestrator::{Orchestrator, RunOutcome};
+pub use outputs::{ItemOutput, Outputs};
 pub use state::{
     ItemFailure, ItemRecord, ResumeRecord, RetryRecord, ReviewOutcome, StepState, TaskState,
     Totals, fold,
 };
-pub use status::{TaskStatus, UnknownStatus};
+pub use status::{InvalidStatus, TaskStatus};
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, LogPage,
     MIGRATOR, NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
-pub use worker::{Worker, WorkerOptions, WorkerReport};
+pub use worker::{Attempt, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
-    Backoff, BoxFuture, ERROR_MESSAGE_MAX_CHARS, ItemOutput, Registry, RetryPolicy, Step,
-    StepContext, StepError, StepWork, TaskRetryPolicy, Workflow,
+    Backoff, BoxFuture, ERROR_MESSAGE_MAX_CHARS, Registry, RetryPolicy, Step, StepContext,
+    StepError, StepStatus, StepWork, TaskRetryPolicy, Workflow,
 };
 
-/// What a workflow author or store user imports.
+/// What a workflow author imports: defining workflows and steps, running them with a
+/// worker, and reading a task's folded state. Storage (appends, leases, global reads) is
+/// not here: import it from the crate root when you need it.
 pub mod prelude {
     pub use crate::{
-        Backoff, ChannelId, Event, EventStore, FailureKind, Fence, GlobalLog, ItemOutput, NewEvent,
-        NewTask, Orchestrator, PgStore, RecordedEvent, Registry, RetryPolicy, RunOutcome, Step,
-        StepContext, StepError, StepWork, TaskId, TaskRetryPolicy, TaskState, TaskStatus, Workflow,
+        Attempt, Backoff, ChannelId, EventStore, FailureKind, ItemOutput, NewTask, PgStore,
+        Registry, RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork, TaskId,
+        TaskRetryPolicy, TaskState, TaskStatus, Worker, WorkerOptions, WorkerReport, Workflow,
         fold,
     };
 }

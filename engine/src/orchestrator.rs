@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventMetadata, FailureKind, NewEvent};
 use crate::id::ChannelId;
-use crate::state::{TaskState, fold};
+use crate::outputs::{ItemOutput, Outputs};
+use crate::state::{ItemRecord, TaskState, fold};
 use crate::status::TaskStatus;
 use crate::store::{EventStore, Lease, PgStore};
 use crate::workflow::{Registry, Step, StepContext, StepError, Workflow};
@@ -23,8 +24,10 @@ use crate::workflow::{Registry, Step, StepContext, StepError, Workflow};
 /// How a run of a claimed task ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunOutcome {
-    /// Every step is done; the task waits in `final_review`.
+    /// Every step is done; the task waits in `final_review` (workflows with a review gate).
     AwaitingReview,
+    /// Every step is done; the task is `completed` (workflows without a review gate).
+    Completed,
     /// An attempt gave up on a transient failure; a later claim resumes by replay.
     RetryScheduled { next_run_at: chrono::DateTime<Utc> },
     /// A permanent failure or the attempt limit: the task is `failed`.
@@ -120,9 +123,14 @@ impl Orchestrator {
             input: Arc::new(state.input.clone()),
             attempt: lease.attempt,
             budget_base: state.budget_base,
+            outputs: std::sync::Mutex::new(Outputs::from_state(&state)),
             drain,
             cancel: abort,
         };
+        if let Err(reason) = run.workflow.check_input(&run.input) {
+            let error = StepError::permanent(format!("invalid input: {reason}"));
+            return run.fail(state.status(), None, error).await;
+        }
         run.execute(state).await
     }
 }
@@ -136,6 +144,8 @@ struct TaskRun {
     attempt: u32,
     /// Attempts before the last operator retry (not counted against the limit).
     budget_base: u32,
+    /// Every item completed so far, from the log and this run: what later steps read.
+    outputs: std::sync::Mutex<Outputs>,
     /// No new item or retry starts once this fires.
     drain: CancellationToken,
     /// Abandons items in flight.
@@ -159,12 +169,14 @@ impl TaskRun {
             }
             // Opening events go out together, and before the step's (slow) work starts,
             // so followers see the new status at once.
-            if status != step.status() {
+            let shown = step.step_status();
+            if status != shown.status {
                 self.log.stage(Event::StatusChanged {
                     from: status,
-                    to: step.status(),
+                    to: shown.status,
+                    to_display: Some(shown.display.to_string()),
                 });
-                status = step.status();
+                status = shown.status;
             }
             let planned = match step.work.plan(&self.input) {
                 Ok(planned) => planned,
@@ -183,7 +195,7 @@ impl TaskRun {
                 progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
             match self.run_items(step, missing).await? {
                 // Recorded with the next append, which follows at once (the next step's
-                // opening, the review request, or the failure).
+                // opening, the end of the task, or the failure).
                 StepEnd::Completed => self.log.stage(Event::StepCompleted {
                     step: step.name().to_owned(),
                     attempt: self.attempt,
@@ -194,24 +206,42 @@ impl TaskRun {
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
             }
         }
+        self.finish(status).await
+    }
+
+    /// Every step is done: the task waits for its review, or is complete.
+    async fn finish(&self, status: TaskStatus) -> Result<RunOutcome> {
+        if self.workflow.has_review() {
+            self.log
+                .append(vec![
+                    Event::status_changed(status, TaskStatus::FINAL_REVIEW),
+                    Event::ReviewRequested {},
+                ])
+                .await?;
+            return Ok(RunOutcome::AwaitingReview);
+        }
         self.log
             .append(vec![
-                Event::StatusChanged {
-                    from: status,
-                    to: TaskStatus::FinalReview,
-                },
-                Event::ReviewRequested {},
+                Event::status_changed(status, TaskStatus::COMPLETED),
+                Event::TaskCompleted {},
             ])
             .await?;
-        Ok(RunOutcome::AwaitingReview)
+        Ok(RunOutcome::Completed)
     }
 
     /// Runs `missing` items with the step's concurrency. After the first item that gives
     /// up, no new item starts; items in flight finish and are recorded.
     async fn run_items(&self, step: &Step, missing: Vec<u32>) -> Result<StepEnd> {
         let no_new_items = CancellationToken::new();
+        // What this step's items read: every completion before the step began.
+        let outputs = Arc::new(
+            self.outputs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
         let mut results = futures_util::stream::iter(missing)
-            .map(|item| self.run_item(step, item, no_new_items.clone()))
+            .map(|item| self.run_item(step, item, outputs.clone(), no_new_items.clone()))
             .buffer_unordered(step.concurrency);
         let mut end = StepEnd::Completed;
         let mut store_error = None;
@@ -247,6 +277,7 @@ impl TaskRun {
         &self,
         step: &Step,
         item: u32,
+        outputs: Arc<Outputs>,
         no_new_items: CancellationToken,
     ) -> Result<StepEnd> {
         let policy = step.retry;
@@ -257,7 +288,7 @@ impl TaskRun {
             {
                 return Ok(StepEnd::Stopped);
             }
-            let ctx = self.context(step, try_number);
+            let ctx = self.context(step, try_number, outputs.clone());
             let started = Instant::now();
             let result = tokio::select! {
                 result = step.work.run(ctx, item) => result,
@@ -265,17 +296,9 @@ impl TaskRun {
             };
             let error = match result {
                 Ok(output) => {
-                    self.log
-                        .append(vec![Event::ItemCompleted {
-                            step: step.name().to_owned(),
-                            item,
-                            attempt: self.attempt,
-                            artifact: output.artifact,
-                            cost_micros: output.cost_micros,
-                            duration_ms: u64::try_from(started.elapsed().as_millis())
-                                .unwrap_or(u64::MAX),
-                        }])
-                        .await?;
+                    let duration_ms =
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    self.complete(step, item, output, duration_ms).await?;
                     return Ok(StepEnd::Completed);
                 }
                 Err(error) => error,
@@ -303,7 +326,48 @@ impl TaskRun {
         Ok(StepEnd::Stopped)
     }
 
-    fn context(&self, step: &Step, try_number: u32) -> StepContext {
+    /// Records an item's completion, and keeps its output for the steps that follow.
+    async fn complete(
+        &self,
+        step: &Step,
+        item: u32,
+        output: ItemOutput,
+        duration_ms: u64,
+    ) -> Result<()> {
+        let ItemOutput {
+            artifact,
+            cost_micros,
+            output,
+        } = output;
+        let version = self
+            .log
+            .append(vec![Event::ItemCompleted {
+                step: step.name().to_owned(),
+                item,
+                attempt: self.attempt,
+                artifact: artifact.clone(),
+                cost_micros,
+                duration_ms,
+                output: output.clone(),
+            }])
+            .await?;
+        let record = ItemRecord {
+            item,
+            attempt: self.attempt,
+            artifact,
+            cost_micros,
+            duration_ms,
+            version,
+            output,
+        };
+        self.outputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(step.name(), record);
+        Ok(())
+    }
+
+    fn context(&self, step: &Step, try_number: u32, outputs: Arc<Outputs>) -> StepContext {
         StepContext {
             task_id: self.log.lease.task,
             channel_id: self.channel.clone(),
@@ -312,6 +376,7 @@ impl TaskRun {
             attempt: self.attempt,
             try_number,
             input: self.input.clone(),
+            outputs,
             cancel: self.cancel.child_token(),
         }
     }
@@ -339,33 +404,44 @@ impl TaskRun {
                         next_run_at,
                         reason,
                     },
-                    Event::StatusChanged {
-                        from: status,
-                        to: TaskStatus::RetryScheduled,
-                    },
+                    Event::status_changed(status, TaskStatus::RETRY_SCHEDULED),
                 ])
                 .await?;
             return Ok(RunOutcome::RetryScheduled { next_run_at });
         }
-        let reason = match error.kind {
-            FailureKind::Permanent => describe(step, item, &error.message),
-            FailureKind::Transient => format!(
-                "gave up after {} attempts: {}",
-                self.attempt,
-                describe(step, item, &error.message)
-            ),
+        let error = match error.kind {
+            FailureKind::Permanent => StepError {
+                message: describe(step, item, &error.message),
+                ..error
+            },
+            FailureKind::Transient => StepError {
+                message: format!(
+                    "gave up after {} attempts: {}",
+                    self.attempt,
+                    describe(step, item, &error.message)
+                ),
+                ..error
+            },
         };
+        self.fail(status, Some((step, item)), error).await
+    }
+
+    /// Fails the task for good with `error`'s message as the reason.
+    async fn fail(
+        &self,
+        status: TaskStatus,
+        at: Option<(&Step, Option<u32>)>,
+        error: StepError,
+    ) -> Result<RunOutcome> {
+        let reason = error.message;
         self.log
             .append(vec![
                 Event::TaskFailed {
                     reason: reason.clone(),
-                    step: Some(step.name().to_owned()),
-                    item,
+                    step: at.map(|(step, _)| step.name().to_owned()),
+                    item: at.and_then(|(_, item)| item),
                 },
-                Event::StatusChanged {
-                    from: status,
-                    to: TaskStatus::Failed,
-                },
+                Event::status_changed(status, TaskStatus::FAILED),
             ])
             .await?;
         Ok(RunOutcome::Failed { reason })
@@ -415,13 +491,14 @@ impl Log {
             .push(event);
     }
 
-    /// Appends under the lease. Database hiccups are retried with the same event ids, so a
-    /// retry after a lost acknowledgement writes nothing twice.
-    async fn append(&self, events: Vec<Event>) -> Result<()> {
+    /// Appends under the lease and returns the stream's new version. Database hiccups are
+    /// retried with the same event ids, so a retry after a lost acknowledgement writes
+    /// nothing twice.
+    async fn append(&self, events: Vec<Event>) -> Result<u32> {
         let mut version = self.version.lock().await;
         let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
         if staged.is_empty() && events.is_empty() {
-            return Ok(());
+            return Ok(*version);
         }
         let batch: Vec<NewEvent> = staged
             .into_iter()
@@ -439,7 +516,7 @@ impl Log {
             {
                 Ok(appended) => {
                     *version = appended.version;
-                    return Ok(());
+                    return Ok(appended.version);
                 }
                 Err(Error::Database(err)) if retry <= 8 => {
                     tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");

@@ -32,6 +32,10 @@ pub struct ItemRecord {
     pub duration_ms: u64,
     /// The stream version of the `item_completed` event.
     pub version: u32,
+    /// The step's result (absent when the item returned none, and in logs recorded
+    /// before outputs existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
 }
 
 /// One failed try of an item.
@@ -140,6 +144,10 @@ pub struct TaskState {
     pub input: Value,
     pub notion_page_id: Option<String>,
     pub status: Option<TaskStatus>,
+    /// The name the status is shown as, when the log recorded one (see
+    /// [`TaskState::status_display`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_shown_as: Option<String>,
     /// The version of the last applied event: the next append's expected version.
     pub version: u32,
     /// The current task attempt (the number of claims so far).
@@ -164,7 +172,16 @@ pub struct TaskState {
 impl TaskState {
     /// The task's status (`queued` before any event).
     pub fn status(&self) -> TaskStatus {
-        self.status.unwrap_or(TaskStatus::Queued)
+        self.status.unwrap_or(TaskStatus::QUEUED)
+    }
+
+    /// The name the status is shown as: the one the log recorded with it, else the
+    /// status's default (logs recorded before display names were).
+    pub fn status_display(&self) -> std::borrow::Cow<'_, str> {
+        match &self.status_shown_as {
+            Some(name) => std::borrow::Cow::Borrowed(name),
+            None => self.status().default_display(),
+        }
     }
 
     /// The state of `step` in its current run, if it ever started.
@@ -203,7 +220,7 @@ impl TaskState {
                 self.channel_id = Some(channel_id.clone());
                 self.input = input.clone();
                 self.notion_page_id.clone_from(notion_page_id);
-                self.status.get_or_insert(TaskStatus::Queued);
+                self.status.get_or_insert(TaskStatus::QUEUED);
             }
             Event::TaskClaimed { attempt, .. } => self.claimed(*attempt),
             Event::StepStarted {
@@ -223,6 +240,7 @@ impl TaskState {
                 artifact,
                 cost_micros,
                 duration_ms,
+                output,
             } => {
                 let record = ItemRecord {
                     item: *item,
@@ -231,6 +249,7 @@ impl TaskState {
                     cost_micros: *cost_micros,
                     duration_ms: *duration_ms,
                     version,
+                    output: output.clone(),
                 };
                 self.spent.add(&record);
                 let state = self.step_mut(step);
@@ -258,14 +277,19 @@ impl TaskState {
                 });
             }
             Event::StepCompleted { step, .. } => self.step_mut(step).completed = true,
-            Event::StatusChanged { from, to } => {
-                if *to == TaskStatus::Queued
-                    && matches!(from, TaskStatus::Failed | TaskStatus::RetryScheduled)
+            Event::StatusChanged {
+                from,
+                to,
+                to_display,
+            } => {
+                if *to == TaskStatus::QUEUED
+                    && (*from == TaskStatus::FAILED || *from == TaskStatus::RETRY_SCHEDULED)
                 {
                     // An operator retry: the task gets a fresh attempt budget.
                     self.budget_base = self.attempt;
                 }
                 self.status = Some(*to);
+                self.status_shown_as.clone_from(to_display);
             }
             Event::RetryScheduled {
                 attempt,

@@ -113,7 +113,7 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             row.detail = Some(format!("{kind:?}, try {retry}").to_lowercase());
         }
         Event::StepCompleted { step, .. } => row.step = Some(step.clone()),
-        Event::StatusChanged { from, to } => row.detail = Some(format!("{from} -> {to}")),
+        Event::StatusChanged { from, to, .. } => row.detail = Some(format!("{from} -> {to}")),
         Event::RetryScheduled {
             next_run_at,
             reason,

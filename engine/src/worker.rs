@@ -16,7 +16,11 @@ use crate::error::{Error, Result};
 use crate::id::TaskId;
 use crate::orchestrator::{Orchestrator, RunOutcome};
 use crate::store::{Lease, PgStore, WakeUps};
-use crate::workflow::Registry;
+use crate::workflow::{Backoff, Registry};
+
+/// Waits after a failed claim while the database is unreachable: 100 ms doubling to 10 s.
+const OUTAGE_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
 
 /// How a worker behaves.
 #[derive(Clone, Debug)]
@@ -53,15 +57,29 @@ impl WorkerOptions {
     }
 }
 
+/// One claimed run of a task, and how it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub task: TaskId,
+    /// The task attempt this run was (1 = the first claim).
+    pub attempt: u32,
+    /// How the run ended, or why it broke off (a lost lease, a database error).
+    pub outcome: std::result::Result<RunOutcome, String>,
+}
+
 /// What a worker did before it returned.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerReport {
     pub claimed: u64,
     pub awaiting_review: u64,
+    /// Runs that finished a task of a workflow without a review gate.
+    pub completed: u64,
     pub rescheduled: u64,
     pub failed: u64,
     /// Runs that stopped early (shutdown, lost lease, conflicts, errors).
     pub stopped: u64,
+    /// Every run, in the order they ended.
+    pub attempts: Vec<Attempt>,
 }
 
 /// A worker process's engine: options → service → `run(shutdown)`.
@@ -87,17 +105,25 @@ impl Worker {
         }
     }
 
+    /// Runs tasks in this process until nothing is queued, running or scheduled for retry
+    /// among this worker's workflows, then returns what each attempt did: how a program, an
+    /// example or a test runs its workflows without writing a claim loop.
+    pub async fn run_until_idle(mut self) -> Result<WorkerReport> {
+        self.options.until_idle = true;
+        self.run(CancellationToken::new()).await
+    }
+
     /// Claims and runs tasks until `shutdown` fires (or, with `until_idle`, until there is
     /// nothing left to do). On shutdown it stops claiming, lets items in flight finish for
     /// up to the grace period, abandons the rest, and releases every lease it holds.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let drain = shutdown.child_token();
         let abort = CancellationToken::new();
-        let mut running: JoinSet<(TaskId, Result<RunOutcome>)> = JoinSet::new();
+        let mut running: JoinSet<(Lease, Result<RunOutcome>)> = JoinSet::new();
         let mut in_flight: HashSet<TaskId> = HashSet::new();
         let mut report = WorkerReport::default();
         let mut wake_ups = WakeUps::start(self.store.pool().clone()).await;
-        let mut outage = Backoff::new();
+        let mut outages = 0;
 
         while !shutdown.is_cancelled() {
             match self
@@ -106,10 +132,11 @@ impl Worker {
             {
                 Ok(claimed) => {
                     report.claimed += claimed;
-                    outage.reset();
+                    outages = 0;
                 }
                 Err(err) => {
-                    let wait = outage.next();
+                    outages += 1;
+                    let wait = OUTAGE_BACKOFF.delay(outages, 0.5);
                     tracing::warn!(worker = %self.options.worker_id, error = %err, ?wait, "cannot claim; retrying");
                     sleep_or(wait, &shutdown).await;
                     continue;
@@ -137,7 +164,7 @@ impl Worker {
     /// Claims until the worker is full or nothing is claimable; returns how many it claimed.
     async fn fill(
         &self,
-        running: &mut JoinSet<(TaskId, Result<RunOutcome>)>,
+        running: &mut JoinSet<(Lease, Result<RunOutcome>)>,
         in_flight: &mut HashSet<TaskId>,
         drain: &CancellationToken,
         abort: &CancellationToken,
@@ -169,8 +196,8 @@ impl Worker {
             };
             let (drain, abort) = (drain.clone(), abort.child_token());
             running.spawn(async move {
-                let task = run.lease.task;
-                (task, run.run(drain, abort).await)
+                let outcome = run.run(drain, abort).await;
+                (run.lease, outcome)
             });
         }
         Ok(claimed)
@@ -180,7 +207,7 @@ impl Worker {
     /// what is left. Every run releases its lease as it stops.
     async fn drain(
         &self,
-        mut running: JoinSet<(TaskId, Result<RunOutcome>)>,
+        mut running: JoinSet<(Lease, Result<RunOutcome>)>,
         mut in_flight: HashSet<TaskId>,
         mut report: WorkerReport,
         abort: CancellationToken,
@@ -213,9 +240,9 @@ impl Worker {
 fn record(
     report: &mut WorkerReport,
     in_flight: &mut HashSet<TaskId>,
-    joined: std::result::Result<(TaskId, Result<RunOutcome>), tokio::task::JoinError>,
+    joined: std::result::Result<(Lease, Result<RunOutcome>), tokio::task::JoinError>,
 ) {
-    let (task, outcome) = match joined {
+    let (lease, outcome) = match joined {
         Ok(done) => done,
         Err(err) => {
             tracing::error!(error = %err, "a task run panicked");
@@ -223,9 +250,19 @@ fn record(
             return;
         }
     };
+    let task = lease.task;
     in_flight.remove(&task);
+    report.attempts.push(Attempt {
+        task,
+        attempt: lease.attempt,
+        outcome: outcome
+            .as_ref()
+            .map(Clone::clone)
+            .map_err(ToString::to_string),
+    });
     match outcome {
         Ok(RunOutcome::AwaitingReview) => report.awaiting_review += 1,
+        Ok(RunOutcome::Completed) => report.completed += 1,
         Ok(RunOutcome::RetryScheduled { next_run_at }) => {
             tracing::info!(%task, %next_run_at, "retry scheduled");
             report.rescheduled += 1;
@@ -286,25 +323,6 @@ impl TaskRunner {
                 }
             }
         }
-    }
-}
-
-/// Exponential backoff for database outages: 100 ms doubling to 10 s.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-
-    fn next(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(10));
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
     }
 }
 

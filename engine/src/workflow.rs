@@ -4,13 +4,16 @@
 //! use engine::prelude::*;
 //!
 //! let workflow = Workflow::new("greetings")
-//!     .step(Step::items("hello", TaskStatus::GeneratingAssets,
+//!     .step(Step::items("hello",
 //!         |_input| Ok(3),
-//!         |ctx: StepContext, item| async move {
-//!             Ok(ItemOutput::new(format!("{}/hello-{item}.txt", ctx.task_id), 1_000))
-//!         }))
-//!     .step(Step::once("bye", TaskStatus::Assembling, |_ctx: StepContext| async move {
-//!         Ok(ItemOutput::new("bye.txt", 0))
+//!         |_ctx: StepContext, item| async move {
+//!             ItemOutput::value(format!("hello {item}"))
+//!         })
+//!         .status("saying_hello", "Saying Hello"))
+//!     .step(Step::once("bye", |ctx: StepContext| async move {
+//!         // Earlier steps' outputs come from the log, in item order.
+//!         let greetings: Vec<String> = ctx.outputs("hello")?;
+//!         ItemOutput::value(greetings.join(", "))
 //!     }));
 //! ```
 
@@ -21,34 +24,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::FailureKind;
 use crate::id::{ChannelId, TaskId, truncate_for_display};
-use crate::status::TaskStatus;
+use crate::outputs::{ItemOutput, Outputs};
+use crate::status::{TaskStatus, snake_case, title_case};
 
 /// The longest step error message stored in the log.
 pub const ERROR_MESSAGE_MAX_CHARS: usize = 500;
-
-/// What running one item produced.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ItemOutput {
-    /// Where the result lives (a path or URL); recorded in `item_completed`.
-    pub artifact: String,
-    /// What the provider charged, in micro-dollars.
-    pub cost_micros: i64,
-}
-
-impl ItemOutput {
-    /// An output with its artifact and cost.
-    pub fn new(artifact: impl Into<String>, cost_micros: i64) -> Self {
-        ItemOutput {
-            artifact: artifact.into(),
-            cost_micros,
-        }
-    }
-}
 
 /// A step's failure, classified: the classification decides retry or fail, and is
 /// recorded in the log (`item_failed.kind`).
@@ -78,7 +64,8 @@ impl StepError {
     }
 }
 
-/// Exponential backoff with jitter.
+/// Exponential backoff with jitter: the one backoff of the orchestrator, the worker and the
+/// projector.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Backoff {
     pub initial: Duration,
@@ -89,6 +76,32 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// No wait at all (tests, examples, and steps whose retries need none).
+    pub const fn none() -> Self {
+        Backoff {
+            initial: Duration::ZERO,
+            multiplier: 1.0,
+            max: Duration::ZERO,
+            jitter: 0.0,
+        }
+    }
+
+    /// `initial`, doubling up to `max`, without jitter (add it with [`Backoff::with_jitter`]).
+    pub const fn exponential(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            multiplier: 2.0,
+            max,
+            jitter: 0.0,
+        }
+    }
+
+    /// The same backoff with the delay drawn from ±`jitter` around the nominal value.
+    pub const fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
     /// The delay before retry number `retry` (1 = the first retry); `unit` in [0, 1) picks
     /// the point in the jitter band, so this stays a pure function.
     pub fn delay(&self, retry: u32, unit: f64) -> Duration {
@@ -97,6 +110,11 @@ impl Backoff {
         let capped = nominal.min(self.max.as_secs_f64());
         let jittered = capped * (1.0 + self.jitter * (2.0 * unit - 1.0));
         Duration::from_secs_f64(jittered.clamp(0.0, self.max.as_secs_f64()))
+    }
+
+    /// [`Backoff::delay`] with the jitter drawn at random.
+    pub fn random_delay(&self, retry: u32) -> Duration {
+        self.delay(retry, rand::random::<f64>())
     }
 }
 
@@ -112,12 +130,8 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             max_tries: 3,
-            backoff: Backoff {
-                initial: Duration::from_secs(1),
-                multiplier: 2.0,
-                max: Duration::from_secs(30),
-                jitter: 0.2,
-            },
+            backoff: Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30))
+                .with_jitter(0.2),
         }
     }
 }
@@ -134,17 +148,13 @@ impl Default for TaskRetryPolicy {
     fn default() -> Self {
         TaskRetryPolicy {
             max_attempts: 5,
-            backoff: Backoff {
-                initial: Duration::from_secs(30),
-                multiplier: 2.0,
-                max: Duration::from_secs(3600),
-                jitter: 0.2,
-            },
+            backoff: Backoff::exponential(Duration::from_secs(30), Duration::from_secs(3600))
+                .with_jitter(0.2),
         }
     }
 }
 
-/// What a step's code gets to know about the item it runs.
+/// What a step's code gets to know about the item it runs, and the task's results so far.
 #[derive(Clone, Debug)]
 pub struct StepContext {
     pub task_id: TaskId,
@@ -156,9 +166,35 @@ pub struct StepContext {
     /// The try of this item within the attempt (1 = first try).
     pub try_number: u32,
     pub input: Arc<Value>,
+    /// Every item completed before this step began, as the log records it (earlier
+    /// attempts included): read with [`StepContext::output`] and [`StepContext::outputs`].
+    pub outputs: Arc<Outputs>,
     /// Cancelled when the task is cancelled, the lease is lost or the worker shuts down:
     /// long-running work should stop early.
     pub cancel: CancellationToken,
+}
+
+impl StepContext {
+    /// The task's input as `T` (a parse error is permanent: retrying cannot fix the input).
+    pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        T::deserialize(&*self.input)
+            .map_err(|e| StepError::permanent(format!("invalid input: {e}")))
+    }
+
+    /// The output `item` of `step` recorded, as `T`.
+    pub fn output<T: DeserializeOwned>(&self, step: &str, item: u32) -> Result<T, StepError> {
+        self.outputs.output(step, item)
+    }
+
+    /// Every completed item's output of `step`, in item order, as `T`.
+    pub fn outputs<T: DeserializeOwned>(&self, step: &str) -> Result<Vec<T>, StepError> {
+        self.outputs.outputs(step)
+    }
+
+    /// The artifact `item` of `step` recorded (a path or URL).
+    pub fn artifact(&self, step: &str, item: u32) -> Result<&str, StepError> {
+        self.outputs.artifact(step, item)
+    }
 }
 
 /// A boxed, sendable future: what a step's work returns.
@@ -193,11 +229,54 @@ where
     }
 }
 
+/// The status a task shows while a step runs: its storage name and the name people see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepStatus {
+    pub status: TaskStatus,
+    pub display: Arc<str>,
+}
+
+impl StepStatus {
+    /// `storage` (snake_case, not a lifecycle status) shown as `display`.
+    ///
+    /// # Panics
+    /// When `storage` is not a valid status name or is one of the engine's lifecycle
+    /// statuses, or `display` is empty: both are mistakes in a workflow's definition.
+    pub fn new(storage: &str, display: &str) -> Self {
+        let status = TaskStatus::parse(storage).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            status.is_step_status(),
+            "{storage:?} is a lifecycle status of the engine; a step needs a status of its own"
+        );
+        assert!(
+            !display.trim().is_empty(),
+            "a step status needs a display name"
+        );
+        StepStatus {
+            status,
+            display: Arc::from(display.trim()),
+        }
+    }
+
+    /// The default for a step called `step`: its name in snake_case, shown in title case
+    /// (`"sections"` → `sections`, "Sections").
+    fn for_step(step: &str) -> Self {
+        let storage = snake_case(step);
+        let storage = if TaskStatus::parse(&storage).is_ok_and(TaskStatus::is_lifecycle) {
+            format!("{storage}_step")
+        } else {
+            storage
+        };
+        let display = title_case(&storage);
+        StepStatus::new(&storage, &display)
+    }
+}
+
 /// One step of a workflow.
 #[derive(Clone)]
 pub struct Step {
     pub(crate) name: Arc<str>,
-    pub(crate) status: TaskStatus,
+    pub(crate) status: StepStatus,
     pub(crate) atomic: bool,
     pub(crate) work: Arc<dyn StepWork>,
     pub(crate) retry: RetryPolicy,
@@ -205,11 +284,12 @@ pub struct Step {
 }
 
 impl Step {
-    /// An itemized step from its code.
-    pub fn itemized(name: &str, status: TaskStatus, work: impl StepWork) -> Self {
+    /// An itemized step from its code. It shows the status named after the step until
+    /// [`Step::status`] sets one.
+    pub fn itemized(name: &str, work: impl StepWork) -> Self {
         Step {
             name: name.into(),
-            status,
+            status: StepStatus::for_step(name),
             atomic: false,
             work: Arc::new(work),
             retry: RetryPolicy::default(),
@@ -218,25 +298,25 @@ impl Step {
     }
 
     /// An atomic step (one unit of work; a failure re-runs it whole) from its code.
-    pub fn atomic(name: &str, status: TaskStatus, work: impl StepWork) -> Self {
+    pub fn atomic(name: &str, work: impl StepWork) -> Self {
         Step {
             atomic: true,
-            ..Step::itemized(name, status, work)
+            ..Step::itemized(name, work)
         }
     }
 
     /// An itemized step from two closures: `plan(input) -> count` and `run(ctx, item)`.
-    pub fn items<P, R, Fut>(name: &str, status: TaskStatus, plan: P, run: R) -> Self
+    pub fn items<P, R, Fut>(name: &str, plan: P, run: R) -> Self
     where
         P: Fn(&Value) -> Result<u32, StepError> + Send + Sync + 'static,
         R: Fn(StepContext, u32) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
     {
-        Step::itemized(name, status, FnItems { plan, run })
+        Step::itemized(name, FnItems { plan, run })
     }
 
     /// An atomic step from one closure.
-    pub fn once<R, Fut>(name: &str, status: TaskStatus, run: R) -> Self
+    pub fn once<R, Fut>(name: &str, run: R) -> Self
     where
         R: Fn(StepContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
@@ -245,7 +325,17 @@ impl Step {
             plan: |_: &Value| Ok(1),
             run: move |ctx, _item| run(ctx),
         };
-        Step::atomic(name, status, work)
+        Step::atomic(name, work)
+    }
+
+    /// The status the task shows while this step runs: `storage` (snake_case; stored in
+    /// the log and the `tasks` table) shown as `display` (the CLI, Notion).
+    ///
+    /// # Panics
+    /// See [`StepStatus::new`].
+    pub fn status(mut self, storage: &str, display: &str) -> Self {
+        self.status = StepStatus::new(storage, display);
+        self
     }
 
     /// Sets the in-process retry policy for this step's items.
@@ -266,8 +356,8 @@ impl Step {
     }
 
     /// The status shown while the step runs.
-    pub fn status(&self) -> TaskStatus {
-        self.status
+    pub fn step_status(&self) -> &StepStatus {
+        &self.status
     }
 }
 
@@ -283,28 +373,80 @@ impl fmt::Debug for Step {
     }
 }
 
-/// A named, ordered list of steps, then human review.
-#[derive(Clone, Debug)]
+/// Checks a task's input against the workflow's input type.
+type InputCheck = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
+
+/// A named, ordered list of steps; optionally a human review at the end.
+#[derive(Clone)]
 pub struct Workflow {
     pub(crate) name: String,
     pub(crate) steps: Vec<Step>,
     pub(crate) task_retry: TaskRetryPolicy,
+    pub(crate) review: bool,
+    input_check: Option<InputCheck>,
 }
 
 impl Workflow {
-    /// An empty workflow called `name` (the `workflow` of its tasks).
+    /// An empty workflow called `name` (the `workflow` of its tasks). Without
+    /// [`Workflow::review_gate`] its tasks end `completed` after the last step.
     pub fn new(name: impl Into<String>) -> Self {
         Workflow {
             name: name.into(),
             steps: Vec::new(),
             task_retry: TaskRetryPolicy::default(),
+            review: false,
+            input_check: None,
         }
     }
 
     /// Appends a step.
+    ///
+    /// # Panics
+    /// When a step of the same name or the same status is already there.
     pub fn step(mut self, step: Step) -> Self {
+        for other in &self.steps {
+            assert!(
+                other.name != step.name,
+                "workflow {:?} has two steps called {:?}",
+                self.name,
+                step.name
+            );
+            assert!(
+                other.status.status != step.status.status,
+                "steps {:?} and {:?} of workflow {:?} share the status {}",
+                other.name,
+                step.name,
+                self.name,
+                step.status.status
+            );
+        }
         self.steps.push(step);
         self
+    }
+
+    /// After the last step, the task waits in `final_review` for a human to approve it
+    /// (`completed`) or reject it back to a step.
+    pub fn review_gate(mut self) -> Self {
+        self.review = true;
+        self
+    }
+
+    /// Declares the input type: a task whose input does not parse as `T` is refused at
+    /// submit by tools that know the workflow, and fails permanently with the parse error
+    /// when it runs. Steps read it with [`StepContext::input`].
+    pub fn input<T: DeserializeOwned + 'static>(mut self) -> Self {
+        self.input_check = Some(Arc::new(|input: &Value| {
+            T::deserialize(input).map(drop).map_err(|e| e.to_string())
+        }));
+        self
+    }
+
+    /// Whether `input` fits the declared input type (always, when none is declared).
+    pub fn check_input(&self, input: &Value) -> Result<(), String> {
+        match &self.input_check {
+            Some(check) => check(input).map_err(|e| truncate_for_display(&e, 300)),
+            None => Ok(()),
+        }
     }
 
     /// Sets how often and how late a task is retried after an attempt gives up.
@@ -323,9 +465,26 @@ impl Workflow {
         &self.steps
     }
 
+    /// Whether tasks wait for a human review after the last step.
+    pub fn has_review(&self) -> bool {
+        self.review
+    }
+
     /// The position of the step called `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| &*s.name == name)
+    }
+}
+
+impl fmt::Debug for Workflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workflow")
+            .field("name", &self.name)
+            .field("steps", &self.steps)
+            .field("task_retry", &self.task_retry)
+            .field("review", &self.review)
+            .field("typed_input", &self.input_check.is_some())
+            .finish()
     }
 }
 
@@ -367,14 +526,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_up_to_the_cap() {
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            multiplier: 2.0,
-            max: Duration::from_millis(500),
-            jitter: 0.0,
-        };
+        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_millis(500));
         let delays: Vec<u128> = (1..=5).map(|r| backoff.delay(r, 0.5).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 500, 500]);
+        assert_eq!(Backoff::none().delay(7, 0.9), Duration::ZERO);
     }
 
     #[test]
@@ -392,5 +547,56 @@ mod tests {
         let err = StepError::transient("x".repeat(10_000));
         assert!(err.message.chars().count() <= ERROR_MESSAGE_MAX_CHARS + 1);
         assert_eq!(err.kind, FailureKind::Transient);
+    }
+
+    fn noop(name: &str) -> Step {
+        Step::once(name, |_ctx: StepContext| async {
+            Ok(ItemOutput::default())
+        })
+    }
+
+    #[test]
+    fn steps_get_a_status_from_their_name_unless_they_declare_one() {
+        let step = noop("Write sections");
+        assert_eq!(step.step_status().status.as_str(), "write_sections");
+        assert_eq!(&*step.step_status().display, "Write Sections");
+        assert_eq!(noop("queued").step_status().status.as_str(), "queued_step");
+        let step = noop("video").status("generating_video", "Generating Video");
+        assert_eq!(step.step_status().status.as_str(), "generating_video");
+        assert_eq!(&*step.step_status().display, "Generating Video");
+    }
+
+    #[test]
+    #[should_panic(expected = "lifecycle status")]
+    fn a_step_cannot_take_a_lifecycle_status() {
+        let _ = noop("x").status("final_review", "Final Review");
+    }
+
+    #[test]
+    #[should_panic(expected = "share the status")]
+    fn two_steps_cannot_share_a_status() {
+        let _ = Workflow::new("w")
+            .step(noop("a").status("busy", "Busy"))
+            .step(noop("b").status("busy", "Busy"));
+    }
+
+    #[test]
+    fn typed_input_is_checked() {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Input {
+            topic: String,
+        }
+        let workflow = Workflow::new("w").input::<Input>();
+        assert!(
+            workflow
+                .check_input(&serde_json::json!({"topic": "Rome"}))
+                .is_ok()
+        );
+        let err = workflow
+            .check_input(&serde_json::json!({"topic": 7}))
+            .expect_err("a number is not a topic");
+        assert!(err.contains("invalid type"), "{err}");
+        assert!(Workflow::new("untyped").check_input(&Value::Null).is_ok());
     }
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use engine::prelude::*;
-use engine::{Fence, Lease};
+use engine::{Event, Fence, Lease, NewEvent, Orchestrator, RecordedEvent};
 use serde_json::json;
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,6 @@ async fn orchestrator_overhead(
 ) -> anyhow::Result<()> {
     let workflow = Workflow::new("noop").step(Step::items(
         "clips",
-        TaskStatus::GeneratingVideo,
         |_| Ok(18),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 0)) },
     ));
@@ -52,7 +51,7 @@ async fn orchestrator_overhead(
         let lease = claim(store, task).await?;
         let outcome = orchestrator.run(&lease, CancellationToken::new()).await?;
         anyhow::ensure!(
-            outcome == RunOutcome::AwaitingReview,
+            outcome == RunOutcome::Completed,
             "unexpected outcome {outcome:?}"
         );
     }
@@ -98,6 +97,7 @@ fn completion(step: &str, item: u32, attempt: u32) -> Event {
         artifact: format!("{step}/{item:03}.bin"),
         cost_micros: 550_000,
         duration_ms: 300_000,
+        output: None,
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::prelude::*;
+use engine::{Event, Fence, NewEvent};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
 use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;
@@ -29,10 +30,7 @@ impl BenchTask {
                 self.id,
                 self.version,
                 Fence::Unleased,
-                &[NewEvent::new(Event::StatusChanged {
-                    from: self.status,
-                    to,
-                })],
+                &[NewEvent::new(Event::status_changed(self.status, to))],
             )
             .await?;
         self.version = appended.version;
@@ -54,7 +52,7 @@ async fn tasks(store: &PgStore, notion: &FakeNotion, n: usize) -> anyhow::Result
             id,
             page,
             version: 1,
-            status: TaskStatus::Queued,
+            status: TaskStatus::QUEUED,
         });
     }
     Ok(tasks)
@@ -86,7 +84,8 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     for task in &mut nominal {
         let tick = Instant::now();
         let seen = notion.requests().len();
-        task.change(store, TaskStatus::GeneratingAssets).await?;
+        task.change(store, TaskStatus::from_static("generating_assets"))
+            .await?;
         let arrived = wait_request(&notion, seen, &task.page, Duration::from_secs(10)).await;
         latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
         tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
@@ -111,9 +110,9 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     let limited_before = notion.count(429);
     let started = Instant::now();
     for status in [
-        TaskStatus::GeneratingAssets,
-        TaskStatus::GeneratingComposites,
-        TaskStatus::GeneratingVideo,
+        TaskStatus::from_static("generating_assets"),
+        TaskStatus::from_static("generating_composites"),
+        TaskStatus::from_static("generating_video"),
     ] {
         for task in &mut burst {
             task.change(store, status).await?;

@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use engine::Fence;
 use engine::prelude::*;
+use engine::{Event, Fence, NewEvent};
 use serde_json::json;
 use sqlx::postgres::PgPool;
 
@@ -178,6 +178,7 @@ fn item_completed(i: usize) -> NewEvent {
         artifact: format!("video/{i}.mp4"),
         cost_micros: 550_000,
         duration_ms: 300_000,
+        output: None,
     })
 }
 

@@ -22,7 +22,6 @@ const ITEMS: u32 = 18;
 fn noop_workflow(first_item: Option<Arc<Notify>>) -> Workflow {
     Workflow::new("noop").step(Step::items(
         "clips",
-        TaskStatus::GeneratingVideo,
         |_| Ok(ITEMS),
         move |_ctx: StepContext, item| {
             if let Some(first) = &first_item {

@@ -532,11 +532,7 @@ fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
         {
             return Err(format!("Invalid select option name: {option_name}"));
         }
-        if page.kind == PropertyType::Status
-            && !engine::TaskStatus::ALL
-                .iter()
-                .any(|s| s.display_name() == option_name)
-        {
+        if page.kind == PropertyType::Status && !BOARD_STATUS_OPTIONS.contains(&option_name) {
             return Err(format!(
                 "Invalid status option. Status option \"{option_name}\" does not exist."
             ));
@@ -546,6 +542,24 @@ fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The options of the fake board's Status property: the engine's lifecycle and the video
+/// workflow's step statuses, as the content team's board has them. Notion refuses any
+/// other name for a status property.
+const BOARD_STATUS_OPTIONS: [&str; 12] = [
+    "Queued",
+    "Generating Assets",
+    "Generating Composites",
+    "Generating Video",
+    "Generating Audio",
+    "Generating SFX",
+    "Assembling",
+    "Retry Scheduled",
+    "Final Review",
+    "Completed",
+    "Failed",
+    "Cancelled",
+];
 
 fn page_object(id: &str, page: &FakePage) -> Value {
     let kind = page.kind.as_str();

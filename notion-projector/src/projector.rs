@@ -8,6 +8,7 @@
 //! reached Notion.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,11 +103,13 @@ pub enum ProjectorError {
 }
 
 /// The status a task should show, and the event that set it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Target {
     task: TaskId,
     version: u32,
     status: TaskStatus,
+    /// The name Notion shows: the event's `to_display` (its default for older events).
+    display: Arc<str>,
     position: i64,
 }
 
@@ -295,9 +298,15 @@ impl Projector {
                 Ok(event) => {
                     self.metrics.events.inc();
                     if let Some(target) = target_of(&event) {
-                        let entry = latest.entry(target.task).or_insert(target);
-                        if target.version > entry.version {
-                            *entry = target;
+                        match latest.entry(target.task) {
+                            Entry::Occupied(mut newest) => {
+                                if target.version > newest.get().version {
+                                    newest.insert(target);
+                                }
+                            }
+                            Entry::Vacant(slot) => {
+                                slot.insert(target);
+                            }
                         }
                     }
                 }
@@ -425,7 +434,7 @@ impl Projector {
             // Coalesce late too: while this job waited for its turn, the task may have moved
             // on. Send the newest status and skip the rest of its events when they arrive.
             job.target = self.freshest(job.target).await?;
-            let name = job.target.status.display_name();
+            let name = &*job.target.display;
             let result = self
                 .client
                 .set_status(
@@ -671,15 +680,16 @@ pub async fn checkpoint_at_head(
 
 /// The status an event sets, if it sets one.
 fn target_of(event: &RecordedEvent) -> Option<Target> {
-    let status = match &event.event {
-        Event::TaskSubmitted { .. } => TaskStatus::Queued,
-        Event::StatusChanged { to, .. } => *to,
+    let (status, display) = match &event.event {
+        Event::TaskSubmitted { .. } => (TaskStatus::QUEUED, TaskStatus::QUEUED.default_display()),
+        Event::StatusChanged { to, .. } => (*to, event.event.display_of_new_status()?),
         _ => return None,
     };
     Some(Target {
         task: event.stream_id,
         version: event.version,
         status,
+        display: Arc::from(display),
         position: event.global_position,
     })
 }

@@ -106,12 +106,12 @@ async fn sigkill_between_patch_and_checkpoint_redelivers_to_the_same_state() {
     let notion = fake().await;
     let mut expected = Vec::new();
     let statuses = [
-        TaskStatus::GeneratingAssets,
-        TaskStatus::GeneratingVideo,
-        TaskStatus::GeneratingAudio,
-        TaskStatus::Assembling,
-        TaskStatus::FinalReview,
-        TaskStatus::Failed,
+        TaskStatus::from_static("generating_assets"),
+        TaskStatus::from_static("generating_video"),
+        TaskStatus::from_static("generating_audio"),
+        TaskStatus::from_static("assembling"),
+        TaskStatus::FINAL_REVIEW,
+        TaskStatus::FAILED,
     ];
     for status in statuses {
         let page = new_page_id();
@@ -142,13 +142,11 @@ async fn sigkill_between_patch_and_checkpoint_redelivers_to_the_same_state() {
     let (status, _) = second.sigterm().await;
     assert!(status.success(), "graceful exit: {status:?}");
     for (page, status) in &expected {
-        assert_eq!(
-            notion.page_value(page).as_deref(),
-            Some(status.display_name())
-        );
+        let shown = status.default_display();
+        assert_eq!(notion.page_value(page).as_deref(), Some(&*shown));
         let history = notion.page_history(page);
         assert!(
-            history.iter().all(|v| v == status.display_name()),
+            history.iter().all(|v| *v == shown),
             "only the latest status was ever sent: {history:?}"
         );
     }
@@ -181,7 +179,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_skips_nothing() {
     );
 
     for (task, _) in &tasks {
-        change_status(&store, *task, TaskStatus::GeneratingAssets).await;
+        change_status(&store, *task, TaskStatus::from_static("generating_assets")).await;
     }
     wait_for(Duration::from_secs(10), || {
         tasks
@@ -194,11 +192,16 @@ async fn a_standby_takes_over_when_the_leader_dies_and_skips_nothing() {
     assert_eq!(notion_b.requests().len(), 0, "the standby sends nothing");
 
     // Changes right before and after the kill.
-    change_status(&store, tasks[0].0, TaskStatus::GeneratingComposites).await;
+    change_status(
+        &store,
+        tasks[0].0,
+        TaskStatus::from_static("generating_composites"),
+    )
+    .await;
     leader.sigkill().await;
     let sent_by_a = notion_a.requests().len();
     for (task, _) in &tasks {
-        change_status(&store, *task, TaskStatus::GeneratingVideo).await;
+        change_status(&store, *task, TaskStatus::from_static("generating_video")).await;
     }
     let took = wait_for(Duration::from_secs(15), || {
         tasks
@@ -230,14 +233,19 @@ async fn the_token_never_appears_in_logs_and_skips_are_logged() {
     notion.add_page(&page);
     let no_page = new_task(&store, None).await;
     let task = new_task(&store, Some(&page)).await;
-    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
     let secret = "ntn_SECRET_must_never_be_logged_4242";
     // A wrong token: every request gets 401.
     let process = Process::start(&db, &notion, secret, &["--log-format", "json"]);
     assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
     // Then an unreachable Notion: transport errors, retries, a recorded failure.
     notion.stop();
-    change_status(&store, task, TaskStatus::GeneratingComposites).await;
+    change_status(
+        &store,
+        task,
+        TaskStatus::from_static("generating_composites"),
+    )
+    .await;
     assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
     let (status, log) = process.sigterm().await;
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
@@ -353,11 +361,11 @@ async fn from_now_skips_history_only_on_the_first_start() {
     let tasks = tasks_with_pages(&store, &notion, 2).await;
     let (old, old_page) = tasks[0].clone();
     let (new, new_page) = tasks[1].clone();
-    change_status(&store, old, TaskStatus::GeneratingAssets).await;
+    change_status(&store, old, TaskStatus::from_static("generating_assets")).await;
 
     let first = Process::start(&db, &notion, &notion.token(), &["--from-now"]);
     assert!(first.wait_log("leading", Duration::from_secs(10)).await);
-    change_status(&store, new, TaskStatus::GeneratingAssets).await;
+    change_status(&store, new, TaskStatus::from_static("generating_assets")).await;
     wait_for(Duration::from_secs(5), || {
         notion.page_value(&new_page).as_deref() == Some("Generating Assets")
     })
@@ -370,7 +378,12 @@ async fn from_now_skips_history_only_on_the_first_start() {
         "the history was skipped"
     );
 
-    change_status(&store, old, TaskStatus::GeneratingComposites).await;
+    change_status(
+        &store,
+        old,
+        TaskStatus::from_static("generating_composites"),
+    )
+    .await;
     let second = Process::start(&db, &notion, &notion.token(), &["--from-now"]);
     wait_for(Duration::from_secs(5), || {
         notion.page_value(&old_page).as_deref() == Some("Generating Composites")

@@ -29,8 +29,13 @@ async fn scenario_5_a_status_change_is_mirrored_within_5_seconds() {
         .is_some(),
         "the queued task shows as Queued"
     );
-    change_status(&store, task, TaskStatus::GeneratingAssets).await;
-    change_status(&store, task, TaskStatus::GeneratingComposites).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
+    change_status(
+        &store,
+        task,
+        TaskStatus::from_static("generating_composites"),
+    )
+    .await;
     let took = wait_for(FIVE_S, || {
         notion.page_value(&page).as_deref() == Some("Generating Composites")
     })
@@ -62,7 +67,14 @@ async fn scenario_6_three_simultaneous_changes_sync_within_5_seconds_without_429
     let changes = tasks.iter().map(|(task, _)| {
         let store = store.clone();
         let task = *task;
-        async move { change_status(&store, task, TaskStatus::GeneratingComposites).await }
+        async move {
+            change_status(
+                &store,
+                task,
+                TaskStatus::from_static("generating_composites"),
+            )
+            .await
+        }
     });
     futures_util::future::join_all(changes).await;
     let took = wait_for(FIVE_S, || {
@@ -94,9 +106,9 @@ async fn coalescing_sends_only_the_latest_status() {
         notion.add_page(&page);
         let task = new_task(&store, Some(&page)).await;
         for status in [
-            TaskStatus::GeneratingAssets,
-            TaskStatus::GeneratingComposites,
-            TaskStatus::GeneratingVideo,
+            TaskStatus::from_static("generating_assets"),
+            TaskStatus::from_static("generating_composites"),
+            TaskStatus::from_static("generating_video"),
         ] {
             change_status(&store, task, status).await;
         }
@@ -143,8 +155,8 @@ async fn scenario_7_an_outage_is_retried_recorded_and_caught_up() {
 
     // The pipeline is not held up: its appends go on while Notion is down.
     for status in [
-        TaskStatus::GeneratingAssets,
-        TaskStatus::GeneratingComposites,
+        TaskStatus::from_static("generating_assets"),
+        TaskStatus::from_static("generating_composites"),
     ] {
         tokio::time::timeout(Duration::from_secs(1), change_status(&store, task, status))
             .await
@@ -204,7 +216,7 @@ async fn retry_after_pauses_everything_and_holds_the_checkpoint() {
         retry_after_secs: 2,
     }]);
     for task in &tasks {
-        change_status(&store, *task, TaskStatus::GeneratingAssets).await;
+        change_status(&store, *task, TaskStatus::from_static("generating_assets")).await;
     }
     wait_for(FIVE_S, || notion.count(429) == 1)
         .await
@@ -277,7 +289,7 @@ async fn not_found_and_unauthorized_are_recorded_not_retried() {
     let page = new_page_id();
     notion.add_page(&page);
     let task = new_task(&store, Some(&page)).await;
-    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
     let running = spawn(
         &store,
         client_with_token(&notion, "ntn_wrong_token_0123456789"),
@@ -327,7 +339,7 @@ async fn out_of_order_commits_end_with_the_higher_versions_status() {
             .execute(&mut *t1)
             .await
             .expect("take an xid");
-        change_status(&store, task, TaskStatus::GeneratingAssets).await;
+        change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             notion.page_value(&page).as_deref(),
@@ -340,10 +352,10 @@ async fn out_of_order_commits_end_with_the_higher_versions_status() {
                 task,
                 2,
                 Fence::Unleased,
-                &[NewEvent::new(Event::StatusChanged {
-                    from: TaskStatus::GeneratingAssets,
-                    to: TaskStatus::GeneratingComposites,
-                })],
+                &[NewEvent::new(Event::status_changed(
+                    TaskStatus::from_static("generating_assets"),
+                    TaskStatus::from_static("generating_composites"),
+                ))],
             )
             .await
             .expect("append version 3 in the older transaction");
@@ -379,7 +391,7 @@ async fn tasks_without_a_page_are_skipped() {
     notion.add_page(&page);
     let silent = new_task(&store, None).await;
     let invalid = new_task(&store, Some("not-a-page")).await;
-    change_status(&store, silent, TaskStatus::GeneratingAssets).await;
+    change_status(&store, silent, TaskStatus::from_static("generating_assets")).await;
     let mirrored = new_task(&store, Some(&page)).await;
     let running = spawn(&store, client(&notion), fast_options());
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
@@ -457,7 +469,7 @@ async fn select_properties_get_the_select_shape() {
     let page = new_page_id();
     notion.add_page_with(&page, "Stage", PropertyType::Select);
     let task = new_task(&store, Some(&page)).await;
-    change_status(&store, task, TaskStatus::FinalReview).await;
+    change_status(&store, task, TaskStatus::FINAL_REVIEW).await;
     let running = spawn(
         &store,
         client(&notion),
@@ -498,7 +510,7 @@ async fn a_moved_checkpoint_is_never_overwritten() {
     .fetch_one(store.pool())
     .await
     .expect("move the checkpoint");
-    change_status(&store, task, TaskStatus::GeneratingAssets).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stored = checkpoint(&store, "notion").await.expect("checkpoint");
     assert_eq!(
@@ -517,14 +529,14 @@ async fn a_reset_checkpoint_rebuilds_the_same_mirror() {
     let notion = fake().await;
     let mut pages = Vec::new();
     for status in [
-        TaskStatus::GeneratingVideo,
-        TaskStatus::FinalReview,
-        TaskStatus::Queued,
+        TaskStatus::from_static("generating_video"),
+        TaskStatus::FINAL_REVIEW,
+        TaskStatus::QUEUED,
     ] {
         let page = new_page_id();
         notion.add_page(&page);
         let task = new_task(&store, Some(&page)).await;
-        if status != TaskStatus::Queued {
+        if status != TaskStatus::QUEUED {
             change_status(&store, task, status).await;
         }
         pages.push((page, status));
@@ -549,7 +561,7 @@ async fn a_reset_checkpoint_rebuilds_the_same_mirror() {
     let second: Vec<_> = pages.iter().map(|(p, _)| rebuilt.page_value(p)).collect();
     assert_eq!(first, second);
     for ((_, status), value) in pages.iter().zip(&second) {
-        assert_eq!(value.as_deref(), Some(status.display_name()));
+        assert_eq!(value.as_deref(), Some(&*status.default_display()));
     }
 }
 
@@ -568,8 +580,13 @@ async fn changes_while_waiting_for_the_limiter_coalesce_into_one_request() {
     // Six requests at 3/s take ~2 s, in log order: the last task's turn comes after these
     // changes.
     let (last, last_page) = tasks.last().expect("tasks").clone();
-    change_status(&store, last, TaskStatus::GeneratingAssets).await;
-    change_status(&store, last, TaskStatus::GeneratingComposites).await;
+    change_status(&store, last, TaskStatus::from_static("generating_assets")).await;
+    change_status(
+        &store,
+        last,
+        TaskStatus::from_static("generating_composites"),
+    )
+    .await;
     assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.stop().await;
@@ -617,10 +634,10 @@ async fn an_undecodable_status_event_is_recorded_and_passed() {
             task,
             2,
             Fence::Unleased,
-            &[NewEvent::new(Event::StatusChanged {
-                from: TaskStatus::Queued,
-                to: TaskStatus::GeneratingAssets,
-            })],
+            &[NewEvent::new(Event::status_changed(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_assets"),
+            ))],
         )
         .await
         .expect("append");

@@ -162,7 +162,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     .await?;
     for task in store
         .list_tasks(&TaskFilter {
-            status: Some(engine::TaskStatus::Failed),
+            status: Some(engine::TaskStatus::FAILED),
             ..TaskFilter::default()
         })
         .await?

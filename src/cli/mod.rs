@@ -1,4 +1,5 @@
-//! The `reel` subcommands.
+//! The `reel` command line: parsing, the subcommands, and errors turned into one line on
+//! stderr with an exit code scripts can rely on.
 
 mod audit;
 mod replay;
@@ -7,14 +8,198 @@ mod submit;
 mod tasks;
 mod worker;
 
-pub(crate) use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
-pub(crate) use replay::{ReplayArgs, replay};
-pub(crate) use review::{ReviewArgs, TaskArg, approve, cancel, reject, retry};
-pub(crate) use submit::{SubmitArgs, submit};
-pub(crate) use tasks::{TasksArgs, tasks};
-pub(crate) use worker::{WorkerArgs, worker};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use engine::TaskState;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use engine::{PgStore, Registry, TaskState};
+
+use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
+use replay::{ReplayArgs, replay};
+use review::{ReviewArgs, TaskArg, approve, cancel, reject, retry};
+use submit::{SubmitArgs, submit};
+use tasks::{TasksArgs, tasks};
+use worker::{WorkerArgs, worker};
+
+/// What `reel worker` was told that a workflow's steps may need: where artifacts go and
+/// how fast simulated providers and retry waits run.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// `--artifacts` (env `REEL_ARTIFACTS`, default `artifacts`).
+    pub artifacts: PathBuf,
+    /// `--time-scale` (env `REEL_TIME_SCALE`, default 0.001).
+    pub time_scale: f64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            artifacts: PathBuf::from("artifacts"),
+            time_scale: 0.001,
+        }
+    }
+}
+
+/// The workflows a binary runs: a [`Registry`], or a function that builds one from the
+/// worker's settings.
+pub trait Workflows: Send + Sync + 'static {
+    /// The registry for a worker (or `submit`'s input check) with these settings.
+    fn registry(&self, settings: &WorkerSettings) -> Registry;
+}
+
+impl Workflows for Registry {
+    fn registry(&self, _settings: &WorkerSettings) -> Registry {
+        self.clone()
+    }
+}
+
+impl<F> Workflows for F
+where
+    F: Fn(&WorkerSettings) -> Registry + Send + Sync + 'static,
+{
+    fn registry(&self, settings: &WorkerSettings) -> Registry {
+        self(settings)
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reel",
+    version,
+    about = "A durable workflow engine on an event-sourced PostgreSQL log"
+)]
+struct Cli {
+    /// PostgreSQL URL (also read from the environment or a .env file).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if it is missing and apply the schema migrations.
+    Migrate,
+    /// Submit a task; prints its id.
+    Submit(SubmitArgs),
+    /// Claim and run tasks until SIGTERM/SIGINT (a second signal exits at once).
+    Worker(WorkerArgs),
+    /// List tasks (newest first).
+    Tasks(TasksArgs),
+    /// Send a failed (or retry-scheduled) task back to the queue; it resumes by replay.
+    Retry(TaskArg),
+    /// Accept a task in final review: it becomes completed.
+    Approve(TaskArg),
+    /// Send a task in final review back: STEP and every later step run again.
+    Reject(ReviewArgs),
+    /// Cancel a task; a worker running it stops at the next item boundary.
+    Cancel(TaskArg),
+    /// A task's history as a timeline and the state it folds to (--at VERSION: time travel).
+    Replay(ReplayArgs),
+    /// Check histories' invariants; exit 3 when one is broken.
+    Audit(AuditArgs),
+    /// Tasks per status, failure reasons, cost spent and saved.
+    Stats(StatsArgs),
+}
+
+/// Bad input caught after parsing (a task input its workflow refuses): exit code 2, like
+/// the usage errors clap reports.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageError(pub(crate) String);
+
+/// Runs the `reel` command line with `workflows`. Exit codes: 0 success, 1 failure (the
+/// error is printed on one line), 2 bad usage, 3 `audit` found broken invariants.
+pub fn main(workflows: impl Workflows) -> ExitCode {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    engine::service::init_logging(cli.log_format == LogFormat::Json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, &workflows)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<AuditFailed>().is_some() => {
+            eprintln!("audit: {err}");
+            ExitCode::from(3)
+        }
+        Err(err) if err.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, workflows: &dyn Workflows) -> anyhow::Result<()> {
+    let url = cli
+        .database_url
+        .context("no database: set DATABASE_URL or pass --database-url")?;
+    match cli.command {
+        Command::Migrate => migrate(&url).await?,
+        Command::Submit(args) => submit(&url, args, workflows).await?,
+        Command::Worker(args) => worker(&url, args, workflows).await?,
+        Command::Tasks(args) => tasks(&url, args, workflows).await?,
+        Command::Retry(args) => retry(&url, args).await?,
+        Command::Approve(args) => approve(&url, args, workflows).await?,
+        Command::Reject(args) => reject(&url, args, workflows).await?,
+        Command::Cancel(args) => cancel(&url, args).await?,
+        Command::Replay(args) => replay(&url, args).await?,
+        Command::Audit(args) => audit(&url, args).await?,
+        Command::Stats(args) => stats(&url, args).await?,
+    }
+    Ok(())
+}
+
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    let options = engine::db::parse_url(url)?;
+    if engine::db::create_database_if_missing(&options).await? {
+        println!(
+            "created database {}",
+            options.get_database().unwrap_or("postgres")
+        );
+    }
+    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    store.migrate().await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// The error and its causes on one line, without repeating a cause that a message above
+/// already quotes (library errors often embed their source's text).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
 
 /// One line about a task's new state, or its JSON summary.
 pub(crate) fn print_state(state: &TaskState, json: bool) -> anyhow::Result<()> {
@@ -22,14 +207,10 @@ pub(crate) fn print_state(state: &TaskState, json: bool) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"id": id, "status": state.status(), "version": state.version, "attempt": state.attempt})
+            serde_json::json!({"id": id, "status": state.status(), "status_display": state.status_display(), "version": state.version, "attempt": state.attempt})
         );
     } else {
-        println!(
-            "task {id}: {} ({})",
-            state.status(),
-            state.status().display_name()
-        );
+        println!("task {id}: {} ({})", state.status(), state.status_display());
     }
     Ok(())
 }

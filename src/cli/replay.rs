@@ -114,7 +114,7 @@ fn render_state(state: &TaskState) -> String {
         "state at v{}: {} ({})\n",
         state.version,
         state.status(),
-        state.status().display_name()
+        state.status_display()
     );
     for step in &state.steps {
         let planned = step.planned.map_or("?".to_owned(), |p| p.to_string());

@@ -1,9 +1,9 @@
 //! `reel approve | reject | retry | cancel`: an operator's decisions on one task.
 
 use clap::Args;
-use engine::{PgStore, TaskId, commands};
+use engine::{EventStore, PgStore, TaskId, commands, fold};
 
-use super::print_state;
+use super::{WorkerSettings, Workflows, print_state};
 
 #[derive(Debug, Args)]
 pub(crate) struct TaskArg {
@@ -32,15 +32,46 @@ async fn open(url: &str, target: &TaskArg) -> anyhow::Result<(PgStore, TaskId)> 
     Ok((PgStore::new(engine::db::connect(url, 2).await?), task))
 }
 
-pub(crate) async fn approve(url: &str, target: TaskArg) -> anyhow::Result<()> {
+/// A review decision on a task whose workflow (known to this binary) has no review gate
+/// is refused before anything else is looked at.
+async fn require_review_gate(
+    store: &PgStore,
+    task: TaskId,
+    workflows: &dyn Workflows,
+    action: &'static str,
+) -> anyhow::Result<()> {
+    let state = fold(&store.read_stream(task, 1).await?);
+    let registry = workflows.registry(&WorkerSettings::default());
+    match registry.get(&state.workflow) {
+        Some(workflow) if !workflow.has_review() => Err(engine::Error::NoReview {
+            task,
+            workflow: state.workflow.clone(),
+            status: state.status(),
+            action,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) async fn approve(
+    url: &str,
+    target: TaskArg,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
     let (store, task) = open(url, &target).await?;
+    require_review_gate(&store, task, workflows, "approve").await?;
     print_state(&commands::approve(&store, task, None).await?, target.json)
 }
 
-pub(crate) async fn reject(url: &str, args: ReviewArgs) -> anyhow::Result<()> {
+pub(crate) async fn reject(
+    url: &str,
+    args: ReviewArgs,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
     let (store, task) = open(url, &args.target).await?;
-    let workflow = steps::simulated_video_workflow("artifacts", 1.0);
-    let state = commands::reject(&store, &workflow, task, &args.redo_from, args.reason).await?;
+    require_review_gate(&store, task, workflows, "reject").await?;
+    let state = commands::reject(&store, task, &args.redo_from, args.reason).await?;
     print_state(&state, args.target.json)
 }
 

@@ -1,44 +1,103 @@
-//! `reel submit`: a new video task.
+//! `reel submit`: a new task of one of the binary's workflows.
 
 use clap::Args;
 use engine::{ChannelId, EventStore, NewTask, PgStore};
-use serde_json::json;
+use serde_json::{Value, json};
 use steps::Fault;
+
+use super::{UsageError, WorkerSettings, Workflows};
+
+/// The longest idempotency key accepted.
+const IDEMPOTENCY_KEY_MAX_CHARS: usize = 200;
 
 #[derive(Debug, Args)]
 pub(crate) struct SubmitArgs {
     /// The channel (a-z, 0-9, '_' or '-').
     #[arg(long)]
     channel: String,
-    /// The video's topic.
+    /// The task's workflow (default: the binary's only workflow, or `video`).
     #[arg(long)]
-    topic: String,
+    workflow: Option<String>,
+    /// The task's input as a JSON object; --topic, --story-direction and --fail set the
+    /// fields of the same names in it.
+    #[arg(long, value_parser = parse_object)]
+    input: Option<Value>,
+    /// The video's topic (the input's `topic`).
+    #[arg(long)]
+    topic: Option<String>,
+    /// The input's `story_direction`.
     #[arg(long)]
     story_direction: Option<String>,
     /// The task's Notion page, as an id (dashes optional) or a page URL; stored as the
     /// dashed lower-case id that notion-projector mirrors the status to.
     #[arg(long, value_parser = parse_page)]
     notion_page: Option<notion_projector::PageId>,
-    /// Inject a failure: STEP:ITEM (transient, first attempt only) or STEP:ITEM:permanent.
+    /// Inject a failure: STEP:ITEM (transient, first attempt only) or STEP:ITEM:permanent
+    /// (the input's `faults`).
     #[arg(long = "fail", value_name = "STEP:ITEM[:permanent]")]
     faults: Vec<Fault>,
-    /// A repeated submit with the same key returns the same task.
+    /// A repeated submit with the same key returns the same task (at most 200 characters).
     #[arg(long)]
     idempotency_key: Option<String>,
 }
 
-pub(crate) async fn submit(url: &str, args: SubmitArgs) -> anyhow::Result<()> {
+pub(crate) async fn submit(
+    url: &str,
+    args: SubmitArgs,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
     let channel = ChannelId::parse(&args.channel)?;
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
-    let mut input = json!({"topic": args.topic, "faults": args.faults});
-    if let Some(direction) = args.story_direction {
-        input["story_direction"] = json!(direction);
+    if let Some(key) = &args.idempotency_key
+        && (key.is_empty() || key.chars().count() > IDEMPOTENCY_KEY_MAX_CHARS)
+    {
+        return Err(UsageError(format!(
+            "--idempotency-key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} characters"
+        ))
+        .into());
     }
-    let mut task = NewTask::new(steps::WORKFLOW, channel, input);
+    let registry = workflows.registry(&WorkerSettings::default());
+    let workflow = match args.workflow.clone() {
+        Some(name) => name,
+        None => match registry.names().as_slice() {
+            [only] => only.clone(),
+            _ => steps::WORKFLOW.to_owned(),
+        },
+    };
+    let input = input_of(&args);
+    if let Some(known) = registry.get(&workflow) {
+        known.check_input(&input).map_err(|reason| {
+            UsageError(format!("invalid input for workflow {workflow:?}: {reason}"))
+        })?;
+    }
+    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let mut task = NewTask::new(workflow, channel, input);
     task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;
     println!("{}", store.create_task(task).await?.task_id());
     Ok(())
+}
+
+/// `--input` with the convenience flags' fields set in it.
+fn input_of(args: &SubmitArgs) -> Value {
+    let mut input = args.input.clone().unwrap_or_else(|| json!({}));
+    if let Some(topic) = &args.topic {
+        input["topic"] = json!(topic);
+    }
+    if let Some(direction) = &args.story_direction {
+        input["story_direction"] = json!(direction);
+    }
+    if !args.faults.is_empty() || args.input.is_none() {
+        input["faults"] = json!(args.faults);
+    }
+    input
+}
+
+fn parse_object(raw: &str) -> Result<Value, String> {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err("the input must be a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
 }
 
 fn parse_page(raw: &str) -> Result<notion_projector::PageId, String> {

@@ -3,6 +3,8 @@
 use clap::Args;
 use engine::{ChannelId, PgStore, TaskFilter, TaskStatus};
 
+use super::{UsageError, WorkerSettings, Workflows};
+
 #[derive(Debug, Args)]
 pub(crate) struct TasksArgs {
     /// Only tasks in this status (storage name, e.g. final_review).
@@ -19,7 +21,11 @@ pub(crate) struct TasksArgs {
     json: bool,
 }
 
-pub(crate) async fn tasks(url: &str, args: TasksArgs) -> anyhow::Result<()> {
+pub(crate) async fn tasks(
+    url: &str,
+    args: TasksArgs,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
     let store = PgStore::new(engine::db::connect(url, 2).await?);
     let filter = TaskFilter {
@@ -28,6 +34,21 @@ pub(crate) async fn tasks(url: &str, args: TasksArgs) -> anyhow::Result<()> {
         limit: args.limit,
     };
     let tasks = store.list_tasks(&filter).await?;
+    if let Some(status) = args.status
+        && tasks.is_empty()
+        && !known_statuses(workflows).contains(&status)
+    {
+        // No task has it and no workflow here declares it: a typo, not an empty list.
+        let known: Vec<&str> = known_statuses(workflows)
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        return Err(UsageError(format!(
+            "unknown status {status:?} (known: {})",
+            known.join(", ")
+        ))
+        .into());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
         return Ok(());
@@ -36,6 +57,7 @@ pub(crate) async fn tasks(url: &str, args: TasksArgs) -> anyhow::Result<()> {
         "{:<36}  {:<12}  {:<22}  {:>7}  last error",
         "task", "channel", "status", "attempt"
     );
+    // The storage name, as scripts and `--status` know it; `--json` has the display name.
     for task in tasks {
         let error = task
             .last_error
@@ -51,4 +73,16 @@ pub(crate) async fn tasks(url: &str, args: TasksArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The lifecycle statuses and those the binary's workflows declare.
+fn known_statuses(workflows: &dyn Workflows) -> Vec<TaskStatus> {
+    let registry = workflows.registry(&WorkerSettings::default());
+    let mut known = TaskStatus::LIFECYCLE.to_vec();
+    for name in registry.names() {
+        if let Some(workflow) = registry.get(&name) {
+            known.extend(workflow.steps().iter().map(|s| s.step_status().status));
+        }
+    }
+    known
 }

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use engine::{PgStore, Registry, Worker, WorkerOptions};
+use engine::{PgStore, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
+
+use super::{WorkerSettings, Workflows};
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
@@ -33,17 +35,21 @@ pub(crate) struct WorkerArgs {
     shutdown_grace: u64,
 }
 
-pub(crate) async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
+pub(crate) async fn worker(
+    url: &str,
+    args: WorkerArgs,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(
         args.time_scale >= 0.0 && args.time_scale.is_finite(),
         "--time-scale must be >= 0"
     );
     let store = PgStore::new(engine::db::connect(url, (args.concurrency as u32 + 4).max(8)).await?);
-    let registry = Registry::new().register(steps::simulated_video_workflow(
-        args.artifacts,
-        args.time_scale,
-    ));
+    let registry = workflows.registry(&WorkerSettings {
+        artifacts: args.artifacts,
+        time_scale: args.time_scale,
+    });
     let lease_ttl = Duration::from_secs(args.lease_ttl.max(1));
     let options = WorkerOptions {
         concurrency: args.concurrency,

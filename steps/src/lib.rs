@@ -12,6 +12,7 @@ pub mod simulated;
 pub use artifacts::{ArtifactError, artifact_path};
 pub use faults::{Fault, FaultParseError};
 pub use pipeline::{
-    PipelineConfig, STEP_NAMES, WORKFLOW, simulated_video_workflow, video_workflow,
+    PipelineConfig, STEP_NAMES, STEP_STATUSES, VideoInput, WORKFLOW, simulated_video_workflow,
+    video_workflow,
 };
 pub use provider::{ItemRequest, Provider, Providers};

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use engine::{
     Backoff, BoxFuture, ItemOutput, RetryPolicy, Step, StepContext, StepError, StepWork,
-    TaskRetryPolicy, TaskStatus, Workflow,
+    TaskRetryPolicy, Workflow,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Fault;
 use crate::artifacts::artifact_path;
 use crate::provider::{ItemRequest, Provider, Providers};
 
@@ -25,6 +27,18 @@ pub const STEP_NAMES: [&str; 6] = [
     "sfx",
     "assembly",
 ];
+
+/// A video task's input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoInput {
+    /// What the video is about.
+    pub topic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub story_direction: Option<String>,
+    /// Failures to inject (tests, demos): see [`Fault`].
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
 
 /// How the pipeline runs.
 #[derive(Clone, Debug)]
@@ -47,73 +61,82 @@ pub fn simulated_video_workflow(artifacts_root: impl Into<PathBuf>, time_scale: 
     )
 }
 
+/// The video workflow's step statuses: (step, storage name, shown as). These are the names
+/// the log and the Notion board have always used; they never change.
+pub const STEP_STATUSES: [(&str, &str, &str); 6] = [
+    ("assets", "generating_assets", "Generating Assets"),
+    (
+        "composites",
+        "generating_composites",
+        "Generating Composites",
+    ),
+    ("video", "generating_video", "Generating Video"),
+    ("narration", "generating_audio", "Generating Audio"),
+    ("sfx", "generating_sfx", "Generating SFX"),
+    ("assembly", "assembling", "Assembling"),
+];
+
 /// The video pipeline: 22 assets → composites → 18 clips → 18 narrations → 18 SFX →
-/// assembly → final review.
+/// assembly → final review. Each item builds on what earlier items recorded in the log:
+/// the composite on every asset, clip N on the composite, narration and SFX N on clip N,
+/// the assembly on every clip, narration and SFX.
 pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow {
     let scaled = |secs: f64| Duration::from_secs_f64(secs * config.time_scale.max(0.0));
     let item_retry = RetryPolicy {
         max_tries: 2,
-        backoff: Backoff {
-            initial: scaled(10.0),
-            multiplier: 2.0,
-            max: scaled(60.0),
-            jitter: 0.2,
-        },
+        backoff: Backoff::exponential(scaled(10.0), scaled(60.0)).with_jitter(0.2),
     };
-    let step = |name: &'static str, status, count: u32, provider: Arc<dyn Provider>| {
+    let step = |name: &'static str, count: u32, provider: Arc<dyn Provider>| {
         let work = ProviderStep {
             count,
             provider,
             root: config.artifacts_root.clone(),
         };
         let step = if count == 1 {
-            Step::atomic(name, status, work)
+            Step::atomic(name, work)
         } else {
-            Step::itemized(name, status, work)
+            Step::itemized(name, work)
         };
-        step.retry(item_retry)
+        let (_, storage, display) = STEP_STATUSES
+            .iter()
+            .find(|(step, _, _)| *step == name)
+            .copied()
+            .unwrap_or((name, name, name));
+        step.status(storage, display).retry(item_retry)
     };
     Workflow::new(WORKFLOW)
-        .step(step(
-            "assets",
-            TaskStatus::GeneratingAssets,
-            22,
-            providers.assets,
-        ))
-        .step(step(
-            "composites",
-            TaskStatus::GeneratingComposites,
-            1,
-            providers.composites,
-        ))
-        .step(step(
-            "video",
-            TaskStatus::GeneratingVideo,
-            18,
-            providers.video,
-        ))
-        .step(step(
-            "narration",
-            TaskStatus::GeneratingAudio,
-            18,
-            providers.narration,
-        ))
-        .step(step("sfx", TaskStatus::GeneratingSfx, 18, providers.sfx))
-        .step(step(
-            "assembly",
-            TaskStatus::Assembling,
-            1,
-            providers.assembly,
-        ))
+        .input::<VideoInput>()
+        .step(step("assets", 22, providers.assets))
+        .step(step("composites", 1, providers.composites))
+        .step(step("video", 18, providers.video))
+        .step(step("narration", 18, providers.narration))
+        .step(step("sfx", 18, providers.sfx))
+        .step(step("assembly", 1, providers.assembly))
+        .review_gate()
         .task_retry(TaskRetryPolicy {
             max_attempts: 5,
-            backoff: Backoff {
-                initial: scaled(60.0),
-                multiplier: 2.0,
-                max: scaled(3600.0),
-                jitter: 0.2,
-            },
+            backoff: Backoff::exponential(scaled(60.0), scaled(3600.0)).with_jitter(0.2),
         })
+}
+
+/// The artifacts an item of `step` builds on, read from the log through the context.
+fn sources(ctx: &StepContext, item: u32) -> Result<Vec<String>, StepError> {
+    let all = |step: &str| -> Vec<String> {
+        ctx.outputs
+            .records(step)
+            .map(|record| record.artifact.clone())
+            .collect()
+    };
+    Ok(match &*ctx.step {
+        "composites" => all("assets"),
+        "video" => vec![ctx.artifact("composites", 1)?.to_owned()],
+        "narration" | "sfx" => vec![ctx.artifact("video", item)?.to_owned()],
+        "assembly" => ["video", "narration", "sfx"]
+            .into_iter()
+            .flat_map(all)
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 /// A step that asks its provider for each item.
@@ -129,21 +152,24 @@ impl StepWork for ProviderStep {
     }
 
     fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>> {
-        let dir = artifact_path(&self.root, &ctx.channel_id, ctx.task_id, &ctx.step, "_")
+        let request = artifact_path(&self.root, &ctx.channel_id, ctx.task_id, &ctx.step, "_")
             .map(|p| p.parent().map(PathBuf::from).unwrap_or_default())
-            .map_err(|e| StepError::permanent(e.to_string()));
-        let dir = match dir {
-            Ok(dir) => dir,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
-        self.provider.generate(ItemRequest {
-            task_id: ctx.task_id,
-            channel_id: ctx.channel_id,
-            step: ctx.step.to_string(),
-            item,
-            attempt: ctx.attempt,
-            input: ctx.input,
-            artifact_dir: dir,
-        })
+            .map_err(|e| StepError::permanent(e.to_string()))
+            .and_then(|dir| {
+                Ok(ItemRequest {
+                    sources: sources(&ctx, item)?,
+                    task_id: ctx.task_id,
+                    channel_id: ctx.channel_id.clone(),
+                    step: ctx.step.to_string(),
+                    item,
+                    attempt: ctx.attempt,
+                    input: ctx.input.clone(),
+                    artifact_dir: dir,
+                })
+            });
+        match request {
+            Ok(request) => self.provider.generate(request),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 }

@@ -21,6 +21,10 @@ pub struct ItemRequest {
     pub input: Arc<Value>,
     /// Where this item's artifact must be written (already checked to stay in its channel).
     pub artifact_dir: PathBuf,
+    /// The artifacts of earlier items this one builds on, as the log recorded them (the
+    /// assets for the composite, the composite for a clip, clip N for its narration and
+    /// SFX, every clip, narration and SFX for the assembly).
+    pub sources: Vec<String>,
 }
 
 /// A provider of one step's items. Classify errors: `StepError::transient` for timeouts,

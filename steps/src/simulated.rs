@@ -42,23 +42,29 @@ impl Provider for Simulated {
             }
             let file = format!("{:02}.{}", request.item, this.extension);
             let path = request.artifact_dir.join(&file);
-            let content = format!(
+            let mut content = format!(
                 "reel simulated {} {} for task {} (topic: {})\n",
                 request.step,
                 request.item,
                 request.task_id,
                 request.input["topic"].as_str().unwrap_or("")
             );
+            for source in &request.sources {
+                content.push_str(&format!("from {source}\n"));
+            }
             write(&path, content.as_bytes()).await.map_err(|e| {
                 StepError::transient(format!("cannot write {}: {e}", path.display()))
             })?;
-            Ok(ItemOutput::new(
-                format!(
-                    "{}/{}/{}/{file}",
-                    request.channel_id, request.task_id, request.step
-                ),
-                this.cost_micros,
-            ))
+            let artifact = format!(
+                "{}/{}/{}/{file}",
+                request.channel_id, request.task_id, request.step
+            );
+            let output = ItemOutput::new(artifact, this.cost_micros);
+            if request.sources.is_empty() {
+                Ok(output)
+            } else {
+                output.with_output(serde_json::json!({ "sources": request.sources }))
+            }
         })
     }
 }

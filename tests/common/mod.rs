@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::prelude::*;
-use engine::{Backoff, Lease};
+use engine::{Backoff, Event, Lease, Orchestrator};
 use serde_json::json;
 
 /// One call of a step's code: (step, item, task attempt).
@@ -94,23 +94,24 @@ impl Probe {
         let probe = self.clone();
         Step::items(
             name,
-            status,
             move |_input| Ok(count),
             move |ctx: StepContext, item| {
                 let result = probe.call(&ctx, item);
                 async move { result }
             },
         )
+        .status(status.as_str(), &status.default_display())
         .retry(fast_retry(2))
     }
 
     /// An atomic step.
     pub fn once(&self, name: &str, status: TaskStatus) -> Step {
         let probe = self.clone();
-        Step::once(name, status, move |ctx: StepContext| {
+        Step::once(name, move |ctx: StepContext| {
             let result = probe.call(&ctx, 1);
             async move { result }
         })
+        .status(status.as_str(), &status.default_display())
         .retry(fast_retry(2))
     }
 
@@ -118,12 +119,16 @@ impl Probe {
     /// assembly.
     pub fn pipeline(&self) -> Workflow {
         Workflow::new("video")
-            .step(self.items("assets", TaskStatus::GeneratingAssets, 22))
-            .step(self.once("composites", TaskStatus::GeneratingComposites))
-            .step(self.items("video", TaskStatus::GeneratingVideo, 18))
-            .step(self.items("narration", TaskStatus::GeneratingAudio, 18))
-            .step(self.items("sfx", TaskStatus::GeneratingSfx, 18))
-            .step(self.once("assembly", TaskStatus::Assembling))
+            .step(self.items("assets", TaskStatus::from_static("generating_assets"), 22))
+            .step(self.once(
+                "composites",
+                TaskStatus::from_static("generating_composites"),
+            ))
+            .step(self.items("video", TaskStatus::from_static("generating_video"), 18))
+            .step(self.items("narration", TaskStatus::from_static("generating_audio"), 18))
+            .step(self.items("sfx", TaskStatus::from_static("generating_sfx"), 18))
+            .step(self.once("assembly", TaskStatus::from_static("assembling")))
+            .review_gate()
             .task_retry(immediate_task_retry(3))
     }
 }

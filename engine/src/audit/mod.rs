@@ -87,32 +87,30 @@ impl AuditReport {
     }
 }
 
-/// Whether a task may move from `from` to `to`.
+/// Whether a task may move from `from` to `to`. A step's status (any status that is not
+/// one of the lifecycle's) is "working": the table holds for every workflow.
 pub fn transition_allowed(from: TaskStatus, to: TaskStatus) -> bool {
-    use TaskStatus::*;
-    let working = |s: TaskStatus| {
-        matches!(
-            s,
-            GeneratingAssets
-                | GeneratingComposites
-                | GeneratingVideo
-                | GeneratingAudio
-                | GeneratingSfx
-                | Assembling
-        )
-    };
-    match from {
-        Queued | RetryScheduled => {
-            working(to)
-                || matches!(to, FinalReview | Failed | Cancelled | RetryScheduled)
-                || (from == RetryScheduled && to == Queued)
-        }
-        s if working(s) => {
-            working(to) || matches!(to, RetryScheduled | Failed | FinalReview | Cancelled)
-        }
-        FinalReview => matches!(to, Completed | Queued | Cancelled),
-        Failed => to == Queued,
-        _ => false,
+    let working = TaskStatus::is_step_status;
+    // How a run can end before, between or after its steps; `completed` only after the last
+    // step (workflows without a review gate) or after a review.
+    let stops = [
+        TaskStatus::FINAL_REVIEW,
+        TaskStatus::FAILED,
+        TaskStatus::CANCELLED,
+        TaskStatus::RETRY_SCHEDULED,
+    ];
+    if from == TaskStatus::QUEUED || from == TaskStatus::RETRY_SCHEDULED {
+        working(to)
+            || stops.contains(&to)
+            || (from == TaskStatus::RETRY_SCHEDULED && to == TaskStatus::QUEUED)
+    } else if working(from) {
+        working(to) || stops.contains(&to) || to == TaskStatus::COMPLETED
+    } else if from == TaskStatus::FINAL_REVIEW {
+        to == TaskStatus::COMPLETED || to == TaskStatus::QUEUED || to == TaskStatus::CANCELLED
+    } else if from == TaskStatus::FAILED {
+        to == TaskStatus::QUEUED
+    } else {
+        false
     }
 }
 
@@ -194,7 +192,7 @@ impl Checker {
                     .collect();
             }
             Event::ItemCompleted { step, item, .. } => self.check_completion(version, step, *item),
-            Event::StatusChanged { from, to } => {
+            Event::StatusChanged { from, to, .. } => {
                 let current = self.state.status();
                 if *from != current {
                     self.flag(
@@ -261,7 +259,7 @@ impl Checker {
         let reopens = matches!(
             event,
             Event::StatusChanged {
-                to: TaskStatus::Queued,
+                to: TaskStatus::QUEUED,
                 ..
             } | Event::ReviewRequested {}
                 | Event::ReviewApproved { .. }
@@ -269,9 +267,9 @@ impl Checker {
         );
         // The terminal event's own status change travels in the same append.
         let own_status = match (self.terminal, event) {
-            (Some("task_failed"), Event::StatusChanged { to, .. }) => *to == TaskStatus::Failed,
+            (Some("task_failed"), Event::StatusChanged { to, .. }) => *to == TaskStatus::FAILED,
             (Some("task_cancelled"), Event::StatusChanged { to, .. }) => {
-                *to == TaskStatus::Cancelled
+                *to == TaskStatus::CANCELLED
             }
             _ => false,
         };
@@ -343,11 +341,12 @@ mod tests {
             artifact: format!("clip-{item}"),
             cost_micros: 550_000,
             duration_ms: 300_000,
+            output: None,
         }
     }
 
     fn status(from: TaskStatus, to: TaskStatus) -> Event {
-        Event::StatusChanged { from, to }
+        Event::status_changed(from, to)
     }
 
     /// A run that fails at clip 3, is rescheduled and resumes: the shape the engine writes.
@@ -355,7 +354,10 @@ mod tests {
         vec![
             submitted(),
             claimed(1),
-            status(TaskStatus::Queued, TaskStatus::GeneratingVideo),
+            status(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_video"),
+            ),
             started(4),
             done(1, 1),
             done(2, 1),
@@ -372,19 +374,28 @@ mod tests {
                 next_run_at: chrono::DateTime::UNIX_EPOCH,
                 reason: "video item 3".into(),
             },
-            status(TaskStatus::GeneratingVideo, TaskStatus::RetryScheduled),
+            status(
+                TaskStatus::from_static("generating_video"),
+                TaskStatus::RETRY_SCHEDULED,
+            ),
             claimed(2),
-            status(TaskStatus::RetryScheduled, TaskStatus::GeneratingVideo),
+            status(
+                TaskStatus::RETRY_SCHEDULED,
+                TaskStatus::from_static("generating_video"),
+            ),
             done(3, 2),
             done(4, 2),
             Event::StepCompleted {
                 step: "video".into(),
                 attempt: 2,
             },
-            status(TaskStatus::GeneratingVideo, TaskStatus::FinalReview),
+            status(
+                TaskStatus::from_static("generating_video"),
+                TaskStatus::FINAL_REVIEW,
+            ),
             Event::ReviewRequested {},
             Event::ReviewApproved { reviewer: None },
-            status(TaskStatus::FinalReview, TaskStatus::Completed),
+            status(TaskStatus::FINAL_REVIEW, TaskStatus::COMPLETED),
             Event::TaskCompleted {},
         ]
     }
@@ -405,7 +416,7 @@ mod tests {
         assert!(report.is_clean(), "{:?}", report.violations);
         assert_eq!((report.items_run, report.items_skipped), (4, 2));
         assert_eq!(report.saved.cost_micros, 1_100_000);
-        assert_eq!(report.status, TaskStatus::Completed);
+        assert_eq!(report.status, TaskStatus::COMPLETED);
     }
 
     #[test]
@@ -437,7 +448,7 @@ mod tests {
         assert!(rules(outside).contains(&(7, Rule::CompletionInStartedStep)));
 
         let mut illegal = resumed_run();
-        illegal.insert(2, status(TaskStatus::Queued, TaskStatus::Completed));
+        illegal.insert(2, status(TaskStatus::QUEUED, TaskStatus::COMPLETED));
         assert!(rules(illegal).contains(&(3, Rule::LegalTransition)));
 
         let mut after = resumed_run();
@@ -463,8 +474,8 @@ mod tests {
                 step: None,
                 item: None,
             },
-            status(TaskStatus::Queued, TaskStatus::Failed),
-            status(TaskStatus::Failed, TaskStatus::Queued),
+            status(TaskStatus::QUEUED, TaskStatus::FAILED),
+            status(TaskStatus::FAILED, TaskStatus::QUEUED),
             claimed(2),
         ];
         assert_eq!(rules(events), []);
@@ -473,24 +484,32 @@ mod tests {
     #[test]
     fn the_transition_table_allows_the_engine_paths_and_nothing_out_of_completed() {
         assert!(transition_allowed(
-            TaskStatus::Queued,
-            TaskStatus::GeneratingAssets
+            TaskStatus::QUEUED,
+            TaskStatus::from_static("generating_assets")
         ));
         assert!(transition_allowed(
-            TaskStatus::FinalReview,
-            TaskStatus::Queued
+            TaskStatus::FINAL_REVIEW,
+            TaskStatus::QUEUED
         ));
         assert!(!transition_allowed(
-            TaskStatus::Completed,
-            TaskStatus::Queued
+            TaskStatus::COMPLETED,
+            TaskStatus::QUEUED
         ));
         assert!(!transition_allowed(
-            TaskStatus::Cancelled,
-            TaskStatus::Queued
+            TaskStatus::CANCELLED,
+            TaskStatus::QUEUED
         ));
         assert!(!transition_allowed(
-            TaskStatus::Queued,
-            TaskStatus::Completed
+            TaskStatus::QUEUED,
+            TaskStatus::COMPLETED
         ));
+        // Any workflow's step statuses are working statuses; a workflow without a review
+        // gate ends `completed` straight from its last step.
+        let writing = TaskStatus::from_static("writing_sections");
+        let publishing = TaskStatus::from_static("publishing");
+        assert!(transition_allowed(TaskStatus::QUEUED, writing));
+        assert!(transition_allowed(writing, publishing));
+        assert!(transition_allowed(publishing, TaskStatus::COMPLETED));
+        assert!(!transition_allowed(TaskStatus::COMPLETED, writing));
     }
 }

@@ -16,6 +16,8 @@ pub struct TaskSummary {
     pub workflow: String,
     pub channel_id: String,
     pub status: TaskStatus,
+    /// The name the status is shown as (what the log recorded with it, else its default).
+    pub status_display: String,
     pub attempt: u32,
     /// The stream's version.
     pub version: u32,
@@ -41,7 +43,7 @@ impl PgStore {
     /// Tasks matching `filter`, newest first.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
         let rows = sqlx::query(
-            "SELECT id, workflow, channel_id, status, attempt, version, lease_owner, next_run_at, \
+            "SELECT id, workflow, channel_id, status, status_display, attempt, version, lease_owner, next_run_at, \
                     last_error, notion_page_id, created_at, updated_at \
              FROM tasks \
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR channel_id = $2) \
@@ -58,14 +60,17 @@ impl PgStore {
 }
 
 fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
-    let status: String = row.try_get("status")?;
+    let status: TaskStatus = row
+        .try_get::<String, _>("status")?
+        .parse()
+        .map_err(|e| Error::InvalidInput(format!("tasks.status: {e}")))?;
+    let shown: Option<String> = row.try_get("status_display")?;
     Ok(TaskSummary {
         id: TaskId::from(row.try_get::<uuid::Uuid, _>("id")?),
         workflow: row.try_get("workflow")?,
         channel_id: row.try_get("channel_id")?,
-        status: status
-            .parse()
-            .map_err(|e| Error::InvalidInput(format!("tasks.status: {e}")))?,
+        status,
+        status_display: shown.unwrap_or_else(|| status.default_display().into_owned()),
         attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
         version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
         lease_owner: row.try_get("lease_owner")?,

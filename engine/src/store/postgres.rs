@@ -28,6 +28,7 @@ WITH fence AS (
     UPDATE tasks SET
         version          = $3 + cardinality($4::uuid[]),
         status           = COALESCE($9, status),
+        status_display   = CASE WHEN $9 IS NULL THEN status_display ELSE $17 END,
         next_run_at      = CASE WHEN $10 THEN $11 ELSE next_run_at END,
         last_error       = COALESCE($12, last_error),
         lease_owner      = CASE WHEN $13 THEN NULL ELSE lease_owner END,
@@ -154,6 +155,7 @@ impl PgStore {
             .bind(change.attempt)
             .bind(EVENTS_CHANNEL)
             .bind(events.iter().any(|e| e.event.wakes_followers()))
+            .bind(change.status_display)
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -541,6 +543,8 @@ impl EncodedBatch {
 #[derive(Debug, Default)]
 struct RowChange {
     status: Option<TaskStatus>,
+    /// The new status's display name, when the event records one.
+    status_display: Option<String>,
     /// `Some(x)`: set `next_run_at` to `x`.
     next_run_at: Option<Option<DateTime<Utc>>>,
     last_error: Option<String>,
@@ -553,9 +557,10 @@ impl RowChange {
         let mut change = RowChange::default();
         for new in events {
             match &new.event {
-                Event::StatusChanged { to, .. } => {
+                Event::StatusChanged { to, to_display, .. } => {
                     change.status = Some(*to);
-                    if *to == TaskStatus::Queued {
+                    change.status_display.clone_from(to_display);
+                    if *to == TaskStatus::QUEUED {
                         // Sent back to the queue (review rejected, operator retry): run now.
                         change.next_run_at = Some(None);
                     }

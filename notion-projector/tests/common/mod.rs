@@ -116,7 +116,7 @@ pub async fn change_status(store: &PgStore, task: TaskId, to: TaskStatus) -> u32
             task,
             version,
             Fence::Unleased,
-            &[NewEvent::new(Event::StatusChanged { from, to })],
+            &[NewEvent::new(Event::status_changed(from, to))],
         )
         .await
         .expect("append status change")
@@ -211,7 +211,7 @@ pub async fn test_db() -> TestDatabase {
 }
 
 pub fn display(status: TaskStatus) -> String {
-    status.display_name().to_owned()
+    status.default_display().into_owned()
 }
 
 pub const STATUS: PropertyType = PropertyType::Status;

@@ -1,0 +1,137 @@
+//! Item results: what a step's item returns, and how later steps read earlier results.
+//!
+//! The log is the only place results live: an item's output is recorded in its
+//! `item_completed` event, and a later step reads it back from the folded state, so a
+//! resumed task sees exactly what an uninterrupted one would.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::state::{ItemRecord, TaskState};
+use crate::workflow::StepError;
+
+/// What running one item produced: an output (any serializable value), and where there is
+/// one, an artifact (a path or URL) and what the provider charged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ItemOutput {
+    /// Where the result lives (a path or URL; empty when there is none).
+    pub artifact: String,
+    /// What the provider charged, in micro-dollars.
+    pub cost_micros: i64,
+    /// The result later steps read ([`StepContext::output`](crate::StepContext::output)).
+    pub output: Option<Value>,
+}
+
+impl ItemOutput {
+    /// An output with its artifact and cost (and no value).
+    pub fn new(artifact: impl Into<String>, cost_micros: i64) -> Self {
+        ItemOutput {
+            artifact: artifact.into(),
+            cost_micros,
+            output: None,
+        }
+    }
+
+    /// An output that is `value` (no artifact, no cost). A value that cannot be serialized
+    /// is a permanent error.
+    pub fn value(value: impl Serialize) -> Result<Self, StepError> {
+        ItemOutput::default().with_output(value)
+    }
+
+    /// The same output carrying `value`.
+    pub fn with_output(mut self, value: impl Serialize) -> Result<Self, StepError> {
+        let value = serde_json::to_value(value)
+            .map_err(|e| StepError::permanent(format!("the output does not serialize: {e}")))?;
+        self.output = Some(value);
+        Ok(self)
+    }
+
+    /// The same output with `artifact`.
+    pub fn with_artifact(mut self, artifact: impl Into<String>) -> Self {
+        self.artifact = artifact.into();
+        self
+    }
+
+    /// The same output with its cost, in micro-dollars.
+    pub fn with_cost_micros(mut self, cost_micros: i64) -> Self {
+        self.cost_micros = cost_micros;
+        self
+    }
+}
+
+/// The completed items of a task's steps (their current runs), as the log records them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outputs {
+    steps: BTreeMap<String, BTreeMap<u32, ItemRecord>>,
+}
+
+impl Outputs {
+    /// The completions of `state`'s steps in their current runs (a rejected review's
+    /// superseded results are not among them).
+    pub fn from_state(state: &TaskState) -> Self {
+        let steps = state
+            .steps
+            .iter()
+            .filter(|step| !step.items.is_empty())
+            .map(|step| (step.name.clone(), step.items.clone()))
+            .collect();
+        Outputs { steps }
+    }
+
+    /// Records a completion.
+    pub(crate) fn insert(&mut self, step: &str, record: ItemRecord) {
+        self.steps
+            .entry(step.to_owned())
+            .or_default()
+            .insert(record.item, record);
+    }
+
+    /// The completion of `item` of `step`.
+    pub fn record(&self, step: &str, item: u32) -> Option<&ItemRecord> {
+        self.steps.get(step).and_then(|items| items.get(&item))
+    }
+
+    /// The completions of `step`, in item order.
+    pub fn records(&self, step: &str) -> impl Iterator<Item = &ItemRecord> {
+        self.steps
+            .get(step)
+            .into_iter()
+            .flat_map(|items| items.values())
+    }
+
+    /// The output of `item` of `step`, as `T`. A missing completion or output, or one that
+    /// does not parse as `T`, is a permanent error: the workflow reads what it never wrote.
+    pub fn output<T: DeserializeOwned>(&self, step: &str, item: u32) -> Result<T, StepError> {
+        let record = self
+            .record(step, item)
+            .ok_or_else(|| StepError::permanent(format!("{step} item {item} is not completed")))?;
+        parse_output(step, record)
+    }
+
+    /// Every completed output of `step`, in item order, as `T`.
+    pub fn outputs<T: DeserializeOwned>(&self, step: &str) -> Result<Vec<T>, StepError> {
+        self.records(step)
+            .map(|record| parse_output(step, record))
+            .collect()
+    }
+
+    /// The artifact of `item` of `step`.
+    pub fn artifact(&self, step: &str, item: u32) -> Result<&str, StepError> {
+        self.record(step, item)
+            .map(|record| record.artifact.as_str())
+            .ok_or_else(|| StepError::permanent(format!("{step} item {item} is not completed")))
+    }
+}
+
+fn parse_output<T: DeserializeOwned>(step: &str, record: &ItemRecord) -> Result<T, StepError> {
+    let item = record.item;
+    let value = record
+        .output
+        .as_ref()
+        .ok_or_else(|| StepError::permanent(format!("{step} item {item} recorded no output")))?;
+    T::deserialize(value)
+        .map_err(|e| StepError::permanent(format!("{step} item {item}: unexpected output: {e}")))
+}

@@ -62,7 +62,38 @@ async fn assert_exactly_once(store: &PgStore, tasks: &[TaskId]) {
             twice.is_empty(),
             "task {task}: completed more than once: {twice:?}"
         );
+        assert_assembly_built_on_the_log(&state, task);
     }
+}
+
+/// The assembly read every clip, narration and SFX from the log — whichever worker, in
+/// whichever process, recorded them — and its output names exactly those artifacts.
+fn assert_assembly_built_on_the_log(state: &engine::TaskState, task: TaskId) {
+    let recorded: Vec<String> = ["video", "narration", "sfx"]
+        .into_iter()
+        .flat_map(|step| {
+            state
+                .step(step)
+                .map(|s| {
+                    s.items
+                        .values()
+                        .map(|r| r.artifact.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(recorded.len(), 54, "task {task}");
+    let assembly = state.step("assembly").and_then(|s| s.items.get(&1));
+    let sources = assembly
+        .and_then(|record| record.output.as_ref())
+        .and_then(|output| output.get("sources"))
+        .cloned();
+    assert_eq!(
+        sources,
+        Some(serde_json::json!(recorded)),
+        "task {task}: the assembly's sources are the recorded artifacts"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,3 +275,26 @@ pub async fn lease_owner(db: &engine::testing::TestDatabase, task: TaskId) -> Op
         .await
         .expect("the task's row")
 }
+
+/// What a `reel` command printed and how it exited.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `reel` binary with `args` against `database_url`.
+pub fn reel_cli(database_url: &str, args: &[&str]) -> CliRun {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("REEL_LOG", "warn")
+        .output()
+        .expect("run reel");
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

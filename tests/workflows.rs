@@ -1,0 +1,361 @@
+//! Workflows other than the video pipeline: their own step statuses, no review gate or a
+//! review gate, typed input, and later steps reading earlier steps' outputs from the log —
+//! through the worker API, and through the generic `reel` commands.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{claim, reel_cli, submit};
+use engine::prelude::*;
+use engine::testing::TestDatabase;
+use engine::{Event, Orchestrator};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Deserialize)]
+struct Brief {
+    sections: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Section {
+    item: u32,
+    words: u32,
+}
+
+/// Sections, then a summary built from what the sections recorded. No review gate.
+fn newsletter() -> Workflow {
+    Workflow::new("newsletter")
+        .input::<Brief>()
+        .step(
+            Step::items(
+                "sections",
+                |input| {
+                    Brief::deserialize(input)
+                        .map(|brief| brief.sections)
+                        .map_err(|e| StepError::permanent(e.to_string()))
+                },
+                |ctx: StepContext, item| async move {
+                    if item == 2 && ctx.attempt == 1 {
+                        return Err(StepError::transient("writer timed out"));
+                    }
+                    Ok(ItemOutput::value(Section {
+                        item,
+                        words: 100 * item,
+                    })?
+                    .with_cost_micros(1_000))
+                },
+            )
+            .status("writing_sections", "Writing Sections")
+            .retry(RetryPolicy {
+                max_tries: 1,
+                backoff: Backoff::none(),
+            }),
+        )
+        .step(
+            Step::once("summary", |ctx: StepContext| async move {
+                let sections: Vec<Section> = ctx.outputs("sections")?;
+                let words: u32 = sections.iter().map(|s| s.words).sum();
+                ItemOutput::value(json!({"sections": sections.len(), "words": words}))
+            })
+            .status("summarising", "Summarising"),
+        )
+        .task_retry(TaskRetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::none(),
+        })
+}
+
+fn worker(store: &PgStore, registry: Registry) -> Worker {
+    let options = WorkerOptions {
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::new("workflows-test")
+    };
+    Worker::new(store.clone(), registry, options)
+}
+
+#[tokio::test]
+async fn a_workflow_of_its_own_ends_completed_and_reads_outputs_across_steps() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let channel = ChannelId::parse("letters").expect("channel");
+    let task = store
+        .create_task(NewTask::new("newsletter", channel, json!({"sections": 3})))
+        .await
+        .expect("submit")
+        .task_id();
+
+    let report = worker(&store, Registry::new().register(newsletter()))
+        .run_until_idle()
+        .await
+        .expect("worker");
+    let outcomes: Vec<_> = report.attempts.iter().map(|a| a.outcome.clone()).collect();
+    assert!(
+        matches!(
+            outcomes.as_slice(),
+            [
+                Ok(RunOutcome::RetryScheduled { .. }),
+                Ok(RunOutcome::Completed)
+            ]
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(report.completed, 1);
+
+    let events = store.read_stream(task, 1).await.expect("read");
+    let state = fold(&events);
+    assert_eq!(state.status(), TaskStatus::COMPLETED);
+    assert_eq!(state.status_display(), "Completed");
+    assert_eq!(state.reviews_requested, 0, "no review gate");
+    let summary = &state.step("summary").expect("summary").items[&1];
+    assert_eq!(
+        summary.output,
+        Some(json!({"sections": 3, "words": 600})),
+        "the summary read every section's output"
+    );
+    // Every completion carries its output; status changes carry the workflow's names.
+    for event in &events {
+        match &event.event {
+            Event::ItemCompleted { output, .. } => assert!(output.is_some(), "{event:?}"),
+            Event::StatusChanged { to, to_display, .. } if to.as_str() == "writing_sections" => {
+                assert_eq!(to_display.as_deref(), Some("Writing Sections"));
+            }
+            _ => {}
+        }
+    }
+    assert!(engine::audit::audit(task, &events).is_clean());
+
+    // The generic CLI works on it from the log alone (the `reel` binary knows only `video`).
+    let id = task.to_string();
+    let replay = reel_cli(db.url(), &["replay", &id]);
+    assert_eq!(replay.code, 0, "{}", replay.stderr);
+    assert!(
+        replay.stdout.contains("queued -> writing_sections"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("completed (Completed)"),
+        "{}",
+        replay.stdout
+    );
+    let audit = reel_cli(db.url(), &["audit", &id]);
+    assert_eq!(audit.code, 0, "{}", audit.stdout);
+    let listed = reel_cli(db.url(), &["tasks", "--json"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let rows: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json");
+    assert_eq!(rows[0]["status"], "completed");
+    assert_eq!(rows[0]["status_display"], "Completed");
+    let approve = reel_cli(db.url(), &["approve", &id]);
+    assert_eq!(approve.code, 1);
+    assert!(
+        approve.stderr.contains("nothing to approve"),
+        "{}",
+        approve.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_task_while_running_shows_its_steps_display_name_in_reel_tasks() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let (wait, tell) = (gate.clone(), entered.clone());
+    let workflow = Workflow::new("slow").step(
+        Step::once("draft", move |_ctx: StepContext| {
+            let (wait, tell) = (wait.clone(), tell.clone());
+            async move {
+                tell.notify_one();
+                wait.notified().await;
+                Ok(ItemOutput::default())
+            }
+        })
+        .status("drafting", "Drafting the Piece"),
+    );
+    let task = submit(&store, "slow").await;
+    let running = tokio::spawn(worker(&store, Registry::new().register(workflow)).run_until_idle());
+    entered.notified().await;
+    let listed = reel_cli(db.url(), &["tasks", "--json", "--status", "drafting"]);
+    let rows: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json");
+    assert_eq!(rows[0]["id"], task.to_string());
+    assert_eq!(rows[0]["status_display"], "Drafting the Piece");
+    gate.notify_one();
+    running.await.expect("join").expect("worker");
+}
+
+/// A review workflow whose second step is interrupted: a new orchestrator (nothing in
+/// memory) resumes, and the step reads the first step's outputs from the log — values
+/// that only the first attempt could have produced.
+#[tokio::test]
+async fn outputs_come_from_the_log_after_a_crash_and_resume() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let drafted = Arc::new(AtomicU32::new(0));
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let crash = CancellationToken::new();
+    let build = |crash: CancellationToken| {
+        let (drafted, seen) = (drafted.clone(), seen.clone());
+        Workflow::new("reviewed")
+            .input::<Brief>()
+            .step(Step::items(
+                "draft",
+                |input| Ok(input["sections"].as_u64().unwrap_or(0) as u32),
+                move |_ctx: StepContext, item| {
+                    drafted.fetch_add(1, Ordering::SeqCst);
+                    // Unique to this call: only the log can hand it to a later process.
+                    let nonce = format!("{item}-{}", uuid::Uuid::new_v4());
+                    async move { ItemOutput::value(nonce) }
+                },
+            ))
+            .step(Step::once("edit", move |ctx: StepContext| {
+                let (seen, crash) = (seen.clone(), crash.clone());
+                async move {
+                    let drafts: Vec<String> = ctx.outputs("draft")?;
+                    if ctx.attempt == 1 {
+                        // The process "dies" here: nothing after this is recorded.
+                        crash.cancel();
+                        std::future::pending::<()>().await;
+                    }
+                    seen.lock().expect("lock").extend(drafts.clone());
+                    ItemOutput::value(drafts.join("+"))
+                }
+            }))
+            .review_gate()
+    };
+
+    let task = store
+        .create_task(NewTask::new(
+            "reviewed",
+            ChannelId::parse("history").expect("channel"),
+            json!({"sections": 3}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+    let first = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(build(crash.clone())),
+    );
+    let lease = claim(&store, task).await;
+    let outcome = first.run(&lease, crash.clone()).await.expect("first run");
+    assert_eq!(outcome, RunOutcome::Stopped);
+    drop(first);
+
+    let recorded: Vec<String> = fold(&store.read_stream(task, 1).await.expect("read"))
+        .step("draft")
+        .expect("draft")
+        .items
+        .values()
+        .map(|r| serde_json::from_value(r.output.clone().expect("output")).expect("string"))
+        .collect();
+    assert_eq!(recorded.len(), 3);
+
+    let second = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(build(CancellationToken::new())),
+    );
+    let lease = claim(&store, task).await;
+    assert_eq!(lease.attempt, 2);
+    let outcome = second
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect("resume");
+    assert_eq!(outcome, RunOutcome::AwaitingReview);
+    assert_eq!(drafted.load(Ordering::SeqCst), 3, "drafts were not redone");
+    assert_eq!(*seen.lock().expect("lock"), recorded);
+    let state = fold(&store.read_stream(task, 1).await.expect("read"));
+    assert_eq!(state.status(), TaskStatus::FINAL_REVIEW);
+    assert_eq!(
+        state.step("edit").expect("edit").items[&1].output,
+        Some(json!(recorded.join("+")))
+    );
+    let approved = engine::commands::approve(&store, task, None)
+        .await
+        .expect("approve");
+    assert_eq!(approved.status(), TaskStatus::COMPLETED);
+}
+
+/// A task whose input does not parse as the workflow's input type fails permanently with
+/// the parse error when it runs (tools that do not know the workflow cannot refuse it).
+#[tokio::test]
+async fn input_that_does_not_parse_fails_the_task_permanently() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = store
+        .create_task(NewTask::new(
+            "newsletter",
+            ChannelId::parse("letters").expect("channel"),
+            json!({"sections": "three"}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+    let report = worker(&store, Registry::new().register(newsletter()))
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.failed, 1);
+    let state = fold(&store.read_stream(task, 1).await.expect("read"));
+    assert_eq!(state.status(), TaskStatus::FAILED);
+    let reason = state.failure.expect("reason");
+    assert!(
+        reason.starts_with("invalid input: invalid type"),
+        "{reason}"
+    );
+    assert_eq!(state.attempt, 1, "not retried");
+}
+
+/// `reel submit` refuses input its workflow cannot parse: exit 2, one line, nothing stored.
+#[tokio::test]
+async fn reel_submit_refuses_input_the_workflow_cannot_parse() {
+    let db = TestDatabase::create().await;
+    for args in [
+        &["submit", "--channel", "history"][..],
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--input",
+            r#"{"topic": 5}"#,
+        ],
+    ] {
+        let run = reel_cli(db.url(), args);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    }
+    let run = reel_cli(db.url(), &["submit", "--channel", "x", "--input", "[1]"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("must be a JSON object"),
+        "{}",
+        run.stderr
+    );
+    let run = reel_cli(db.url(), &["submit", "--channel", "history"]);
+    assert!(
+        run.stderr
+            .contains("invalid input for workflow \"video\": missing field `topic`"),
+        "{}",
+        run.stderr
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    assert_eq!(stored, 0);
+    let run = reel_cli(
+        db.url(),
+        &[
+            "submit",
+            "--channel",
+            "history",
+            "--input",
+            r#"{"topic": "Rome"}"#,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

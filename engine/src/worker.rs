@@ -38,7 +38,8 @@ pub struct WorkerOptions {
     /// After shutdown is requested: how long items in flight may take to finish before
     /// they are abandoned (and their tasks released for another worker).
     pub shutdown_grace: Duration,
-    /// Return once no task is queued, running or scheduled for retry.
+    /// Return once no task is queued, running or scheduled for retry (and keep every
+    /// attempt's outcome in the report).
     pub until_idle: bool,
 }
 
@@ -78,7 +79,8 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Runs that stopped early (shutdown, lost lease, conflicts, errors).
     pub stopped: u64,
-    /// Every run, in the order they ended.
+    /// Every run, in the order they ended — kept only by a worker that runs until idle (a
+    /// long-running worker would hold them forever).
     pub attempts: Vec<Attempt>,
 }
 
@@ -153,7 +155,7 @@ impl Worker {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 Some(joined) = running.join_next(), if !running.is_empty() => {
-                    record(&mut report, &mut in_flight, joined);
+                    record(&mut report, &mut in_flight, joined, self.options.until_idle);
                 }
                 _ = wake_ups.wait(self.options.poll_interval), if !full => {}
             }
@@ -219,7 +221,9 @@ impl Worker {
         while !running.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, running.join_next()).await {
-                Ok(Some(joined)) => record(&mut report, &mut in_flight, joined),
+                Ok(Some(joined)) => {
+                    record(&mut report, &mut in_flight, joined, self.options.until_idle)
+                }
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(
@@ -228,7 +232,7 @@ impl Worker {
                     );
                     abort.cancel();
                     while let Some(joined) = running.join_next().await {
-                        record(&mut report, &mut in_flight, joined);
+                        record(&mut report, &mut in_flight, joined, self.options.until_idle);
                     }
                 }
             }
@@ -241,6 +245,7 @@ fn record(
     report: &mut WorkerReport,
     in_flight: &mut HashSet<TaskId>,
     joined: std::result::Result<(Lease, Result<RunOutcome>), tokio::task::JoinError>,
+    keep_attempts: bool,
 ) {
     let (lease, outcome) = match joined {
         Ok(done) => done,
@@ -252,14 +257,16 @@ fn record(
     };
     let task = lease.task;
     in_flight.remove(&task);
-    report.attempts.push(Attempt {
-        task,
-        attempt: lease.attempt,
-        outcome: outcome
-            .as_ref()
-            .map(Clone::clone)
-            .map_err(ToString::to_string),
-    });
+    if keep_attempts {
+        report.attempts.push(Attempt {
+            task,
+            attempt: lease.attempt,
+            outcome: outcome
+                .as_ref()
+                .map(Clone::clone)
+                .map_err(ToString::to_string),
+        });
+    }
     match outcome {
         Ok(RunOutcome::AwaitingReview) => report.awaiting_review += 1,
         Ok(RunOutcome::Completed) => report.completed += 1,

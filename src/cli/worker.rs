@@ -68,7 +68,15 @@ pub(crate) async fn worker(
         .run(shutdown)
         .await
         .context("worker stopped")?;
-    tracing::info!(?report, "worker done");
+    tracing::info!(
+        claimed = report.claimed,
+        completed = report.completed,
+        awaiting_review = report.awaiting_review,
+        rescheduled = report.rescheduled,
+        failed = report.failed,
+        stopped = report.stopped,
+        "worker done"
+    );
     Ok(())
 }
 

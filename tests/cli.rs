@@ -207,6 +207,7 @@ async fn reject_redo_from_narration_reruns_narration_sfx_and_assembly_only() {
 async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing() {
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");
+    let long_key = "k".repeat(201);
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["submit", "--channel", "../etc", "--topic", "x"],
@@ -287,9 +288,101 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
         (&["tasks", "--channel", "a/b"], 1, "invalid channel id"),
         (
             &["worker", "--concurrency", "0", "--until-idle"],
-            1,
-            "--concurrency must be at least 1",
+            2,
+            "0 is not in 1..=1024",
         ),
+        // Values that parse but cannot work are refused with the allowed range.
+        (
+            &["worker", "--time-scale", "1e300", "--until-idle"],
+            2,
+            "expected a number from 0 to 10",
+        ),
+        (
+            &["worker", "--time-scale", "NaN", "--until-idle"],
+            2,
+            "expected a number from 0 to 10",
+        ),
+        (
+            &["worker", "--shutdown-grace", "18446744073709551615"],
+            2,
+            "not in 0..=86400",
+        ),
+        (
+            &["worker", "--lease-ttl", "18446744073709551000"],
+            2,
+            "not in 1..=86400",
+        ),
+        (&["worker", "--lease-ttl", "0"], 2, "not in 1..=86400"),
+        (
+            &["worker", "--concurrency", "99999999999"],
+            2,
+            "invalid value",
+        ),
+        (
+            &[
+                "submit",
+                "--channel",
+                "h",
+                "--topic",
+                "x",
+                "--idempotency-key",
+                &long_key,
+            ],
+            2,
+            "--idempotency-key must be 1 to 200 characters",
+        ),
+        (
+            &[
+                "submit",
+                "--channel",
+                "h",
+                "--topic",
+                "x",
+                "--idempotency-key",
+                "",
+            ],
+            2,
+            "--idempotency-key must be 1 to 200 characters",
+        ),
+        (
+            &["submit", "--channel", "h", "--input", "{not json"],
+            2,
+            "not JSON",
+        ),
+        (&["submit", "--channel", "h"], 2, "missing field `topic`"),
+        (&["replay", "nope"], 1, "invalid task id"),
+        (
+            &["replay", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"],
+            1,
+            "not found",
+        ),
+        (
+            &[
+                "replay",
+                "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                "--at",
+                "x",
+            ],
+            2,
+            "invalid value",
+        ),
+        (&["audit", "nope"], 1, "invalid task id"),
+        (
+            &["audit", "--all", "--channel", "A B"],
+            1,
+            "invalid channel id",
+        ),
+        (&["audit"], 2, "required"),
+        (&["stats", "--channel", "../x"], 1, "invalid channel id"),
+        (&["tasks", "--status", "Final Review"], 2, "invalid status"),
+        (&["tasks", "--limit", "-1"], 2, "unexpected argument"),
+        (
+            &["cancel", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"],
+            1,
+            "not found",
+        ),
+        (&["retry", "x"], 1, "invalid task id"),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
     ];
     for (args, code, message) in cases {
         let run = reel(&db, dir.path(), args);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +41,13 @@ pub enum RunOutcome {
     Stopped,
     /// The task was not runnable (already in review or finished).
     NotRunnable(TaskStatus),
+    /// This build cannot read the task's history (an event from a newer build): the task
+    /// is released and set aside until `until` — not failed, no attempt used — so that a
+    /// newer worker can run it.
+    SetAside {
+        until: chrono::DateTime<Utc>,
+        reason: String,
+    },
 }
 
 /// Runs claimed tasks of the registered workflows.
@@ -78,6 +87,7 @@ impl Orchestrator {
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
         let outcome = match self.run_claimed(lease, drain, abort).await {
+            Err(err @ Error::Decode { .. }) => return self.set_aside(lease, &err).await,
             Err(Error::Conflict { .. }) => {
                 // Someone else appended (an operator's cancel, usually): look again.
                 let state = fold(&self.store.read_stream(lease.task, 1).await?);
@@ -86,6 +96,12 @@ impl Orchestrator {
                 } else {
                     RunOutcome::Stopped
                 }
+            }
+            // A stop between items may be a cancel's doing (the worker saw its lease go).
+            Ok(RunOutcome::Stopped)
+                if self.store.task_status(lease.task).await? == Some(TaskStatus::CANCELLED) =>
+            {
+                RunOutcome::Cancelled
             }
             other => other?,
         };
@@ -96,6 +112,33 @@ impl Orchestrator {
             self.store.release_lease(lease).await?;
         }
         Ok(outcome)
+    }
+
+    /// Releases a task whose history this build cannot read, logging why once per wait.
+    async fn set_aside(&self, lease: &Lease, err: &Error) -> Result<RunOutcome> {
+        let Some(until) = self.store.set_aside(lease).await? else {
+            return Err(Error::LeaseLost {
+                task: lease.task,
+                epoch: lease.epoch,
+            });
+        };
+        if let Error::Decode {
+            version,
+            event_type,
+            schema_version,
+            reason,
+            ..
+        } = err
+        {
+            tracing::warn!(
+                task = %lease.task, version, event_type = %event_type, schema_version, %reason, %until,
+                "this build cannot read the task's history: set aside for a newer worker"
+            );
+        }
+        Ok(RunOutcome::SetAside {
+            until,
+            reason: err.to_string(),
+        })
     }
 
     async fn run_claimed(
@@ -122,7 +165,7 @@ impl Orchestrator {
             channel,
             input: Arc::new(state.input.clone()),
             attempt: lease.attempt,
-            budget_base: state.budget_base,
+            failed_attempts: state.failed_attempts,
             outputs: std::sync::Mutex::new(Outputs::from_state(&state)),
             drain,
             cancel: abort,
@@ -142,8 +185,8 @@ struct TaskRun {
     channel: ChannelId,
     input: Arc<Value>,
     attempt: u32,
-    /// Attempts before the last operator retry (not counted against the limit).
-    budget_base: u32,
+    /// Attempts that gave up on a transient failure since the last operator retry.
+    failed_attempts: u32,
     /// Every item completed so far, from the log and this run: what later steps read.
     outputs: std::sync::Mutex<Outputs>,
     /// No new item or retry starts once this fires.
@@ -178,7 +221,7 @@ impl TaskRun {
                 });
                 status = shown.status;
             }
-            let planned = match step.work.plan(&self.input) {
+            let planned = match plan_guarded(step, &self.input) {
                 Ok(planned) => planned,
                 Err(error) => return self.give_up(status, step, error, None).await,
             };
@@ -291,7 +334,7 @@ impl TaskRun {
             let ctx = self.context(step, try_number, outputs.clone());
             let started = Instant::now();
             let result = tokio::select! {
-                result = step.work.run(ctx, item) => result,
+                result = run_guarded(step, ctx, item) => result,
                 () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
             };
             let error = match result {
@@ -391,9 +434,10 @@ impl TaskRun {
         item: Option<u32>,
     ) -> Result<RunOutcome> {
         let policy = self.workflow.task_retry;
-        let attempts_used = self.attempt.saturating_sub(self.budget_base);
-        if error.kind == FailureKind::Transient && attempts_used < policy.max_attempts {
-            let delay = policy.backoff.delay(self.attempt, rand::random::<f64>());
+        // This failure is the attempt budget's next one.
+        let failures = self.failed_attempts + 1;
+        if error.kind == FailureKind::Transient && failures < policy.max_attempts {
+            let delay = policy.backoff.random_delay(failures);
             let next_run_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             let reason = describe(step, item, &error.message);
@@ -416,8 +460,7 @@ impl TaskRun {
             },
             FailureKind::Transient => StepError {
                 message: format!(
-                    "gave up after {} attempts: {}",
-                    self.attempt,
+                    "gave up after {failures} attempts: {}",
                     describe(step, item, &error.message)
                 ),
                 ..error
@@ -446,6 +489,53 @@ impl TaskRun {
             .await?;
         Ok(RunOutcome::Failed { reason })
     }
+}
+
+/// Plans a step's items. A panicking plan is a permanent error (planning is a pure function
+/// of the input: it would panic again), and an atomic step plans exactly one item — it is
+/// one unit of work that a failure re-runs whole.
+fn plan_guarded(step: &Step, input: &Value) -> std::result::Result<u32, StepError> {
+    let planned = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.plan(input)))
+        .unwrap_or_else(|panic| {
+            Err(StepError::permanent(format!(
+                "planning panicked: {}",
+                panic_message(panic.as_ref())
+            )))
+        })?;
+    if step.atomic && planned != 1 {
+        return Err(StepError::permanent(format!(
+            "an atomic step plans exactly one item, not {planned}"
+        )));
+    }
+    Ok(planned)
+}
+
+/// Runs one item's code. A panic becomes a transient failure that the retry policies
+/// bound, so a buggy step can neither take its worker down nor leave its task behind.
+async fn run_guarded(
+    step: &Step,
+    ctx: StepContext,
+    item: u32,
+) -> std::result::Result<ItemOutput, StepError> {
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.run(ctx, item)));
+    let finished = match started {
+        Ok(work) => AssertUnwindSafe(work).catch_unwind().await,
+        Err(panic) => Err(panic),
+    };
+    finished.unwrap_or_else(|panic| {
+        Err(StepError::transient(format!(
+            "the step panicked: {}",
+            panic_message(panic.as_ref())
+        )))
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn describe(step: &Step, item: Option<u32>, message: &str) -> String {

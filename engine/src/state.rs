@@ -155,6 +155,11 @@ pub struct TaskState {
     /// Attempts made before the last operator retry (they do not count against the
     /// workflow's attempt limit).
     pub budget_base: u32,
+    /// Attempts that gave up on a transient failure (`retry_scheduled`) since the last
+    /// operator retry: what the workflow's attempt limit counts. Claims that ended
+    /// otherwise (a shutdown, a takeover, a crash) do not use up the budget.
+    #[serde(skip)]
+    pub failed_attempts: u32,
     pub steps: Vec<StepState>,
     pub retries: Vec<RetryRecord>,
     pub resumes: Vec<ResumeRecord>,
@@ -287,6 +292,7 @@ impl TaskState {
                 {
                     // An operator retry: the task gets a fresh attempt budget.
                     self.budget_base = self.attempt;
+                    self.failed_attempts = 0;
                 }
                 self.status = Some(*to);
                 self.status_shown_as.clone_from(to_display);
@@ -295,11 +301,14 @@ impl TaskState {
                 attempt,
                 next_run_at,
                 reason,
-            } => self.retries.push(RetryRecord {
-                attempt: *attempt,
-                next_run_at: *next_run_at,
-                reason: reason.clone(),
-            }),
+            } => {
+                self.failed_attempts += 1;
+                self.retries.push(RetryRecord {
+                    attempt: *attempt,
+                    next_run_at: *next_run_at,
+                    reason: reason.clone(),
+                });
+            }
             Event::TaskFailed { reason, .. } => self.failure = Some(reason.clone()),
             Event::ReviewRequested {} => {
                 self.reviews_requested += 1;

@@ -43,9 +43,8 @@ impl TestDatabase {
             .connect()
             .await
             .map_err(|e| no_server_message(&server_url, &e))?;
-        let template = ensure_template(&mut conn).await?;
         let name = format!("reel_test_{}_{}", unix_now(), uuid::Uuid::new_v4().simple());
-        create_from_template(&mut conn, &name, &template).await?;
+        create_from_template(&mut conn, &name).await?;
         let _ = conn.close().await;
         let options = admin.clone().database(&name);
         let pool = PgPoolOptions::new()
@@ -139,26 +138,34 @@ fn no_server_message(url: &str, err: &sqlx::Error) -> String {
 }
 
 /// Builds the template database for the current migration set once (across processes:
-/// serialised by an advisory lock) and returns its name.
+/// serialised by an advisory lock) and returns its name: `reel_template_<digest>_<unix
+/// time>`, so that checkouts with other migration sets sharing the server (branches,
+/// worktrees) keep their own templates until they are stale.
 async fn ensure_template(conn: &mut PgConnection) -> Result<String, String> {
     let digest = MIGRATOR.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, m| {
         m.checksum.iter().fold(hash, |h, b| {
             (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
         })
     });
-    let template = format!("reel_template_{digest:016x}");
+    let prefix = format!("reel_template_{digest:016x}_");
     let sql_err = |e: sqlx::Error| format!("preparing the template database: {e}");
     conn.execute("SELECT pg_advisory_lock(7348012)")
         .await
         .map_err(sql_err)?;
     let result = async {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(&template)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(sql_err)?;
-        if !exists {
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, $1) \
+              AND datname NOT LIKE '%\\_building' ORDER BY datname DESC LIMIT 1",
+        )
+        .bind(&prefix)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(sql_err)?;
+        if let Some(template) = existing {
+            return Ok(template);
+        }
+        let template = format!("{prefix}{}", unix_now());
+        {
             drop_stale(conn).await.map_err(sql_err)?;
             let building = format!("{template}_building");
             ddl(
@@ -201,17 +208,15 @@ async fn migrate_database(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn create_from_template(
-    conn: &mut PgConnection,
-    name: &str,
-    template: &str,
-) -> Result<(), String> {
+async fn create_from_template(conn: &mut PgConnection, name: &str) -> Result<(), String> {
     // A template being copied must have no other sessions; another process's copy can
-    // briefly hold one, so retry a few times.
-    let sql = format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#);
+    // briefly hold one, so retry a few times (and build the template again if another
+    // checkout's stale sweep removed it).
     let mut last = String::new();
     for _ in 0..50 {
-        match ddl(conn, sql.clone()).await {
+        let template = ensure_template(conn).await?;
+        let sql = format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#);
+        match ddl(conn, sql).await {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
         }
@@ -220,7 +225,8 @@ async fn create_from_template(
     Err(format!("cannot create test database {name}: {last}"))
 }
 
-/// Drops test databases left behind by killed runs and templates of older migration sets.
+/// Drops test databases left behind by killed runs, and templates not built in the last
+/// hours (older migration sets; names without a time are from older harnesses).
 async fn drop_stale(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let names: Vec<String> =
         sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'reel\\_test\\_%' OR datname LIKE 'reel\\_template\\_%'")
@@ -228,14 +234,12 @@ async fn drop_stale(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             .await?;
     let cutoff = unix_now().saturating_sub(STALE_AFTER.as_secs());
     for name in names {
-        let created = name
-            .strip_prefix("reel_test_")
-            .and_then(|rest| rest.split('_').next())
-            .and_then(|secs| secs.parse::<u64>().ok());
-        let stale = match created {
-            Some(secs) => secs < cutoff,
-            None => true, // an older template: the caller is building the current one
-        };
+        let created = match name.strip_prefix("reel_test_") {
+            Some(rest) => rest.split('_').next(),
+            None => name.rsplit('_').next(),
+        }
+        .and_then(|secs| secs.parse::<u64>().ok());
+        let stale = created.is_none_or(|secs| secs < cutoff);
         if stale {
             ddl(
                 conn,

@@ -6,7 +6,7 @@
 //! worker resumes its tasks by replay; a worker restarted with the same id reclaims its
 //! own leases at once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::id::TaskId;
 use crate::orchestrator::{Orchestrator, RunOutcome};
+use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, WakeUps};
 use crate::workflow::{Backoff, Registry};
 
@@ -79,6 +80,9 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Runs that stopped early (shutdown, lost lease, conflicts, errors).
     pub stopped: u64,
+    /// Tasks released because this build cannot read their history (see
+    /// [`RunOutcome::SetAside`]).
+    pub set_aside: u64,
     /// Every run, in the order they ended — kept only by a worker that runs until idle (a
     /// long-running worker would hold them forever).
     pub attempts: Vec<Attempt>,
@@ -122,7 +126,7 @@ impl Worker {
         let drain = shutdown.child_token();
         let abort = CancellationToken::new();
         let mut running: JoinSet<(Lease, Result<RunOutcome>)> = JoinSet::new();
-        let mut in_flight: HashSet<TaskId> = HashSet::new();
+        let mut in_flight = InFlight::default();
         let mut report = WorkerReport::default();
         let mut wake_ups = WakeUps::start(self.store.pool().clone()).await;
         let mut outages = 0;
@@ -146,7 +150,7 @@ impl Worker {
             }
             if self.options.until_idle && running.is_empty() {
                 match self.store.unfinished_tasks(&self.workflows).await {
-                    Ok(0) => break,
+                    Ok(left) if left <= in_flight.broken.len() as i64 => break,
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "cannot count unfinished tasks"),
                 }
@@ -154,7 +158,7 @@ impl Worker {
             let full = running.len() >= self.options.concurrency;
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                Some(joined) = running.join_next(), if !running.is_empty() => {
+                Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                     record(&mut report, &mut in_flight, joined, self.options.until_idle);
                 }
                 _ = wake_ups.wait(self.options.poll_interval), if !full => {}
@@ -167,13 +171,13 @@ impl Worker {
     async fn fill(
         &self,
         running: &mut JoinSet<(Lease, Result<RunOutcome>)>,
-        in_flight: &mut HashSet<TaskId>,
+        in_flight: &mut InFlight,
         drain: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<u64> {
         let mut claimed = 0;
         while running.len() < self.options.concurrency && !drain.is_cancelled() {
-            let busy: Vec<TaskId> = in_flight.iter().copied().collect();
+            let busy = in_flight.not_to_claim();
             let Some(lease) = self
                 .store
                 .claim_next(
@@ -187,7 +191,6 @@ impl Worker {
                 break;
             };
             tracing::info!(task = %lease.task, attempt = lease.attempt, epoch = lease.epoch, "claimed");
-            in_flight.insert(lease.task);
             claimed += 1;
             let run = TaskRunner {
                 store: self.store.clone(),
@@ -197,10 +200,12 @@ impl Worker {
                 heartbeat: self.options.heartbeat_interval,
             };
             let (drain, abort) = (drain.clone(), abort.child_token());
-            running.spawn(async move {
+            let task = run.lease.task;
+            let handle = running.spawn(async move {
                 let outcome = run.run(drain, abort).await;
                 (run.lease, outcome)
             });
+            in_flight.runs.insert(handle.id(), task);
         }
         Ok(claimed)
     }
@@ -210,7 +215,7 @@ impl Worker {
     async fn drain(
         &self,
         mut running: JoinSet<(Lease, Result<RunOutcome>)>,
-        mut in_flight: HashSet<TaskId>,
+        mut in_flight: InFlight,
         mut report: WorkerReport,
         abort: CancellationToken,
     ) -> Result<WorkerReport> {
@@ -220,7 +225,7 @@ impl Worker {
         let deadline = Instant::now() + self.options.shutdown_grace;
         while !running.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, running.join_next()).await {
+            match tokio::time::timeout(left, running.join_next_with_id()).await {
                 Ok(Some(joined)) => {
                     record(&mut report, &mut in_flight, joined, self.options.until_idle)
                 }
@@ -231,7 +236,7 @@ impl Worker {
                         "grace period over: abandoning items in flight"
                     );
                     abort.cancel();
-                    while let Some(joined) = running.join_next().await {
+                    while let Some(joined) = running.join_next_with_id().await {
                         record(&mut report, &mut in_flight, joined, self.options.until_idle);
                     }
                 }
@@ -243,20 +248,29 @@ impl Worker {
 
 fn record(
     report: &mut WorkerReport,
-    in_flight: &mut HashSet<TaskId>,
-    joined: std::result::Result<(Lease, Result<RunOutcome>), tokio::task::JoinError>,
+    in_flight: &mut InFlight,
+    joined: std::result::Result<
+        (tokio::task::Id, (Lease, Result<RunOutcome>)),
+        tokio::task::JoinError,
+    >,
     keep_attempts: bool,
 ) {
     let (lease, outcome) = match joined {
-        Ok(done) => done,
+        Ok((id, done)) => {
+            in_flight.runs.remove(&id);
+            done
+        }
         Err(err) => {
-            tracing::error!(error = %err, "a task run panicked");
+            // Step panics are failures the orchestrator records; this is the engine's own.
+            // The task's lease expires for other workers; this process leaves it alone.
+            let task = in_flight.runs.remove(&err.id());
+            tracing::error!(task = ?task, error = %err, "a task run panicked: this worker will not claim the task again");
+            in_flight.broken.extend(task);
             report.stopped += 1;
             return;
         }
     };
     let task = lease.task;
-    in_flight.remove(&task);
     if keep_attempts {
         report.attempts.push(Attempt {
             task,
@@ -270,6 +284,7 @@ fn record(
     match outcome {
         Ok(RunOutcome::AwaitingReview) => report.awaiting_review += 1,
         Ok(RunOutcome::Completed) => report.completed += 1,
+        Ok(RunOutcome::SetAside { .. }) => report.set_aside += 1,
         Ok(RunOutcome::RetryScheduled { next_run_at }) => {
             tracing::info!(%task, %next_run_at, "retry scheduled");
             report.rescheduled += 1;
@@ -293,6 +308,21 @@ fn record(
     }
 }
 
+/// The tasks this process runs, by the tokio task that runs each, and those whose run
+/// broke (panicked) and that it leaves to other workers.
+#[derive(Default)]
+struct InFlight {
+    runs: HashMap<tokio::task::Id, TaskId>,
+    broken: HashSet<TaskId>,
+}
+
+impl InFlight {
+    /// What a claim must skip: what runs here, and what broke here.
+    fn not_to_claim(&self) -> Vec<TaskId> {
+        self.runs.values().chain(&self.broken).copied().collect()
+    }
+}
+
 /// One claimed task: its run, and the heartbeat that keeps its lease.
 struct TaskRunner {
     store: PgStore,
@@ -304,25 +334,35 @@ struct TaskRunner {
 
 impl TaskRunner {
     async fn run(&self, drain: CancellationToken, abort: CancellationToken) -> Result<RunOutcome> {
+        // This task's own "no new item": fired by the worker's drain, or by a cancel.
+        let stop = drain.child_token();
         let run = self
             .orchestrator
-            .run_with(&self.lease, drain, abort.clone());
+            .run_with(&self.lease, stop.clone(), abort.clone());
         tokio::pin!(run);
         tokio::select! {
             outcome = &mut run => outcome,
-            () = self.keep_lease(&abort) => run.await,
+            () = self.keep_lease(&stop, &abort) => run.await,
         }
     }
 
-    /// Extends the lease every heartbeat; returns (after aborting the run) once it is lost.
-    async fn keep_lease(&self, abort: &CancellationToken) {
+    /// Extends the lease every heartbeat; returns once it is gone. A cancelled task (its
+    /// cancel released the lease) stops at the next item boundary — the item in flight
+    /// finishes; any other loss abandons the run at once.
+    async fn keep_lease(&self, stop: &CancellationToken, abort: &CancellationToken) {
         loop {
             tokio::time::sleep(self.heartbeat).await;
             match self.store.extend_lease(&self.lease, self.ttl).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!(task = %self.lease.task, epoch = self.lease.epoch, "lease lost; abandoning the task");
-                    abort.cancel();
+                    let task = self.lease.task;
+                    if let Ok(Some(TaskStatus::CANCELLED)) = self.store.task_status(task).await {
+                        tracing::info!(%task, "task cancelled: stopping at the next item boundary");
+                        stop.cancel();
+                    } else {
+                        tracing::warn!(%task, epoch = self.lease.epoch, "lease lost; abandoning the task");
+                        abort.cancel();
+                    }
                     return;
                 }
                 Err(err) => {

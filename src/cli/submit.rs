@@ -7,8 +7,7 @@ use steps::Fault;
 
 use super::{UsageError, WorkerSettings, Workflows};
 
-/// The longest idempotency key accepted.
-const IDEMPOTENCY_KEY_MAX_CHARS: usize = 200;
+const IDEMPOTENCY_KEY_MAX_CHARS: usize = NewTask::IDEMPOTENCY_KEY_MAX_CHARS;
 
 #[derive(Debug, Args)]
 pub(crate) struct SubmitArgs {

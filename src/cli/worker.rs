@@ -12,26 +12,27 @@ use super::{WorkerSettings, Workflows};
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
-    /// Tasks run at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    /// Tasks run at once (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: u16,
     /// Unique per process; restarting with the same id reclaims its leases at once.
     #[arg(long)]
     worker_id: Option<String>,
     /// Exit 0 once no task is queued, running or scheduled for retry.
     #[arg(long)]
     until_idle: bool,
-    /// Scales the simulated providers' durations and the retry waits.
-    #[arg(long, env = "REEL_TIME_SCALE", default_value_t = 0.001)]
+    /// Scales the simulated providers' durations and the retry waits (0 to 10; 1 = real
+    /// provider speed).
+    #[arg(long, env = "REEL_TIME_SCALE", default_value_t = 0.001, value_parser = parse_time_scale)]
     time_scale: f64,
     /// Where artifacts are written (per channel, per task).
     #[arg(long, env = "REEL_ARTIFACTS", default_value = "artifacts")]
     artifacts: PathBuf,
-    /// Seconds a claim holds a task without a heartbeat.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a claim holds a task without a heartbeat (1 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
-    /// Seconds items in flight may take to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds items in flight may take to finish after SIGTERM (0 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     shutdown_grace: u64,
 }
 
@@ -40,19 +41,16 @@ pub(crate) async fn worker(
     args: WorkerArgs,
     workflows: &dyn Workflows,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
-    anyhow::ensure!(
-        args.time_scale >= 0.0 && args.time_scale.is_finite(),
-        "--time-scale must be >= 0"
-    );
-    let store = PgStore::new(engine::db::connect(url, (args.concurrency as u32 + 4).max(8)).await?);
+    let concurrency = usize::from(args.concurrency);
+    let store =
+        PgStore::new(engine::db::connect(url, (u32::from(args.concurrency) + 4).max(8)).await?);
     let registry = workflows.registry(&WorkerSettings {
         artifacts: args.artifacts,
         time_scale: args.time_scale,
     });
-    let lease_ttl = Duration::from_secs(args.lease_ttl.max(1));
+    let lease_ttl = Duration::from_secs(args.lease_ttl);
     let options = WorkerOptions {
-        concurrency: args.concurrency,
+        concurrency,
         lease_ttl,
         heartbeat_interval: lease_ttl / 3,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
@@ -83,4 +81,12 @@ pub(crate) async fn worker(
 fn default_worker_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// `--time-scale`: a number from 0 to 10 (larger values overflow the waits they scale).
+fn parse_time_scale(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(scale) if (0.0..=10.0).contains(&scale) => Ok(scale),
+        _ => Err("expected a number from 0 to 10".into()),
+    }
 }

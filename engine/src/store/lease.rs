@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{Fence, PgStore};
@@ -161,12 +162,12 @@ impl PgStore {
     }
 
     /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not
-    /// finished).
+    /// finished, not set aside as unreadable by this build).
     pub async fn unfinished_tasks(&self, workflows: &[String]) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM tasks \
              WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
-               AND workflow = ANY($1)",
+               AND workflow = ANY($1) AND unreadable_since IS NULL",
         )
         .bind(workflows)
         .fetch_one(self.pool())
@@ -186,6 +187,27 @@ impl PgStore {
         .execute(self.pool())
         .await?;
         Ok(extended.rows_affected() == 1)
+    }
+
+    /// Releases a task whose history this build cannot read, and sets it aside: no worker
+    /// claims it before the returned time, a wait as long as it has been unreadable (30 s
+    /// to 1 h), so old workers in a rolling upgrade touch it ever more rarely while a newer
+    /// worker can run it when due. `None`: the lease was already lost.
+    pub async fn set_aside(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL, \
+                    unreadable_since = COALESCE(unreadable_since, now()), \
+                    next_run_at = now() + LEAST(interval '1 hour', GREATEST(interval '30 seconds', \
+                                  now() - COALESCE(unreadable_since, now()))) \
+             WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3 \
+             RETURNING next_run_at",
+        )
+        .bind(lease.task.as_uuid())
+        .bind(lease.epoch)
+        .bind(&lease.worker_id)
+        .fetch_optional(self.pool())
+        .await?
+        .flatten())
     }
 
     /// Gives the lease up so another worker can claim the task at once; false when it was

@@ -40,6 +40,20 @@ pub struct TaskFilter {
 }
 
 impl PgStore {
+    /// The task's status as the `tasks` row has it (`None`: no such task).
+    pub async fn task_status(&self, task: TaskId) -> Result<Option<TaskStatus>> {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+            .bind(task.as_uuid())
+            .fetch_optional(self.pool())
+            .await?;
+        status
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| Error::InvalidInput(format!("tasks.status: {e}")))
+            })
+            .transpose()
+    }
+
     /// Tasks matching `filter`, newest first.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
         let rows = sqlx::query(

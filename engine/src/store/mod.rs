@@ -107,6 +107,9 @@ pub struct NewTask {
 }
 
 impl NewTask {
+    /// The longest idempotency key (longer keys would overflow the unique index).
+    pub const IDEMPOTENCY_KEY_MAX_CHARS: usize = 200;
+
     /// A task of `workflow` on `channel` with `input`, a fresh id and no Notion page.
     pub fn new(workflow: impl Into<String>, channel_id: ChannelId, input: Value) -> Self {
         NewTask {

@@ -34,6 +34,8 @@ WITH fence AS (
         lease_owner      = CASE WHEN $13 THEN NULL ELSE lease_owner END,
         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
         attempt          = COALESCE($14, attempt),
+        -- Anything but a claim is written by a worker that could read the history.
+        unreadable_since = CASE WHEN $18 THEN NULL ELSE unreadable_since END,
         updated_at       = now()
     WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
     RETURNING id
@@ -156,6 +158,11 @@ impl PgStore {
             .bind(EVENTS_CHANNEL)
             .bind(events.iter().any(|e| e.event.wakes_followers()))
             .bind(change.status_display)
+            .bind(
+                events
+                    .iter()
+                    .any(|e| !matches!(e.event, Event::TaskClaimed { .. })),
+            )
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -423,6 +430,14 @@ impl PgStore {
 
 impl EventStore for PgStore {
     async fn create_task(&self, task: NewTask) -> Result<Created> {
+        if let Some(key) = &task.idempotency_key
+            && (key.is_empty() || key.chars().count() > NewTask::IDEMPOTENCY_KEY_MAX_CHARS)
+        {
+            return Err(Error::InvalidInput(format!(
+                "an idempotency key is 1 to {} characters",
+                NewTask::IDEMPOTENCY_KEY_MAX_CHARS
+            )));
+        }
         let submitted = Event::TaskSubmitted {
             workflow: task.workflow.clone(),
             channel_id: task.channel_id.clone(),

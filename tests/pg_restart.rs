@@ -28,15 +28,24 @@ impl Cluster {
             .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
         let dir = std::env::temp_dir().join(format!("reel-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let port = 20_000 + (std::process::id() % 20_000) as u16;
-        let cluster = Cluster { bin, dir, port };
+        let mut cluster = Cluster { bin, dir, port: 0 };
         if is_root() {
             run(Command::new("chown").arg("postgres").arg(&cluster.dir))?;
         }
         let data = cluster.dir.join("data");
         cluster.pg(&["initdb", "-D", path(&data), "-A", "trust", "-U", "postgres"])?;
-        cluster.ctl("start")?;
-        Ok(cluster)
+        // Every cluster needs its own port: `cargo test` runs this file's tests in one
+        // process, at the same time. A port that was free a moment ago can be taken before
+        // PostgreSQL binds it, so a failed start tries another one.
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            match cluster.ctl("start") {
+                Ok(()) => return Ok(cluster),
+                Err(why) => failures.push(why),
+            }
+        }
+        Err(failures.join("\n"))
     }
 
     fn url(&self, database: &str) -> String {
@@ -84,6 +93,15 @@ impl Drop for Cluster {
         let _ = self.ctl("stop");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A port nothing listens on right now: the kernel picks it for a listener we then drop.
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    listener
+        .local_addr()
+        .map(|addr| addr.port())
+        .map_err(|e| e.to_string())
 }
 
 fn is_root() -> bool {

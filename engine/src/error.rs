@@ -105,6 +105,19 @@ pub enum Error {
     /// The database failed or could not be reached. Usually transient: retry with backoff.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+
+    /// The first connection to PostgreSQL failed: the server is down, refused the login,
+    /// or has no such database. The message is one line that says what to do about it;
+    /// it never contains the URL's password.
+    #[error("cannot connect to PostgreSQL at {host}:{port}: {cause}; {hint}")]
+    Unreachable {
+        host: String,
+        port: u16,
+        /// What went wrong, e.g. `connection refused` or `database "x" does not exist`.
+        cause: String,
+        /// The fix, e.g. the command that starts the server.
+        hint: String,
+    },
 }
 
 impl Error {

@@ -153,9 +153,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         version: config.notion_version.clone(),
         timeout: config.http_timeout,
     })?;
-    let pool = engine::db::connect(&config.database_url, 4)
-        .await
-        .context("cannot connect to the database")?;
+    // The engine's error already names the server, the cause and the fix on one line.
+    let pool = engine::db::connect(&config.database_url, 4).await?;
     let store = PgStore::new(pool.clone());
     if !config.no_migrate {
         store.migrate().await.context("cannot apply migrations")?;

@@ -51,6 +51,7 @@ pub use state::{
     Totals, fold,
 };
 pub use status::{TaskStatus, UnknownStatus};
+pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, LogPage,
     MIGRATOR, NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,

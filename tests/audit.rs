@@ -395,3 +395,30 @@ async fn stats_count_statuses_and_rank_failure_reasons() {
         "{stats}"
     );
 }
+
+/// `reel stats --channel C` counts only C's tasks, failure reasons included (channel
+/// isolation: another channel's errors never show).
+#[tokio::test]
+async fn stats_with_a_channel_rank_only_that_channels_failure_reasons() {
+    let db = TestDatabase::create().await;
+    let mut failed = Vec::new();
+    for failing in [2, 3] {
+        let probe = Probe::default();
+        probe.fail("video", failing, FailureKind::Permanent, &[]);
+        failed.push(history(&db, probe).await.1);
+    }
+    sqlx::query("UPDATE tasks SET channel_id = 'elsewhere' WHERE id = $1")
+        .bind(failed[1].as_uuid())
+        .execute(db.store().pool())
+        .await
+        .expect("move one failed task to another channel");
+    let out = reel(&db, &["stats", "--channel", "history", "--json"]);
+    assert_eq!(out.code, 0);
+    let stats: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(stats["by_status"]["failed"], 1, "{stats}");
+    assert_eq!(
+        stats["failure_reasons"],
+        serde_json::json!([[stats["failure_reasons"][0][0].clone(), 1]]),
+        "only the history channel's failure is counted: {stats}"
+    );
+}

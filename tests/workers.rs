@@ -322,3 +322,85 @@ async fn a_worker_claims_only_tasks_of_workflows_it_knows() {
         (TaskStatus::QUEUED, 0)
     );
 }
+
+/// A claim reads a few rows, however many tasks are queued: with 20,000 queued tasks, five
+/// claims read fewer than 1,000 rows of `tasks` in all (sequential and index reads, counted
+/// by PostgreSQL's statistics), where a scan-and-sort claim reads every runnable task.
+#[tokio::test]
+async fn a_claim_reads_a_few_rows_whatever_the_queue_length() {
+    let db = TestDatabase::create().await;
+    sqlx::raw_sql(
+        "INSERT INTO tasks (id, workflow, channel_id, status, version, created_at) \
+         SELECT gen_random_uuid(), 'timed', 'history', 'queued', 1, \
+                now() - interval '1 hour' + n * interval '1 ms' \
+           FROM generate_series(1, 20000) AS n; \
+         INSERT INTO events (stream_id, stream_version, event_id, event_type, payload) \
+         SELECT id, 1, gen_random_uuid(), 'task_submitted', \
+                jsonb_build_object('workflow', workflow, 'channel_id', channel_id, 'input', '{}'::jsonb) \
+           FROM tasks; \
+         ANALYZE tasks",
+    )
+    .execute(db.pool())
+    .await
+    .expect("queue 20,000 tasks");
+    let rows_read = || async {
+        let (read, updated): (i64, i64) = sqlx::query_as(
+            "SELECT (COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0))::bigint, \
+                    n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tasks'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .expect("pg_stat_user_tables");
+        (read, updated)
+    };
+    let (read_before, updated_before) = rows_read().await;
+
+    // One connection, so the claims' statistics are flushed together, when it goes idle.
+    let claimer = PgStore::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(db.url())
+            .await
+            .expect("connect"),
+    );
+    let mut claimed = Vec::new();
+    for _ in 0..5 {
+        let lease = claimer
+            .claim_next("w1", Duration::from_secs(30), &claimed, &["timed".into()])
+            .await
+            .expect("claim")
+            .expect("a task to claim");
+        claimed.push(lease.task);
+    }
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(claimer.pool())
+        .await
+        .expect("flush statistics");
+    let started = Instant::now();
+    let read_after = loop {
+        let (read, updated) = rows_read().await;
+        if updated >= updated_before + 5 {
+            break read;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the claims' statistics were never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let oldest: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM tasks ORDER BY created_at LIMIT 5")
+            .fetch_all(db.pool())
+            .await
+            .expect("oldest tasks");
+    assert_eq!(
+        claimed.iter().map(|t| t.as_uuid()).collect::<Vec<_>>(),
+        oldest,
+        "the oldest tasks are claimed first"
+    );
+    assert!(
+        read_after - read_before < 1000,
+        "5 claims read {} rows of tasks",
+        read_after - read_before
+    );
+}

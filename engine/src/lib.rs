@@ -53,6 +53,7 @@ pub use state::{
     Totals, fold,
 };
 pub use status::{InvalidStatus, TaskStatus};
+pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, LogPage,
     MIGRATOR, NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,

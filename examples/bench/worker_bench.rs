@@ -1,5 +1,6 @@
 //! Worker rows: throughput of 1, 2 and 4 workers, a restarted worker's time to its first
-//! item, and the time from a task becoming runnable to its claim.
+//! item, the time from a task becoming runnable to its claim, and one claim's latency with
+//! a short and a long queue.
 //!
 //! Workers run in this process, each with its own connection pool (as separate processes
 //! would have); items are no-ops, so the rows measure the engine and the database.
@@ -115,7 +116,55 @@ pub(crate) async fn run(
         }
     }
     restart_to_first_item(report, pool, store).await?;
-    runnable_to_claimed(report, pool, store, if quick { 10 } else { 40 }).await
+    runnable_to_claimed(report, pool, store, if quick { 10 } else { 40 }).await?;
+    for queued in [10, 200_000] {
+        let p50 = claim_p50(pool, store, queued, if quick { 50 } else { 300 }).await?;
+        report.add(
+            format!("claim p50 with {queued} queued tasks (goal < 5)"),
+            p50,
+            "ms",
+        );
+    }
+    Ok(())
+}
+
+/// `claim_next` latency with `queued` runnable tasks: each claim is released again, so the
+/// queue keeps its length. The tasks are removed afterwards (they belong to no workflow the
+/// other rows run).
+async fn claim_p50(
+    pool: &PgPool,
+    store: &PgStore,
+    queued: u32,
+    claims: usize,
+) -> anyhow::Result<f64> {
+    sqlx::query(
+        "INSERT INTO tasks (id, workflow, channel_id, status, version) \
+         SELECT gen_random_uuid(), 'claim_bench', 'bench', 'queued', 1 \
+           FROM generate_series(1, $1)",
+    )
+    .bind(i32::try_from(queued)?)
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql("ANALYZE tasks").execute(pool).await?;
+    let workflows = ["claim_bench".to_owned()];
+    let mut latencies = Vec::with_capacity(claims);
+    for _ in 0..claims {
+        let started = Instant::now();
+        let lease = store
+            .claim_next("claim-bench", Duration::from_secs(60), &[], &workflows)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("nothing to claim"))?;
+        latencies.push(started.elapsed());
+        store.release_lease(&lease).await?;
+    }
+    sqlx::raw_sql(
+        "DELETE FROM events WHERE stream_id IN (SELECT id FROM tasks WHERE workflow = 'claim_bench'); \
+         DELETE FROM tasks WHERE workflow = 'claim_bench'",
+    )
+    .execute(pool)
+    .await?;
+    latencies.sort();
+    Ok(latencies[latencies.len() / 2].as_secs_f64() * 1e3)
 }
 
 /// A worker died holding a task's lease; the same worker id starts again.

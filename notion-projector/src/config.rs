@@ -159,6 +159,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if !config.no_migrate {
         store.migrate().await.context("cannot apply migrations")?;
     }
+    let metrics = Arc::new(Metrics::new());
+    let projector = Projector::new(
+        store.clone(),
+        client,
+        config.projector_options(),
+        metrics.clone(),
+    );
+    projector
+        .preflight()
+        .await
+        .context("refusing to follow this log")?;
     if config.from_now {
         crate::projector::checkpoint_at_head(&store, &config.name, true)
             .await
@@ -169,7 +180,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
         "finishing requests in flight",
     ));
-    let metrics = Arc::new(Metrics::new());
     if let Some(addr) = config.metrics_addr {
         let bound = crate::metrics::serve(
             addr,
@@ -189,9 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         rate = config.rate,
         "notion-projector starting"
     );
-    Projector::new(store, client, config.projector_options(), metrics)
-        .run(shutdown)
-        .await;
+    projector.run(shutdown).await;
     Ok(())
 }
 

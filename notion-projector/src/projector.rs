@@ -100,6 +100,37 @@ pub enum ProjectorError {
         projector: String,
         expected: Checkpoint,
     },
+    /// The log holds transaction ids this cluster has not assigned yet: it was restored
+    /// from a logical dump into another cluster. Following it would skip new events.
+    #[error(
+        "the log holds transaction id {highest_stored}, but this cluster's next transaction id \
+         is {next_assigned}: the database was restored from a dump into another cluster, and \
+         new events would sort below the restored ones and never be mirrored. Stop every reel \
+         process and PostgreSQL, run `pg_resetwal -e {epoch} <data directory>` as the server's \
+         owner to move the cluster's transaction ids past the restored ones, then start again \
+         (notion-projector/README.md, \"Restoring from a dump\")"
+    )]
+    RestoredLog {
+        highest_stored: u64,
+        next_assigned: u64,
+        /// The smallest xid epoch that puts new transaction ids above the restored ones.
+        epoch: u64,
+    },
+}
+
+/// When a leader stops: `stop` (shutdown, or the lock lost) starts no new request;
+/// `lock_lost` also abandons the requests in flight, because another instance may lead
+/// by now and send a newer status that a late answer of ours must not overwrite.
+#[derive(Clone, Debug)]
+struct Halt {
+    stop: CancellationToken,
+    lock_lost: CancellationToken,
+}
+
+impl Halt {
+    fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
 }
 
 /// The status a task should show, and the event that set it.
@@ -221,7 +252,10 @@ impl Projector {
         self.metrics.leader.set(1);
         // The lock lives as long as its connection: a watchdog pings it, and halts this
         // leader as soon as it breaks (another instance may take the lock then).
-        let halt = shutdown.child_token();
+        let halt = Halt {
+            stop: shutdown.child_token(),
+            lock_lost: CancellationToken::new(),
+        };
         let done = CancellationToken::new();
         let watchdog = tokio::spawn(watch_lock(conn, halt.clone(), done.clone()));
         let result = self.lead(&halt).await;
@@ -247,8 +281,8 @@ impl Projector {
     }
 
     /// Follows the log until `halt`.
-    async fn lead(&self, halt: &CancellationToken) -> Result<(), ProjectorError> {
-        let mut checkpoint = self.load_checkpoint().await?;
+    async fn lead(&self, halt: &Halt) -> Result<(), ProjectorError> {
+        let mut checkpoint = self.store.load_checkpoint(&self.options.name).await?;
         tracing::info!(
             tx_id = checkpoint.tx_id,
             position = checkpoint.position,
@@ -289,7 +323,7 @@ impl Projector {
     async fn handle(
         &self,
         events: Vec<engine::Result<RecordedEvent>>,
-        halt: &CancellationToken,
+        halt: &Halt,
     ) -> Result<Option<Vec<Failure>>, ProjectorError> {
         let mut failures = Vec::new();
         let mut latest: HashMap<TaskId, Target> = HashMap::new();
@@ -331,8 +365,7 @@ impl Projector {
         // Oldest change first: under the rate limit, tasks are served in log order.
         let mut targets: Vec<Target> = latest.into_values().collect();
         targets.sort_by_key(|t| t.position);
-        let (jobs, up_to_date) = self.plan(targets, &mut failures).await?;
-        self.metrics.skip("up_to_date", up_to_date.len());
+        let (jobs, _settled) = self.plan(targets, &mut failures).await?;
         self.send_all(jobs, halt, failures, self.options.max_retries)
             .await
     }
@@ -342,7 +375,7 @@ impl Projector {
     async fn send_all(
         &self,
         jobs: Vec<Job>,
-        halt: &CancellationToken,
+        halt: &Halt,
         mut failures: Vec<Failure>,
         max_retries: u32,
     ) -> Result<Option<Vec<Failure>>, ProjectorError> {
@@ -361,7 +394,8 @@ impl Projector {
     }
 
     /// Which targets need a request: drops tasks already mirrored at or past the version
-    /// (returned apart), logs tasks without a page, records invalid page ids.
+    /// and tasks without a page (both returned apart: nothing to send), records invalid
+    /// page ids.
     async fn plan(
         &self,
         targets: Vec<Target>,
@@ -375,9 +409,10 @@ impl Projector {
             "SELECT u.id, t.notion_page_id, s.applied_version \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
-               LEFT JOIN notion_sync s ON s.task_id = u.id",
+               LEFT JOIN notion_sync s ON s.projector = $2 AND s.task_id = u.id",
         )
         .bind(&ids)
+        .bind(&self.options.name)
         .fetch_all(self.store.pool())
         .await?;
         let known: HashMap<Uuid, (Option<String>, Option<i32>)> = rows
@@ -386,6 +421,7 @@ impl Projector {
             .collect();
         let mut jobs = Vec::new();
         let mut up_to_date = Vec::new();
+        let mut nothing_to_send = Vec::new();
         for target in targets {
             let (page, applied) = known
                 .get(&target.task.as_uuid())
@@ -398,6 +434,7 @@ impl Projector {
             let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
                 tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
                 self.metrics.skip("no_page", 1);
+                nothing_to_send.push(target.task);
                 continue;
             };
             match PageId::parse(&raw) {
@@ -414,6 +451,8 @@ impl Projector {
                 }
             }
         }
+        self.metrics.skip("up_to_date", up_to_date.len());
+        up_to_date.extend(nothing_to_send);
         Ok((jobs, up_to_date))
     }
 
@@ -421,7 +460,7 @@ impl Projector {
     async fn send(
         &self,
         mut job: Job,
-        halt: &CancellationToken,
+        halt: &Halt,
         max_retries: u32,
     ) -> Result<Sent, ProjectorError> {
         let task = job.target.task;
@@ -435,15 +474,22 @@ impl Projector {
             // on. Send the newest status and skip the rest of its events when they arrive.
             job.target = self.freshest(job.target).await?;
             let name = &*job.target.display;
-            let result = self
-                .client
-                .set_status(
-                    &job.page,
-                    &self.options.status_property,
-                    self.options.property_type,
-                    name,
-                )
-                .await;
+            if halt.stop.is_cancelled() {
+                return Ok(Sent::Interrupted);
+            }
+            let request = self.client.set_status(
+                &job.page,
+                &self.options.status_property,
+                self.options.property_type,
+                name,
+            );
+            // Once the lock is lost, another instance may lead and send a newer status:
+            // drop the request (closing its connection) rather than let its answer, or a
+            // retry, land after the new leader's. SIGTERM lets requests in flight finish.
+            let result = tokio::select! {
+                result = request => result,
+                _ = halt.lock_lost.cancelled() => return Ok(Sent::Interrupted),
+            };
             let error = match result {
                 Ok(()) => {
                     self.metrics.request("ok");
@@ -517,9 +563,9 @@ impl Projector {
     async fn record_synced(&self, job: &Job) -> Result<(), ProjectorError> {
         sqlx::query(
             "WITH synced AS ( \
-                INSERT INTO notion_sync (task_id, applied_version, applied_status, synced_at) \
-                VALUES ($1, $2, $3, now()) \
-                ON CONFLICT (task_id) DO UPDATE \
+                INSERT INTO notion_sync (projector, task_id, applied_version, applied_status, synced_at) \
+                VALUES ($4, $1, $2, $3, now()) \
+                ON CONFLICT (projector, task_id) DO UPDATE \
                    SET applied_version = EXCLUDED.applied_version, \
                        applied_status = EXCLUDED.applied_status, synced_at = now() \
                  WHERE notion_sync.applied_version < EXCLUDED.applied_version \
@@ -534,25 +580,6 @@ impl Projector {
         .execute(self.store.pool())
         .await?;
         Ok(())
-    }
-
-    async fn load_checkpoint(&self) -> Result<Checkpoint, ProjectorError> {
-        sqlx::query(
-            "INSERT INTO projector_checkpoints (projector) VALUES ($1) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.options.name)
-        .execute(self.store.pool())
-        .await?;
-        let (tx_id, position): (String, i64) = sqlx::query_as(
-            "SELECT last_tx_id::text, last_position FROM projector_checkpoints WHERE projector = $1",
-        )
-        .bind(&self.options.name)
-        .fetch_one(self.store.pool())
-        .await?;
-        Ok(Checkpoint {
-            tx_id: tx_id.parse().unwrap_or(0),
-            position,
-        })
     }
 
     /// Records `failures` and, when given, moves the checkpoint from `.0` to `.1` by
@@ -581,22 +608,26 @@ impl Projector {
             .bind(failure.retryable)
             .execute(&mut *tx)
             .await?;
+            if !failure.retryable {
+                // A retry sends the task's latest status whatever row asked for it, so a
+                // failure no retry can fix (a 404, an undecodable event) after a 503 ends
+                // the task's retries instead of repeating them forever.
+                sqlx::query(
+                    "UPDATE sync_failures SET retryable = false \
+                      WHERE projector = $1 AND task_id = $2 AND resolved_at IS NULL AND retryable",
+                )
+                .bind(&self.options.name)
+                .bind(failure.task.as_uuid())
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         if let Some((from, to)) = advance {
-            let moved = sqlx::query(
-                "UPDATE projector_checkpoints \
-                    SET last_tx_id = $2::text::xid8, last_position = $3, updated_at = now() \
-                  WHERE projector = $1 AND last_tx_id = $4::text::xid8 AND last_position = $5",
-            )
-            .bind(&self.options.name)
-            .bind(to.tx_id.to_string())
-            .bind(to.position)
-            .bind(from.tx_id.to_string())
-            .bind(from.position)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if moved != 1 {
+            let moved = self
+                .store
+                .compare_and_set_checkpoint(&mut tx, &self.options.name, from, to)
+                .await?;
+            if !moved {
                 tx.rollback().await?;
                 return Err(ProjectorError::CheckpointMoved {
                     projector: self.options.name.clone(),
@@ -610,11 +641,16 @@ impl Projector {
     }
 
     /// A later pass over failures whose retries ran out: each such task's latest status,
-    /// from its stream, is sent again, once; a failure bumps the row's `attempts`.
-    async fn retry_failures(&self, halt: &CancellationToken) -> Result<(), ProjectorError> {
+    /// from its stream, is sent again, once; a failure bumps the row's `attempts` and its
+    /// `failed_at`, which sends the task to the back of the next pass (tasks whose latest
+    /// failure is oldest go first, so no group of failures hides the others). A task that
+    /// is up to date or has no page has nothing to send: its rows are resolved. A task
+    /// whose stream cannot be decoded gets a failure naming the event, not retryable.
+    async fn retry_failures(&self, halt: &Halt) -> Result<(), ProjectorError> {
         let tasks: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT DISTINCT task_id FROM sync_failures \
-              WHERE projector = $1 AND resolved_at IS NULL AND retryable LIMIT 100",
+            "SELECT task_id FROM sync_failures \
+              WHERE projector = $1 AND resolved_at IS NULL AND retryable \
+              GROUP BY task_id ORDER BY max(failed_at), task_id LIMIT 100",
         )
         .bind(&self.options.name)
         .fetch_all(self.store.pool())
@@ -624,17 +660,29 @@ impl Projector {
         }
         tracing::info!(tasks = tasks.len(), "retrying failed Notion syncs");
         let mut targets = Vec::new();
+        let mut failures = Vec::new();
         for task in tasks {
             let task = TaskId::from(task);
-            let events = self.store.read_stream(task, 1).await?;
-            if let Some(target) = events.iter().rev().find_map(target_of) {
-                targets.push(target);
+            match self.store.read_stream(task, 1).await {
+                Ok(events) => targets.extend(events.iter().rev().find_map(target_of)),
+                Err(engine::Error::Decode {
+                    position, reason, ..
+                }) => {
+                    tracing::error!(task_id = %task, position, %reason, "cannot decode the task's history: its failed sync is not retried");
+                    failures.push(Failure {
+                        position,
+                        task,
+                        http_status: None,
+                        error: format!("cannot decode event: {reason}"),
+                        retryable: false,
+                    });
+                }
+                Err(other) => return Err(other.into()),
             }
         }
-        let mut failures = Vec::new();
-        let (jobs, up_to_date) = self.plan(targets, &mut failures).await?;
-        if !up_to_date.is_empty() {
-            let ids: Vec<Uuid> = up_to_date.iter().map(TaskId::as_uuid).collect();
+        let (jobs, settled) = self.plan(targets, &mut failures).await?;
+        if !settled.is_empty() {
+            let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
             sqlx::query(
                 "UPDATE sync_failures SET resolved_at = now() \
                   WHERE projector = $1 AND task_id = ANY($2) AND resolved_at IS NULL",
@@ -650,6 +698,20 @@ impl Projector {
         }
         Ok(())
     }
+
+    /// Refuses to follow a log restored from a dump into another cluster (see
+    /// [`ProjectorError::RestoredLog`]); the binary checks this before it starts.
+    pub async fn preflight(&self) -> Result<(), ProjectorError> {
+        let horizon = self.store.tx_id_horizon().await?;
+        if horizon.is_ahead() {
+            return Err(ProjectorError::RestoredLog {
+                highest_stored: horizon.highest_stored,
+                next_assigned: horizon.next_assigned,
+                epoch: (horizon.highest_stored >> 32) + 1,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Puts the checkpoint of projector `name` at the log's head, so that everything in the log
@@ -662,19 +724,7 @@ pub async fn checkpoint_at_head(
     name: &str,
     only_if_new: bool,
 ) -> Result<(), ProjectorError> {
-    sqlx::query(
-        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
-         SELECT $1, tx_id, global_position FROM events \
-          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
-         ON CONFLICT (projector) DO UPDATE \
-            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position, \
-                updated_at = now() \
-          WHERE NOT $2",
-    )
-    .bind(name)
-    .bind(only_if_new)
-    .execute(store.pool())
-    .await?;
+    store.checkpoint_at_head(name, only_if_new).await?;
     Ok(())
 }
 
@@ -708,7 +758,7 @@ fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
 /// connection (to unlock it) when `done`.
 async fn watch_lock(
     mut conn: PgConnection,
-    halt: CancellationToken,
+    halt: Halt,
     done: CancellationToken,
 ) -> Option<PgConnection> {
     loop {
@@ -719,7 +769,8 @@ async fn watch_lock(
         let ping = tokio::time::timeout(Duration::from_secs(5), conn.ping()).await;
         if !matches!(ping, Ok(Ok(()))) {
             tracing::warn!("the leader lock's connection failed: stepping back");
-            halt.cancel();
+            halt.lock_lost.cancel();
+            halt.stop.cancel();
             return None;
         }
     }

@@ -273,7 +273,10 @@ async fn the_token_never_appears_in_logs_and_skips_are_logged() {
         rows.iter()
             .any(|f| f.http_status == Some(401) && !f.retryable)
     );
-    assert!(rows.iter().any(|f| f.http_status.is_none() && f.retryable));
+    assert!(
+        rows.iter().any(|f| f.http_status.is_none() && f.retryable),
+        "{rows:?}"
+    );
     assert!(rows.iter().all(|f| !f.error.contains("SECRET")));
     for request in notion.requests() {
         assert_eq!(
@@ -392,4 +395,36 @@ async fn from_now_skips_history_only_on_the_first_start() {
     .expect("a change made while stopped is mirrored after the restart");
     let _ = second.sigterm().await;
     assert_eq!(notion.requests().len(), 2);
+}
+
+/// A log restored from a dump into another cluster holds transaction ids ahead of the new
+/// cluster's counter (simulated here by one such row): the projector refuses to start,
+/// naming the cause and the remedy, instead of skipping every new event.
+#[tokio::test]
+async fn a_log_restored_into_another_cluster_is_refused_at_start() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let task = new_task(&store, None).await;
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, payload, tx_id) \
+         VALUES ($1, 2, gen_random_uuid(), 'status_changed', \
+                 '{\"from\": \"queued\", \"to\": \"generating_assets\"}', \
+                 ((pg_current_xact_id()::text::bigint + 1000000)::text)::xid8)",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .expect("a row as a restore from an older, busier cluster leaves it");
+    let mut process = Process::start(&db, &notion, &notion.token(), &[]);
+    let status = tokio::time::timeout(Duration::from_secs(10), process.child.wait())
+        .await
+        .expect("refuses to start within 10 s")
+        .expect("wait");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("restored from a dump"), "{log}");
+    assert!(log.contains("pg_resetwal -e 1"), "{log}");
+    assert!(notion.requests().is_empty());
 }

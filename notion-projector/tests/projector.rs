@@ -684,3 +684,256 @@ async fn no_transaction_is_open_while_a_request_is_in_flight() {
     }
     running.stop().await;
 }
+
+/// Two projectors with different names (two boards) each mirror every task: one's
+/// `notion_sync` rows never make the other skip a task as already mirrored.
+#[tokio::test]
+async fn two_projectors_with_different_names_each_mirror_every_task() {
+    let db = test_db().await;
+    let store = db.store();
+    let board_a = fake().await;
+    let board_b = fake().await;
+    let page = new_page_id();
+    board_a.add_page(&page);
+    board_b.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
+    for (name, board) in [("board-a", &board_a), ("board-b", &board_b)] {
+        let options = ProjectorOptions {
+            name: name.into(),
+            ..fast_options()
+        };
+        let running = spawn(&store, client(board), options);
+        assert!(wait_caught_up(&store, name, FIVE_S).await);
+        running.stop().await;
+    }
+    assert_eq!(
+        board_a.page_value(&page).as_deref(),
+        Some("Generating Assets")
+    );
+    assert_eq!(
+        board_b.page_value(&page).as_deref(),
+        Some("Generating Assets"),
+        "the second projector mirrors the task too"
+    );
+}
+
+/// A retryable sync failure whose task's history holds an event this build cannot decode:
+/// the retry pass records the decode error (not retryable) and the projector goes on
+/// mirroring other tasks, instead of failing its leadership on every pass.
+#[tokio::test]
+async fn a_failed_sync_with_an_undecodable_history_is_recorded_and_passed() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let poisoned = new_task(&store, Some(&page)).await;
+    for sql in [
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         VALUES ($1, 2, gen_random_uuid(), 'task_paused_by_a_newer_build', 1, '{}')",
+        "UPDATE tasks SET version = 2 WHERE id = $1",
+        "INSERT INTO sync_failures (projector, global_position, task_id, http_status, error, retryable) \
+         SELECT 'notion', 1, $1, 503, 'Notion unavailable', true",
+    ] {
+        sqlx::query(sql)
+            .bind(poisoned.as_uuid())
+            .execute(store.pool())
+            .await
+            .expect("poison the task's history");
+    }
+    checkpoint_past_every_event(&store).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    let other_page = new_page_id();
+    notion.add_page(&other_page);
+    let other = new_task(&store, Some(&other_page)).await;
+    change_status(&store, other, TaskStatus::from_static("generating_video")).await;
+    wait_for(FIVE_S, || {
+        notion.page_value(&other_page).as_deref() == Some("Generating Video")
+    })
+    .await
+    .expect("other tasks are still mirrored");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows = failures(&store).await;
+    assert!(
+        rows.iter()
+            .all(|f| f.task_id == poisoned.as_uuid() && !f.retryable),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|f| f.error.contains("cannot decode")
+            && f.error.contains("task_paused_by_a_newer_build")),
+        "{rows:?}"
+    );
+    assert_eq!(running.metrics.leader.get(), 1, "still leading");
+    running.stop().await;
+}
+
+/// `checkpoint_at_head` (`--from-now`) while a transaction is in flight: its status
+/// change, committed after the checkpoint was set, is still mirrored.
+#[tokio::test]
+async fn from_now_never_skips_a_transaction_in_flight() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let tasks = tasks_with_pages(&store, &notion, 2).await;
+    let (slow, slow_page) = tasks[0].clone();
+    let (fast, _) = tasks[1].clone();
+
+    // The slow append takes its xid first and stays open; a later one commits before it.
+    let mut open = store.pool().begin().await.expect("begin");
+    store
+        .append_in(
+            &mut open,
+            slow,
+            1,
+            Fence::Unleased,
+            &[NewEvent::new(Event::status_changed(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_assets"),
+            ))],
+        )
+        .await
+        .expect("append in the open transaction");
+    change_status(&store, fast, TaskStatus::from_static("generating_video")).await;
+    notion_projector::checkpoint_at_head(&store, "notion", false)
+        .await
+        .expect("start at the head");
+    open.commit().await.expect("commit the slow append");
+
+    let running = spawn(&store, client(&notion), fast_options());
+    let mirrored = wait_for(FIVE_S, || {
+        notion.page_value(&slow_page).as_deref() == Some("Generating Assets")
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        mirrored.is_some(),
+        "the change committed after --from-now is mirrored"
+    );
+}
+
+/// More than a pass's worth of failed syncs whose tasks have no page (nothing to send)
+/// never hide another task's failure: they are resolved, and the others are retried.
+#[tokio::test]
+async fn failures_with_nothing_to_send_never_hide_the_others() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let mut stuck = Vec::new();
+    for _ in 0..101 {
+        stuck.push(new_task(&store, None).await.as_uuid());
+    }
+    let page = new_page_id();
+    notion.add_page(&page);
+    let mut task = engine::NewTask::new(
+        "video",
+        engine::ChannelId::parse("notion-tests").expect("channel"),
+        serde_json::json!({"topic": "last in uuid order"}),
+    );
+    task.id = engine::TaskId::from(uuid::Uuid::from_u128(u128::MAX - 1));
+    task.notion_page_id = Some(page.clone());
+    let last = store
+        .create_task(task)
+        .await
+        .expect("create task")
+        .task_id();
+    sqlx::query(
+        "INSERT INTO sync_failures (projector, global_position, task_id, http_status, error, retryable) \
+         SELECT 'notion', row_number() OVER (), id, 503, 'Notion unavailable', true \
+           FROM unnest($1::uuid[]) AS id",
+    )
+    .bind(stuck.iter().copied().chain([last.as_uuid()]).collect::<Vec<_>>())
+    .execute(store.pool())
+    .await
+    .expect("record failed syncs");
+    checkpoint_past_every_event(&store).await;
+    let running = spawn(&store, client(&notion), fast_options());
+    let retried = wait_for(Duration::from_secs(8), || {
+        notion.page_value(&page).as_deref() == Some("Queued")
+    })
+    .await;
+    assert!(retried.is_some(), "the task with a page is retried");
+    let started = std::time::Instant::now();
+    loop {
+        let open: Vec<_> = failures(&store)
+            .await
+            .into_iter()
+            .filter(|f| !f.resolved)
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failures with nothing to send are resolved: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+}
+
+/// A leader whose lock is gone abandons its request in flight: the new leader's newer
+/// status is not overwritten by the old leader's late answer.
+#[tokio::test]
+async fn a_leader_that_lost_its_lock_does_not_land_a_stale_status() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    notion.set_latency(Duration::from_secs(4));
+    let old = spawn(
+        &store,
+        notion.client(Duration::from_secs(10)),
+        fast_options(),
+    );
+    wait_for(FIVE_S, || old.metrics.leader.get() == 1)
+        .await
+        .expect("the first instance leads");
+    // Its PATCH ("Queued") is now waiting for the slow answer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
+    notion.set_latency(Duration::ZERO);
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+          WHERE locktype = 'advisory' AND granted AND database = \
+                (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("terminate the leader lock's session");
+    assert!(terminated);
+    let new = spawn(&store, client(&notion), fast_options());
+    wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Generating Assets")
+    })
+    .await
+    .expect("the new leader mirrors the newer status");
+    // The old request would have been answered 4 s after it was sent.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    old.stop().await;
+    new.stop().await;
+    assert_eq!(
+        notion.page_value(&page).as_deref(),
+        Some("Generating Assets"),
+        "history: {:?}",
+        notion.page_history(&page)
+    );
+}
+
+/// Puts the `notion` checkpoint past every event (all committed here), so that only the
+/// retry pass of failed syncs sends anything.
+async fn checkpoint_past_every_event(store: &engine::PgStore) {
+    sqlx::query(
+        "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
+         SELECT 'notion', tx_id, global_position FROM events \
+          ORDER BY tx_id DESC, global_position DESC LIMIT 1 \
+         ON CONFLICT (projector) DO UPDATE \
+            SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position",
+    )
+    .execute(store.pool())
+    .await
+    .expect("move the checkpoint past every event");
+}

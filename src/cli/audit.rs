@@ -148,7 +148,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     scan(
         &store,
         &Scope {
-            channel,
+            channel: channel.clone(),
             failed_only: false,
         },
         |report| {
@@ -163,6 +163,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     for task in store
         .list_tasks(&TaskFilter {
             status: Some(engine::TaskStatus::FAILED),
+            channel,
             ..TaskFilter::default()
         })
         .await?

@@ -1,5 +1,6 @@
 //! The event store: small traits in front of storage, a PostgreSQL implementation behind.
 
+mod checkpoint;
 mod lease;
 mod listing;
 mod postgres;
@@ -10,6 +11,7 @@ use std::future::Future;
 
 use serde_json::Value;
 
+pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
 pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::{Checkpoint, Event, PgStore, RecordedEvent, Subscription, SubscriptionOptions};
-use engine::{EventStore, TaskId, TaskStatus};
+use engine::{Backoff, EventStore, TaskId, TaskStatus};
 use futures_util::StreamExt;
-use rand::Rng;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -133,6 +132,10 @@ impl Halt {
     }
 }
 
+/// Waits after stepping back (database outage, lost lock, moved checkpoint): 100 ms
+/// doubling to 10 s.
+const STEP_BACK: Backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
+
 /// The status a task should show, and the event that set it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Target {
@@ -200,7 +203,7 @@ impl Projector {
     /// Leads (or waits as a standby) until `shutdown`; steps back and retries after
     /// database outages, a lost leader lock or a moved checkpoint.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut outages = 0;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
             match self.standby_then_lead(&shutdown).await {
@@ -210,15 +213,18 @@ impl Projector {
                     if matches!(err, ProjectorError::Database(_) | ProjectorError::Engine(_)) {
                         self.metrics.set_healthy(false);
                     }
-                    if started.elapsed() > Duration::from_secs(30) {
-                        backoff = Duration::from_millis(100);
-                    }
+                    // A leadership that lasted a while starts the backoff over.
+                    outages = if started.elapsed() > Duration::from_secs(30) {
+                        1
+                    } else {
+                        outages + 1
+                    };
+                    let backoff = STEP_BACK.delay(outages, 0.5);
                     tracing::warn!(error = %err, retry_in = ?backoff, "projector stepped back");
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -552,12 +558,9 @@ impl Projector {
 
     /// `retry_base · 2^(n−1)` with jitter of ×0.5–1.5, at most `retry_max`.
     fn backoff(&self, failed_tries: u32) -> Duration {
-        let base = self
-            .options
-            .retry_base
-            .saturating_mul(1u32 << failed_tries.saturating_sub(1).min(16));
-        let jittered = base.mul_f64(rand::rng().random_range(0.5..1.5));
-        jittered.min(self.options.retry_max)
+        Backoff::exponential(self.options.retry_base, self.options.retry_max)
+            .with_jitter(0.5)
+            .random_delay(failed_tries)
     }
 
     async fn record_synced(&self, job: &Job) -> Result<(), ProjectorError> {

@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use engine::prelude::*;
-use engine::{Checkpoint, Event, Fence, GlobalLog, NewEvent, db};
+use engine::{Checkpoint, Event, Fence, NewEvent, db};
 use serde_json::json;
 
 #[tokio::main]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use engine::prelude::*;
-use engine::{Checkpoint, Event, GlobalLog, RecordedEvent, Subscription, SubscriptionOptions, db};
+use engine::{Checkpoint, Event, RecordedEvent, Subscription, SubscriptionOptions, db};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

@@ -2,7 +2,7 @@
 //! event ids — leaves the stream equal to the appends that were accepted, in order.
 
 use engine::testing::TestDatabase;
-use engine::{Error, Event, EventStore, Fence, NewEvent, NewTask, PgStore, TaskStatus};
+use engine::{Error, Event, Fence, NewEvent, NewTask, PgStore, TaskStatus};
 use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;

@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
-use engine::{ChannelId, Event, EventStore, NewTask, PgStore, TaskId, TaskStatus};
+use engine::{ChannelId, Event, NewTask, PgStore, TaskId, TaskStatus};
 use rand::Rng;
 use serde_json::json;
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use engine::testing::TestDatabase;
-use engine::{Event, EventStore, TaskId};
+use engine::{Event, TaskId};
 
 struct Run {
     code: i32,

@@ -2,9 +2,7 @@
 //! lease fencing, decoding errors, and task creation. Every test has its own database.
 
 use engine::testing::TestDatabase;
-use engine::{
-    Created, Error, Event, EventStore, Fence, NewEvent, NewTask, PgStore, TaskId, TaskStatus,
-};
+use engine::{Created, Error, Event, Fence, NewEvent, NewTask, PgStore, TaskId, TaskStatus};
 use serde_json::json;
 
 fn channel() -> engine::ChannelId {

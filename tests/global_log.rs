@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
 use engine::{
-    Checkpoint, Error, Event, EventStore, Fence, GlobalLog, NewEvent, NewTask, PgStore,
-    RecordedEvent, Subscription, SubscriptionOptions, TaskId, TaskStatus,
+    Checkpoint, Error, Event, Fence, NewEvent, NewTask, PgStore, RecordedEvent, Subscription,
+    SubscriptionOptions, TaskId, TaskStatus,
 };
 use rand::Rng;
 use serde_json::json;

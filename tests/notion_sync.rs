@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
-use engine::{
-    ChannelId, EventStore, NewTask, PgStore, Registry, TaskId, TaskStatus, Worker, WorkerOptions,
-};
+use engine::{ChannelId, NewTask, PgStore, Registry, TaskId, TaskStatus, Worker, WorkerOptions};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
 use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;

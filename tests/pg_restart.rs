@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use engine::{ChannelId, Event, EventStore, NewTask, PgStore, TaskStatus};
+use engine::{ChannelId, Event, NewTask, PgStore, TaskStatus};
 use serde_json::json;
 
 /// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use common::{Probe, claim, completions, run_to_rest, state, submit};
 use engine::testing::TestDatabase;
-use engine::{
-    Event, EventStore, FailureKind, Orchestrator, Registry, RunOutcome, TaskStatus, commands,
-};
+use engine::{Event, FailureKind, Orchestrator, Registry, RunOutcome, TaskStatus, commands};
 use tokio_util::sync::CancellationToken;
 
 /// A transient failure at `step` item `item` on attempt 1: the retry runs exactly

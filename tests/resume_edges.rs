@@ -5,9 +5,7 @@ mod common;
 
 use common::{Probe, claim, state, submit};
 use engine::testing::TestDatabase;
-use engine::{
-    Event, EventStore, NewEvent, Orchestrator, Registry, RunOutcome, TaskStatus, Workflow,
-};
+use engine::{Event, NewEvent, Orchestrator, Registry, RunOutcome, TaskStatus, Workflow};
 use tokio_util::sync::CancellationToken;
 
 /// Writes a first attempt's history for an 18-clip step (`planned` from its step_started,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::submit;
 use engine::testing::TestDatabase;
 use engine::{
-    Error, Event, EventStore, ItemOutput, Orchestrator, PgStore, Registry, RunOutcome, Step,
-    StepContext, TaskStatus, Worker, WorkerOptions, Workflow,
+    Error, Event, ItemOutput, Orchestrator, PgStore, Registry, RunOutcome, Step, StepContext,
+    TaskStatus, Worker, WorkerOptions, Workflow,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -8,7 +8,7 @@ use crate::event::{Event, NewEvent};
 use crate::id::TaskId;
 use crate::state::{TaskState, fold};
 use crate::status::TaskStatus;
-use crate::store::{EventStore, Fence, PgStore};
+use crate::store::{Fence, PgStore};
 
 /// Accepts the result of a task in `final_review`: it becomes `completed`.
 pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) -> Result<TaskState> {

@@ -55,8 +55,8 @@ pub use state::{
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
-    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, Lease, LogPage,
-    MIGRATOR, NewTask, PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
+    Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
+    PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
@@ -69,9 +69,8 @@ pub use workflow::{
 /// not here: import it from the crate root when you need it.
 pub mod prelude {
     pub use crate::{
-        Attempt, Backoff, ChannelId, EventStore, FailureKind, ItemOutput, NewTask, PgStore,
-        Registry, RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork, TaskId,
-        TaskRetryPolicy, TaskState, TaskStatus, Worker, WorkerOptions, WorkerReport, Workflow,
-        fold,
+        Attempt, Backoff, ChannelId, FailureKind, ItemOutput, NewTask, PgStore, Registry,
+        RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork, TaskId, TaskRetryPolicy,
+        TaskState, TaskStatus, Worker, WorkerOptions, WorkerReport, Workflow, fold,
     };
 }

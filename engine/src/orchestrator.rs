@@ -20,7 +20,7 @@ use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
 use crate::state::{ItemRecord, TaskState, fold};
 use crate::status::TaskStatus;
-use crate::store::{EventStore, Lease, PgStore};
+use crate::store::{Lease, PgStore};
 use crate::workflow::{Registry, Step, StepContext, StepError, Workflow};
 
 /// How a run of a claimed task ended.

@@ -12,8 +12,8 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use engine::{Backoff, TaskId, TaskStatus};
 use engine::{Checkpoint, Event, PgStore, RecordedEvent, Subscription, SubscriptionOptions};
-use engine::{Backoff, EventStore, TaskId, TaskStatus};
 use futures_util::StreamExt;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -134,7 +134,8 @@ impl Halt {
 
 /// Waits after stepping back (database outage, lost lock, moved checkpoint): 100 ms
 /// doubling to 10 s.
-const STEP_BACK: Backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
+const STEP_BACK: Backoff =
+    Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
 
 /// The status a task should show, and the event that set it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use engine::{Event, EventStore, Fence, NewEvent, TaskStatus};
+use engine::{Event, Fence, NewEvent, TaskStatus};
 use notion_projector::fake::Fault;
 use notion_projector::{ProjectorOptions, PropertyType};
 

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use engine::timeline::{TimelineEntry, timeline};
-use engine::{EventStore, PgStore, TaskId, TaskState, fold};
+use engine::{PgStore, TaskId, TaskState, fold};
 use serde::Serialize;
 
 use super::money;

@@ -1,7 +1,7 @@
 //! `reel approve | reject | retry | cancel`: an operator's decisions on one task.
 
 use clap::Args;
-use engine::{EventStore, PgStore, TaskId, commands, fold};
+use engine::{PgStore, TaskId, commands, fold};
 
 use super::{WorkerSettings, Workflows, print_state};
 

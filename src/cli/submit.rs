@@ -1,7 +1,7 @@
 //! `reel submit`: a new task of one of the binary's workflows.
 
 use clap::Args;
-use engine::{ChannelId, EventStore, NewTask, PgStore};
+use engine::{ChannelId, NewTask, PgStore};
 use serde_json::{Value, json};
 use steps::Fault;
 

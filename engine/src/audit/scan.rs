@@ -11,7 +11,7 @@ use super::{AuditReport, Rule, Violation, audit};
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
 use crate::id::{ChannelId, TaskId};
-use crate::store::{EventStore, PgStore};
+use crate::store::PgStore;
 
 /// Which tasks [`scan`] audits.
 #[derive(Clone, Debug, Default)]

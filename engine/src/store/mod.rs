@@ -1,4 +1,4 @@
-//! The event store: small traits in front of storage, a PostgreSQL implementation behind.
+//! The event store on PostgreSQL: appends, stream and global reads, leases, checkpoints.
 
 mod checkpoint;
 mod lease;
@@ -6,8 +6,6 @@ mod listing;
 mod postgres;
 mod subscription;
 mod wakeup;
-
-use std::future::Future;
 
 use serde_json::Value;
 
@@ -19,7 +17,7 @@ pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;
 
 use crate::error::Result;
-use crate::event::{NewEvent, RecordedEvent};
+use crate::event::RecordedEvent;
 use crate::id::{ChannelId, TaskId};
 
 /// The migrations of the workspace's `migrations/` folder, embedded at build time.
@@ -125,7 +123,7 @@ impl NewTask {
     }
 }
 
-/// The outcome of [`EventStore::create_task`].
+/// The outcome of [`PgStore::create_task`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Created {
     /// A new task was stored.
@@ -141,39 +139,4 @@ impl Created {
             Created::New(id) | Created::Existing(id) => id,
         }
     }
-}
-
-/// Writing and reading one task's stream.
-pub trait EventStore: Send + Sync {
-    /// Creates a task: its `task_submitted` event (version 1) and its `tasks` row, atomically.
-    fn create_task(&self, task: NewTask) -> impl Future<Output = Result<Created>> + Send;
-
-    /// Appends `events` at `expected_version + 1 ..` in one short transaction, if the stream
-    /// is at `expected_version` and the fence holds. Errors: `Conflict`, `LeaseLost`,
-    /// `TaskNotFound`, `EventIdReused`; a failed append writes nothing.
-    fn append(
-        &self,
-        stream: TaskId,
-        expected_version: u32,
-        fence: Fence,
-        events: &[NewEvent],
-    ) -> impl Future<Output = Result<Appended>> + Send;
-
-    /// The stream's events with version ≥ `from_version`, in version order.
-    fn read_stream(
-        &self,
-        stream: TaskId,
-        from_version: u32,
-    ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send;
-}
-
-/// Reading every stream in one global order, gap-safely.
-pub trait GlobalLog: Send + Sync {
-    /// Up to `limit` committed events after `checkpoint`, ordered by `(tx_id, global_position)`,
-    /// never returning an event while an older transaction might still commit before it.
-    fn read_all_after(
-        &self,
-        checkpoint: Checkpoint,
-        limit: u32,
-    ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send;
 }

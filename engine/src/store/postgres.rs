@@ -12,9 +12,7 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{
-    Appended, Checkpoint, Created, EVENTS_CHANNEL, EventStore, Fence, GlobalLog, LogPage, NewTask,
-};
+use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, LogPage, NewTask};
 use crate::error::{Error, Result};
 use crate::event::{CURRENT_SCHEMA_VERSION, Event, EventRow, NewEvent, RecordedEvent};
 use crate::id::{TaskId, truncate_for_display};
@@ -373,7 +371,7 @@ impl PgStore {
     }
 
     /// Up to `limit` committed events after `checkpoint` in global order (gap-safe, like
-    /// [`GlobalLog::read_all_after`]), decoding only those whose type is in `types` (every
+    /// [`PgStore::read_all_after`]), decoding only those whose type is in `types` (every
     /// type when `None`). Each matching row decodes on its own, so one undecodable event is
     /// an `Err` in its place rather than a failed page; [`LogPage::end`] covers every row
     /// scanned, matching or not.
@@ -428,8 +426,11 @@ impl PgStore {
     }
 }
 
-impl EventStore for PgStore {
-    async fn create_task(&self, task: NewTask) -> Result<Created> {
+/// Writing and reading one task's stream.
+impl PgStore {
+    /// Creates a task: its `task_submitted` event (version 1) and its `tasks` row,
+    /// atomically. With an idempotency key, a repeat returns the existing task.
+    pub async fn create_task(&self, task: NewTask) -> Result<Created> {
         if let Some(key) = &task.idempotency_key
             && (key.is_empty() || key.chars().count() > NewTask::IDEMPOTENCY_KEY_MAX_CHARS)
         {
@@ -466,7 +467,10 @@ impl EventStore for PgStore {
         self.existing_task(&task).await
     }
 
-    async fn append(
+    /// Appends `events` at `expected_version + 1 ..` in one short transaction, if the
+    /// stream is at `expected_version` and the fence holds. Errors: `Conflict`,
+    /// `LeaseLost`, `TaskNotFound`, `EventIdReused`; a failed append writes nothing.
+    pub async fn append(
         &self,
         stream: TaskId,
         expected_version: u32,
@@ -478,7 +482,12 @@ impl EventStore for PgStore {
             .await
     }
 
-    async fn read_stream(&self, stream: TaskId, from_version: u32) -> Result<Vec<RecordedEvent>> {
+    /// The stream's events with version ≥ `from_version`, in version order.
+    pub async fn read_stream(
+        &self,
+        stream: TaskId,
+        from_version: u32,
+    ) -> Result<Vec<RecordedEvent>> {
         let from = i32::try_from(from_version).unwrap_or(i32::MAX);
         self.fetch_events(
             sqlx::query(READ_STREAM_SQL)
@@ -489,8 +498,12 @@ impl EventStore for PgStore {
     }
 }
 
-impl GlobalLog for PgStore {
-    async fn read_all_after(
+/// Reading every stream in one global order, gap-safely.
+impl PgStore {
+    /// Up to `limit` committed events after `checkpoint`, ordered by `(tx_id,
+    /// global_position)`, never returning an event while an older transaction might still
+    /// commit before it.
+    pub async fn read_all_after(
         &self,
         checkpoint: Checkpoint,
         limit: u32,

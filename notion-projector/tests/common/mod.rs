@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
-use engine::{ChannelId, Checkpoint, Event, EventStore, Fence, NewEvent, NewTask, PgStore};
+use engine::{ChannelId, Checkpoint, Event, Fence, NewEvent, NewTask, PgStore};
 use engine::{TaskId, TaskStatus};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};
 use notion_projector::{Metrics, NotionClient, Projector, ProjectorOptions, PropertyType};

@@ -397,6 +397,42 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
             );
         }
     }
+    // Environment values: the same rules as the flags they stand for.
+    let env_cases: &[(&str, &str, &[&str], i32, &str)] = &[
+        (
+            "REEL_TIME_SCALE",
+            "fast",
+            &["worker", "--until-idle"],
+            2,
+            "expected a number from 0 to 10",
+        ),
+        (
+            "REEL_TIME_SCALE",
+            "-1",
+            &["worker", "--until-idle"],
+            2,
+            "expected a number from 0 to 10",
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://localhost/x",
+            &["tasks"],
+            1,
+            "invalid database URL",
+        ),
+    ];
+    for (name, value, args, code, message) in env_cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args(*args)
+            .env("DATABASE_URL", db.url())
+            .env("REEL_ARTIFACTS", dir.path())
+            .env(name, value)
+            .output()
+            .expect("run reel");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "{name}={value}: {stderr}");
+        assert!(stderr.contains(message), "{name}={value}: {stderr}");
+    }
     assert_eq!(task_count(&db).await, 0, "nothing was written");
 
     // A task that is not in review cannot be approved; a finished one cannot be cancelled.

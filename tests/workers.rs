@@ -353,6 +353,24 @@ async fn a_claim_reads_a_few_rows_whatever_the_queue_length() {
         .expect("pg_stat_user_tables");
         (read, updated)
     };
+    // The set-up's own scan of `tasks` (the events insert) is counted when its session
+    // flushes its statistics: wait for that, or it lands among the claims' reads.
+    let started = Instant::now();
+    loop {
+        let inserted: i64 =
+            sqlx::query_scalar("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'tasks'")
+                .fetch_one(db.pool())
+                .await
+                .expect("pg_stat_user_tables");
+        if inserted >= 20_000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the set-up's statistics were never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (read_before, updated_before) = rows_read().await;
 
     // One connection, so the claims' statistics are flushed together, when it goes idle.

@@ -114,6 +114,12 @@ fn explain_refusal(
 
 /// Parses a `postgres://` URL into connection options.
 pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
+    // The driver reads any scheme as PostgreSQL's: say so before it dials a MySQL URL.
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(Error::InvalidInput(
+            "invalid database URL: expected postgres://user@host:port/database".into(),
+        ));
+    }
     url.parse::<PgConnectOptions>()
         .map_err(|e| Error::InvalidInput(format!("invalid database URL: {e}")))
 }

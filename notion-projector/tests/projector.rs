@@ -937,3 +937,51 @@ async fn checkpoint_past_every_event(store: &engine::PgStore) {
     .await
     .expect("move the checkpoint past every event");
 }
+
+/// Status changes recorded before `to_display` existed reach the board under the names
+/// they always had; a workflow's own status reaches it under the name it recorded.
+#[tokio::test]
+async fn old_status_events_keep_their_names_and_new_ones_carry_theirs() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let (old, custom) = (new_page_id(), new_page_id());
+    notion.add_page(&old);
+    notion.add_page(&custom);
+    let task = new_task(&store, Some(&old)).await;
+    // As an earlier build wrote it: no `to_display`.
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, payload) \
+         VALUES ($1, 2, gen_random_uuid(), 'status_changed', \
+                 '{\"from\": \"generating_video\", \"to\": \"generating_sfx\"}')",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .expect("an event of an earlier build");
+    sqlx::query("UPDATE tasks SET version = 2 WHERE id = $1")
+        .bind(task.as_uuid())
+        .execute(store.pool())
+        .await
+        .expect("bump the task's version");
+    let other = new_task(&store, Some(&custom)).await;
+    store
+        .append(
+            other,
+            1,
+            Fence::Unleased,
+            &[NewEvent::new(Event::StatusChanged {
+                from: TaskStatus::QUEUED,
+                to: TaskStatus::from_static("generating_sfx"),
+                to_display: Some("Generating SFX".into()),
+            })],
+        )
+        .await
+        .expect("append");
+    let running = spawn(&store, client(&notion), fast_options());
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
+    running.stop().await;
+    assert_eq!(notion.page_value(&old).as_deref(), Some("Generating SFX"));
+    assert_eq!(notion.page_value(&custom).as_deref(), Some("Generating SFX"));
+    assert!(failures(&store).await.is_empty());
+}

@@ -208,6 +208,7 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let long_key = "k".repeat(201);
+    let long_id = "w".repeat(3_000);
     let cases: &[(&[&str], i32, &str)] = &[
         (
             &["submit", "--channel", "../etc", "--topic", "x"],
@@ -383,6 +384,11 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
         ),
         (&["retry", "x"], 1, "invalid task id"),
         (&["frobnicate"], 2, "unrecognized subcommand"),
+        (
+            &["worker", "--worker-id", &long_id, "--until-idle"],
+            2,
+            "expected 1 to 200 characters",
+        ),
     ];
     for (args, code, message) in cases {
         let run = reel(&db, dir.path(), args);

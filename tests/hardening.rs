@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{claim, spawn_reel_worker, submit};
+use common::{Probe, claim, spawn_reel_worker, submit};
 use engine::prelude::*;
 use engine::testing::TestDatabase;
 use engine::{Orchestrator, commands};
@@ -348,4 +348,128 @@ impl StepWork for PlanOf3 {
     ) -> engine::BoxFuture<Result<ItemOutput, StepError>> {
         Box::pin(async { Ok(ItemOutput::default()) })
     }
+}
+
+/// A step that takes its worker down never records a failure, so the attempt budget does
+/// not see it; the claim limit does (found by review: such a task was claimed forever).
+#[tokio::test]
+async fn a_task_whose_claims_keep_dying_fails_at_the_claim_limit() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let policy = TaskRetryPolicy {
+        max_attempts: 3,
+        backoff: Backoff::none(),
+    };
+    let limit = policy.claim_limit();
+    let workflow = Workflow::new("crashy")
+        .step(Step::once("work", |_ctx: StepContext| async {
+            Ok(ItemOutput::default())
+        }))
+        .task_retry(policy);
+    let task = submit(&store, "crashy").await;
+    // Workers that die mid-item: their leases expire, nothing else is recorded.
+    for i in 0..limit {
+        store
+            .claim_task(task, &format!("dies-{i}"), Duration::from_millis(1))
+            .await
+            .expect("claim")
+            .expect("claimable");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
+    let lease = claim(&store, task).await;
+    let outcome = orchestrator
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect("run");
+    match outcome {
+        RunOutcome::Failed { reason } => assert!(
+            reason.starts_with(&format!("claimed {} times without finishing", limit + 1)),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A corrupt history (a known event type and version whose payload does not decode) is
+/// not "from a newer build": no build can run it, so the task fails with the reason
+/// instead of being set aside forever; and an operator can cancel a task whose history
+/// cannot be read (found by review).
+#[tokio::test]
+async fn a_corrupt_history_fails_the_task_and_unreadable_tasks_can_be_cancelled() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let corrupt = submit(&store, "video").await;
+    append_from_a_newer_build(&db, corrupt, "item_completed", 1).await;
+    let orchestrator = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(Probe::default().pipeline()),
+    );
+    let lease = claim(&store, corrupt).await;
+    let outcome = orchestrator
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect("run");
+    match outcome {
+        RunOutcome::Failed { reason } => {
+            assert!(reason.contains("cannot be read"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.task_status(corrupt).await.expect("status"),
+        Some(TaskStatus::FAILED)
+    );
+
+    let newer = submit(&store, "video").await;
+    append_from_a_newer_build(&db, newer, "task_paused", 1).await;
+    let cancelled = commands::cancel(&store, newer, Some("stuck".into()))
+        .await
+        .expect("cancel an unreadable task");
+    assert_eq!(cancelled.status(), TaskStatus::CANCELLED);
+    assert_eq!(
+        store.task_status(newer).await.expect("status"),
+        Some(TaskStatus::CANCELLED)
+    );
+}
+
+/// A task an older worker set aside is still work for a worker that can read it:
+/// `--until-idle` waits for it and runs it when it is due (found by review: it returned).
+#[tokio::test]
+async fn until_idle_waits_for_a_task_another_worker_set_aside() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = submit(&store, "video").await;
+    // What an older worker leaves behind: marked unreadable, due in a moment.
+    sqlx::query(
+        "UPDATE tasks SET unreadable_since = now(), next_run_at = now() + interval '300 ms' \
+         WHERE id = $1",
+    )
+    .bind(task.as_uuid())
+    .execute(db.pool())
+    .await
+    .expect("set aside");
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        Worker::new(
+            store.clone(),
+            Registry::new().register(Probe::default().pipeline()),
+            options("newer"),
+        )
+        .run_until_idle(),
+    )
+    .await
+    .expect("returns")
+    .expect("worker");
+    assert_eq!(report.awaiting_review, 1, "{report:?}");
+    let marked: bool =
+        sqlx::query_scalar("SELECT unreadable_since IS NOT NULL FROM tasks WHERE id = $1")
+            .bind(task.as_uuid())
+            .fetch_one(db.pool())
+            .await
+            .expect("row");
+    assert!(
+        !marked,
+        "the first append of a worker that can read it clears the mark"
+    );
 }

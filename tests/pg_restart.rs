@@ -162,7 +162,7 @@ async fn workers_survive_a_postgres_restart_and_lose_nothing() {
 
     tokio::time::sleep(Duration::from_millis(700)).await;
     let unfinished = store
-        .unfinished_tasks(&[steps::WORKFLOW.into()])
+        .unfinished_tasks(&[steps::WORKFLOW.into()], &[])
         .await
         .expect("count");
     assert!(unfinished > 0, "the restart must hit a run in progress");

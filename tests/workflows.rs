@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{claim, reel_cli, submit};
+use common::{claim, reel_cli, run_to_rest, state, submit};
 use engine::prelude::*;
 use engine::testing::TestDatabase;
 use engine::{Event, Orchestrator};
@@ -358,4 +358,111 @@ async fn reel_submit_refuses_input_the_workflow_cannot_parse() {
         ],
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+/// Three items of one step, one at a time; each records whether it could read the item
+/// before it. Item 2 fails once on attempt 1 when `flaky`.
+fn sequential(flaky: bool) -> Workflow {
+    Workflow::new("seq")
+        .step(
+            Step::items(
+                "parts",
+                |_| Ok(3),
+                move |ctx: StepContext, item| async move {
+                    if flaky && item == 2 && ctx.attempt == 1 {
+                        return Err(StepError::transient("flaky"));
+                    }
+                    let saw_prev = item > 1 && ctx.outputs.record("parts", item - 1).is_some();
+                    ItemOutput::value(json!({ "saw_prev": saw_prev }))
+                },
+            )
+            .retry(RetryPolicy {
+                max_tries: 1,
+                backoff: Backoff::none(),
+            }),
+        )
+        .task_retry(TaskRetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::none(),
+        })
+}
+
+async fn saw_prev(store: &PgStore, task: TaskId) -> Vec<bool> {
+    let s = state(store, task).await;
+    let step = s.step("parts").expect("parts ran");
+    step.items
+        .values()
+        .map(|r| r.output.as_ref().expect("output")["saw_prev"] == json!(true))
+        .collect()
+}
+
+/// DESIGN: "a resumed task sees exactly what an uninterrupted one would": an item never
+/// reads its own step's other items, resumed or not (found by review: a resumed run used
+/// to see the items its first attempt completed).
+#[tokio::test]
+async fn a_resumed_item_sees_what_an_uninterrupted_one_would() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+
+    let clean = Orchestrator::new(store.clone(), Registry::new().register(sequential(false)));
+    let t1 = submit(&store, "seq").await;
+    run_to_rest(&store, &clean, t1).await;
+
+    let flaky = Orchestrator::new(store.clone(), Registry::new().register(sequential(true)));
+    let t2 = submit(&store, "seq").await;
+    run_to_rest(&store, &flaky, t2).await;
+
+    let uninterrupted = saw_prev(&store, t1).await;
+    let resumed = saw_prev(&store, t2).await;
+    assert_eq!(
+        uninterrupted, resumed,
+        "item outputs differ between an uninterrupted and a resumed run"
+    );
+    assert_eq!(
+        uninterrupted,
+        [false, false, false],
+        "a step reads earlier steps only"
+    );
+}
+
+/// Step "a" returns `None` as its output (serialized: JSON null); step "b" reads it back as
+/// `Option<u32>`. When `flaky`, b fails once on attempt 1 so that it reads after a resume.
+fn null_output(flaky: bool) -> Workflow {
+    Workflow::new("nulls")
+        .step(Step::once("a", |_ctx: StepContext| async move {
+            ItemOutput::value(Option::<u32>::None)
+        }))
+        .step(
+            Step::once("b", move |ctx: StepContext| async move {
+                if flaky && ctx.attempt == 1 {
+                    return Err(StepError::transient("flaky"));
+                }
+                let seen: Option<u32> = ctx.output("a", 1)?;
+                ItemOutput::value(json!({ "seen": seen }))
+            })
+            .retry(RetryPolicy {
+                max_tries: 1,
+                backoff: Backoff::none(),
+            }),
+        )
+        .task_retry(TaskRetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::none(),
+        })
+}
+
+/// A `null` output reads back as the value it was, from memory or from the log (found by
+/// review: once folded it read as "no output" and the resumed run failed).
+#[tokio::test]
+async fn a_null_output_reads_back_the_same_after_a_resume() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let clean = Orchestrator::new(store.clone(), Registry::new().register(null_output(false)));
+    let t1 = submit(&store, "nulls").await;
+    let o1 = run_to_rest(&store, &clean, t1).await;
+    let flaky = Orchestrator::new(store.clone(), Registry::new().register(null_output(true)));
+    let t2 = submit(&store, "nulls").await;
+    let o2 = run_to_rest(&store, &flaky, t2).await;
+    assert_eq!(o1.last(), Some(&RunOutcome::Completed));
+    assert_eq!(o2.last(), Some(&RunOutcome::Completed), "{o2:?}");
 }

@@ -68,7 +68,12 @@ fn require_review(task: TaskId, state: &TaskState, action: &'static str) -> Resu
 /// Cancels a task that is not finished. A worker running it stops at its next item
 /// boundary (its next append conflicts and it re-reads the stream).
 pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Result<TaskState> {
-    let state = load(store, task).await?;
+    let state = match load(store, task).await {
+        Err(err @ Error::Decode { .. }) => {
+            return cancel_unreadable(store, task, reason, err).await;
+        }
+        other => other?,
+    };
     require(task, &state, "cancel", |s| !s.is_terminal())?;
     let events = vec![
         Event::TaskCancelled { reason },
@@ -86,6 +91,39 @@ pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {
     })?;
     let events = vec![Event::status_changed(state.status(), TaskStatus::QUEUED)];
     commit(store, task, state.version, events).await
+}
+
+/// Cancels a task whose history this build cannot fold, from its `tasks` row: an
+/// operator can always stop a task, whatever its log holds.
+async fn cancel_unreadable(
+    store: &PgStore,
+    task: TaskId,
+    reason: Option<String>,
+    err: Error,
+) -> Result<TaskState> {
+    let Some(status) = store.task_status(task).await? else {
+        return Err(err);
+    };
+    if status.is_terminal() {
+        return Err(Error::InvalidState {
+            task,
+            status,
+            action: "cancel",
+        });
+    }
+    let version = store.stream_version(task).await?;
+    let events = [
+        Event::TaskCancelled { reason },
+        Event::status_changed(status, TaskStatus::CANCELLED),
+    ];
+    let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+    let appended = store.append(task, version, Fence::Unleased, &batch).await?;
+    let mut state = TaskState::default();
+    state.task_id = Some(task);
+    state.status = Some(TaskStatus::CANCELLED);
+    state.version = appended.version;
+    state.cancelled = true;
+    Ok(state)
 }
 
 async fn load(store: &PgStore, task: TaskId) -> Result<TaskState> {

@@ -121,6 +121,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// A `Decode` error because the event comes from a newer build — an event type or a
+    /// schema version this build does not know — rather than a corrupt payload.
+    pub fn is_from_a_newer_build(&self) -> bool {
+        match self {
+            Error::Decode { reason, .. } => {
+                reason.starts_with("unknown event type")
+                    || reason.starts_with("unknown schema version")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether retrying the same operation later may succeed (database outages, conflicts).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -64,8 +64,13 @@ pub enum Event {
         cost_micros: i64,
         duration_ms: u64,
         /// The step's result, which later steps read (absent in logs recorded before
-        /// outputs existed, and for items that return none).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// outputs existed, and for items that return none). A recorded `null` stays a
+        /// value: it reads back as `Some(Null)`, as the step returned it.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "present"
+        )]
         output: Option<Value>,
     },
     /// One try of an item failed; `kind` says whether it will be retried.
@@ -128,6 +133,11 @@ pub enum Event {
 
 fn one() -> u32 {
     1
+}
+
+/// A field that is there, whatever its value (`null` included); `default` covers absence.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 impl Event {
@@ -484,6 +494,24 @@ mod tests {
         );
         let (_, payload) = event.encode().expect("encode");
         assert_eq!(payload.to_string(), old, "re-encoding adds no field");
+    }
+
+    #[test]
+    fn a_null_output_reads_back_as_a_value() {
+        let stored = r#"{"step":"a","item":1,"attempt":1,"artifact":"","cost_micros":0,"duration_ms":1,"output":null}"#;
+        let event = Event::decode_current_text("item_completed", stored).expect("decodes");
+        assert!(
+            matches!(
+                event,
+                Event::ItemCompleted {
+                    output: Some(Value::Null),
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+        let (_, payload) = event.encode().expect("encode");
+        assert_eq!(payload.to_string(), stored);
     }
 
     #[test]

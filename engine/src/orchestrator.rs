@@ -87,7 +87,8 @@ impl Orchestrator {
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
         let outcome = match self.run_claimed(lease, drain, abort).await {
-            Err(err @ Error::Decode { .. }) => return self.set_aside(lease, &err).await,
+            Err(err) if err.is_from_a_newer_build() => return self.set_aside(lease, &err).await,
+            Err(err @ Error::Decode { .. }) => return self.fail_unreadable(lease, &err).await,
             Err(Error::Conflict { .. }) => {
                 // Someone else appended (an operator's cancel, usually): look again.
                 let state = fold(&self.store.read_stream(lease.task, 1).await?);
@@ -112,6 +113,34 @@ impl Orchestrator {
             self.store.release_lease(lease).await?;
         }
         Ok(outcome)
+    }
+
+    /// Fails a task whose history is corrupt (an event of a known type and version that
+    /// does not decode): no build can run it. Its status is taken from the `tasks` row.
+    async fn fail_unreadable(&self, lease: &Lease, err: &Error) -> Result<RunOutcome> {
+        let from = self
+            .store
+            .task_status(lease.task)
+            .await?
+            .unwrap_or(TaskStatus::QUEUED);
+        let reason = crate::id::truncate_for_display(
+            &format!("the task's history cannot be read: {err}"),
+            crate::workflow::ERROR_MESSAGE_MAX_CHARS,
+        );
+        tracing::error!(task = %lease.task, %reason, "failing the task");
+        let events = [
+            Event::TaskFailed {
+                reason: reason.clone(),
+                step: None,
+                item: None,
+            },
+            Event::status_changed(from, TaskStatus::FAILED),
+        ];
+        let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+        self.store
+            .append(lease.task, lease.version, lease.fence(), &batch)
+            .await?;
+        Ok(RunOutcome::Failed { reason })
     }
 
     /// Releases a task whose history this build cannot read, logging why once per wait.
@@ -172,6 +201,16 @@ impl Orchestrator {
         };
         if let Err(reason) = run.workflow.check_input(&run.input) {
             let error = StepError::permanent(format!("invalid input: {reason}"));
+            return run.fail(state.status(), None, error).await;
+        }
+        // Claims that end without a failure do not use the attempt budget, so a step that
+        // takes its worker down (out of memory, abort) is bounded here instead.
+        let claims = lease.attempt.saturating_sub(state.budget_base);
+        let limit = run.workflow.task_retry.claim_limit();
+        if claims > limit {
+            let error = StepError::permanent(format!(
+                "claimed {claims} times without finishing (limit {limit}): a step may be taking its worker down"
+            ));
             return run.fail(state.status(), None, error).await;
         }
         run.execute(state).await
@@ -276,12 +315,13 @@ impl TaskRun {
     /// up, no new item starts; items in flight finish and are recorded.
     async fn run_items(&self, step: &Step, missing: Vec<u32>) -> Result<StepEnd> {
         let no_new_items = CancellationToken::new();
-        // What this step's items read: every completion before the step began.
+        // What this step's items read: the earlier steps' completions (never this step's
+        // own, which a resumed run would see and an uninterrupted one would not).
         let outputs = Arc::new(
             self.outputs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .before_step(step.name()),
         );
         let mut results = futures_util::stream::iter(missing)
             .map(|item| self.run_item(step, item, outputs.clone(), no_new_items.clone()))

@@ -81,6 +81,14 @@ impl Outputs {
         Outputs { steps }
     }
 
+    /// The same outputs without `step`'s (what that step's items may read: only earlier
+    /// steps', so an item sees the same whether or not its step was resumed).
+    pub(crate) fn before_step(&self, step: &str) -> Self {
+        let mut earlier = self.clone();
+        earlier.steps.remove(step);
+        earlier
+    }
+
     /// Records a completion.
     pub(crate) fn insert(&mut self, step: &str, record: ItemRecord) {
         self.steps

@@ -45,6 +45,9 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// The longest worker id (it is stored, and indexed, as the lease owner).
+    pub const WORKER_ID_MAX_CHARS: usize = 200;
+
     /// Defaults for a worker called `worker_id`.
     pub fn new(worker_id: impl Into<String>) -> Self {
         WorkerOptions {
@@ -123,6 +126,13 @@ impl Worker {
     /// nothing left to do). On shutdown it stops claiming, lets items in flight finish for
     /// up to the grace period, abandons the rest, and releases every lease it holds.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let id = &self.options.worker_id;
+        if id.is_empty() || id.chars().count() > WorkerOptions::WORKER_ID_MAX_CHARS {
+            return Err(Error::InvalidInput(format!(
+                "a worker id is 1 to {} characters",
+                WorkerOptions::WORKER_ID_MAX_CHARS
+            )));
+        }
         let drain = shutdown.child_token();
         let abort = CancellationToken::new();
         let mut running: JoinSet<(Lease, Result<RunOutcome>)> = JoinSet::new();
@@ -149,8 +159,12 @@ impl Worker {
                 }
             }
             if self.options.until_idle && running.is_empty() {
-                match self.store.unfinished_tasks(&self.workflows).await {
-                    Ok(left) if left <= in_flight.broken.len() as i64 => break,
+                match self
+                    .store
+                    .unfinished_tasks(&self.workflows, &in_flight.given_up())
+                    .await
+                {
+                    Ok(0) => break,
                     Ok(_) => {}
                     Err(err) => tracing::warn!(error = %err, "cannot count unfinished tasks"),
                 }
@@ -284,7 +298,10 @@ fn record(
     match outcome {
         Ok(RunOutcome::AwaitingReview) => report.awaiting_review += 1,
         Ok(RunOutcome::Completed) => report.completed += 1,
-        Ok(RunOutcome::SetAside { .. }) => report.set_aside += 1,
+        Ok(RunOutcome::SetAside { .. }) => {
+            in_flight.set_aside.insert(task);
+            report.set_aside += 1;
+        }
         Ok(RunOutcome::RetryScheduled { next_run_at }) => {
             tracing::info!(%task, %next_run_at, "retry scheduled");
             report.rescheduled += 1;
@@ -308,18 +325,24 @@ fn record(
     }
 }
 
-/// The tasks this process runs, by the tokio task that runs each, and those whose run
-/// broke (panicked) and that it leaves to other workers.
+/// The tasks this process runs, by the tokio task that runs each; those whose run broke
+/// (panicked), which it leaves to other workers; and those it set aside as unreadable.
 #[derive(Default)]
 struct InFlight {
     runs: HashMap<tokio::task::Id, TaskId>,
     broken: HashSet<TaskId>,
+    set_aside: HashSet<TaskId>,
 }
 
 impl InFlight {
     /// What a claim must skip: what runs here, and what broke here.
     fn not_to_claim(&self) -> Vec<TaskId> {
         self.runs.values().chain(&self.broken).copied().collect()
+    }
+
+    /// What `--until-idle` does not wait for: what this worker cannot run.
+    fn given_up(&self) -> Vec<TaskId> {
+        self.broken.iter().chain(&self.set_aside).copied().collect()
     }
 }
 

@@ -144,6 +144,16 @@ pub struct TaskRetryPolicy {
     pub backoff: Backoff,
 }
 
+impl TaskRetryPolicy {
+    /// How many claims a task may take without finishing before it fails: four per
+    /// attempt of the budget, at least 10. Attempts count failures; claims also count
+    /// crashes, shutdowns and takeovers, which this bounds without letting a few deploys
+    /// during a long task fail it.
+    pub fn claim_limit(&self) -> u32 {
+        self.max_attempts.saturating_mul(4).max(10)
+    }
+}
+
 impl Default for TaskRetryPolicy {
     fn default() -> Self {
         TaskRetryPolicy {
@@ -166,8 +176,9 @@ pub struct StepContext {
     /// The try of this item within the attempt (1 = first try).
     pub try_number: u32,
     pub input: Arc<Value>,
-    /// Every item completed before this step began, as the log records it (earlier
-    /// attempts included): read with [`StepContext::output`] and [`StepContext::outputs`].
+    /// The completed items of the earlier steps, as the log records them (earlier attempts
+    /// included; never this step's own): read with [`StepContext::output`] and
+    /// [`StepContext::outputs`].
     pub outputs: Arc<Outputs>,
     /// Cancelled when the task is cancelled, the lease is lost or the worker shuts down:
     /// long-running work should stop early.

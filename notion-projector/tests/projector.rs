@@ -982,6 +982,9 @@ async fn old_status_events_keep_their_names_and_new_ones_carry_theirs() {
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     running.stop().await;
     assert_eq!(notion.page_value(&old).as_deref(), Some("Generating SFX"));
-    assert_eq!(notion.page_value(&custom).as_deref(), Some("Generating SFX"));
+    assert_eq!(
+        notion.page_value(&custom).as_deref(),
+        Some("Generating SFX")
+    );
     assert!(failures(&store).await.is_empty());
 }

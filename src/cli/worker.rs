@@ -15,8 +15,9 @@ pub(crate) struct WorkerArgs {
     /// Tasks run at once (1 to 1024).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
-    /// Unique per process; restarting with the same id reclaims its leases at once.
-    #[arg(long)]
+    /// Unique per process; restarting with the same id reclaims its leases at once (1 to
+    /// 200 characters).
+    #[arg(long, value_parser = parse_worker_id)]
     worker_id: Option<String>,
     /// Exit 0 once no task is queued, running or scheduled for retry.
     #[arg(long)]
@@ -72,6 +73,7 @@ pub(crate) async fn worker(
         awaiting_review = report.awaiting_review,
         rescheduled = report.rescheduled,
         failed = report.failed,
+        set_aside = report.set_aside,
         stopped = report.stopped,
         "worker done"
     );
@@ -89,4 +91,13 @@ fn parse_time_scale(raw: &str) -> Result<f64, String> {
         Ok(scale) if (0.0..=10.0).contains(&scale) => Ok(scale),
         _ => Err("expected a number from 0 to 10".into()),
     }
+}
+
+/// `--worker-id`: 1 to 200 characters (it is stored and indexed as the lease owner).
+fn parse_worker_id(raw: &str) -> Result<String, String> {
+    let max = WorkerOptions::WORKER_ID_MAX_CHARS;
+    if raw.is_empty() || raw.chars().count() > max {
+        return Err(format!("expected 1 to {max} characters"));
+    }
+    Ok(raw.to_owned())
 }

@@ -180,14 +180,16 @@ impl PgStore {
     }
 
     /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not
-    /// finished, not set aside as unreadable by this build).
-    pub async fn unfinished_tasks(&self, workflows: &[String]) -> Result<i64> {
+    /// finished), other than those in `except` (the ones a worker has given up on).
+    pub async fn unfinished_tasks(&self, workflows: &[String], except: &[TaskId]) -> Result<i64> {
+        let except: Vec<uuid::Uuid> = except.iter().map(TaskId::as_uuid).collect();
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM tasks \
              WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
-               AND workflow = ANY($1) AND unreadable_since IS NULL",
+               AND workflow = ANY($1) AND NOT (id = ANY($2))",
         )
         .bind(workflows)
+        .bind(&except)
         .fetch_one(self.pool())
         .await?)
     }

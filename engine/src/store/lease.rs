@@ -51,9 +51,10 @@ RETURNING lease_epoch, attempt, version
 /// restart (never one this process is running now). SKIP LOCKED: concurrent claimers
 /// never wait for each other and never take the same task.
 ///
-/// Both lookups are index-backed (see the `tasks_due` and `tasks_lease_owner` indexes), so
-/// a claim costs about the same with 10 or 200,000 queued tasks: `own` reads this worker's
-/// few leases; `due` runs only when `own` found nothing (a one-time filter) and walks the
+/// Both lookups are index-backed (see the `tasks_workflow_due` and `tasks_lease_owner`
+/// indexes), so a claim costs about the same with 10 or 200,000 queued tasks, of its own
+/// workflows or of others: `own` reads this worker's few leases; `due` runs only when
+/// `own` found nothing (a one-time filter) and walks each of the worker's workflows'
 /// runnable tasks in due order, stopping at the first whose lease is free or expired.
 const CLAIM_NEXT_SQL: &str = r#"
 WITH own AS (
@@ -67,16 +68,24 @@ WITH own AS (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), due AS (
-    SELECT id FROM tasks
-    WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
-      AND COALESCE(next_run_at, created_at) <= now()
-      AND (lease_owner IS NULL OR lease_expires_at < now())
-      AND NOT (id = ANY($3))
-      AND workflow = ANY($4)
-      AND NOT EXISTS (SELECT 1 FROM own)
-    ORDER BY COALESCE(next_run_at, created_at)
+    -- The first free due task of each of the worker's workflows (an index walk each, in
+    -- due order), then the earliest of those.
+    SELECT candidate.id FROM (
+        SELECT name FROM unnest($4::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
+    ) AS w
+    CROSS JOIN LATERAL (
+        SELECT id, COALESCE(next_run_at, created_at) AS due_at FROM tasks
+        WHERE workflow = w.name
+          AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+          AND COALESCE(next_run_at, created_at) <= now()
+          AND (lease_owner IS NULL OR lease_expires_at < now())
+          AND NOT (id = ANY($3))
+        ORDER BY COALESCE(next_run_at, created_at)
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AS candidate
+    ORDER BY candidate.due_at
     LIMIT 1
-    FOR UPDATE SKIP LOCKED
 ), next AS (
     SELECT id FROM own UNION ALL SELECT id FROM due
 )

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Probe, claim, spawn_reel_worker, submit};
+use common::{Probe, claim, failure_reason, run_once, spawn_reel_worker, submit};
 use engine::prelude::*;
 use engine::testing::TestDatabase;
 use engine::{Orchestrator, commands};
@@ -295,17 +295,9 @@ async fn the_attempt_budget_counts_failures_not_claims() {
         matches!(outcome, RunOutcome::RetryScheduled { .. }),
         "the first failure of a budget of 2 is retried: {outcome:?}"
     );
-    let lease = claim(&store, task).await;
-    let outcome = orchestrator
-        .run(&lease, CancellationToken::new())
-        .await
-        .expect("run");
-    match outcome {
-        RunOutcome::Failed { reason } => {
-            assert!(reason.starts_with("gave up after 2 attempts"), "{reason}")
-        }
-        other => panic!("the second failure ends the budget: {other:?}"),
-    }
+    let outcome = run_once(&store, &orchestrator, task).await;
+    let reason = failure_reason(outcome);
+    assert!(reason.starts_with("gave up after 2 attempts"), "{reason}");
 }
 
 /// An atomic step is one unit of work: one that plans several items is refused, so it can
@@ -317,18 +309,12 @@ async fn an_atomic_step_that_plans_several_items_fails_permanently() {
     let workflow = Workflow::new("atomic").step(Step::atomic("render", PlanOf3));
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
     let task = submit(&store, "atomic").await;
-    let lease = claim(&store, task).await;
-    let outcome = orchestrator
-        .run(&lease, CancellationToken::new())
-        .await
-        .expect("run");
-    match outcome {
-        RunOutcome::Failed { reason } => assert!(
-            reason.contains("an atomic step plans exactly one item, not 3"),
-            "{reason}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    let outcome = run_once(&store, &orchestrator, task).await;
+    let reason = failure_reason(outcome);
+    assert!(
+        reason.contains("an atomic step plans exactly one item, not 3"),
+        "{reason}"
+    );
     let state = fold(&store.read_stream(task, 1).await.expect("read"));
     assert!(state.step("render").is_none_or(|s| s.items.is_empty()));
 }
@@ -377,18 +363,12 @@ async fn a_task_whose_claims_keep_dying_fails_at_the_claim_limit() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
-    let lease = claim(&store, task).await;
-    let outcome = orchestrator
-        .run(&lease, CancellationToken::new())
-        .await
-        .expect("run");
-    match outcome {
-        RunOutcome::Failed { reason } => assert!(
-            reason.starts_with(&format!("claimed {} times without finishing", limit + 1)),
-            "{reason}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    let outcome = run_once(&store, &orchestrator, task).await;
+    let reason = failure_reason(outcome);
+    assert!(
+        reason.starts_with(&format!("claimed {} times without finishing", limit + 1)),
+        "{reason}"
+    );
 }
 
 /// A corrupt history (a known event type and version whose payload does not decode) is
@@ -405,17 +385,9 @@ async fn a_corrupt_history_fails_the_task_and_unreadable_tasks_can_be_cancelled(
         store.clone(),
         Registry::new().register(Probe::default().pipeline()),
     );
-    let lease = claim(&store, corrupt).await;
-    let outcome = orchestrator
-        .run(&lease, CancellationToken::new())
-        .await
-        .expect("run");
-    match outcome {
-        RunOutcome::Failed { reason } => {
-            assert!(reason.contains("cannot be read"), "{reason}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let outcome = run_once(&store, &orchestrator, corrupt).await;
+    let reason = failure_reason(outcome);
+    assert!(reason.contains("cannot be read"), "{reason}");
     assert_eq!(
         store.task_status(corrupt).await.expect("status"),
         Some(TaskStatus::FAILED)

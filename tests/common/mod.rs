@@ -176,6 +176,23 @@ pub async fn claim(store: &PgStore, task: TaskId) -> Lease {
         .expect("the task is claimable")
 }
 
+/// Claims `task` and runs it once.
+pub async fn run_once(store: &PgStore, orchestrator: &Orchestrator, task: TaskId) -> RunOutcome {
+    let lease = claim(store, task).await;
+    orchestrator
+        .run(&lease, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("run")
+}
+
+/// The reason of a run that failed the task (panics on any other outcome).
+pub fn failure_reason(outcome: RunOutcome) -> String {
+    match outcome {
+        RunOutcome::Failed { reason } => reason,
+        other => panic!("expected the task to fail: {other:?}"),
+    }
+}
+
 /// Claims and runs `task` until it stops being runnable; returns every run's outcome.
 pub async fn run_to_rest(
     store: &PgStore,

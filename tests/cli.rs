@@ -526,3 +526,39 @@ async fn retry_sends_a_failed_task_back_and_it_resumes_by_replay() {
     );
     assert!(ok(reel(&db, dir.path(), &["tasks", "--status", "failed"])).contains(&id));
 }
+
+/// `reel tasks | head -1`: a reader that closes the pipe early is not a crash (exit 0, not
+/// `println!`'s panic and exit 101).
+#[tokio::test]
+async fn a_closed_stdout_ends_reel_quietly() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for _ in 0..3 {
+        ok(reel(
+            &db,
+            dir.path(),
+            &["submit", "--channel", "history", "--topic", "Rome"],
+        ));
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["tasks"])
+        .env("DATABASE_URL", db.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run reel");
+    // Close the reading end before reel prints anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

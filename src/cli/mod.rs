@@ -123,6 +123,7 @@ pub(crate) struct UsageError(pub(crate) String);
 /// Runs the `reel` command line with `workflows`. Exit codes: 0 success, 1 failure (the
 /// error is printed on one line), 2 bad usage, 3 `audit` found broken invariants.
 pub fn main(workflows: impl Workflows) -> ExitCode {
+    exit_quietly_on_a_closed_stdout();
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
     engine::service::init_logging(cli.log_format == LogFormat::Json);
@@ -182,6 +183,25 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
     store.migrate().await?;
     println!("migrations applied");
     Ok(())
+}
+
+/// `reel tasks | head -1` closes stdout while reel still prints: stop quietly with exit 0,
+/// as a command-line tool should, instead of `println!`'s panic (exit 101). Rust ignores
+/// SIGPIPE, and restoring it would take `unsafe`; the panic is the one place this shows.
+fn exit_quietly_on_a_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// The error and its causes on one line, without repeating a cause that a message above

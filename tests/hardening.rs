@@ -33,31 +33,6 @@ async fn claims(db: &TestDatabase, task: TaskId) -> i64 {
     .expect("count claims")
 }
 
-/// Appends version 2 of `task` as a newer build would: an event type or schema version
-/// this build does not know.
-async fn append_from_a_newer_build(
-    db: &TestDatabase,
-    task: TaskId,
-    event_type: &str,
-    schema_version: i16,
-) {
-    sqlx::query(
-        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
-         VALUES ($1, 2, gen_random_uuid(), $2, $3, '{}')",
-    )
-    .bind(task.as_uuid())
-    .bind(event_type)
-    .bind(schema_version)
-    .execute(db.pool())
-    .await
-    .expect("a newer build's event");
-    sqlx::query("UPDATE tasks SET version = 2 WHERE id = $1")
-        .bind(task.as_uuid())
-        .execute(db.pool())
-        .await
-        .expect("its version");
-}
-
 /// A queued task holding an event from a newer build: an old `reel worker --until-idle`
 /// claims it once, sets it aside (not failed, no attempt of its budget used) and returns.
 #[tokio::test]
@@ -73,7 +48,7 @@ async fn a_history_this_build_cannot_read_is_set_aside_not_looped_on() {
         .await
         .expect("submit")
         .task_id();
-    append_from_a_newer_build(&db, task, "task_paused", 1).await;
+    db.append_raw(task, "task_paused", 1, "{}").await;
 
     let artifacts = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
@@ -107,7 +82,7 @@ async fn setting_aside_is_logged_once_with_what_could_not_be_read() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let task = submit(&store, "video").await;
-    append_from_a_newer_build(&db, task, "step_started", 7).await;
+    db.append_raw(task, "step_started", 7, "{}").await;
     let artifacts = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
         .args(["worker", "--until-idle", "--worker-id", "old"])
@@ -380,7 +355,7 @@ async fn a_corrupt_history_fails_the_task_and_unreadable_tasks_can_be_cancelled(
     let db = TestDatabase::create().await;
     let store = db.store();
     let corrupt = submit(&store, "video").await;
-    append_from_a_newer_build(&db, corrupt, "item_completed", 1).await;
+    db.append_raw(corrupt, "item_completed", 1, "{}").await;
     let orchestrator = Orchestrator::new(
         store.clone(),
         Registry::new().register(Probe::default().pipeline()),
@@ -394,7 +369,7 @@ async fn a_corrupt_history_fails_the_task_and_unreadable_tasks_can_be_cancelled(
     );
 
     let newer = submit(&store, "video").await;
-    append_from_a_newer_build(&db, newer, "task_paused", 1).await;
+    db.append_raw(newer, "task_paused", 1, "{}").await;
     let cancelled = commands::cancel(&store, newer, Some("stuck".into()))
         .await
         .expect("cancel an unreadable task");

@@ -76,6 +76,38 @@ impl TestDatabase {
         &self.url
     }
 
+    /// Writes an event row past the end of `task`'s stream as another writer would (an
+    /// earlier build, a newer one, a corrupting one): `payload` as stored, no checks; the
+    /// `tasks` row follows the new version. Returns that version.
+    pub async fn append_raw(
+        &self,
+        task: crate::TaskId,
+        event_type: &str,
+        schema_version: i16,
+        payload: &str,
+    ) -> u32 {
+        let version: i32 = sqlx::query_scalar(
+            "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+             SELECT $1, COALESCE(max(stream_version), 0) + 1, gen_random_uuid(), $2, $3, $4::jsonb \
+               FROM events WHERE stream_id = $1 \
+             RETURNING stream_version",
+        )
+        .bind(task.as_uuid())
+        .bind(event_type)
+        .bind(schema_version)
+        .bind(payload)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or_else(|e| panic!("append a raw {event_type} event: {e}"));
+        sqlx::query("UPDATE tasks SET version = $2 WHERE id = $1")
+            .bind(task.as_uuid())
+            .bind(version)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("bump the task's version: {e}"));
+        u32::try_from(version).unwrap_or(0)
+    }
+
     /// The test database's name.
     pub fn name(&self) -> &str {
         &self.name

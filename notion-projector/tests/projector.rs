@@ -607,19 +607,9 @@ async fn an_undecodable_status_event_is_recorded_and_passed() {
     let page = new_page_id();
     notion.add_page(&page);
     let task = new_task(&store, Some(&page)).await;
-    sqlx::query(
-        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
-         VALUES ($1, 2, gen_random_uuid(), 'status_changed', 99, '{\"to\": \"somewhere_new\"}')",
-    )
-    .bind(task.as_uuid())
-    .execute(store.pool())
-    .await
-    .expect("insert an event from the future");
-    sqlx::query("UPDATE tasks SET version = 2 WHERE id = $1")
-        .bind(task.as_uuid())
-        .execute(store.pool())
-        .await
-        .expect("bump the task's version");
+    // An event from the future.
+    db.append_raw(task, "status_changed", 99, r#"{"to": "somewhere_new"}"#)
+        .await;
     let running = spawn(&store, client(&notion), fast_options());
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     let rows = failures(&store).await;
@@ -729,19 +719,16 @@ async fn a_failed_sync_with_an_undecodable_history_is_recorded_and_passed() {
     let page = new_page_id();
     notion.add_page(&page);
     let poisoned = new_task(&store, Some(&page)).await;
-    for sql in [
-        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
-         VALUES ($1, 2, gen_random_uuid(), 'task_paused_by_a_newer_build', 1, '{}')",
-        "UPDATE tasks SET version = 2 WHERE id = $1",
+    db.append_raw(poisoned, "task_paused_by_a_newer_build", 1, "{}")
+        .await;
+    sqlx::query(
         "INSERT INTO sync_failures (projector, global_position, task_id, http_status, error, retryable) \
          SELECT 'notion', 1, $1, 503, 'Notion unavailable', true",
-    ] {
-        sqlx::query(sql)
-            .bind(poisoned.as_uuid())
-            .execute(store.pool())
-            .await
-            .expect("poison the task's history");
-    }
+    )
+    .bind(poisoned.as_uuid())
+    .execute(store.pool())
+    .await
+    .expect("a failed sync of the poisoned task");
     checkpoint_past_every_event(&store).await;
     let running = spawn(&store, client(&notion), fast_options());
     let other_page = new_page_id();
@@ -950,20 +937,13 @@ async fn old_status_events_keep_their_names_and_new_ones_carry_theirs() {
     notion.add_page(&custom);
     let task = new_task(&store, Some(&old)).await;
     // As an earlier build wrote it: no `to_display`.
-    sqlx::query(
-        "INSERT INTO events (stream_id, stream_version, event_id, event_type, payload) \
-         VALUES ($1, 2, gen_random_uuid(), 'status_changed', \
-                 '{\"from\": \"generating_video\", \"to\": \"generating_sfx\"}')",
+    db.append_raw(
+        task,
+        "status_changed",
+        1,
+        r#"{"from": "generating_video", "to": "generating_sfx"}"#,
     )
-    .bind(task.as_uuid())
-    .execute(store.pool())
-    .await
-    .expect("an event of an earlier build");
-    sqlx::query("UPDATE tasks SET version = 2 WHERE id = $1")
-        .bind(task.as_uuid())
-        .execute(store.pool())
-        .await
-        .expect("bump the task's version");
+    .await;
     let other = new_task(&store, Some(&custom)).await;
     store
         .append(

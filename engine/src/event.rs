@@ -73,7 +73,23 @@ pub enum Event {
         )]
         output: Option<Value>,
     },
-    /// One try of an item failed; `kind` says whether it will be retried.
+    /// A provider accepted a job for one item (a two-phase item): `job` holds what any
+    /// later run needs to poll it. Until the item's completion (or an `item_failed` that
+    /// closes the job) the item has an open submission, and runs poll it, never submit it
+    /// again.
+    ItemSubmitted {
+        step: String,
+        item: u32,
+        attempt: u32,
+        /// 1 for the item's first submission, +1 for each new one (a lost or failed job,
+        /// a redo after review): part of the idempotency key sent to the provider.
+        #[serde(default = "one")]
+        submission: u32,
+        job: Value,
+    },
+    /// One try of an item failed; `kind` says whether it will be retried. For a two-phase
+    /// item this closes its open submission (the job failed, was lost, or its submit was
+    /// refused).
     ItemFailed {
         step: String,
         item: u32,
@@ -129,6 +145,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// Every item in flight waits on a provider job (or on a provider's capacity): the
+    /// lease is released until `until`, the status and the attempt stay as they are, and
+    /// the next claim resumes the same attempt.
+    TaskParked {
+        until: DateTime<Utc>,
+        /// Open jobs being waited on.
+        jobs: u32,
+        /// Items waiting for room at a provider (its cap, its rate, or its Retry-After).
+        #[serde(default)]
+        waiting: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -164,10 +191,11 @@ impl Event {
     }
 
     /// Every event type name, as stored in `events.event_type`.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 16] = [
         "task_submitted",
         "task_claimed",
         "step_started",
+        "item_submitted",
         "item_completed",
         "item_failed",
         "step_completed",
@@ -179,6 +207,7 @@ impl Event {
         "review_rejected",
         "task_completed",
         "task_cancelled",
+        "task_parked",
     ];
 
     /// The stored `event_type` of this event.
@@ -187,6 +216,7 @@ impl Event {
             Event::TaskSubmitted { .. } => "task_submitted",
             Event::TaskClaimed { .. } => "task_claimed",
             Event::StepStarted { .. } => "step_started",
+            Event::ItemSubmitted { .. } => "item_submitted",
             Event::ItemCompleted { .. } => "item_completed",
             Event::ItemFailed { .. } => "item_failed",
             Event::StepCompleted { .. } => "step_completed",
@@ -198,6 +228,7 @@ impl Event {
             Event::ReviewRejected { .. } => "review_rejected",
             Event::TaskCompleted { .. } => "task_completed",
             Event::TaskCancelled { .. } => "task_cancelled",
+            Event::TaskParked { .. } => "task_parked",
         }
     }
 
@@ -210,6 +241,8 @@ impl Event {
             self,
             Event::TaskClaimed { .. }
                 | Event::StepStarted { .. }
+                | Event::ItemSubmitted { .. }
+                | Event::TaskParked { .. }
                 | Event::ItemCompleted { .. }
                 | Event::ItemFailed { .. }
                 | Event::StepCompleted { .. }

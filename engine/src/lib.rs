@@ -46,22 +46,23 @@ pub use event::{
     CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, RecordedEvent, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
-pub use orchestrator::{Orchestrator, RunOutcome};
+pub use orchestrator::{Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};
 pub use outputs::{ItemOutput, Outputs};
 pub use state::{
-    ItemFailure, ItemRecord, ResumeRecord, RetryRecord, ReviewOutcome, StepState, TaskState,
-    Totals, fold,
+    ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, StepState,
+    TaskState, Totals, fold,
 };
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    PgStore, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
+    PgStore, SlotOwner, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
-    Backoff, BoxFuture, ERROR_MESSAGE_MAX_CHARS, Registry, RetryPolicy, Step, StepContext,
-    StepError, StepStatus, StepWork, TaskRetryPolicy, Workflow,
+    Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,
+    JobStatus, JobWork, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,
+    StepStatus, StepWork, Submission, TaskRetryPolicy, Workflow,
 };
 
 /// What a workflow author imports: defining workflows and steps, running them with a
@@ -69,8 +70,9 @@ pub use workflow::{
 /// not here: import it from the crate root when you need it.
 pub mod prelude {
     pub use crate::{
-        Attempt, Backoff, ChannelId, FailureKind, ItemOutput, NewTask, PgStore, Registry,
-        RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork, TaskId, TaskRetryPolicy,
-        TaskState, TaskStatus, Worker, WorkerOptions, WorkerReport, Workflow, fold,
+        Attempt, Backoff, ChannelId, FailureKind, ItemOutput, JobStatus, JobWork, NewTask, PgStore,
+        ProviderLimits, Registry, RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork,
+        Submission, TaskId, TaskRetryPolicy, TaskState, TaskStatus, Worker, WorkerOptions,
+        WorkerReport, Workflow, fold,
     };
 }

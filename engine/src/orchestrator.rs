@@ -20,8 +20,12 @@ use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
 use crate::state::{ItemRecord, TaskState, fold};
 use crate::status::TaskStatus;
-use crate::store::{Lease, PgStore};
-use crate::workflow::{Registry, Step, StepContext, StepError, Workflow};
+use crate::store::{Lease, PgStore, SlotOwner};
+use crate::workflow::{ProviderLimits, Registry, Step, StepContext, StepError, Work, Workflow};
+
+mod jobs;
+
+use jobs::JobRun;
 
 /// How a run of a claimed task ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +43,15 @@ pub enum RunOutcome {
     /// The run stopped early (the process is shutting down, or the stream changed under it);
     /// the lease is released and a later claim resumes by replay.
     Stopped,
+    /// Every item in flight waits on a provider job (or on room at a provider): the lease
+    /// is released and the task is due again at `until`, same status, same attempt.
+    Parked {
+        until: chrono::DateTime<Utc>,
+        /// Open jobs waited on.
+        jobs: u32,
+        /// Items waiting for room at their provider.
+        waiting: u32,
+    },
     /// The task was not runnable (already in review or finished).
     NotRunnable(TaskStatus),
     /// This build cannot read the task's history (an event from a newer build): the task
@@ -55,7 +68,20 @@ pub enum RunOutcome {
 pub struct Orchestrator {
     store: PgStore,
     registry: Arc<Registry>,
+    /// Provider limits that replace the steps' defaults, by key.
+    overrides: Arc<Vec<ProviderLimits>>,
 }
+
+/// Parks a task when its next poll (or its next chance at a provider) is at least this far
+/// off; shorter waits are slept in place.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a task waiting for room at a provider stays parked at most (a released slot
+/// wakes the oldest waiter sooner).
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long provider slots and places live without a heartbeat (or past a park's end).
+pub const SLOT_TTL: Duration = Duration::from_secs(60);
 
 impl Orchestrator {
     /// An orchestrator over `store` for the workflows in `registry`.
@@ -63,7 +89,14 @@ impl Orchestrator {
         Orchestrator {
             store,
             registry: Arc::new(registry),
+            overrides: Arc::new(Vec::new()),
         }
+    }
+
+    /// Replaces the steps' default provider limits, by key: a field set here wins.
+    pub fn with_provider_limits(mut self, overrides: Vec<ProviderLimits>) -> Self {
+        self.overrides = Arc::new(overrides);
+        self
     }
 
     /// The workflows this orchestrator runs.
@@ -112,7 +145,36 @@ impl Orchestrator {
         ) {
             self.store.release_lease(lease).await?;
         }
+        self.settle_slots(lease, &outcome).await;
         Ok(outcome)
+    }
+
+    /// After a run of a workflow that uses provider limits: a parked task keeps its slots
+    /// and places until it is due (and a while after); a stopped or rescheduled one keeps
+    /// the slots of its open jobs (still in flight at the provider) but gives its places
+    /// up; a finished one frees everything. Best effort: rows also expire on their own.
+    async fn settle_slots(&self, lease: &Lease, outcome: &RunOutcome) {
+        let uses_providers = self.registry.names().iter().any(|name| {
+            self.registry
+                .get(name)
+                .is_some_and(|w| w.steps().iter().any(|s| s.provider.is_some()))
+        });
+        if !uses_providers {
+            return;
+        }
+        let settled = match outcome {
+            RunOutcome::Parked { until, .. } => {
+                let keep = *until + chrono::Duration::from_std(SLOT_TTL).unwrap_or_default();
+                self.store.extend_slots(lease.task, keep).await
+            }
+            RunOutcome::Stopped | RunOutcome::RetryScheduled { .. } => {
+                self.store.withdraw_waiting(lease.task).await
+            }
+            _ => self.store.release_task_slots(lease.task).await,
+        };
+        if let Err(err) = settled {
+            tracing::warn!(task = %lease.task, error = %err, "cannot settle provider slots; they expire on their own");
+        }
     }
 
     /// Fails a task whose history is corrupt (an event of a known type and version that
@@ -189,6 +251,8 @@ impl Orchestrator {
             .clone()
             .ok_or(Error::TaskNotFound(lease.task))?;
         let run = TaskRun {
+            store: self.store.clone(),
+            overrides: self.overrides.clone(),
             log: Arc::new(Log::new(self.store.clone(), lease, state.version)),
             workflow,
             channel,
@@ -219,6 +283,8 @@ impl Orchestrator {
 
 /// One claimed run of one task.
 struct TaskRun {
+    store: PgStore,
+    overrides: Arc<Vec<ProviderLimits>>,
     log: Arc<Log>,
     workflow: Arc<Workflow>,
     channel: ChannelId,
@@ -237,8 +303,17 @@ struct TaskRun {
 /// How running one step's missing items ended.
 enum StepEnd {
     Completed,
-    GaveUp { error: StepError, item: u32 },
+    GaveUp {
+        error: StepError,
+        item: u32,
+    },
     Stopped,
+    /// Every item in flight waits on a job or on room at the provider.
+    Parked {
+        until: chrono::DateTime<Utc>,
+        jobs: u32,
+        waiting: u32,
+    },
 }
 
 impl TaskRun {
@@ -275,7 +350,14 @@ impl TaskRun {
             self.log.append(Vec::new()).await?;
             let missing =
                 progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
-            match self.run_items(step, missing).await? {
+            let ended = match &step.work {
+                Work::Calls(_) => self.run_items(step, missing).await?,
+                Work::Jobs(work) => {
+                    let jobs = JobRun::new(self, step, work.clone(), progress, missing);
+                    jobs.run().await?
+                }
+            };
+            match ended {
                 // Recorded with the next append, which follows at once (the next step's
                 // opening, the end of the task, or the failure).
                 StepEnd::Completed => self.log.stage(Event::StepCompleted {
@@ -286,9 +368,98 @@ impl TaskRun {
                     return self.give_up(status, step, error, Some(item)).await;
                 }
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
+                StepEnd::Parked {
+                    until,
+                    jobs,
+                    waiting,
+                } => {
+                    self.log
+                        .append(vec![Event::TaskParked {
+                            until,
+                            jobs,
+                            waiting,
+                        }])
+                        .await?;
+                    return Ok(RunOutcome::Parked {
+                        until,
+                        jobs,
+                        waiting,
+                    });
+                }
             }
         }
         self.finish(status).await
+    }
+
+    /// The provider limits that apply to `step`: its defaults, overridden by key.
+    fn limits(&self, step: &Step) -> Option<ProviderLimits> {
+        let mut limits = step.provider.clone()?;
+        if let Some(given) = self.overrides.iter().find(|o| o.key == limits.key) {
+            limits.max_in_flight = given.max_in_flight.or(limits.max_in_flight);
+            limits.rate = given.rate.or(limits.rate);
+        }
+        Some(limits)
+    }
+
+    /// Waits for a request of `limits`' rate (and for its key's pause to end), unless the
+    /// run is told to stop. False: stopped.
+    async fn wait_for_request(&self, limits: &ProviderLimits) -> Result<bool> {
+        loop {
+            match self.store.take_request(&limits.key, limits.rate).await? {
+                None => return Ok(true),
+                Some(wait) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.cancel.cancelled() => return Ok(false),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A provider said when to come back: pause its key for every worker until then.
+    async fn respect_retry_after(&self, step: &Step, error: &StepError) {
+        let (Some(limits), Some(wait)) = (self.limits(step), error.retry_after) else {
+            return;
+        };
+        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        tracing::info!(key = %limits.key, ?wait, "provider asked to retry later: pausing its key");
+        if let Err(err) = self.store.pause_provider(&limits.key, until).await {
+            tracing::warn!(key = %limits.key, error = %err, "cannot record the provider's pause");
+        }
+    }
+
+    /// Takes a slot of `limits` for a call-shaped item, waiting (in place) for one.
+    async fn acquire_call_slot(
+        &self,
+        limits: &ProviderLimits,
+        step: &Step,
+        item: u32,
+    ) -> Result<bool> {
+        let Some(cap) = limits.max_in_flight else {
+            return Ok(true);
+        };
+        let owner = SlotOwner {
+            task: self.log.lease.task,
+            step: step.name(),
+            holder: &self.log.lease.worker_id,
+        };
+        let mut wait = Duration::from_millis(20);
+        loop {
+            let granted = self
+                .store
+                .acquire_slots(&limits.key, cap, owner, &[item], SLOT_TTL)
+                .await?;
+            if !granted.is_empty() {
+                return Ok(true);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.drain.cancelled() => return Ok(false),
+                () = self.cancel.cancelled() => return Ok(false),
+            }
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Every step is done: the task waits for its review, or is complete.
@@ -337,7 +508,8 @@ impl TaskRun {
                         end = gave_up;
                     }
                 }
-                Ok(StepEnd::Stopped) => {
+                // Calls never park.
+                Ok(StepEnd::Stopped | StepEnd::Parked { .. }) => {
                     no_new_items.cancel();
                     if !matches!(end, StepEnd::GaveUp { .. }) {
                         end = StepEnd::Stopped;
@@ -371,12 +543,25 @@ impl TaskRun {
             {
                 return Ok(StepEnd::Stopped);
             }
+            let limits = self.limits(step);
+            if let Some(limits) = &limits
+                && (!self.acquire_call_slot(limits, step, item).await?
+                    || !self.wait_for_request(limits).await?)
+            {
+                return Ok(StepEnd::Stopped);
+            }
             let ctx = self.context(step, try_number, outputs.clone());
             let started = Instant::now();
             let result = tokio::select! {
                 result = run_guarded(step, ctx, item) => result,
                 () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
             };
+            if let Some(cap) = limits.as_ref().and_then(|l| l.max_in_flight) {
+                let key = limits.as_ref().map(|l| l.key.clone()).unwrap_or_default();
+                self.store
+                    .release_slot(&key, cap, self.log.lease.task, step.name(), item)
+                    .await?;
+            }
             let error = match result {
                 Ok(output) => {
                     let duration_ms =
@@ -396,10 +581,14 @@ impl TaskRun {
                     retry: try_number,
                 }])
                 .await?;
+            self.respect_retry_after(step, &error).await;
             if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
                 return Ok(StepEnd::GaveUp { error, item });
             }
-            let delay = policy.backoff.delay(try_number, rand::random::<f64>());
+            let delay = policy
+                .backoff
+                .delay(try_number, rand::random::<f64>())
+                .max(error.retry_after.unwrap_or_default());
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.drain.cancelled() => return Ok(StepEnd::Stopped),
@@ -557,7 +746,10 @@ async fn run_guarded(
     ctx: StepContext,
     item: u32,
 ) -> std::result::Result<ItemOutput, StepError> {
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.run(ctx, item)));
+    let Work::Calls(work) = &step.work else {
+        return Err(StepError::permanent("a job step's item was run as a call"));
+    };
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| work.run(ctx, item)));
     let finished = match started {
         Ok(work) => AssertUnwindSafe(work).catch_unwind().await,
         Err(panic) => Err(panic),

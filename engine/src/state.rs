@@ -49,6 +49,23 @@ pub struct ItemFailure {
     pub version: u32,
 }
 
+/// A provider job submitted for an item and not yet closed (no completion, no failure
+/// since): what a run polls instead of submitting again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OpenJob {
+    pub item: u32,
+    /// The task attempt that submitted it.
+    pub attempt: u32,
+    /// The item's submission number (1 = first).
+    pub submission: u32,
+    /// What the provider returned on acceptance: its job id and whatever polling needs.
+    pub job: Value,
+    /// When the submission was recorded.
+    pub submitted_at: DateTime<Utc>,
+    /// The stream version of the `item_submitted` event.
+    pub version: u32,
+}
+
 /// Cost and time, summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
@@ -82,6 +99,10 @@ pub struct StepState {
     pub superseded: Vec<ItemRecord>,
     /// Items completed again although already complete in this run (ignored; audits report).
     pub duplicates: Vec<u32>,
+    /// Provider jobs submitted in this run and still open, by item.
+    pub open_jobs: BTreeMap<u32, OpenJob>,
+    /// Submissions per item over every run (the next submission's number is one more).
+    pub submissions: BTreeMap<u32, u32>,
 }
 
 impl StepState {
@@ -169,6 +190,14 @@ pub struct TaskState {
     pub cancelled: bool,
     /// Everything spent, including superseded runs and items later redone.
     pub spent: Totals,
+    /// Provider jobs submitted (every `item_submitted`, all runs and attempts).
+    pub jobs_submitted: u32,
+    /// Times the task was parked to wait on provider jobs.
+    pub parks: u32,
+    /// Parked: the next claim resumes the current attempt (set by `task_parked`, cleared
+    /// by the claim that follows it).
+    #[serde(skip)]
+    pub parked: bool,
     /// Position of each step in `steps`, by name (replay stays linear in the events).
     #[serde(skip)]
     step_index: HashMap<String, usize>,
@@ -227,7 +256,41 @@ impl TaskState {
                 self.notion_page_id.clone_from(notion_page_id);
                 self.status.get_or_insert(TaskStatus::QUEUED);
             }
-            Event::TaskClaimed { attempt, .. } => self.claimed(*attempt),
+            Event::TaskClaimed { attempt, .. } => {
+                if std::mem::take(&mut self.parked) {
+                    // Resuming a parked task continues its attempt: nothing was redone.
+                    self.attempt = self.attempt.max(*attempt);
+                } else {
+                    self.claimed(*attempt);
+                }
+            }
+            Event::ItemSubmitted {
+                step,
+                item,
+                attempt,
+                submission,
+                job,
+            } => {
+                self.jobs_submitted += 1;
+                let state = self.step_mut(step);
+                let count = state.submissions.entry(*item).or_default();
+                *count = (*count).max(*submission);
+                state.open_jobs.insert(
+                    *item,
+                    OpenJob {
+                        item: *item,
+                        attempt: *attempt,
+                        submission: *submission,
+                        job: job.clone(),
+                        submitted_at: recorded.recorded_at,
+                        version,
+                    },
+                );
+            }
+            Event::TaskParked { .. } => {
+                self.parks += 1;
+                self.parked = true;
+            }
             Event::StepStarted {
                 step,
                 items,
@@ -258,6 +321,7 @@ impl TaskState {
                 };
                 self.spent.add(&record);
                 let state = self.step_mut(step);
+                state.open_jobs.remove(item);
                 if state.items.contains_key(item) {
                     state.duplicates.push(*item);
                 } else {
@@ -272,7 +336,9 @@ impl TaskState {
                 error,
                 retry,
             } => {
-                self.step_mut(step).failures.push(ItemFailure {
+                let state = self.step_mut(step);
+                state.open_jobs.remove(item);
+                state.failures.push(ItemFailure {
                     item: *item,
                     attempt: *attempt,
                     kind: *kind,
@@ -383,6 +449,7 @@ impl TaskState {
         for step in &mut self.steps[first..] {
             let old = std::mem::take(&mut step.items);
             step.superseded.extend(old.into_values());
+            step.open_jobs.clear();
             step.run += 1;
             step.planned = None;
             step.completed = false;

@@ -1,8 +1,11 @@
 //! A task's history as a timeline: one row per event, with the attempt it belongs to.
 //! What `reel replay` prints; typed so other tools get the same shape as JSON.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::event::{Event, RecordedEvent};
 
@@ -32,6 +35,8 @@ pub struct TimelineEntry {
 /// The timeline of `events` (in version order).
 pub fn timeline(events: &[RecordedEvent]) -> Vec<TimelineEntry> {
     let mut attempt = 0;
+    // When each item's open job was submitted: a completion shows the wait on it.
+    let mut submitted: HashMap<(&str, u32), (DateTime<Utc>, String)> = HashMap::new();
     events
         .iter()
         .map(|recorded| {
@@ -41,9 +46,47 @@ pub fn timeline(events: &[RecordedEvent]) -> Vec<TimelineEntry> {
             {
                 attempt = claimed;
             }
-            entry(recorded, attempt)
+            let mut row = entry(recorded, attempt);
+            match &recorded.event {
+                Event::ItemSubmitted {
+                    step, item, job, ..
+                } => {
+                    submitted.insert((step, *item), (recorded.recorded_at, job_id(job)));
+                }
+                Event::ItemCompleted { step, item, .. } => {
+                    if let Some((at, job)) = submitted.remove(&(step.as_str(), *item)) {
+                        let waited = (recorded.recorded_at - at).num_milliseconds().max(0);
+                        row.detail = Some(format!(
+                            "job {job} done after waiting {:.3}s",
+                            waited as f64 / 1e3
+                        ));
+                    }
+                }
+                Event::ItemFailed { step, item, .. } => {
+                    if let Some((_, job)) = submitted.remove(&(step.as_str(), *item)) {
+                        let detail = row.detail.take().unwrap_or_default();
+                        row.detail = Some(format!("{detail}; job {job} closed"));
+                    }
+                }
+                _ => {}
+            }
+            row
         })
         .collect()
+}
+
+/// The provider's job id as recorded: the job's `id` (or `job_id`, `task_id`) field, or
+/// the job itself when it is a string.
+pub fn job_id(job: &Value) -> String {
+    let id = ["id", "job_id", "task_id"]
+        .iter()
+        .find_map(|k| job.get(k))
+        .unwrap_or(job);
+    let text = match id {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    crate::id::truncate_for_display(&text, 80)
 }
 
 fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
@@ -111,6 +154,32 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             row.item = Some(*item);
             row.error = Some(error.clone());
             row.detail = Some(format!("{kind:?}, try {retry}").to_lowercase());
+        }
+        Event::ItemSubmitted {
+            step,
+            item,
+            submission,
+            job,
+            ..
+        } => {
+            row.step = Some(step.clone());
+            row.item = Some(*item);
+            row.detail = Some(format!("job {} (submission {submission})", job_id(job)));
+        }
+        Event::TaskParked {
+            until,
+            jobs,
+            waiting,
+        } => {
+            let mut detail = format!(
+                "until {}: {jobs} job{} open",
+                until.format("%Y-%m-%d %H:%M:%S%.3f"),
+                if *jobs == 1 { "" } else { "s" }
+            );
+            if *waiting > 0 {
+                detail.push_str(&format!(", {waiting} waiting for the provider"));
+            }
+            row.detail = Some(detail);
         }
         Event::StepCompleted { step, .. } => row.step = Some(step.clone()),
         Event::StatusChanged { from, to, .. } => row.detail = Some(format!("{from} -> {to}")),

@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::id::TaskId;
-use crate::orchestrator::{Orchestrator, RunOutcome};
+use crate::orchestrator::{Orchestrator, RunOutcome, SLOT_TTL};
 use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, WakeUps};
-use crate::workflow::{Backoff, Registry};
+use crate::workflow::{Backoff, ProviderLimits, Registry};
 
 /// Waits after a failed claim while the database is unreachable: 100 ms doubling to 10 s.
 const OUTAGE_BACKOFF: Backoff =
@@ -42,6 +42,8 @@ pub struct WorkerOptions {
     /// Return once no task is queued, running or scheduled for retry (and keep every
     /// attempt's outcome in the report).
     pub until_idle: bool,
+    /// Provider limits that replace the workflows' defaults, by key (a field set here wins).
+    pub provider_limits: Vec<ProviderLimits>,
 }
 
 impl WorkerOptions {
@@ -58,6 +60,7 @@ impl WorkerOptions {
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             until_idle: false,
+            provider_limits: Vec::new(),
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct WorkerReport {
     /// Tasks released because this build cannot read their history (see
     /// [`RunOutcome::SetAside`]).
     pub set_aside: u64,
+    /// Runs that parked their task to wait on provider jobs (see [`RunOutcome::Parked`]).
+    pub parked: u64,
     /// Every run, in the order they ended — kept only by a worker that runs until idle (a
     /// long-running worker would hold them forever).
     pub attempts: Vec<Attempt>,
@@ -105,7 +110,8 @@ impl Worker {
     /// A worker over `store` running the workflows of `registry`.
     pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
         let workflows = registry.names();
-        let orchestrator = Orchestrator::new(store.clone(), registry);
+        let orchestrator = Orchestrator::new(store.clone(), registry)
+            .with_provider_limits(options.provider_limits.clone());
         Worker {
             store,
             orchestrator,
@@ -140,6 +146,8 @@ impl Worker {
         let mut report = WorkerReport::default();
         let mut wake_ups = WakeUps::start(self.store.pool().clone()).await;
         let mut outages = 0;
+        // When tasks this worker parked are due again: look for work then, not a poll later.
+        let mut due_parked = std::collections::BTreeSet::new();
 
         while !shutdown.is_cancelled() {
             match self
@@ -170,12 +178,23 @@ impl Worker {
                 }
             }
             let full = running.len() >= self.options.concurrency;
+            let now = chrono::Utc::now();
+            due_parked.retain(|at: &chrono::DateTime<chrono::Utc>| *at > now);
+            let poll = due_parked
+                .first()
+                .and_then(|at| (*at - now).to_std().ok())
+                .map_or(self.options.poll_interval, |until| {
+                    until.min(self.options.poll_interval)
+                });
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
+                    if let Ok((_, (_, Ok(RunOutcome::Parked { until, .. })))) = &joined {
+                        due_parked.insert(*until);
+                    }
                     record(&mut report, &mut in_flight, joined, self.options.until_idle);
                 }
-                _ = wake_ups.wait(self.options.poll_interval), if !full => {}
+                _ = wake_ups.wait(poll), if !full => {}
             }
         }
         self.drain(running, in_flight, report, abort).await
@@ -302,6 +321,14 @@ fn record(
             in_flight.set_aside.insert(task);
             report.set_aside += 1;
         }
+        Ok(RunOutcome::Parked {
+            until,
+            jobs,
+            waiting,
+        }) => {
+            tracing::debug!(%task, %until, jobs, waiting, "parked: waiting on provider jobs");
+            report.parked += 1;
+        }
         Ok(RunOutcome::RetryScheduled { next_run_at }) => {
             tracing::info!(%task, %next_run_at, "retry scheduled");
             report.rescheduled += 1;
@@ -376,7 +403,13 @@ impl TaskRunner {
         loop {
             tokio::time::sleep(self.heartbeat).await;
             match self.store.extend_lease(&self.lease, self.ttl).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    let keep = chrono::Utc::now()
+                        + chrono::Duration::from_std(SLOT_TTL).unwrap_or_default();
+                    if let Err(err) = self.store.extend_slots(self.lease.task, keep).await {
+                        tracing::warn!(task = %self.lease.task, error = %err, "cannot extend provider slots");
+                    }
+                }
                 Ok(false) => {
                     let task = self.lease.task;
                     if let Ok(Some(TaskStatus::CANCELLED)) = self.store.task_status(task).await {

@@ -43,6 +43,9 @@ pub const ERROR_MESSAGE_MAX_CHARS: usize = 500;
 pub struct StepError {
     pub kind: FailureKind,
     pub message: String,
+    /// The provider said when to come back (a 429's `Retry-After`): the step's provider key
+    /// is paused for every worker until then, and the retry waits at least this long.
+    pub retry_after: Option<Duration>,
 }
 
 impl StepError {
@@ -56,10 +59,17 @@ impl StepError {
         Self::new(FailureKind::Permanent, message.as_ref())
     }
 
+    /// The same error, with the provider's `Retry-After`.
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
     fn new(kind: FailureKind, message: &str) -> Self {
         StepError {
             kind,
             message: truncate_for_display(message, ERROR_MESSAGE_MAX_CHARS),
+            retry_after: None,
         }
     }
 }
@@ -220,6 +230,111 @@ pub trait StepWork: Send + Sync + 'static {
     fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>>;
 }
 
+/// Where a provider job stands, as its poll saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobStatus {
+    /// Still running (or queued, or throttled by the provider): poll again, after
+    /// `next_poll` when the provider hinted one (the hint wins over the step's poll backoff).
+    Pending { next_poll: Option<Duration> },
+    /// Finished: the item's output.
+    Done(ItemOutput),
+    /// The job ended without a result. Transient (lost, expired, a provider-side crash):
+    /// the item is submitted anew, within its retry policy. Permanent (refused content, bad
+    /// input): the item gives up.
+    Failed(StepError),
+}
+
+/// One submission of an item: its number and the idempotency key to send with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    /// 1 for the item's first submission, +1 for each new one.
+    pub number: u32,
+    /// Derived from (task, step, item, submission number): the same for a retried submit
+    /// whose acceptance was never recorded (a crash), new for a deliberate resubmission.
+    /// Send it where the provider's API takes one.
+    pub idempotency_key: String,
+}
+
+/// A step whose items are provider jobs: submit once, then poll until done. Every accepted
+/// submission is recorded (`item_submitted`) before anything else happens, so any later
+/// run (after a crash, a takeover, a retry) polls the job instead of paying for it again.
+/// While every item in flight waits on a job, the task is parked and holds no worker slot.
+pub trait JobWork: Send + Sync + 'static {
+    /// How many items the step has for this input (deterministic).
+    fn plan(&self, input: &Value) -> Result<u32, StepError>;
+
+    /// Submits item `item`'s job and returns what polling it needs (the provider's job id,
+    /// and anything else), as soon as the provider accepted it.
+    fn submit(
+        &self,
+        ctx: StepContext,
+        item: u32,
+        submission: Submission,
+    ) -> BoxFuture<Result<Value, StepError>>;
+
+    /// Asks the provider about a job `submit` returned. An `Err` is a failed poll (the
+    /// request failed, not the job): a transient one is polled again later, until the
+    /// step's job timeout declares the job lost; a permanent one fails the item.
+    fn poll(
+        &self,
+        ctx: StepContext,
+        item: u32,
+        job: Value,
+    ) -> BoxFuture<Result<JobStatus, StepError>>;
+}
+
+/// What a step runs: one call per item, or a job per item.
+#[derive(Clone)]
+pub(crate) enum Work {
+    Calls(Arc<dyn StepWork>),
+    Jobs(Arc<dyn JobWork>),
+}
+
+impl Work {
+    pub(crate) fn plan(&self, input: &Value) -> Result<u32, StepError> {
+        match self {
+            Work::Calls(work) => work.plan(input),
+            Work::Jobs(work) => work.plan(input),
+        }
+    }
+}
+
+/// A provider's limits, shared by every step that calls the same account: how many jobs or
+/// calls may be in flight at once across every worker, and how many requests per second
+/// (submits, polls and calls) they may send. A worker can override both by key
+/// (`reel worker --max-in-flight KEY=N --rate KEY=R`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderLimits {
+    pub key: Arc<str>,
+    /// Jobs or calls in flight at once, fleet-wide (`None`: no cap).
+    pub max_in_flight: Option<u32>,
+    /// Requests per second, fleet-wide (`None`: no rate limit).
+    pub rate: Option<f64>,
+}
+
+impl ProviderLimits {
+    /// The provider account called `key`, without limits until they are set.
+    pub fn new(key: &str) -> Self {
+        ProviderLimits {
+            key: Arc::from(key),
+            max_in_flight: None,
+            rate: None,
+        }
+    }
+
+    /// At most `n` jobs or calls in flight at once (at least 1).
+    pub fn max_in_flight(mut self, n: u32) -> Self {
+        self.max_in_flight = Some(n.max(1));
+        self
+    }
+
+    /// At most `per_second` requests per second.
+    pub fn rate(mut self, per_second: f64) -> Self {
+        self.rate = Some(per_second).filter(|r| r.is_finite() && *r > 0.0);
+        self
+    }
+}
+
 struct FnItems<P, R> {
     plan: P,
     run: R,
@@ -283,15 +398,25 @@ impl StepStatus {
     }
 }
 
+/// How a job step polls by default: after 1 s, doubling to 30 s, ±10%.
+pub const DEFAULT_POLL_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(0.1);
+
+/// How long a job may go unanswered (its polls failing) before it counts as lost.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// One step of a workflow.
 #[derive(Clone)]
 pub struct Step {
     pub(crate) name: Arc<str>,
     pub(crate) status: StepStatus,
     pub(crate) atomic: bool,
-    pub(crate) work: Arc<dyn StepWork>,
+    pub(crate) work: Work,
     pub(crate) retry: RetryPolicy,
     pub(crate) concurrency: usize,
+    pub(crate) provider: Option<ProviderLimits>,
+    pub(crate) poll_backoff: Backoff,
+    pub(crate) job_timeout: Duration,
 }
 
 impl Step {
@@ -302,10 +427,61 @@ impl Step {
             name: name.into(),
             status: StepStatus::for_step(name),
             atomic: false,
-            work: Arc::new(work),
+            work: Work::Calls(Arc::new(work)),
             retry: RetryPolicy::default(),
             concurrency: 1,
+            provider: None,
+            poll_backoff: DEFAULT_POLL_BACKOFF,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
         }
+    }
+
+    /// A step whose items are provider jobs (see [`JobWork`]). Up to its concurrency's
+    /// jobs are open at once (default: all of its items; [`Step::provider`] limits them
+    /// fleet-wide).
+    pub fn jobs(name: &str, work: impl JobWork) -> Self {
+        Step {
+            work: Work::Jobs(Arc::new(work)),
+            concurrency: usize::MAX,
+            ..Step::itemized(
+                name,
+                FnItems {
+                    plan: |_: &Value| Ok(0),
+                    run: |_ctx: StepContext, _item| async { Ok(ItemOutput::default()) },
+                },
+            )
+        }
+    }
+
+    /// The provider account this step's items call, with its default limits: the jobs or
+    /// calls in flight and the requests per second, across every worker.
+    pub fn provider(mut self, limits: ProviderLimits) -> Self {
+        self.provider = Some(limits);
+        self
+    }
+
+    /// How a job step polls when the provider gives no hint (default
+    /// [`DEFAULT_POLL_BACKOFF`]: after 1 s, doubling to 30 s).
+    pub fn poll_backoff(mut self, backoff: Backoff) -> Self {
+        self.poll_backoff = backoff;
+        self
+    }
+
+    /// How long a job's polls may keep failing before the job counts as lost and the item
+    /// is submitted anew (default [`DEFAULT_JOB_TIMEOUT`], an hour).
+    pub fn job_timeout(mut self, timeout: Duration) -> Self {
+        self.job_timeout = timeout;
+        self
+    }
+
+    /// Whether the step's items are provider jobs.
+    pub fn is_jobs(&self) -> bool {
+        matches!(self.work, Work::Jobs(_))
+    }
+
+    /// The provider account the step calls, if it declared one.
+    pub fn provider_limits(&self) -> Option<&ProviderLimits> {
+        self.provider.as_ref()
     }
 
     /// An atomic step (one unit of work; a failure re-runs it whole) from its code.
@@ -380,6 +556,8 @@ impl fmt::Debug for Step {
             .field("atomic", &self.atomic)
             .field("retry", &self.retry)
             .field("concurrency", &self.concurrency)
+            .field("jobs", &self.is_jobs())
+            .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
 }
@@ -528,6 +706,31 @@ impl Registry {
     /// The workflow called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Workflow>> {
         self.workflows.get(name).cloned()
+    }
+
+    /// The provider accounts the workflows' steps call, by key, with their default limits
+    /// (where steps sharing a key disagree, the stricter limit).
+    pub fn providers(&self) -> std::collections::BTreeMap<String, ProviderLimits> {
+        let mut providers = std::collections::BTreeMap::new();
+        for workflow in self.workflows.values() {
+            for limits in workflow.steps.iter().filter_map(|s| s.provider.as_ref()) {
+                providers
+                    .entry(limits.key.to_string())
+                    .and_modify(|known: &mut ProviderLimits| {
+                        known.max_in_flight = min_some(known.max_in_flight, limits.max_in_flight);
+                        known.rate = min_some(known.rate, limits.rate);
+                    })
+                    .or_insert_with(|| limits.clone());
+            }
+        }
+        providers
+    }
+}
+
+fn min_some<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b < a { b } else { a }),
+        (a, b) => a.or(b),
     }
 }
 

@@ -126,6 +126,9 @@ struct Stats {
     saved_micros: i64,
     items_run: u64,
     items_skipped: u64,
+    /// Provider jobs submitted (two-phase items): beside `items_run`, how many jobs it
+    /// took to get the items done.
+    jobs_submitted: u64,
 }
 
 pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
@@ -157,6 +160,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
             stats.saved_micros += report.saved.cost_micros;
             stats.items_run += u64::from(report.items_run);
             stats.items_skipped += u64::from(report.items_skipped);
+            stats.jobs_submitted += u64::from(report.jobs_submitted);
         },
     )
     .await?;
@@ -191,6 +195,12 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
         stats.items_skipped,
         money(stats.saved_micros)
     );
+    if stats.jobs_submitted > 0 {
+        println!(
+            "provider jobs submitted: {} (items completed: {})",
+            stats.jobs_submitted, stats.items_run
+        );
+    }
     if !stats.failure_reasons.is_empty() {
         println!("failure reasons:");
         for (reason, count) in &stats.failure_reasons {

@@ -137,6 +137,13 @@ fn render_state(state: &TaskState) -> String {
         if !step.failures.is_empty() {
             line.push_str(&format!(" failures {}", step.failures.len()));
         }
+        let submitted: u32 = step.submissions.values().sum();
+        if submitted > 0 {
+            line.push_str(&format!(
+                " jobs submitted {submitted}, open {}",
+                step.open_jobs.len()
+            ));
+        }
         out.push_str(&line);
         out.push('\n');
     }

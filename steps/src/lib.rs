@@ -15,4 +15,4 @@ pub use pipeline::{
     PipelineConfig, STEP_NAMES, STEP_STATUSES, VideoInput, WORKFLOW, simulated_video_workflow,
     video_workflow,
 };
-pub use provider::{ItemRequest, Provider, Providers};
+pub use provider::{ItemRequest, Provider, Providers, Shape};

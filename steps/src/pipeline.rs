@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::{
-    Backoff, BoxFuture, ItemOutput, RetryPolicy, Step, StepContext, StepError, StepWork,
-    TaskRetryPolicy, Workflow,
+    Backoff, BoxFuture, ItemOutput, JobStatus, JobWork, RetryPolicy, Step, StepContext, StepError,
+    StepWork, Submission, TaskRetryPolicy, Workflow,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Fault;
 use crate::artifacts::artifact_path;
-use crate::provider::{ItemRequest, Provider, Providers};
+use crate::provider::{ItemRequest, Provider, Providers, Shape};
 
 /// The workflow's name (the `workflow` of its tasks).
 pub const WORKFLOW: &str = "video";
@@ -87,15 +87,23 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
         backoff: Backoff::exponential(scaled(10.0), scaled(60.0)).with_jitter(0.2),
     };
     let step = |name: &'static str, count: u32, provider: Arc<dyn Provider>| {
+        let limits = provider.limits();
+        let shape = provider.shape();
         let work = ProviderStep {
             count,
             provider,
             root: config.artifacts_root.clone(),
         };
-        let step = if count == 1 {
-            Step::atomic(name, work)
-        } else {
-            Step::itemized(name, work)
+        let step = match shape {
+            // Jobs of one step run side by side; the provider's cap bounds them fleet-wide.
+            Shape::Job => Step::jobs(name, work)
+                .poll_backoff(Backoff::exponential(scaled(5.0), scaled(60.0)).with_jitter(0.1)),
+            Shape::Call if count == 1 => Step::atomic(name, work),
+            Shape::Call => Step::itemized(name, work),
+        };
+        let step = match limits {
+            Some(limits) => step.provider(limits),
+            None => step,
         };
         let (_, storage, display) = STEP_STATUSES
             .iter()
@@ -146,18 +154,14 @@ struct ProviderStep {
     root: PathBuf,
 }
 
-impl StepWork for ProviderStep {
-    fn plan(&self, _input: &Value) -> Result<u32, StepError> {
-        Ok(self.count)
-    }
-
-    fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>> {
-        let request = artifact_path(&self.root, &ctx.channel_id, ctx.task_id, &ctx.step, "_")
+impl ProviderStep {
+    fn request(&self, ctx: &StepContext, item: u32) -> Result<ItemRequest, StepError> {
+        artifact_path(&self.root, &ctx.channel_id, ctx.task_id, &ctx.step, "_")
             .map(|p| p.parent().map(PathBuf::from).unwrap_or_default())
             .map_err(|e| StepError::permanent(e.to_string()))
             .and_then(|dir| {
                 Ok(ItemRequest {
-                    sources: sources(&ctx, item)?,
+                    sources: sources(ctx, item)?,
                     task_id: ctx.task_id,
                     channel_id: ctx.channel_id.clone(),
                     step: ctx.step.to_string(),
@@ -166,9 +170,48 @@ impl StepWork for ProviderStep {
                     input: ctx.input.clone(),
                     artifact_dir: dir,
                 })
-            });
-        match request {
+            })
+    }
+}
+
+impl StepWork for ProviderStep {
+    fn plan(&self, _input: &Value) -> Result<u32, StepError> {
+        Ok(self.count)
+    }
+
+    fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>> {
+        match self.request(&ctx, item) {
             Ok(request) => self.provider.generate(request),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl JobWork for ProviderStep {
+    fn plan(&self, _input: &Value) -> Result<u32, StepError> {
+        Ok(self.count)
+    }
+
+    fn submit(
+        &self,
+        ctx: StepContext,
+        item: u32,
+        submission: Submission,
+    ) -> BoxFuture<Result<Value, StepError>> {
+        match self.request(&ctx, item) {
+            Ok(request) => self.provider.submit(request, submission),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    fn poll(
+        &self,
+        ctx: StepContext,
+        item: u32,
+        job: Value,
+    ) -> BoxFuture<Result<JobStatus, StepError>> {
+        match self.request(&ctx, item) {
+            Ok(request) => self.provider.poll(request, job),
             Err(e) => Box::pin(async move { Err(e) }),
         }
     }

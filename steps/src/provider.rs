@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use engine::{BoxFuture, ChannelId, ItemOutput, StepError, TaskId};
+use engine::{
+    BoxFuture, ChannelId, ItemOutput, JobStatus, ProviderLimits, StepError, Submission, TaskId,
+};
 use serde_json::Value;
 
 /// What a provider is asked to make: one item of one step of one task.
@@ -27,10 +29,58 @@ pub struct ItemRequest {
     pub sources: Vec<String>,
 }
 
+/// How a provider makes an item: one call, or a job submitted then polled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// [`Provider::generate`] returns the item.
+    Call,
+    /// [`Provider::submit`] starts a job, [`Provider::poll`] follows it (slow APIs: the
+    /// engine records the submission, never pays for it twice, and parks the task while
+    /// it waits).
+    Job,
+}
+
 /// A provider of one step's items. Classify errors: `StepError::transient` for timeouts,
-/// 429 and 5xx; `StepError::permanent` for bad input and other 4xx.
+/// 429 (with `with_retry_after` when the provider says when) and 5xx;
+/// `StepError::permanent` for bad input and other 4xx. A call-shaped provider implements
+/// `generate`; a job-shaped one returns [`Shape::Job`] and implements `submit` and `poll`.
 pub trait Provider: Send + Sync + 'static {
-    fn generate(&self, request: ItemRequest) -> BoxFuture<Result<ItemOutput, StepError>>;
+    /// Makes the item in one call (call-shaped providers).
+    fn generate(&self, request: ItemRequest) -> BoxFuture<Result<ItemOutput, StepError>> {
+        let _ = request;
+        Box::pin(async {
+            Err(StepError::permanent(
+                "this provider submits jobs; it has no one-call generate",
+            ))
+        })
+    }
+
+    /// Whether the provider makes items in one call or as jobs.
+    fn shape(&self) -> Shape {
+        Shape::Call
+    }
+
+    /// The provider account's key and default limits (jobs or calls in flight, requests
+    /// per second), enforced across every worker; `None`: unlimited.
+    fn limits(&self) -> Option<ProviderLimits> {
+        None
+    }
+
+    /// Starts the item's job; returns what polling it needs (job-shaped providers).
+    fn submit(
+        &self,
+        request: ItemRequest,
+        submission: Submission,
+    ) -> BoxFuture<Result<Value, StepError>> {
+        let _ = (request, submission);
+        Box::pin(async { Err(StepError::permanent("this provider does not submit jobs")) })
+    }
+
+    /// Follows a job `submit` returned (job-shaped providers).
+    fn poll(&self, request: ItemRequest, job: Value) -> BoxFuture<Result<JobStatus, StepError>> {
+        let _ = (request, job);
+        Box::pin(async { Err(StepError::permanent("this provider does not submit jobs")) })
+    }
 }
 
 /// One provider per step of the video pipeline.

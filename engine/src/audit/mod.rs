@@ -39,11 +39,14 @@ pub enum Rule {
     RetrySkipsCompleted,
     /// Every event has a known type and schema version and a valid payload.
     KnownEvents,
+    /// An item has at most one open provider job: no `item_submitted` while an earlier
+    /// submission of the item has neither a completion nor a failure (a job paid twice).
+    OneOpenSubmission,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 9] = [
         Rule::VersionsContiguous,
         Rule::SubmittedFirst,
         Rule::ItemCompletedOnce,
@@ -52,6 +55,7 @@ impl Rule {
         Rule::NothingAfterTerminal,
         Rule::RetrySkipsCompleted,
         Rule::KnownEvents,
+        Rule::OneOpenSubmission,
     ];
 }
 
@@ -78,6 +82,8 @@ pub struct AuditReport {
     pub items_skipped: u32,
     pub spent: Totals,
     pub saved: Totals,
+    /// Provider jobs submitted (two-phase items; every submission, all attempts).
+    pub jobs_submitted: u32,
 }
 
 impl AuditReport {
@@ -138,6 +144,7 @@ pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
         items_skipped: saved.items,
         spent: state.spent,
         saved,
+        jobs_submitted: state.jobs_submitted,
     }
 }
 
@@ -192,6 +199,18 @@ impl Checker {
                     .collect();
             }
             Event::ItemCompleted { step, item, .. } => self.check_completion(version, step, *item),
+            Event::ItemSubmitted { step, item, .. } => {
+                if let Some(open) = self.state.step(step).and_then(|s| s.open_jobs.get(item)) {
+                    self.flag(
+                        version,
+                        Rule::OneOpenSubmission,
+                        format!(
+                            "{step} item {item} submitted again while its submission at version {} is still open",
+                            open.version
+                        ),
+                    );
+                }
+            }
             Event::StatusChanged { from, to, .. } => {
                 let current = self.state.status();
                 if *from != current {

@@ -38,7 +38,9 @@ UPDATE tasks SET
     lease_epoch      = lease_epoch + 1,
     lease_owner      = $2,
     lease_expires_at = now() + make_interval(secs => $3),
-    attempt          = attempt + 1,
+    -- A parked task resumes its attempt: waiting on provider jobs uses none.
+    attempt          = attempt + CASE WHEN parked THEN 0 ELSE 1 END,
+    parked           = false,
     updated_at       = now()
 WHERE id = $1
   AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
@@ -93,7 +95,8 @@ UPDATE tasks SET
     lease_epoch      = tasks.lease_epoch + 1,
     lease_owner      = $1,
     lease_expires_at = now() + make_interval(secs => $2),
-    attempt          = tasks.attempt + 1,
+    attempt          = tasks.attempt + CASE WHEN tasks.parked THEN 0 ELSE 1 END,
+    parked           = false,
     updated_at       = now()
 FROM next
 WHERE tasks.id = next.id

@@ -4,6 +4,7 @@ mod checkpoint;
 mod lease;
 mod listing;
 mod postgres;
+mod providers;
 mod subscription;
 mod wakeup;
 
@@ -13,6 +14,7 @@ pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
 pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
+pub use providers::SlotOwner;
 pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;
 

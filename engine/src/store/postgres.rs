@@ -34,6 +34,7 @@ WITH fence AS (
         attempt          = COALESCE($14, attempt),
         -- Anything but a claim is written by a worker that could read the history.
         unreadable_since = CASE WHEN $18 THEN NULL ELSE unreadable_since END,
+        parked           = COALESCE($19, parked),
         updated_at       = now()
     WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
     RETURNING id
@@ -161,6 +162,7 @@ impl PgStore {
                     .iter()
                     .any(|e| !matches!(e.event, Event::TaskClaimed { .. })),
             )
+            .bind(change.parked)
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -578,6 +580,8 @@ struct RowChange {
     last_error: Option<String>,
     release_lease: bool,
     attempt: Option<i32>,
+    /// `Some(x)`: set `parked` to `x`.
+    parked: Option<bool>,
 }
 
 impl RowChange {
@@ -596,6 +600,12 @@ impl RowChange {
                 Event::TaskClaimed { attempt, .. } => {
                     change.attempt = i32::try_from(*attempt).ok();
                     change.next_run_at = Some(None);
+                    change.parked = Some(false);
+                }
+                Event::TaskParked { until, .. } => {
+                    change.next_run_at = Some(Some(*until));
+                    change.release_lease = true;
+                    change.parked = Some(true);
                 }
                 Event::RetryScheduled {
                     next_run_at,

@@ -1,0 +1,312 @@
+//! Provider limits across the fleet: the jobs or calls in flight at each provider key, its
+//! request rate, and the pause a 429 put on it — kept in PostgreSQL, so any number of
+//! worker processes together stay under them.
+//!
+//! A slot is a leased row of `provider_slots` (a crashed worker's rows expire). Items ask
+//! for slots in batches; a batch is granted in the order of the fleet-wide queue (task age,
+//! then task, step and item), so a newer task never overtakes an older one waiting at a
+//! saturated provider. Acquisitions of one key serialise on its `provider_keys` row.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{EVENTS_CHANNEL, PgStore};
+use crate::error::Result;
+use crate::id::TaskId;
+
+/// Where an item's slot request comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotOwner<'a> {
+    pub task: TaskId,
+    pub step: &'a str,
+    /// The worker holding the task (whose heartbeats keep the rows alive).
+    pub holder: &'a str,
+}
+
+const ENSURE_KEY_SQL: &str = "INSERT INTO provider_keys (key) VALUES ($1) ON CONFLICT DO NOTHING";
+
+const REGISTER_SQL: &str = r#"
+INSERT INTO provider_slots (key, task_id, step, item, priority, granted, holder, expires_at)
+SELECT $1, $2, $3, i,
+       COALESCE((SELECT created_at FROM tasks WHERE id = $2), now()),
+       $6, $4, now() + make_interval(secs => $5)
+FROM unnest($7::int[]) AS i
+ON CONFLICT (key, task_id, step, item) DO UPDATE SET
+    holder     = excluded.holder,
+    expires_at = excluded.expires_at,
+    granted    = provider_slots.granted OR excluded.granted
+"#;
+
+// Grants this task's waiting rows that fall within the free slots, counting every older
+// waiter (of any task) ahead of them: the queue is fleet-wide and ordered by task age.
+const GRANT_SQL: &str = r#"
+WITH held AS (
+    SELECT count(*) AS n FROM provider_slots WHERE key = $1 AND granted
+), queue AS (
+    SELECT task_id, step, item,
+           row_number() OVER (ORDER BY priority, task_id, step, item) AS place
+    FROM provider_slots WHERE key = $1 AND NOT granted
+)
+UPDATE provider_slots AS s SET granted = true
+FROM queue, held
+WHERE s.key = $1 AND s.task_id = $2 AND s.step = $3
+  AND queue.task_id = s.task_id AND queue.step = s.step AND queue.item = s.item
+  AND held.n + queue.place <= $4
+"#;
+
+const GRANTED_SQL: &str = "SELECT item FROM provider_slots \
+     WHERE key = $1 AND task_id = $2 AND step = $3 AND granted AND item = ANY($4) ORDER BY item";
+
+// Frees one slot and wakes the parked tasks at the head of the queue (the owners of the
+// first `cap` waiting rows): their next claim is due now, and workers hear of it at once.
+const RELEASE_SQL: &str = r#"
+WITH gone AS (
+    DELETE FROM provider_slots
+    WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4
+    RETURNING granted
+), head AS (
+    SELECT task_id FROM provider_slots
+    WHERE key = $1 AND NOT granted AND expires_at >= now() AND task_id <> $2
+      AND EXISTS (SELECT 1 FROM gone WHERE granted)
+    ORDER BY priority, task_id, step, item
+    LIMIT $6
+), next AS (
+    SELECT DISTINCT task_id FROM head
+), woken AS (
+    UPDATE tasks SET next_run_at = now()
+    FROM next
+    WHERE tasks.id = next.task_id AND tasks.parked AND tasks.lease_owner IS NULL
+      AND tasks.next_run_at > now()
+    RETURNING tasks.id
+)
+SELECT (SELECT count(*) FROM gone) AS released,
+       (SELECT count(*) FROM (SELECT pg_notify($5, '') FROM woken) AS n) AS woken
+"#;
+
+// One request of the key's rate: refill the bucket (burst: one second's worth, at least
+// one request), then take a token unless the bucket is short or the key is paused.
+const TAKE_REQUEST_SQL: &str = r#"
+WITH k AS (
+    SELECT key,
+           LEAST(GREATEST($2::float8, 1.0),
+                 tokens + $2::float8 * EXTRACT(EPOCH FROM now() - refilled_at)::float8) AS avail,
+           COALESCE(EXTRACT(EPOCH FROM paused_until - now())::float8, 0.0) AS paused_for
+    FROM provider_keys WHERE key = $1
+    FOR UPDATE
+)
+UPDATE provider_keys AS p SET
+    tokens      = CASE WHEN k.avail >= 1.0 AND k.paused_for <= 0.0 THEN k.avail - 1.0 ELSE k.avail END,
+    refilled_at = now()
+FROM k
+WHERE p.key = k.key
+RETURNING k.avail >= 1.0 AND k.paused_for <= 0.0 AS granted,
+          GREATEST(k.paused_for, (1.0 - k.avail) / GREATEST($2::float8, 1e-9)) AS wait_secs
+"#;
+
+impl PgStore {
+    /// Asks for a slot of `key` (at most `cap` in flight fleet-wide) for each of `items`,
+    /// in order, and returns the items granted (already granted ones included). The
+    /// others stay queued as waiters for `ttl`, holding their place for the task.
+    pub async fn acquire_slots(
+        &self,
+        key: &str,
+        cap: u32,
+        owner: SlotOwner<'_>,
+        items: &[u32],
+        ttl: Duration,
+    ) -> Result<Vec<u32>> {
+        let items = to_i32(items);
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(ENSURE_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT 1 FROM provider_keys WHERE key = $1 FOR UPDATE")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM provider_slots WHERE key = $1 AND expires_at < now()")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        register(&mut tx, key, owner, &items, ttl, false).await?;
+        sqlx::query(GRANT_SQL)
+            .bind(key)
+            .bind(owner.task.as_uuid())
+            .bind(owner.step)
+            .bind(i64::from(cap))
+            .execute(&mut *tx)
+            .await?;
+        let granted: Vec<i32> = sqlx::query_scalar(GRANTED_SQL)
+            .bind(key)
+            .bind(owner.task.as_uuid())
+            .bind(owner.step)
+            .bind(&items)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(granted
+            .into_iter()
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect())
+    }
+
+    /// Records slots of `key` as held by `items` whatever the cap: their jobs are in flight
+    /// at the provider already (a resumed run's open submissions), and the count must say so.
+    pub async fn hold_slots(
+        &self,
+        key: &str,
+        owner: SlotOwner<'_>,
+        items: &[u32],
+        ttl: Duration,
+    ) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let items = to_i32(items);
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(ENSURE_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        register(&mut tx, key, owner, &items, ttl, true).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Frees `item`'s slot of `key` (its job or call ended), waking the parked tasks at
+    /// the head of the key's queue (as many waiting items as the cap admits).
+    pub async fn release_slot(
+        &self,
+        key: &str,
+        cap: u32,
+        task: TaskId,
+        step: &str,
+        item: u32,
+    ) -> Result<()> {
+        sqlx::query(RELEASE_SQL)
+            .bind(key)
+            .bind(task.as_uuid())
+            .bind(step)
+            .bind(i32::try_from(item).unwrap_or(i32::MAX))
+            .bind(EVENTS_CHANNEL)
+            .bind(i64::from(cap))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the task's waiting rows (its run no longer asks for those slots).
+    pub async fn withdraw_waiting(&self, task: TaskId) -> Result<()> {
+        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1 AND NOT granted")
+            .bind(task.as_uuid())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Frees every slot and place the task holds (its run ended for good).
+    pub async fn release_task_slots(&self, task: TaskId) -> Result<()> {
+        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1")
+            .bind(task.as_uuid())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps the task's slots and places until `until` (a heartbeat, or a park).
+    pub async fn extend_slots(&self, task: TaskId, until: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE provider_slots SET expires_at = $2 WHERE task_id = $1")
+            .bind(task.as_uuid())
+            .bind(until)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Takes one request of `key`'s rate (`per_second`; `None`: no rate limit, only the
+    /// pause applies). `None` back: go now. `Some(wait)`: the bucket is empty or the key is
+    /// paused; ask again after `wait`.
+    pub async fn take_request(
+        &self,
+        key: &str,
+        per_second: Option<f64>,
+    ) -> Result<Option<Duration>> {
+        let rate = per_second.filter(|r| *r > 0.0).unwrap_or(1e9);
+        for _ in 0..2 {
+            let row = sqlx::query(TAKE_REQUEST_SQL)
+                .bind(key)
+                .bind(rate)
+                .fetch_optional(self.pool())
+                .await?;
+            let Some(row) = row else {
+                sqlx::query(ENSURE_KEY_SQL)
+                    .bind(key)
+                    .execute(self.pool())
+                    .await?;
+                continue;
+            };
+            if row.try_get::<bool, _>("granted")? {
+                return Ok(None);
+            }
+            let wait: f64 = row.try_get("wait_secs")?;
+            return Ok(Some(Duration::from_secs_f64(wait.clamp(0.001, 86_400.0))));
+        }
+        Ok(None)
+    }
+
+    /// Pauses `key` for every worker until `until` (a provider's Retry-After); a pause
+    /// never shortens one already in place.
+    pub async fn pause_provider(&self, key: &str, until: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO provider_keys (key, paused_until) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET paused_until = \
+                 GREATEST(provider_keys.paused_until, excluded.paused_until)",
+        )
+        .bind(key)
+        .bind(until)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Slots of `key` granted and not expired now (what the fleet has in flight there).
+    pub async fn provider_in_flight(&self, key: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM provider_slots WHERE key = $1 AND granted AND expires_at >= now()",
+        )
+        .bind(key)
+        .fetch_one(self.pool())
+        .await?)
+    }
+}
+
+async fn register(
+    tx: &mut sqlx::PgConnection,
+    key: &str,
+    owner: SlotOwner<'_>,
+    items: &[i32],
+    ttl: Duration,
+    granted: bool,
+) -> Result<()> {
+    sqlx::query(REGISTER_SQL)
+        .bind(key)
+        .bind(owner.task.as_uuid())
+        .bind(owner.step)
+        .bind(owner.holder)
+        .bind(ttl.as_secs_f64())
+        .bind(granted)
+        .bind(items)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+fn to_i32(items: &[u32]) -> Vec<i32> {
+    items
+        .iter()
+        .map(|&i| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect()
+}

@@ -8,9 +8,12 @@ use engine::Registry;
 
 fn main() -> ExitCode {
     reel::main(|settings: &reel::WorkerSettings| {
-        Registry::new().register(steps::simulated_video_workflow(
-            &settings.artifacts,
-            settings.time_scale,
+        Registry::new().register(steps::video_workflow(
+            &steps::PipelineConfig {
+                artifacts_root: settings.artifacts.clone(),
+                time_scale: settings.time_scale,
+            },
+            steps::simulated::providers_with(settings.time_scale, &settings.simulated_seconds),
         ))
     })
 }

@@ -571,6 +571,7 @@ impl TaskRun {
                 }
                 Err(error) => error,
             };
+            self.respect_retry_after(step, &error).await;
             self.log
                 .append(vec![Event::ItemFailed {
                     step: step.name().to_owned(),
@@ -581,7 +582,6 @@ impl TaskRun {
                     retry: try_number,
                 }])
                 .await?;
-            self.respect_retry_after(step, &error).await;
             if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
                 return Ok(StepEnd::GaveUp { error, item });
             }

@@ -30,6 +30,9 @@ pub struct WorkerSettings {
     pub artifacts: PathBuf,
     /// `--time-scale` (env `REEL_TIME_SCALE`, default 0.001).
     pub time_scale: f64,
+    /// `--simulate STEP=SECONDS` (env `REEL_SIMULATE`): simulated providers' item durations
+    /// at real speed, by step, replacing the seed's figures.
+    pub simulated_seconds: std::collections::BTreeMap<String, f64>,
 }
 
 impl Default for WorkerSettings {
@@ -37,6 +40,7 @@ impl Default for WorkerSettings {
         WorkerSettings {
             artifacts: PathBuf::from("artifacts"),
             time_scale: 0.001,
+            simulated_seconds: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use engine::{PgStore, Worker, WorkerOptions};
+use engine::{PgStore, ProviderLimits, Registry, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::{WorkerSettings, Workflows};
+use super::{UsageError, WorkerSettings, Workflows};
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
@@ -35,6 +35,23 @@ pub(crate) struct WorkerArgs {
     /// Seconds items in flight may take to finish after SIGTERM (0 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     shutdown_grace: u64,
+    /// Caps the jobs or calls in flight at provider KEY across every worker (KEY=N, N from
+    /// 1 to 100000; repeatable, or comma-separated in the env). Overrides the provider's
+    /// default.
+    #[arg(long = "max-in-flight", env = "REEL_MAX_IN_FLIGHT", value_name = "KEY=N",
+          value_delimiter = ',', value_parser = parse_cap)]
+    max_in_flight: Vec<(String, u32)>,
+    /// Limits the requests per second to provider KEY across every worker (KEY=R, R from
+    /// 0.001 to 100000; repeatable, or comma-separated in the env).
+    #[arg(long = "rate", env = "REEL_RATE", value_name = "KEY=R", value_delimiter = ',',
+          value_parser = parse_rate)]
+    rate: Vec<(String, f64)>,
+    /// Simulated providers only: the seconds one item of STEP takes at real speed, before
+    /// --time-scale (STEP=SECONDS; repeatable, or comma-separated in the env). For demos and
+    /// tests that need one step slower or faster than the seed's figures.
+    #[arg(long = "simulate", env = "REEL_SIMULATE", value_name = "STEP=SECONDS",
+          value_delimiter = ',', value_parser = parse_seconds)]
+    simulate: Vec<(String, f64)>,
 }
 
 pub(crate) async fn worker(
@@ -43,12 +60,28 @@ pub(crate) async fn worker(
     workflows: &dyn Workflows,
 ) -> anyhow::Result<()> {
     let concurrency = usize::from(args.concurrency);
-    let store =
-        PgStore::new(engine::db::connect(url, (u32::from(args.concurrency) + 4).max(8)).await?);
     let registry = workflows.registry(&WorkerSettings {
         artifacts: args.artifacts,
         time_scale: args.time_scale,
+        simulated_seconds: args.simulate.iter().cloned().collect(),
     });
+    for (step, _) in &args.simulate {
+        let known = registry.names().iter().any(|name| {
+            registry
+                .get(name)
+                .is_some_and(|w| w.step_index(step).is_some())
+        });
+        if !known {
+            return Err(UsageError(format!(
+                "--simulate {:?}: no workflow of this worker has that step",
+                engine::truncate_for_display(step, 40)
+            ))
+            .into());
+        }
+    }
+    let provider_limits = provider_limits(&registry, &args.max_in_flight, &args.rate)?;
+    let store =
+        PgStore::new(engine::db::connect(url, (u32::from(args.concurrency) + 4).max(8)).await?);
     let lease_ttl = Duration::from_secs(args.lease_ttl);
     let options = WorkerOptions {
         concurrency,
@@ -56,6 +89,7 @@ pub(crate) async fn worker(
         heartbeat_interval: lease_ttl / 3,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         until_idle: args.until_idle,
+        provider_limits,
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
     let shutdown = CancellationToken::new();
@@ -74,10 +108,101 @@ pub(crate) async fn worker(
         rescheduled = report.rescheduled,
         failed = report.failed,
         set_aside = report.set_aside,
+        parked = report.parked,
         stopped = report.stopped,
         "worker done"
     );
     Ok(())
+}
+
+/// The `--max-in-flight` and `--rate` overrides, by key; a key no workflow's step calls is
+/// a usage error (a typo would otherwise leave the real provider uncapped).
+fn provider_limits(
+    registry: &Registry,
+    caps: &[(String, u32)],
+    rates: &[(String, f64)],
+) -> anyhow::Result<Vec<ProviderLimits>> {
+    let known = registry.providers();
+    let mut limits: Vec<ProviderLimits> = Vec::new();
+    let keys = caps
+        .iter()
+        .map(|(k, _)| k)
+        .chain(rates.iter().map(|(k, _)| k));
+    for key in keys {
+        if !known.contains_key(key) {
+            let names: Vec<&str> = known.keys().map(String::as_str).collect();
+            return Err(UsageError(format!(
+                "no step calls a provider {:?}: the keys are {}",
+                engine::truncate_for_display(key, 40),
+                if names.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ))
+            .into());
+        }
+        if !limits.iter().any(|l| &*l.key == key) {
+            limits.push(ProviderLimits::new(key));
+        }
+    }
+    for limit in &mut limits {
+        if let Some((_, cap)) = caps.iter().rev().find(|(k, _)| *k == *limit.key) {
+            limit.max_in_flight = Some(*cap);
+        }
+        if let Some((_, rate)) = rates.iter().rev().find(|(k, _)| *k == *limit.key) {
+            limit.rate = Some(*rate);
+        }
+    }
+    for (key, defaults) in &known {
+        let given = limits.iter().find(|l| &*l.key == key);
+        tracing::info!(
+            provider = %key,
+            max_in_flight = ?given.and_then(|l| l.max_in_flight).or(defaults.max_in_flight),
+            rate = ?given.and_then(|l| l.rate).or(defaults.rate),
+            "provider limits"
+        );
+    }
+    Ok(limits)
+}
+
+/// Splits `KEY=VALUE` with a non-empty key of at most 100 characters.
+fn key_value(raw: &str) -> Result<(String, &str), String> {
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())?;
+    let key = key.trim();
+    if key.is_empty() || key.chars().count() > 100 {
+        return Err("expected KEY=VALUE with a key of 1 to 100 characters".into());
+    }
+    Ok((key.to_owned(), value.trim()))
+}
+
+/// `--max-in-flight KEY=N`: N from 1 to 100000.
+fn parse_cap(raw: &str) -> Result<(String, u32), String> {
+    let (key, value) = key_value(raw)?;
+    match value.parse::<u32>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok((key, n)),
+        _ => Err(format!("expected {key}=N with N from 1 to 100000")),
+    }
+}
+
+/// `--rate KEY=R`: requests per second, from 0.001 to 100000.
+fn parse_rate(raw: &str) -> Result<(String, f64), String> {
+    let (key, value) = key_value(raw)?;
+    match value.parse::<f64>() {
+        Ok(r) if (0.001..=100_000.0).contains(&r) => Ok((key, r)),
+        _ => Err(format!("expected {key}=R with R from 0.001 to 100000")),
+    }
+}
+
+/// `--simulate STEP=SECONDS`: from 0 to 86400.
+fn parse_seconds(raw: &str) -> Result<(String, f64), String> {
+    let (key, value) = key_value(raw)?;
+    match value.parse::<f64>() {
+        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok((key, s)),
+        _ => Err(format!("expected {key}=SECONDS from 0 to 86400")),
+    }
 }
 
 fn default_worker_id() -> String {

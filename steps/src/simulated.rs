@@ -232,11 +232,20 @@ fn injected_fault(request: &ItemRequest) -> Option<Fault> {
 /// fleet: 10 image requests, 5 video jobs (a Runway-like tier), 5 narrations and 5 sound
 /// effects at once (an ElevenLabs-like plan).
 pub fn providers(time_scale: f64) -> Providers {
-    let simulated = |step: &str, extension, cost_micros, secs, shape, cap: Option<u32>| {
+    providers_with(time_scale, &std::collections::BTreeMap::new())
+}
+
+/// [`providers`] with some steps' item durations (seconds at real speed) replaced.
+pub fn providers_with(
+    time_scale: f64,
+    seconds: &std::collections::BTreeMap<String, f64>,
+) -> Providers {
+    let simulated = |step: &str, extension, cost_micros, secs: u64, shape, cap: Option<u32>| {
+        let secs = seconds.get(step).copied().unwrap_or(secs as f64);
         let provider: Arc<dyn Provider> = Arc::new(Simulated {
             extension,
             cost_micros,
-            nominal: Duration::from_secs(secs),
+            nominal: Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)),
             time_scale,
             shape,
             limits: cap.map(|cap| ProviderLimits::new(step).max_in_flight(cap)),

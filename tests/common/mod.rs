@@ -212,7 +212,14 @@ pub async fn run_to_rest(
             .run(&lease, tokio_util::sync::CancellationToken::new())
             .await
             .expect("run");
-        let again = matches!(outcome, RunOutcome::RetryScheduled { .. });
+        let again = matches!(
+            outcome,
+            RunOutcome::RetryScheduled { .. } | RunOutcome::Parked { .. }
+        );
+        if let RunOutcome::Parked { until, .. } = &outcome {
+            let wait = (*until - chrono::Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait + Duration::from_millis(5)).await;
+        }
         outcomes.push(outcome);
         if !again {
             break;

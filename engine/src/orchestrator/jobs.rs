@@ -295,6 +295,7 @@ impl<'a> JobRun<'a> {
     }
 
     async fn record_failure(&self, item: u32, error: &StepError, tries: u32) -> Result<()> {
+        self.run.respect_retry_after(self.step, error).await;
         self.run
             .log
             .append(vec![Event::ItemFailed {
@@ -306,7 +307,6 @@ impl<'a> JobRun<'a> {
                 retry: tries,
             }])
             .await?;
-        self.run.respect_retry_after(self.step, error).await;
         Ok(())
     }
 

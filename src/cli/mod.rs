@@ -22,14 +22,17 @@ use submit::{SubmitArgs, submit};
 use tasks::{TasksArgs, tasks};
 use worker::{WorkerArgs, worker};
 
-/// What `reel worker` was told that a workflow's steps may need: where artifacts go and
-/// how fast simulated providers and retry waits run.
+/// What `reel worker` was told that a workflow's steps may need: where artifacts go, how
+/// fast simulated providers and retry waits run, and which providers the video pipeline
+/// calls.
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     /// `--artifacts` (env `REEL_ARTIFACTS`, default `artifacts`).
     pub artifacts: PathBuf,
     /// `--time-scale` (env `REEL_TIME_SCALE`, default 0.001).
     pub time_scale: f64,
+    /// `--providers` (env `REEL_PROVIDERS`, default `simulated`).
+    pub providers: steps::ProviderSet,
 }
 
 impl Default for WorkerSettings {
@@ -37,6 +40,7 @@ impl Default for WorkerSettings {
         WorkerSettings {
             artifacts: PathBuf::from("artifacts"),
             time_scale: 0.001,
+            providers: steps::ProviderSet::default(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Simulated providers: real work on disk, the seed's costs and durations, no network.
 //!
 //! Each item sleeps its nominal duration times the time scale, then writes a small,
-//! deterministic artifact file. Injected faults (in the task input) fail on purpose.
+//! deterministic artifact file, and records its size and SHA-256. Injected faults (in the
+//! task input) fail on purpose.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use engine::{BoxFuture, ItemOutput, StepError};
 
-use crate::Fault;
+use crate::artifacts::Fingerprint;
 use crate::provider::{ItemRequest, Provider, Providers};
 
 /// A simulated provider for one step.
@@ -29,7 +30,7 @@ impl Provider for Simulated {
         let this = self.clone();
         Box::pin(async move {
             tokio::time::sleep(this.nominal.mul_f64(this.time_scale.max(0.0))).await;
-            if let Some(fault) = injected_fault(&request) {
+            if let Some(fault) = crate::faults::injected(&request) {
                 let message = format!(
                     "simulated provider failure at {} {}",
                     request.step, request.item
@@ -59,12 +60,10 @@ impl Provider for Simulated {
                 "{}/{}/{}/{file}",
                 request.channel_id, request.task_id, request.step
             );
-            let output = ItemOutput::new(artifact, this.cost_micros);
-            if request.sources.is_empty() {
-                Ok(output)
-            } else {
-                output.with_output(serde_json::json!({ "sources": request.sources }))
-            }
+            let sources = (!request.sources.is_empty())
+                .then(|| serde_json::json!({ "sources": request.sources }));
+            ItemOutput::new(artifact, this.cost_micros)
+                .with_output(Fingerprint::of(content.as_bytes()).add_to(sources))
         })
     }
 }
@@ -74,13 +73,6 @@ async fn write(path: &PathBuf, content: &[u8]) -> std::io::Result<()> {
         tokio::fs::create_dir_all(dir).await?;
     }
     tokio::fs::write(path, content).await
-}
-
-fn injected_fault(request: &ItemRequest) -> Option<Fault> {
-    let faults: Vec<Fault> = serde_json::from_value(request.input.get("faults")?.clone()).ok()?;
-    faults
-        .into_iter()
-        .find(|f| f.fires(&request.step, request.item, request.attempt))
 }
 
 /// The seed's numbers: asset ≈ $0.07, clip ≈ $0.55 and ≈ 5 min, narration ≈ $0.03,

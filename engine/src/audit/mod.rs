@@ -39,11 +39,15 @@ pub enum Rule {
     RetrySkipsCompleted,
     /// Every event has a known type and schema version and a valid payload.
     KnownEvents,
+    /// An artifact whose item recorded its size and SHA-256 is still on disk, unchanged.
+    /// The pure audit cannot see files: whoever knows the artifacts' root checks this
+    /// (`reel audit --artifacts DIR`).
+    ArtifactIntact,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 9] = [
         Rule::VersionsContiguous,
         Rule::SubmittedFirst,
         Rule::ItemCompletedOnce,
@@ -52,6 +56,7 @@ impl Rule {
         Rule::NothingAfterTerminal,
         Rule::RetrySkipsCompleted,
         Rule::KnownEvents,
+        Rule::ArtifactIntact,
     ];
 }
 
@@ -78,6 +83,10 @@ pub struct AuditReport {
     pub items_skipped: u32,
     pub spent: Totals,
     pub saved: Totals,
+    /// The state the history folds to (its completed items and their outputs), for checks
+    /// beyond the log's own, such as the artifacts on disk. Not serialized.
+    #[serde(skip)]
+    pub state: TaskState,
 }
 
 impl AuditReport {
@@ -138,6 +147,7 @@ pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
         items_skipped: saved.items,
         spent: state.spent,
         saved,
+        state,
     }
 }
 

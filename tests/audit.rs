@@ -490,4 +490,20 @@ async fn audit_reports_an_artifact_changed_or_missing_on_disk() {
     );
     // The log itself is sound: checking only the log passes.
     assert_eq!(with_root(&["audit", &id, "--log-only"]).code, 0);
+    // Pointed at no directory at all: one violation that says so, not one per file.
+    let nowhere = dir.path().join("nowhere");
+    let lost = with_root(&[
+        "audit",
+        &id,
+        "--artifacts",
+        nowhere.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(lost.code, 3);
+    assert!(lost.stdout.contains("1 violation(s)"), "{}", lost.stdout);
+    assert!(
+        lost.stdout
+            .contains("78 recorded artifacts cannot be checked"),
+        "{}",
+        lost.stdout
+    );
 }

@@ -99,19 +99,46 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
 /// The artifacts of `report`'s completed items (their current runs: a redone item's
 /// earlier file was replaced by design) that are missing or changed under `root`. Items
 /// that recorded no size and SHA-256 (older logs, outputs without a file) are not checked.
+///
+/// A root that is not there at all is one violation, not one per file: the audit was most
+/// likely pointed at the wrong place.
 fn artifact_violations(root: &Path, report: &AuditReport) -> Vec<Violation> {
-    let items = report
+    let recorded: Vec<_> = report
         .state
         .steps
         .iter()
-        .flat_map(|step| step.items.values());
-    items
+        .flat_map(|step| step.items.values())
         .filter_map(|record| {
-            let recorded = record.output.as_ref().and_then(Fingerprint::recorded_in)?;
+            let print = record.output.as_ref().and_then(Fingerprint::recorded_in)?;
+            Some((record, print))
+        })
+        .collect();
+    let violation = |version, message| Violation {
+        task: report.task,
+        version,
+        rule: Rule::ArtifactIntact,
+        message,
+    };
+    if let Some((first, _)) = recorded.first()
+        && !root.is_dir()
+    {
+        let message = format!(
+            "{} recorded artifacts cannot be checked: the artifacts root {} is not a directory \
+             (pass --artifacts DIR as given to reel worker, or --log-only)",
+            recorded.len(),
+            root.display()
+        );
+        return vec![violation(first.version, message)];
+    }
+    recorded
+        .into_iter()
+        .filter_map(|(record, recorded)| {
             let artifact = &record.artifact;
             let message = match check_artifact(root, artifact, &recorded) {
                 ArtifactCheck::Intact => return None,
-                ArtifactCheck::Missing(why) => format!("{artifact} is missing ({why})"),
+                ArtifactCheck::Missing(why) => {
+                    format!("{artifact} is missing from {} ({why})", root.display())
+                }
                 ArtifactCheck::Changed { recorded, found } => format!(
                     "{artifact} changed: recorded {} bytes, sha256 {}; found {} bytes, sha256 {}",
                     recorded.size_bytes, recorded.sha256, found.size_bytes, found.sha256
@@ -120,12 +147,7 @@ fn artifact_violations(root: &Path, report: &AuditReport) -> Vec<Violation> {
                     format!("{artifact:?} is not a path under the artifacts root")
                 }
             };
-            Some(Violation {
-                task: report.task,
-                version: record.version,
-                rule: Rule::ArtifactIntact,
-                message,
-            })
+            Some(violation(record.version, message))
         })
         .collect()
 }

@@ -101,7 +101,7 @@ impl Fingerprint {
 pub enum ArtifactCheck {
     /// Same size and SHA-256.
     Intact,
-    /// No file (or it cannot be read).
+    /// No file, or it cannot be read (why).
     Missing(String),
     /// A file of another size or content.
     Changed {
@@ -118,7 +118,7 @@ pub fn check_artifact(root: &Path, artifact: &str, recorded: &Fingerprint) -> Ar
         return ArtifactCheck::Unsafe;
     };
     match std::fs::read(&path) {
-        Err(e) => ArtifactCheck::Missing(format!("{}: {e}", path.display())),
+        Err(e) => ArtifactCheck::Missing(e.to_string()),
         Ok(bytes) => {
             let found = Fingerprint::of(&bytes);
             if &found == recorded {

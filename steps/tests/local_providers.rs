@@ -139,6 +139,24 @@ async fn each_local_step_makes_a_valid_file_from_the_ones_before() {
         beds.push(bed.artifact);
     }
 
+    // A line too long for its clip at the usual pace is spoken faster, to fit.
+    let mut long = video.request("narration", 1, &[&clips[0]]);
+    long.input = Arc::new(
+        json!({"topic": "The long and winding decline and fall of the Western Roman Empire in late antiquity"}),
+    );
+    long.step = "narration_long".into();
+    long.artifact_dir = dir.path().join("long");
+    let spoken = video
+        .provider("narration")
+        .generate(long)
+        .await
+        .expect("a long line");
+    let seconds = spoken.output.as_ref().expect("output")["duration_secs"].as_f64();
+    assert!(
+        seconds.is_some_and(|s| s <= f64::from(CLIP_SECONDS)),
+        "{seconds:?}"
+    );
+
     let sources: Vec<&str> = clips
         .iter()
         .chain(&voices)

@@ -5,7 +5,7 @@
 //! sources; the assembly is one MP4 of the clips in order with narration and SFX mixed.
 //!
 //! Local work charges nothing, so every item costs 0. Each output records its artifact's
-//! size and SHA-256 (see [`Fingerprint`](crate::Fingerprint)). ffmpeg, ffprobe and
+//! size and SHA-256 (see [`crate::Fingerprint`]). ffmpeg, ffprobe and
 //! espeak-ng must be installed: [`Tools::check`] says so when a worker starts.
 
 mod media;

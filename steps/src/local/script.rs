@@ -27,20 +27,36 @@ const BEATS: [&str; 14] = [
 
 /// Clip `clip`'s line, of `clips`.
 pub(crate) fn narration_line(story: &Story, clip: u32, clips: u32) -> String {
-    let topic = engine::truncate_for_display(story.topic.trim(), QUOTE_MAX_CHARS);
+    let topic = quote(&story.topic);
     let topic = topic.trim_end_matches(['.', '!', '?']);
     match clip {
         1 => format!("{topic}."),
         2 => match &story.direction {
-            Some(direction) if !direction.trim().is_empty() => format!(
-                "A {} story, in {clips} scenes.",
-                engine::truncate_for_display(direction.trim(), QUOTE_MAX_CHARS)
-            ),
+            Some(direction) if !direction.trim().is_empty() => {
+                format!("A {} story, in {clips} scenes.", quote(direction))
+            }
             _ => format!("A story in {clips} scenes."),
         },
         last if last == clips => format!("And that was {topic}."),
         n => BEATS[(n as usize - 3) % BEATS.len()].to_owned(),
     }
+}
+
+/// `text`'s first words, up to [`QUOTE_MAX_CHARS`] (cut between words: it is spoken; a
+/// first word longer than that is cut).
+fn quote(text: &str) -> String {
+    let mut quoted = String::new();
+    for word in text.split_whitespace() {
+        if quoted.is_empty() {
+            quoted = word.chars().take(QUOTE_MAX_CHARS).collect();
+        } else if quoted.chars().count() + 1 + word.chars().count() <= QUOTE_MAX_CHARS {
+            quoted.push(' ');
+            quoted.push_str(word);
+        } else {
+            break;
+        }
+    }
+    quoted
 }
 
 #[cfg(test)]
@@ -67,5 +83,13 @@ mod tests {
         };
         assert_eq!(narration_line(&plain, 2, 18), "A story in 18 scenes.");
         assert!(narration_line(&plain, 1, 18).chars().count() < 100);
+        let long = Story {
+            topic: "The long and winding decline and fall of the Western Roman Empire in late antiquity".into(),
+            direction: None,
+        };
+        assert_eq!(
+            narration_line(&long, 1, 18),
+            "The long and winding decline and fall of the Western Roman Empire in late."
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::{BoxFuture, ItemOutput, StepError};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::VideoInput;
 use crate::artifacts::{Fingerprint, resolve_artifact};
@@ -142,59 +142,50 @@ impl Local {
     }
 
     /// Makes the item's file; returns what its output records besides the fingerprint.
-    async fn make(&self, job: &Job) -> Result<Map<String, Value>, StepError> {
-        let tools = &self.tools;
-        let item = job.request.item;
-        let mut details = Map::new();
-        match self.make {
+    async fn make(&self, job: &Job) -> Result<Value, StepError> {
+        let (tools, item) = (&*self.tools, job.request.item);
+        Ok(match self.make {
             Make::Card => {
                 draw_card(job).await?;
-                details.insert("width".into(), pictures::CARD.0.into());
-                details.insert("height".into(), pictures::CARD.1.into());
+                json!({"width": pictures::CARD.0, "height": pictures::CARD.1})
             }
             Make::Board => {
                 draw_board(job).await?;
-                details.insert("width".into(), pictures::FRAME.0.into());
-                details.insert("height".into(), pictures::FRAME.1.into());
+                json!({"width": pictures::FRAME.0, "height": pictures::FRAME.1})
             }
             Make::Clip => {
-                let composite = only_source(job)?;
-                media::clip(tools, composite, item, &job.out).await?;
-                details.insert(
-                    "duration_secs".into(),
-                    probe_secs(tools, &job.out).await?.into(),
-                );
+                media::clip(tools, only_source(job)?, item, &job.out).await?;
+                json!({"duration_secs": probe_secs(tools, &job.out).await?})
             }
             Make::Speech => {
                 let seconds = probe_secs(tools, only_source(job)?).await?;
                 let line = script::narration_line(&job.story, item, crate::CLIPS);
                 let spoken = media::narration(tools, &line, seconds, &job.out).await?;
-                details.insert("script".into(), line.into());
-                details.insert("duration_secs".into(), spoken.into());
+                json!({"script": line, "duration_secs": spoken})
             }
             Make::SoundBed => {
                 let seconds = probe_secs(tools, only_source(job)?).await?;
                 media::sound_bed(tools, item, seconds, &job.out).await?;
-                details.insert("duration_secs".into(), seconds.into());
+                json!({"duration_secs": seconds})
             }
             Make::Final => {
                 let (clips, seconds) = assemble(tools, job).await?;
-                details.insert("clips".into(), clips.into());
-                details.insert("duration_secs".into(), seconds.into());
+                json!({"clips": clips, "duration_secs": seconds})
             }
-        }
-        Ok(details)
+        })
     }
 }
 
 /// The item's output: its details, the sources it was built from, and the fingerprint of
 /// the file it made. Local work costs nothing.
-async fn finish(job: Job, mut details: Map<String, Value>) -> Result<ItemOutput, StepError> {
+async fn finish(job: Job, mut details: Value) -> Result<ItemOutput, StepError> {
     let request = &job.request;
     let print = Fingerprint::of_file(&job.out)
         .await
         .map_err(|e| StepError::transient(format!("cannot read {}: {e}", job.out.display())))?;
-    if !request.sources.is_empty() {
+    if let Some(details) = details.as_object_mut()
+        && !request.sources.is_empty()
+    {
         details.insert("sources".into(), json!(request.sources));
     }
     let file = job
@@ -206,7 +197,7 @@ async fn finish(job: Job, mut details: Map<String, Value>) -> Result<ItemOutput,
         "{}/{}/{}/{file}",
         request.channel_id, request.task_id, request.step
     );
-    ItemOutput::new(artifact, 0).with_output(print.add_to(Some(Value::Object(details))))
+    ItemOutput::new(artifact, 0).with_output(print.add_to(Some(details)))
 }
 
 fn only_source(job: &Job) -> Result<&Path, StepError> {

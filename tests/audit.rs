@@ -422,3 +422,88 @@ async fn stats_with_a_channel_rank_only_that_channels_failure_reasons() {
         "only the history channel's failure is counted: {stats}"
     );
 }
+
+/// `reel audit` with the artifacts' root checks every file an item recorded a size and
+/// SHA-256 for: a changed and a missing artifact are violations at their item's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_an_artifact_changed_or_missing_on_disk() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let artifacts = dir.path().to_str().expect("utf-8 path");
+    let with_root = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("REEL_ARTIFACTS", artifacts)
+            .env("REEL_TIME_SCALE", "0.00005")
+            .output()
+            .expect("run reel");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        }
+    };
+    let submitted = with_root(&["submit", "--channel", "history", "--topic", "Rome"]);
+    let id = submitted.stdout.trim().to_owned();
+    assert_eq!(with_root(&["worker", "--until-idle"]).code, 0);
+    let audit = with_root(&["audit", &id]);
+    assert_eq!(audit.code, 0, "{}", audit.stdout);
+
+    let task: TaskId = id.parse().expect("task id");
+    let events = db.store().read_stream(task, 1).await.expect("read");
+    let version_of = |step: &str, item: u32| {
+        events
+            .iter()
+            .find(|e| matches!(&e.event, engine::Event::ItemCompleted { step: s, item: i, .. } if s == step && *i == item))
+            .map(|e| e.version)
+            .expect("completed")
+    };
+    let file = |step: &str, name: &str| dir.path().join("history").join(&id).join(step).join(name);
+    std::fs::write(file("video", "07.mp4"), b"not the clip that was made").expect("change");
+    std::fs::remove_file(file("narration", "03.mp3")).expect("remove");
+
+    let audit = with_root(&["audit", &id]);
+    assert_eq!(audit.code, 3, "{}", audit.stdout);
+    let changed = format!(
+        "  v{} artifact_intact: history/{id}/video/07.mp4 changed",
+        version_of("video", 7)
+    );
+    let missing = format!(
+        "  v{} artifact_intact: history/{id}/narration/03.mp3 is missing",
+        version_of("narration", 3)
+    );
+    for expected in [&changed, &missing] {
+        assert!(
+            audit.stdout.contains(expected.as_str()),
+            "{expected} in:\n{}",
+            audit.stdout
+        );
+    }
+    let all = with_root(&["audit", "--all", "--json"]);
+    assert_eq!(all.code, 3);
+    let summary = all.stdout.lines().last().expect("a summary line");
+    assert!(summary.contains(r#""violations":2"#), "{summary}");
+    assert!(
+        all.stdout.contains(r#""rule":"artifact_intact""#),
+        "{}",
+        all.stdout
+    );
+    // The log itself is sound: checking only the log passes.
+    assert_eq!(with_root(&["audit", &id, "--log-only"]).code, 0);
+    // Pointed at no directory at all: one violation that says so, not one per file.
+    let nowhere = dir.path().join("nowhere");
+    let lost = with_root(&[
+        "audit",
+        &id,
+        "--artifacts",
+        nowhere.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(lost.code, 3);
+    assert!(lost.stdout.contains("1 violation(s)"), "{}", lost.stdout);
+    assert!(
+        lost.stdout
+            .contains("78 recorded artifacts cannot be checked"),
+        "{}",
+        lost.stdout
+    );
+}

@@ -396,6 +396,11 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
             2,
             "expected 1 to 200 characters",
         ),
+        (
+            &["worker", "--providers", "cloudy", "--until-idle"],
+            2,
+            "[possible values: simulated, local]",
+        ),
     ];
     for (args, code, message) in cases {
         let run = reel(&db, dir.path(), args);
@@ -425,6 +430,13 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
             &["worker", "--until-idle"],
             2,
             "expected a number from 0 to 10",
+        ),
+        (
+            "REEL_PROVIDERS",
+            "Local",
+            &["worker", "--until-idle"],
+            2,
+            "[possible values: simulated, local]",
         ),
         (
             "DATABASE_URL",

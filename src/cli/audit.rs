@@ -1,11 +1,13 @@
 //! `reel audit` and `reel stats`: is every history sound, and what did it all cost.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use engine::audit::{AuditReport, Scope, audit_stored, scan};
+use engine::audit::{AuditReport, Rule, ScanSummary, Scope, Violation, audit_stored, scan};
 use engine::{ChannelId, PgStore, TaskFilter, TaskId};
 use serde::Serialize;
+use steps::{ArtifactCheck, Fingerprint, check_artifact};
 
 use super::money;
 
@@ -31,6 +33,13 @@ pub(crate) struct AuditArgs {
     /// One JSON object per task (JSON lines), then a summary object.
     #[arg(long)]
     json: bool,
+    /// Where the workers wrote artifacts (as `reel worker --artifacts`): every artifact
+    /// whose item recorded a size and SHA-256 must be there, unchanged.
+    #[arg(long, env = "REEL_ARTIFACTS", default_value = "artifacts")]
+    artifacts: PathBuf,
+    /// Check the log only, not the artifacts on disk.
+    #[arg(long)]
+    log_only: bool,
 }
 
 pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
@@ -38,17 +47,22 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
     let store = PgStore::new(engine::db::connect(url, 2).await?);
     let json = args.json;
-    let print = |report: &AuditReport| {
-        if json {
-            println!("{}", serde_json::to_string(report).unwrap_or_default());
-        } else {
-            print!("{}", render(report));
+    let artifacts = (!args.log_only).then_some(args.artifacts.as_path());
+    let print = |mut report: AuditReport| {
+        if let Some(root) = artifacts {
+            let broken = artifact_violations(root, &report);
+            report.violations.extend(broken);
         }
+        if json {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        } else {
+            print!("{}", render(&report));
+        }
+        report
     };
     let broken = match task {
         Some(task) => {
-            let report = audit_stored(&store, task).await?;
-            print(&report);
+            let report = print(audit_stored(&store, task).await?);
             u64::from(!report.is_clean())
         }
         None => {
@@ -56,7 +70,15 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
                 channel,
                 failed_only: args.failed,
             };
-            let summary = scan(&store, &scope, |report| print(&report)).await?;
+            // Counted here: the artifact checks add violations the scan did not see.
+            let mut summary = ScanSummary::default();
+            scan(&store, &scope, |report| {
+                let report = print(report);
+                summary.tasks += 1;
+                summary.violations += report.violations.len() as u64;
+                summary.tasks_with_violations += u64::from(!report.is_clean());
+            })
+            .await?;
             if json {
                 println!("{}", serde_json::json!({"summary": summary}));
             } else {
@@ -72,6 +94,62 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
         return Err(AuditFailed(broken).into());
     }
     Ok(())
+}
+
+/// The artifacts of `report`'s completed items (their current runs: a redone item's
+/// earlier file was replaced by design) that are missing or changed under `root`. Items
+/// that recorded no size and SHA-256 (older logs, outputs without a file) are not checked.
+///
+/// A root that is not there at all is one violation, not one per file: the audit was most
+/// likely pointed at the wrong place.
+fn artifact_violations(root: &Path, report: &AuditReport) -> Vec<Violation> {
+    let recorded: Vec<_> = report
+        .state
+        .steps
+        .iter()
+        .flat_map(|step| step.items.values())
+        .filter_map(|record| {
+            let print = record.output.as_ref().and_then(Fingerprint::recorded_in)?;
+            Some((record, print))
+        })
+        .collect();
+    let violation = |version, message| Violation {
+        task: report.task,
+        version,
+        rule: Rule::ArtifactIntact,
+        message,
+    };
+    if let Some((first, _)) = recorded.first()
+        && !root.is_dir()
+    {
+        let message = format!(
+            "{} recorded artifacts cannot be checked: the artifacts root {} is not a directory \
+             (pass --artifacts DIR as given to reel worker, or --log-only)",
+            recorded.len(),
+            root.display()
+        );
+        return vec![violation(first.version, message)];
+    }
+    recorded
+        .into_iter()
+        .filter_map(|(record, recorded)| {
+            let artifact = &record.artifact;
+            let message = match check_artifact(root, artifact, &recorded) {
+                ArtifactCheck::Intact => return None,
+                ArtifactCheck::Missing(why) => {
+                    format!("{artifact} is missing from {} ({why})", root.display())
+                }
+                ArtifactCheck::Changed { recorded, found } => format!(
+                    "{artifact} changed: recorded {} bytes, sha256 {}; found {} bytes, sha256 {}",
+                    recorded.size_bytes, recorded.sha256, found.size_bytes, found.sha256
+                ),
+                ArtifactCheck::Unsafe => {
+                    format!("{artifact:?} is not a path under the artifacts root")
+                }
+            };
+            Some(violation(record.version, message))
+        })
+        .collect()
 }
 
 /// The text form of one task's audit (also what the golden tests compare).

@@ -22,8 +22,9 @@ use submit::{SubmitArgs, submit};
 use tasks::{TasksArgs, tasks};
 use worker::{WorkerArgs, worker};
 
-/// What `reel worker` was told that a workflow's steps may need: where artifacts go and
-/// how fast simulated providers and retry waits run.
+/// What `reel worker` was told that a workflow's steps may need: where artifacts go, how
+/// fast simulated providers and retry waits run, and which providers the video pipeline
+/// calls.
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     /// `--artifacts` (env `REEL_ARTIFACTS`, default `artifacts`).
@@ -33,6 +34,8 @@ pub struct WorkerSettings {
     /// `--simulate STEP=SECONDS` (env `REEL_SIMULATE`): simulated providers' item durations
     /// at real speed, by step, replacing the seed's figures.
     pub simulated_seconds: std::collections::BTreeMap<String, f64>,
+    /// `--providers` (env `REEL_PROVIDERS`, default `simulated`).
+    pub providers: steps::ProviderSet,
 }
 
 impl Default for WorkerSettings {
@@ -41,6 +44,7 @@ impl Default for WorkerSettings {
             artifacts: PathBuf::from("artifacts"),
             time_scale: 0.001,
             simulated_seconds: std::collections::BTreeMap::new(),
+            providers: steps::ProviderSet::default(),
         }
     }
 }

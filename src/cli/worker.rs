@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use engine::{PgStore, ProviderLimits, Registry, Worker, WorkerOptions};
+use steps::ProviderSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{UsageError, WorkerSettings, Workflows};
@@ -29,6 +31,16 @@ pub(crate) struct WorkerArgs {
     /// Where artifacts are written (per channel, per task).
     #[arg(long, env = "REEL_ARTIFACTS", default_value = "artifacts")]
     artifacts: PathBuf,
+    /// The video pipeline's providers: `simulated` (the seed's durations times
+    /// --time-scale, text artifacts, the seed's costs) or `local` (real PNGs, MP4s and
+    /// speech made here at no cost; needs ffmpeg and espeak-ng).
+    #[arg(
+        long,
+        env = "REEL_PROVIDERS",
+        default_value = "simulated",
+        value_parser = PossibleValuesParser::new(ProviderSet::NAMES).try_map(|s| s.parse::<ProviderSet>())
+    )]
+    providers: ProviderSet,
     /// Seconds a claim holds a task without a heartbeat (1 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
@@ -59,11 +71,14 @@ pub(crate) async fn worker(
     args: WorkerArgs,
     workflows: &dyn Workflows,
 ) -> anyhow::Result<()> {
+    // Before claiming anything: a missing ffmpeg is a message now, not a failure at clip 7.
+    args.providers.check_ready().await?;
     let concurrency = usize::from(args.concurrency);
     let registry = workflows.registry(&WorkerSettings {
         artifacts: args.artifacts,
         time_scale: args.time_scale,
         simulated_seconds: args.simulate.iter().cloned().collect(),
+        providers: args.providers,
     });
     for (step, _) in &args.simulate {
         let known = registry.names().iter().any(|name| {

@@ -65,6 +65,15 @@ impl Fault {
     }
 }
 
+/// The fault in `request`'s task input that fires for this item and attempt, if any (the
+/// simulated and the local providers both honour them).
+pub(crate) fn injected(request: &crate::ItemRequest) -> Option<Fault> {
+    let faults: Vec<Fault> = serde_json::from_value(request.input.get("faults")?.clone()).ok()?;
+    faults
+        .into_iter()
+        .find(|f| f.fires(&request.step, request.item, request.attempt))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,11 @@ pub const STEP_NAMES: [&str; 6] = [
     "assembly",
 ];
 
+/// How many assets a video has (one composite combines them all).
+pub const ASSETS: u32 = 22;
+/// How many clips a video has (and narrations and SFX, one per clip).
+pub const CLIPS: u32 = 18;
+
 /// A video task's input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VideoInput {
@@ -114,11 +119,11 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
     };
     Workflow::new(WORKFLOW)
         .input::<VideoInput>()
-        .step(step("assets", 22, providers.assets))
+        .step(step("assets", ASSETS, providers.assets))
         .step(step("composites", 1, providers.composites))
-        .step(step("video", 18, providers.video))
-        .step(step("narration", 18, providers.narration))
-        .step(step("sfx", 18, providers.sfx))
+        .step(step("video", CLIPS, providers.video))
+        .step(step("narration", CLIPS, providers.narration))
+        .step(step("sfx", CLIPS, providers.sfx))
         .step(step("assembly", 1, providers.assembly))
         .review_gate()
         .task_retry(TaskRetryPolicy {

@@ -1,7 +1,7 @@
 //! Simulated providers: real work on disk, the seed's costs and durations, no network.
 //!
 //! Each item takes its nominal duration times the time scale, then writes a small,
-//! deterministic artifact file. Injected faults (in the task input) fail on purpose. The
+//! deterministic artifact file, and records its size and SHA-256. Injected faults (in the task input) fail on purpose. The
 //! video provider is job-shaped like the real video APIs: a submit records a job on disk
 //! (so jobs outlive the workers that submitted them, as a provider's do) and returns its
 //! id; polls answer "pending" until its duration has passed.
@@ -14,7 +14,7 @@ use engine::{BoxFuture, ItemOutput, JobStatus, ProviderLimits, StepError, Submis
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::Fault;
+use crate::artifacts::Fingerprint;
 use crate::provider::{ItemRequest, Provider, Providers, Shape};
 
 /// A simulated provider for one step.
@@ -81,7 +81,7 @@ impl Simulated {
 
     /// Writes the item's artifact and returns its output, or the injected fault.
     async fn finish(&self, request: &ItemRequest) -> Result<ItemOutput, StepError> {
-        if let Some(fault) = injected_fault(request) {
+        if let Some(fault) = crate::faults::injected(request) {
             let message = format!(
                 "simulated provider failure at {} {}",
                 request.step, request.item
@@ -111,12 +111,10 @@ impl Simulated {
             "{}/{}/{}/{file}",
             request.channel_id, request.task_id, request.step
         );
-        let output = ItemOutput::new(artifact, self.cost_micros);
-        if request.sources.is_empty() {
-            Ok(output)
-        } else {
-            output.with_output(serde_json::json!({ "sources": request.sources }))
-        }
+        let sources = (!request.sources.is_empty())
+            .then(|| serde_json::json!({ "sources": request.sources }));
+        ItemOutput::new(artifact, self.cost_micros)
+            .with_output(Fingerprint::of(content.as_bytes()).add_to(sources))
     }
 }
 
@@ -217,13 +215,6 @@ async fn write(path: &Path, content: &[u8]) -> std::io::Result<()> {
         tokio::fs::create_dir_all(dir).await?;
     }
     tokio::fs::write(path, content).await
-}
-
-fn injected_fault(request: &ItemRequest) -> Option<Fault> {
-    let faults: Vec<Fault> = serde_json::from_value(request.input.get("faults")?.clone()).ok()?;
-    faults
-        .into_iter()
-        .find(|f| f.fires(&request.step, request.item, request.attempt))
 }
 
 /// The seed's numbers: asset ≈ $0.07, clip ≈ $0.55 and ≈ 5 min, narration ≈ $0.03,

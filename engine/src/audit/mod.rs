@@ -42,11 +42,15 @@ pub enum Rule {
     /// An item has at most one open provider job: no `item_submitted` while an earlier
     /// submission of the item has neither a completion nor a failure (a job paid twice).
     OneOpenSubmission,
+    /// An artifact whose item recorded its size and SHA-256 is still on disk, unchanged.
+    /// The pure audit cannot see files: whoever knows the artifacts' root checks this
+    /// (`reel audit --artifacts DIR`).
+    ArtifactIntact,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::VersionsContiguous,
         Rule::SubmittedFirst,
         Rule::ItemCompletedOnce,
@@ -56,6 +60,7 @@ impl Rule {
         Rule::RetrySkipsCompleted,
         Rule::KnownEvents,
         Rule::OneOpenSubmission,
+        Rule::ArtifactIntact,
     ];
 }
 
@@ -84,6 +89,10 @@ pub struct AuditReport {
     pub saved: Totals,
     /// Provider jobs submitted (two-phase items; every submission, all attempts).
     pub jobs_submitted: u32,
+    /// The state the history folds to (its completed items and their outputs), for checks
+    /// beyond the log's own, such as the artifacts on disk. Not serialized.
+    #[serde(skip)]
+    pub state: TaskState,
 }
 
 impl AuditReport {
@@ -145,6 +154,7 @@ pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
         spent: state.spent,
         saved,
         jobs_submitted: state.jobs_submitted,
+        state,
     }
 }
 

@@ -24,8 +24,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine::SubscriptionOptions;
 use engine::{Backoff, TaskId, TaskStatus};
-use engine::{Checkpoint, Event, PgStore, RecordedEvent, Subscription, SubscriptionOptions};
+use engine::{Checkpoint, Event, LogPage, PgStore, RecordedEvent, Subscription};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use sqlx::{Connection, PgConnection};
@@ -177,6 +178,9 @@ struct Batch {
 /// A wait for the limiter's next request.
 type Turn<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
+/// A read of the log's next page, which gives the subscription back with the page.
+type Reading = Pin<Box<dyn Future<Output = (Subscription, engine::Result<LogPage>)> + Send>>;
+
 /// A row for `sync_failures`.
 #[derive(Clone, Debug)]
 struct Failure {
@@ -313,15 +317,17 @@ impl Projector {
             position = checkpoint.position,
             "reading the log after the checkpoint"
         );
-        let mut subscription = Subscription::start(
-            self.store.clone(),
-            checkpoint,
-            SubscriptionOptions {
-                poll_interval: self.options.poll_interval,
-                batch_size: self.options.batch_size,
-            },
-        )
-        .await;
+        let mut subscription = Some(
+            Subscription::start(
+                self.store.clone(),
+                checkpoint,
+                SubscriptionOptions {
+                    poll_interval: self.options.poll_interval,
+                    batch_size: self.options.batch_size,
+                },
+            )
+            .await,
+        );
         let mut queue = SendQueue::default();
         self.load_retries(&mut queue).await?;
         let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
@@ -330,6 +336,9 @@ impl Projector {
         let mut batch: Option<Batch> = None;
         let mut in_flight = FuturesUnordered::new();
         let mut token: Option<Turn<'_>> = None;
+        // The read in progress (it holds the subscription meanwhile), kept across turns of
+        // the loop: a read dropped half-way would start over at every answer and token.
+        let mut reading: Option<Reading> = None;
         let mut stopping = false;
         loop {
             if let Some(done) = batch.take_if(|b| b.outstanding == 0) {
@@ -348,12 +357,22 @@ impl Projector {
             if token.is_none() && may_send && queue.has_ready(Instant::now()) {
                 token = Some(Box::pin(self.limiter.acquire()));
             }
+            if batch.is_none()
+                && !stopping
+                && let Some(mut following) = subscription.take()
+            {
+                reading = Some(Box::pin(async move {
+                    let page = following.next_page(Some(&STATUS_EVENT_TYPES)).await;
+                    (following, page)
+                }));
+            }
             let next_due = queue.next_due().filter(|_| token.is_none() && may_send);
             tokio::select! {
                 biased;
                 _ = halt.cancelled(), if !stopping => {
                     stopping = true;
                     token = None;
+                    reading = None;
                 }
                 Some(attempt) = in_flight.next() => self.settle(attempt?, &mut queue, &mut batch),
                 _ = wait_for_turn(&mut token), if token.is_some() => {
@@ -366,7 +385,9 @@ impl Projector {
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
                 _ = failure_pass.tick(), if !stopping => self.enqueue_failures(&mut queue).await?,
-                page = subscription.next_page(Some(&STATUS_EVENT_TYPES)), if batch.is_none() && !stopping => {
+                (following, page) = wait_for_page(&mut reading), if reading.is_some() => {
+                    reading = None;
+                    subscription = Some(following);
                     let page = page?;
                     self.metrics.set_healthy(true);
                     if let Some(end) = page.end {
@@ -518,6 +539,14 @@ fn target_of(event: &RecordedEvent) -> Option<Target> {
         display: Arc::from(display),
         position: event.global_position,
     })
+}
+
+/// Waits for the read in progress (forever when there is none).
+async fn wait_for_page(reading: &mut Option<Reading>) -> (Subscription, engine::Result<LogPage>) {
+    match reading {
+        Some(reading) => reading.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the limiter's turn in progress (forever when there is none).

@@ -160,6 +160,77 @@ async fn random_5xx_never_hold_back_twelve_tasks_finishing_together() {
     assert_eq!(pending_retries(&store).await, 0);
 }
 
+/// Six pages answer 503 while six healthy tasks change: the retries of the six take turns
+/// with the fresh changes, so the healthy pages' p95 stays within 2·6/3 + 1 s (half the
+/// rate at worst), and once Notion is back every page ends on its final status. (When the
+/// retries held their batch, the healthy changes waited for the longest of six retry
+/// chains — 3.5 s at the very least — and then 2 s more.)
+#[tokio::test]
+async fn a_storm_of_retries_never_starves_fresh_changes() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let options = ProjectorOptions {
+        failure_retry_interval: Duration::from_secs(2),
+        ..default_retries()
+    };
+    let (tasks, running) = board(&store, &notion, 12, options).await;
+    let (flaky, healthy) = tasks.split_at(6);
+    for (_, page) in flaky {
+        notion.set_page_outage(page, Some(503));
+    }
+    for (task, _) in flaky {
+        change_status(&store, *task, FINAL).await;
+    }
+    let flaky_pages: Vec<String> = flaky.iter().map(|(_, page)| dashed(page)).collect();
+    wait_for(Duration::from_secs(10), || {
+        let requests = notion.requests();
+        flaky_pages.iter().all(|page| {
+            requests
+                .iter()
+                .any(|r| r.page_id == *page && r.response == 503)
+        })
+    })
+    .await
+    .expect("every flaky page had its first try");
+    let first_tries = notion.count(503);
+    let mut changed = Vec::new();
+    for (task, page) in healthy {
+        changed.push((page.clone(), Instant::now()));
+        change_status(&store, *task, FINAL).await;
+    }
+    wait_for(Duration::from_secs(30), || {
+        changed
+            .iter()
+            .all(|(page, _)| notion.page_value(page).as_deref() == Some("Final Review"))
+    })
+    .await
+    .expect("every healthy page shows its final status");
+    let took = latencies(&notion, &changed, "Final Review");
+    let p95 = percentile(&took, 0.95);
+    let retried = notion.count(503) - first_tries;
+
+    eprintln!("healthy latencies {took:?}, p95 {p95:?}, {retried} retries meanwhile");
+    let bound = Duration::from_secs_f64(2.0 * 6.0 / 3.0 + 1.0);
+    assert!(p95 <= bound, "p95 {p95:?} above {bound:?}: {took:?}");
+
+    for (_, page) in flaky {
+        notion.set_page_outage(page, None);
+    }
+    let recovered = wait_for(Duration::from_secs(20), || {
+        flaky
+            .iter()
+            .all(|(_, page)| notion.page_value(page).as_deref() == Some("Final Review"))
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        recovered.is_some(),
+        "the flaky pages catch up once Notion is back"
+    );
+    assert!(retried >= 1, "retries went out beside the fresh changes");
+}
+
 /// Rows of `sync_retries`.
 async fn pending_retries(store: &engine::PgStore) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sync_retries")

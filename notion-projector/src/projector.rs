@@ -175,8 +175,51 @@ struct Batch {
     failures: Vec<Failure>,
 }
 
+/// What a leader holds between two turns of its loop.
+struct Leading<'a> {
+    checkpoint: Checkpoint,
+    /// The subscription, while no read holds it.
+    subscription: Option<Subscription>,
+    /// The read in progress, kept across turns of the loop: a read dropped half-way would
+    /// start over at every answer and every turn.
+    reading: Option<Reading>,
+    queue: SendQueue,
+    /// The batch whose checkpoint waits for its jobs' first tries; the next read starts
+    /// when it is committed.
+    batch: Option<Batch>,
+    in_flight: FuturesUnordered<Sending<'a>>,
+    /// The wait for the limiter's next request, started when a job is ready.
+    turn: Option<Turn<'a>>,
+    /// Requests in flight at once.
+    slots: usize,
+    /// Halted: no new read and no new request; requests in flight finish.
+    stopping: bool,
+}
+
+impl Leading<'_> {
+    fn may_send(&self) -> bool {
+        !self.stopping && self.in_flight.len() < self.slots
+    }
+
+    /// When a waiting retry comes due, while nothing else would wake the loop for it.
+    fn next_due(&self) -> Option<Instant> {
+        self.queue
+            .next_due()
+            .filter(|_| self.turn.is_none() && self.may_send())
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+        self.turn = None;
+        self.reading = None;
+    }
+}
+
 /// A wait for the limiter's next request.
 type Turn<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// One try of one job.
+type Sending<'a> = Pin<Box<dyn Future<Output = Result<Attempt, ProjectorError>> + Send + 'a>>;
 
 /// A read of the log's next page, which gives the subscription back with the page.
 type Reading = Pin<Box<dyn Future<Output = (Subscription, engine::Result<LogPage>)> + Send>>;
@@ -311,91 +354,103 @@ impl Projector {
     /// checkpoint past it once each job had its first try (a job waiting for a retry is in
     /// `sync_retries` by then); meanwhile due retries go out beside fresh changes.
     async fn lead(&self, halt: &Halt) -> Result<(), ProjectorError> {
-        let mut checkpoint = self.store.load_checkpoint(&self.options.name).await?;
+        let mut leading = self.start_leading().await?;
+        let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
+        failure_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.prepare_turn(&mut leading).await?;
+            if leading.stopping && leading.in_flight.is_empty() {
+                // Halted: a batch whose jobs did not all have their try is redelivered.
+                return Ok(());
+            }
+            let next_due = leading.next_due();
+            tokio::select! {
+                biased;
+                _ = halt.cancelled(), if !leading.stopping => leading.stop(),
+                Some(attempt) = leading.in_flight.next() => {
+                    self.settle(attempt?, &mut leading.queue, &mut leading.batch);
+                }
+                _ = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
+                    leading.turn = None;
+                    // The job that asked for the turn may be gone (a newer status replaced
+                    // it): the turn then goes unused, which only slows down.
+                    if let Some(job) = leading.queue.pop_ready(Instant::now()) {
+                        leading.in_flight.push(Box::pin(self.attempt(job, halt)));
+                    }
+                }
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
+                _ = failure_pass.tick(), if !leading.stopping => {
+                    self.enqueue_failures(&mut leading.queue).await?;
+                }
+                (following, page) = wait_for_page(&mut leading.reading), if leading.reading.is_some() => {
+                    leading.reading = None;
+                    leading.subscription = Some(following);
+                    let page = page?;
+                    self.metrics.set_healthy(true);
+                    if let Some(end) = page.end {
+                        let batch = self.read_batch(page.events, end, &mut leading.queue).await?;
+                        leading.batch = Some(batch);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new leader's state: its checkpoint, a subscription from there, and the pending
+    /// retries of earlier leaders in its queue.
+    async fn start_leading(&self) -> Result<Leading<'_>, ProjectorError> {
+        let checkpoint = self.store.load_checkpoint(&self.options.name).await?;
         tracing::info!(
             tx_id = checkpoint.tx_id,
             position = checkpoint.position,
             "reading the log after the checkpoint"
         );
-        let mut subscription = Some(
-            Subscription::start(
-                self.store.clone(),
-                checkpoint,
-                SubscriptionOptions {
-                    poll_interval: self.options.poll_interval,
-                    batch_size: self.options.batch_size,
-                },
-            )
-            .await,
-        );
+        let options = SubscriptionOptions {
+            poll_interval: self.options.poll_interval,
+            batch_size: self.options.batch_size,
+        };
+        let subscription = Subscription::start(self.store.clone(), checkpoint, options).await;
         let mut queue = SendQueue::default();
         self.load_retries(&mut queue).await?;
-        let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
-        failure_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let slots = self.options.concurrency.max(1);
-        let mut batch: Option<Batch> = None;
-        let mut in_flight = FuturesUnordered::new();
-        let mut token: Option<Turn<'_>> = None;
-        // The read in progress (it holds the subscription meanwhile), kept across turns of
-        // the loop: a read dropped half-way would start over at every answer and token.
-        let mut reading: Option<Reading> = None;
-        let mut stopping = false;
-        loop {
-            if let Some(done) = batch.take_if(|b| b.outstanding == 0) {
-                self.commit(Some((checkpoint, done.end)), &done.failures)
-                    .await?;
-                checkpoint = done.end;
-            }
-            self.metrics
-                .pending_retries
-                .set(i64::try_from(queue.waiting_retries()).unwrap_or(i64::MAX));
-            if stopping && in_flight.is_empty() {
-                // Halted: a batch whose jobs did not all have their try is redelivered.
-                return Ok(());
-            }
-            let may_send = !stopping && in_flight.len() < slots;
-            if token.is_none() && may_send && queue.has_ready(Instant::now()) {
-                token = Some(Box::pin(self.limiter.acquire()));
-            }
-            if batch.is_none()
-                && !stopping
-                && let Some(mut following) = subscription.take()
-            {
-                reading = Some(Box::pin(async move {
-                    let page = following.next_page(Some(&STATUS_EVENT_TYPES)).await;
-                    (following, page)
-                }));
-            }
-            let next_due = queue.next_due().filter(|_| token.is_none() && may_send);
-            tokio::select! {
-                biased;
-                _ = halt.cancelled(), if !stopping => {
-                    stopping = true;
-                    token = None;
-                    reading = None;
-                }
-                Some(attempt) = in_flight.next() => self.settle(attempt?, &mut queue, &mut batch),
-                _ = wait_for_turn(&mut token), if token.is_some() => {
-                    token = None;
-                    // The job that asked for the token may be gone (a newer status replaced
-                    // it): the token then goes unused, which only slows down.
-                    if let Some(job) = queue.pop_ready(Instant::now()) {
-                        in_flight.push(self.attempt(job, halt));
-                    }
-                }
-                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
-                _ = failure_pass.tick(), if !stopping => self.enqueue_failures(&mut queue).await?,
-                (following, page) = wait_for_page(&mut reading), if reading.is_some() => {
-                    reading = None;
-                    subscription = Some(following);
-                    let page = page?;
-                    self.metrics.set_healthy(true);
-                    if let Some(end) = page.end {
-                        batch = Some(self.read_batch(page.events, end, &mut queue).await?);
-                    }
-                }
-            }
+        Ok(Leading {
+            checkpoint,
+            subscription: Some(subscription),
+            reading: None,
+            queue,
+            batch: None,
+            in_flight: FuturesUnordered::new(),
+            turn: None,
+            slots: self.options.concurrency.max(1),
+            stopping: false,
+        })
+    }
+
+    /// Between two turns of the loop: commits a batch whose jobs all had their first try,
+    /// asks the limiter for a turn when a job is ready and a slot is free, and starts the
+    /// next read when no batch is open.
+    async fn prepare_turn<'a>(&'a self, leading: &mut Leading<'a>) -> Result<(), ProjectorError> {
+        if let Some(done) = leading.batch.take_if(|b| b.outstanding == 0) {
+            self.commit(Some((leading.checkpoint, done.end)), &done.failures)
+                .await?;
+            leading.checkpoint = done.end;
         }
+        let waiting = leading.queue.waiting_retries();
+        self.metrics
+            .pending_retries
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        if leading.turn.is_none() && leading.may_send() && leading.queue.has_ready(Instant::now()) {
+            leading.turn = Some(Box::pin(self.limiter.acquire()));
+        }
+        if leading.batch.is_none()
+            && !leading.stopping
+            && let Some(mut following) = leading.subscription.take()
+        {
+            leading.reading = Some(Box::pin(async move {
+                let page = following.next_page(Some(&STATUS_EVENT_TYPES)).await;
+                (following, page)
+            }));
+        }
+        Ok(())
     }
 
     /// Coalesces a page of events to each task's latest status and queues what needs a

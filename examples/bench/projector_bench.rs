@@ -1,13 +1,14 @@
 //! notion-projector rows, against the fake Notion over real HTTP at Notion's 3 requests/s:
-//! event → Notion latency at one status change per second, and a burst of 300 status
-//! changes over 100 tasks (requests sent, time to converge, 429s).
+//! event → Notion latency at one status change per second; a burst of 300 status changes
+//! over 100 tasks (requests sent, time to converge, 429s), then the same burst with 15% of
+//! requests answering 503; and the final-status p95 of healthy pages while one page is down.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::prelude::*;
 use engine::{Event, Fence, NewEvent};
-use notion_projector::fake::{FakeNotion, FakeNotionOptions};
+use notion_projector::fake::{FakeNotion, FakeNotionOptions, RandomErrors};
 use notion_projector::{Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,9 @@ async fn tasks(store: &PgStore, notion: &FakeNotion, n: usize) -> anyhow::Result
 pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> anyhow::Result<()> {
     let notion = FakeNotion::start(FakeNotionOptions::default()).await?;
     let mut nominal = tasks(store, &notion, if quick { 8 } else { 30 }).await?;
-    let mut burst = tasks(store, &notion, 100).await?;
+    let mut burst_tasks = tasks(store, &notion, 100).await?;
+    let mut faulty_tasks = tasks(store, &notion, 100).await?;
+    let mut down_tasks = tasks(store, &notion, 30).await?;
     // The projector starts at the log's head: the new tasks' Queued counts as mirrored.
     notion_projector::checkpoint_at_head(store, NAME, false).await?;
     let client = notion.client(Duration::from_secs(10));
@@ -105,16 +108,39 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
         "ms",
     );
 
-    // Burst: 300 changes over 100 tasks, in three rounds over all tasks.
+    burst(report, store, &notion, &mut burst_tasks, "").await?;
+    notion.set_random_errors(Some(RandomErrors {
+        rate: 0.15,
+        status: 503,
+        seed: 16,
+    }));
+    burst(report, store, &notion, &mut faulty_tasks, " with 15% 5xx").await?;
+    notion.set_random_errors(None);
+    one_page_down(report, store, &notion, &mut down_tasks).await?;
+    shutdown.cancel();
+    let _ = running.await;
+    Ok(())
+}
+
+/// 300 changes over 100 tasks, in three rounds over all tasks: requests, time to converge,
+/// 429s and 503s.
+async fn burst(
+    report: &mut Report,
+    store: &PgStore,
+    notion: &FakeNotion,
+    burst: &mut [BenchTask],
+    label: &str,
+) -> anyhow::Result<()> {
     let sent_before = notion.requests().len();
     let limited_before = notion.count(429);
+    let failed_before = notion.count(503);
     let started = Instant::now();
     for status in [
         TaskStatus::from_static("generating_assets"),
         TaskStatus::from_static("generating_composites"),
         TaskStatus::from_static("generating_video"),
     ] {
-        for task in &mut burst {
+        for task in burst.iter_mut() {
             task.change(store, status).await?;
         }
     }
@@ -126,32 +152,83 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the burst did not converge in 180 s"
+            "the burst{label} did not converge in 180 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let converged = started.elapsed();
-    shutdown.cancel();
-    let _ = running.await;
     report.add(
-        "projector: burst 300 changes / 100 tasks, appended in",
+        format!("projector: burst{label}, 300 changes / 100 tasks, appended in"),
         appended.as_secs_f64(),
         "s",
     );
     report.add(
-        "projector: burst requests sent (goal 100)",
+        format!("projector: burst{label}, requests sent (goal 100 + retries)"),
         (notion.requests().len() - sent_before) as f64,
         "requests",
     );
     report.add(
-        "projector: burst time to converge (100 requests at 3/s ≥ 33 s)",
+        format!("projector: burst{label}, time to converge (100/3 s = 33.3 s)"),
         converged.as_secs_f64(),
         "s",
     );
     report.add(
-        "projector: burst 429s (goal 0)",
+        format!("projector: burst{label}, 429s (goal 0)"),
         (notion.count(429) - limited_before) as f64,
         "responses",
+    );
+    if notion.count(503) > failed_before {
+        report.add(
+            format!("projector: burst{label}, 503s"),
+            (notion.count(503) - failed_before) as f64,
+            "responses",
+        );
+    }
+    Ok(())
+}
+
+/// One page answering 503 to every request while 29 healthy tasks finish together: the
+/// healthy pages' final-status p95, against N/3 + 1 s for the N = 30 pages.
+async fn one_page_down(
+    report: &mut Report,
+    store: &PgStore,
+    notion: &FakeNotion,
+    tasks: &mut [BenchTask],
+) -> anyhow::Result<()> {
+    let Some((down, healthy)) = tasks.split_first_mut() else {
+        return Ok(());
+    };
+    notion.set_page_outage(&down.page, Some(503));
+    let seen = notion.requests().len();
+    down.change(store, TaskStatus::FINAL_REVIEW).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !notion.requests()[seen..].iter().any(|r| r.response == 503) {
+        anyhow::ensure!(Instant::now() < deadline, "the page down was never tried");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut changed = Vec::with_capacity(healthy.len());
+    for task in healthy.iter_mut() {
+        changed.push(tokio::time::Instant::now());
+        task.change(store, TaskStatus::FINAL_REVIEW).await?;
+    }
+    let mut latencies = Vec::with_capacity(healthy.len());
+    for (task, at) in healthy.iter().zip(changed) {
+        let arrived = wait_request(notion, seen, &task.page, Duration::from_secs(60)).await;
+        latencies.push(arrived.map_or(Duration::from_secs(60), |landed| landed - at));
+    }
+    notion.set_page_outage(&down.page, None);
+    let sample = Sample {
+        latencies,
+        wall: Duration::ZERO,
+    };
+    let bound = tasks.len() as f64 / 3.0 + 1.0;
+    report.add(
+        format!(
+            "projector: one page down, healthy final-status p95 (goal ≤ {:.0})",
+            bound * 1e3
+        ),
+        sample.percentile_ms(0.95),
+        "ms",
     );
     Ok(())
 }

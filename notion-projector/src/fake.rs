@@ -8,8 +8,10 @@
 //! `object_not_found` for an unknown page, and a token bucket (3 requests/s by default)
 //! answering 429 `rate_limited` with `Retry-After`. Faults are injectable: a queue of
 //! one-shot faults (any status, a 502 as HTML like Notion's edge, a 429, a delay), an
-//! outage answering one status to everything, and a latency on every answer. Every
-//! request is recorded with its arrival time and the answer it got.
+//! outage answering one status to everything, an outage of one page, a share of requests
+//! answered with an error at random (seeded: the same requests fail on every run), and a
+//! latency on every answer. Every request is recorded with its arrival time and the answer
+//! it got, and every page keeps the history of the values it was set to.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -66,6 +68,17 @@ pub enum Fault {
     Delay(Duration),
 }
 
+/// A share of requests answered with an error, drawn from a seeded generator: the n-th
+/// request after [`FakeNotion::set_random_errors`] fails or not the same way on every run.
+#[derive(Clone, Copy, Debug)]
+pub struct RandomErrors {
+    /// The share of requests that fail, 0 to 1 (0.15: 15%).
+    pub rate: f64,
+    /// The status they get (e.g. 500, 502 as HTML, 503).
+    pub status: u16,
+    pub seed: u64,
+}
+
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
@@ -102,8 +115,26 @@ struct FakeState {
     bucket: Bucket,
     faults: VecDeque<Fault>,
     outage: Option<u16>,
+    page_outages: HashMap<String, u16>,
+    random_errors: Option<(RandomErrors, SplitMix64)>,
     latency: Duration,
     requests: Vec<RecordedRequest>,
+}
+
+/// SplitMix64: a small seeded generator, enough to spread faults (not for secrets).
+#[derive(Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// The next value in [0, 1).
+    fn next_unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 type Shared = Arc<Mutex<FakeState>>;
@@ -130,6 +161,8 @@ impl FakeNotion {
             pages: HashMap::new(),
             faults: VecDeque::new(),
             outage: None,
+            page_outages: HashMap::new(),
+            random_errors: None,
             latency: Duration::ZERO,
             requests: Vec::new(),
         }));
@@ -239,6 +272,23 @@ impl FakeNotion {
     /// Answers every request with `status` (a JSON error) until set back to `None`.
     pub fn set_outage(&self, status: Option<u16>) {
         self.lock().outage = status;
+    }
+
+    /// Answers every request to page `id` with `status` (a JSON error, or HTML for 502)
+    /// until set back to `None`; other pages are served as usual.
+    pub fn set_page_outage(&self, id: &str, status: Option<u16>) {
+        let key = normalise(id).unwrap_or_else(|| id.to_owned());
+        let mut state = self.lock();
+        match status {
+            Some(status) => state.page_outages.insert(key, status),
+            None => state.page_outages.remove(&key),
+        };
+    }
+
+    /// Answers a share of the requests that pass the rate limit with an error, at random
+    /// from a seed; `None` stops it.
+    pub fn set_random_errors(&self, errors: Option<RandomErrors>) {
+        self.lock().random_errors = errors.map(|e| (e, SplitMix64(e.seed)));
     }
 
     /// Delays every answer by `latency`.
@@ -401,6 +451,14 @@ fn decide(
     let mut delay = None;
     if let Some(status) = s.outage {
         return (outage_answer(status), None);
+    }
+    if let Some(status) = normalise(page_id).and_then(|key| s.page_outages.get(&key).copied()) {
+        return (outage_answer(status), None);
+    }
+    if let Some((errors, random)) = &mut s.random_errors
+        && random.next_unit() < errors.rate
+    {
+        return (outage_answer(errors.status), None);
     }
     match s.faults.pop_front() {
         Some(Fault::Status(status)) => return (outage_answer(status), None),

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod notion;
 mod page_id;
 mod projector;
+mod queue;
 
 pub use config::{Config, LogFormat, run};
 pub use limiter::Limiter;

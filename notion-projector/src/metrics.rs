@@ -53,6 +53,8 @@ pub struct Metrics {
     pub lag_seconds: Gauge<f64, AtomicU64>,
     /// Unresolved `sync_failures` rows.
     pub open_failures: Gauge,
+    /// Statuses waiting for a retry (the leader's queue; `sync_retries` holds them too).
+    pub pending_retries: Gauge,
     healthy: AtomicBool,
 }
 
@@ -75,6 +77,7 @@ impl Metrics {
         let lag_events = Gauge::default();
         let lag_seconds = Gauge::<f64, AtomicU64>::default();
         let open_failures = Gauge::default();
+        let pending_retries = Gauge::default();
         registry.register(
             "requests",
             "Requests to Notion by outcome",
@@ -113,6 +116,11 @@ impl Metrics {
             "Unresolved sync failures",
             open_failures.clone(),
         );
+        registry.register(
+            "pending_retries",
+            "Statuses waiting for a retry after a transient failure",
+            pending_retries.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -125,6 +133,7 @@ impl Metrics {
             lag_events,
             lag_seconds,
             open_failures,
+            pending_retries,
             healthy: AtomicBool::new(true),
         }
     }

@@ -2,27 +2,43 @@
 //! outside any transaction, then record what was handled and move the checkpoint by
 //! compare-and-set.
 //!
+//! A request that fails transiently leaves its batch: its retry is recorded in
+//! `sync_retries` and waits in the [`SendQueue`] for its due time, not in a request slot,
+//! so one failing page never holds back the rest of the board. A batch's checkpoint moves
+//! once each of its jobs had its first try; a crash or a new leader resumes the recorded
+//! retries.
+//!
 //! Delivery is at-least-once: a crash between a PATCH and the checkpoint commit re-reads
 //! the events, and the repeated PATCH sets the same absolute value. `notion_sync` is
 //! written right after each successful PATCH, so a redelivered batch skips what already
-//! reached Notion.
+//! reached Notion. A page's statuses never go backwards: one task has at most one request
+//! in flight, and each request sends the task's newest status, read right before it.
+
+mod records;
+mod send;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use engine::SubscriptionOptions;
 use engine::{Backoff, TaskId, TaskStatus};
-use engine::{Checkpoint, Event, PgStore, RecordedEvent, Subscription, SubscriptionOptions};
+use engine::{Checkpoint, Event, LogPage, PgStore, RecordedEvent, Subscription};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use sqlx::{Connection, PgConnection};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::notion::{NotionClient, NotionError, PropertyType};
-use crate::page_id::PageId;
+use crate::notion::{NotionClient, PropertyType};
+use crate::queue::{Origin, SendQueue};
+
+use send::{Attempt, Outcome};
 
 /// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
 /// than a minute; a larger value is taken as a broken header).
@@ -139,21 +155,74 @@ const STEP_BACK: Backoff =
 
 /// The status a task should show, and the event that set it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Target {
-    task: TaskId,
-    version: u32,
-    status: TaskStatus,
+pub(crate) struct Target {
+    pub(crate) task: TaskId,
+    pub(crate) version: u32,
+    pub(crate) status: TaskStatus,
     /// The name Notion shows: the event's `to_display` (its default for older events).
-    display: Arc<str>,
-    position: i64,
+    pub(crate) display: Arc<str>,
+    pub(crate) position: i64,
 }
 
-/// A status to send to one page.
-#[derive(Clone, Debug)]
-struct Job {
-    target: Target,
-    page: PageId,
+/// The log events read together, whose checkpoint moves once each of their jobs had its
+/// first try.
+#[derive(Debug)]
+struct Batch {
+    end: Checkpoint,
+    /// Fresh jobs without a first outcome yet.
+    outstanding: usize,
+    /// Failures found while reading it (undecodable events, invalid page ids).
+    failures: Vec<Failure>,
 }
+
+/// What a leader holds between two turns of its loop.
+struct Leading<'a> {
+    checkpoint: Checkpoint,
+    /// The subscription, while no read holds it.
+    subscription: Option<Subscription>,
+    /// The read in progress, kept across turns of the loop: a read dropped half-way would
+    /// start over at every answer and every turn.
+    reading: Option<Reading>,
+    queue: SendQueue,
+    /// The batch whose checkpoint waits for its jobs' first tries; the next read starts
+    /// when it is committed.
+    batch: Option<Batch>,
+    in_flight: FuturesUnordered<Sending<'a>>,
+    /// The wait for the limiter's next request, started when a job is ready.
+    turn: Option<Turn<'a>>,
+    /// Requests in flight at once.
+    slots: usize,
+    /// Halted: no new read and no new request; requests in flight finish.
+    stopping: bool,
+}
+
+impl Leading<'_> {
+    fn may_send(&self) -> bool {
+        !self.stopping && self.in_flight.len() < self.slots
+    }
+
+    /// When a waiting retry comes due, while nothing else would wake the loop for it.
+    fn next_due(&self) -> Option<Instant> {
+        self.queue
+            .next_due()
+            .filter(|_| self.turn.is_none() && self.may_send())
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+        self.turn = None;
+        self.reading = None;
+    }
+}
+
+/// A wait for the limiter's next request.
+type Turn<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// One try of one job.
+type Sending<'a> = Pin<Box<dyn Future<Output = Result<Attempt, ProjectorError>> + Send + 'a>>;
+
+/// A read of the log's next page, which gives the subscription back with the page.
+type Reading = Pin<Box<dyn Future<Output = (Subscription, engine::Result<LogPage>)> + Send>>;
 
 /// A row for `sync_failures`.
 #[derive(Clone, Debug)]
@@ -163,12 +232,6 @@ struct Failure {
     http_status: Option<u16>,
     error: String,
     retryable: bool,
-}
-
-enum Sent {
-    Synced,
-    Failed(Failure),
-    Interrupted,
 }
 
 /// The sidecar. Build one with [`Projector::new`], then [`Projector::run`] it.
@@ -287,51 +350,117 @@ impl Projector {
         format!("reel/notion-projector/{}", self.options.name)
     }
 
-    /// Follows the log until `halt`.
+    /// Follows the log until `halt`: reads a batch, queues its jobs, and moves the
+    /// checkpoint past it once each job had its first try (a job waiting for a retry is in
+    /// `sync_retries` by then); meanwhile due retries go out beside fresh changes.
     async fn lead(&self, halt: &Halt) -> Result<(), ProjectorError> {
-        let mut checkpoint = self.store.load_checkpoint(&self.options.name).await?;
-        tracing::info!(
-            tx_id = checkpoint.tx_id,
-            position = checkpoint.position,
-            "reading the log after the checkpoint"
-        );
-        let mut subscription = Subscription::start(
-            self.store.clone(),
-            checkpoint,
-            SubscriptionOptions {
-                poll_interval: self.options.poll_interval,
-                batch_size: self.options.batch_size,
-            },
-        )
-        .await;
+        let mut leading = self.start_leading().await?;
         let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
         failure_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.prepare_turn(&mut leading).await?;
+            if leading.stopping && leading.in_flight.is_empty() {
+                // Halted: a batch whose jobs did not all have their try is redelivered.
+                return Ok(());
+            }
+            let next_due = leading.next_due();
             tokio::select! {
                 biased;
-                _ = halt.cancelled() => return Ok(()),
-                _ = failure_pass.tick() => self.retry_failures(halt).await?,
-                page = subscription.next_page(Some(&STATUS_EVENT_TYPES)) => {
+                _ = halt.cancelled(), if !leading.stopping => leading.stop(),
+                Some(attempt) = leading.in_flight.next() => {
+                    self.settle(attempt?, &mut leading.queue, &mut leading.batch);
+                }
+                _ = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
+                    leading.turn = None;
+                    // The job that asked for the turn may be gone (a newer status replaced
+                    // it): the turn then goes unused, which only slows down.
+                    if let Some(job) = leading.queue.pop_ready(Instant::now()) {
+                        leading.in_flight.push(Box::pin(self.attempt(job, halt)));
+                    }
+                }
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
+                _ = failure_pass.tick(), if !leading.stopping => {
+                    self.enqueue_failures(&mut leading.queue).await?;
+                }
+                (following, page) = wait_for_page(&mut leading.reading), if leading.reading.is_some() => {
+                    leading.reading = None;
+                    leading.subscription = Some(following);
                     let page = page?;
                     self.metrics.set_healthy(true);
-                    let Some(end) = page.end else { continue };
-                    let Some(failures) = self.handle(page.events, halt).await? else {
-                        return Ok(()); // halted mid-batch: the checkpoint stays, the batch is redelivered
-                    };
-                    self.commit(Some((checkpoint, end)), &failures).await?;
-                    checkpoint = end;
+                    if let Some(end) = page.end {
+                        let batch = self.read_batch(page.events, end, &mut leading.queue).await?;
+                        leading.batch = Some(batch);
+                    }
                 }
             }
         }
     }
 
-    /// Sends the latest status of every task in `events`. `None` when halted before the
-    /// end; otherwise the failures to record with the checkpoint.
-    async fn handle(
+    /// A new leader's state: its checkpoint, a subscription from there, and the pending
+    /// retries of earlier leaders in its queue.
+    async fn start_leading(&self) -> Result<Leading<'_>, ProjectorError> {
+        let checkpoint = self.store.load_checkpoint(&self.options.name).await?;
+        tracing::info!(
+            tx_id = checkpoint.tx_id,
+            position = checkpoint.position,
+            "reading the log after the checkpoint"
+        );
+        let options = SubscriptionOptions {
+            poll_interval: self.options.poll_interval,
+            batch_size: self.options.batch_size,
+        };
+        let subscription = Subscription::start(self.store.clone(), checkpoint, options).await;
+        let mut queue = SendQueue::default();
+        self.load_retries(&mut queue).await?;
+        Ok(Leading {
+            checkpoint,
+            subscription: Some(subscription),
+            reading: None,
+            queue,
+            batch: None,
+            in_flight: FuturesUnordered::new(),
+            turn: None,
+            slots: self.options.concurrency.max(1),
+            stopping: false,
+        })
+    }
+
+    /// Between two turns of the loop: commits a batch whose jobs all had their first try,
+    /// asks the limiter for a turn when a job is ready and a slot is free, and starts the
+    /// next read when no batch is open.
+    async fn prepare_turn<'a>(&'a self, leading: &mut Leading<'a>) -> Result<(), ProjectorError> {
+        if let Some(done) = leading.batch.take_if(|b| b.outstanding == 0) {
+            self.commit(Some((leading.checkpoint, done.end)), &done.failures)
+                .await?;
+            leading.checkpoint = done.end;
+        }
+        let waiting = leading.queue.waiting_retries();
+        self.metrics
+            .pending_retries
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        if leading.turn.is_none() && leading.may_send() && leading.queue.has_ready(Instant::now()) {
+            leading.turn = Some(Box::pin(self.limiter.acquire()));
+        }
+        if leading.batch.is_none()
+            && !leading.stopping
+            && let Some(mut following) = leading.subscription.take()
+        {
+            leading.reading = Some(Box::pin(async move {
+                let page = following.next_page(Some(&STATUS_EVENT_TYPES)).await;
+                (following, page)
+            }));
+        }
+        Ok(())
+    }
+
+    /// Coalesces a page of events to each task's latest status and queues what needs a
+    /// request; the batch's checkpoint waits for those requests' first tries.
+    async fn read_batch(
         &self,
         events: Vec<engine::Result<RecordedEvent>>,
-        halt: &Halt,
-    ) -> Result<Option<Vec<Failure>>, ProjectorError> {
+        end: Checkpoint,
+        queue: &mut SendQueue,
+    ) -> Result<Batch, ProjectorError> {
         let mut failures = Vec::new();
         let mut latest: HashMap<TaskId, Target> = HashMap::new();
         for event in events {
@@ -373,334 +502,53 @@ impl Projector {
         let mut targets: Vec<Target> = latest.into_values().collect();
         targets.sort_by_key(|t| t.position);
         let (jobs, _settled) = self.plan(targets, &mut failures).await?;
-        self.send_all(jobs, halt, failures, self.options.max_retries)
-            .await
+        let outstanding = jobs.len();
+        for job in jobs {
+            queue.push_fresh(job);
+        }
+        Ok(Batch {
+            end,
+            outstanding,
+            failures,
+        })
     }
 
-    /// Sends `jobs` with bounded concurrency, each with up to `max_retries` retries;
-    /// `None` when halted.
-    async fn send_all(
-        &self,
-        jobs: Vec<Job>,
-        halt: &Halt,
-        mut failures: Vec<Failure>,
-        max_retries: u32,
-    ) -> Result<Option<Vec<Failure>>, ProjectorError> {
-        let mut sent = futures_util::stream::iter(jobs)
-            .map(|job| self.send(job, halt, max_retries))
-            .buffer_unordered(self.options.concurrency.max(1));
-        let mut interrupted = false;
-        while let Some(outcome) = sent.next().await {
-            match outcome? {
-                Sent::Synced => {}
-                Sent::Failed(failure) => failures.push(failure),
-                Sent::Interrupted => interrupted = true,
-            }
-        }
-        Ok((!interrupted).then_some(failures))
-    }
-
-    /// Which targets need a request: drops tasks already mirrored at or past the version
-    /// and tasks without a page (both returned apart: nothing to send), records invalid
-    /// page ids.
-    async fn plan(
-        &self,
-        targets: Vec<Target>,
-        failures: &mut Vec<Failure>,
-    ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
-        if targets.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
-        let rows: Vec<(Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
-            "SELECT u.id, t.notion_page_id, s.applied_version \
-               FROM unnest($1::uuid[]) AS u(id) \
-               LEFT JOIN tasks t ON t.id = u.id \
-               LEFT JOIN notion_sync s ON s.projector = $2 AND s.task_id = u.id",
-        )
-        .bind(&ids)
-        .bind(&self.options.name)
-        .fetch_all(self.store.pool())
-        .await?;
-        let known: HashMap<Uuid, (Option<String>, Option<i32>)> = rows
-            .into_iter()
-            .map(|(id, page, applied)| (id, (page, applied)))
-            .collect();
-        let mut jobs = Vec::new();
-        let mut up_to_date = Vec::new();
-        let mut nothing_to_send = Vec::new();
-        for target in targets {
-            let (page, applied) = known
-                .get(&target.task.as_uuid())
-                .cloned()
-                .unwrap_or((None, None));
-            if applied.is_some_and(|v| i64::from(v) >= i64::from(target.version)) {
-                up_to_date.push(target.task);
-                continue;
-            }
-            let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
-                tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
-                self.metrics.skip("no_page", 1);
-                nothing_to_send.push(target.task);
-                continue;
-            };
-            match PageId::parse(&raw) {
-                Ok(page) => jobs.push(Job { target, page }),
-                Err(err) => {
-                    tracing::warn!(task_id = %target.task, error = %err, "invalid notion_page_id: recorded as a sync failure");
-                    failures.push(Failure {
-                        position: target.position,
-                        task: target.task,
-                        http_status: None,
-                        error: err.to_string(),
-                        retryable: false,
-                    });
+    /// Takes an answered request back into the queue: a retry waits for its due time, a
+    /// rate-limited request goes again (not a try), and a fresh job's first outcome counts
+    /// towards its batch.
+    fn settle(&self, attempt: Attempt, queue: &mut SendQueue, batch: &mut Option<Batch>) {
+        let Attempt { mut job, outcome } = attempt;
+        let task = job.task();
+        queue.finish(task);
+        let mut settled = usize::from(job.origin == Origin::Fresh);
+        match outcome {
+            Outcome::Synced => {
+                if queue.drop_fresh_covered(task, job.target.version) {
+                    self.metrics.skip("up_to_date", 1);
+                    settled += 1;
                 }
             }
-        }
-        self.metrics.skip("up_to_date", up_to_date.len());
-        up_to_date.extend(nothing_to_send);
-        Ok((jobs, up_to_date))
-    }
-
-    /// One task's PATCH with the retry policy.
-    async fn send(
-        &self,
-        mut job: Job,
-        halt: &Halt,
-        max_retries: u32,
-    ) -> Result<Sent, ProjectorError> {
-        let task = job.target.task;
-        let mut failed_tries = 0u32;
-        loop {
-            tokio::select! {
-                _ = halt.cancelled() => return Ok(Sent::Interrupted),
-                _ = self.limiter.acquire() => {}
-            }
-            // Coalesce late too: while this job waited for its turn, the task may have moved
-            // on. Send the newest status and skip the rest of its events when they arrive.
-            job.target = self.freshest(job.target).await?;
-            let name = &*job.target.display;
-            if halt.stop.is_cancelled() {
-                return Ok(Sent::Interrupted);
-            }
-            let request = self.client.set_status(
-                &job.page,
-                &self.options.status_property,
-                self.options.property_type,
-                name,
-            );
-            // Once the lock is lost, another instance may lead and send a newer status:
-            // drop the request (closing its connection) rather than let its answer, or a
-            // retry, land after the new leader's. SIGTERM lets requests in flight finish.
-            let result = tokio::select! {
-                result = request => result,
-                _ = halt.lock_lost.cancelled() => return Ok(Sent::Interrupted),
-            };
-            let error = match result {
-                Ok(()) => {
-                    self.metrics.request("ok");
-                    self.record_synced(&job).await?;
-                    tracing::debug!(task_id = %task, status = name, version = job.target.version, "status mirrored");
-                    return Ok(Sent::Synced);
-                }
-                Err(error) => error,
-            };
-            self.metrics.request(error.outcome());
-            let wait = match &error {
-                NotionError::RateLimited { retry_after, .. } => {
-                    // Notion says when: everything waits, and it does not count as a try.
-                    self.metrics.rate_limited.inc();
-                    let wait = retry_after
-                        .unwrap_or(Duration::from_secs(1))
-                        .min(MAX_RETRY_AFTER);
-                    self.limiter.pause_for(wait);
-                    tracing::warn!(task_id = %task, error = %error, wait = ?wait, "Notion rate limited: pausing every request");
-                    Duration::ZERO
-                }
-                error if error.is_retryable() => {
-                    failed_tries += 1;
-                    if failed_tries > max_retries {
-                        tracing::warn!(task_id = %task, error = %error, tries = failed_tries, "Notion status sync failed: retries exhausted, recorded for a later pass");
-                        return Ok(Sent::Failed(failure(&job, error, true)));
+            Outcome::RateLimited => {
+                settled = 0;
+                match job.origin {
+                    Origin::Fresh => queue.push_fresh_front(job),
+                    Origin::Retry => {
+                        queue.push_retry(job, Instant::now());
                     }
-                    let delay = self.backoff(failed_tries);
-                    tracing::warn!(task_id = %task, error = %error, retry_in = ?delay, try_number = failed_tries, "Notion status sync failed: retrying");
-                    delay
                 }
-                error => {
-                    tracing::error!(task_id = %task, page_id = %job.page, error = %error, "Notion rejected the status update: not retried, recorded as a sync failure");
-                    return Ok(Sent::Failed(failure(&job, error, false)));
-                }
-            };
-            self.metrics.retries.inc();
-            tokio::select! {
-                _ = halt.cancelled() => return Ok(Sent::Interrupted),
-                _ = tokio::time::sleep(wait) => {}
             }
-        }
-    }
-
-    /// The task's latest status event at or after `target` (committed; this read is per
-    /// task, so it does not need the global watermark: a task's versions commit in order).
-    async fn freshest(&self, target: Target) -> Result<Target, ProjectorError> {
-        let newer = self
-            .store
-            .read_stream(target.task, target.version + 1)
-            .await;
-        match newer {
-            Ok(events) => Ok(events.iter().rev().find_map(target_of).unwrap_or(target)),
-            // An event the projector cannot decode: send what the batch had; the global
-            // read records that event as a failure.
-            Err(engine::Error::Decode { .. }) => Ok(target),
-            Err(other) => Err(other.into()),
-        }
-    }
-
-    /// `retry_base · 2^(n−1)` with jitter of ×0.5–1.5, at most `retry_max`.
-    fn backoff(&self, failed_tries: u32) -> Duration {
-        Backoff::exponential(self.options.retry_base, self.options.retry_max)
-            .with_jitter(0.5)
-            .random_delay(failed_tries)
-    }
-
-    async fn record_synced(&self, job: &Job) -> Result<(), ProjectorError> {
-        sqlx::query(
-            "WITH synced AS ( \
-                INSERT INTO notion_sync (projector, task_id, applied_version, applied_status, synced_at) \
-                VALUES ($4, $1, $2, $3, now()) \
-                ON CONFLICT (projector, task_id) DO UPDATE \
-                   SET applied_version = EXCLUDED.applied_version, \
-                       applied_status = EXCLUDED.applied_status, synced_at = now() \
-                 WHERE notion_sync.applied_version < EXCLUDED.applied_version \
-                RETURNING 1) \
-             UPDATE sync_failures SET resolved_at = now() \
-              WHERE projector = $4 AND task_id = $1 AND resolved_at IS NULL",
-        )
-        .bind(job.target.task.as_uuid())
-        .bind(i32::try_from(job.target.version).unwrap_or(i32::MAX))
-        .bind(job.target.status.as_str())
-        .bind(&self.options.name)
-        .execute(self.store.pool())
-        .await?;
-        Ok(())
-    }
-
-    /// Records `failures` and, when given, moves the checkpoint from `.0` to `.1` by
-    /// compare-and-set — in one short transaction, after every request of the batch.
-    async fn commit(
-        &self,
-        advance: Option<(Checkpoint, Checkpoint)>,
-        failures: &[Failure],
-    ) -> Result<(), ProjectorError> {
-        let mut tx = self.store.pool().begin().await?;
-        for failure in failures {
-            sqlx::query(
-                "INSERT INTO sync_failures \
-                    (projector, global_position, task_id, http_status, error, retryable) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (projector, global_position) DO UPDATE \
-                    SET attempts = sync_failures.attempts + 1, http_status = EXCLUDED.http_status, \
-                        error = EXCLUDED.error, retryable = EXCLUDED.retryable, \
-                        failed_at = now(), resolved_at = NULL",
-            )
-            .bind(&self.options.name)
-            .bind(failure.position)
-            .bind(failure.task.as_uuid())
-            .bind(failure.http_status.map(i32::from))
-            .bind(&failure.error)
-            .bind(failure.retryable)
-            .execute(&mut *tx)
-            .await?;
-            if !failure.retryable {
-                // A retry sends the task's latest status whatever row asked for it, so a
-                // failure no retry can fix (a 404, an undecodable event) after a 503 ends
-                // the task's retries instead of repeating them forever.
-                sqlx::query(
-                    "UPDATE sync_failures SET retryable = false \
-                      WHERE projector = $1 AND task_id = $2 AND resolved_at IS NULL AND retryable",
-                )
-                .bind(&self.options.name)
-                .bind(failure.task.as_uuid())
-                .execute(&mut *tx)
-                .await?;
+            Outcome::RetryAt(due) => {
+                job.origin = Origin::Retry;
+                queue.push_retry(job, due);
             }
+            Outcome::Failed => {}
+            // Halted before its answer: a fresh job's batch is redelivered, a retry stays
+            // in `sync_retries` for the next leader.
+            Outcome::Interrupted => settled = 0,
         }
-        if let Some((from, to)) = advance {
-            let moved = self
-                .store
-                .compare_and_set_checkpoint(&mut tx, &self.options.name, from, to)
-                .await?;
-            if !moved {
-                tx.rollback().await?;
-                return Err(ProjectorError::CheckpointMoved {
-                    projector: self.options.name.clone(),
-                    expected: from,
-                });
-            }
+        if let Some(batch) = batch {
+            batch.outstanding = batch.outstanding.saturating_sub(settled);
         }
-        tx.commit().await?;
-        self.metrics.sync_failures.inc_by(failures.len() as u64);
-        Ok(())
-    }
-
-    /// A later pass over failures whose retries ran out: each such task's latest status,
-    /// from its stream, is sent again, once; a failure bumps the row's `attempts` and its
-    /// `failed_at`, which sends the task to the back of the next pass (tasks whose latest
-    /// failure is oldest go first, so no group of failures hides the others). A task that
-    /// is up to date or has no page has nothing to send: its rows are resolved. A task
-    /// whose stream cannot be decoded gets a failure naming the event, not retryable.
-    async fn retry_failures(&self, halt: &Halt) -> Result<(), ProjectorError> {
-        let tasks: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT task_id FROM sync_failures \
-              WHERE projector = $1 AND resolved_at IS NULL AND retryable \
-              GROUP BY task_id ORDER BY max(failed_at), task_id LIMIT 100",
-        )
-        .bind(&self.options.name)
-        .fetch_all(self.store.pool())
-        .await?;
-        if tasks.is_empty() {
-            return Ok(());
-        }
-        tracing::info!(tasks = tasks.len(), "retrying failed Notion syncs");
-        let mut targets = Vec::new();
-        let mut failures = Vec::new();
-        for task in tasks {
-            let task = TaskId::from(task);
-            match self.store.read_stream(task, 1).await {
-                Ok(events) => targets.extend(events.iter().rev().find_map(target_of)),
-                Err(engine::Error::Decode {
-                    position, reason, ..
-                }) => {
-                    tracing::error!(task_id = %task, position, %reason, "cannot decode the task's history: its failed sync is not retried");
-                    failures.push(Failure {
-                        position,
-                        task,
-                        http_status: None,
-                        error: format!("cannot decode event: {reason}"),
-                        retryable: false,
-                    });
-                }
-                Err(other) => return Err(other.into()),
-            }
-        }
-        let (jobs, settled) = self.plan(targets, &mut failures).await?;
-        if !settled.is_empty() {
-            let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
-            sqlx::query(
-                "UPDATE sync_failures SET resolved_at = now() \
-                  WHERE projector = $1 AND task_id = ANY($2) AND resolved_at IS NULL",
-            )
-            .bind(&self.options.name)
-            .bind(&ids)
-            .execute(self.store.pool())
-            .await?;
-        }
-        // One try each: a pass over many failures must not hold back fresh changes.
-        if let Some(failures) = self.send_all(jobs, halt, failures, 0).await? {
-            self.commit(None, &failures).await?;
-        }
-        Ok(())
     }
 
     /// Refuses to follow a log restored from a dump into another cluster (see
@@ -748,13 +596,19 @@ fn target_of(event: &RecordedEvent) -> Option<Target> {
     })
 }
 
-fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
-    Failure {
-        position: job.target.position,
-        task: job.target.task,
-        http_status: error.http_status(),
-        error: error.to_string(),
-        retryable,
+/// Waits for the read in progress (forever when there is none).
+async fn wait_for_page(reading: &mut Option<Reading>) -> (Subscription, engine::Result<LogPage>) {
+    match reading {
+        Some(reading) => reading.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the limiter's turn in progress (forever when there is none).
+async fn wait_for_turn(turn: &mut Option<Turn<'_>>) {
+    match turn {
+        Some(turn) => turn.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

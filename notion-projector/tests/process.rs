@@ -1,5 +1,6 @@
 //! The `notion-projector` binary as real processes: SIGKILL between a PATCH and the
-//! checkpoint commit, a leader and a standby, SIGTERM, logs, metrics.
+//! checkpoint commit, SIGKILL while retries are pending, a leader and a standby, SIGTERM,
+//! logs, metrics.
 
 mod common;
 
@@ -22,19 +23,19 @@ struct Process {
 
 impl Process {
     fn start(db: &TestDatabase, notion: &FakeNotion, token: &str, extra: &[&str]) -> Process {
+        // Short waits for tests, unless `extra` sets its own.
+        let defaults = [
+            ("--poll-interval", "200ms"),
+            ("--retry-base", "100ms"),
+            ("--failure-retry-interval", "1s"),
+            ("--standby-interval", "200ms"),
+            ("--http-timeout", "2s"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .flat_map(|(flag, value)| [flag, value]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_notion-projector"))
-            .args([
-                "--poll-interval",
-                "200ms",
-                "--retry-base",
-                "100ms",
-                "--failure-retry-interval",
-                "1s",
-                "--standby-interval",
-                "200ms",
-                "--http-timeout",
-                "2s",
-            ])
+            .args(defaults)
             .args(extra)
             .env("DATABASE_URL", db.url())
             .env("NOTION_TOKEN", token)
@@ -153,6 +154,140 @@ async fn sigkill_between_patch_and_checkpoint_redelivers_to_the_same_state() {
     assert!(failures(&store).await.is_empty());
 }
 
+/// SIGKILL while retries are pending, with the checkpoint already past their events: the
+/// restarted projector resumes them from `sync_retries`, every page ends on its task's
+/// latest status, and no page ever shows an older status after a newer one.
+#[tokio::test]
+async fn sigkill_while_retries_are_pending_loses_nothing_and_never_goes_back() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let tasks = tasks_with_pages(&store, &notion, 6).await;
+    let (failing, healthy) = tasks.split_at(2);
+    for (_, page) in failing {
+        notion.set_page_outage(page, Some(503));
+    }
+    // Retries 0.5 to 3 s apart, never running out while the test needs them pending.
+    let retries = [
+        "--retry-base",
+        "1s",
+        "--retry-max",
+        "3s",
+        "--max-retries",
+        "100",
+    ];
+    let first = Process::start(&db, &notion, &notion.token(), &retries);
+    assert!(first.wait_log("leading", Duration::from_secs(10)).await);
+    for status in &PIPELINE[..3] {
+        for (task, _) in &tasks {
+            change_status(&store, *task, *status).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Every failing task's latest status waits for a retry, and the checkpoint is past it.
+    let latest = PIPELINE[2];
+    let pending = wait_for_rows(&store, failing.len(), Duration::from_secs(20)).await;
+    assert_eq!(
+        pending,
+        failing.len(),
+        "each failing task has a pending retry"
+    );
+    assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
+    for (_, page) in healthy {
+        assert_eq!(
+            notion.page_value(page).as_deref(),
+            Some(&*latest.default_display())
+        );
+    }
+    first.sigkill().await;
+
+    // While it is down: one failing and one healthy task move on; the others do not, so
+    // only their recorded retries can bring their pages up to date. Notion recovers.
+    for (task, _) in [&failing[0], &healthy[0]] {
+        change_status(&store, *task, PIPELINE[3]).await;
+    }
+    for (_, page) in failing {
+        notion.set_page_outage(page, None);
+    }
+    let second = Process::start(&db, &notion, &notion.token(), &retries);
+    let expected: Vec<(String, TaskStatus)> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, (_, page))| {
+            let moved_on = i == 0 || i == failing.len();
+            (page.clone(), PIPELINE[if moved_on { 3 } else { 2 }])
+        })
+        .collect();
+    let converged = wait_for(Duration::from_secs(20), || {
+        expected.iter().all(|(page, status)| {
+            notion.page_value(page).as_deref() == Some(&*status.default_display())
+        })
+    })
+    .await;
+    let (status, log) = second.sigterm().await;
+    assert!(
+        converged.is_some(),
+        "every page ends on its task's latest status: {:?}\n{log}",
+        expected
+            .iter()
+            .map(|(page, _)| notion.page_history(page))
+            .collect::<Vec<_>>()
+    );
+    assert!(status.success(), "graceful exit: {status:?}");
+    assert!(log.contains("resuming pending retries"), "{log}");
+    for (page, _) in &expected {
+        let history = notion.page_history(page);
+        let order: Vec<usize> = history
+            .iter()
+            .map(|shown| {
+                ["Queued"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(PIPELINE.iter().map(|s| s.default_display().into_owned()))
+                    .position(|name| name == *shown)
+                    .expect("a known status")
+            })
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] <= w[1]),
+            "an older status after a newer one: {history:?}"
+        );
+    }
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_retries")
+        .fetch_one(store.pool())
+        .await
+        .expect("count sync_retries");
+    assert_eq!(left, 0, "every pending retry was resolved");
+}
+
+/// Statuses a task goes through, in order.
+const PIPELINE: [TaskStatus; 4] = [
+    TaskStatus::from_static("generating_assets"),
+    TaskStatus::from_static("generating_video"),
+    TaskStatus::from_static("assembling"),
+    TaskStatus::FINAL_REVIEW,
+];
+
+/// Waits until `sync_retries` holds `n` rows each at its task's latest version; returns
+/// the count of such rows at the end.
+async fn wait_for_rows(store: &engine::PgStore, n: usize, within: Duration) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        let current: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync_retries r \
+              WHERE r.version = (SELECT max(stream_version) FROM events e WHERE e.stream_id = r.task_id)",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("count sync_retries");
+        let current = usize::try_from(current).unwrap_or(0);
+        if current >= n || start.elapsed() > within {
+            return current;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Two instances: only the leader sends. SIGKILL the leader: the standby takes over and
 /// mirrors everything, including what changed around the kill.
 #[tokio::test]
@@ -247,6 +382,11 @@ async fn the_token_never_appears_in_logs_and_skips_are_logged() {
     )
     .await;
     assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
+    // Its retries run out into a failure.
+    wait_failures(&store, Duration::from_secs(15), |rows| {
+        rows.iter().any(|f| f.http_status.is_none())
+    })
+    .await;
     let (status, log) = process.sigterm().await;
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
 

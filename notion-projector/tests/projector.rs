@@ -162,9 +162,10 @@ async fn scenario_7_an_outage_is_retried_recorded_and_caught_up() {
             .await
             .expect("appends never wait for Notion");
     }
-    // Retries run out: a retryable failure is recorded and the checkpoint moves on.
+    // The checkpoint moves on while the retries wait in `sync_retries`; they run out into
+    // a retryable failure.
     assert!(wait_caught_up(&store, "notion", Duration::from_secs(10)).await);
-    let rows = failures(&store).await;
+    let rows = wait_failures(&store, Duration::from_secs(10), |rows| !rows.is_empty()).await;
     assert!(!rows.is_empty(), "a sync failure is recorded");
     assert!(
         rows.iter()

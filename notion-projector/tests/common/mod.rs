@@ -206,6 +206,23 @@ pub async fn failures(store: &PgStore) -> Vec<FailureRow> {
     .expect("read sync_failures")
 }
 
+/// Polls `sync_failures` every 50 ms until `done` holds or `within` passes; returns the
+/// last rows read.
+pub async fn wait_failures(
+    store: &PgStore,
+    within: Duration,
+    done: impl Fn(&[FailureRow]) -> bool,
+) -> Vec<FailureRow> {
+    let start = Instant::now();
+    loop {
+        let rows = failures(store).await;
+        if done(&rows) || start.elapsed() > within {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn test_db() -> TestDatabase {
     TestDatabase::create().await
 }

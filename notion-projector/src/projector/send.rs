@@ -1,0 +1,153 @@
+//! One try of one job: the task's newest status, one PATCH, and what its answer means for
+//! the retry policy. Nothing here sleeps: a retry is recorded and handed back with its due
+//! time.
+
+use std::time::Duration;
+
+use engine::Backoff;
+use tokio::time::Instant;
+
+use super::{Failure, Halt, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
+use crate::notion::NotionError;
+use crate::queue::Job;
+
+/// A job after one try.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    pub(crate) job: Job,
+    pub(crate) outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The page shows the job's status; `notion_sync` says so.
+    Synced,
+    /// 429/529: every request is paused for `Retry-After`; this one goes again after the
+    /// pause and it does not count as a try.
+    RateLimited,
+    /// A transient failure: the retry is recorded in `sync_retries`, due at this time.
+    RetryAt(Instant),
+    /// Recorded in `sync_failures`: a failure no retry can fix, or the retries ran out.
+    Failed,
+    /// Halted before the answer.
+    Interrupted,
+}
+
+impl Projector {
+    /// Sends the job's task its newest status, once.
+    pub(super) async fn attempt(
+        &self,
+        mut job: Job,
+        halt: &Halt,
+    ) -> Result<Attempt, ProjectorError> {
+        // Coalesce late too: while this job waited for its turn, the task may have moved
+        // on. Send the newest status and skip the rest of its events when they arrive.
+        job.target = self.freshest(job.target).await?;
+        if halt.stop.is_cancelled() {
+            return Ok(Attempt {
+                job,
+                outcome: Outcome::Interrupted,
+            });
+        }
+        let request = self.client.set_status(
+            &job.page,
+            &self.options.status_property,
+            self.options.property_type,
+            &job.target.display,
+        );
+        // Once the lock is lost, another instance may lead and send a newer status: drop
+        // the request (closing its connection) rather than let its answer land after the
+        // new leader's. SIGTERM lets requests in flight finish.
+        let result = tokio::select! {
+            result = request => result,
+            _ = halt.lock_lost.cancelled() => {
+                return Ok(Attempt { job, outcome: Outcome::Interrupted });
+            }
+        };
+        let outcome = match result {
+            Ok(()) => {
+                self.metrics.request("ok");
+                self.record_synced(&job).await?;
+                tracing::debug!(task_id = %job.task(), status = &*job.target.display, version = job.target.version, "status mirrored");
+                Outcome::Synced
+            }
+            Err(error) => {
+                self.metrics.request(error.outcome());
+                self.after_failure(&mut job, &error).await?
+            }
+        };
+        Ok(Attempt { job, outcome })
+    }
+
+    async fn after_failure(
+        &self,
+        job: &mut Job,
+        error: &NotionError,
+    ) -> Result<Outcome, ProjectorError> {
+        let task = job.task();
+        match error {
+            NotionError::RateLimited { retry_after, .. } => {
+                // Notion says when: everything waits, and it does not count as a try.
+                self.metrics.rate_limited.inc();
+                self.metrics.retries.inc();
+                let wait = retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(MAX_RETRY_AFTER);
+                self.limiter.pause_for(wait);
+                tracing::warn!(task_id = %task, error = %error, wait = ?wait, "Notion rate limited: pausing every request");
+                Ok(Outcome::RateLimited)
+            }
+            error if error.is_retryable() => {
+                job.tries += 1;
+                if job.tries > self.options.max_retries {
+                    tracing::warn!(task_id = %task, error = %error, tries = job.tries, "Notion status sync failed: retries exhausted, recorded for a later pass");
+                    self.commit(None, &[failure(job, error, true)]).await?;
+                    return Ok(Outcome::Failed);
+                }
+                let delay = self.backoff(job.tries);
+                self.metrics.retries.inc();
+                self.record_retry(job, error, delay).await?;
+                tracing::warn!(task_id = %task, error = %error, retry_in = ?delay, try_number = job.tries, "Notion status sync failed: retry recorded");
+                Ok(Outcome::RetryAt(Instant::now() + delay))
+            }
+            error => {
+                tracing::error!(task_id = %task, page_id = %job.page, error = %error, "Notion rejected the status update: not retried, recorded as a sync failure");
+                self.commit(None, &[failure(job, error, false)]).await?;
+                Ok(Outcome::Failed)
+            }
+        }
+    }
+
+    /// The task's latest status event at or after `target` (committed; this read is per
+    /// task, so it does not need the global watermark: a task's versions commit in order).
+    async fn freshest(&self, target: Target) -> Result<Target, ProjectorError> {
+        let newer = self
+            .store
+            .read_stream(target.task, target.version + 1)
+            .await;
+        match newer {
+            Ok(events) => Ok(events.iter().rev().find_map(target_of).unwrap_or(target)),
+            // An event the projector cannot decode: send what the batch had; the global
+            // read records that event as a failure.
+            Err(engine::Error::Decode { .. }) => Ok(target),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// `retry_base · 2^(n−1)` with jitter of ×0.5–1.5, at most `retry_max`.
+    fn backoff(&self, failed_tries: u32) -> Duration {
+        Backoff::exponential(self.options.retry_base, self.options.retry_max)
+            .with_jitter(0.5)
+            .random_delay(failed_tries)
+    }
+}
+
+fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
+    Failure {
+        position: job.target.position,
+        task: job.target.task,
+        http_status: error.http_status(),
+        error: error.to_string(),
+        retryable,
+    }
+}

@@ -217,9 +217,11 @@ async fn the_subscription_survives_its_listen_connection_being_killed() {
             .expect("read");
         assert_eq!(ids(&batch), [appended.event_id]);
         let waited = started.elapsed();
+        // One poll interval, plus room for the cluster-wide read horizon: other tests'
+        // transactions on the shared server hold the gap-safe read back for a moment.
         assert!(
-            waited <= poll_interval + Duration::from_millis(500),
-            "round {round}: took {waited:?}, more than one poll interval"
+            waited <= poll_interval * 2 + Duration::from_millis(1000),
+            "round {round}: took {waited:?}, more than a poll interval and the horizon's slack"
         );
     }
 }

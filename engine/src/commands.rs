@@ -79,7 +79,11 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
         Event::TaskCancelled { reason },
         Event::status_changed(state.status(), TaskStatus::CANCELLED),
     ];
-    commit(store, task, state.version, events).await
+    let cancelled = commit(store, task, state.version, events).await?;
+    // A parked task's places in its providers' queues would hold newer tasks back; its
+    // jobs still in flight keep their slots until they would have ended.
+    store.withdraw_waiting(task).await?;
+    Ok(cancelled)
 }
 
 /// Sends a `failed` task (or one waiting for its scheduled retry) back to the queue to

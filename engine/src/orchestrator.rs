@@ -150,9 +150,10 @@ impl Orchestrator {
     }
 
     /// After a run of a workflow that uses provider limits: a parked task keeps its slots
-    /// and places until it is due (and a while after); a stopped or rescheduled one keeps
-    /// the slots of its open jobs (still in flight at the provider) but gives its places
-    /// up; a finished one frees everything. Best effort: rows also expire on their own.
+    /// and places until it is due (and a while after); a task whose steps are all done frees
+    /// everything; any other end gives its places in the queues up and leaves the slots of
+    /// its open jobs (still in flight at the provider) to end with them. Best effort: rows
+    /// also expire on their own.
     async fn settle_slots(&self, lease: &Lease, outcome: &RunOutcome) {
         let uses_providers = self.registry.names().iter().any(|name| {
             self.registry
@@ -167,10 +168,13 @@ impl Orchestrator {
                 let keep = *until + chrono::Duration::from_std(SLOT_TTL).unwrap_or_default();
                 self.store.extend_slots(lease.task, keep).await
             }
-            RunOutcome::Stopped | RunOutcome::RetryScheduled { .. } => {
-                self.store.withdraw_waiting(lease.task).await
+            // Every job ended: nothing of the task is in flight any more.
+            RunOutcome::Completed | RunOutcome::AwaitingReview => {
+                self.store.release_task_slots(lease.task).await
             }
-            _ => self.store.release_task_slots(lease.task).await,
+            // Jobs may still run at the provider: their slots stay counted until they
+            // would have ended (a call's lapse within a minute); the places in the queues go.
+            _ => self.store.withdraw_waiting(lease.task).await,
         };
         if let Err(err) = settled {
             tracing::warn!(task = %lease.task, error = %err, "cannot settle provider slots; they expire on their own");
@@ -402,7 +406,8 @@ impl TaskRun {
     }
 
     /// Waits for a request of `limits`' rate (and for its key's pause to end), unless the
-    /// run is told to stop. False: stopped.
+    /// run is told to stop. False: stopped. Call-shaped items wait in place (they hold
+    /// their worker slot while they run anyway); job steps park instead.
     async fn wait_for_request(&self, limits: &ProviderLimits) -> Result<bool> {
         loop {
             match self.store.take_request(&limits.key, limits.rate).await? {
@@ -410,6 +415,7 @@ impl TaskRun {
                 Some(wait) => {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
+                        () = self.drain.cancelled() => return Ok(false),
                         () = self.cancel.cancelled() => return Ok(false),
                     }
                 }

@@ -70,15 +70,26 @@ impl<'a> JobRun<'a> {
         let now = Instant::now();
         let mut open = BTreeMap::new();
         let mut to_submit = BTreeMap::new();
+        // Failed tries of this attempt so far: a park ends the run, not the attempt, so the
+        // item's retry budget carries over from the log.
+        let mut tries: BTreeMap<u32, u32> = BTreeMap::new();
+        for failure in progress.iter().flat_map(|p| &p.failures) {
+            if failure.attempt == run.attempt {
+                *tries.entry(failure.item).or_default() += 1;
+            }
+        }
         for item in missing {
             match progress.and_then(|p| p.open_jobs.get(&item)) {
                 Some(job) => {
+                    // Polls already spent on the job, by its age: the backoff goes on
+                    // growing across parks instead of starting over.
+                    let age = (Utc::now() - job.submitted_at).to_std().unwrap_or_default();
                     open.insert(
                         item,
                         Open {
                             job: job.job.clone(),
                             submitted_at: job.submitted_at,
-                            polls: 0,
+                            polls: polls_by(&step.poll_backoff, age),
                             poll_errors: 0,
                             next_poll: now,
                         },
@@ -104,7 +115,7 @@ impl<'a> JobRun<'a> {
             open,
             to_submit,
             submissions: progress.map(|p| p.submissions.clone()).unwrap_or_default(),
-            tries: BTreeMap::new(),
+            tries,
             slot_retry: None,
         }
     }
@@ -117,6 +128,32 @@ impl<'a> JobRun<'a> {
         }
     }
 
+    /// Takes one request of the provider's rate; `Some(wait)` when the key is paused or
+    /// its bucket is empty (short waits are slept here, long ones returned).
+    async fn request_wait(&self) -> Result<Option<Duration>> {
+        let Some(limits) = &self.limits else {
+            return Ok(None);
+        };
+        loop {
+            match self
+                .run
+                .store
+                .take_request(&limits.key, limits.rate)
+                .await?
+            {
+                None => return Ok(None),
+                Some(wait) if wait >= PARK_AFTER => return Ok(Some(wait)),
+                Some(wait) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.run.drain.cancelled() => return Ok(Some(wait)),
+                        () = self.run.cancel.cancelled() => return Ok(Some(wait)),
+                    }
+                }
+            }
+        }
+    }
+
     fn capped(&self) -> Option<(&ProviderLimits, u32)> {
         let limits = self.limits.as_ref()?;
         Some((limits, limits.max_in_flight?))
@@ -124,12 +161,17 @@ impl<'a> JobRun<'a> {
 
     pub(super) async fn run(mut self) -> Result<StepEnd> {
         if let Some((limits, _)) = self.capped() {
-            // Jobs already in flight count against the cap, whatever it says now.
-            let items: Vec<u32> = self.open.keys().copied().collect();
-            self.run
-                .store
-                .hold_slots(&limits.key, self.owner(), &items, SLOT_TTL)
-                .await?;
+            // Jobs already in flight count against the cap, whatever it says now, for as
+            // long as they may run.
+            for (item, open) in &self.open {
+                let until = open.submitted_at
+                    + chrono::Duration::from_std(self.step.job_timeout.max(SLOT_TTL))
+                        .unwrap_or_default();
+                self.run
+                    .store
+                    .hold_slots(&limits.key, self.owner(), &[*item], until.max(Utc::now()))
+                    .await?;
+            }
         }
         loop {
             if self.run.drain.is_cancelled() || self.run.cancel.is_cancelled() {
@@ -197,10 +239,12 @@ impl<'a> JobRun<'a> {
             .map(|(item, _)| *item)
             .collect();
         for item in due {
-            if let Some(limits) = &self.limits
-                && !self.run.wait_for_request(limits).await?
-            {
-                return Ok(Some(StepEnd::Stopped));
+            if let Some(wait) = self.request_wait().await? {
+                // The key is paused or its rate is spent: poll later (parking if long).
+                if let Some(open) = self.open.get_mut(&item) {
+                    open.next_poll = Instant::now() + wait;
+                }
+                continue;
             }
             let Some(open) = self.open.get(&item) else {
                 continue;
@@ -252,7 +296,16 @@ impl<'a> JobRun<'a> {
             Err(error) => {
                 self.run.respect_retry_after(step, &error).await;
                 if error.kind == FailureKind::Permanent {
-                    return self.job_failed(item, error).await;
+                    // The poll was refused (a revoked key, say), not the job: it may still
+                    // run and be paid for. Its submission stays open, so once the cause is
+                    // fixed, `reel retry` polls it rather than paying again.
+                    return Ok(Some(StepEnd::GaveUp {
+                        error: StepError {
+                            message: format!("polling job: {}", error.message),
+                            ..error
+                        },
+                        item,
+                    }));
                 }
                 open.poll_errors += 1;
                 let unanswered = (Utc::now() - open.submitted_at)
@@ -328,6 +381,22 @@ impl<'a> JobRun<'a> {
         None
     }
 
+    /// A submitted job is in flight at the provider whether or not its worker lives: its
+    /// slot stays counted for as long as the job may run (the step's job timeout), not just
+    /// a lease, and is freed when the job ends.
+    async fn keep_slot_for_job(&self, item: u32) -> Result<()> {
+        if let Some((limits, _)) = self.capped() {
+            let until = Utc::now()
+                + chrono::Duration::from_std(self.step.job_timeout.max(SLOT_TTL))
+                    .unwrap_or_default();
+            self.run
+                .store
+                .hold_slots(&limits.key, self.owner(), &[item], until)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Frees `item`'s slot; the next pass looks for room again at once.
     async fn release(&mut self, item: u32) -> Result<()> {
         if let Some((limits, cap)) = self.capped() {
@@ -380,10 +449,12 @@ impl<'a> JobRun<'a> {
             if self.run.drain.is_cancelled() || self.run.cancel.is_cancelled() {
                 return Ok(Some(StepEnd::Stopped));
             }
-            if let Some(limits) = &self.limits
-                && !self.run.wait_for_request(limits).await?
-            {
-                return Ok(Some(StepEnd::Stopped));
+            if let Some(wait) = self.request_wait().await? {
+                // Keep the slot; submit when the key may send again (parking if long).
+                if let Some(next) = self.to_submit.get_mut(&item) {
+                    next.not_before = Instant::now() + wait;
+                }
+                break;
             }
             if let Some(end) = self.submit(item).await? {
                 return Ok(Some(end));
@@ -424,6 +495,7 @@ impl<'a> JobRun<'a> {
                     .await?;
                 self.submissions.insert(item, number);
                 self.to_submit.remove(&item);
+                self.keep_slot_for_job(item).await?;
                 let first_poll = self.step.poll_backoff.random_delay(1);
                 self.open.insert(
                     item,
@@ -445,6 +517,18 @@ impl<'a> JobRun<'a> {
             }
         }
     }
+}
+
+/// How many polls `backoff` would have made in `age` (its delays summed, without jitter).
+fn polls_by(backoff: &crate::workflow::Backoff, age: Duration) -> u32 {
+    let mut spent = Duration::ZERO;
+    for polls in 0..64 {
+        spent += backoff.delay(polls + 1, 0.5);
+        if spent > age || backoff.delay(polls + 1, 0.5).is_zero() {
+            return polls;
+        }
+    }
+    64
 }
 
 /// Runs a submit or a poll; a panic is a transient failure (like a call's).

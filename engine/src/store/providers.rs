@@ -31,11 +31,14 @@ const REGISTER_SQL: &str = r#"
 INSERT INTO provider_slots (key, task_id, step, item, priority, granted, holder, expires_at)
 SELECT $1, $2, $3, i,
        COALESCE((SELECT created_at FROM tasks WHERE id = $2), now()),
-       $6, $4, now() + make_interval(secs => $5)
+       $6, $4, $5
 FROM unnest($7::int[]) AS i
 ON CONFLICT (key, task_id, step, item) DO UPDATE SET
     holder     = excluded.holder,
-    expires_at = excluded.expires_at,
+    -- A granted row may stand for a job in flight: never shorten its life.
+    expires_at = CASE WHEN provider_slots.granted
+                      THEN GREATEST(provider_slots.expires_at, excluded.expires_at)
+                      ELSE excluded.expires_at END,
     granted    = provider_slots.granted OR excluded.granted
 "#;
 
@@ -127,11 +130,17 @@ impl PgStore {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM provider_slots WHERE key = $1 AND expires_at < now()")
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
-        register(&mut tx, key, owner, &items, ttl, false).await?;
+        // Expired rows, and places still held by tasks that ended (a cancel while parked).
+        sqlx::query(
+            "DELETE FROM provider_slots AS s WHERE s.key = $1 AND (s.expires_at < now() \
+               OR (NOT s.granted AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = s.task_id \
+                   AND t.status IN ('completed', 'failed', 'cancelled'))))",
+        )
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        let until = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+        register(&mut tx, key, owner, &items, until, false).await?;
         sqlx::query(GRANT_SQL)
             .bind(key)
             .bind(owner.task.as_uuid())
@@ -153,14 +162,15 @@ impl PgStore {
             .collect())
     }
 
-    /// Records slots of `key` as held by `items` whatever the cap: their jobs are in flight
-    /// at the provider already (a resumed run's open submissions), and the count must say so.
+    /// Records slots of `key` as held by `items` until `until` (or later, if already held
+    /// longer), whatever the cap: their jobs are in flight at the provider (a submission
+    /// just recorded, or a resumed run's open ones), and the count must say so.
     pub async fn hold_slots(
         &self,
         key: &str,
         owner: SlotOwner<'_>,
         items: &[u32],
-        ttl: Duration,
+        until: DateTime<Utc>,
     ) -> Result<()> {
         if items.is_empty() {
             return Ok(());
@@ -171,7 +181,7 @@ impl PgStore {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        register(&mut tx, key, owner, &items, ttl, true).await?;
+        register(&mut tx, key, owner, &items, until, true).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -198,7 +208,8 @@ impl PgStore {
         Ok(())
     }
 
-    /// Drops the task's waiting rows (its run no longer asks for those slots).
+    /// Drops the task's waiting rows (its run no longer asks for those slots, or it was
+    /// cancelled).
     pub async fn withdraw_waiting(&self, task: TaskId) -> Result<()> {
         sqlx::query("DELETE FROM provider_slots WHERE task_id = $1 AND NOT granted")
             .bind(task.as_uuid())
@@ -216,13 +227,15 @@ impl PgStore {
         Ok(())
     }
 
-    /// Keeps the task's slots and places until `until` (a heartbeat, or a park).
+    /// Keeps the task's slots and places until at least `until` (a heartbeat, or a park).
     pub async fn extend_slots(&self, task: TaskId, until: DateTime<Utc>) -> Result<()> {
-        sqlx::query("UPDATE provider_slots SET expires_at = $2 WHERE task_id = $1")
-            .bind(task.as_uuid())
-            .bind(until)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(
+            "UPDATE provider_slots SET expires_at = GREATEST(expires_at, $2) WHERE task_id = $1",
+        )
+        .bind(task.as_uuid())
+        .bind(until)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -288,7 +301,7 @@ async fn register(
     key: &str,
     owner: SlotOwner<'_>,
     items: &[i32],
-    ttl: Duration,
+    until: DateTime<Utc>,
     granted: bool,
 ) -> Result<()> {
     sqlx::query(REGISTER_SQL)
@@ -296,7 +309,7 @@ async fn register(
         .bind(owner.task.as_uuid())
         .bind(owner.step)
         .bind(owner.holder)
-        .bind(ttl.as_secs_f64())
+        .bind(until)
         .bind(granted)
         .bind(items)
         .execute(&mut *tx)

@@ -71,7 +71,7 @@ impl JobWork for Shared {
             let id = format!("job-{item}-{}", submission.number);
             fake.started
                 .lock()
-                .unwrap()
+                .expect("lock")
                 .insert(id.clone(), Instant::now());
             Ok(json!({ "id": id }))
         })
@@ -87,7 +87,7 @@ impl JobWork for Shared {
         Box::pin(async move {
             fake.polls.fetch_add(1, Ordering::SeqCst);
             let id = job["id"].as_str().unwrap_or_default().to_owned();
-            let started = fake.started.lock().unwrap().get(&id).copied();
+            let started = fake.started.lock().expect("lock").get(&id).copied();
             let started = started.expect("a job this fake accepted");
             let left = fake.duration.saturating_sub(started.elapsed());
             if !left.is_zero() {

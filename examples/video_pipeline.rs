@@ -37,7 +37,7 @@ struct Args {
     #[arg(
         long,
         default_value = "local",
-        value_parser = PossibleValuesParser::new(ProviderSet::NAMES).try_map(|s| s.parse::<ProviderSet>())
+        value_parser = PossibleValuesParser::new(["local", "simulated"]).try_map(|s| s.parse::<ProviderSet>())
     )]
     providers: ProviderSet,
 }
@@ -245,7 +245,8 @@ fn summary(state: &TaskState, providers: ProviderSet) {
                 seconds / TIME_SCALE / 60.0
             );
         }
-        ProviderSet::Local => {
+        // The example offers no cloud set (`reel worker --providers cloud` does).
+        ProviderSet::Local | ProviderSet::Cloud => {
             // Made on this machine: nothing was charged, so resuming saved no money — it
             // saved the work of making those items again.
             println!("  (local providers charge nothing; resuming saved the work, not money)");

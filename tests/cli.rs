@@ -399,7 +399,7 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
         (
             &["worker", "--providers", "cloudy", "--until-idle"],
             2,
-            "[possible values: simulated, local]",
+            "[possible values: simulated, local, cloud]",
         ),
     ];
     for (args, code, message) in cases {
@@ -432,11 +432,18 @@ async fn bad_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing()
             "expected a number from 0 to 10",
         ),
         (
+            "REEL_PROVIDER",
+            "video=remote",
+            &["worker", "--until-idle"],
+            2,
+            "unknown provider set \"remote\"",
+        ),
+        (
             "REEL_PROVIDERS",
             "Local",
             &["worker", "--until-idle"],
             2,
-            "[possible values: simulated, local]",
+            "[possible values: simulated, local, cloud]",
         ),
         (
             "DATABASE_URL",

@@ -36,6 +36,23 @@ pub struct WorkerSettings {
     pub simulated_seconds: std::collections::BTreeMap<String, f64>,
     /// `--providers` (env `REEL_PROVIDERS`, default `simulated`).
     pub providers: steps::ProviderSet,
+    /// `--provider STEP=NAME` (env `REEL_PROVIDER`): the steps on another set than
+    /// `providers`.
+    pub provider_steps: std::collections::BTreeMap<String, steps::ProviderSet>,
+    /// The cloud providers' keys, URLs and prices (from the environment when a step is on
+    /// the cloud set).
+    pub cloud: steps::cloud::CloudConfig,
+}
+
+impl WorkerSettings {
+    /// Which set makes each step of the video pipeline, with the cloud settings.
+    pub fn provider_plan(&self) -> steps::ProviderPlan {
+        steps::ProviderPlan {
+            set: self.providers,
+            steps: self.provider_steps.clone(),
+            cloud: self.cloud.clone(),
+        }
+    }
 }
 
 impl Default for WorkerSettings {
@@ -45,6 +62,8 @@ impl Default for WorkerSettings {
             time_scale: 0.001,
             simulated_seconds: std::collections::BTreeMap::new(),
             providers: steps::ProviderSet::default(),
+            provider_steps: std::collections::BTreeMap::new(),
+            cloud: steps::cloud::CloudConfig::default(),
         }
     }
 }

@@ -24,16 +24,19 @@ pub(crate) struct WorkerArgs {
     /// Exit 0 once no task is queued, running or scheduled for retry.
     #[arg(long)]
     until_idle: bool,
-    /// Scales the simulated providers' durations and the retry waits (0 to 10; 1 = real
-    /// provider speed).
-    #[arg(long, env = "REEL_TIME_SCALE", default_value_t = 0.001, value_parser = parse_time_scale)]
-    time_scale: f64,
+    /// Scales the simulated providers' durations and the retry and poll waits (0 to 10;
+    /// 1 = real provider speed). Default 0.001, or 1 when a step is on the cloud set (a
+    /// real API is polled and retried at its own pace).
+    #[arg(long, env = "REEL_TIME_SCALE", value_parser = parse_time_scale)]
+    time_scale: Option<f64>,
     /// Where artifacts are written (per channel, per task).
     #[arg(long, env = "REEL_ARTIFACTS", default_value = "artifacts")]
     artifacts: PathBuf,
     /// The video pipeline's providers: `simulated` (the seed's durations times
-    /// --time-scale, text artifacts, the seed's costs) or `local` (real PNGs, MP4s and
-    /// speech made here at no cost; needs ffmpeg and espeak-ng).
+    /// --time-scale, text artifacts, the seed's costs), `local` (real PNGs, MP4s and
+    /// speech made here at no cost; needs ffmpeg and espeak-ng) or `cloud` (Gemini images,
+    /// Runway clips, ElevenLabs narration and SFX; keys from GEMINI_API_KEY,
+    /// RUNWAY_API_KEY, ELEVENLABS_API_KEY; composites and assembly made here).
     #[arg(
         long,
         env = "REEL_PROVIDERS",
@@ -41,6 +44,11 @@ pub(crate) struct WorkerArgs {
         value_parser = PossibleValuesParser::new(ProviderSet::NAMES).try_map(|s| s.parse::<ProviderSet>())
     )]
     providers: ProviderSet,
+    /// Puts one step on another provider set than --providers (STEP=NAME, NAME one of
+    /// simulated, local, cloud; repeatable, or comma-separated in the env).
+    #[arg(long = "provider", env = "REEL_PROVIDER", value_name = "STEP=NAME",
+          value_delimiter = ',', value_parser = parse_step_provider)]
+    provider: Vec<(String, ProviderSet)>,
     /// Seconds a claim holds a task without a heartbeat (1 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
@@ -71,15 +79,12 @@ pub(crate) async fn worker(
     args: WorkerArgs,
     workflows: &dyn Workflows,
 ) -> anyhow::Result<()> {
-    // Before claiming anything: a missing ffmpeg is a message now, not a failure at clip 7.
-    args.providers.check_ready().await?;
+    let settings = settings(&args)?;
+    // Before claiming anything: a missing ffmpeg or key is a message now, not a failure at
+    // clip 7.
+    settings.provider_plan().check_ready().await?;
     let concurrency = usize::from(args.concurrency);
-    let registry = workflows.registry(&WorkerSettings {
-        artifacts: args.artifacts,
-        time_scale: args.time_scale,
-        simulated_seconds: args.simulate.iter().cloned().collect(),
-        providers: args.providers,
-    });
+    let registry = workflows.registry(&settings);
     for (step, _) in &args.simulate {
         let known = registry.names().iter().any(|name| {
             registry
@@ -128,6 +133,32 @@ pub(crate) async fn worker(
         "worker done"
     );
     Ok(())
+}
+
+/// What the workflows are built with: the provider plan (with the cloud settings from the
+/// environment when a step is on the cloud set) and the time scale it implies.
+fn settings(args: &WorkerArgs) -> anyhow::Result<WorkerSettings> {
+    let mut plan = steps::ProviderPlan::new(args.providers);
+    for (step, set) in &args.provider {
+        plan = plan
+            .with_step(step, *set)
+            .map_err(|e| UsageError(format!("--provider: {e}")))?;
+    }
+    let on_cloud = plan.uses(ProviderSet::Cloud);
+    if on_cloud {
+        let cloud = steps::cloud::CloudConfig::from_env().map_err(|e| UsageError(e.to_string()))?;
+        plan = plan.with_cloud(cloud);
+    }
+    Ok(WorkerSettings {
+        artifacts: args.artifacts.clone(),
+        time_scale: args
+            .time_scale
+            .unwrap_or(if on_cloud { 1.0 } else { 0.001 }),
+        simulated_seconds: args.simulate.iter().cloned().collect(),
+        providers: plan.set,
+        provider_steps: plan.steps,
+        cloud: plan.cloud,
+    })
 }
 
 /// The `--max-in-flight` and `--rate` overrides, by key; a key no workflow's step calls is
@@ -209,6 +240,14 @@ fn parse_rate(raw: &str) -> Result<(String, f64), String> {
         Ok(r) if (0.001..=100_000.0).contains(&r) => Ok((key, r)),
         _ => Err(format!("expected {key}=R with R from 0.001 to 100000")),
     }
+}
+
+/// `--provider STEP=NAME`: NAME one of the provider sets (the step is checked later,
+/// against the pipeline).
+fn parse_step_provider(raw: &str) -> Result<(String, ProviderSet), String> {
+    let (step, name) = key_value(raw)?;
+    let set = name.parse::<ProviderSet>().map_err(|e| e.to_string())?;
+    Ok((step, set))
 }
 
 /// `--simulate STEP=SECONDS`: from 0 to 86400.

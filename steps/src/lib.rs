@@ -2,10 +2,12 @@
 //! assembly — then human review. Each step calls a [`Provider`]; the [`simulated`] set does
 //! real work on disk (deterministic artifacts under the channel's directory) with the
 //! seed's costs and durations, so the whole pipeline runs anywhere in seconds; the
-//! [`local`] set makes real media (PNGs, H.264 MP4s, speech) on this machine. Choose one
-//! with [`ProviderSet`].
+//! [`local`] set makes real media (PNGs, H.264 MP4s, speech) on this machine; the [`cloud`]
+//! set calls the Gemini, Runway and ElevenLabs APIs. Choose one with [`ProviderSet`], or
+//! one per step with [`ProviderPlan`].
 
 mod artifacts;
+pub mod cloud;
 mod faults;
 pub mod local;
 mod pipeline;
@@ -22,4 +24,4 @@ pub use pipeline::{
     simulated_video_workflow, video_workflow,
 };
 pub use provider::{ItemRequest, Provider, Providers, Shape};
-pub use provider_set::{ProviderSet, UnknownProviderSet};
+pub use provider_set::{NotReady, ProviderPlan, ProviderSet, UnknownProviderSet, UnknownStep};

@@ -9,7 +9,7 @@
 //! espeak-ng must be installed: [`Tools::check`] says so when a worker starts.
 
 mod media;
-mod pictures;
+pub(crate) mod pictures;
 mod script;
 mod text;
 mod tools;
@@ -49,6 +49,11 @@ pub fn providers(artifacts_root: impl Into<PathBuf>, tools: Tools) -> Providers 
         sfx: local(Make::SoundBed),
         assembly: local(Make::Final),
     }
+}
+
+/// Clip `item`'s narration line (the cloud narration speaks the same script).
+pub(crate) fn narration_line(story: &Story, item: u32) -> String {
+    script::narration_line(story, item, crate::CLIPS)
 }
 
 /// What a local provider makes.

@@ -134,6 +134,8 @@ pub(crate) struct FakeState {
     latency: Duration,
     requests: Vec<RecordedRequest>,
     boards: board::Boards,
+    /// Added to every `POST /v1/pages` answer, after the page is created.
+    create_delay: Duration,
 }
 
 /// SplitMix64: a small seeded generator, enough to spread faults (not for secrets).
@@ -181,6 +183,7 @@ impl FakeNotion {
             latency: Duration::ZERO,
             requests: Vec::new(),
             boards: board::Boards::default(),
+            create_delay: Duration::ZERO,
         }));
         let app = Router::new()
             .route("/v1/pages/{page_id}", get(get_page).patch(patch_page))
@@ -317,6 +320,12 @@ impl FakeNotion {
         self.lock().latency = latency;
     }
 
+    /// Delays every `POST /v1/pages` answer by `delay`, after the page is created: a
+    /// client that gives up or dies meanwhile has made a card it did not hear about.
+    pub fn set_create_delay(&self, delay: Duration) {
+        self.lock().create_delay = delay;
+    }
+
     /// Stops answering (the port closes).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -404,6 +413,12 @@ pub(crate) async fn handle(
                 let answer = match route {
                     Route::Page => page_answer(&mut s, &page_id, body.as_deref(), parsed.as_ref()),
                     other => board::answer(&mut s, other, &page_id, parsed.as_ref()),
+                };
+                let delay = match route {
+                    Route::CreatePage if !s.create_delay.is_zero() => {
+                        Some(delay.unwrap_or_default() + s.create_delay)
+                    }
+                    _ => delay,
                 };
                 (answer, delay)
             }

@@ -10,6 +10,7 @@ use clap::Parser;
 use engine::PgStore;
 use tokio_util::sync::CancellationToken;
 
+use crate::board::{BoardOptions, IntakeOptions};
 use crate::metrics::Metrics;
 use crate::notion::{
     DEFAULT_API_URL, DEFAULT_NOTION_VERSION, NotionClient, NotionConfig, PropertyType, Token,
@@ -95,6 +96,43 @@ pub struct Config {
     /// Do not apply pending migrations at start (for a role without DDL rights).
     #[arg(long)]
     pub no_migrate: bool,
+    /// The team's board: a Notion data source (or a database with one data source), as an
+    /// id or URL. With it, every task without a page gets a card there.
+    #[arg(long = "data-source", env = "NOTION_DATA_SOURCE_ID")]
+    pub data_source: Option<String>,
+    /// The board's title property (default: its title property, whatever its name).
+    #[arg(long, env = "NOTION_TITLE_PROPERTY")]
+    pub title_property: Option<String>,
+    /// The board's text property holding the task id (required on the board).
+    #[arg(long, env = "NOTION_TASK_ID_PROPERTY", default_value = "Task ID")]
+    pub task_id_property: String,
+    /// The board's property showing the channel (select or text).
+    #[arg(long, env = "NOTION_CHANNEL_PROPERTY", default_value = "Channel")]
+    pub channel_property: String,
+    /// Also turn new cards on the board into tasks (needs --data-source).
+    #[arg(long, requires = "data_source")]
+    pub intake: bool,
+    /// The status of cards to take in.
+    #[arg(long, default_value = "Queued")]
+    pub intake_status: String,
+    /// The channel of a card without one.
+    #[arg(long, env = "NOTION_INTAKE_CHANNEL")]
+    pub intake_channel: Option<String>,
+    /// The board's text property holding the story direction.
+    #[arg(long, default_value = "Story direction")]
+    pub direction_property: String,
+    /// The workflow of tasks made from cards.
+    #[arg(long, default_value = "video")]
+    pub intake_workflow: String,
+    /// The wait between two looks at the board.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub intake_interval: Duration,
+    /// The status a card that cannot become a task is set to.
+    #[arg(long, default_value = "Rejected")]
+    pub rejected_status: String,
+    /// The board's text property that says why a card was rejected.
+    #[arg(long, default_value = "Intake error")]
+    pub reason_property: String,
     /// Log lines as text or JSON (filter with `REEL_LOG`, e.g. `REEL_LOG=debug`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -110,6 +148,8 @@ impl fmt::Debug for Config {
             .field("rate", &self.rate)
             .field("burst", &self.burst)
             .field("name", &self.name)
+            .field("data_source", &self.data_source)
+            .field("intake", &self.intake)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +172,27 @@ impl Config {
             standby_interval: self.standby_interval,
             concurrency: usize::try_from(self.concurrency).unwrap_or(1),
         }
+    }
+
+    /// The board's options, when a data source is given.
+    pub fn board_options(&self) -> Option<BoardOptions> {
+        let data_source = self.data_source.clone()?;
+        let intake = self.intake.then(|| IntakeOptions {
+            status: self.intake_status.clone(),
+            channel: self.intake_channel.clone(),
+            direction_property: self.direction_property.clone(),
+            workflow: self.intake_workflow.clone(),
+            interval: self.intake_interval,
+            rejected_status: self.rejected_status.clone(),
+            reason_property: self.reason_property.clone(),
+        });
+        Some(BoardOptions {
+            data_source,
+            title_property: self.title_property.clone(),
+            task_id_property: self.task_id_property.clone(),
+            channel_property: self.channel_property.clone(),
+            intake,
+        })
     }
 
     /// Installs the tracing subscriber (stderr; `REEL_LOG` filter, default `info`).
@@ -160,12 +221,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.migrate().await.context("cannot apply migrations")?;
     }
     let metrics = Arc::new(Metrics::new());
-    let projector = Projector::new(
+    let mut projector = Projector::new(
         store.clone(),
         client,
         config.projector_options(),
         metrics.clone(),
     );
+    if let Some(board) = config.board_options() {
+        let opened = projector
+            .open_board(&board)
+            .await
+            .context("cannot use the board")?;
+        tracing::info!(
+            data_source = opened.data_source(),
+            intake = config.intake,
+            "using the board"
+        );
+    }
     projector
         .preflight()
         .await

@@ -12,6 +12,11 @@
 //! answered with an error at random (seeded: the same requests fail on every run), and a
 //! latency on every answer. Every request is recorded with its arrival time and the answer
 //! it got, and every page keeps the history of the values it was set to.
+//!
+//! Boards (`FakeNotion::add_board`) add data sources: `GET /v1/databases/{id}`,
+//! `GET /v1/data_sources/{id}` (the schema), `POST /v1/data_sources/{id}/query` (filters
+//! on title, rich text, select and status, `and`/`or`, cursors) and `POST /v1/pages` with a
+//! data source parent, checked against the schema as Notion checks it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,13 +28,17 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::notion::{DEFAULT_NOTION_VERSION, NotionClient, NotionConfig, PropertyType, Token};
 use crate::page_id::PageId;
+
+mod board;
+
+pub use board::FakeBoard;
 
 /// How the fake behaves.
 #[derive(Clone, Debug)]
@@ -84,6 +93,8 @@ pub struct RandomErrors {
 pub struct RecordedRequest {
     pub at: Instant,
     pub method: String,
+    /// The request's path, e.g. `/v1/data_sources/{id}/query`.
+    pub path: String,
     /// The page id from the path, dashed lower-case when it is a valid id (as sent otherwise).
     pub page_id: String,
     /// The option name the body asked for, when it had one.
@@ -95,11 +106,14 @@ pub struct RecordedRequest {
 }
 
 #[derive(Debug)]
-struct FakePage {
+pub(crate) struct FakePage {
+    /// The status property ("" on a board without one).
     property: String,
     kind: PropertyType,
     value: Option<String>,
     history: Vec<String>,
+    /// Set for a card of a board (a page whose parent is a data source).
+    card: Option<board::Card>,
 }
 
 #[derive(Debug)]
@@ -109,7 +123,7 @@ struct Bucket {
 }
 
 #[derive(Debug)]
-struct FakeState {
+pub(crate) struct FakeState {
     options: FakeNotionOptions,
     pages: HashMap<String, FakePage>,
     bucket: Bucket,
@@ -119,6 +133,9 @@ struct FakeState {
     random_errors: Option<(RandomErrors, SplitMix64)>,
     latency: Duration,
     requests: Vec<RecordedRequest>,
+    boards: board::Boards,
+    /// Added to every `POST /v1/pages` answer, after the page is created.
+    create_delay: Duration,
 }
 
 /// SplitMix64: a small seeded generator, enough to spread faults (not for secrets).
@@ -137,7 +154,7 @@ impl SplitMix64 {
     }
 }
 
-type Shared = Arc<Mutex<FakeState>>;
+pub(crate) type Shared = Arc<Mutex<FakeState>>;
 
 /// A running fake Notion on 127.0.0.1. Stops when dropped.
 #[derive(Debug)]
@@ -165,9 +182,15 @@ impl FakeNotion {
             random_errors: None,
             latency: Duration::ZERO,
             requests: Vec::new(),
+            boards: board::Boards::default(),
+            create_delay: Duration::ZERO,
         }));
         let app = Router::new()
             .route("/v1/pages/{page_id}", get(get_page).patch(patch_page))
+            .route("/v1/pages", post(board::create_page))
+            .route("/v1/databases/{id}", get(board::get_database))
+            .route("/v1/data_sources/{id}", get(board::get_data_source))
+            .route("/v1/data_sources/{id}/query", post(board::query))
             .with_state(state.clone());
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -228,6 +251,7 @@ impl FakeNotion {
                 kind,
                 value: None,
                 history: Vec::new(),
+                card: None,
             },
         );
     }
@@ -296,6 +320,12 @@ impl FakeNotion {
         self.lock().latency = latency;
     }
 
+    /// Delays every `POST /v1/pages` answer by `delay`, after the page is created: a
+    /// client that gives up or dies meanwhile has made a card it did not hear about.
+    pub fn set_create_delay(&self, delay: Duration) {
+        self.lock().create_delay = delay;
+    }
+
     /// Stops answering (the port closes).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -308,7 +338,7 @@ impl Drop for FakeNotion {
     }
 }
 
-fn normalise(id: &str) -> Option<String> {
+pub(crate) fn normalise(id: &str) -> Option<String> {
     PageId::parse(id).ok().map(|p| p.as_str().to_owned())
 }
 
@@ -317,7 +347,8 @@ async fn get_page(
     Path(page_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    handle(state, "GET", page_id, headers, None).await
+    let path = format!("/v1/pages/{page_id}");
+    handle(state, "GET", path, page_id, headers, None, Route::Page).await
 }
 
 async fn patch_page(
@@ -326,15 +357,42 @@ async fn patch_page(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(state, "PATCH", page_id, headers, Some(body)).await
+    let path = format!("/v1/pages/{page_id}");
+    handle(
+        state,
+        "PATCH",
+        path,
+        page_id,
+        headers,
+        Some(body),
+        Route::Page,
+    )
+    .await
 }
 
-async fn handle(
+/// What a request asks for, past the checks every request gets.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Route {
+    /// `GET` or `PATCH /v1/pages/{id}`.
+    Page,
+    /// `POST /v1/pages`.
+    CreatePage,
+    /// `GET /v1/databases/{id}`.
+    Database,
+    /// `GET /v1/data_sources/{id}`.
+    DataSource,
+    /// `POST /v1/data_sources/{id}/query`.
+    Query,
+}
+
+pub(crate) async fn handle(
     state: Shared,
     method: &'static str,
+    path: String,
     page_id: String,
     headers: HeaderMap,
     body: Option<Bytes>,
+    route: Route,
 ) -> Response {
     let at = Instant::now();
     let authorization = headers
@@ -349,7 +407,22 @@ async fn handle(
     }
     let (answer, delay) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        decide(&mut s, &page_id, &headers, body.as_deref(), parsed.as_ref())
+        match gate(&mut s, &page_id, &headers) {
+            Err(answer) => (answer, None),
+            Ok(delay) => {
+                let answer = match route {
+                    Route::Page => page_answer(&mut s, &page_id, body.as_deref(), parsed.as_ref()),
+                    other => board::answer(&mut s, other, &page_id, parsed.as_ref()),
+                };
+                let delay = match route {
+                    Route::CreatePage if !s.create_delay.is_zero() => {
+                        Some(delay.unwrap_or_default() + s.create_delay)
+                    }
+                    _ => delay,
+                };
+                (answer, delay)
+            }
+        }
     };
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
@@ -376,6 +449,7 @@ async fn handle(
         s.requests.push(RecordedRequest {
             at,
             method: method.to_owned(),
+            path,
             page_id: normalise(&page_id).unwrap_or(page_id),
             value,
             response: status,
@@ -385,7 +459,7 @@ async fn handle(
     response
 }
 
-enum Answer {
+pub(crate) enum Answer {
     Page(Value),
     Error {
         status: u16,
@@ -396,7 +470,7 @@ enum Answer {
     Html(u16),
 }
 
-fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer {
+pub(crate) fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer {
     Answer::Error {
         status,
         code,
@@ -405,115 +479,103 @@ fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer 
     }
 }
 
-/// What Notion would answer, in the order it checks: authentication, version, rate
-/// limit, injected faults, the id, the page, the body.
-fn decide(
-    s: &mut FakeState,
-    page_id: &str,
-    headers: &HeaderMap,
-    body: Option<&[u8]>,
-    parsed: Option<&Value>,
-) -> (Answer, Option<Duration>) {
+/// The checks every request gets, in the order Notion makes them: authentication,
+/// version, rate limit, injected faults (`page_id`'s outage too); a delay to add on success.
+fn gate(s: &mut FakeState, page_id: &str, headers: &HeaderMap) -> Result<Option<Duration>, Answer> {
     let expected = format!("Bearer {}", s.options.token);
     if headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         != Some(expected.as_str())
     {
-        return (error(401, "unauthorized", "API token is invalid."), None);
+        return Err(error(401, "unauthorized", "API token is invalid."));
     }
     if headers.get("notion-version").is_none() {
-        return (
-            error(
-                400,
-                "missing_version",
-                "Notion-Version header failed validation: Notion-Version header should be defined, instead was `undefined`.",
-            ),
-            None,
-        );
+        return Err(error(
+            400,
+            "missing_version",
+            "Notion-Version header failed validation: Notion-Version header should be defined, instead was `undefined`.",
+        ));
     }
     let now = Instant::now();
     let elapsed = now.duration_since(s.bucket.last).as_secs_f64();
     s.bucket.tokens = (s.bucket.tokens + elapsed * s.options.rate).min(s.options.burst);
     s.bucket.last = now;
     if s.bucket.tokens < 1.0 {
-        return (
-            Answer::Error {
-                status: 429,
-                code: "rate_limited",
-                message: "You have been rate limited. Please try again in a few minutes.".into(),
-                retry_after: Some(s.options.retry_after_secs),
-            },
-            None,
-        );
+        return Err(Answer::Error {
+            status: 429,
+            code: "rate_limited",
+            message: "You have been rate limited. Please try again in a few minutes.".into(),
+            retry_after: Some(s.options.retry_after_secs),
+        });
     }
     s.bucket.tokens -= 1.0;
     let mut delay = None;
     if let Some(status) = s.outage {
-        return (outage_answer(status), None);
+        return Err(outage_answer(status));
     }
     if let Some(status) = normalise(page_id).and_then(|key| s.page_outages.get(&key).copied()) {
-        return (outage_answer(status), None);
+        return Err(outage_answer(status));
     }
     if let Some((errors, random)) = &mut s.random_errors
         && random.next_unit() < errors.rate
     {
-        return (outage_answer(errors.status), None);
+        return Err(outage_answer(errors.status));
     }
     match s.faults.pop_front() {
-        Some(Fault::Status(status)) => return (outage_answer(status), None),
-        Some(Fault::BadGatewayHtml) => return (Answer::Html(502), None),
+        Some(Fault::Status(status)) => return Err(outage_answer(status)),
+        Some(Fault::BadGatewayHtml) => return Err(Answer::Html(502)),
         Some(Fault::RateLimited { retry_after_secs }) => {
-            return (
-                Answer::Error {
-                    status: 429,
-                    code: "rate_limited",
-                    message: "You have been rate limited. Please try again in a few minutes."
-                        .into(),
-                    retry_after: Some(retry_after_secs),
-                },
-                None,
-            );
+            return Err(Answer::Error {
+                status: 429,
+                code: "rate_limited",
+                message: "You have been rate limited. Please try again in a few minutes.".into(),
+                retry_after: Some(retry_after_secs),
+            });
         }
         Some(Fault::Delay(d)) => delay = Some(d),
         None => {}
     }
+    Ok(delay)
+}
+/// The answer to `GET`/`PATCH /v1/pages/{id}`: the id, the page, the body.
+fn page_answer(
+    s: &mut FakeState,
+    page_id: &str,
+    body: Option<&[u8]>,
+    parsed: Option<&Value>,
+) -> Answer {
     let Some(key) = normalise(page_id) else {
-        return (
-            error(
-                400,
-                "validation_error",
-                format!(
-                    "path failed validation: path.page_id should be a valid uuid, instead was `\"{page_id}\"`."
-                ),
+        return error(
+            400,
+            "validation_error",
+            format!(
+                "path failed validation: path.page_id should be a valid uuid, instead was `\"{page_id}\"`."
             ),
-            delay,
         );
     };
     let Some(page) = s.pages.get_mut(&key) else {
-        return (
-            error(
-                404,
-                "object_not_found",
-                format!(
-                    "Could not find page with ID: {key}. Make sure the relevant pages and databases are shared with your integration."
-                ),
+        return error(
+            404,
+            "object_not_found",
+            format!(
+                "Could not find page with ID: {key}. Make sure the relevant pages and databases are shared with your integration."
             ),
-            delay,
         );
     };
     if body.is_some() {
         let Some(parsed) = parsed else {
-            return (
-                error(400, "invalid_json", "Error parsing JSON body."),
-                delay,
-            );
+            return error(400, "invalid_json", "Error parsing JSON body.");
         };
-        if let Err(message) = apply(page, parsed) {
-            return (error(400, "validation_error", message), delay);
+        let schema = page
+            .card
+            .as_ref()
+            .and_then(|card| s.boards.schema(&card.data_source));
+        if let Err(message) = apply(page, parsed, schema) {
+            return error(400, "validation_error", message);
         }
     }
-    (Answer::Page(page_object(&key, page)), delay)
+    Answer::Page(page_object(&key, page))
 }
 
 fn outage_answer(status: u16) -> Answer {
@@ -559,7 +621,7 @@ fn requested_value(body: &Value) -> Option<String> {
 }
 
 /// Applies a `properties` body to the page, or says why Notion would refuse it.
-fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
+fn apply(page: &mut FakePage, body: &Value, schema: Option<&board::Schema>) -> Result<(), String> {
     let Some(object) = body.as_object() else {
         return Err("body failed validation: body should be an object.".into());
     };
@@ -571,6 +633,9 @@ fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
     let Some(properties) = object.get("properties").and_then(Value::as_object) else {
         return Ok(());
     };
+    if let Some(schema) = schema {
+        return board::apply_card(page, properties, schema);
+    }
     for (name, value) in properties {
         if *name != page.property {
             return Err(format!("{name} is not a property that exists."));
@@ -604,7 +669,7 @@ fn apply(page: &mut FakePage, body: &Value) -> Result<(), String> {
 /// The options of the fake board's Status property: the engine's lifecycle and the video
 /// workflow's step statuses, as the content team's board has them. Notion refuses any
 /// other name for a status property.
-const BOARD_STATUS_OPTIONS: [&str; 12] = [
+pub(crate) const BOARD_STATUS_OPTIONS: [&str; 13] = [
     "Queued",
     "Generating Assets",
     "Generating Composites",
@@ -617,9 +682,13 @@ const BOARD_STATUS_OPTIONS: [&str; 12] = [
     "Completed",
     "Failed",
     "Cancelled",
+    "Rejected",
 ];
 
 fn page_object(id: &str, page: &FakePage) -> Value {
+    if let Some(card) = &page.card {
+        return board::card_object(id, page, card);
+    }
     let kind = page.kind.as_str();
     let option = page
         .value
@@ -634,7 +703,12 @@ fn page_object(id: &str, page: &FakePage) -> Value {
     })
 }
 
-fn error_response(status: u16, code: &str, message: &str, retry_after: Option<u64>) -> Response {
+pub(crate) fn error_response(
+    status: u16,
+    code: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let body = json!({
         "object": "error",

@@ -13,6 +13,7 @@
 //! The binary (`notion-projector --help`) wires [`Config`] to [`Projector`]; tests and
 //! the bench drive the same pieces, against [`fake::FakeNotion`] (feature `fake`).
 
+mod board;
 mod config;
 #[cfg(feature = "fake")]
 pub mod fake;
@@ -23,6 +24,7 @@ mod page_id;
 mod projector;
 mod queue;
 
+pub use board::{Board, BoardError, BoardOptions, IntakeOptions};
 pub use config::{Config, LogFormat, run};
 pub use limiter::Limiter;
 pub use metrics::Metrics;

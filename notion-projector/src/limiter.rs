@@ -1,7 +1,10 @@
 //! One limiter for every request to Notion: a token bucket (leaky-bucket) at the configured
 //! rate, and a pause that a 429/529's `Retry-After` imposes on all requests at once.
+//! Background work (the board's intake) asks with [`Limiter::acquire_yielding`] and goes
+//! only when no status change waits, so it never queues ahead of one.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use leaky_bucket::RateLimiter;
@@ -12,6 +15,20 @@ use tokio::time::Instant;
 pub struct Limiter {
     bucket: RateLimiter,
     paused_until: Mutex<Option<Instant>>,
+    /// Callers of [`Limiter::acquire`] waiting now.
+    waiting: AtomicUsize,
+}
+
+/// How often a yielding caller looks again for a free token.
+const YIELD_POLL: Duration = Duration::from_millis(25);
+
+/// Counts a waiting [`Limiter::acquire`] until it returns or is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Limiter {
@@ -35,11 +52,14 @@ impl Limiter {
                 .fair(true)
                 .build(),
             paused_until: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
         }
     }
 
     /// Waits until a request may be sent: past any pause, then for a token.
     pub async fn acquire(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         loop {
             if let Some(until) = self.paused_until() {
                 tokio::time::sleep_until(until).await;
@@ -50,6 +70,21 @@ impl Limiter {
             if self.paused_until().is_none() {
                 return;
             }
+        }
+    }
+
+    /// Waits until a request may be sent and no [`Limiter::acquire`] waits: the token is
+    /// taken only when free, so the next status change waits at most one interval.
+    pub async fn acquire_yielding(&self) {
+        loop {
+            if let Some(until) = self.paused_until() {
+                tokio::time::sleep_until(until).await;
+                continue;
+            }
+            if self.waiting.load(Ordering::SeqCst) == 0 && self.bucket.try_acquire(1) {
+                return;
+            }
+            tokio::time::sleep(YIELD_POLL).await;
         }
     }
 
@@ -89,6 +124,30 @@ mod tests {
         }
         // One token at start, then one per 250 ms.
         assert_eq!(start.elapsed(), Duration::from_millis(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn yielding_callers_go_after_waiting_ones() {
+        let limiter = std::sync::Arc::new(Limiter::new(4.0, 1));
+        limiter.acquire().await;
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let background = {
+            let (limiter, order) = (limiter.clone(), order.clone());
+            tokio::spawn(async move {
+                limiter.acquire_yielding().await;
+                order.lock().map(|mut o| o.push("intake")).ok();
+            })
+        };
+        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            limiter.acquire().await;
+            order.lock().map(|mut o| o.push("status")).ok();
+        }
+        background.await.ok();
+        let order = order.lock().map(|o| o.clone()).unwrap_or_default();
+        // The yielding caller waited for each status request that was waiting; once none
+        // waits it gets the next free token.
+        assert_eq!(order, vec!["status", "status", "status", "intake"]);
     }
 
     #[tokio::test(start_paused = true)]

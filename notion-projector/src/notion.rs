@@ -1,12 +1,13 @@
-//! The Notion HTTP client: one request type (set a page's Status), errors classified by
+//! The Notion HTTP client: pages (set a Status, patch, create), data sources (schema,
+//! query), errors classified by
 //! HTTP status — never by body, since a 502 from Notion's edge is HTML, not JSON.
 
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
-use serde_json::json;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
 
 use crate::page_id::PageId;
 
@@ -134,7 +135,7 @@ pub struct NotionConfig {
     pub timeout: Duration,
 }
 
-/// A client for `PATCH /v1/pages/{id}`. Cheap to clone.
+/// A client for Notion's pages and data sources. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct NotionClient {
     http: reqwest::Client,
@@ -190,24 +191,50 @@ impl NotionClient {
         name: &str,
     ) -> Result<(), NotionError> {
         let body = json!({ "properties": { property: { kind.as_str(): { "name": name } } } });
-        let sent = self
+        self.patch_page(page, body).await.map(|_| ())
+    }
+
+    /// `PATCH /v1/pages/{page}` with `body` (`{"properties": …}`); the page object back.
+    pub async fn patch_page(&self, page: &PageId, body: Value) -> Result<Value, NotionError> {
+        self.send(Method::PATCH, &format!("/v1/pages/{page}"), Some(body))
+            .await
+    }
+
+    /// `GET` of an API path such as `/v1/data_sources/{id}`: the JSON answer.
+    pub async fn get(&self, path: &str) -> Result<Value, NotionError> {
+        self.send(Method::GET, path, None).await
+    }
+
+    /// `POST` of `body` to an API path such as `/v1/pages`: the JSON answer.
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, NotionError> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, NotionError> {
+        let mut request = self
             .http
-            .patch(format!("{}/v1/pages/{}", self.base, page))
-            .header(AUTHORIZATION, self.authorization.clone())
-            .json(&body)
-            .send()
-            .await;
-        let response = match sent {
+            .request(method, format!("{}{path}", self.base))
+            .header(AUTHORIZATION, self.authorization.clone());
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        let response = match request.send().await {
             Ok(response) => response,
             Err(err) => return Err(self.transport_error(&err)),
         };
         let status = response.status();
         if status.is_success() {
-            // Drain the body so the connection can be reused; its content is not needed.
-            return match response.bytes().await {
-                Ok(_) => Ok(()),
-                Err(err) => Err(self.transport_error(&err)),
+            let bytes = match response.bytes().await {
+                Ok(bytes) => bytes,
+                Err(err) => return Err(self.transport_error(&err)),
             };
+            // An empty or non-JSON success body carries nothing the caller reads.
+            return Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
         }
         let retry_after = response
             .headers()

@@ -14,6 +14,8 @@
 //! reached Notion. A page's statuses never go backwards: one task has at most one request
 //! in flight, and each request sends the task's newest status, read right before it.
 
+mod cards;
+mod intake;
 mod records;
 mod send;
 
@@ -33,6 +35,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::board::{Board, BoardError, BoardOptions};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::notion::{NotionClient, PropertyType};
@@ -242,6 +245,8 @@ pub struct Projector {
     limiter: Limiter,
     options: ProjectorOptions,
     metrics: Arc<Metrics>,
+    /// The team's board, when cards are created for tasks (and, with intake, read back).
+    board: Option<Board>,
 }
 
 impl Projector {
@@ -257,7 +262,22 @@ impl Projector {
             client,
             options,
             metrics,
+            board: None,
         }
+    }
+
+    /// Uses the board: reads its schema now (through the projector's limiter), then
+    /// creates the card of every task without a page and, with intake, a task for every
+    /// new card. Fails naming a required property the board lacks.
+    pub async fn open_board(&mut self, options: &BoardOptions) -> Result<&Board, BoardError> {
+        let board = Board::open(
+            &self.client,
+            &self.limiter,
+            options,
+            &self.options.status_property,
+        )
+        .await?;
+        Ok(self.board.insert(board))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -328,7 +348,20 @@ impl Projector {
         };
         let done = CancellationToken::new();
         let watchdog = tokio::spawn(watch_lock(conn, halt.clone(), done.clone()));
-        let result = self.lead(&halt).await;
+        // Intake runs beside the leader and stops with it (it shares the limiter, yielding
+        // to status changes).
+        let intake_halt = Halt {
+            stop: halt.stop.child_token(),
+            lock_lost: halt.lock_lost.clone(),
+        };
+        let (result, ()) = tokio::join!(
+            async {
+                let result = self.lead(&halt).await;
+                intake_halt.stop.cancel();
+                result
+            },
+            self.intake(&intake_halt)
+        );
         done.cancel();
         self.metrics.leader.set(0);
         if let Ok(Some(mut conn)) = watchdog.await {

@@ -22,11 +22,12 @@ pub(crate) enum Origin {
     Retry,
 }
 
-/// A status to send to one page.
+/// A status to send to one page, or (page `None`) a card to find or create on the board
+/// for a task that has no page yet.
 #[derive(Clone, Debug)]
 pub(crate) struct Job {
     pub(crate) target: Target,
-    pub(crate) page: PageId,
+    pub(crate) page: Option<PageId>,
     /// Failed tries so far.
     pub(crate) tries: u32,
     pub(crate) origin: Origin,
@@ -36,7 +37,17 @@ impl Job {
     pub(crate) fn fresh(target: Target, page: PageId) -> Job {
         Job {
             target,
-            page,
+            page: Some(page),
+            tries: 0,
+            origin: Origin::Fresh,
+        }
+    }
+
+    /// The task's card on the board, then its status.
+    pub(crate) fn card(target: Target) -> Job {
+        Job {
+            target,
+            page: None,
             tries: 0,
             origin: Origin::Fresh,
         }

@@ -28,9 +28,10 @@ impl Projector {
         }
         let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
         let rows: Vec<(Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
-            "SELECT u.id, t.notion_page_id, s.applied_version \
+            "SELECT u.id, COALESCE(NULLIF(btrim(t.notion_page_id), ''), c.page_id), s.applied_version \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
+               LEFT JOIN notion_cards c ON c.projector = $2 AND c.task_id = u.id \
                LEFT JOIN notion_sync s ON s.projector = $2 AND s.task_id = u.id",
         )
         .bind(&ids)
@@ -54,6 +55,10 @@ impl Projector {
                 continue;
             }
             let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
+                if self.board.is_some() {
+                    jobs.push(Job::card(target));
+                    continue;
+                }
                 tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
                 self.metrics.skip("no_page", 1);
                 nothing_to_send.push(target.task);

@@ -7,7 +7,9 @@ use std::time::Duration;
 use engine::Backoff;
 use tokio::time::Instant;
 
+use super::cards::Card;
 use super::{Failure, Halt, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
+use crate::board::property_type;
 use crate::notion::NotionError;
 use crate::queue::Job;
 
@@ -49,12 +51,46 @@ impl Projector {
                 outcome: Outcome::Interrupted,
             });
         }
-        let request = self.client.set_status(
-            &job.page,
-            &self.options.status_property,
-            self.options.property_type,
-            &job.target.display,
-        );
+        let page = match (&job.page, &self.board) {
+            (Some(page), _) => page.clone(),
+            (None, Some(board)) => match self.card_of(board, &job).await? {
+                Ok(Card::Created(page)) => {
+                    job.page = Some(page);
+                    self.record_synced(&job).await?;
+                    return Ok(Attempt {
+                        job,
+                        outcome: Outcome::Synced,
+                    });
+                }
+                Ok(Card::Found(page)) => {
+                    job.page = Some(page.clone());
+                    self.limiter.acquire().await;
+                    page
+                }
+                Err(error) => {
+                    self.metrics.request(error.outcome());
+                    let outcome = self.after_failure(&mut job, &error).await?;
+                    return Ok(Attempt { job, outcome });
+                }
+            },
+            // Planned only with a board.
+            (None, None) => {
+                return Ok(Attempt {
+                    job,
+                    outcome: Outcome::Failed,
+                });
+            }
+        };
+        let (property, kind) = match self.board.as_ref().and_then(|b| b.status.as_ref()) {
+            Some(status) => (status.name.as_str(), property_type(status)),
+            None => (
+                self.options.status_property.as_str(),
+                self.options.property_type,
+            ),
+        };
+        let request = self
+            .client
+            .set_status(&page, property, kind, &job.target.display);
         // Once the lock is lost, another instance may lead and send a newer status: drop
         // the request (closing its connection) rather than let its answer land after the
         // new leader's. SIGTERM lets requests in flight finish.
@@ -111,7 +147,7 @@ impl Projector {
                 Ok(Outcome::RetryAt(Instant::now() + delay))
             }
             error => {
-                tracing::error!(task_id = %task, page_id = %job.page, error = %error, "Notion rejected the status update: not retried, recorded as a sync failure");
+                tracing::error!(task_id = %task, page_id = ?job.page, error = %error, "Notion rejected the status update: not retried, recorded as a sync failure");
                 self.commit(None, &[failure(job, error, false)]).await?;
                 Ok(Outcome::Failed)
             }

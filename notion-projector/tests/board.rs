@@ -1,0 +1,310 @@
+//! The board as the team's front door: a card for every task (found by `Task ID` before
+//! it is created, so a SIGKILL between the create and its record never makes a second),
+//! and a task for every new card (exactly one, across a SIGKILL), against the fake Notion.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::process::Process;
+use common::*;
+use engine::TaskStatus;
+use notion_projector::fake::{FakeBoard, FakeNotion};
+use notion_projector::{BoardOptions, IntakeOptions, Metrics, Projector};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const BOARD: [(&str, &str); 6] = [
+    ("Name", "title"),
+    ("Task ID", "rich_text"),
+    ("Channel", "select"),
+    ("Status", "status"),
+    ("Story direction", "rich_text"),
+    ("Intake error", "rich_text"),
+];
+
+fn text(card: &Value, property: &str) -> Option<String> {
+    FakeNotion::card_text(card, property).filter(|t| !t.is_empty())
+}
+
+async fn task_count(store: &engine::PgStore) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(store.pool())
+        .await
+        .expect("count tasks")
+}
+
+fn card(title: &str) -> Value {
+    json!({
+        "Name": {"title": [{"text": {"content": title}}]},
+        "Status": {"status": {"name": "Queued"}},
+        "Story direction": {"rich_text": [{"text": {"content": "calm, for kids"}}]},
+    })
+}
+
+/// 10 tasks submitted without pages: 10 cards, each with its Task ID and its final status,
+/// though the projector is SIGKILLed while Notion has made a card whose answer it has not
+/// heard yet: the restarted projector finds that card by its Task ID.
+#[tokio::test]
+async fn ten_tasks_get_ten_cards_across_a_sigkill_between_create_and_record() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let mut tasks = HashSet::new();
+    for _ in 0..10 {
+        let task = new_task(&store, None).await;
+        change_status(&store, task, TaskStatus::COMPLETED).await;
+        tasks.insert(task.to_string());
+    }
+    notion.set_create_delay(Duration::from_secs(2));
+    let args = [
+        "--data-source",
+        board.database_id.as_str(),
+        "--http-timeout",
+        "10s",
+    ];
+    let first = Process::start(&db, &notion, &notion.token(), &args);
+    wait_for(Duration::from_secs(30), || notion.cards(&board).len() >= 3)
+        .await
+        .expect("three cards made");
+    // The third card's answer is still on its way (2 s): kill between create and record.
+    first.sigkill().await;
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM notion_cards")
+        .fetch_one(store.pool())
+        .await
+        .expect("count cards");
+    assert!(
+        recorded < 3,
+        "killed before the third card was recorded ({recorded})"
+    );
+    notion.set_create_delay(Duration::ZERO);
+    let second = Process::start(&db, &notion, &notion.token(), &args);
+    let all_done = wait_for(Duration::from_secs(40), || {
+        let cards = notion.cards(&board);
+        cards.len() >= 10
+            && cards
+                .iter()
+                .all(|c| text(c, "Status").as_deref() == Some("Completed"))
+    })
+    .await;
+    let (status, log) = second.sigterm().await;
+    assert!(status.success(), "graceful exit: {status:?}");
+    assert!(
+        all_done.is_some(),
+        "10 completed cards: {:#?}",
+        notion.cards(&board)
+    );
+    let cards = notion.cards(&board);
+    assert_eq!(cards.len(), 10, "no second card for any task");
+    let ids: HashSet<String> = cards.iter().filter_map(|c| text(c, "Task ID")).collect();
+    assert_eq!(ids, tasks, "each card names its own task");
+    for card in &cards {
+        assert_eq!(text(card, "Channel").as_deref(), Some("notion-tests"));
+        assert_eq!(text(card, "Name").as_deref(), Some("projector"));
+    }
+    assert!(
+        log.contains("found the task's card on the board"),
+        "the restarted projector found the card it had not recorded"
+    );
+    assert!(!log.contains(&notion.token()), "the token is never logged");
+}
+
+/// A projector in this process, with the board opened.
+async fn spawn_with_board(
+    store: &engine::PgStore,
+    notion: &FakeNotion,
+    board: &FakeBoard,
+    intake: Option<IntakeOptions>,
+) -> Running {
+    let mut projector = Projector::new(
+        store.clone(),
+        client(notion),
+        fast_options(),
+        std::sync::Arc::new(Metrics::new()),
+    );
+    let mut options = BoardOptions::new(board.data_source_id.clone());
+    options.intake = intake;
+    projector
+        .open_board(&options)
+        .await
+        .expect("open the board");
+    let metrics = projector.metrics().clone();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move { projector.run(stop).await });
+    Running {
+        shutdown,
+        handle,
+        metrics,
+    }
+}
+
+fn fast_intake() -> IntakeOptions {
+    IntakeOptions {
+        channel: Some("board".into()),
+        interval: Duration::from_millis(300),
+        ..IntakeOptions::default()
+    }
+}
+
+/// 10 cards: exactly 10 tasks, each card's Task ID filled and its status following the
+/// task. A card without a title is marked rejected, makes no task and is not retried.
+#[tokio::test]
+async fn ten_cards_become_ten_tasks_and_a_card_without_title_is_marked_once() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    for n in 0..10 {
+        notion
+            .add_card(&board, card(&format!("Whales {n}")))
+            .expect("add card");
+    }
+    let untitled = notion
+        .add_card(&board, json!({"Status": {"status": {"name": "Queued"}}}))
+        .expect("add card");
+    let running = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    let filled = wait_for(Duration::from_secs(30), || {
+        notion
+            .cards(&board)
+            .iter()
+            .filter(|c| text(c, "Task ID").is_some())
+            .count()
+            == 10
+    })
+    .await;
+    assert!(filled.is_some(), "{:#?}", notion.cards(&board));
+    assert_eq!(task_count(&store).await, 10, "exactly one task per card");
+    let mut tasks = Vec::new();
+    for card in notion.cards(&board) {
+        let Some(id) = text(&card, "Task ID") else {
+            continue;
+        };
+        let task: engine::TaskId = uuid::Uuid::parse_str(&id).expect("a task id").into();
+        let events = store.read_stream(task, 1).await.expect("stream");
+        let Some(engine::Event::TaskSubmitted {
+            input,
+            notion_page_id,
+            channel_id,
+            ..
+        }) = events.first().map(|e| &e.event)
+        else {
+            panic!("the task starts with task_submitted");
+        };
+        assert_eq!(input["topic"], json!(text(&card, "Name")));
+        assert_eq!(input["story_direction"], json!("calm, for kids"));
+        assert_eq!(notion_page_id.as_deref(), card["id"].as_str());
+        assert_eq!(channel_id.as_str(), "board");
+        tasks.push(task);
+    }
+    for task in &tasks {
+        change_status(&store, *task, TaskStatus::FINAL_REVIEW).await;
+    }
+    let followed = wait_for(Duration::from_secs(20), || {
+        notion
+            .cards(&board)
+            .iter()
+            .filter(|c| text(c, "Status").as_deref() == Some("Final Review"))
+            .count()
+            == 10
+    })
+    .await;
+    assert!(followed.is_some(), "each card follows its task's status");
+    // The untitled card: marked (once status changes no longer wait: intake yields to
+    // them), then left alone through several polls.
+    let untitled_card = || {
+        notion
+            .cards(&board)
+            .into_iter()
+            .find(|c| c["id"] == untitled.as_str())
+            .expect("the untitled card")
+    };
+    wait_for(Duration::from_secs(10), || {
+        text(&untitled_card(), "Status").as_deref() == Some("Rejected")
+    })
+    .await
+    .expect("the untitled card is marked rejected");
+    let marked = untitled_card();
+    assert!(text(&marked, "Intake error").is_some_and(|r| r.contains("no title")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patches = notion.count_requests("PATCH", &format!("/v1/pages/{untitled}"));
+    assert_eq!(patches, 1, "marked once, never retried");
+    assert_eq!(task_count(&store).await, 10);
+    running.stop().await;
+}
+
+/// A board without the Task ID property cannot be used: the error names it.
+#[tokio::test]
+async fn a_board_without_task_id_is_refused_naming_it() {
+    let db = test_db().await;
+    let notion = fake().await;
+    let board = notion.add_board(&[("Name", "title"), ("Status", "status")]);
+    let mut projector = Projector::new(
+        db.store(),
+        client(&notion),
+        fast_options(),
+        std::sync::Arc::new(Metrics::new()),
+    );
+    let error = projector
+        .open_board(&BoardOptions::new(board.database_id.clone()))
+        .await
+        .expect_err("no Task ID property");
+    assert!(error.to_string().contains("\"Task ID\""), "{error}");
+}
+
+/// Intake SIGKILLed and restarted mid-way: still exactly 10 tasks, every card filled.
+#[tokio::test]
+async fn intake_sigkilled_mid_way_still_makes_exactly_ten_tasks() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    for n in 0..10 {
+        notion
+            .add_card(&board, card(&format!("Volcanoes {n}")))
+            .expect("add card");
+    }
+    let args = [
+        "--data-source",
+        board.data_source_id.as_str(),
+        "--intake",
+        "--intake-channel",
+        "board",
+        "--intake-interval",
+        "300ms",
+    ];
+    let first = Process::start(&db, &notion, &notion.token(), &args);
+    let mut submitted = 0;
+    for _ in 0..300 {
+        submitted = task_count(&store).await;
+        if submitted >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.sigkill().await;
+    assert!(
+        (1..10).contains(&submitted),
+        "killed mid-way ({submitted} tasks)"
+    );
+    let second = Process::start(&db, &notion, &notion.token(), &args);
+    let filled = wait_for(Duration::from_secs(40), || {
+        notion
+            .cards(&board)
+            .iter()
+            .all(|c| text(c, "Task ID").is_some())
+    })
+    .await;
+    let (status, _) = second.sigterm().await;
+    assert!(status.success());
+    assert!(filled.is_some(), "{:#?}", notion.cards(&board));
+    assert_eq!(task_count(&store).await, 10, "exactly one task per card");
+    let ids: HashSet<String> = notion
+        .cards(&board)
+        .iter()
+        .filter_map(|c| text(c, "Task ID"))
+        .collect();
+    assert_eq!(ids.len(), 10);
+}

@@ -1,7 +1,8 @@
 //! notion-projector rows, against the fake Notion over real HTTP at Notion's 3 requests/s:
 //! event → Notion latency at one status change per second; a burst of 300 status changes
 //! over 100 tasks (requests sent, time to converge, 429s), then the same burst with 15% of
-//! requests answering 503; and the final-status p95 of healthy pages while one page is down.
+//! requests answering 503; the final-status p95 of healthy pages while one page is down;
+//! and, with a board, status latency with intake on and off and intake's idle cost.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use engine::prelude::*;
 use engine::{Event, Fence, NewEvent};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions, RandomErrors};
-use notion_projector::{Metrics, Projector, ProjectorOptions};
+use notion_projector::{BoardOptions, IntakeOptions, Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -119,6 +120,91 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     one_page_down(report, store, &notion, &mut down_tasks).await?;
     shutdown.cancel();
     let _ = running.await;
+    board_rows(report, store, quick).await
+}
+
+/// The board's rows: status latency at one change per second with a second projector that
+/// also runs intake (at its default 10 s interval) against the same budget, beside one that
+/// does not; and the requests intake spends per minute on an idle board.
+async fn board_rows(report: &mut Report, store: &PgStore, quick: bool) -> anyhow::Result<()> {
+    const BOARD: [(&str, &str); 6] = [
+        ("Name", "title"),
+        ("Task ID", "rich_text"),
+        ("Channel", "select"),
+        ("Status", "status"),
+        ("Story direction", "rich_text"),
+        ("Intake error", "rich_text"),
+    ];
+    let changes = if quick { 8 } else { 30 };
+    for intake in [false, true] {
+        let notion = FakeNotion::start(FakeNotionOptions::default()).await?;
+        let board = notion.add_board(&BOARD);
+        let mut nominal = tasks(store, &notion, changes).await?;
+        let name = if intake {
+            "bench-intake"
+        } else {
+            "bench-no-intake"
+        };
+        notion_projector::checkpoint_at_head(store, name, false).await?;
+        let options = ProjectorOptions {
+            name: name.into(),
+            ..ProjectorOptions::default()
+        };
+        let client = notion.client(Duration::from_secs(10));
+        let mut projector =
+            Projector::new(store.clone(), client, options, Arc::new(Metrics::new()));
+        let mut board_options = BoardOptions::new(board.data_source_id.clone());
+        board_options.intake = intake.then(|| IntakeOptions {
+            channel: Some("board".into()),
+            ..IntakeOptions::default()
+        });
+        projector.open_board(&board_options).await?;
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let stop = shutdown.clone();
+            async move { projector.run(stop).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        for task in &mut nominal {
+            let tick = Instant::now();
+            let seen = notion.requests().len();
+            task.change(store, TaskStatus::from_static("generating_assets"))
+                .await?;
+            let arrived = wait_request(&notion, seen, &task.page, Duration::from_secs(10)).await;
+            latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
+            tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
+        }
+        let sample = Sample {
+            latencies,
+            wall: started.elapsed(),
+        };
+        let how = if intake { "intake on" } else { "intake off" };
+        report.add(
+            format!("projector + board: event → Notion p95, 1 change/s, {how}"),
+            sample.percentile_ms(0.95),
+            "ms",
+        );
+        if intake {
+            // The board is idle now: count what intake alone asks of Notion.
+            let window = Duration::from_secs(if quick { 20 } else { 60 });
+            let before = Instant::now();
+            tokio::time::sleep(window).await;
+            let queries = notion
+                .requests()
+                .iter()
+                .filter(|r| r.at.into_std() >= before && r.path.ends_with("/query"))
+                .count();
+            report.add(
+                "projector + board: intake requests per minute, idle board (default 10 s)",
+                queries as f64 * 60.0 / window.as_secs_f64(),
+                "req/min",
+            );
+        }
+        shutdown.cancel();
+        let _ = running.await;
+    }
     Ok(())
 }
 

@@ -755,7 +755,16 @@ async fn run_guarded(
     let Work::Calls(work) = &step.work else {
         return Err(StepError::permanent("a job step's item was run as a call"));
     };
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| work.run(ctx, item)));
+    guarded(|| work.run(ctx, item)).await
+}
+
+/// Runs a step's code (a call, a submit, a poll); a panic is a transient failure that the
+/// retry policies bound, so a buggy step can neither take its worker down nor leave its
+/// task behind.
+async fn guarded<T>(
+    start: impl FnOnce() -> crate::workflow::BoxFuture<std::result::Result<T, StepError>>,
+) -> std::result::Result<T, StepError> {
+    let started = std::panic::catch_unwind(AssertUnwindSafe(start));
     let finished = match started {
         Ok(work) => AssertUnwindSafe(work).catch_unwind().await,
         Err(panic) => Err(panic),

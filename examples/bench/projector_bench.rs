@@ -81,23 +81,7 @@ pub(crate) async fn run(report: &mut Report, store: &PgStore, quick: bool) -> an
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Nominal load: one status change per second, each timed from before its append to
-    // the fake's receipt of the PATCH that carries it.
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    for task in &mut nominal {
-        let tick = Instant::now();
-        let seen = notion.requests().len();
-        task.change(store, TaskStatus::from_static("generating_assets"))
-            .await?;
-        let arrived = wait_request(&notion, seen, &task.page, Duration::from_secs(10)).await;
-        latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
-        tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
-    }
-    let sample = Sample {
-        latencies,
-        wall: started.elapsed(),
-    };
+    let sample = one_change_per_second(store, &notion, &mut nominal).await?;
     report.add(
         "projector: event → Notion p50, 1 change/s",
         sample.percentile_ms(0.5),
@@ -165,21 +149,7 @@ async fn board_rows(report: &mut Report, store: &PgStore, quick: bool) -> anyhow
             async move { projector.run(stop).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut latencies = Vec::new();
-        let started = Instant::now();
-        for task in &mut nominal {
-            let tick = Instant::now();
-            let seen = notion.requests().len();
-            task.change(store, TaskStatus::from_static("generating_assets"))
-                .await?;
-            let arrived = wait_request(&notion, seen, &task.page, Duration::from_secs(10)).await;
-            latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
-            tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
-        }
-        let sample = Sample {
-            latencies,
-            wall: started.elapsed(),
-        };
+        let sample = one_change_per_second(store, &notion, &mut nominal).await?;
         let how = if intake { "intake on" } else { "intake off" };
         report.add(
             format!("projector + board: event → Notion p95, 1 change/s, {how}"),
@@ -206,6 +176,30 @@ async fn board_rows(report: &mut Report, store: &PgStore, quick: bool) -> anyhow
         let _ = running.await;
     }
     Ok(())
+}
+
+/// One status change per second, one per task, each timed from before its append to the
+/// fake's receipt of the PATCH that carries it.
+async fn one_change_per_second(
+    store: &PgStore,
+    notion: &FakeNotion,
+    tasks: &mut [BenchTask],
+) -> anyhow::Result<Sample> {
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let tick = Instant::now();
+        let seen = notion.requests().len();
+        task.change(store, TaskStatus::from_static("generating_assets"))
+            .await?;
+        let arrived = wait_request(notion, seen, &task.page, Duration::from_secs(10)).await;
+        latencies.push(arrived.map_or(Duration::from_secs(10), |at| at.into_std() - tick));
+        tokio::time::sleep_until((tick + Duration::from_secs(1)).into()).await;
+    }
+    Ok(Sample {
+        latencies,
+        wall: started.elapsed(),
+    })
 }
 
 /// 300 changes over 100 tasks, in three rounds over all tasks: requests, time to converge,

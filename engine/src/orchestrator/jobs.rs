@@ -7,15 +7,13 @@
 //! provider reported the job failed or lost, and it is logged too.
 
 use std::collections::BTreeMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::FutureExt;
 use serde_json::Value;
 
-use super::{PARK_AFTER, SLOT_TTL, SLOT_WAIT, StepEnd, TaskRun, panic_message};
+use super::{PARK_AFTER, SLOT_TTL, SLOT_WAIT, StepEnd, TaskRun, guarded};
 use crate::error::Result;
 use crate::event::{Event, FailureKind};
 use crate::outputs::Outputs;
@@ -529,21 +527,4 @@ fn polls_by(backoff: &crate::workflow::Backoff, age: Duration) -> u32 {
         }
     }
     64
-}
-
-/// Runs a submit or a poll; a panic is a transient failure (like a call's).
-async fn guarded<T>(
-    start: impl FnOnce() -> crate::workflow::BoxFuture<std::result::Result<T, StepError>>,
-) -> std::result::Result<T, StepError> {
-    let started = std::panic::catch_unwind(AssertUnwindSafe(start));
-    let finished = match started {
-        Ok(work) => AssertUnwindSafe(work).catch_unwind().await,
-        Err(panic) => Err(panic),
-    };
-    finished.unwrap_or_else(|panic| {
-        Err(StepError::transient(format!(
-            "the step panicked: {}",
-            panic_message(panic.as_ref())
-        )))
-    })
 }

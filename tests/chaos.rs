@@ -9,9 +9,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use engine::testing::TestDatabase;
-use engine::{ChannelId, Event, NewTask, PgStore, TaskId, TaskStatus};
+use engine::{Event, PgStore, TaskId, TaskStatus};
 use rand::Rng;
-use serde_json::json;
 
 fn spawn_worker(
     db: &TestDatabase,
@@ -20,22 +19,6 @@ fn spawn_worker(
     time_scale: &str,
 ) -> Child {
     common::spawn_reel_worker(db.url(), id, artifacts, time_scale, &["--lease-ttl", "2"])
-}
-
-async fn submit_many(store: &PgStore, n: usize) -> Vec<TaskId> {
-    let channel = ChannelId::parse("chaos").expect("channel");
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let input = json!({"topic": format!("topic {i}"), "faults": []});
-        tasks.push(
-            store
-                .create_task(NewTask::new(steps::WORKFLOW, channel.clone(), input))
-                .await
-                .expect("submit")
-                .task_id(),
-        );
-    }
-    tasks
 }
 
 /// Every task in final_review, and each (step, item) of its current runs completed once.
@@ -101,7 +84,7 @@ async fn sigkill_workers_at_random_and_every_item_completes_exactly_once() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
-    let tasks = submit_many(&store, 24).await;
+    let tasks = common::submit_videos(&store, "chaos", 24).await;
     // A 5-minute clip takes 3 ms: items take milliseconds, the run takes seconds.
     let scale = "0.00001";
     let ids = ["chaos-a", "chaos-b", "chaos-c"];
@@ -146,7 +129,7 @@ async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_work
     let db = TestDatabase::create().await;
     let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
-    let task = submit_many(&store, 1).await[0];
+    let task = common::submit_videos(&store, "chaos", 1).await[0];
     // An asset takes 40 s nominal: 0.4 s at this scale.
     let mut worker = spawn_worker(&db, "graceful", artifacts.path(), "0.01");
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use common::{claim, reel_cli, spawn_reel_worker, submit, wait_for_success};
 use engine::testing::TestDatabase;
 use engine::{
-    BoxFuture, ChannelId, Event, ItemOutput, JobStatus, JobWork, NewTask, Orchestrator, PgStore,
-    ProviderLimits, Registry, RetryPolicy, RunOutcome, SlotOwner, Step, StepContext, StepError,
-    Submission, TaskId, TaskStatus, Worker, WorkerOptions, Workflow,
+    BoxFuture, Event, ItemOutput, JobStatus, JobWork, Orchestrator, PgStore, ProviderLimits,
+    Registry, RetryPolicy, RunOutcome, SlotOwner, Step, StepContext, StepError, Submission, TaskId,
+    TaskStatus, Worker, WorkerOptions, Workflow,
 };
 use serde_json::{Value, json};
 use steps::simulated::SimulatedJob;
@@ -498,22 +498,6 @@ async fn an_older_task_takes_freed_slots_before_a_newer_one_and_dead_slots_expir
 // ---------------------------------------------------------------------------------------
 // Real worker processes on the video pipeline (the simulated video step submits and polls).
 
-async fn submit_videos(store: &PgStore, n: usize) -> Vec<TaskId> {
-    let channel = ChannelId::parse("jobs").expect("channel");
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let input = json!({"topic": format!("topic {i}"), "faults": []});
-        tasks.push(
-            store
-                .create_task(NewTask::new(steps::WORKFLOW, channel.clone(), input))
-                .await
-                .expect("submit")
-                .task_id(),
-        );
-    }
-    tasks
-}
-
 /// Every job the simulated video provider accepted for `task`.
 fn jobs_of(artifacts: &Path, task: TaskId) -> Vec<SimulatedJob> {
     SimulatedJob::all_under(&artifacts.join("jobs").join(task.to_string()))
@@ -570,7 +554,7 @@ async fn parked_tasks_hold_no_worker_slot() {
             db.url().to_owned(),
         );
         async move {
-            let tasks = submit_videos(&store, n).await;
+            let tasks = common::submit_videos(&store, "jobs", n).await;
             let started = Instant::now();
             let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
                 .args([
@@ -610,7 +594,7 @@ async fn three_workers_never_exceed_a_cap_of_5_and_older_tasks_go_first() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
-    let tasks = submit_videos(&store, 10).await;
+    let tasks = common::submit_videos(&store, "jobs", 10).await;
     let args = ["--max-in-flight", "video=5", "--simulate", "video=200"];
     let mut workers: Vec<Child> = ["cap-a", "cap-b", "cap-c"]
         .iter()
@@ -651,7 +635,7 @@ async fn sigkill_while_clips_wait_on_jobs_never_pays_twice_beyond_the_crash_wind
     let db = TestDatabase::create().await;
     let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
-    let tasks = submit_videos(&store, 6).await;
+    let tasks = common::submit_videos(&store, "jobs", 6).await;
     // Clips take 0.6 s, so kills land while they wait; the rest takes milliseconds.
     let args = [
         "--lease-ttl",
@@ -736,7 +720,7 @@ async fn replay_shows_submissions_and_audit_flags_two_open_ones() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let artifacts = tempfile::tempdir().expect("tempdir");
-    let task = submit_videos(&store, 1).await[0];
+    let task = common::submit_videos(&store, "jobs", 1).await[0];
     let mut worker = spawn_reel_worker(db.url(), "replayer", artifacts.path(), "0.001", &[]);
     wait_for_success(&mut worker, Duration::from_secs(60)).await;
 
@@ -764,7 +748,7 @@ async fn replay_shows_submissions_and_audit_flags_two_open_ones() {
     assert_eq!(stats["jobs_submitted"], 18);
 
     // Another task with a clip submitted twice and never closed: paid twice.
-    let other = submit_videos(&store, 1).await[0];
+    let other = common::submit_videos(&store, "jobs", 1).await[0];
     let started = r#"{"step": "video", "attempt": 1, "items": 18}"#;
     db.append_raw(other, "step_started", 1, started).await;
     for job in ["a", "b"] {

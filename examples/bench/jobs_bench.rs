@@ -16,6 +16,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::Report;
+use crate::worker_bench::own_pool;
 
 /// What the fake provider saw of one job.
 #[derive(Clone, Copy)]
@@ -81,16 +82,6 @@ fn workflow(fake: &Arc<FakeProvider>, items: u32, cap: u32, first_poll: Duration
             .poll_backoff(Backoff::exponential(first_poll, Duration::from_secs(30)))
             .provider(ProviderLimits::new("render").max_in_flight(cap)),
     )
-}
-
-async fn own_pool(pool: &PgPool) -> anyhow::Result<PgStore> {
-    let options = pool.connect_options().as_ref().clone();
-    Ok(PgStore::new(
-        PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?,
-    ))
 }
 
 async fn submit(store: &PgStore, n: usize) -> anyhow::Result<Vec<TaskId>> {

@@ -42,7 +42,7 @@ fn options(id: &str, until_idle: bool) -> WorkerOptions {
     }
 }
 
-async fn own_pool(pool: &PgPool) -> anyhow::Result<PgStore> {
+pub(crate) async fn own_pool(pool: &PgPool) -> anyhow::Result<PgStore> {
     let options = pool.connect_options().as_ref().clone();
     Ok(PgStore::new(
         PgPoolOptions::new()

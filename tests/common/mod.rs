@@ -322,3 +322,20 @@ pub fn reel_cli(database_url: &str, args: &[&str]) -> CliRun {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Submits `n` video tasks on `channel`, topics "topic 0", "topic 1", …, without faults.
+pub async fn submit_videos(store: &PgStore, channel: &str, n: usize) -> Vec<TaskId> {
+    let channel = ChannelId::parse(channel).expect("channel");
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let input = json!({"topic": format!("topic {i}"), "faults": []});
+        tasks.push(
+            store
+                .create_task(NewTask::new(steps::WORKFLOW, channel.clone(), input))
+                .await
+                .expect("submit")
+                .task_id(),
+        );
+    }
+    tasks
+}

@@ -341,3 +341,105 @@ async fn unknown_event_types_and_schema_versions_are_decode_errors_with_their_po
         }
     }
 }
+
+/// A claim builds its `task_claimed` event in SQL (its epoch and attempt come from the
+/// claim's own update): stored, it must be byte-for-byte what the engine's encoding gives,
+/// and the `tasks` row must move with it.
+#[tokio::test]
+async fn a_claim_is_stored_as_its_event_encodes() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = new_task(&store).await;
+    let mut version = 1;
+    for (claim, attempt) in [(1, 1), (2, 2)] {
+        let lease = match claim {
+            1 => {
+                store
+                    .claim_task(task, "worker-a", std::time::Duration::from_secs(30))
+                    .await
+            }
+            _ => {
+                store
+                    .claim_next(
+                        "worker-b",
+                        std::time::Duration::from_secs(30),
+                        &[],
+                        &["video".to_owned()],
+                    )
+                    .await
+            }
+        }
+        .expect("claim")
+        .expect("claimable");
+        if claim == 1 {
+            // Let the second claim take over an expired lease.
+            sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 s' WHERE id = $1")
+                .bind(task.as_uuid())
+                .execute(db.pool())
+                .await
+                .expect("expire");
+        }
+        version += 1;
+        assert_eq!(lease.version, version);
+        assert_eq!(lease.attempt, attempt);
+        let expected_event = Event::TaskClaimed {
+            worker_id: lease.worker_id.clone(),
+            lease_epoch: lease.epoch,
+            attempt,
+        };
+        let (event_type, payload) = expected_event.encode().expect("encode");
+        let metadata = serde_json::to_value(engine::EventMetadata {
+            correlation_id: Some(task.as_uuid()),
+            worker_id: Some(lease.worker_id.clone()),
+            attempt: Some(attempt),
+            ..Default::default()
+        })
+        .expect("metadata");
+        let row: (String, i16, serde_json::Value, serde_json::Value) = sqlx::query_as(
+            "SELECT event_type, schema_version, payload, metadata FROM events \
+             WHERE stream_id = $1 AND stream_version = $2",
+        )
+        .bind(task.as_uuid())
+        .bind(version as i32)
+        .fetch_one(db.pool())
+        .await
+        .expect("the claim's event");
+        assert_eq!(
+            row,
+            (
+                event_type.to_owned(),
+                engine::CURRENT_SCHEMA_VERSION,
+                payload,
+                metadata
+            )
+        );
+        let stored = store.read_stream(task, version).await.expect("read");
+        assert_eq!(stored[0].event, expected_event);
+        let (row_version, row_attempt, epoch): (i32, i32, i64) =
+            sqlx::query_as("SELECT version, attempt, lease_epoch FROM tasks WHERE id = $1")
+                .bind(task.as_uuid())
+                .fetch_one(db.pool())
+                .await
+                .expect("row");
+        assert_eq!(
+            (row_version as u32, row_attempt as u32, epoch),
+            (version, attempt, lease.epoch)
+        );
+        // The lease fences the next append at the claim's version.
+        store
+            .append(
+                task,
+                lease.version,
+                lease.fence(),
+                &[NewEvent::new(Event::StepStarted {
+                    step: "assets".into(),
+                    attempt,
+                    items: 1,
+                    atomic: false,
+                })],
+            )
+            .await
+            .expect("append under the new lease");
+        version += 1;
+    }
+}

@@ -350,6 +350,32 @@ async fn approve_completes_and_reject_redoes_exactly_the_steps_from_there_on() {
 
 #[tokio::test]
 async fn cancel_takes_effect_at_the_next_item_boundary() {
+    // Items that take a while (provider calls, what costs money) start only once the one
+    // before is recorded: none starts after a cancel.
+    let (called, recorded) = cancel_during_item_3(engine::RECORD_AHEAD_BELOW * 3).await;
+    assert_eq!(called, [1, 2, 3], "no item starts after the cancel");
+    assert_eq!(
+        recorded, 2,
+        "clip 3 finished after the cancel: not recorded"
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_during_fast_items_stops_the_run_and_nothing_is_recorded_after_it() {
+    // Fast items share commits, so one may start before the run learns of the cancel
+    // from its append; none of them is recorded, and the run ends cancelled.
+    let (called, recorded) = cancel_during_item_3(Duration::ZERO).await;
+    assert_eq!(called[..3], [1, 2, 3]);
+    assert!(
+        recorded <= 2,
+        "clip 3 finished after the cancel: not recorded"
+    );
+}
+
+/// Runs 18 clips of `work` each; the operator cancels while clip 3 is being generated.
+/// Checks the run ends cancelled with a clean history in which nothing follows the
+/// cancel, and returns the clips started and the completions recorded.
+async fn cancel_during_item_3(work: Duration) -> (Vec<u32>, usize) {
     let db = TestDatabase::create().await;
     let store = db.store();
     let probe = Probe::default();
@@ -357,7 +383,6 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
     let task_cell = std::sync::Arc::new(std::sync::OnceLock::new());
     let cell = task_cell.clone();
     let counted = probe.clone();
-    // The operator cancels while clip 3 is being generated.
     let video = engine::Step::items(
         "video",
         |_| Ok(18),
@@ -373,6 +398,7 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
                     .lock()
                     .expect("probe lock")
                     .push(("video".into(), item, ctx.attempt));
+                tokio::time::sleep(work).await;
                 if item == 3 {
                     commands::cancel(&store, task, Some("topic dropped".into()))
                         .await
@@ -393,19 +419,24 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
         .await
         .expect("run");
     assert_eq!(outcome, RunOutcome::Cancelled);
-    assert_eq!(
-        probe.items_called("video", 1),
-        [1, 2, 3],
-        "no item starts after the cancel"
-    );
     let events = store.read_stream(task, 1).await.expect("read");
     let audit = engine::audit::audit(task, &events);
     assert!(audit.is_clean(), "{:?}", audit.violations);
+    let cancelled_at = events
+        .iter()
+        .position(|e| matches!(e.event, Event::TaskCancelled { .. }))
+        .expect("the cancel is recorded");
+    assert!(
+        events[cancelled_at + 1..]
+            .iter()
+            .all(|e| matches!(e.event, Event::StatusChanged { .. })),
+        "nothing but the cancel's status change follows it: {:?}",
+        &events[cancelled_at..]
+    );
     let state = state(&store, task).await;
     assert_eq!(state.status(), TaskStatus::CANCELLED);
-    assert_eq!(
+    (
+        probe.items_called("video", 1),
         completions(&store, task, "video").await.len(),
-        2,
-        "clip 3 finished after the cancel: not recorded"
-    );
+    )
 }

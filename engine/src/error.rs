@@ -102,6 +102,13 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// An append was not made because the append it was grouped with (one statement, one
+    /// commit) failed for a reason that is not this error's own to copy — a database error,
+    /// say — or its run stopped writing it. Nothing of it is known to be stored; the
+    /// events' ids make retrying it safe.
+    #[error("append to task {task} not made: {reason}")]
+    AppendFailed { task: TaskId, reason: String },
+
     /// The database failed or could not be reached. Usually transient: retry with backoff.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -136,7 +143,7 @@ impl Error {
     /// Whether retrying the same operation later may succeed (database outages, conflicts).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Conflict { .. } => true,
+            Error::Conflict { .. } | Error::AppendFailed { .. } => true,
             Error::Database(e) => !matches!(
                 e,
                 sqlx::Error::ColumnDecode { .. }

@@ -11,11 +11,10 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::event::{Event, EventMetadata, FailureKind, NewEvent};
+use crate::event::{Event, FailureKind, NewEvent};
 use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
 use crate::state::{ItemRecord, TaskState, fold};
@@ -24,8 +23,10 @@ use crate::store::{Lease, PgStore, SlotOwner};
 use crate::workflow::{ProviderLimits, Registry, Step, StepContext, StepError, Work, Workflow};
 
 mod jobs;
+mod log;
 
 use jobs::JobRun;
+use log::{Answer, Log};
 
 /// How a run of a claimed task ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +80,17 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// How long a task waiting for room at a provider stays parked at most (a released slot
 /// wakes the oldest waiter sooner).
 const SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// An item whose work took less than this frees its slot as soon as its completion is
+/// handed to the log; a slower one frees it once the completion is durable.
+///
+/// Starting the next item before the last one's append has answered is what lets fast
+/// items share commits, but it is also the next item starting before the run learns of a
+/// cancel or a lost lease (an append is how it learns). Slow items — provider calls, what
+/// costs money — keep the strict rule: no item starts after a cancel the run could have
+/// seen. Fast ones may run for one append's latency past it: at most that long's worth of
+/// work, per slot, thrown away.
+pub const RECORD_AHEAD_BELOW: Duration = Duration::from_millis(5);
 
 /// How long provider slots and places live without a heartbeat (or past a park's end).
 pub const SLOT_TTL: Duration = Duration::from_secs(60);
@@ -304,6 +316,20 @@ struct TaskRun {
     cancel: CancellationToken,
 }
 
+/// How one call-shaped item's tries ended.
+enum ItemEnd {
+    /// Its completion, handed to the log (durable once the answer comes).
+    Done(HandedOver),
+    /// It gave up, or stopped.
+    Ended(StepEnd),
+}
+
+/// A completion handed to the log, with the record its output becomes once durable.
+struct HandedOver {
+    answer: Answer,
+    record: ItemRecord,
+}
+
 /// How running one step's missing items ended.
 enum StepEnd {
     Completed,
@@ -490,6 +516,12 @@ impl TaskRun {
 
     /// Runs `missing` items with the step's concurrency. After the first item that gives
     /// up, no new item starts; items in flight finish and are recorded.
+    ///
+    /// A fast item's slot frees once its completion is handed to the log, not once it is
+    /// durable (see [`RECORD_AHEAD_BELOW`]): the next item starts while the append is in
+    /// flight, and completions that arrive meanwhile share the next commit (see [`Log`]).
+    /// The step ends only when every completion is durable, and no item starts while too
+    /// many wait or an append retries.
     async fn run_items(&self, step: &Step, missing: Vec<u32>) -> Result<StepEnd> {
         let no_new_items = CancellationToken::new();
         // What this step's items read: the earlier steps' completions (never this step's
@@ -500,22 +532,39 @@ impl TaskRun {
                 .unwrap_or_else(|p| p.into_inner())
                 .before_step(step.name()),
         );
-        let mut results = futures_util::stream::iter(missing)
+        let mut items = futures_util::stream::iter(missing)
             .map(|item| self.run_item(step, item, outputs.clone(), no_new_items.clone()))
             .buffer_unordered(step.concurrency);
+        let mut recording = futures_util::stream::FuturesUnordered::new();
+        let mut items_left = true;
         let mut end = StepEnd::Completed;
         let mut store_error = None;
-        while let Some(result) = results.next().await {
-            match result {
-                Ok(StepEnd::Completed) => {}
-                Ok(gave_up @ StepEnd::GaveUp { .. }) => {
+        loop {
+            let ended = tokio::select! {
+                ended = items.next(), if items_left => match ended {
+                    Some(ended) => ended,
+                    None => {
+                        items_left = false;
+                        continue;
+                    }
+                },
+                Some(recorded) = recording.next(), if !recording.is_empty() => match recorded {
+                    Ok(()) => continue,
+                    Err(err) => Err(err),
+                },
+                else => break,
+            };
+            match ended {
+                Ok(ItemEnd::Done(done)) => recording.push(self.record(step, done)),
+                Ok(ItemEnd::Ended(StepEnd::Completed)) => {}
+                Ok(ItemEnd::Ended(gave_up @ StepEnd::GaveUp { .. })) => {
                     no_new_items.cancel();
                     if matches!(end, StepEnd::Completed) {
                         end = gave_up;
                     }
                 }
                 // Calls never park.
-                Ok(StepEnd::Stopped | StepEnd::Parked { .. }) => {
+                Ok(ItemEnd::Ended(StepEnd::Stopped | StepEnd::Parked { .. })) => {
                     no_new_items.cancel();
                     if !matches!(end, StepEnd::GaveUp { .. }) {
                         end = StepEnd::Stopped;
@@ -533,34 +582,41 @@ impl TaskRun {
         }
     }
 
-    /// Tries one item up to the step's policy, recording each outcome.
+    /// Tries one item up to the step's policy, recording each outcome; a fast item's
+    /// completion is returned handed over, not yet durable.
     async fn run_item(
         &self,
         step: &Step,
         item: u32,
         outputs: Arc<Outputs>,
         no_new_items: CancellationToken,
-    ) -> Result<StepEnd> {
+    ) -> Result<ItemEnd> {
         let policy = step.retry;
         for try_number in 1..=policy.max_tries.max(1) {
+            tokio::select! {
+                () = self.log.room() => {}
+                () = no_new_items.cancelled() => {}
+                () = self.drain.cancelled() => {}
+                () = self.cancel.cancelled() => {}
+            }
             if no_new_items.is_cancelled()
                 || self.drain.is_cancelled()
                 || self.cancel.is_cancelled()
             {
-                return Ok(StepEnd::Stopped);
+                return Ok(ItemEnd::Ended(StepEnd::Stopped));
             }
             let limits = self.limits(step);
             if let Some(limits) = &limits
                 && (!self.acquire_call_slot(limits, step, item).await?
                     || !self.wait_for_request(limits).await?)
             {
-                return Ok(StepEnd::Stopped);
+                return Ok(ItemEnd::Ended(StepEnd::Stopped));
             }
             let ctx = self.context(step, try_number, outputs.clone());
             let started = Instant::now();
             let result = tokio::select! {
                 result = run_guarded(step, ctx, item) => result,
-                () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
+                () = self.cancel.cancelled() => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
             };
             if let Some(cap) = limits.as_ref().and_then(|l| l.max_in_flight) {
                 let key = limits.as_ref().map(|l| l.key.clone()).unwrap_or_default();
@@ -570,10 +626,14 @@ impl TaskRun {
             }
             let error = match result {
                 Ok(output) => {
-                    let duration_ms =
-                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    self.complete(step, item, output, duration_ms).await?;
-                    return Ok(StepEnd::Completed);
+                    let took = started.elapsed();
+                    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                    let done = self.hand_over_completion(step, item, output, duration_ms);
+                    if took < RECORD_AHEAD_BELOW {
+                        return Ok(ItemEnd::Done(done));
+                    }
+                    self.record(step, done).await?;
+                    return Ok(ItemEnd::Ended(StepEnd::Completed));
                 }
                 Err(error) => error,
             };
@@ -589,7 +649,7 @@ impl TaskRun {
                 }])
                 .await?;
             if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
-                return Ok(StepEnd::GaveUp { error, item });
+                return Ok(ItemEnd::Ended(StepEnd::GaveUp { error, item }));
             }
             let delay = policy
                 .backoff
@@ -597,11 +657,11 @@ impl TaskRun {
                 .max(error.retry_after.unwrap_or_default());
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = self.drain.cancelled() => return Ok(StepEnd::Stopped),
-                () = self.cancel.cancelled() => return Ok(StepEnd::Stopped),
+                () = self.drain.cancelled() => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
+                () = self.cancel.cancelled() => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
             }
         }
-        Ok(StepEnd::Stopped)
+        Ok(ItemEnd::Ended(StepEnd::Stopped))
     }
 
     /// Records an item's completion, and keeps its output for the steps that follow.
@@ -612,32 +672,51 @@ impl TaskRun {
         output: ItemOutput,
         duration_ms: u64,
     ) -> Result<()> {
+        let done = self.hand_over_completion(step, item, output, duration_ms);
+        self.record(step, done).await
+    }
+
+    /// Hands an item's completion to the log; [`TaskRun::record`] waits for it.
+    fn hand_over_completion(
+        &self,
+        step: &Step,
+        item: u32,
+        output: ItemOutput,
+        duration_ms: u64,
+    ) -> HandedOver {
         let ItemOutput {
             artifact,
             cost_micros,
             output,
         } = output;
-        let version = self
-            .log
-            .append(vec![Event::ItemCompleted {
-                step: step.name().to_owned(),
-                item,
-                attempt: self.attempt,
-                artifact: artifact.clone(),
-                cost_micros,
-                duration_ms,
-                output: output.clone(),
-            }])
-            .await?;
-        let record = ItemRecord {
+        let answer = self.log.hand_over(vec![Event::ItemCompleted {
+            step: step.name().to_owned(),
             item,
             attempt: self.attempt,
-            artifact,
+            artifact: artifact.clone(),
             cost_micros,
             duration_ms,
-            version,
-            output,
-        };
+            output: output.clone(),
+        }]);
+        HandedOver {
+            answer,
+            record: ItemRecord {
+                item,
+                attempt: self.attempt,
+                artifact,
+                cost_micros,
+                duration_ms,
+                version: 0,
+                output,
+            },
+        }
+    }
+
+    /// Waits until a handed-over completion is durable, then keeps its output for the
+    /// steps that follow.
+    async fn record(&self, step: &Step, done: HandedOver) -> Result<()> {
+        let HandedOver { answer, mut record } = done;
+        record.version = self.log.written_up_to(answer).await?;
         self.outputs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -789,79 +868,5 @@ fn describe(step: &Step, item: Option<u32>, message: &str) -> String {
     match item {
         Some(item) if !step.atomic => format!("{} item {item}: {message}", step.name()),
         _ => format!("{}: {message}", step.name()),
-    }
-}
-
-/// The run's appender: serialises appends under the lease, tracking the stream version.
-/// The version lock is held only for the append itself, never while a step works.
-struct Log {
-    store: PgStore,
-    lease: Lease,
-    version: Mutex<u32>,
-    /// Events to send with the next append (saves a round trip at step boundaries).
-    staged: std::sync::Mutex<Vec<Event>>,
-    metadata: EventMetadata,
-}
-
-impl Log {
-    fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
-        let metadata = EventMetadata {
-            correlation_id: Some(lease.task.as_uuid()),
-            worker_id: Some(lease.worker_id.clone()),
-            attempt: Some(lease.attempt),
-            ..EventMetadata::default()
-        };
-        Log {
-            store,
-            lease: lease.clone(),
-            version: Mutex::new(version),
-            staged: std::sync::Mutex::new(Vec::new()),
-            metadata,
-        }
-    }
-
-    /// Queues `event` for the next append.
-    fn stage(&self, event: Event) {
-        self.staged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(event);
-    }
-
-    /// Appends under the lease and returns the stream's new version. Database hiccups are
-    /// retried with the same event ids, so a retry after a lost acknowledgement writes
-    /// nothing twice.
-    async fn append(&self, events: Vec<Event>) -> Result<u32> {
-        let mut version = self.version.lock().await;
-        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
-        if staged.is_empty() && events.is_empty() {
-            return Ok(*version);
-        }
-        let batch: Vec<NewEvent> = staged
-            .into_iter()
-            .chain(events)
-            .map(|e| NewEvent::new(e).with_metadata(self.metadata.clone()))
-            .collect();
-        let mut delay = Duration::from_millis(50);
-        let mut retry = 0;
-        loop {
-            retry += 1;
-            match self
-                .store
-                .append(self.lease.task, *version, self.lease.fence(), &batch)
-                .await
-            {
-                Ok(appended) => {
-                    *version = appended.version;
-                    return Ok(appended.version);
-                }
-                Err(Error::Database(err)) if retry <= 8 => {
-                    tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(err) => return Err(err),
-            }
-        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection};
 
 use crate::store::{MIGRATOR, PgStore};
@@ -47,8 +47,8 @@ impl TestDatabase {
         create_from_template(&mut conn, &name).await?;
         let _ = conn.close().await;
         let options = admin.clone().database(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
+        // The engine's own pool settings, so tests run the hot path the workers run.
+        let pool = crate::db::pool_options(16)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
             .await

@@ -10,7 +10,7 @@ use sqlx::Row;
 
 use super::{Fence, PgStore};
 use crate::error::Result;
-use crate::event::{Event, EventMetadata, NewEvent};
+use crate::event::CURRENT_SCHEMA_VERSION;
 use crate::id::TaskId;
 
 /// A worker's right to run a task, until `expires` unless extended.
@@ -33,104 +33,139 @@ impl Lease {
     }
 }
 
-const CLAIM_SQL: &str = r#"
-UPDATE tasks SET
-    lease_epoch      = lease_epoch + 1,
-    lease_owner      = $2,
-    lease_expires_at = now() + make_interval(secs => $3),
-    -- A parked task resumes its attempt: waiting on provider jobs uses none.
-    attempt          = attempt + CASE WHEN parked THEN 0 ELSE 1 END,
-    parked           = false,
-    updated_at       = now()
-WHERE id = $1
-  AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
-  AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $2)
-  AND (next_run_at IS NULL OR next_run_at <= now())
-RETURNING lease_epoch, attempt, version
-"#;
+/// A claim and its `task_claimed` event in one statement (one round trip, one commit):
+/// `$next` picks the task's id (locking its row); the claim bumps the lease epoch, takes
+/// the lease, starts the attempt (a parked task resumes its own: waiting on provider jobs
+/// uses none) and moves the stream's version past the event it inserts. The claim is the
+/// fence: only this statement's row lock and epoch make the event's place.
+///
+/// The event is built here because its epoch and attempt are known only after the update;
+/// `a_claim_is_stored_as_its_event_encodes` (tests/event_store.rs) holds it to the
+/// encoding [`crate::Event::encode`] and [`crate::EventMetadata`] give. Parameters: `$1` worker id,
+/// `$2` lease seconds, `$3` schema version, then the pick's own.
+macro_rules! claim_sql {
+    ($next:literal) => {
+        concat!(
+            "WITH next AS (",
+            $next,
+            r#"
+), claimed AS (
+    UPDATE tasks SET
+        lease_epoch      = tasks.lease_epoch + 1,
+        lease_owner      = $1,
+        lease_expires_at = now() + make_interval(secs => $2),
+        attempt          = tasks.attempt + CASE WHEN tasks.parked THEN 0 ELSE 1 END,
+        parked           = false,
+        next_run_at      = NULL,
+        version          = tasks.version + 1,
+        updated_at       = now()
+    FROM next
+    WHERE tasks.id = next.id
+    RETURNING tasks.id, tasks.lease_epoch, tasks.attempt, tasks.version
+), recorded AS (
+    INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+    SELECT id, version, gen_random_uuid(), 'task_claimed', $3,
+           jsonb_build_object('worker_id', $1::text, 'lease_epoch', lease_epoch, 'attempt', attempt),
+           jsonb_build_object('correlation_id', id, 'worker_id', $1::text, 'attempt', attempt)
+    FROM claimed
+)
+SELECT id, lease_epoch, attempt, version FROM claimed"#
+        )
+    };
+}
+
+/// Claims one task by id (`$4`) if it is runnable, due, and its lease is free, expired or
+/// the worker's own.
+const CLAIM_SQL: &str = claim_sql!(
+    r#"
+    SELECT id FROM tasks
+    WHERE id = $4
+      AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+      AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $1)
+      AND (next_run_at IS NULL OR next_run_at <= now())
+    FOR UPDATE
+"#
+);
 
 /// The next due task whose lease is free, expired, or this worker's own from before a
-/// restart (never one this process is running now). SKIP LOCKED: concurrent claimers
-/// never wait for each other and never take the same task.
+/// restart (never one this process is running now, `$4`), of the workflows `$5`. SKIP
+/// LOCKED: concurrent claimers never wait for each other and never take the same task.
 ///
 /// Both lookups are index-backed (see the `tasks_workflow_due` and `tasks_lease_owner`
 /// indexes), so a claim costs about the same with 10 or 200,000 queued tasks, of its own
 /// workflows or of others: `own` reads this worker's few leases; `due` runs only when
 /// `own` found nothing (a one-time filter) and walks each of the worker's workflows'
 /// runnable tasks in due order, stopping at the first whose lease is free or expired.
-const CLAIM_NEXT_SQL: &str = r#"
-WITH own AS (
-    SELECT id FROM tasks
-    WHERE lease_owner = $1
-      AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
-      AND COALESCE(next_run_at, created_at) <= now()
-      AND NOT (id = ANY($3))
-      AND workflow = ANY($4)
-    ORDER BY COALESCE(next_run_at, created_at)
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-), due AS (
-    -- The first free due task of each of the worker's workflows (an index walk each, in
-    -- due order), then the earliest of those.
-    SELECT candidate.id FROM (
-        SELECT name FROM unnest($4::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
-    ) AS w
-    CROSS JOIN LATERAL (
-        SELECT id, COALESCE(next_run_at, created_at) AS due_at FROM tasks
-        WHERE workflow = w.name
+const CLAIM_NEXT_SQL: &str = claim_sql!(
+    r#"
+    WITH own AS (
+        SELECT id FROM tasks
+        WHERE lease_owner = $1
           AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
           AND COALESCE(next_run_at, created_at) <= now()
-          AND (lease_owner IS NULL OR lease_expires_at < now())
-          AND NOT (id = ANY($3))
+          AND NOT (id = ANY($4))
+          AND workflow = ANY($5)
         ORDER BY COALESCE(next_run_at, created_at)
         LIMIT 1
         FOR UPDATE SKIP LOCKED
-    ) AS candidate
-    ORDER BY candidate.due_at
-    LIMIT 1
-), next AS (
+    ), due AS (
+        -- The first free due task of each of the worker's workflows (an index walk each,
+        -- in due order), then the earliest of those.
+        SELECT candidate.id FROM (
+            SELECT name FROM unnest($5::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
+        ) AS w
+        CROSS JOIN LATERAL (
+            SELECT id, COALESCE(next_run_at, created_at) AS due_at FROM tasks
+            WHERE workflow = w.name
+              AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+              AND COALESCE(next_run_at, created_at) <= now()
+              AND (lease_owner IS NULL OR lease_expires_at < now())
+              AND NOT (id = ANY($4))
+            ORDER BY COALESCE(next_run_at, created_at)
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        ) AS candidate
+        ORDER BY candidate.due_at
+        LIMIT 1
+    )
     SELECT id FROM own UNION ALL SELECT id FROM due
-)
-UPDATE tasks SET
-    lease_epoch      = tasks.lease_epoch + 1,
-    lease_owner      = $1,
-    lease_expires_at = now() + make_interval(secs => $2),
-    attempt          = tasks.attempt + CASE WHEN tasks.parked THEN 0 ELSE 1 END,
-    parked           = false,
-    updated_at       = now()
-FROM next
-WHERE tasks.id = next.id
-RETURNING tasks.id, tasks.lease_epoch, tasks.attempt, tasks.version
-"#;
+"#
+);
+
+/// The lease a claim's row (id, epoch, attempt, version after `task_claimed`) grants.
+fn lease_from(row: &sqlx::postgres::PgRow, worker_id: &str) -> Result<Lease> {
+    Ok(Lease {
+        task: TaskId::from(row.try_get::<uuid::Uuid, _>("id")?),
+        worker_id: worker_id.to_owned(),
+        epoch: row.try_get("lease_epoch")?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
+        version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+    })
+}
 
 impl PgStore {
     /// Claims `task` for `worker_id` if it is runnable, due, and its lease is free, expired
     /// or already this worker's (a restarted worker reclaims its own leases at once).
-    /// Appends `task_claimed` in the same transaction. `None`: not claimable now.
+    /// Appends `task_claimed` in the same statement. `None`: not claimable now.
     pub async fn claim_task(
         &self,
         task: TaskId,
         worker_id: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>> {
-        let mut tx = self.pool().begin().await?;
         let row = sqlx::query(CLAIM_SQL)
-            .bind(task.as_uuid())
             .bind(worker_id)
             .bind(ttl.as_secs_f64())
-            .fetch_optional(&mut *tx)
+            .bind(CURRENT_SCHEMA_VERSION)
+            .bind(task.as_uuid())
+            .fetch_optional(self.pool())
             .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let lease = self.record_claim(&mut tx, task, worker_id, &row).await?;
-        tx.commit().await?;
-        Ok(Some(lease))
+        row.map(|row| lease_from(&row, worker_id)).transpose()
     }
 
     /// Claims the next runnable task of one of `workflows` for `worker_id`, skipping the
     /// tasks in `running` (the ones this process runs now). Its own leases from before a
-    /// restart come first.
+    /// restart come first. Appends `task_claimed` in the same statement.
     pub async fn claim_next(
         &self,
         worker_id: &str,
@@ -139,56 +174,15 @@ impl PgStore {
         workflows: &[String],
     ) -> Result<Option<Lease>> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
-        let mut tx = self.pool().begin().await?;
         let row = sqlx::query(CLAIM_NEXT_SQL)
             .bind(worker_id)
             .bind(ttl.as_secs_f64())
+            .bind(CURRENT_SCHEMA_VERSION)
             .bind(&running)
             .bind(workflows)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(self.pool())
             .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let task = TaskId::from(row.try_get::<uuid::Uuid, _>("id")?);
-        let lease = self.record_claim(&mut tx, task, worker_id, &row).await?;
-        tx.commit().await?;
-        Ok(Some(lease))
-    }
-
-    /// Appends `task_claimed` for a claim `row` (epoch, attempt, version) in the claim's
-    /// transaction, fenced by the new epoch.
-    async fn record_claim(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        task: TaskId,
-        worker_id: &str,
-        row: &sqlx::postgres::PgRow,
-    ) -> Result<Lease> {
-        let epoch: i64 = row.try_get("lease_epoch")?;
-        let attempt = u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0);
-        let version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
-        let claimed = NewEvent::new(Event::TaskClaimed {
-            worker_id: worker_id.to_owned(),
-            lease_epoch: epoch,
-            attempt,
-        })
-        .with_metadata(EventMetadata {
-            correlation_id: Some(task.as_uuid()),
-            worker_id: Some(worker_id.to_owned()),
-            attempt: Some(attempt),
-            ..EventMetadata::default()
-        });
-        let appended = self
-            .append_in(tx, task, version, Fence::Lease { epoch }, &[claimed])
-            .await?;
-        Ok(Lease {
-            task,
-            worker_id: worker_id.to_owned(),
-            epoch,
-            attempt,
-            version: appended.version,
-        })
+        row.map(|row| lease_from(&row, worker_id)).transpose()
     }
 
     /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not

@@ -1,0 +1,238 @@
+//! The run's appender, with group commit.
+//!
+//! Every append of a run goes through one [`Log`], fenced by the run's lease. Events handed
+//! over while an append is in flight wait, and go out together in the next append: one
+//! statement, one commit, in the order they were handed over. Nothing waits to fill a
+//! batch — an append starts as soon as nothing is in flight — so a lone event costs what
+//! it did alone, and a burst costs one commit per round trip instead of one per event.
+//!
+//! Whoever waits for an answer while no append is in flight writes the batch (there is no
+//! background writer): a run's futures drive its own appends, so nothing outlives the run.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Notify, oneshot};
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventMetadata, NewEvent};
+use crate::id::TaskId;
+use crate::store::{Lease, PgStore};
+
+/// The most hand-overs (an item's completion, say) not yet durable that a run lets its
+/// items run ahead of (see [`Log::room`]): a bound on what a crash can lose, far above
+/// what one round trip gathers from no-op items.
+const MAX_UNRECORDED: usize = 64;
+
+/// Database errors an append retries (with the same event ids, so a retry after a lost
+/// acknowledgement writes nothing twice) before the run gives up on it.
+const APPEND_RETRIES: u32 = 8;
+
+/// The answer to events handed over: the stream's version right after the last of them.
+pub(super) type Answer = oneshot::Receiver<Result<u32>>;
+
+/// A run's appends, serialised under its lease and grouped while one is in flight.
+pub(super) struct Log {
+    store: PgStore,
+    pub(super) lease: Lease,
+    metadata: EventMetadata,
+    queue: std::sync::Mutex<Queue>,
+    /// The stream's version; held by the one append in flight.
+    writer: Mutex<u32>,
+    /// Hand-overs whose answer has not been given yet.
+    unrecorded: AtomicUsize,
+    /// An append is retrying after a database error.
+    troubled: AtomicBool,
+    /// Woken after every append, kept or failed.
+    written: Notify,
+}
+
+/// Events waiting for the next append, and who waits for them.
+#[derive(Default)]
+struct Queue {
+    events: Vec<NewEvent>,
+    /// Each waiter: how many of `events` precede its answer (its own last event's end),
+    /// and where the answer goes.
+    waiters: Vec<(usize, oneshot::Sender<Result<u32>>)>,
+}
+
+impl Log {
+    pub(super) fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
+        let metadata = EventMetadata {
+            correlation_id: Some(lease.task.as_uuid()),
+            worker_id: Some(lease.worker_id.clone()),
+            attempt: Some(lease.attempt),
+            ..EventMetadata::default()
+        };
+        Log {
+            store,
+            lease: lease.clone(),
+            metadata,
+            queue: std::sync::Mutex::new(Queue::default()),
+            writer: Mutex::new(version),
+            unrecorded: AtomicUsize::new(0),
+            troubled: AtomicBool::new(false),
+            written: Notify::new(),
+        }
+    }
+
+    /// Queues `event` for the next append, unanswered (it saves a round trip at step
+    /// boundaries: the next append carries it).
+    pub(super) fn stage(&self, event: Event) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.events.push(self.new_event(event));
+    }
+
+    /// Appends `events` (after anything handed over before them) under the lease, and
+    /// returns the stream's version after them.
+    pub(super) async fn append(&self, events: Vec<Event>) -> Result<u32> {
+        let answer = self.hand_over(events);
+        self.written_up_to(answer).await
+    }
+
+    /// Queues `events` for the next append without waiting for it: the answer comes once
+    /// they are durable, as long as someone waits for it ([`Log::written_up_to`]).
+    pub(super) fn hand_over(&self, events: Vec<Event>) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let events: Vec<NewEvent> = events.into_iter().map(|e| self.new_event(e)).collect();
+        queue.events.extend(events);
+        let end = queue.events.len();
+        queue.waiters.push((end, tx));
+        self.unrecorded.fetch_add(1, Ordering::Relaxed);
+        rx
+    }
+
+    /// Waits for `answer`, writing the queued batch whenever no append is in flight.
+    pub(super) async fn written_up_to(&self, mut answer: Answer) -> Result<u32> {
+        loop {
+            if let Some(result) = answered(&mut answer, self.lease.task) {
+                return result;
+            }
+            let mut version = self.writer.lock().await;
+            // The append this one waited for may have carried these events.
+            if let Some(result) = answered(&mut answer, self.lease.task) {
+                return result;
+            }
+            let (events, waiters) = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    std::mem::take(&mut queue.events),
+                    std::mem::take(&mut queue.waiters),
+                )
+            };
+            let base = *version;
+            let written = if events.is_empty() {
+                Ok(base)
+            } else {
+                self.write(&mut version, &events).await
+            };
+            self.unrecorded.fetch_sub(waiters.len(), Ordering::Relaxed);
+            for (end, waiter) in waiters {
+                let answer = match &written {
+                    Ok(_) => Ok(base + end as u32),
+                    Err(err) => Err(shared(err, self.lease.task)),
+                };
+                // A waiter that has gone (its run is being torn down) needs no answer.
+                let _ = waiter.send(answer);
+            }
+            drop(version);
+            self.written.notify_waiters();
+        }
+    }
+
+    /// Waits until an item may start: fewer than [`MAX_UNRECORDED`] hand-overs wait for their
+    /// append, and no append is retrying after a database error (a run whose log is in
+    /// trouble runs nothing new it might not be able to record).
+    pub(super) async fn room(&self) {
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            // Registered before the check, so a write in between still wakes this wait.
+            written.as_mut().enable();
+            if self.unrecorded.load(Ordering::Relaxed) < MAX_UNRECORDED
+                && !self.troubled.load(Ordering::Relaxed)
+            {
+                return;
+            }
+            written.await;
+        }
+    }
+
+    /// One append of `events` at `version`, retrying database errors with the same event
+    /// ids; moves `version` on success.
+    async fn write(&self, version: &mut u32, events: &[NewEvent]) -> Result<u32> {
+        let mut delay = Duration::from_millis(50);
+        let mut retry = 0;
+        let written = loop {
+            retry += 1;
+            match self
+                .store
+                .append(self.lease.task, *version, self.lease.fence(), events)
+                .await
+            {
+                Ok(appended) => {
+                    *version = appended.version;
+                    break Ok(appended.version);
+                }
+                Err(Error::Database(err)) if retry <= APPEND_RETRIES => {
+                    self.troubled.store(true, Ordering::Relaxed);
+                    tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        self.troubled.store(false, Ordering::Relaxed);
+        written
+    }
+
+    fn new_event(&self, event: Event) -> NewEvent {
+        NewEvent::new(event).with_metadata(self.metadata.clone())
+    }
+}
+
+/// The answer, if it has come. A dropped sender means the run is being torn down.
+fn answered(answer: &mut Answer, task: TaskId) -> Option<Result<u32>> {
+    match answer.try_recv() {
+        Ok(result) => Some(result),
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::AppendFailed {
+            task,
+            reason: "the run writing it stopped".into(),
+        })),
+    }
+}
+
+/// The failure of a batch, for each of its waiters: the typed errors as they are, the
+/// database's (which cannot be copied) by its message.
+fn shared(err: &Error, task: TaskId) -> Error {
+    match err {
+        Error::Conflict {
+            stream,
+            expected,
+            actual,
+        } => Error::Conflict {
+            stream: *stream,
+            expected: *expected,
+            actual: *actual,
+        },
+        Error::LeaseLost { task, epoch } => Error::LeaseLost {
+            task: *task,
+            epoch: *epoch,
+        },
+        Error::TaskNotFound(task) => Error::TaskNotFound(*task),
+        Error::EventIdReused { event_id } => Error::EventIdReused {
+            event_id: *event_id,
+        },
+        Error::InvalidInput(reason) => Error::InvalidInput(reason.clone()),
+        other => Error::AppendFailed {
+            task,
+            reason: crate::id::truncate_for_display(
+                &other.to_string(),
+                crate::workflow::ERROR_MESSAGE_MAX_CHARS,
+            ),
+        },
+    }
+}

@@ -1,0 +1,218 @@
+//! Group commit: completions that arrive while an append is in flight share the next
+//! commit, in order, with exact versions; a failure of the shared append reaches every
+//! item in it; the steps after read every output. Against a real PostgreSQL.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{claim, completions, submit};
+use engine::testing::TestDatabase;
+use engine::{
+    Error, Event, ItemOutput, Orchestrator, Registry, RunOutcome, Step, StepContext, TaskId,
+    Workflow, fold,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const ITEMS: u32 = 18;
+
+/// Two steps of fast items; the second reads every output of the first.
+fn workflow(concurrency: usize) -> Workflow {
+    let clips = Step::items(
+        "clips",
+        |_| Ok(ITEMS),
+        |_ctx: StepContext, item| async move {
+            ItemOutput::new(format!("clip-{item}"), 10).with_output(json!({ "n": item }))
+        },
+    )
+    .concurrency(concurrency);
+    let sum = Step::items(
+        "sum",
+        |_| Ok(1),
+        |ctx: StepContext, _item| async move {
+            let seen: u64 = ctx
+                .outputs
+                .outputs::<serde_json::Value>("clips")?
+                .iter()
+                .filter_map(|o| o.get("n")?.as_u64())
+                .sum();
+            ItemOutput::new("sum", 0).with_output(json!({ "sum": seen }))
+        },
+    );
+    Workflow::new("group").step(clips).step(sum)
+}
+
+/// The commits (transactions) that wrote `task`'s `item_completed` events of `step`.
+async fn commits(db: &TestDatabase, task: TaskId, step: &str) -> usize {
+    let tx_ids: Vec<String> = sqlx::query_scalar(
+        "SELECT tx_id::text FROM events \
+         WHERE stream_id = $1 AND event_type = 'item_completed' AND payload->>'step' = $2",
+    )
+    .bind(task.as_uuid())
+    .bind(step)
+    .fetch_all(db.pool())
+    .await
+    .expect("commits");
+    tx_ids.into_iter().collect::<HashSet<_>>().len()
+}
+
+#[tokio::test]
+async fn fast_items_share_commits_in_order_and_later_steps_read_every_output() {
+    for concurrency in [1, 4] {
+        let db = TestDatabase::create().await;
+        let store = db.store();
+        let orchestrator = Orchestrator::new(
+            store.clone(),
+            Registry::new().register(workflow(concurrency)),
+        );
+        let task = submit(&store, "group").await;
+        let lease = claim(&store, task).await;
+        let outcome = orchestrator
+            .run(&lease, CancellationToken::new())
+            .await
+            .expect("run");
+        assert_eq!(outcome, RunOutcome::Completed);
+
+        let events = store.read_stream(task, 1).await.expect("read");
+        let versions: Vec<u32> = events.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=events.len() as u32).collect::<Vec<_>>());
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "{:?}", audit.violations);
+        let done = completions(&store, task, "clips").await;
+        assert_eq!(done.len(), ITEMS as usize);
+        assert!(done.values().all(|&n| n == 1), "each item once: {done:?}");
+        // Without group commit every completion is its own commit.
+        let shared = commits(&db, task, "clips").await;
+        assert!(
+            shared <= ITEMS as usize / 2,
+            "concurrency {concurrency}: {ITEMS} completions took {shared} commits"
+        );
+        // The step after saw every output, in a state that folds the same way.
+        let state = fold(&events);
+        let sum = state
+            .step("sum")
+            .and_then(|s| s.items.get(&1))
+            .and_then(|i| i.output.clone());
+        assert_eq!(
+            sum,
+            Some(json!({ "sum": (1..=u64::from(ITEMS)).sum::<u64>() }))
+        );
+        // The step's end is recorded after every one of its completions.
+        let last_completion = events
+            .iter()
+            .rposition(|e| matches!(&e.event, Event::ItemCompleted { step, .. } if step == "clips"))
+            .expect("completions");
+        let step_completed = events
+            .iter()
+            .position(|e| matches!(&e.event, Event::StepCompleted { step, .. } if step == "clips"))
+            .expect("step completed");
+        assert!(step_completed > last_completion);
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lease_fails_every_completion_of_the_shared_append_and_stores_none() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let pool = db.pool().clone();
+    let task_cell = Arc::new(std::sync::OnceLock::<TaskId>::new());
+    let cell = task_cell.clone();
+    let taken = Arc::new(AtomicBool::new(false));
+    let flag = taken.clone();
+    // Item 5 hands the task to another worker (as an expired lease's new owner would).
+    let clips = Step::items(
+        "clips",
+        |_| Ok(ITEMS),
+        move |_ctx: StepContext, item| {
+            let (pool, task, flag) = (pool.clone(), *cell.get().expect("task"), flag.clone());
+            async move {
+                if item == 5 {
+                    sqlx::query(
+                        "UPDATE tasks SET lease_epoch = lease_epoch + 1, lease_owner = 'other' \
+                         WHERE id = $1",
+                    )
+                    .bind(task.as_uuid())
+                    .execute(&pool)
+                    .await
+                    .expect("take over");
+                    flag.store(true, Ordering::SeqCst);
+                }
+                Ok(ItemOutput::new(format!("clip-{item}"), 10))
+            }
+        },
+    );
+    let orchestrator = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(Workflow::new("group").step(clips)),
+    );
+    let task = submit(&store, "group").await;
+    task_cell.set(task).expect("once");
+    let lease = claim(&store, task).await;
+    let err = orchestrator
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect_err("the lease was lost");
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err:?}");
+    assert!(taken.load(Ordering::SeqCst));
+    let events = store.read_stream(task, 1).await.expect("read");
+    let audit = engine::audit::audit(task, &events);
+    assert!(audit.is_clean(), "{:?}", audit.violations);
+    let done = completions(&store, task, "clips").await;
+    assert!(
+        done.len() < 5,
+        "item 5 finished after the takeover and nothing after it is stored: {done:?}"
+    );
+    let state = fold(&events);
+    assert!(state.step("clips").is_some_and(|s| !s.completed));
+}
+
+#[tokio::test]
+async fn slow_items_are_each_durable_before_the_next_starts() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let pool = db.pool().clone();
+    let task_cell = Arc::new(std::sync::OnceLock::<TaskId>::new());
+    let cell = task_cell.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let work = engine::RECORD_AHEAD_BELOW * 2;
+    let clips = Step::items(
+        "clips",
+        |_| Ok(6),
+        move |_ctx: StepContext, item| {
+            let (pool, task, record) = (pool.clone(), *cell.get().expect("task"), record.clone());
+            async move {
+                // How many completions another connection can read as this item starts.
+                let readable: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM events \
+                     WHERE stream_id = $1 AND event_type = 'item_completed'",
+                )
+                .bind(task.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+                record.lock().expect("lock").push((item, readable));
+                tokio::time::sleep(work).await;
+                Ok(ItemOutput::new(format!("clip-{item}"), 10))
+            }
+        },
+    );
+    let orchestrator = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(Workflow::new("group").step(clips)),
+    );
+    let task = submit(&store, "group").await;
+    task_cell.set(task).expect("once");
+    let lease = claim(&store, task).await;
+    let outcome = orchestrator
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect("run");
+    assert_eq!(outcome, RunOutcome::Completed);
+    let seen = seen.lock().expect("lock").clone();
+    let expected: Vec<(u32, i64)> = (1..=6).map(|i| (i, i64::from(i) - 1)).collect();
+    assert_eq!(seen, expected, "item n starts with items 1..n-1 readable");
+}

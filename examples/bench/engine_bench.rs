@@ -1,4 +1,5 @@
-//! Engine rows: the orchestrator's overhead per item, fold speed, the resume decision.
+//! Engine rows: the orchestrator's overhead per item (and against raw commits), a lone
+//! item's completion to readable, fold speed, the resume decision.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ pub(crate) async fn run(
     quick: bool,
 ) -> anyhow::Result<()> {
     orchestrator_overhead(report, pool, store, if quick { 10 } else { 60 }).await?;
+    lone_item(report, pool, store, if quick { 20 } else { 100 }).await?;
     fold_speed(report, store, if quick { 10_000 } else { 100_000 }).await?;
     resume_decision(report, if quick { 1_000 } else { 20_000 });
     Ok(())
@@ -59,10 +61,16 @@ async fn orchestrator_overhead(
     let items = (tasks * 18) as f64;
     let per_item_ms = wall.as_secs_f64() * 1e3 / items;
     let raw = raw_inserts(pool.clone(), 500, Via::Pool).await?;
+    let held = raw_inserts(pool.clone(), 500, Via::Held).await?;
     report.add(
         "engine items/s (no-op items, one task at a time; goal >= 1350)",
         items / wall.as_secs_f64(),
         "items/s",
+    );
+    report.add(
+        "engine items/s (one task at a time) / raw INSERT commits/s (held, same run) (goal >= 0.8)",
+        items / wall.as_secs_f64() / held.per_second(),
+        "x",
     );
     report.add(
         "engine wall time per item (claim, replay, appends)",
@@ -82,7 +90,89 @@ async fn orchestrator_overhead(
     Ok(())
 }
 
-async fn claim(store: &PgStore, task: TaskId) -> anyhow::Result<Lease> {
+/// A lone item's completion to its `item_completed` event being readable by another
+/// connection: each item sleeps 20 ms first, so its completion is alone (nothing to batch
+/// it with), and a reader on its own connection polls the count in a tight loop.
+async fn lone_item(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    items: u32,
+) -> anyhow::Result<()> {
+    let (done, mut completed) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let workflow = Workflow::new("lone").step(Step::items(
+        "clips",
+        move |_| Ok(items),
+        move |_ctx: StepContext, item| {
+            let done = done.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = done.send(Instant::now());
+                Ok(ItemOutput::new(format!("clip-{item}"), 0))
+            }
+        },
+    ));
+    let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
+    let task = store
+        .create_task(NewTask::new("lone", ChannelId::parse("bench")?, json!({})))
+        .await?
+        .task_id();
+    let mut conn = pool.acquire().await?;
+    let reader = tokio::spawn(async move {
+        let (mut at, mut latencies, mut polls) = (Vec::new(), Vec::new(), Vec::new());
+        let started = Instant::now();
+        while latencies.len() < items as usize {
+            let poll = Instant::now();
+            let count: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events WHERE stream_id = $1 AND event_type = 'item_completed'",
+            )
+            .bind(task.as_uuid())
+            .fetch_one(&mut *conn)
+            .await?;
+            let now = Instant::now();
+            polls.push(now - poll);
+            while let Ok(completion) = completed.try_recv() {
+                at.push(completion);
+            }
+            for k in latencies.len()..usize::try_from(count)? {
+                let completion = at
+                    .get(k)
+                    .ok_or_else(|| anyhow::anyhow!("item {k} readable before it completed"))?;
+                latencies.push(now - *completion);
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the reader never saw every item"
+            );
+        }
+        anyhow::Ok((latencies, polls))
+    });
+    let lease = claim(store, task).await?;
+    orchestrator.run(&lease, CancellationToken::new()).await?;
+    let (latencies, polls) = reader.await??;
+    let percentile = |mut d: Vec<Duration>, p: f64| {
+        d.sort();
+        d[((d.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
+    };
+    report.add(
+        "lone item: completion -> readable p50 (incl. one reader poll; goal <= 0.45)",
+        percentile(latencies.clone(), 0.5),
+        "ms",
+    );
+    report.add(
+        "lone item: completion -> readable p95 (incl. one reader poll)",
+        percentile(latencies, 0.95),
+        "ms",
+    );
+    report.add(
+        "lone item: the reader's own poll p50",
+        percentile(polls, 0.5),
+        "ms",
+    );
+    Ok(())
+}
+
+pub(crate) async fn claim(store: &PgStore, task: TaskId) -> anyhow::Result<Lease> {
     store
         .claim_task(task, "bench", Duration::from_secs(60))
         .await?

@@ -4,13 +4,15 @@
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
-//! (store, engine, worker, projector, jobs, audit) runs one group of rows.
+//! (store, engine, worker, breakdown, projector, jobs, audit) runs one group of rows.
 
 mod audit_bench;
+mod breakdown_bench;
 mod engine_bench;
 mod jobs_bench;
 mod projector_bench;
 mod store_bench;
+mod wire;
 mod worker_bench;
 
 use std::time::Duration;
@@ -98,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("worker") {
         worker_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("breakdown") {
+        breakdown_bench::run(&mut report, &pool, &store, quick).await?;
     }
     if runs("projector") {
         projector_bench::run(&mut report, &store, quick).await?;

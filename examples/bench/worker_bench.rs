@@ -44,11 +44,54 @@ pub(crate) fn options(id: &str, until_idle: bool) -> WorkerOptions {
     }
 }
 
-/// A worker's own pool, built as `reel worker` builds it (`engine::db::connect`, 8
-/// connections for up to 4 tasks at a time), so the engine's pool settings are measured.
+/// How many times each worker layout runs.
+const ROUNDS: usize = 3;
+
+/// A worker pool's size: what `reel worker` gives up to 4 tasks at a time.
+const POOL_SIZE: u32 = 8;
+
+/// A worker's own pool, built as `reel worker` builds it (`engine::db::connect`), so the
+/// engine's pool settings are measured.
 pub(crate) async fn own_pool(pool: &PgPool) -> anyhow::Result<PgStore> {
     let url = pool.connect_options().to_url_lossy().to_string();
-    Ok(PgStore::new(db::connect(&url, 8).await?))
+    Ok(PgStore::new(db::connect(&url, POOL_SIZE).await?))
+}
+
+/// Opens `n` of the pool's connections at once (and gives them back).
+async fn warm(pool: &PgPool, n: u32) -> anyhow::Result<()> {
+    let conns = futures_util::future::try_join_all((0..n).map(|_| pool.acquire())).await?;
+    drop(conns);
+    Ok(())
+}
+
+/// How long opening one new connection takes, through a pool of the server's URL as given
+/// (TLS as the server offers it) and with TLS off.
+async fn connect_ms(report: &mut Report, pool: &PgPool) -> anyhow::Result<()> {
+    let url = pool.connect_options().to_url_lossy().to_string();
+    let plain = format!(
+        "{url}{}sslmode=disable",
+        if url.contains('?') { "&" } else { "?" }
+    );
+    for (label, url) in [
+        ("TLS as offered", url.as_str()),
+        ("sslmode=disable", plain.as_str()),
+    ] {
+        let options = db::parse_url(url)?;
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let conn = options.connect().await?;
+            took.push(started.elapsed());
+            sqlx::Connection::close(conn).await?;
+        }
+        took.sort();
+        report.add(
+            format!("open one connection p50 ({label})"),
+            took[took.len() / 2].as_secs_f64() * 1e3,
+            "ms",
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn submit(store: &PgStore, n: usize) -> anyhow::Result<()> {
@@ -67,7 +110,7 @@ pub(crate) async fn run(
     store: &PgStore,
     quick: bool,
 ) -> anyhow::Result<()> {
-    let tasks = if quick { 20 } else { 100 };
+    let tasks = if quick { 40 } else { 500 };
     let raw4 = concurrently(4, |_| {
         raw_inserts(pool.clone(), if quick { 200 } else { 1000 }, Via::Pool)
     })
@@ -85,47 +128,46 @@ pub(crate) async fn run(
         raw1.per_second(),
         "rows/s",
     );
-    for workers in [1, 2, 4] {
-        let items_per_s = run_workers(pool, store, tasks, workers, 4).await?;
+    // Each layout runs `ROUNDS` times, interleaved (so drift on the shared machine hits
+    // them alike); the rows give each one's median.
+    let layouts = [(1, 4), (2, 4), (4, 4), (4, 1)];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); layouts.len()];
+    for _ in 0..ROUNDS {
+        for (i, &(workers, concurrency)) in layouts.iter().enumerate() {
+            runs[i].push(run_workers(pool, store, tasks, workers, concurrency).await?);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (&(workers, concurrency), items) in layouts.iter().zip(runs) {
+        let items_per_s = median(items);
+        let layout = format!("{workers} worker(s) x concurrency {concurrency}");
         report.add(
-            format!("{workers} worker(s): tasks/s (18 no-op items each)"),
-            items_per_s / f64::from(ITEMS),
-            "tasks/s",
-        );
-        report.add(
-            format!("{workers} worker(s): items/s"),
+            format!("{layout}: items/s (18 no-op items a task, median of {ROUNDS})"),
             items_per_s,
             "items/s",
         );
-        if workers == 1 {
+        if workers * concurrency == 4 {
             report.add(
-                "4 tasks at a time, 1 worker x concurrency 4: items/s / raw INSERT commits/s \
-                 of one client (held) (goal >= 1.5)",
+                format!(
+                    "{layout} (4 tasks at a time): items/s / raw INSERT commits/s of one \
+                     client (held) (goal >= 1.5)"
+                ),
                 items_per_s / raw1.per_second(),
                 "x",
             );
         }
-        if workers == 4 {
-            // Each item is one append: compare appends/s with raw single-row INSERTs/s.
+        if (workers, concurrency) == (4, 4) {
             report.add(
-                "4 workers items/s / raw INSERT rows/s, 4 clients (goal >= 0.7)",
+                "4 workers x 4: items/s / raw INSERT rows/s, 4 clients (goal >= 0.7)",
                 items_per_s / raw4.per_second(),
                 "x",
             );
         }
     }
-    let items_per_s = run_workers(pool, store, tasks, 4, 1).await?;
-    report.add(
-        "4 tasks at a time, 4 workers x concurrency 1: items/s",
-        items_per_s,
-        "items/s",
-    );
-    report.add(
-        "4 tasks at a time, 4 workers x concurrency 1: items/s / raw INSERT commits/s \
-         of one client (held) (goal >= 1.5)",
-        items_per_s / raw1.per_second(),
-        "x",
-    );
+    connect_ms(report, pool).await?;
     restart_to_first_item(report, pool, store).await?;
     runnable_to_claimed(report, pool, store, if quick { 10 } else { 40 }).await?;
     for queued in [10, 200_000] {
@@ -149,17 +191,24 @@ async fn run_workers(
     concurrency: usize,
 ) -> anyhow::Result<f64> {
     submit(store, tasks).await?;
-    let started = Instant::now();
-    let mut running = Vec::new();
+    // Each worker's connections are opened before the clock starts: a long-running worker
+    // opens them once, and with TLS each costs sqlx 0.9 about 90 ms (see `connect_ms`).
+    let mut built = Vec::new();
     for w in 0..workers {
-        let worker = Worker::new(
-            own_pool(pool).await?,
+        let worker_store = own_pool(pool).await?;
+        warm(worker_store.pool(), POOL_SIZE).await?;
+        built.push(Worker::new(
+            worker_store,
             Registry::new().register(noop_workflow(None)),
             WorkerOptions {
                 concurrency,
                 ..options(&format!("bench-{w}"), true)
             },
-        );
+        ));
+    }
+    let started = Instant::now();
+    let mut running = Vec::new();
+    for worker in built {
         running.push(tokio::spawn(worker.run(CancellationToken::new())));
     }
     for worker in running {

@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::{claim, completions, submit};
 use engine::testing::TestDatabase;
@@ -215,4 +216,56 @@ async fn slow_items_are_each_durable_before_the_next_starts() {
     let seen = seen.lock().expect("lock").clone();
     let expected: Vec<(u32, i64)> = (1..=6).map(|i| (i, i64::from(i) - 1)).collect();
     assert_eq!(seen, expected, "item n starts with items 1..n-1 readable");
+}
+
+/// A run keeps one connection for its appends only while the pool keeps
+/// `HOLD_SPARE` connections that no run holds (for claims, heartbeats and reads): four
+/// runs on a pool of six hold two between them, whatever their items do.
+#[tokio::test]
+async fn runs_hold_connections_only_while_the_pool_keeps_its_spare() {
+    let db = TestDatabase::create().await;
+    let max = engine::HOLD_SPARE + 2;
+    let pool = engine::db::pool_options(max)
+        .connect(db.url())
+        .await
+        .expect("pool");
+    let store = engine::PgStore::new(pool.clone());
+    let clips = Step::items(
+        "clips",
+        |_| Ok(3),
+        |_ctx: StepContext, item| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(ItemOutput::new(format!("clip-{item}"), 10))
+        },
+    );
+    let orchestrator = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(Workflow::new("group").step(clips)),
+    );
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let task = submit(&store, "group").await;
+        let lease = claim(&store, task).await;
+        let orchestrator = orchestrator.clone();
+        runs.push(tokio::spawn(async move {
+            orchestrator.run(&lease, CancellationToken::new()).await
+        }));
+    }
+    // While the items sleep, what the runs keep checked out is what they hold.
+    let mut least = u32::MAX;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        least = least.min(pool.size() - pool.num_idle() as u32);
+    }
+    for run in runs {
+        assert_eq!(
+            run.await.expect("join").expect("run"),
+            RunOutcome::Completed
+        );
+    }
+    assert!(least >= 1, "runs with room hold their connection: {least}");
+    assert!(
+        least <= max - engine::HOLD_SPARE,
+        "{least} connections held of a pool of {max}"
+    );
 }

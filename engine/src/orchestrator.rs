@@ -26,6 +26,7 @@ mod jobs;
 mod log;
 
 use jobs::JobRun;
+pub use log::HOLD_SPARE;
 use log::{Answer, Log};
 
 /// How a run of a claimed task ended.
@@ -71,6 +72,8 @@ pub struct Orchestrator {
     registry: Arc<Registry>,
     /// Provider limits that replace the steps' defaults, by key.
     overrides: Arc<Vec<ProviderLimits>>,
+    /// Runs holding a connection of the store's pool for their appends (see [`Log`]).
+    holders: log::Holders,
 }
 
 /// Parks a task when its next poll (or its next chance at a provider) is at least this far
@@ -102,6 +105,7 @@ impl Orchestrator {
             store,
             registry: Arc::new(registry),
             overrides: Arc::new(Vec::new()),
+            holders: log::Holders::default(),
         }
     }
 
@@ -269,7 +273,12 @@ impl Orchestrator {
         let run = TaskRun {
             store: self.store.clone(),
             overrides: self.overrides.clone(),
-            log: Arc::new(Log::new(self.store.clone(), lease, state.version)),
+            log: Arc::new(Log::new(
+                self.store.clone(),
+                lease,
+                state.version,
+                &self.holders,
+            )),
             workflow,
             channel,
             input: Arc::new(state.input.clone()),

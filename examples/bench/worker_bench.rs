@@ -190,27 +190,45 @@ async fn run_workers(
     workers: usize,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
-    submit(store, tasks).await?;
-    // Each worker's connections are opened before the clock starts: a long-running worker
-    // opens them once, and with TLS each costs sqlx 0.9 about 90 ms (see `connect_ms`).
-    let mut built = Vec::new();
-    for w in 0..workers {
+    // Each worker's connections are opened, and its statements prepared on them, before
+    // the clock starts: a long-running worker does that once. (With TLS each connection
+    // costs sqlx 0.9 about 90 ms: see `connect_ms`.)
+    let mut stores = Vec::new();
+    for _ in 0..workers {
         let worker_store = own_pool(pool).await?;
         warm(worker_store.pool(), POOL_SIZE).await?;
-        built.push(Worker::new(
-            worker_store,
-            Registry::new().register(noop_workflow(None)),
-            WorkerOptions {
-                concurrency,
-                ..options(&format!("bench-{w}"), true)
-            },
-        ));
+        stores.push(worker_store);
     }
+    let layout = |stores: &[PgStore], name: &str| -> Vec<Worker> {
+        stores
+            .iter()
+            .enumerate()
+            .map(|(w, worker_store)| {
+                Worker::new(
+                    worker_store.clone(),
+                    Registry::new().register(noop_workflow(None)),
+                    WorkerOptions {
+                        concurrency,
+                        ..options(&format!("{name}-{w}"), true)
+                    },
+                )
+            })
+            .collect()
+    };
+    submit(store, 8 * workers * concurrency).await?;
+    let warming: Vec<_> = layout(&stores, "warm")
+        .into_iter()
+        .map(|worker| tokio::spawn(worker.run(CancellationToken::new())))
+        .collect();
+    for worker in warming {
+        worker.await??;
+    }
+    submit(store, tasks).await?;
     let started = Instant::now();
-    let mut running = Vec::new();
-    for worker in built {
-        running.push(tokio::spawn(worker.run(CancellationToken::new())));
-    }
+    let running: Vec<_> = layout(&stores, "bench")
+        .into_iter()
+        .map(|worker| tokio::spawn(worker.run(CancellationToken::new())))
+        .collect();
     for worker in running {
         worker.await??;
     }

@@ -8,10 +8,18 @@
 //!
 //! Whoever waits for an answer while no append is in flight writes the batch (there is no
 //! background writer): a run's futures drive its own appends, so nothing outlives the run.
+//!
+//! A run holds one connection of the pool for its appends while the pool has room to
+//! spare ([`HOLD_SPARE`]): sqlx pings every connection given back to the pool, a round
+//! trip per checkout that a held connection does not pay.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use tokio::sync::{Mutex, Notify, oneshot};
 
 use crate::error::{Error, Result};
@@ -28,6 +36,44 @@ const MAX_UNRECORDED: usize = 64;
 /// acknowledgement writes nothing twice) before the run gives up on it.
 const APPEND_RETRIES: u32 = 8;
 
+/// Connections of the pool that runs never hold: room for claims, heartbeats, reads and
+/// provider slots, which check one out for a statement each.
+pub const HOLD_SPARE: u32 = 4;
+
+/// How many runs of an orchestrator hold a connection now.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Holders(Arc<AtomicUsize>);
+
+/// A run's right to hold a connection; given back when the run's log is dropped.
+struct Hold(Arc<AtomicUsize>);
+
+impl Holders {
+    /// A hold, if fewer than the pool's size less [`HOLD_SPARE`] runs hold one.
+    fn try_hold(&self, store: &PgStore) -> Option<Hold> {
+        let max = store.pool().options().get_max_connections();
+        let limit = usize::try_from(max.saturating_sub(HOLD_SPARE)).unwrap_or(0);
+        let before = self.0.fetch_add(1, Ordering::AcqRel);
+        if before < limit {
+            return Some(Hold(self.0.clone()));
+        }
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        None
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The writer's state: the stream's version and, with a hold, the connection it keeps.
+struct Writer {
+    version: u32,
+    hold: Option<Hold>,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
 /// The answer to events handed over: the stream's version right after the last of them.
 pub(super) type Answer = oneshot::Receiver<Result<u32>>;
 
@@ -37,8 +83,8 @@ pub(super) struct Log {
     pub(super) lease: Lease,
     metadata: EventMetadata,
     queue: std::sync::Mutex<Queue>,
-    /// The stream's version; held by the one append in flight.
-    writer: Mutex<u32>,
+    /// Held by the one append in flight.
+    writer: Mutex<Writer>,
     /// Hand-overs whose answer has not been given yet.
     unrecorded: AtomicUsize,
     /// An append is retrying after a database error.
@@ -57,7 +103,8 @@ struct Queue {
 }
 
 impl Log {
-    pub(super) fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
+    pub(super) fn new(store: PgStore, lease: &Lease, version: u32, holders: &Holders) -> Self {
+        let hold = holders.try_hold(&store);
         let metadata = EventMetadata {
             correlation_id: Some(lease.task.as_uuid()),
             worker_id: Some(lease.worker_id.clone()),
@@ -69,7 +116,11 @@ impl Log {
             lease: lease.clone(),
             metadata,
             queue: std::sync::Mutex::new(Queue::default()),
-            writer: Mutex::new(version),
+            writer: Mutex::new(Writer {
+                version,
+                hold,
+                conn: None,
+            }),
             unrecorded: AtomicUsize::new(0),
             troubled: AtomicBool::new(false),
             written: Notify::new(),
@@ -109,7 +160,7 @@ impl Log {
             if let Some(result) = answered(&mut answer, self.lease.task) {
                 return result;
             }
-            let mut version = self.writer.lock().await;
+            let mut writer = self.writer.lock().await;
             // The append this one waited for may have carried these events.
             if let Some(result) = answered(&mut answer, self.lease.task) {
                 return result;
@@ -121,11 +172,11 @@ impl Log {
                     std::mem::take(&mut queue.waiters),
                 )
             };
-            let base = *version;
+            let base = writer.version;
             let written = if events.is_empty() {
                 Ok(base)
             } else {
-                self.write(&mut version, &events).await
+                self.write(&mut writer, &events).await
             };
             self.unrecorded.fetch_sub(waiters.len(), Ordering::Relaxed);
             for (end, waiter) in waiters {
@@ -136,7 +187,7 @@ impl Log {
                 // A waiter that has gone (its run is being torn down) needs no answer.
                 let _ = waiter.send(answer);
             }
-            drop(version);
+            drop(writer);
             self.written.notify_waiters();
         }
     }
@@ -159,23 +210,21 @@ impl Log {
         }
     }
 
-    /// One append of `events` at `version`, retrying database errors with the same event
-    /// ids; moves `version` on success.
-    async fn write(&self, version: &mut u32, events: &[NewEvent]) -> Result<u32> {
+    /// One append of `events` at the writer's version, retrying database errors with the
+    /// same event ids; moves the version on success.
+    async fn write(&self, writer: &mut Writer, events: &[NewEvent]) -> Result<u32> {
         let mut delay = Duration::from_millis(50);
         let mut retry = 0;
         let written = loop {
             retry += 1;
-            match self
-                .store
-                .append(self.lease.task, *version, self.lease.fence(), events)
-                .await
-            {
+            match self.append_once(writer, events).await {
                 Ok(appended) => {
-                    *version = appended.version;
+                    writer.version = appended.version;
                     break Ok(appended.version);
                 }
                 Err(Error::Database(err)) if retry <= APPEND_RETRIES => {
+                    // The held connection may be the broken part: take a fresh one.
+                    writer.conn = None;
                     self.troubled.store(true, Ordering::Relaxed);
                     tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -186,6 +235,26 @@ impl Log {
         };
         self.troubled.store(false, Ordering::Relaxed);
         written
+    }
+
+    /// The append itself: on the held connection (checked out at the first append) when
+    /// the run holds one, else on a connection checked out for it.
+    async fn append_once(
+        &self,
+        writer: &mut Writer,
+        events: &[NewEvent],
+    ) -> Result<crate::store::Appended> {
+        let (task, fence) = (self.lease.task, self.lease.fence());
+        if writer.hold.is_none() {
+            return self.store.append(task, writer.version, fence, events).await;
+        }
+        let conn = match writer.conn.as_mut() {
+            Some(conn) => conn,
+            None => writer.conn.insert(self.store.pool().acquire().await?),
+        };
+        self.store
+            .append_in(conn, task, writer.version, fence, events)
+            .await
     }
 
     fn new_event(&self, event: Event) -> NewEvent {

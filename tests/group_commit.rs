@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 const ITEMS: u32 = 18;
 
 /// Two steps of fast items; the second reads every output of the first.
-fn workflow(concurrency: usize) -> Workflow {
+fn workflow(concurrency: usize, pipelined: bool) -> Workflow {
     let clips = Step::items(
         "clips",
         |_| Ok(ITEMS),
@@ -30,6 +30,7 @@ fn workflow(concurrency: usize) -> Workflow {
         },
     )
     .concurrency(concurrency);
+    let clips = if pipelined { clips.pipelined() } else { clips };
     let sum = Step::items(
         "sum",
         |_| Ok(1),
@@ -61,13 +62,14 @@ async fn commits(db: &TestDatabase, task: TaskId, step: &str) -> usize {
 }
 
 #[tokio::test]
-async fn fast_items_share_commits_in_order_and_later_steps_read_every_output() {
-    for concurrency in [1, 4] {
+async fn completions_share_commits_in_order_and_later_steps_read_every_output() {
+    // (concurrency, pipelined, the most commits 18 completions may take)
+    for (concurrency, pipelined, most) in [(1, true, 9), (4, false, 17), (1, false, 18)] {
         let db = TestDatabase::create().await;
         let store = db.store();
         let orchestrator = Orchestrator::new(
             store.clone(),
-            Registry::new().register(workflow(concurrency)),
+            Registry::new().register(workflow(concurrency, pipelined)),
         );
         let task = submit(&store, "group").await;
         let lease = claim(&store, task).await;
@@ -85,11 +87,12 @@ async fn fast_items_share_commits_in_order_and_later_steps_read_every_output() {
         let done = completions(&store, task, "clips").await;
         assert_eq!(done.len(), ITEMS as usize);
         assert!(done.values().all(|&n| n == 1), "each item once: {done:?}");
-        // Without group commit every completion is its own commit.
+        // Without group commit every completion is its own commit; one item at a time
+        // and not pipelined, each is durable before the next starts.
         let shared = commits(&db, task, "clips").await;
         assert!(
-            shared <= ITEMS as usize / 2,
-            "concurrency {concurrency}: {ITEMS} completions took {shared} commits"
+            shared <= most,
+            "concurrency {concurrency}, pipelined {pipelined}: {ITEMS} completions took {shared} commits"
         );
         // The step after saw every output, in a state that folds the same way.
         let state = fold(&events);
@@ -147,7 +150,7 @@ async fn a_lost_lease_fails_every_completion_of_the_shared_append_and_stores_non
     );
     let orchestrator = Orchestrator::new(
         store.clone(),
-        Registry::new().register(Workflow::new("group").step(clips)),
+        Registry::new().register(Workflow::new("group").step(clips.pipelined())),
     );
     let task = submit(&store, "group").await;
     task_cell.set(task).expect("once");
@@ -171,7 +174,7 @@ async fn a_lost_lease_fails_every_completion_of_the_shared_append_and_stores_non
 }
 
 #[tokio::test]
-async fn slow_items_are_each_durable_before_the_next_starts() {
+async fn by_default_each_item_is_durable_before_the_next_starts() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let pool = db.pool().clone();
@@ -179,7 +182,6 @@ async fn slow_items_are_each_durable_before_the_next_starts() {
     let cell = task_cell.clone();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
-    let work = engine::RECORD_AHEAD_BELOW * 2;
     let clips = Step::items(
         "clips",
         |_| Ok(6),
@@ -196,7 +198,6 @@ async fn slow_items_are_each_durable_before_the_next_starts() {
                 .await
                 .expect("count");
                 record.lock().expect("lock").push((item, readable));
-                tokio::time::sleep(work).await;
                 Ok(ItemOutput::new(format!("clip-{item}"), 10))
             }
         },

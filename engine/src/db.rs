@@ -26,10 +26,6 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     pool(parse_url(url)?, max_connections).await
 }
 
-/// A connection idle at least this long is pinged before the pool hands it out; one used
-/// more recently is handed out as it is (see [`pool_options`]).
-pub const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
-
 /// A pool on `options` once one connection has shown the server lets us in. The pool
 /// cannot adopt that connection, so it is closed and the pool opens its own on first use.
 async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
@@ -37,26 +33,15 @@ async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool>
     Ok(pool_options(max_connections).connect_lazy_with(options))
 }
 
-/// The engine's pool settings: bounded waits, and no ping on the hot path.
-///
-/// sqlx pings every connection it hands out by default: a round trip per checkout, as
-/// much as an append's own. Here only a connection idle for [`PING_IDLE_AFTER`] or more is
-/// pinged (the ones a server restart or a dropped link may have killed unnoticed); one in
-/// steady use goes out at once, and if it did die its query fails like any other, which
-/// the engine's callers retry. Use these options for a pool you build yourself.
+/// The engine's pool settings: bounded waits (a dead database is an error within 10 s,
+/// never a hang). Every checkout pings its connection first (sqlx's default), so one a
+/// server restart or a killed backend left dead is replaced instead of failing a query;
+/// the hot path does not pay it, since a run keeps one connection for its appends (see
+/// [`crate::HOLD_SPARE`]). Use these options for a pool you build yourself.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_IDLE_AFTER {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
 }
 
 /// One connection within [`FIRST_CONNECT_TIMEOUT`], its failure explained.

@@ -46,9 +46,7 @@ pub use event::{
     CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, RecordedEvent, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
-pub use orchestrator::{
-    HOLD_SPARE, Orchestrator, PARK_AFTER, RECORD_AHEAD_BELOW, RunOutcome, SLOT_TTL,
-};
+pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};
 pub use outputs::{ItemOutput, Outputs};
 pub use state::{
     ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, StepState,

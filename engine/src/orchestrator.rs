@@ -84,17 +84,6 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// wakes the oldest waiter sooner).
 const SLOT_WAIT: Duration = Duration::from_secs(5);
 
-/// An item whose work took less than this frees its slot as soon as its completion is
-/// handed to the log; a slower one frees it once the completion is durable.
-///
-/// Starting the next item before the last one's append has answered is what lets fast
-/// items share commits, but it is also the next item starting before the run learns of a
-/// cancel or a lost lease (an append is how it learns). Slow items — provider calls, what
-/// costs money — keep the strict rule: no item starts after a cancel the run could have
-/// seen. Fast ones may run for one append's latency past it: at most that long's worth of
-/// work, per slot, thrown away.
-pub const RECORD_AHEAD_BELOW: Duration = Duration::from_millis(5);
-
 /// How long provider slots and places live without a heartbeat (or past a park's end).
 pub const SLOT_TTL: Duration = Duration::from_secs(60);
 
@@ -526,11 +515,12 @@ impl TaskRun {
     /// Runs `missing` items with the step's concurrency. After the first item that gives
     /// up, no new item starts; items in flight finish and are recorded.
     ///
-    /// A fast item's slot frees once its completion is handed to the log, not once it is
-    /// durable (see [`RECORD_AHEAD_BELOW`]): the next item starts while the append is in
-    /// flight, and completions that arrive meanwhile share the next commit (see [`Log`]).
-    /// The step ends only when every completion is durable, and no item starts while too
-    /// many wait or an append retries.
+    /// An item's slot frees once its completion is durable; a pipelined step's (see
+    /// [`Step::pipelined`]) once it is handed to the log, so the next item starts while
+    /// the append is in flight and completions that arrive meanwhile share the next commit
+    /// (see [`Log`]). Either way, completions of items running at once share commits, the
+    /// step ends only when every completion is durable, and no item starts while too many
+    /// wait or an append retries.
     async fn run_items(&self, step: &Step, missing: Vec<u32>) -> Result<StepEnd> {
         let no_new_items = CancellationToken::new();
         // What this step's items read: the earlier steps' completions (never this step's
@@ -591,7 +581,7 @@ impl TaskRun {
         }
     }
 
-    /// Tries one item up to the step's policy, recording each outcome; a fast item's
+    /// Tries one item up to the step's policy, recording each outcome; a pipelined step's
     /// completion is returned handed over, not yet durable.
     async fn run_item(
         &self,
@@ -635,10 +625,10 @@ impl TaskRun {
             }
             let error = match result {
                 Ok(output) => {
-                    let took = started.elapsed();
-                    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                    let duration_ms =
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     let done = self.hand_over_completion(step, item, output, duration_ms);
-                    if took < RECORD_AHEAD_BELOW {
+                    if step.pipelined {
                         return Ok(ItemEnd::Done(done));
                     }
                     self.record(step, done).await?;

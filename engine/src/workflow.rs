@@ -414,6 +414,9 @@ pub struct Step {
     pub(crate) work: Work,
     pub(crate) retry: RetryPolicy,
     pub(crate) concurrency: usize,
+    /// Whether an item's slot frees before its completion is durable (see
+    /// [`Step::pipelined`]).
+    pub(crate) pipelined: bool,
     pub(crate) provider: Option<ProviderLimits>,
     pub(crate) poll_backoff: Backoff,
     pub(crate) job_timeout: Duration,
@@ -430,6 +433,7 @@ impl Step {
             work: Work::Calls(Arc::new(work)),
             retry: RetryPolicy::default(),
             concurrency: 1,
+            pipelined: false,
             provider: None,
             poll_backoff: DEFAULT_POLL_BACKOFF,
             job_timeout: DEFAULT_JOB_TIMEOUT,
@@ -537,6 +541,20 @@ impl Step {
         self
     }
 
+    /// Lets the next item start while the last one's completion is still being written.
+    ///
+    /// By default an item's slot frees once its completion is durable, so no item starts
+    /// after a cancel (or a lost lease) that the run could have seen: right for items that
+    /// call a paid provider. A pipelined step's items free their slot as soon as their
+    /// completion is queued: completions that arrive while an append is in flight share
+    /// the next commit, so fast items cost a fraction of a round trip each, and a cancel
+    /// is seen one append later (the items started meanwhile are never recorded). For
+    /// items that are cheap to run again: computations, lookups, local work.
+    pub fn pipelined(mut self) -> Self {
+        self.pipelined = true;
+        self
+    }
+
     /// The step's name (as stored in events).
     pub fn name(&self) -> &str {
         &self.name
@@ -556,6 +574,7 @@ impl fmt::Debug for Step {
             .field("atomic", &self.atomic)
             .field("retry", &self.retry)
             .field("concurrency", &self.concurrency)
+            .field("pipelined", &self.pipelined)
             .field("jobs", &self.is_jobs())
             .field("provider", &self.provider)
             .finish_non_exhaustive()

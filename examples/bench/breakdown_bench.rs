@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Report;
 use crate::engine_bench::claim;
 use crate::wire::{Wire, WireCounts};
-use crate::worker_bench::{ITEMS, noop_workflow, options, submit};
+use crate::worker_bench::{ITEMS, noop_workflow, options, pipelined_noop_workflow, submit};
 
 pub(crate) async fn run(
     report: &mut Report,
@@ -33,23 +33,29 @@ pub(crate) async fn run(
         let start = wire.snapshot();
         let through = proxied.clone().ssl_mode(mode);
         let label = if tls { "tls" } else { "plain" };
-        let (tasks, wall, counts, xacts) = one_task(
-            &wire,
-            pool,
-            store,
-            through.clone(),
-            if quick { 10 } else { 40 },
-        )
-        .await?;
-        rows(
-            report,
-            &format!("one-task {label}"),
-            tls,
-            tasks,
-            wall,
-            &counts,
-            xacts,
-        );
+        for (workflow, scenario) in [
+            (noop_workflow(None), "one-task"),
+            (pipelined_noop_workflow(), "one-task pipelined"),
+        ] {
+            let (tasks, wall, counts, xacts) = one_task(
+                &wire,
+                pool,
+                store,
+                through.clone(),
+                workflow,
+                if quick { 10 } else { 40 },
+            )
+            .await?;
+            rows(
+                report,
+                &format!("{scenario} {label}"),
+                tls,
+                tasks,
+                wall,
+                &counts,
+                xacts,
+            );
+        }
         let (tasks, wall, counts, xacts) =
             four_at_a_time(&wire, pool, store, &through, if quick { 20 } else { 100 }).await?;
         rows(
@@ -76,6 +82,7 @@ async fn one_task(
     pool: &PgPool,
     store: &PgStore,
     through: PgConnectOptions,
+    workflow: Workflow,
     tasks: usize,
 ) -> anyhow::Result<Measured> {
     let proxied = PgStore::new(
@@ -85,10 +92,7 @@ async fn one_task(
             .connect_with(through)
             .await?,
     );
-    let orchestrator = Orchestrator::new(
-        proxied.clone(),
-        Registry::new().register(noop_workflow(None)),
-    );
+    let orchestrator = Orchestrator::new(proxied.clone(), Registry::new().register(workflow));
     // Two warm-up tasks: connections made and statements prepared before measuring.
     let warm = create(store, 2).await?;
     let ids = create(store, tasks).await?;

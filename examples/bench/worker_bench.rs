@@ -23,7 +23,17 @@ use crate::store_bench::{Via, concurrently, raw_inserts};
 pub(crate) const ITEMS: u32 = 18;
 
 pub(crate) fn noop_workflow(first_item: Option<Arc<Notify>>) -> Workflow {
-    Workflow::new("noop").step(Step::items(
+    noop_steps(first_item, false)
+}
+
+/// The no-op workflow with its step pipelined (`Step::pipelined`): the next item starts
+/// while the last one's completion is being written, so completions share commits.
+pub(crate) fn pipelined_noop_workflow() -> Workflow {
+    noop_steps(None, true)
+}
+
+fn noop_steps(first_item: Option<Arc<Notify>>, pipelined: bool) -> Workflow {
+    let step = Step::items(
         "clips",
         |_| Ok(ITEMS),
         move |_ctx: StepContext, item| {
@@ -32,7 +42,8 @@ pub(crate) fn noop_workflow(first_item: Option<Arc<Notify>>) -> Workflow {
             }
             async move { Ok(ItemOutput::new(format!("clip-{item}"), 0)) }
         },
-    ))
+    );
+    Workflow::new("noop").step(if pipelined { step.pipelined() } else { step })
 }
 
 pub(crate) fn options(id: &str, until_idle: bool) -> WorkerOptions {
@@ -130,20 +141,29 @@ pub(crate) async fn run(
     );
     // Each layout runs `ROUNDS` times, interleaved (so drift on the shared machine hits
     // them alike); the rows give each one's median.
-    let layouts = [(1, 4), (2, 4), (4, 4), (4, 1)];
+    let layouts = [
+        (1, 4, false),
+        (2, 4, false),
+        (4, 4, false),
+        (4, 1, false),
+        (1, 4, true),
+    ];
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); layouts.len()];
     for _ in 0..ROUNDS {
-        for (i, &(workers, concurrency)) in layouts.iter().enumerate() {
-            runs[i].push(run_workers(pool, store, tasks, workers, concurrency).await?);
+        for (i, &(workers, concurrency, pipelined)) in layouts.iter().enumerate() {
+            runs[i].push(run_workers(pool, store, tasks, workers, concurrency, pipelined).await?);
         }
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    for (&(workers, concurrency), items) in layouts.iter().zip(runs) {
+    for (&(workers, concurrency, pipelined), items) in layouts.iter().zip(runs) {
         let items_per_s = median(items);
-        let layout = format!("{workers} worker(s) x concurrency {concurrency}");
+        let layout = format!(
+            "{workers} worker(s) x concurrency {concurrency}{}",
+            if pipelined { ", pipelined steps" } else { "" }
+        );
         report.add(
             format!("{layout}: items/s (18 no-op items a task, median of {ROUNDS})"),
             items_per_s,
@@ -159,7 +179,7 @@ pub(crate) async fn run(
                 "x",
             );
         }
-        if (workers, concurrency) == (4, 4) {
+        if (workers, concurrency, pipelined) == (4, 4, false) {
             report.add(
                 "4 workers x 4: items/s / raw INSERT rows/s, 4 clients (goal >= 0.7)",
                 items_per_s / raw4.per_second(),
@@ -189,6 +209,7 @@ async fn run_workers(
     tasks: usize,
     workers: usize,
     concurrency: usize,
+    pipelined: bool,
 ) -> anyhow::Result<f64> {
     // Each worker's connections are opened, and its statements prepared on them, before
     // the clock starts: a long-running worker does that once. (With TLS each connection
@@ -204,9 +225,14 @@ async fn run_workers(
             .iter()
             .enumerate()
             .map(|(w, worker_store)| {
+                let workflow = if pipelined {
+                    pipelined_noop_workflow()
+                } else {
+                    noop_workflow(None)
+                };
                 Worker::new(
                     worker_store.clone(),
-                    Registry::new().register(noop_workflow(None)),
+                    Registry::new().register(workflow),
                     WorkerOptions {
                         concurrency,
                         ..options(&format!("{name}-{w}"), true)

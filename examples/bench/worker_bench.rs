@@ -147,6 +147,7 @@ pub(crate) async fn run(
         (4, 4, false),
         (4, 1, false),
         (1, 4, true),
+        (4, 1, true),
     ];
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); layouts.len()];
     for _ in 0..ROUNDS {

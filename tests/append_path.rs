@@ -338,3 +338,69 @@ async fn backends_killed_mid_run_the_appends_retry_and_the_run_completes() {
     let audit = engine::audit::audit(task, &events);
     assert!(audit.is_clean(), "{:?}", audit.violations);
 }
+
+/// PostgreSQL refuses the NUL character in `jsonb` and `text`: an item whose output holds
+/// one fails at once as a permanent error that says why (not eight retries of an append
+/// that cannot succeed, failing the items grouped with it), and an error message holding
+/// one is stored with a replacement character.
+#[tokio::test]
+async fn an_output_the_log_cannot_store_fails_the_item_at_once_saying_why() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let clips = Step::items(
+        "clips",
+        |_| Ok(4),
+        |_ctx: StepContext, item| async move {
+            match item {
+                2 => ItemOutput::new("clip-2", 1)
+                    .with_output(serde_json::json!({ "raw": "a\u{0}b" })),
+                3 => Err(engine::StepError::permanent("provider said \u{0}garbage")),
+                _ => Ok(ItemOutput::new(format!("clip-{item}"), 1)),
+            }
+        },
+    )
+    .concurrency(4)
+    .retry(engine::RetryPolicy {
+        max_tries: 1,
+        ..engine::RetryPolicy::default()
+    });
+    let orchestrator = Orchestrator::new(
+        store.clone(),
+        Registry::new().register(Workflow::new("nul").step(clips)),
+    );
+    let task = submit(&store, "nul").await;
+    let lease = claim(&store, task).await;
+    let started = Instant::now();
+    let outcome = orchestrator
+        .run(&lease, CancellationToken::new())
+        .await
+        .expect("run");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let events = store.read_stream(task, 1).await.expect("read");
+    let failures: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ItemFailed { item, error, .. } => Some(format!("{item}: {error}")),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.starts_with("2: ") && f.contains("NUL")),
+        "{failures:?}"
+    );
+    assert!(
+        failures.iter().all(|f| !f.contains('\u{0}')),
+        "{failures:?}"
+    );
+    assert!(matches!(outcome, RunOutcome::Failed { .. }), "{outcome:?}");
+    let done = completions(&store, task, "clips").await;
+    assert!(done.contains_key(&1) && done.contains_key(&4), "{done:?}");
+    let audit = engine::audit::audit(task, &events);
+    assert!(audit.is_clean(), "{:?}", audit.violations);
+}

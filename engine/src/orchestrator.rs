@@ -623,6 +623,10 @@ impl TaskRun {
                     .release_slot(&key, cap, self.log.lease.task, step.name(), item)
                     .await?;
             }
+            let result = result.and_then(|output| match output.unstorable() {
+                Some(reason) => Err(StepError::permanent(reason)),
+                None => Ok(output),
+            });
             let error = match result {
                 Ok(output) => {
                     let duration_ms =

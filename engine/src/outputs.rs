@@ -26,6 +26,30 @@ pub struct ItemOutput {
 }
 
 impl ItemOutput {
+    /// Why the log cannot store this output, if it cannot: PostgreSQL's `jsonb` and `text`
+    /// refuse the NUL character, and such an output would fail every append it is in.
+    pub fn unstorable(&self) -> Option<String> {
+        fn has_nul(value: &Value) -> bool {
+            match value {
+                Value::String(s) => s.contains('\0'),
+                Value::Array(items) => items.iter().any(has_nul),
+                Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+                _ => false,
+            }
+        }
+        if self.artifact.contains('\0') {
+            return Some(
+                "the item's artifact contains a NUL character, which the log cannot store".into(),
+            );
+        }
+        if self.output.as_ref().is_some_and(has_nul) {
+            return Some(
+                "the item's output contains a NUL character, which the log cannot store".into(),
+            );
+        }
+        None
+    }
+
     /// An output with its artifact and cost (and no value).
     pub fn new(artifact: impl Into<String>, cost_micros: i64) -> Self {
         ItemOutput {

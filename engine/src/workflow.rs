@@ -66,9 +66,12 @@ impl StepError {
     }
 
     fn new(kind: FailureKind, message: &str) -> Self {
+        // The log cannot store a NUL character: a provider's binary garbage in an error
+        // message must not make the failure itself unrecordable.
+        let message = message.replace('\0', "\u{FFFD}");
         StepError {
             kind,
-            message: truncate_for_display(message, ERROR_MESSAGE_MAX_CHARS),
+            message: truncate_for_display(&message, ERROR_MESSAGE_MAX_CHARS),
             retry_after: None,
         }
     }

@@ -10,8 +10,8 @@
 //! background writer): a run's futures drive its own appends, so nothing outlives the run.
 //!
 //! A run holds one connection of the pool for its appends while the pool has room to
-//! spare ([`HOLD_SPARE`]): sqlx pings every connection given back to the pool, a round
-//! trip per checkout that a held connection does not pay.
+//! spare ([`HOLD_SPARE`]): sqlx pings a connection when it is checked out and when it is
+//! given back, round trips that a held connection does not pay.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -37,7 +37,8 @@ const MAX_UNRECORDED: usize = 64;
 const APPEND_RETRIES: u32 = 8;
 
 /// Connections of the pool that runs never hold: room for claims, heartbeats, reads and
-/// provider slots, which check one out for a statement each.
+/// provider slots, which check one out for a statement each. Counted per orchestrator (a
+/// worker has one): orchestrators sharing a pool each keep their own count.
 pub const HOLD_SPARE: u32 = 4;
 
 /// How many runs of an orchestrator hold a connection now.

@@ -72,8 +72,6 @@ pub struct Orchestrator {
     registry: Arc<Registry>,
     /// Provider limits that replace the steps' defaults, by key.
     overrides: Arc<Vec<ProviderLimits>>,
-    /// Runs holding a connection of the store's pool for their appends (see [`Log`]).
-    holders: log::Holders,
 }
 
 /// Parks a task when its next poll (or its next chance at a provider) is at least this far
@@ -94,7 +92,6 @@ impl Orchestrator {
             store,
             registry: Arc::new(registry),
             overrides: Arc::new(Vec::new()),
-            holders: log::Holders::default(),
         }
     }
 
@@ -262,12 +259,7 @@ impl Orchestrator {
         let run = TaskRun {
             store: self.store.clone(),
             overrides: self.overrides.clone(),
-            log: Arc::new(Log::new(
-                self.store.clone(),
-                lease,
-                state.version,
-                &self.holders,
-            )),
+            log: Arc::new(Log::new(self.store.clone(), lease, state.version)),
             workflow,
             channel,
             input: Arc::new(state.input.clone()),

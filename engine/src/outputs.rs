@@ -29,20 +29,12 @@ impl ItemOutput {
     /// Why the log cannot store this output, if it cannot: PostgreSQL's `jsonb` and `text`
     /// refuse the NUL character, and such an output would fail every append it is in.
     pub fn unstorable(&self) -> Option<String> {
-        fn has_nul(value: &Value) -> bool {
-            match value {
-                Value::String(s) => s.contains('\0'),
-                Value::Array(items) => items.iter().any(has_nul),
-                Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-                _ => false,
-            }
-        }
         if self.artifact.contains('\0') {
             return Some(
                 "the item's artifact contains a NUL character, which the log cannot store".into(),
             );
         }
-        if self.output.as_ref().is_some_and(has_nul) {
+        if self.output.as_ref().is_some_and(holds_nul) {
             return Some(
                 "the item's output contains a NUL character, which the log cannot store".into(),
             );
@@ -166,4 +158,15 @@ fn parse_output<T: DeserializeOwned>(step: &str, record: &ItemRecord) -> Result<
         .ok_or_else(|| StepError::permanent(format!("{step} item {item} recorded no output")))?;
     T::deserialize(value)
         .map_err(|e| StepError::permanent(format!("{step} item {item}: unexpected output: {e}")))
+}
+
+/// Whether `value` holds a NUL character (in a string or a key), which PostgreSQL's
+/// `jsonb` refuses.
+pub(crate) fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }

@@ -482,6 +482,14 @@ impl<'a> JobRun<'a> {
             submitted = guarded(|| self.work.submit(ctx, item, submission)) => submitted,
             () = self.run.cancel.cancelled() => return Ok(Some(StepEnd::Stopped)),
         };
+        // A job id the log cannot store cannot be polled by a later run either.
+        let submitted = submitted.and_then(|job| match crate::outputs::holds_nul(&job) {
+            true => Err(StepError::permanent(
+                "the provider's job id contains a NUL character, which the log cannot \
+                 store; the job may still run and be charged",
+            )),
+            false => Ok(job),
+        });
         match submitted {
             Ok(job) => {
                 // Recorded before anything else: from here on, every run polls this job.

@@ -9,14 +9,12 @@
 //! Whoever waits for an answer while no append is in flight writes the batch (there is no
 //! background writer): a run's futures drive its own appends, so nothing outlives the run.
 //!
-//! A run holds one connection of the pool for its appends while the pool has room to
+//! A run keeps one connection of the pool for its appends while the pool has room to
 //! spare ([`HOLD_SPARE`]): sqlx pings a connection when it is checked out and when it is
 //! given back, round trips that a held connection does not pay.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
@@ -36,42 +34,15 @@ const MAX_UNRECORDED: usize = 64;
 /// acknowledgement writes nothing twice) before the run gives up on it.
 const APPEND_RETRIES: u32 = 8;
 
-/// Connections of the pool that runs never hold: room for claims, heartbeats, reads and
-/// provider slots, which check one out for a statement each. Counted per orchestrator (a
-/// worker has one): orchestrators sharing a pool each keep their own count.
+/// Connections of the pool that runs leave unheld: room for claims, heartbeats, reads and
+/// provider slots, which check one out for a statement each. A run keeps the connection
+/// of its first append only if, with it, at most the pool's size less this many are in
+/// use, so every run on the pool (of any orchestrator or worker) leaves them free.
 pub const HOLD_SPARE: u32 = 4;
 
-/// How many runs of an orchestrator hold a connection now.
-#[derive(Clone, Debug, Default)]
-pub(super) struct Holders(Arc<AtomicUsize>);
-
-/// A run's right to hold a connection; given back when the run's log is dropped.
-struct Hold(Arc<AtomicUsize>);
-
-impl Holders {
-    /// A hold, if fewer than the pool's size less [`HOLD_SPARE`] runs hold one.
-    fn try_hold(&self, store: &PgStore) -> Option<Hold> {
-        let max = store.pool().options().get_max_connections();
-        let limit = usize::try_from(max.saturating_sub(HOLD_SPARE)).unwrap_or(0);
-        let before = self.0.fetch_add(1, Ordering::AcqRel);
-        if before < limit {
-            return Some(Hold(self.0.clone()));
-        }
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        None
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The writer's state: the stream's version and, with a hold, the connection it keeps.
+/// The writer's state: the stream's version and the connection it holds, if any.
 struct Writer {
     version: u32,
-    hold: Option<Hold>,
     conn: Option<PoolConnection<Postgres>>,
 }
 
@@ -104,8 +75,7 @@ struct Queue {
 }
 
 impl Log {
-    pub(super) fn new(store: PgStore, lease: &Lease, version: u32, holders: &Holders) -> Self {
-        let hold = holders.try_hold(&store);
+    pub(super) fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
         let metadata = EventMetadata {
             correlation_id: Some(lease.task.as_uuid()),
             worker_id: Some(lease.worker_id.clone()),
@@ -119,7 +89,6 @@ impl Log {
             queue: std::sync::Mutex::new(Queue::default()),
             writer: Mutex::new(Writer {
                 version,
-                hold,
                 conn: None,
             }),
             unrecorded: AtomicUsize::new(0),
@@ -223,7 +192,8 @@ impl Log {
                     writer.version = appended.version;
                     break Ok(appended.version);
                 }
-                Err(Error::Database(err)) if retry <= APPEND_RETRIES => {
+                // A value the database refuses (class 22, data exception) is refused again.
+                Err(Error::Database(err)) if retry <= APPEND_RETRIES && !refused_data(&err) => {
                     // The held connection may be the broken part: take a fresh one.
                     writer.conn = None;
                     self.troubled.store(true, Ordering::Relaxed);
@@ -238,28 +208,88 @@ impl Log {
         written
     }
 
-    /// The append itself: on the held connection (checked out at the first append) when
-    /// the run holds one, else on a connection checked out for it.
+    /// The append itself, on the held connection, or on one checked out for it (and kept
+    /// if the pool has room to spare: see [`HOLD_SPARE`]).
     async fn append_once(
         &self,
         writer: &mut Writer,
         events: &[NewEvent],
     ) -> Result<crate::store::Appended> {
         let (task, fence) = (self.lease.task, self.lease.fence());
-        if writer.hold.is_none() {
-            return self.store.append(task, writer.version, fence, events).await;
+        if let Some(conn) = writer.conn.as_mut() {
+            return self
+                .store
+                .append_in(conn, task, writer.version, fence, events)
+                .await;
         }
-        let conn = match writer.conn.as_mut() {
-            Some(conn) => conn,
-            None => writer.conn.insert(self.store.pool().acquire().await?),
-        };
-        self.store
-            .append_in(conn, task, writer.version, fence, events)
-            .await
+        let pool = self.store.pool();
+        let mut conn = pool.acquire().await?;
+        let appended = self
+            .store
+            .append_in(&mut conn, task, writer.version, fence, events)
+            .await;
+        let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
+        if in_use + HOLD_SPARE <= pool.options().get_max_connections() {
+            writer.conn = Some(conn);
+        }
+        appended
     }
 
     fn new_event(&self, event: Event) -> NewEvent {
-        NewEvent::new(event).with_metadata(self.metadata.clone())
+        NewEvent::new(storable(event)).with_metadata(self.metadata.clone())
+    }
+}
+
+/// Whether the database refused a value in the statement (SQLSTATE class 22), which no
+/// retry changes.
+fn refused_data(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code.starts_with("22"))
+}
+
+/// The event with the NUL characters of its messages replaced: a step's error text is
+/// free-form (and `StepError`'s fields are public), but PostgreSQL stores no NUL, and a
+/// failure must always be recordable.
+fn storable(event: Event) -> Event {
+    let clean = |text: String| {
+        if text.contains('\0') {
+            text.replace('\0', "\u{FFFD}")
+        } else {
+            text
+        }
+    };
+    match event {
+        Event::ItemFailed {
+            step,
+            item,
+            attempt,
+            kind,
+            error,
+            retry,
+        } => Event::ItemFailed {
+            step,
+            item,
+            attempt,
+            kind,
+            error: clean(error),
+            retry,
+        },
+        Event::TaskFailed { reason, step, item } => Event::TaskFailed {
+            reason: clean(reason),
+            step,
+            item,
+        },
+        Event::RetryScheduled {
+            attempt,
+            next_run_at,
+            reason,
+        } => Event::RetryScheduled {
+            attempt,
+            next_run_at,
+            reason: clean(reason),
+        },
+        other => other,
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{claim, submit};
+use common::{claim, one_step, submit};
 use engine::testing::TestDatabase;
 use engine::{
     BoxFuture, FailureKind, ItemOutput, JobStatus, JobWork, Orchestrator, PgStore, ProviderLimits,
@@ -71,26 +71,24 @@ impl JobWork for NulJobs {
 /// A job id the log cannot store: the provider accepted (and bills) the job, but its
 /// `item_submitted` append fails eight times over ~11 s and the run errors; the next claim
 /// submits (pays for) the job again. Expected: the item fails at once, saying why.
+/// A job step of [`NulJobs`] with one try per item.
+fn nul_jobs(submits: &Arc<AtomicU32>, nul_in_job_id: bool) -> Step {
+    Step::jobs(
+        "render",
+        NulJobs {
+            submits: submits.clone(),
+            nul_in_job_id,
+        },
+    )
+    .retry(one_try())
+}
+
 #[tokio::test]
 async fn a_job_id_with_nul_fails_the_item_at_once_and_is_not_paid_again() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let submits = Arc::new(AtomicU32::new(0));
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(
-            Workflow::new("nuljob").step(
-                Step::jobs(
-                    "render",
-                    NulJobs {
-                        submits: submits.clone(),
-                        nul_in_job_id: true,
-                    },
-                )
-                .retry(one_try()),
-            ),
-        ),
-    );
+    let orchestrator = one_step(&store, "nuljob", nul_jobs(&submits, true));
     let task = submit(&store, "nuljob").await;
     let lease = claim(&store, task).await;
     let started = Instant::now();
@@ -109,25 +107,10 @@ async fn a_job_id_with_nul_fails_the_item_at_once_and_is_not_paid_again() {
 async fn a_job_failure_message_with_nul_is_recorded() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(
-            Workflow::new("nulfail").step(
-                Step::jobs(
-                    "render",
-                    NulJobs {
-                        submits: Arc::new(AtomicU32::new(0)),
-                        nul_in_job_id: false,
-                    },
-                )
-                .poll_backoff(engine::Backoff::exponential(
-                    Duration::from_millis(10),
-                    Duration::from_millis(10),
-                ))
-                .retry(one_try()),
-            ),
-        ),
+    let step = nul_jobs(&Arc::new(AtomicU32::new(0)), false).poll_backoff(
+        engine::Backoff::exponential(Duration::from_millis(10), Duration::from_millis(10)),
     );
+    let orchestrator = one_step(&store, "nulfail", step);
     let task = submit(&store, "nulfail").await;
     let lease = claim(&store, task).await;
     let started = Instant::now();
@@ -158,10 +141,7 @@ async fn a_step_error_literal_with_nul_is_recorded() {
         },
     )
     .retry(one_try());
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("nulerr").step(step)),
-    );
+    let orchestrator = one_step(&store, "nulerr", step);
     let task = submit(&store, "nulerr").await;
     let lease = claim(&store, task).await;
     let started = Instant::now();
@@ -252,10 +232,7 @@ async fn a_pipelined_item_failing_keeps_the_completions_before_it() {
         .pipelined()
         .concurrency(2)
         .retry(one_try());
-        let orchestrator = Orchestrator::new(
-            store.clone(),
-            Registry::new().register(Workflow::new("pipe").step(step)),
-        );
+        let orchestrator = one_step(&store, "pipe", step);
         let task = submit(&store, "pipe").await;
         let lease = claim(&store, task).await;
         let outcome = orchestrator
@@ -297,10 +274,7 @@ async fn drain_during_a_pipelined_step_records_what_was_handed_over() {
     )
     .pipelined()
     .concurrency(8);
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("drain").step(step)),
-    );
+    let orchestrator = one_step(&store, "drain", step);
     let task = submit(&store, "drain").await;
     let lease = claim(&store, task).await;
     let outcome = orchestrator
@@ -380,21 +354,7 @@ async fn a_job_id_with_nul_is_paid_for_once_across_claims() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let submits = Arc::new(AtomicU32::new(0));
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(
-            Workflow::new("nuljob").step(
-                Step::jobs(
-                    "render",
-                    NulJobs {
-                        submits: submits.clone(),
-                        nul_in_job_id: true,
-                    },
-                )
-                .retry(one_try()),
-            ),
-        ),
-    );
+    let orchestrator = one_step(&store, "nuljob", nul_jobs(&submits, true));
     let task = submit(&store, "nuljob").await;
     let mut outcomes = Vec::new();
     for n in 0..2 {

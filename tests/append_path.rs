@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{claim, completions, submit};
+use common::{claim, completions, one_step, submit};
 use engine::testing::TestDatabase;
 use engine::{
     Event, Fence, ItemOutput, NewEvent, Orchestrator, Registry, RunOutcome, Step, StepContext,
@@ -92,10 +92,7 @@ async fn cancel_in_a_fast_item() -> (Duration, Vec<u32>) {
             }
         },
     );
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("video").step(video)),
-    );
+    let orchestrator = one_step(&store, "video", video);
     let task = submit(&store, "video").await;
     task_cell.set(task).expect("once");
     let lease = claim(&store, task).await;
@@ -147,10 +144,7 @@ async fn five_hundred_items(pipelined: bool) {
     )
     .concurrency(200);
     let clips = if pipelined { clips.pipelined() } else { clips };
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("many").step(clips)),
-    );
+    let orchestrator = one_step(&store, "many", clips);
     let task = submit(&store, "many").await;
     let lease = claim(&store, task).await;
     let outcome = tokio::time::timeout(
@@ -243,10 +237,7 @@ async fn a_run_started_right_after_its_connections_were_killed_completes() {
         |_| Ok(4),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
     );
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("k").step(clips)),
-    );
+    let orchestrator = one_step(&store, "k", clips);
     let task = submit(&store, "k").await;
     let lease = claim(&store, task).await;
     // Several warm idle connections, each used within the last second.
@@ -298,10 +289,7 @@ async fn backends_killed_mid_run_the_appends_retry_and_the_run_completes() {
         },
     )
     .concurrency(8);
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("k2").step(clips)),
-    );
+    let orchestrator = one_step(&store, "k2", clips);
     let task = submit(&store, "k2").await;
     let lease = claim(&store, task).await;
     let mut killer = {
@@ -364,10 +352,7 @@ async fn an_output_the_log_cannot_store_fails_the_item_at_once_saying_why() {
         max_tries: 1,
         ..engine::RetryPolicy::default()
     });
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("nul").step(clips)),
-    );
+    let orchestrator = one_step(&store, "nul", clips);
     let task = submit(&store, "nul").await;
     let lease = claim(&store, task).await;
     let started = Instant::now();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{claim, completions, submit};
+use common::{claim, completions, one_step, submit};
 use engine::testing::TestDatabase;
 use engine::{
     Error, Event, ItemOutput, Orchestrator, Registry, RunOutcome, Step, StepContext, TaskId,
@@ -148,10 +148,7 @@ async fn a_lost_lease_fails_every_completion_of_the_shared_append_and_stores_non
             }
         },
     );
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("group").step(clips.pipelined())),
-    );
+    let orchestrator = one_step(&store, "group", clips.pipelined());
     let task = submit(&store, "group").await;
     task_cell.set(task).expect("once");
     let lease = claim(&store, task).await;
@@ -202,10 +199,7 @@ async fn by_default_each_item_is_durable_before_the_next_starts() {
             }
         },
     );
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("group").step(clips)),
-    );
+    let orchestrator = one_step(&store, "group", clips);
     let task = submit(&store, "group").await;
     task_cell.set(task).expect("once");
     let lease = claim(&store, task).await;
@@ -239,10 +233,7 @@ async fn runs_hold_connections_only_while_the_pool_keeps_its_spare() {
             Ok(ItemOutput::new(format!("clip-{item}"), 10))
         },
     );
-    let orchestrator = Orchestrator::new(
-        store.clone(),
-        Registry::new().register(Workflow::new("group").step(clips)),
-    );
+    let orchestrator = one_step(&store, "group", clips);
     let mut runs = Vec::new();
     for _ in 0..4 {
         let task = submit(&store, "group").await;

@@ -260,9 +260,7 @@ async fn not_found_and_unauthorized_are_recorded_not_retried() {
     let missing_task = new_task(&store, Some(&unknown)).await;
     let ok_task = new_task(&store, Some(&known)).await;
     let running = spawn(&store, client(&notion), fast_options());
-    // What is checked is that a 404 is recorded, not retried: the wait is generous, as the
-    // whole suite in parallel can hold the gap-safe reader back for a while.
-    assert!(wait_caught_up(&store, "notion", Duration::from_secs(15)).await);
+    assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     tokio::time::sleep(Duration::from_millis(1500)).await; // a failure pass or more
     running.stop().await;
 

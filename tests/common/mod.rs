@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::prelude::*;
-use engine::{Backoff, Event, Lease, Orchestrator};
+use engine::{Backoff, Event, Lease, Orchestrator, Registry};
 use serde_json::json;
 
 /// One call of a step's code: (step, item, task attempt).
@@ -338,4 +338,12 @@ pub async fn submit_videos(store: &PgStore, channel: &str, n: usize) -> Vec<Task
         );
     }
     tasks
+}
+
+/// An orchestrator on `store` for a workflow of the single `step`.
+pub fn one_step(store: &PgStore, workflow: &str, step: engine::Step) -> Orchestrator {
+    Orchestrator::new(
+        store.clone(),
+        Registry::new().register(engine::Workflow::new(workflow).step(step)),
+    )
 }

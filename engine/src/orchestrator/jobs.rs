@@ -280,11 +280,10 @@ impl<'a> JobRun<'a> {
                 open.next_poll = Instant::now() + wait;
                 Ok(None)
             }
-            Ok(JobStatus::Done(output)) if output.unstorable().is_some() => {
-                let reason = output.unstorable().unwrap_or_default();
-                self.job_failed(item, StepError::permanent(reason)).await
-            }
             Ok(JobStatus::Done(output)) => {
+                if let Some(reason) = output.unstorable() {
+                    return self.job_failed(item, StepError::permanent(reason)).await;
+                }
                 let waited = (Utc::now() - open.submitted_at)
                     .to_std()
                     .unwrap_or_default();

@@ -36,8 +36,8 @@ async fn pool(options: PgConnectOptions, max_connections: u32) -> Result<PgPool>
 /// The engine's pool settings: bounded waits (a dead database is an error within 10 s,
 /// never a hang). Every checkout pings its connection first (sqlx's default), so one a
 /// server restart or a killed backend left dead is replaced instead of failing a query;
-/// the hot path does not pay it, since a run keeps one connection for its appends (see
-/// [`crate::HOLD_SPARE`]). Use these options for a pool you build yourself.
+/// the hot path does not pay it, since an orchestrator keeps one connection for its runs'
+/// appends (see [`crate::HOLD_SPARE`]). Use these options for a pool you build yourself.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -56,7 +56,7 @@ pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    PgStore, SlotOwner, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
+    PgStore, SlotOwner, StreamAppend, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

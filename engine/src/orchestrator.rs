@@ -22,11 +22,13 @@ use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, SlotOwner};
 use crate::workflow::{ProviderLimits, Registry, Step, StepContext, StepError, Work, Workflow};
 
+mod commit;
 mod jobs;
 mod log;
 
+use commit::Committer;
+pub use commit::HOLD_SPARE;
 use jobs::JobRun;
-pub use log::HOLD_SPARE;
 use log::{Answer, Log};
 
 /// How a run of a claimed task ended.
@@ -72,6 +74,8 @@ pub struct Orchestrator {
     registry: Arc<Registry>,
     /// Provider limits that replace the steps' defaults, by key.
     overrides: Arc<Vec<ProviderLimits>>,
+    /// Its runs' appends, shared between them: see [`Committer`].
+    committer: Arc<Committer>,
 }
 
 /// Parks a task when its next poll (or its next chance at a provider) is at least this far
@@ -89,6 +93,7 @@ impl Orchestrator {
     /// An orchestrator over `store` for the workflows in `registry`.
     pub fn new(store: PgStore, registry: Registry) -> Self {
         Orchestrator {
+            committer: Arc::new(Committer::new(store.clone())),
             store,
             registry: Arc::new(registry),
             overrides: Arc::new(Vec::new()),
@@ -259,7 +264,7 @@ impl Orchestrator {
         let run = TaskRun {
             store: self.store.clone(),
             overrides: self.overrides.clone(),
-            log: Arc::new(Log::new(self.store.clone(), lease, state.version)),
+            log: Arc::new(Log::new(self.committer.clone(), lease, state.version)),
             workflow,
             channel,
             input: Arc::new(state.input.clone()),

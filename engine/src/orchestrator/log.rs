@@ -9,21 +9,21 @@
 //! Whoever waits for an answer while no append is in flight writes the batch (there is no
 //! background writer): a run's futures drive its own appends, so nothing outlives the run.
 //!
-//! A run keeps one connection of the pool for its appends while the pool has room to
-//! spare ([`HOLD_SPARE`]): sqlx pings a connection when it is checked out and when it is
-//! given back, round trips that a held connection does not pay.
+//! Each batch goes to the orchestrator's [`Committer`], which puts the batches of its runs
+//! (of different tasks) that wait at once into one statement and one commit.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sqlx::Postgres;
-use sqlx::pool::PoolConnection;
 use tokio::sync::{Mutex, Notify, oneshot};
+
+use super::commit::Committer;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventMetadata, NewEvent};
 use crate::id::TaskId;
-use crate::store::{Lease, PgStore};
+use crate::store::Lease;
 
 /// The most hand-overs (an item's completion, say) not yet durable that a run lets its
 /// items run ahead of (see [`Log::room`]): a bound on what a crash can lose, far above
@@ -34,16 +34,9 @@ const MAX_UNRECORDED: usize = 64;
 /// acknowledgement writes nothing twice) before the run gives up on it.
 const APPEND_RETRIES: u32 = 8;
 
-/// Connections of the pool that runs leave unheld: room for claims, heartbeats, reads and
-/// provider slots, which check one out for a statement each. A run keeps the connection
-/// of its first append only if, with it, at most the pool's size less this many are in
-/// use, so every run on the pool (of any orchestrator or worker) leaves them free.
-pub const HOLD_SPARE: u32 = 4;
-
-/// The writer's state: the stream's version and the connection it holds, if any.
+/// The writer's state: the stream's version.
 struct Writer {
     version: u32,
-    conn: Option<PoolConnection<Postgres>>,
 }
 
 /// The answer to events handed over: the stream's version right after the last of them.
@@ -51,7 +44,7 @@ pub(super) type Answer = oneshot::Receiver<Result<u32>>;
 
 /// A run's appends, serialised under its lease and grouped while one is in flight.
 pub(super) struct Log {
-    store: PgStore,
+    committer: Arc<Committer>,
     pub(super) lease: Lease,
     metadata: EventMetadata,
     queue: std::sync::Mutex<Queue>,
@@ -75,7 +68,8 @@ struct Queue {
 }
 
 impl Log {
-    pub(super) fn new(store: PgStore, lease: &Lease, version: u32) -> Self {
+    pub(super) fn new(committer: Arc<Committer>, lease: &Lease, version: u32) -> Self {
+        committer.run_started();
         let metadata = EventMetadata {
             correlation_id: Some(lease.task.as_uuid()),
             worker_id: Some(lease.worker_id.clone()),
@@ -83,14 +77,11 @@ impl Log {
             ..EventMetadata::default()
         };
         Log {
-            store,
+            committer,
             lease: lease.clone(),
             metadata,
             queue: std::sync::Mutex::new(Queue::default()),
-            writer: Mutex::new(Writer {
-                version,
-                conn: None,
-            }),
+            writer: Mutex::new(Writer { version }),
             unrecorded: AtomicUsize::new(0),
             troubled: AtomicBool::new(false),
             written: Notify::new(),
@@ -146,7 +137,7 @@ impl Log {
             let written = if events.is_empty() {
                 Ok(base)
             } else {
-                self.write(&mut writer, &events).await
+                self.write(&mut writer, events.into()).await
             };
             self.unrecorded.fetch_sub(waiters.len(), Ordering::Relaxed);
             for (end, waiter) in waiters {
@@ -182,20 +173,27 @@ impl Log {
 
     /// One append of `events` at the writer's version, retrying database errors with the
     /// same event ids; moves the version on success.
-    async fn write(&self, writer: &mut Writer, events: &[NewEvent]) -> Result<u32> {
+    async fn write(&self, writer: &mut Writer, events: Arc<[NewEvent]>) -> Result<u32> {
         let mut delay = Duration::from_millis(50);
         let mut retry = 0;
         let written = loop {
             retry += 1;
-            match self.append_once(writer, events).await {
+            let appended = self
+                .committer
+                .commit(
+                    self.lease.task,
+                    writer.version,
+                    self.lease.fence(),
+                    events.clone(),
+                )
+                .await;
+            match appended {
                 Ok(appended) => {
                     writer.version = appended.version;
                     break Ok(appended.version);
                 }
                 // A value the database refuses (class 22, data exception) is refused again.
                 Err(Error::Database(err)) if retry <= APPEND_RETRIES && !refused_data(&err) => {
-                    // The held connection may be the broken part: take a fresh one.
-                    writer.conn = None;
                     self.troubled.store(true, Ordering::Relaxed);
                     tracing::warn!(task = %self.lease.task, error = %err, "append failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -208,35 +206,14 @@ impl Log {
         written
     }
 
-    /// The append itself, on the held connection, or on one checked out for it (and kept
-    /// if the pool has room to spare: see [`HOLD_SPARE`]).
-    async fn append_once(
-        &self,
-        writer: &mut Writer,
-        events: &[NewEvent],
-    ) -> Result<crate::store::Appended> {
-        let (task, fence) = (self.lease.task, self.lease.fence());
-        if let Some(conn) = writer.conn.as_mut() {
-            return self
-                .store
-                .append_in(conn, task, writer.version, fence, events)
-                .await;
-        }
-        let pool = self.store.pool();
-        let mut conn = pool.acquire().await?;
-        let appended = self
-            .store
-            .append_in(&mut conn, task, writer.version, fence, events)
-            .await;
-        let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
-        if in_use + HOLD_SPARE <= pool.options().get_max_connections() {
-            writer.conn = Some(conn);
-        }
-        appended
-    }
-
     fn new_event(&self, event: Event) -> NewEvent {
         NewEvent::new(storable(event)).with_metadata(self.metadata.clone())
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.committer.run_ended();
     }
 }
 

@@ -5,6 +5,7 @@ mod lease;
 mod listing;
 mod postgres;
 mod providers;
+mod shared;
 mod subscription;
 mod wakeup;
 
@@ -15,6 +16,7 @@ pub use lease::Lease;
 pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
 pub use providers::SlotOwner;
+pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;
 

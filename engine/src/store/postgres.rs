@@ -187,7 +187,7 @@ impl PgStore {
 
     /// Why the fence matched no row: a replay of stored events (success), a lost lease,
     /// a version conflict, or a missing task. Reads committed state through the pool.
-    async fn explain_rejection(
+    pub(super) async fn explain_rejection(
         &self,
         stream: TaskId,
         expected: u32,
@@ -523,18 +523,18 @@ fn version_from_db(version: i32) -> u32 {
 }
 
 /// The events of one append, as the column arrays the statement unnests.
-struct EncodedBatch {
-    expected: i32,
-    len: u32,
-    event_ids: Vec<Uuid>,
-    event_types: Vec<&'static str>,
-    schema_versions: Vec<i16>,
-    payloads: Vec<Value>,
-    metadata: Vec<Value>,
+pub(super) struct EncodedBatch {
+    pub(super) expected: i32,
+    pub(super) len: u32,
+    pub(super) event_ids: Vec<Uuid>,
+    pub(super) event_types: Vec<&'static str>,
+    pub(super) schema_versions: Vec<i16>,
+    pub(super) payloads: Vec<Value>,
+    pub(super) metadata: Vec<Value>,
 }
 
 impl EncodedBatch {
-    fn new(stream: TaskId, expected_version: u32, events: &[NewEvent]) -> Result<Self> {
+    pub(super) fn new(stream: TaskId, expected_version: u32, events: &[NewEvent]) -> Result<Self> {
         if events.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "empty append to task {stream}"
@@ -571,21 +571,21 @@ impl EncodedBatch {
 
 /// How a batch of events changes the derived `tasks` row (kept in the append's statement).
 #[derive(Debug, Default)]
-struct RowChange {
-    status: Option<TaskStatus>,
+pub(super) struct RowChange {
+    pub(super) status: Option<TaskStatus>,
     /// The new status's display name, when the event records one.
-    status_display: Option<String>,
+    pub(super) status_display: Option<String>,
     /// `Some(x)`: set `next_run_at` to `x`.
-    next_run_at: Option<Option<DateTime<Utc>>>,
-    last_error: Option<String>,
-    release_lease: bool,
-    attempt: Option<i32>,
+    pub(super) next_run_at: Option<Option<DateTime<Utc>>>,
+    pub(super) last_error: Option<String>,
+    pub(super) release_lease: bool,
+    pub(super) attempt: Option<i32>,
     /// `Some(x)`: set `parked` to `x`.
-    parked: Option<bool>,
+    pub(super) parked: Option<bool>,
 }
 
 impl RowChange {
-    fn from_events(events: &[NewEvent]) -> Self {
+    pub(super) fn from_events(events: &[NewEvent]) -> Self {
         let mut change = RowChange::default();
         for new in events {
             match &new.event {

@@ -1,0 +1,269 @@
+//! Appends to several streams in one statement and one commit.
+//!
+//! Each stream keeps its own fence: the `UPDATE tasks` matches only the streams whose
+//! expected version (and lease epoch) hold, events are inserted only for those, and every
+//! other stream writes nothing and gets the same typed answer a lone append would have got
+//! (a replay of stored events, `Conflict`, `LeaseLost`, `TaskNotFound`). One stream's stale
+//! lease never fails another's events.
+
+use std::collections::HashSet;
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use uuid::Uuid;
+
+use super::postgres::{EncodedBatch, RowChange};
+use super::{Appended, EVENTS_CHANNEL, Fence, PgStore};
+use crate::error::Result;
+use crate::event::{Event, NewEvent};
+use crate::id::TaskId;
+use crate::status::TaskStatus;
+
+/// The shared append. The stream rows' order is the order their events take in the log:
+/// `ORDER BY e.idx` makes the identity values follow it, so within the one transaction each
+/// stream's events keep their version order in global order, as a lone append's do.
+const APPEND_MANY_SQL: &str = r#"
+WITH s AS (
+    SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::int[], $4::int[], $5::text[], $6::text[],
+                         $7::bool[], $8::timestamptz[], $9::text[], $10::bool[], $11::int[],
+                         $12::bool[], $13::bool[], $14::bool[])
+        AS s(id, epoch, expected, n, status, status_display, set_next_run, next_run_at,
+             last_error, release_lease, attempt, readable, parked, wakes)
+), fence AS (
+    UPDATE tasks t SET
+        version          = s.expected + s.n,
+        status           = COALESCE(s.status, t.status),
+        status_display   = CASE WHEN s.status IS NULL THEN t.status_display ELSE s.status_display END,
+        next_run_at      = CASE WHEN s.set_next_run THEN s.next_run_at ELSE t.next_run_at END,
+        last_error       = COALESCE(s.last_error, t.last_error),
+        lease_owner      = CASE WHEN s.release_lease THEN NULL ELSE t.lease_owner END,
+        lease_expires_at = CASE WHEN s.release_lease THEN NULL ELSE t.lease_expires_at END,
+        attempt          = COALESCE(s.attempt, t.attempt),
+        unreadable_since = CASE WHEN s.readable THEN NULL ELSE t.unreadable_since END,
+        parked           = COALESCE(s.parked, t.parked),
+        updated_at       = now()
+    FROM s
+    WHERE t.id = s.id AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
+    RETURNING t.id, s.expected, s.wakes
+), inserted AS (
+    INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+    SELECT fence.id, (fence.expected + e.ord)::int, e.event_id, e.event_type, e.schema_version, e.payload, e.metadata
+    FROM UNNEST($15::uuid[], $16::int[], $17::uuid[], $18::text[], $19::int2[], $20::jsonb[], $21::jsonb[])
+             WITH ORDINALITY AS e(stream_id, ord, event_id, event_type, schema_version, payload, metadata, idx)
+    JOIN fence ON fence.id = e.stream_id
+    ORDER BY e.idx
+    RETURNING stream_id, global_position
+), notified AS (
+    SELECT pg_notify($22, '') WHERE EXISTS (SELECT 1 FROM fence WHERE fence.wakes)
+)
+SELECT
+    COALESCE((SELECT array_agg(id) FROM fence), '{}') AS fenced,
+    (SELECT count(*) FROM notified) AS notified,
+    COALESCE((SELECT array_agg(stream_id ORDER BY global_position) FROM inserted), '{}') AS streams,
+    COALESCE((SELECT array_agg(global_position ORDER BY global_position) FROM inserted), '{}') AS positions
+"#;
+
+/// One stream's part of a shared append (see [`PgStore::append_many_in`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamAppend<'a> {
+    pub stream: TaskId,
+    pub expected_version: u32,
+    pub fence: Fence,
+    pub events: &'a [NewEvent],
+}
+
+/// The statement's parameters: one row per stream, one per event.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<Uuid>,
+    epochs: Vec<Option<i64>>,
+    expected: Vec<i32>,
+    counts: Vec<i32>,
+    statuses: Vec<Option<&'static str>>,
+    displays: Vec<Option<String>>,
+    set_next_run: Vec<bool>,
+    next_run_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    last_errors: Vec<Option<String>>,
+    release_lease: Vec<bool>,
+    attempts: Vec<Option<i32>>,
+    readable: Vec<bool>,
+    parked: Vec<Option<bool>>,
+    wakes: Vec<bool>,
+    event_streams: Vec<Uuid>,
+    ords: Vec<i32>,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'static str>,
+    schema_versions: Vec<i16>,
+    payloads: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+}
+
+impl Columns {
+    fn push(&mut self, append: &StreamAppend<'_>, batch: EncodedBatch) {
+        let change = RowChange::from_events(append.events);
+        let uuid = append.stream.as_uuid();
+        self.ids.push(uuid);
+        self.epochs.push(append.fence.epoch());
+        self.expected.push(batch.expected);
+        self.counts
+            .push(i32::try_from(batch.len).unwrap_or(i32::MAX));
+        self.statuses.push(change.status.map(TaskStatus::as_str));
+        self.displays.push(change.status_display);
+        self.set_next_run.push(change.next_run_at.is_some());
+        self.next_run_at.push(change.next_run_at.flatten());
+        self.last_errors.push(change.last_error);
+        self.release_lease.push(change.release_lease);
+        self.attempts.push(change.attempt);
+        self.readable.push(
+            append
+                .events
+                .iter()
+                .any(|e| !matches!(e.event, Event::TaskClaimed { .. })),
+        );
+        self.parked.push(change.parked);
+        self.wakes
+            .push(append.events.iter().any(|e| e.event.wakes_followers()));
+        for (ord, _) in (1..).zip(append.events) {
+            self.event_streams.push(uuid);
+            self.ords.push(ord);
+        }
+        self.event_ids.extend(batch.event_ids);
+        self.event_types.extend(batch.event_types);
+        self.schema_versions.extend(batch.schema_versions);
+        self.payloads.extend(batch.payloads);
+        self.metadata.extend(batch.metadata);
+    }
+}
+
+impl PgStore {
+    /// Appends to several streams in one statement and one commit on `conn`, each under its
+    /// own expected version and fence, and answers each as [`PgStore::append_in`] would
+    /// have: the streams whose fence holds are written together; any other writes nothing
+    /// and gets its own typed answer (a replay of the same events, `Conflict`, `LeaseLost`,
+    /// `TaskNotFound`), never failing the rest.
+    ///
+    /// A stream named twice, a batch the database refuses as a whole (a reused event id,
+    /// say) or a single stream is appended one stream at a time, in order, so that every
+    /// answer stays exact.
+    pub async fn append_many_in(
+        &self,
+        conn: &mut PgConnection,
+        appends: &[StreamAppend<'_>],
+    ) -> Vec<Result<Appended>> {
+        let mut seen = HashSet::new();
+        let distinct = appends.iter().all(|a| seen.insert(a.stream));
+        if appends.len() > 1 && distinct {
+            let mut columns = Columns::default();
+            let mut encoded = Ok(());
+            for append in appends {
+                match EncodedBatch::new(append.stream, append.expected_version, append.events) {
+                    Ok(batch) => columns.push(append, batch),
+                    Err(err) => {
+                        encoded = Err(err);
+                        break;
+                    }
+                }
+            }
+            if encoded.is_ok()
+                && let Ok(written) = self.shared_statement(conn, &columns).await
+            {
+                return self.answers(appends, written).await;
+            }
+        }
+        let mut answers = Vec::with_capacity(appends.len());
+        for append in appends {
+            answers.push(
+                self.append_in(
+                    conn,
+                    append.stream,
+                    append.expected_version,
+                    append.fence,
+                    append.events,
+                )
+                .await,
+            );
+        }
+        answers
+    }
+
+    async fn shared_statement(
+        &self,
+        conn: &mut PgConnection,
+        c: &Columns,
+    ) -> std::result::Result<Written, sqlx::Error> {
+        let row = sqlx::query(APPEND_MANY_SQL)
+            .bind(&c.ids)
+            .bind(&c.epochs)
+            .bind(&c.expected)
+            .bind(&c.counts)
+            .bind(&c.statuses)
+            .bind(&c.displays)
+            .bind(&c.set_next_run)
+            .bind(&c.next_run_at)
+            .bind(&c.last_errors)
+            .bind(&c.release_lease)
+            .bind(&c.attempts)
+            .bind(&c.readable)
+            .bind(&c.parked)
+            .bind(&c.wakes)
+            .bind(&c.event_streams)
+            .bind(&c.ords)
+            .bind(&c.event_ids)
+            .bind(&c.event_types)
+            .bind(&c.schema_versions)
+            .bind(&c.payloads)
+            .bind(&c.metadata)
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Written {
+            fenced: row.try_get("fenced")?,
+            streams: row.try_get("streams")?,
+            positions: row.try_get("positions")?,
+        })
+    }
+
+    /// Each stream's answer: its positions if its fence held, else why not.
+    async fn answers(
+        &self,
+        appends: &[StreamAppend<'_>],
+        written: Written,
+    ) -> Vec<Result<Appended>> {
+        let mut answers = Vec::with_capacity(appends.len());
+        for append in appends {
+            let uuid = append.stream.as_uuid();
+            if written.fenced.contains(&uuid) {
+                let positions = written
+                    .streams
+                    .iter()
+                    .zip(&written.positions)
+                    .filter(|(stream, _)| **stream == uuid)
+                    .map(|(_, position)| *position)
+                    .collect();
+                answers.push(Ok(Appended {
+                    version: append.expected_version + append.events.len() as u32,
+                    positions,
+                    replayed: false,
+                }));
+            } else {
+                answers.push(
+                    self.explain_rejection(
+                        append.stream,
+                        append.expected_version,
+                        append.fence,
+                        append.events,
+                    )
+                    .await,
+                );
+            }
+        }
+        answers
+    }
+}
+
+/// What the shared statement wrote.
+struct Written {
+    fenced: Vec<Uuid>,
+    streams: Vec<Uuid>,
+    positions: Vec<i64>,
+}

@@ -1,0 +1,324 @@
+//! Shared commits across tasks (issue 18): one statement appends to several streams, each
+//! under its own version and lease, and answers each exactly as a lone append would; the
+//! runs of one orchestrator share commits without losing an item or a fence. Against a
+//! real PostgreSQL.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{claim, completions, one_step, submit};
+use engine::testing::TestDatabase;
+use engine::{
+    Error, Event, Fence, ItemOutput, NewEvent, RunOutcome, Step, StepContext, StreamAppend, TaskId,
+    TaskStatus,
+};
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+fn completion(item: u32) -> NewEvent {
+    NewEvent::new(Event::ItemCompleted {
+        step: "clips".into(),
+        item,
+        attempt: 1,
+        artifact: format!("clip-{item}"),
+        cost_micros: 10,
+        duration_ms: 1,
+        output: None,
+    })
+}
+
+/// `(stream, version, tx_id, global_position)` of every event of `streams`.
+async fn stored(db: &TestDatabase, streams: &[TaskId]) -> Vec<(TaskId, u32, String, i64)> {
+    let ids: Vec<uuid::Uuid> = streams.iter().map(TaskId::as_uuid).collect();
+    sqlx::query(
+        "SELECT stream_id, stream_version, tx_id::text AS tx, global_position FROM events \
+         WHERE stream_id = ANY($1) ORDER BY global_position",
+    )
+    .bind(&ids)
+    .fetch_all(db.pool())
+    .await
+    .expect("events")
+    .iter()
+    .map(|r| {
+        (
+            TaskId::from(r.get::<uuid::Uuid, _>("stream_id")),
+            r.get::<i32, _>("stream_version") as u32,
+            r.get::<String, _>("tx"),
+            r.get::<i64, _>("global_position"),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn a_shared_append_answers_each_stream_as_a_lone_append_would() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let (a, f) = (submit(&store, "w").await, submit(&store, "w").await);
+    let (b, c, e) = (
+        submit(&store, "w").await,
+        submit(&store, "w").await,
+        submit(&store, "w").await,
+    );
+    let missing = TaskId::new();
+    let (lease_a, lease_b, lease_f) = (
+        claim(&store, a).await,
+        claim(&store, b).await,
+        claim(&store, f).await,
+    );
+    // B's lease is taken by another worker; E's events were stored by an earlier try
+    // whose acknowledgement was lost.
+    sqlx::query("UPDATE tasks SET lease_epoch = lease_epoch + 1 WHERE id = $1")
+        .bind(b.as_uuid())
+        .execute(db.pool())
+        .await
+        .expect("take over");
+    let replayed = [completion(1)];
+    store
+        .append(e, 1, Fence::Unleased, &replayed)
+        .await
+        .expect("first try");
+
+    let a_events = [completion(1), completion(2)];
+    let f_events = [
+        NewEvent::new(Event::status_changed(
+            TaskStatus::QUEUED,
+            TaskStatus::FINAL_REVIEW,
+        )),
+        completion(1),
+    ];
+    let one = [completion(1)];
+    let appends = [
+        StreamAppend {
+            stream: a,
+            expected_version: lease_a.version,
+            fence: lease_a.fence(),
+            events: &a_events,
+        },
+        StreamAppend {
+            stream: b,
+            expected_version: lease_b.version,
+            fence: lease_b.fence(),
+            events: &one,
+        },
+        StreamAppend {
+            stream: c,
+            expected_version: 5,
+            fence: Fence::Unleased,
+            events: &one,
+        },
+        StreamAppend {
+            stream: missing,
+            expected_version: 1,
+            fence: Fence::Unleased,
+            events: &one,
+        },
+        StreamAppend {
+            stream: e,
+            expected_version: 1,
+            fence: Fence::Unleased,
+            events: &replayed,
+        },
+        StreamAppend {
+            stream: f,
+            expected_version: lease_f.version,
+            fence: lease_f.fence(),
+            events: &f_events,
+        },
+    ];
+    let mut conn = db.pool().acquire().await.expect("conn");
+    let answers = store.append_many_in(&mut conn, &appends).await;
+    assert_eq!(answers.len(), appends.len());
+
+    let a_done = answers[0].as_ref().expect("A is written");
+    assert_eq!(a_done.version, lease_a.version + 2);
+    assert!(!a_done.replayed);
+    assert!(matches!(answers[1], Err(Error::LeaseLost { task, .. }) if task == b));
+    assert!(
+        matches!(answers[2], Err(Error::Conflict { stream, expected: 5, actual: 1 }) if stream == c)
+    );
+    assert!(matches!(answers[3], Err(Error::TaskNotFound(task)) if task == missing));
+    let e_done = answers[4].as_ref().expect("E's events were already there");
+    assert!(e_done.replayed && e_done.version == 2);
+    let f_done = answers[5].as_ref().expect("F is written");
+    assert_eq!(f_done.version, lease_f.version + 2);
+
+    // B, C and E wrote nothing; A and F wrote in one commit, A's events first, each in
+    // version order, at the positions the answers give.
+    let rows = stored(&db, &[a, b, c, e, f]).await;
+    let count = |s: TaskId| rows.iter().filter(|r| r.0 == s).count();
+    assert_eq!(
+        (count(b), count(c), count(e)),
+        (2, 1, 2),
+        "B: submitted + claimed; C: submitted; E: submitted + its first try"
+    );
+    let shared: Vec<_> = rows
+        .iter()
+        .filter(|r| (r.0 == a || r.0 == f) && r.1 > lease_a.version.min(lease_f.version))
+        .collect();
+    assert_eq!(shared.len(), 4);
+    assert!(shared.iter().all(|r| r.2 == shared[0].2), "one commit");
+    let order: Vec<(TaskId, u32)> = shared.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        order,
+        vec![
+            (a, lease_a.version + 1),
+            (a, lease_a.version + 2),
+            (f, lease_f.version + 1),
+            (f, lease_f.version + 2)
+        ]
+    );
+    let positions: Vec<i64> = shared.iter().map(|r| r.3).collect();
+    assert_eq!(a_done.positions, positions[..2]);
+    assert_eq!(f_done.positions, positions[2..]);
+    // Each stream's row moved with its own events: F's status, both versions.
+    let row = |t: TaskId| {
+        sqlx::query("SELECT version, status FROM tasks WHERE id = $1")
+            .bind(t.as_uuid())
+            .fetch_one(db.pool())
+    };
+    let a_row = row(a).await.expect("a");
+    let f_row = row(f).await.expect("f");
+    assert_eq!(a_row.get::<i32, _>("version") as u32, a_done.version);
+    assert_eq!(f_row.get::<i32, _>("version") as u32, f_done.version);
+    assert_eq!(f_row.get::<String, _>("status"), "final_review");
+    assert_ne!(a_row.get::<String, _>("status"), "final_review");
+}
+
+#[tokio::test]
+async fn a_reused_event_id_in_a_shared_append_fails_only_its_stream() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let (a, b, other) = (
+        submit(&store, "w").await,
+        submit(&store, "w").await,
+        submit(&store, "w").await,
+    );
+    let taken = completion(1);
+    store
+        .append(other, 1, Fence::Unleased, std::slice::from_ref(&taken))
+        .await
+        .expect("other");
+    let a_events = [completion(1)];
+    let b_events = [NewEvent {
+        event_id: taken.event_id,
+        ..completion(2)
+    }];
+    let appends = [
+        StreamAppend {
+            stream: a,
+            expected_version: 1,
+            fence: Fence::Unleased,
+            events: &a_events,
+        },
+        StreamAppend {
+            stream: b,
+            expected_version: 1,
+            fence: Fence::Unleased,
+            events: &b_events,
+        },
+    ];
+    let mut conn = db.pool().acquire().await.expect("conn");
+    let answers = store.append_many_in(&mut conn, &appends).await;
+    assert_eq!(answers[0].as_ref().expect("A is written").version, 2);
+    assert!(
+        matches!(answers[1], Err(Error::EventIdReused { event_id }) if event_id == taken.event_id),
+        "{:?}",
+        answers[1]
+    );
+    assert_eq!(store.stream_version(a).await.expect("a"), 2);
+    assert_eq!(store.stream_version(b).await.expect("b"), 1);
+}
+
+/// Four runs of one orchestrator whose items finish together share commits; each task's
+/// history stays exact, and a lost lease stops its own run only.
+#[tokio::test]
+async fn runs_of_one_orchestrator_share_commits_and_a_lost_lease_stays_their_own() {
+    const ITEMS: u32 = 18;
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let pool = db.pool().clone();
+    let tasks: Vec<TaskId> = {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            tasks.push(submit(&store, "shared").await);
+        }
+        tasks
+    };
+    let lost = tasks[1];
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks.len()));
+    let taken = Arc::new(AtomicBool::new(false));
+    let flag = taken.clone();
+    // Every task's first item waits for the others', so their completions arrive together;
+    // item 5 of one task hands it to another worker.
+    let clips = Step::items(
+        "clips",
+        |_| Ok(ITEMS),
+        move |ctx: StepContext, item| {
+            let (pool, barrier, flag) = (pool.clone(), barrier.clone(), flag.clone());
+            async move {
+                if item == 1 {
+                    barrier.wait().await;
+                }
+                if item == 5 && ctx.task_id == lost {
+                    sqlx::query("UPDATE tasks SET lease_epoch = lease_epoch + 1 WHERE id = $1")
+                        .bind(ctx.task_id.as_uuid())
+                        .execute(&pool)
+                        .await
+                        .expect("take over");
+                    flag.store(true, Ordering::SeqCst);
+                }
+                Ok(ItemOutput::new(format!("clip-{item}"), 10))
+            }
+        },
+    );
+    let orchestrator = one_step(&store, "shared", clips);
+    let mut runs = Vec::new();
+    for &task in &tasks {
+        let lease = claim(&store, task).await;
+        let orchestrator = orchestrator.clone();
+        runs.push(tokio::spawn(async move {
+            orchestrator.run(&lease, CancellationToken::new()).await
+        }));
+    }
+    for (task, run) in tasks.iter().zip(runs) {
+        let outcome = run.await.expect("join");
+        if *task == lost {
+            assert!(
+                matches!(outcome, Err(Error::LeaseLost { .. })),
+                "{outcome:?}"
+            );
+        } else {
+            assert_eq!(outcome.expect("run"), RunOutcome::Completed);
+        }
+    }
+    assert!(taken.load(Ordering::SeqCst));
+    for &task in &tasks {
+        let events = store.read_stream(task, 1).await.expect("read");
+        let versions: Vec<u32> = events.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=events.len() as u32).collect::<Vec<_>>());
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "{:?}", audit.violations);
+        let done = completions(&store, task, "clips").await;
+        assert!(done.values().all(|&n| n == 1), "each item once: {done:?}");
+        if task == lost {
+            assert!(done.len() < 5, "nothing after the takeover: {done:?}");
+        } else {
+            assert_eq!(done.len(), ITEMS as usize);
+        }
+    }
+    // Some commit carried completions of several tasks.
+    let rows = stored(&db, &tasks).await;
+    let mut streams_by_commit: HashMap<&str, HashSet<TaskId>> = HashMap::new();
+    for (stream, _, tx, _) in &rows {
+        streams_by_commit.entry(tx).or_default().insert(*stream);
+    }
+    let widest = streams_by_commit.values().map(HashSet::len).max();
+    assert!(
+        widest >= Some(2),
+        "no commit carried more than one task's events"
+    );
+}

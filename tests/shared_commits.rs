@@ -129,9 +129,21 @@ async fn a_shared_append_answers_each_stream_as_a_lone_append_would() {
             events: &f_events,
         },
     ];
+    let mut followers = sqlx::postgres::PgListener::connect_with(db.pool())
+        .await
+        .expect("listener");
+    followers
+        .listen(engine::EVENTS_CHANNEL)
+        .await
+        .expect("listen");
     let mut conn = db.pool().acquire().await.expect("conn");
     let answers = store.append_many_in(&mut conn, &appends).await;
     assert_eq!(answers.len(), appends.len());
+    // F's status change wakes followers, as it would alone.
+    tokio::time::timeout(std::time::Duration::from_secs(5), followers.recv())
+        .await
+        .expect("followers are woken")
+        .expect("notification");
 
     let a_done = answers[0].as_ref().expect("A is written");
     assert_eq!(a_done.version, lease_a.version + 2);

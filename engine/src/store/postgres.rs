@@ -155,13 +155,9 @@ impl PgStore {
             .bind(change.release_lease)
             .bind(change.attempt)
             .bind(EVENTS_CHANNEL)
-            .bind(events.iter().any(|e| e.event.wakes_followers()))
+            .bind(change.wakes)
             .bind(change.status_display)
-            .bind(
-                events
-                    .iter()
-                    .any(|e| !matches!(e.event, Event::TaskClaimed { .. })),
-            )
+            .bind(change.readable)
             .bind(change.parked)
             .fetch_one(&mut *conn)
             .await;
@@ -582,12 +578,19 @@ pub(super) struct RowChange {
     pub(super) attempt: Option<i32>,
     /// `Some(x)`: set `parked` to `x`.
     pub(super) parked: Option<bool>,
+    /// The batch holds an event followers wait for: the append notifies them at commit.
+    pub(super) wakes: bool,
+    /// The batch holds more than a claim: its writer could read the history, so the task
+    /// is no longer set aside as unreadable.
+    pub(super) readable: bool,
 }
 
 impl RowChange {
     pub(super) fn from_events(events: &[NewEvent]) -> Self {
         let mut change = RowChange::default();
         for new in events {
+            change.wakes |= new.event.wakes_followers();
+            change.readable |= !matches!(new.event, Event::TaskClaimed { .. });
             match &new.event {
                 Event::StatusChanged { to, to_display, .. } => {
                     change.status = Some(*to);

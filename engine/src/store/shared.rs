@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::postgres::{EncodedBatch, RowChange};
 use super::{Appended, EVENTS_CHANNEL, Fence, PgStore};
 use crate::error::Result;
-use crate::event::{Event, NewEvent};
+use crate::event::NewEvent;
 use crate::id::TaskId;
 use crate::status::TaskStatus;
 
@@ -114,15 +114,9 @@ impl Columns {
         self.last_errors.push(change.last_error);
         self.release_lease.push(change.release_lease);
         self.attempts.push(change.attempt);
-        self.readable.push(
-            append
-                .events
-                .iter()
-                .any(|e| !matches!(e.event, Event::TaskClaimed { .. })),
-        );
+        self.readable.push(change.readable);
         self.parked.push(change.parked);
-        self.wakes
-            .push(append.events.iter().any(|e| e.event.wakes_followers()));
+        self.wakes.push(change.wakes);
         for (ord, _) in (1..).zip(append.events) {
             self.event_streams.push(uuid);
             self.ords.push(ord);

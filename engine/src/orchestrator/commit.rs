@@ -166,12 +166,17 @@ impl Committer {
 
     /// The queued appends for the next statement, oldest first: at most one per stream
     /// (a later one for the same stream waits for the next statement, so it sees the
-    /// version the earlier one leaves) and at most [`MAX_STREAMS`].
+    /// version the earlier one leaves) and at most [`MAX_STREAMS`]. An append whose waiter
+    /// has gone (its run was dropped while it queued) is dropped too: nothing of a run is
+    /// written after it ended, when its lease may already be given up.
     fn take_batch(&self) -> Vec<Pending> {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch: Vec<Pending> = Vec::new();
         let mut rest = Vec::new();
         for pending in queue.drain(..) {
+            if pending.answer.is_closed() {
+                continue;
+            }
             if batch.len() < MAX_STREAMS && batch.iter().all(|b| b.stream != pending.stream) {
                 batch.push(pending);
             } else {

@@ -1,9 +1,7 @@
 //! An orchestrator's shared commits: the appends of its runs (of different tasks) that
 //! wait while one is in flight go out together in the next one, one statement and one
 //! commit, each stream still under its own expected version and lease (see
-//! [`PgStore::append_many_in`]). A stream whose task row another transaction holds is
-//! skipped by the shared statement and appended alone by its own waiter, so one held row
-//! stalls its own run only.
+//! [`PgStore::append_many_in`]).
 //!
 //! As in a run's [`Log`](super::log::Log), nothing waits to fill a batch and there is no
 //! background writer: whoever waits while nothing is in flight writes what is queued, so
@@ -21,7 +19,7 @@ use tokio::sync::{Mutex, oneshot};
 use crate::error::{Error, Result};
 use crate::event::NewEvent;
 use crate::id::TaskId;
-use crate::store::{Appended, Fence, PgStore, SharedAnswer, StreamAppend};
+use crate::store::{Appended, Fence, PgStore, StreamAppend};
 
 /// Connections of the pool that the committer leaves unheld: room for claims, heartbeats,
 /// reads and provider slots, which check one out for a statement each. It keeps the
@@ -39,7 +37,7 @@ struct Pending {
     expected: u32,
     fence: Fence,
     events: Arc<[NewEvent]>,
-    answer: oneshot::Sender<SharedAnswer>,
+    answer: oneshot::Sender<Result<Appended>>,
 }
 
 /// An orchestrator's appends, grouped while one is in flight.
@@ -105,14 +103,14 @@ impl Committer {
         events: Arc<[NewEvent]>,
     ) -> Result<Appended> {
         let mut answer = self.enqueue(stream, expected, fence, events.clone());
-        let shared = loop {
-            if let Some(shared) = self.answered(&mut answer, stream, expected, fence, &events) {
-                break shared;
+        loop {
+            if let Some(result) = self.answered(&mut answer, stream, expected, fence, &events) {
+                return result;
             }
             let mut held = self.writer.lock().await;
             // The statement this one waited for may have carried these events.
-            if let Some(shared) = self.answered(&mut answer, stream, expected, fence, &events) {
-                break shared;
+            if let Some(result) = self.answered(&mut answer, stream, expected, fence, &events) {
+                return result;
             }
             // Ours is queued: statements answer before they let the writer go.
             let batch = self.take_batch();
@@ -122,11 +120,6 @@ impl Committer {
                 let _ = pending.answer.send(result);
             }
             drop(held);
-        };
-        match shared {
-            SharedAnswer::Done(result) => result,
-            // The task's row is held elsewhere: wait for it here, holding nobody back.
-            SharedAnswer::Alone => self.store.append(stream, expected, fence, &events).await,
         }
     }
 
@@ -134,12 +127,12 @@ impl Committer {
     /// was dropped before answering, they are queued again (same event ids) for the next.
     fn answered(
         &self,
-        answer: &mut oneshot::Receiver<SharedAnswer>,
+        answer: &mut oneshot::Receiver<Result<Appended>>,
         stream: TaskId,
         expected: u32,
         fence: Fence,
         events: &Arc<[NewEvent]>,
-    ) -> Option<SharedAnswer> {
+    ) -> Option<Result<Appended>> {
         match answer.try_recv() {
             Ok(result) => Some(result),
             Err(oneshot::error::TryRecvError::Empty) => None,
@@ -156,7 +149,7 @@ impl Committer {
         expected: u32,
         fence: Fence,
         events: Arc<[NewEvent]>,
-    ) -> oneshot::Receiver<SharedAnswer> {
+    ) -> oneshot::Receiver<Result<Appended>> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .lock()
@@ -201,7 +194,7 @@ impl Committer {
         &self,
         held: &mut Option<PoolConnection<Postgres>>,
         batch: &[Pending],
-    ) -> Vec<SharedAnswer> {
+    ) -> Vec<Result<Appended>> {
         let appends: Vec<StreamAppend<'_>> = batch
             .iter()
             .map(|p| StreamAppend {
@@ -219,15 +212,13 @@ impl Committer {
                 Err(err) => {
                     return batch
                         .iter()
-                        .map(|_| SharedAnswer::Done(Err(Error::Database(copy_pool_error(&err)))))
+                        .map(|_| Err(Error::Database(copy_pool_error(&err))))
                         .collect();
                 }
             },
         };
-        let answers = self.store.append_shared_in(&mut conn, &appends).await;
-        let broken = answers
-            .iter()
-            .any(|a| matches!(a, SharedAnswer::Done(Err(Error::Database(_)))));
+        let answers = self.store.append_many_in(&mut conn, &appends).await;
+        let broken = answers.iter().any(|a| matches!(a, Err(Error::Database(_))));
         let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
         if !broken
             && self.runs.load(Ordering::SeqCst) > 0

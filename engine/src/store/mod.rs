@@ -16,7 +16,6 @@ pub use lease::Lease;
 pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
 pub use providers::SlotOwner;
-pub(crate) use shared::SharedAnswer;
 pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;

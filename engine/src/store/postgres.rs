@@ -21,14 +21,8 @@ use crate::status::TaskStatus;
 /// The longest error text copied into the `tasks` row.
 const LAST_ERROR_MAX_CHARS: usize = 500;
 
-/// The append statement. `$locked` and `$only_locked` make the variant that skips a task
-/// row another transaction holds instead of waiting for it (`locked` = 0: nothing written).
-macro_rules! append_sql {
-    ($locked:literal, $only_locked:literal, $locked_count:literal) => {
-        concat!(
-            "\nWITH ",
-            $locked,
-            r#"fence AS (
+const APPEND_SQL: &str = r#"
+WITH fence AS (
     UPDATE tasks SET
         version          = $3 + cardinality($4::uuid[]),
         status           = COALESCE($9, status),
@@ -42,9 +36,7 @@ macro_rules! append_sql {
         unreadable_since = CASE WHEN $18 THEN NULL ELSE unreadable_since END,
         parked           = COALESCE($19, parked),
         updated_at       = now()
-    WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)"#,
-            $only_locked,
-            r#"
+    WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
     RETURNING id
 ), inserted AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
@@ -59,21 +51,8 @@ macro_rules! append_sql {
 SELECT
     (SELECT count(*) FROM fence) AS fenced,
     (SELECT count(*) FROM notified) AS notified,
-    COALESCE((SELECT array_agg(global_position ORDER BY global_position) FROM inserted), '{}') AS positions,
-    "#,
-            $locked_count,
-            " AS locked\n"
-        )
-    };
-}
-
-const APPEND_SQL: &str = append_sql!("", "", "1::bigint");
-
-const APPEND_SKIP_LOCKED_SQL: &str = append_sql!(
-    "locked AS (SELECT id FROM tasks WHERE id = $1 FOR UPDATE SKIP LOCKED), ",
-    " AND id IN (SELECT id FROM locked)",
-    "(SELECT count(*) FROM locked)"
-);
+    COALESCE((SELECT array_agg(global_position ORDER BY global_position) FROM inserted), '{}') AS positions
+"#;
 
 const CREATE_TASK_SQL: &str = r#"
 WITH task AS (
@@ -158,44 +137,9 @@ impl PgStore {
         fence: Fence,
         events: &[NewEvent],
     ) -> Result<Appended> {
-        self.append_statement(conn, APPEND_SQL, stream, expected_version, fence, events)
-            .await?
-            .ok_or_else(|| Error::InvalidInput("the waiting append skipped its row".into()))
-    }
-
-    /// [`PgStore::append_in`] that does not wait for a task row another transaction holds:
-    /// `None` when it was held (nothing written).
-    pub(super) async fn append_unless_locked(
-        &self,
-        conn: &mut PgConnection,
-        stream: TaskId,
-        expected_version: u32,
-        fence: Fence,
-        events: &[NewEvent],
-    ) -> Result<Option<Appended>> {
-        self.append_statement(
-            conn,
-            APPEND_SKIP_LOCKED_SQL,
-            stream,
-            expected_version,
-            fence,
-            events,
-        )
-        .await
-    }
-
-    async fn append_statement(
-        &self,
-        conn: &mut PgConnection,
-        sql: &'static str,
-        stream: TaskId,
-        expected_version: u32,
-        fence: Fence,
-        events: &[NewEvent],
-    ) -> Result<Option<Appended>> {
         let batch = EncodedBatch::new(stream, expected_version, events)?;
         let change = RowChange::from_events(events);
-        let outcome = sqlx::query(sql)
+        let outcome = sqlx::query(APPEND_SQL)
             .bind(stream.as_uuid())
             .bind(fence.epoch())
             .bind(batch.expected)
@@ -225,20 +169,16 @@ impl PgStore {
                     .await);
             }
         };
-        if row.try_get::<i64, _>("locked")? == 0 {
-            return Ok(None);
-        }
         if row.try_get::<i64, _>("fenced")? == 1 {
             let positions: Vec<i64> = row.try_get("positions")?;
-            return Ok(Some(Appended {
+            return Ok(Appended {
                 version: expected_version + batch.len,
                 positions,
                 replayed: false,
-            }));
+            });
         }
         self.explain_rejection(stream, expected_version, fence, events)
             .await
-            .map(Some)
     }
 
     /// Why the fence matched no row: a replay of stored events (success), a lost lease,

@@ -4,8 +4,7 @@
 //! expected version (and lease epoch) hold, events are inserted only for those, and every
 //! other stream writes nothing and gets the same typed answer a lone append would have got
 //! (a replay of stored events, `Conflict`, `LeaseLost`, `TaskNotFound`). One stream's stale
-//! lease never fails another's events, and one stream's row locked by another transaction
-//! never holds the others back: the statement skips it, and it is appended on its own.
+//! lease never fails another's events.
 
 use std::collections::HashSet;
 
@@ -30,9 +29,6 @@ WITH s AS (
                          $12::bool[], $13::bool[], $14::bool[])
         AS s(id, epoch, expected, n, status, status_display, set_next_run, next_run_at,
              last_error, release_lease, attempt, readable, parked, wakes)
-), locked AS (
-    -- A row another transaction holds is skipped, not waited for: that stream goes alone.
-    SELECT t.id FROM tasks t WHERE t.id IN (SELECT id FROM s) FOR UPDATE SKIP LOCKED
 ), fence AS (
     UPDATE tasks t SET
         version          = s.expected + s.n,
@@ -47,8 +43,7 @@ WITH s AS (
         parked           = COALESCE(s.parked, t.parked),
         updated_at       = now()
     FROM s
-    WHERE t.id = s.id AND t.id IN (SELECT id FROM locked)
-      AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
+    WHERE t.id = s.id AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
     RETURNING t.id, s.expected, s.wakes
 ), inserted AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
@@ -62,7 +57,6 @@ WITH s AS (
     SELECT pg_notify($22, '') WHERE EXISTS (SELECT 1 FROM fence WHERE fence.wakes)
 )
 SELECT
-    COALESCE((SELECT array_agg(id) FROM locked), '{}') AS locked,
     COALESCE((SELECT array_agg(id) FROM fence), '{}') AS fenced,
     (SELECT count(*) FROM notified) AS notified,
     COALESCE((SELECT array_agg(stream_id ORDER BY global_position) FROM inserted), '{}') AS streams,
@@ -135,16 +129,6 @@ impl Columns {
     }
 }
 
-/// One stream's answer from [`PgStore::append_shared_in`].
-#[derive(Debug)]
-pub(crate) enum SharedAnswer {
-    /// What a lone append would have answered.
-    Done(Result<Appended>),
-    /// Another transaction holds the task's row (or there is no such task): nothing was
-    /// written; append it alone, where waiting for the row holds nobody else back.
-    Alone,
-}
-
 impl PgStore {
     /// Appends to several streams in one statement and one commit on `conn`, each under its
     /// own expected version and fence, and answers each as [`PgStore::append_in`] would
@@ -154,42 +138,12 @@ impl PgStore {
     ///
     /// A stream named twice, a batch the database refuses as a whole (a reused event id,
     /// say) or a single stream is appended one stream at a time, in order, so that every
-    /// answer stays exact. A stream whose task row another transaction holds is skipped by
-    /// the shared statement (the others commit without waiting for it) and appended alone
-    /// after it. Use it outside a transaction: a shared statement the database refuses
-    /// would abort one the caller holds open.
+    /// answer stays exact.
     pub async fn append_many_in(
         &self,
         conn: &mut PgConnection,
         appends: &[StreamAppend<'_>],
     ) -> Vec<Result<Appended>> {
-        let shared = self.append_shared_in(conn, appends).await;
-        let mut answers = Vec::with_capacity(appends.len());
-        for (append, answer) in appends.iter().zip(shared) {
-            answers.push(match answer {
-                SharedAnswer::Done(result) => result,
-                SharedAnswer::Alone => {
-                    self.append_in(
-                        conn,
-                        append.stream,
-                        append.expected_version,
-                        append.fence,
-                        append.events,
-                    )
-                    .await
-                }
-            });
-        }
-        answers
-    }
-
-    /// [`PgStore::append_many_in`], except that a stream the shared statement skipped (its
-    /// row held by another transaction) is left for the caller to append alone.
-    pub(crate) async fn append_shared_in(
-        &self,
-        conn: &mut PgConnection,
-        appends: &[StreamAppend<'_>],
-    ) -> Vec<SharedAnswer> {
         let mut seen = HashSet::new();
         let distinct = appends.iter().all(|a| seen.insert(a.stream));
         if appends.len() > 1 && distinct {
@@ -211,30 +165,17 @@ impl PgStore {
             }
         }
         let mut answers = Vec::with_capacity(appends.len());
-        // A stream left to go alone keeps its later appends behind it, in order.
-        let mut alone = HashSet::new();
         for append in appends {
-            if alone.contains(&append.stream) {
-                answers.push(SharedAnswer::Alone);
-                continue;
-            }
-            let appended = self
-                .append_unless_locked(
+            answers.push(
+                self.append_in(
                     conn,
                     append.stream,
                     append.expected_version,
                     append.fence,
                     append.events,
                 )
-                .await;
-            answers.push(match appended {
-                Ok(None) => {
-                    alone.insert(append.stream);
-                    SharedAnswer::Alone
-                }
-                Ok(Some(appended)) => SharedAnswer::Done(Ok(appended)),
-                Err(err) => SharedAnswer::Done(Err(err)),
-            });
+                .await,
+            );
         }
         answers
     }
@@ -270,22 +211,22 @@ impl PgStore {
             .fetch_one(&mut *conn)
             .await?;
         Ok(Written {
-            locked: row.try_get("locked")?,
             fenced: row.try_get("fenced")?,
             streams: row.try_get("streams")?,
             positions: row.try_get("positions")?,
         })
     }
 
-    /// Each stream's answer: its positions if its fence held, why not if it did not, or
-    /// that it goes alone if the statement skipped its row.
-    async fn answers(&self, appends: &[StreamAppend<'_>], written: Written) -> Vec<SharedAnswer> {
+    /// Each stream's answer: its positions if its fence held, else why not.
+    async fn answers(
+        &self,
+        appends: &[StreamAppend<'_>],
+        written: Written,
+    ) -> Vec<Result<Appended>> {
         let mut answers = Vec::with_capacity(appends.len());
         for append in appends {
             let uuid = append.stream.as_uuid();
-            if !written.locked.contains(&uuid) {
-                answers.push(SharedAnswer::Alone);
-            } else if written.fenced.contains(&uuid) {
+            if written.fenced.contains(&uuid) {
                 let positions = written
                     .streams
                     .iter()
@@ -293,13 +234,13 @@ impl PgStore {
                     .filter(|(stream, _)| **stream == uuid)
                     .map(|(_, position)| *position)
                     .collect();
-                answers.push(SharedAnswer::Done(Ok(Appended {
+                answers.push(Ok(Appended {
                     version: append.expected_version + append.events.len() as u32,
                     positions,
                     replayed: false,
-                })));
+                }));
             } else {
-                answers.push(SharedAnswer::Done(
+                answers.push(
                     self.explain_rejection(
                         append.stream,
                         append.expected_version,
@@ -307,7 +248,7 @@ impl PgStore {
                         append.events,
                     )
                     .await,
-                ));
+                );
             }
         }
         answers
@@ -316,8 +257,6 @@ impl PgStore {
 
 /// What the shared statement wrote.
 struct Written {
-    /// The streams whose rows the statement took (the others were held elsewhere).
-    locked: Vec<Uuid>,
     fenced: Vec<Uuid>,
     streams: Vec<Uuid>,
     positions: Vec<i64>,

@@ -336,13 +336,15 @@ async fn runs_of_one_orchestrator_share_commits_and_a_lost_lease_stays_their_own
     );
 }
 
-/// Waits until some statement of the test database waits on a row lock.
-async fn wait_for_lock_wait(db: &TestDatabase) {
+/// Waits until some statement of the test database waits on `wait_event_type` (`Lock`
+/// for a row lock, `Timeout` for a `pg_sleep`).
+async fn wait_for_wait(db: &TestDatabase, wait_event_type: &str) {
     for _ in 0..200 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+             WHERE datname = current_database() AND wait_event_type = $1",
         )
+        .bind(wait_event_type)
         .fetch_one(db.pool())
         .await
         .expect("activity");
@@ -351,11 +353,94 @@ async fn wait_for_lock_wait(db: &TestDatabase) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("no statement ever waited on the lock");
+    panic!("no statement ever waited on {wait_event_type}");
+}
+
+/// From now on, an append to `stream` stalls inside its statement (no lock wait: a
+/// trigger sleeps) until [`unstall`] runs.
+async fn stall_appends_to(db: &TestDatabase, stream: TaskId) {
+    for ddl in [
+        "CREATE TABLE stalled (stream uuid PRIMARY KEY)",
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           WHILE EXISTS (SELECT 1 FROM stalled WHERE stream = NEW.stream_id) LOOP \
+             PERFORM pg_sleep(0.01); \
+           END LOOP; \
+           RETURN NEW; \
+         END $$",
+        "CREATE TRIGGER stall BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION stall()",
+    ] {
+        sqlx::query(ddl).execute(db.pool()).await.expect("stall");
+    }
+    sqlx::query("INSERT INTO stalled VALUES ($1)")
+        .bind(stream.as_uuid())
+        .execute(db.pool())
+        .await
+        .expect("stall");
+}
+
+async fn unstall(db: &TestDatabase) {
+    sqlx::query("DELETE FROM stalled")
+        .execute(db.pool())
+        .await
+        .expect("unstall");
+}
+
+/// A task row held by another transaction (a library user's open transaction, say)
+/// stalls that task's own run only: the other runs of the orchestrator carry on, and
+/// once the row is free, the held task runs to the end too. (Found by review: the shared
+/// statement waited on the row with every run's appends behind it.)
+#[tokio::test]
+async fn a_task_row_held_elsewhere_stalls_only_its_own_run() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let clips = Step::items(
+        "clips",
+        |_| Ok(3),
+        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
+    );
+    let orchestrator = one_step(&store, "w", clips);
+    let (a, b) = (submit(&store, "w").await, submit(&store, "w").await);
+    let (lease_a, lease_b) = (claim(&store, a).await, claim(&store, b).await);
+    let mut side = db.pool().begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(b.as_uuid())
+        .execute(&mut *side)
+        .await
+        .expect("lock");
+    let run_b = {
+        let orchestrator = orchestrator.clone();
+        tokio::spawn(async move { orchestrator.run(&lease_b, CancellationToken::new()).await })
+    };
+    wait_for_wait(&db, "Lock").await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        orchestrator.run(&lease_a, CancellationToken::new()),
+    )
+    .await
+    .expect("A runs while B's row is held")
+    .expect("run a");
+    assert_eq!(outcome, RunOutcome::Completed);
+    assert!(!run_b.is_finished(), "B waits for its row");
+    assert_eq!(
+        store.stream_version(b).await.expect("b"),
+        2,
+        "nothing of B is written while its row is held"
+    );
+    side.commit().await.expect("unlock");
+    assert_eq!(
+        run_b.await.expect("join").expect("run b"),
+        RunOutcome::Completed
+    );
+    for task in [a, b] {
+        assert_eq!(completions(&store, task, "clips").await.len(), 3);
+        let events = store.read_stream(task, 1).await.expect("read");
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "{:?}", audit.violations);
+    }
 }
 
 /// A run aborted (`JoinHandle::abort`) while its append waits behind another run's
-/// statement writes nothing after it ends: not after its lease is given up, and not in
+/// (stalled) statement writes nothing after it ends: not after its lease is given up, and not in
 /// the way of the same lease run again. (Found by review: the queued append was written
 /// by the next statement of any other run.)
 #[tokio::test]
@@ -371,18 +456,13 @@ async fn an_aborted_run_writes_nothing_after_it_ended() {
         let orchestrator = one_step(&store, "w", clips);
         let (a, b) = (submit(&store, "w").await, submit(&store, "w").await);
         let (lease_a, lease_b) = (claim(&store, a).await, claim(&store, b).await);
-        // B's first append goes out and waits on B's row, locked here.
-        let mut side = db.pool().begin().await.expect("begin");
-        sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(b.as_uuid())
-            .execute(&mut *side)
-            .await
-            .expect("lock");
+        // B's first append goes out and stalls in its statement.
+        stall_appends_to(&db, b).await;
         let run_b = {
             let orchestrator = orchestrator.clone();
             tokio::spawn(async move { orchestrator.run(&lease_b, CancellationToken::new()).await })
         };
-        wait_for_lock_wait(&db).await;
+        wait_for_wait(&db, "Timeout").await;
         // A's first append queues behind it; then A's run is aborted.
         let run_a = {
             let (orchestrator, lease_a) = (orchestrator.clone(), lease_a.clone());
@@ -405,13 +485,13 @@ async fn an_aborted_run_writes_nothing_after_it_ended() {
                 )
             };
             tokio::time::sleep(Duration::from_millis(300)).await;
-            side.commit().await.expect("unlock");
+            unstall(&db).await;
             let outcome = again.await.expect("join").expect("run a again");
             assert_eq!(outcome, RunOutcome::Completed);
         } else {
             // Whoever aborted it gives the lease up.
             assert!(store.release_lease(&lease_a).await.expect("release"));
-            side.commit().await.expect("unlock");
+            unstall(&db).await;
         }
         assert_eq!(
             run_b.await.expect("join").expect("run b"),

@@ -8,6 +8,11 @@
 //! a lone append costs what it did alone. While any of its runs is under way, the
 //! committer holds one connection of the pool for its statements, if the pool has room to
 //! spare ([`HOLD_SPARE`]); with no run left it gives it back (so a pool can close).
+//!
+//! A task row that another transaction keeps locked (a library user's own transaction,
+//! say) holds up only its own run: the committer's statements wait at most [`LOCK_WAIT`]
+//! for a row lock, and a task whose row stays locked is appended by its own run, alone,
+//! on a connection of its own, while the others' appends go on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +24,7 @@ use tokio::sync::{Mutex, oneshot};
 use crate::error::{Error, Result};
 use crate::event::NewEvent;
 use crate::id::TaskId;
-use crate::store::{Appended, Fence, PgStore, StreamAppend};
+use crate::store::{Appended, Fence, PgStore, StreamAppend, waited_too_long};
 
 /// Connections of the pool that the committer leaves unheld: room for claims, heartbeats,
 /// reads and provider slots, which check one out for a statement each. It keeps the
@@ -27,6 +32,12 @@ use crate::store::{Appended, Fence, PgStore, StreamAppend};
 /// are in use, so every committer on the pool (of any orchestrator or worker) leaves them
 /// free.
 pub const HOLD_SPARE: u32 = 4;
+
+/// How long the committer's statements wait for a task row locked by another transaction
+/// (a PostgreSQL interval). The engine's own statements hold a task row for one short
+/// statement, so only a lock held elsewhere for longer makes an append give up and go
+/// alone.
+pub(crate) const LOCK_WAIT: &str = "100ms";
 
 /// The most streams one shared statement carries (the rest go in the next).
 const MAX_STREAMS: usize = 64;
@@ -103,14 +114,14 @@ impl Committer {
         events: Arc<[NewEvent]>,
     ) -> Result<Appended> {
         let mut answer = self.enqueue(stream, expected, fence, events.clone());
-        loop {
+        let result = loop {
             if let Some(result) = self.answered(&mut answer, stream, expected, fence, &events) {
-                return result;
+                break result;
             }
             let mut held = self.writer.lock().await;
             // The statement this one waited for may have carried these events.
             if let Some(result) = self.answered(&mut answer, stream, expected, fence, &events) {
-                return result;
+                break result;
             }
             // Ours is queued: statements answer before they let the writer go.
             let batch = self.take_batch();
@@ -120,7 +131,13 @@ impl Committer {
                 let _ = pending.answer.send(result);
             }
             drop(held);
+        };
+        if waited_too_long(&result) {
+            // The task's row is locked elsewhere: wait for it alone, on a connection of its
+            // own, outside the committer, so the other runs' appends go on meanwhile.
+            return self.store.append(stream, expected, fence, &events).await;
         }
+        result
     }
 
     /// The answer, if it has come. If the run that took these events into its statement
@@ -217,8 +234,13 @@ impl Committer {
                 }
             },
         };
-        let answers = self.store.append_many_in(&mut conn, &appends).await;
-        let broken = answers.iter().any(|a| matches!(a, Err(Error::Database(_))));
+        let answers = self
+            .store
+            .append_many_within(&mut conn, &appends, Some(LOCK_WAIT))
+            .await;
+        let broken = answers
+            .iter()
+            .any(|a| matches!(a, Err(Error::Database(_))) && !waited_too_long(a));
         let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
         if !broken
             && self.runs.load(Ordering::SeqCst) > 0

@@ -15,6 +15,7 @@ pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
 pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
+pub(crate) use postgres::waited_too_long;
 pub use providers::SlotOwner;
 pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};

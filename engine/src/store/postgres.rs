@@ -18,6 +18,14 @@ use crate::event::{CURRENT_SCHEMA_VERSION, Event, EventRow, NewEvent, RecordedEv
 use crate::id::{TaskId, truncate_for_display};
 use crate::status::TaskStatus;
 
+/// Whether an append gave up waiting for a row lock (see [`PgStore::append_within`]).
+pub(crate) fn waited_too_long(result: &Result<Appended>) -> bool {
+    matches!(
+        result,
+        Err(Error::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("55P03")
+    )
+}
+
 /// The longest error text copied into the `tasks` row.
 const LAST_ERROR_MAX_CHARS: usize = 500;
 
@@ -36,7 +44,10 @@ WITH fence AS (
         unreadable_since = CASE WHEN $18 THEN NULL ELSE unreadable_since END,
         parked           = COALESCE($19, parked),
         updated_at       = now()
+    -- $20, if given, bounds how long the fence waits for the task's row lock (local to
+    -- this statement's transaction): a shared writer gives up a row held elsewhere.
     WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
+      AND ($20::text IS NULL OR set_config('lock_timeout', $20, true) IS NOT NULL)
     RETURNING id
 ), inserted AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
@@ -137,6 +148,23 @@ impl PgStore {
         fence: Fence,
         events: &[NewEvent],
     ) -> Result<Appended> {
+        self.append_within(conn, stream, expected_version, fence, events, None)
+            .await
+    }
+
+    /// [`PgStore::append_in`], giving up (a database error with SQLSTATE `55P03`, see
+    /// [`waited_too_long`]) if the task's row stays locked by another transaction for
+    /// longer than `lock_wait` (a PostgreSQL interval, e.g. `"100ms"`), having written
+    /// nothing.
+    pub(crate) async fn append_within(
+        &self,
+        conn: &mut PgConnection,
+        stream: TaskId,
+        expected_version: u32,
+        fence: Fence,
+        events: &[NewEvent],
+        lock_wait: Option<&str>,
+    ) -> Result<Appended> {
         let batch = EncodedBatch::new(stream, expected_version, events)?;
         let change = RowChange::from_events(events);
         let outcome = sqlx::query(APPEND_SQL)
@@ -159,6 +187,7 @@ impl PgStore {
             .bind(change.status_display)
             .bind(change.readable)
             .bind(change.parked)
+            .bind(lock_wait)
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {

@@ -44,6 +44,7 @@ WITH s AS (
         updated_at       = now()
     FROM s
     WHERE t.id = s.id AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
+      AND ($23::text IS NULL OR set_config('lock_timeout', $23, true) IS NOT NULL)
     RETURNING t.id, s.expected, s.wakes
 ), inserted AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
@@ -144,6 +145,19 @@ impl PgStore {
         conn: &mut PgConnection,
         appends: &[StreamAppend<'_>],
     ) -> Vec<Result<Appended>> {
+        self.append_many_within(conn, appends, None).await
+    }
+
+    /// [`PgStore::append_many_in`], each statement giving up on a task row that another
+    /// transaction keeps locked for longer than `lock_wait` (see
+    /// [`PgStore::append_within`]). A shared statement that gives up is retried one stream
+    /// at a time, so only the streams whose rows stay locked answer with that error.
+    pub(crate) async fn append_many_within(
+        &self,
+        conn: &mut PgConnection,
+        appends: &[StreamAppend<'_>],
+        lock_wait: Option<&str>,
+    ) -> Vec<Result<Appended>> {
         let mut seen = HashSet::new();
         let distinct = appends.iter().all(|a| seen.insert(a.stream));
         if appends.len() > 1 && distinct {
@@ -159,7 +173,7 @@ impl PgStore {
                 }
             }
             if encoded.is_ok()
-                && let Ok(written) = self.shared_statement(conn, &columns).await
+                && let Ok(written) = self.shared_statement(conn, &columns, lock_wait).await
             {
                 return self.answers(appends, written).await;
             }
@@ -167,12 +181,13 @@ impl PgStore {
         let mut answers = Vec::with_capacity(appends.len());
         for append in appends {
             answers.push(
-                self.append_in(
+                self.append_within(
                     conn,
                     append.stream,
                     append.expected_version,
                     append.fence,
                     append.events,
+                    lock_wait,
                 )
                 .await,
             );
@@ -184,6 +199,7 @@ impl PgStore {
         &self,
         conn: &mut PgConnection,
         c: &Columns,
+        lock_wait: Option<&str>,
     ) -> std::result::Result<Written, sqlx::Error> {
         let row = sqlx::query(APPEND_MANY_SQL)
             .bind(&c.ids)
@@ -208,6 +224,7 @@ impl PgStore {
             .bind(&c.payloads)
             .bind(&c.metadata)
             .bind(EVENTS_CHANNEL)
+            .bind(lock_wait)
             .fetch_one(&mut *conn)
             .await?;
         Ok(Written {

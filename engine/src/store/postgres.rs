@@ -29,7 +29,7 @@ pub(crate) fn waited_too_long(result: &Result<Appended>) -> bool {
 /// The longest error text copied into the `tasks` row.
 const LAST_ERROR_MAX_CHARS: usize = 500;
 
-const APPEND_SQL: &str = r#"
+pub(super) const APPEND_SQL: &str = r#"
 WITH fence AS (
     UPDATE tasks SET
         version          = $3 + cardinality($4::uuid[]),

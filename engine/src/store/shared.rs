@@ -278,3 +278,36 @@ struct Written {
     streams: Vec<Uuid>,
     positions: Vec<i64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::APPEND_MANY_SQL;
+    use crate::store::postgres::APPEND_SQL;
+
+    /// The columns a statement's fence `UPDATE tasks … SET` assigns.
+    fn assigned(sql: &str) -> Vec<String> {
+        let set = sql
+            .split_once(" SET")
+            .and_then(|(_, rest)| rest.split_once("WHERE"))
+            .map(|(set, _)| set)
+            .expect("an UPDATE … SET … WHERE");
+        let mut columns: Vec<String> = set
+            .lines()
+            .filter_map(|line| line.trim().split_once('='))
+            .map(|(column, _)| column.trim().to_owned())
+            .filter(|column| !column.is_empty() && !column.starts_with("--"))
+            .collect();
+        columns.sort();
+        columns
+    }
+
+    /// The lone and the shared append keep separate statements (the lone one is tuned for
+    /// a lone item's latency), so a `tasks` column that one maintains and the other does
+    /// not would make the status row depend on whether a batch shared a commit.
+    #[test]
+    fn the_lone_and_the_shared_append_maintain_the_same_task_columns() {
+        let lone = assigned(APPEND_SQL);
+        assert!(lone.len() >= 10, "{lone:?}");
+        assert_eq!(lone, assigned(APPEND_MANY_SQL));
+    }
+}

@@ -439,6 +439,111 @@ async fn a_task_row_held_elsewhere_stalls_only_its_own_run() {
     }
 }
 
+/// Sessions of the test database waiting on a lock, read on `monitor` (a connection
+/// outside the pool under test).
+async fn lock_waiters(monitor: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&mut *monitor)
+    .await
+    .expect("activity")
+}
+
+/// One outside transaction holds the rows of as many tasks as the pool has connections,
+/// each with its run under way. Those runs take turns waiting for their rows on one
+/// connection, so the pool keeps room for everything else: a read, and an unrelated
+/// task's run, which completes. Once the rows are free, every held run completes too.
+/// (Found by review: each held run waited alone on a pooled connection of its own, and
+/// the pool had nothing left.)
+#[tokio::test]
+async fn rows_held_elsewhere_leave_the_pool_room_for_the_rest() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let size = store.pool().options().get_max_connections() as usize;
+    let clips = Step::items(
+        "clips",
+        |_| Ok(3),
+        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
+    );
+    let orchestrator = one_step(&store, "w", clips);
+    let mut held = Vec::new();
+    for _ in 0..size {
+        held.push(submit(&store, "w").await);
+    }
+    let free = submit(&store, "w").await;
+    let mut leases = Vec::new();
+    for task in &held {
+        leases.push(claim(&store, *task).await);
+    }
+    let lease_free = claim(&store, free).await;
+    let ids: Vec<uuid::Uuid> = held.iter().map(TaskId::as_uuid).collect();
+    let mut side = sqlx::PgConnection::connect(db.url()).await.expect("side");
+    let mut monitor = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("monitor");
+    sqlx::query("BEGIN")
+        .execute(&mut side)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut side)
+        .await
+        .expect("lock");
+    let runs: Vec<_> = leases
+        .into_iter()
+        .map(|lease| {
+            let orchestrator = orchestrator.clone();
+            tokio::spawn(async move { orchestrator.run(&lease, CancellationToken::new()).await })
+        })
+        .collect();
+    let mut most_waiting = 0;
+    for _ in 0..30 {
+        most_waiting = most_waiting.max(lock_waiters(&mut monitor).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most_waiting <= 2,
+        "{most_waiting} sessions waited on the held rows at once"
+    );
+    let read = tokio::time::timeout(Duration::from_secs(5), store.stream_version(free)).await;
+    assert!(matches!(read, Ok(Ok(2))), "a read on the pool: {read:?}");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        orchestrator.run(&lease_free, CancellationToken::new()),
+    )
+    .await
+    .expect("the unrelated run completes while the rows are held")
+    .expect("run");
+    assert_eq!(outcome, RunOutcome::Completed);
+    assert_eq!(completions(&store, free, "clips").await.len(), 3);
+    for &task in &held {
+        assert_eq!(store.stream_version(task).await.expect("held"), 2);
+    }
+
+    sqlx::query("COMMIT")
+        .execute(&mut side)
+        .await
+        .expect("unlock");
+    for run in runs {
+        let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("a held run completes once its row is free")
+            .expect("join")
+            .expect("run");
+        assert_eq!(outcome, RunOutcome::Completed);
+    }
+    for task in held {
+        assert_eq!(completions(&store, task, "clips").await.len(), 3);
+        let events = store.read_stream(task, 1).await.expect("read");
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "{:?}", audit.violations);
+    }
+}
+
 /// A run aborted (`JoinHandle::abort`) while its append waits behind another run's
 /// (stalled) statement writes nothing after it ends: not after its lease is given up, and not in
 /// the way of the same lease run again. (Found by review: the queued append was written

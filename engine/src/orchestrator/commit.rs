@@ -12,19 +12,21 @@
 //! A task row that another transaction keeps locked (a library user's own transaction,
 //! say) holds up only its own run: the committer's statements wait at most [`LOCK_WAIT`]
 //! for a row lock, and a task whose row stays locked is appended by its own run, alone,
-//! on a connection of its own, while the others' appends go on.
+//! while the others' appends go on. Such runs take turns on one connection at a time
+//! (each waiting at most [`ALONE_LOCK_WAIT`] per turn), so however many rows are held,
+//! they keep at most one connection of the pool besides the committer's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::{Mutex, Semaphore, oneshot};
 
 use crate::error::{Error, Result};
 use crate::event::NewEvent;
 use crate::id::TaskId;
-use crate::store::{Appended, Fence, PgStore, StreamAppend, waited_too_long};
+use crate::store::{Appended, Bounded, Fence, PgStore, StreamAppend};
 
 /// Connections of the pool that the committer leaves unheld: room for claims, heartbeats,
 /// reads and provider slots, which check one out for a statement each. It keeps the
@@ -39,6 +41,13 @@ pub const HOLD_SPARE: u32 = 4;
 /// alone.
 pub(crate) const LOCK_WAIT: &str = "100ms";
 
+/// How long a run appending alone (its row was held past [`LOCK_WAIT`]) waits for its row
+/// per turn before it lets the next such run try.
+const ALONE_LOCK_WAIT: &str = "1s";
+
+/// The pause before a run appending alone tries again, doubling up to a second.
+const ALONE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The most streams one shared statement carries (the rest go in the next).
 const MAX_STREAMS: usize = 64;
 
@@ -48,7 +57,7 @@ struct Pending {
     expected: u32,
     fence: Fence,
     events: Arc<[NewEvent]>,
-    answer: oneshot::Sender<Result<Appended>>,
+    answer: oneshot::Sender<Bounded>,
 }
 
 /// An orchestrator's appends, grouped while one is in flight.
@@ -60,6 +69,8 @@ pub(super) struct Committer {
     writer: Mutex<Option<PoolConnection<Postgres>>>,
     /// Runs under way (see [`Committer::run_started`]).
     runs: AtomicUsize,
+    /// The turn of the runs whose task row is held elsewhere (see [`Committer::alone`]).
+    alone: Semaphore,
 }
 
 impl std::fmt::Debug for Pending {
@@ -79,6 +90,7 @@ impl Committer {
             queue: std::sync::Mutex::new(Vec::new()),
             writer: Mutex::new(None),
             runs: AtomicUsize::new(0),
+            alone: Semaphore::new(1),
         }
     }
 
@@ -132,24 +144,60 @@ impl Committer {
             }
             drop(held);
         };
-        if waited_too_long(&result) {
-            // The task's row is locked elsewhere: wait for it alone, on a connection of its
-            // own, outside the committer, so the other runs' appends go on meanwhile.
-            return self.store.append(stream, expected, fence, &events).await;
+        match result {
+            Bounded::Answered(result) => result,
+            Bounded::Held => self.alone(stream, expected, fence, &events).await,
         }
-        result
+    }
+
+    /// Appends to a stream whose task row another transaction holds locked, outside the
+    /// committer so the other runs' appends go on: one such run at a time waits for its
+    /// row, at most [`ALONE_LOCK_WAIT`], then lets the next try, until its row is free.
+    async fn alone(
+        &self,
+        stream: TaskId,
+        expected: u32,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> Result<Appended> {
+        tracing::warn!(task = %stream, "task row locked by another transaction; the run waits for it");
+        let mut pause = ALONE_PAUSE;
+        loop {
+            let attempt = {
+                // The semaphore is never closed.
+                let Ok(_turn) = self.alone.acquire().await else {
+                    return Err(Error::Database(sqlx::Error::PoolClosed));
+                };
+                let mut conn = self.store.pool().acquire().await?;
+                self.store
+                    .append_within(
+                        &mut conn,
+                        stream,
+                        expected,
+                        fence,
+                        events,
+                        Some(ALONE_LOCK_WAIT),
+                    )
+                    .await
+            };
+            if !crate::store::waited_too_long(&attempt) {
+                return attempt;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
     }
 
     /// The answer, if it has come. If the run that took these events into its statement
     /// was dropped before answering, they are queued again (same event ids) for the next.
     fn answered(
         &self,
-        answer: &mut oneshot::Receiver<Result<Appended>>,
+        answer: &mut oneshot::Receiver<Bounded>,
         stream: TaskId,
         expected: u32,
         fence: Fence,
         events: &Arc<[NewEvent]>,
-    ) -> Option<Result<Appended>> {
+    ) -> Option<Bounded> {
         match answer.try_recv() {
             Ok(result) => Some(result),
             Err(oneshot::error::TryRecvError::Empty) => None,
@@ -166,7 +214,7 @@ impl Committer {
         expected: u32,
         fence: Fence,
         events: Arc<[NewEvent]>,
-    ) -> oneshot::Receiver<Result<Appended>> {
+    ) -> oneshot::Receiver<Bounded> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .lock()
@@ -211,7 +259,7 @@ impl Committer {
         &self,
         held: &mut Option<PoolConnection<Postgres>>,
         batch: &[Pending],
-    ) -> Vec<Result<Appended>> {
+    ) -> Vec<Bounded> {
         let appends: Vec<StreamAppend<'_>> = batch
             .iter()
             .map(|p| StreamAppend {
@@ -229,7 +277,7 @@ impl Committer {
                 Err(err) => {
                     return batch
                         .iter()
-                        .map(|_| Err(Error::Database(copy_pool_error(&err))))
+                        .map(|_| Bounded::Answered(Err(Error::Database(copy_pool_error(&err)))))
                         .collect();
                 }
             },
@@ -240,7 +288,7 @@ impl Committer {
             .await;
         let broken = answers
             .iter()
-            .any(|a| matches!(a, Err(Error::Database(_))) && !waited_too_long(a));
+            .any(|a| matches!(a, Bounded::Answered(Err(Error::Database(_)))));
         let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
         if !broken
             && self.runs.load(Ordering::SeqCst) > 0

@@ -17,6 +17,7 @@ pub use listing::{TaskFilter, TaskSummary};
 pub use postgres::PgStore;
 pub(crate) use postgres::waited_too_long;
 pub use providers::SlotOwner;
+pub(crate) use shared::Bounded;
 pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};
 pub(crate) use wakeup::WakeUps;

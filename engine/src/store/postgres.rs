@@ -20,10 +20,7 @@ use crate::status::TaskStatus;
 
 /// Whether an append gave up waiting for a row lock (see [`PgStore::append_within`]).
 pub(crate) fn waited_too_long(result: &Result<Appended>) -> bool {
-    matches!(
-        result,
-        Err(Error::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("55P03")
-    )
+    matches!(result, Err(Error::Database(err)) if super::shared::lock_not_available(err))
 }
 
 /// The longest error text copied into the `tasks` row.

@@ -12,9 +12,9 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
-use super::postgres::{EncodedBatch, RowChange};
+use super::postgres::{EncodedBatch, RowChange, waited_too_long};
 use super::{Appended, EVENTS_CHANNEL, Fence, PgStore};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::NewEvent;
 use crate::id::TaskId;
 use crate::status::TaskStatus;
@@ -64,6 +64,36 @@ SELECT
     COALESCE((SELECT array_agg(global_position ORDER BY global_position) FROM inserted), '{}') AS positions
 "#;
 
+/// Shared statements sent for one call, at most (see [`PgStore::append_many_within`]).
+const SHARED_ROUNDS: usize = 3;
+
+/// One stream's answer from [`PgStore::append_many_within`].
+#[derive(Debug)]
+pub(crate) enum Bounded {
+    /// What a lone append would have answered.
+    Answered(Result<Appended>),
+    /// The task's row stayed locked by another transaction past the bound; nothing of
+    /// this stream was written.
+    Held,
+}
+
+impl Bounded {
+    /// The answer of a call without a bound, which never gives up on a row.
+    fn into_answer(self) -> Result<Appended> {
+        match self {
+            Bounded::Answered(answer) => answer,
+            Bounded::Held => Err(Error::Database(sqlx::Error::Protocol(
+                "the task row stayed locked by another transaction".into(),
+            ))),
+        }
+    }
+}
+
+/// SQLSTATE 55P03: a lock wait outlasted `lock_timeout`.
+pub(crate) fn lock_not_available(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 /// One stream's part of a shared append (see [`PgStore::append_many_in`]).
 #[derive(Clone, Copy, Debug)]
 pub struct StreamAppend<'a> {
@@ -100,6 +130,16 @@ struct Columns {
 }
 
 impl Columns {
+    /// The parameters for `batch`; an event that cannot be encoded fails the lot.
+    fn of(batch: &[StreamAppend<'_>]) -> Result<Columns> {
+        let mut columns = Columns::default();
+        for append in batch {
+            let encoded = EncodedBatch::new(append.stream, append.expected_version, append.events)?;
+            columns.push(append, encoded);
+        }
+        Ok(columns)
+    }
+
     fn push(&mut self, append: &StreamAppend<'_>, batch: EncodedBatch) {
         let change = RowChange::from_events(append.events);
         let uuid = append.stream.as_uuid();
@@ -145,54 +185,103 @@ impl PgStore {
         conn: &mut PgConnection,
         appends: &[StreamAppend<'_>],
     ) -> Vec<Result<Appended>> {
-        self.append_many_within(conn, appends, None).await
+        self.append_many_within(conn, appends, None)
+            .await
+            .into_iter()
+            .map(Bounded::into_answer)
+            .collect()
     }
 
     /// [`PgStore::append_many_in`], each statement giving up on a task row that another
     /// transaction keeps locked for longer than `lock_wait` (see
-    /// [`PgStore::append_within`]). A shared statement that gives up is retried one stream
-    /// at a time, so only the streams whose rows stay locked answer with that error.
+    /// [`PgStore::append_within`]): such a stream answers [`Bounded::Held`], having written
+    /// nothing, and the others are appended without it.
+    ///
+    /// A shared statement that gives up is sent again without the rows a probe finds
+    /// locked (`FOR NO KEY UPDATE SKIP LOCKED`, the lock the fence takes), so it costs one
+    /// wait for all of them, not one per stream.
     pub(crate) async fn append_many_within(
         &self,
         conn: &mut PgConnection,
         appends: &[StreamAppend<'_>],
         lock_wait: Option<&str>,
-    ) -> Vec<Result<Appended>> {
+    ) -> Vec<Bounded> {
+        let mut answers: Vec<Option<Bounded>> = appends.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..appends.len()).collect();
         let mut seen = HashSet::new();
         let distinct = appends.iter().all(|a| seen.insert(a.stream));
-        if appends.len() > 1 && distinct {
-            let mut columns = Columns::default();
-            let mut encoded = Ok(());
-            for append in appends {
-                match EncodedBatch::new(append.stream, append.expected_version, append.events) {
-                    Ok(batch) => columns.push(append, batch),
-                    Err(err) => {
-                        encoded = Err(err);
-                        break;
+        // A few rounds: a row may be locked, or let go, between the probe and the statement.
+        for _ in 0..SHARED_ROUNDS {
+            let batch: Vec<StreamAppend<'_>> = pending.iter().map(|&i| appends[i]).collect();
+            if batch.len() < 2 || !distinct {
+                break;
+            }
+            let Ok(columns) = Columns::of(&batch) else {
+                break;
+            };
+            match self.shared_statement(conn, &columns, lock_wait).await {
+                Ok(written) => {
+                    let written = self.answers(&batch, written).await;
+                    for (&i, answer) in pending.iter().zip(written) {
+                        answers[i] = Some(Bounded::Answered(answer));
                     }
+                    pending.clear();
                 }
+                Err(err) if lock_wait.is_some() && lock_not_available(&err) => {
+                    let Ok(held) = self.held_rows(conn, &batch).await else {
+                        break;
+                    };
+                    pending.retain(|&i| {
+                        let keep = !held.contains(&appends[i].stream.as_uuid());
+                        if !keep {
+                            answers[i] = Some(Bounded::Held);
+                        }
+                        keep
+                    });
+                    continue;
+                }
+                Err(_) => {}
             }
-            if encoded.is_ok()
-                && let Ok(written) = self.shared_statement(conn, &columns, lock_wait).await
-            {
-                return self.answers(appends, written).await;
-            }
+            break;
         }
-        let mut answers = Vec::with_capacity(appends.len());
-        for append in appends {
-            answers.push(
-                self.append_within(
+        for i in pending {
+            let a = appends[i];
+            let result = self
+                .append_within(
                     conn,
-                    append.stream,
-                    append.expected_version,
-                    append.fence,
-                    append.events,
+                    a.stream,
+                    a.expected_version,
+                    a.fence,
+                    a.events,
                     lock_wait,
                 )
-                .await,
-            );
+                .await;
+            answers[i] = Some(if lock_wait.is_some() && waited_too_long(&result) {
+                Bounded::Held
+            } else {
+                Bounded::Answered(result)
+            });
         }
         answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or(Bounded::Held))
+            .collect()
+    }
+
+    /// Which of `batch`'s task rows another transaction holds locked now.
+    async fn held_rows(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[StreamAppend<'_>],
+    ) -> std::result::Result<HashSet<Uuid>, sqlx::Error> {
+        let ids: Vec<Uuid> = batch.iter().map(|a| a.stream.as_uuid()).collect();
+        let free: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(ids.into_iter().filter(|id| !free.contains(id)).collect())
     }
 
     async fn shared_statement(
@@ -281,8 +370,96 @@ struct Written {
 
 #[cfg(test)]
 mod tests {
-    use super::APPEND_MANY_SQL;
+    use super::{APPEND_MANY_SQL, Bounded, StreamAppend};
+    use crate::event::{Event, NewEvent};
+    use crate::id::TaskId;
     use crate::store::postgres::APPEND_SQL;
+    use crate::store::{Fence, NewTask, PgStore};
+    use crate::testing::TestDatabase;
+
+    async fn task(store: &PgStore) -> TaskId {
+        let channel = crate::id::ChannelId::parse("c").expect("channel");
+        store
+            .create_task(NewTask::new("w", channel, serde_json::json!({})))
+            .await
+            .expect("task")
+            .task_id()
+    }
+
+    /// With a bound, rows held by another transaction answer `Held` (nothing written) and
+    /// the other streams still share one statement: a probe finds every held row after
+    /// one wait, rather than one wait per stream.
+    #[tokio::test]
+    async fn a_bounded_shared_append_leaves_out_the_held_rows_and_shares_the_rest() {
+        let db = TestDatabase::create().await;
+        let store = db.store();
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            tasks.push(task(&store).await);
+        }
+        let held = [tasks[1], tasks[2], tasks[4]];
+        let mut side = db.pool().begin().await.expect("begin");
+        let ids: Vec<uuid::Uuid> = held.iter().map(TaskId::as_uuid).collect();
+        sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut *side)
+            .await
+            .expect("lock");
+        let events: Vec<[NewEvent; 1]> = tasks
+            .iter()
+            .map(|_| {
+                [NewEvent::new(Event::ItemCompleted {
+                    step: "clips".into(),
+                    item: 1,
+                    attempt: 1,
+                    artifact: "clip-1".into(),
+                    cost_micros: 0,
+                    duration_ms: 0,
+                    output: None,
+                })]
+            })
+            .collect();
+        let appends: Vec<StreamAppend<'_>> = tasks
+            .iter()
+            .zip(&events)
+            .map(|(&stream, events)| StreamAppend {
+                stream,
+                expected_version: 1,
+                fence: Fence::Unleased,
+                events,
+            })
+            .collect();
+        let mut conn = db.pool().acquire().await.expect("conn");
+        let answers = store
+            .append_many_within(&mut conn, &appends, Some("100ms"))
+            .await;
+        for (task, answer) in tasks.iter().zip(&answers) {
+            if held.contains(task) {
+                assert!(matches!(answer, Bounded::Held), "{answer:?}");
+                assert_eq!(store.stream_version(*task).await.expect("held"), 1);
+            } else {
+                assert!(
+                    matches!(answer, Bounded::Answered(Ok(a)) if a.version == 2),
+                    "{answer:?}"
+                );
+            }
+        }
+        let commits: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT tx_id::text) FROM events WHERE stream_id = ANY($1) AND stream_version = 2",
+        )
+        .bind([tasks[0].as_uuid(), tasks[3].as_uuid()])
+        .fetch_one(db.pool())
+        .await
+        .expect("commits");
+        assert_eq!(commits, 1, "the free streams share one statement");
+        side.commit().await.expect("unlock");
+        // Unbounded, the same call waits for the rows and writes them.
+        let again = store.append_many_in(&mut conn, &appends).await;
+        assert!(
+            again.iter().all(|a| matches!(a, Ok(a) if a.version == 2)),
+            "{again:?}"
+        );
+    }
 
     /// The columns a statement's fence `UPDATE tasks … SET` assigns.
     fn assigned(sql: &str) -> Vec<String> {

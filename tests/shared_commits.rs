@@ -613,3 +613,107 @@ async fn an_aborted_run_writes_nothing_after_it_ended() {
         }
     }
 }
+
+/// A run aborted while it appends alone (its task row held by an outside transaction)
+/// writes nothing after it ended, though its statement still waits in the server for the
+/// row: not after whoever aborted it gave the lease up, and not in the way of the same
+/// lease run again. The same contract as `an_aborted_run_writes_nothing_after_it_ended`,
+/// on the alone path. (Found by review: the waiting statement committed once the row
+/// freed.)
+#[tokio::test]
+async fn a_run_aborted_while_alone_writes_nothing_after_it_ended() {
+    use sqlx::Connection;
+    for rerun in [false, true] {
+        let db = TestDatabase::create().await;
+        let store = db.store();
+        let clips = Step::items(
+            "clips",
+            |_| Ok(3),
+            |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
+        );
+        let orchestrator = one_step(&store, "w", clips);
+        let a = submit(&store, "w").await;
+        let lease_a = claim(&store, a).await;
+        let mut side = sqlx::PgConnection::connect(db.url()).await.expect("side");
+        let mut monitor = sqlx::PgConnection::connect(db.url())
+            .await
+            .expect("monitor");
+        sqlx::query("BEGIN")
+            .execute(&mut side)
+            .await
+            .expect("begin");
+        sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(a.as_uuid())
+            .execute(&mut side)
+            .await
+            .expect("lock");
+        let run_a = {
+            let (orchestrator, lease_a) = (orchestrator.clone(), lease_a.clone());
+            tokio::spawn(async move { orchestrator.run(&lease_a, CancellationToken::new()).await })
+        };
+        // A's append waits alone: a lock wait older than the committer's 100 ms bound.
+        let mut alone = false;
+        for _ in 0..200 {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND clock_timestamp() - query_start > interval '250 ms'",
+            )
+            .fetch_one(&mut monitor)
+            .await
+            .expect("activity");
+            if waiting > 0 {
+                alone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(alone, "A's run never waited alone");
+        run_a.abort();
+        assert!(run_a.await.expect_err("aborted").is_cancelled());
+        assert_eq!(
+            store.stream_version(a).await.expect("a"),
+            2,
+            "submitted + claimed"
+        );
+        if rerun {
+            // The same lease, run again while the row is still held: it runs to the end.
+            let again = {
+                let orchestrator = orchestrator.clone();
+                tokio::spawn(
+                    async move { orchestrator.run(&lease_a, CancellationToken::new()).await },
+                )
+            };
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            sqlx::query("COMMIT")
+                .execute(&mut side)
+                .await
+                .expect("unlock");
+            let outcome = tokio::time::timeout(Duration::from_secs(30), again)
+                .await
+                .expect("rerun ends")
+                .expect("join")
+                .expect("run a again");
+            assert_eq!(outcome, RunOutcome::Completed, "the same lease run again");
+        } else {
+            // Whoever aborted it gives the lease up; then the outside transaction ends.
+            let release = {
+                let (store, lease_a) = (store.clone(), lease_a.clone());
+                tokio::spawn(async move { store.release_lease(&lease_a).await })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sqlx::query("COMMIT")
+                .execute(&mut side)
+                .await
+                .expect("unlock");
+            assert!(release.await.expect("join").expect("release"));
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let events = store.read_stream(a, 1).await.expect("read");
+            assert_eq!(
+                events.len(),
+                2,
+                "the aborted run's events were written after it ended: {:?}",
+                events.iter().skip(2).map(|e| &e.event).collect::<Vec<_>>()
+            );
+        }
+    }
+}

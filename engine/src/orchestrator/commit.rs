@@ -153,6 +153,7 @@ impl Committer {
     /// Appends to a stream whose task row another transaction holds locked, outside the
     /// committer so the other runs' appends go on: one such run at a time waits for its
     /// row, at most [`ALONE_LOCK_WAIT`], then lets the next try, until its row is free.
+    /// Each try is a transaction that commits only once its statement has answered.
     async fn alone(
         &self,
         stream: TaskId,
@@ -169,16 +170,25 @@ impl Committer {
                     return Err(Error::Database(sqlx::Error::PoolClosed));
                 };
                 let mut conn = self.store.pool().acquire().await?;
-                self.store
+                // In a transaction of its own: if the run is dropped while the statement
+                // waits for the row, the statement's work is rolled back, not committed
+                // once the row frees (after the run ended, its lease perhaps given up).
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                let appended = self
+                    .store
                     .append_within(
-                        &mut conn,
+                        &mut tx,
                         stream,
                         expected,
                         fence,
                         events,
                         Some(ALONE_LOCK_WAIT),
                     )
-                    .await
+                    .await;
+                if appended.is_ok() {
+                    tx.commit().await?;
+                }
+                appended
             };
             if !crate::store::waited_too_long(&attempt) {
                 return attempt;

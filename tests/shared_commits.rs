@@ -336,6 +336,16 @@ async fn runs_of_one_orchestrator_share_commits_and_a_lost_lease_stays_their_own
     );
 }
 
+/// A workflow `w` of one step, `clips`, of three no-op items.
+fn three_clips(store: &engine::PgStore) -> engine::Orchestrator {
+    let clips = Step::items(
+        "clips",
+        |_| Ok(3),
+        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
+    );
+    one_step(store, "w", clips)
+}
+
 /// Waits until some statement of the test database waits on `wait_event_type` (`Lock`
 /// for a row lock, `Timeout` for a `pg_sleep`).
 async fn wait_for_wait(db: &TestDatabase, wait_event_type: &str) {
@@ -393,12 +403,7 @@ async fn unstall(db: &TestDatabase) {
 async fn a_task_row_held_elsewhere_stalls_only_its_own_run() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let clips = Step::items(
-        "clips",
-        |_| Ok(3),
-        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
-    );
-    let orchestrator = one_step(&store, "w", clips);
+    let orchestrator = three_clips(&store);
     let (a, b) = (submit(&store, "w").await, submit(&store, "w").await);
     let (lease_a, lease_b) = (claim(&store, a).await, claim(&store, b).await);
     let mut side = db.pool().begin().await.expect("begin");
@@ -463,12 +468,7 @@ async fn rows_held_elsewhere_leave_the_pool_room_for_the_rest() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let size = store.pool().options().get_max_connections() as usize;
-    let clips = Step::items(
-        "clips",
-        |_| Ok(3),
-        |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
-    );
-    let orchestrator = one_step(&store, "w", clips);
+    let orchestrator = three_clips(&store);
     let mut held = Vec::new();
     for _ in 0..size {
         held.push(submit(&store, "w").await);
@@ -553,12 +553,7 @@ async fn an_aborted_run_writes_nothing_after_it_ended() {
     for rerun in [false, true] {
         let db = TestDatabase::create().await;
         let store = db.store();
-        let clips = Step::items(
-            "clips",
-            |_| Ok(3),
-            |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
-        );
-        let orchestrator = one_step(&store, "w", clips);
+        let orchestrator = three_clips(&store);
         let (a, b) = (submit(&store, "w").await, submit(&store, "w").await);
         let (lease_a, lease_b) = (claim(&store, a).await, claim(&store, b).await);
         // B's first append goes out and stalls in its statement.
@@ -626,12 +621,7 @@ async fn a_run_aborted_while_alone_writes_nothing_after_it_ended() {
     for rerun in [false, true] {
         let db = TestDatabase::create().await;
         let store = db.store();
-        let clips = Step::items(
-            "clips",
-            |_| Ok(3),
-            |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
-        );
-        let orchestrator = one_step(&store, "w", clips);
+        let orchestrator = three_clips(&store);
         let a = submit(&store, "w").await;
         let lease_a = claim(&store, a).await;
         let mut side = sqlx::PgConnection::connect(db.url()).await.expect("side");

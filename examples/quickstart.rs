@@ -56,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
             kind: FailureKind::Transient,
             error: "provider timeout".into(),
             retry: 1,
+            unanswered: false,
+            retry_after_ms: None,
         },
     ];
     let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();

@@ -63,6 +63,7 @@ impl JobWork for NulJobs {
                 kind: FailureKind::Permanent,
                 message: "provider said \u{0}garbage".into(),
                 retry_after: None,
+                unanswered: false,
             }))
         })
     }
@@ -137,6 +138,7 @@ async fn a_step_error_literal_with_nul_is_recorded() {
                 kind: FailureKind::Permanent,
                 message: "provider said \u{0}garbage".into(),
                 retry_after: None,
+                unanswered: false,
             })
         },
     )

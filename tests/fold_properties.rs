@@ -87,6 +87,8 @@ fn build(planned: u32, actions: &[Action]) -> History {
                 kind: FailureKind::Transient,
                 error: "timeout".into(),
                 retry: 1,
+                unanswered: false,
+                retry_after_ms: None,
             },
             Action::Reject if started => {
                 started = false;

@@ -268,7 +268,7 @@ async fn a_paused_key_holds_the_worker_slot_instead_of_parking() {
     );
     let task = submit(&store, "jobs").await;
     store
-        .pause_provider("render", chrono::Utc::now() + chrono::Duration::seconds(6))
+        .pause_provider("render", Duration::from_secs(6))
         .await
         .expect("pause");
     let lease = claim(&store, task).await;

@@ -75,13 +75,26 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
         other => other?,
     };
     require(task, &state, "cancel", |s| !s.is_terminal())?;
-    let events = vec![
+    let mut events = vec![
         Event::TaskCancelled { reason },
         Event::status_changed(state.status(), TaskStatus::CANCELLED),
     ];
+    // Provider jobs still in flight are paid for: they are polled to their end and what
+    // they made and cost recorded. A worker running the task does that when it sees the
+    // cancel; otherwise the task is parked for any worker to do it now.
+    let open = state.open_jobs();
+    if open > 0 && !store.lease_is_live(task).await? {
+        store.sync_clock().await?;
+        events.push(Event::TaskParked {
+            until: store.now(),
+            jobs: u32::try_from(open).unwrap_or(u32::MAX),
+            waiting: 0,
+            schedule: state.poll_schedule(),
+        });
+    }
     let cancelled = commit(store, task, state.version, events).await?;
     // A parked task's places in its providers' queues would hold newer tasks back; its
-    // jobs still in flight keep their slots until they would have ended.
+    // jobs still in flight keep their slots until they end.
     store.withdraw_waiting(task).await?;
     Ok(cancelled)
 }

@@ -99,6 +99,17 @@ pub enum Event {
         /// The in-process try number within this attempt (1 = first try).
         #[serde(default = "one")]
         retry: u32,
+        /// A submit that got no answer (a timeout, a dropped connection, a gateway
+        /// error): the provider may have accepted the job and charge for it. Such a
+        /// failure closes nothing (no submission was recorded) and counts as a possible
+        /// payment in `reel stats` and the audit. Absent (false) for any other failure.
+        #[serde(default, skip_serializing_if = "is_false")]
+        unanswered: bool,
+        /// The provider refused for now and said when to come back (a 429's
+        /// `Retry-After`, in milliseconds): the key was paused, and the refusal used none
+        /// of the item's tries. Absent for any other failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Every planned item of the step has a completion.
     StepCompleted { step: String, attempt: u32 },
@@ -155,7 +166,41 @@ pub enum Event {
         /// Items waiting for room at a provider (its cap, its rate, or its Retry-After).
         #[serde(default)]
         waiting: u32,
+        /// When each open job is polled next, and how its polls went so far: the next
+        /// claim follows this schedule instead of polling every job at once (absent in
+        /// logs recorded before it existed, and when no job is open).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        schedule: Vec<PollSchedule>,
     },
+}
+
+/// One open job's poll schedule, carried across a park (see [`Event::TaskParked`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollSchedule {
+    pub step: String,
+    pub item: u32,
+    /// The submission polled (a schedule of an older submission is ignored).
+    pub submission: u32,
+    /// When it is due, by the database's clock.
+    pub next_poll_at: DateTime<Utc>,
+    /// Polls that answered "pending" so far: where the poll backoff stands.
+    #[serde(default)]
+    pub polls: u32,
+    /// Polls that failed in a row (the request, not the job).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_polls: u32,
+    /// Since when the job's polls have failed without a break (the job counts as lost
+    /// once that lasts the step's job timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 fn one() -> u32 {

@@ -43,7 +43,8 @@ mod workflow;
 
 pub use error::{Error, Result};
 pub use event::{
-    CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, RecordedEvent, upcast,
+    CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, PollSchedule,
+    RecordedEvent, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
 pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::event::{Event, FailureKind, NewEvent};
+use crate::event::{Event, FailureKind, NewEvent, PollSchedule};
 use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
 use crate::state::{ItemRecord, TaskState, fold};
@@ -153,6 +153,9 @@ impl Orchestrator {
             self.store.release_lease(lease).await?;
         }
         self.settle_slots(lease, &outcome).await;
+        if matches!(outcome, RunOutcome::Cancelled | RunOutcome::Failed { .. }) {
+            self.park_to_settle(lease).await;
+        }
         Ok(outcome)
     }
 
@@ -172,8 +175,10 @@ impl Orchestrator {
         }
         let settled = match outcome {
             RunOutcome::Parked { until, .. } => {
-                let keep = *until + chrono::Duration::from_std(SLOT_TTL).unwrap_or_default();
-                self.store.extend_slots(lease.task, keep).await
+                let parked_for = (*until - self.store.now()).to_std().unwrap_or_default();
+                self.store
+                    .extend_slots(lease.task, parked_for + SLOT_TTL)
+                    .await
             }
             // Every job ended: nothing of the task is in flight any more.
             RunOutcome::Completed | RunOutcome::AwaitingReview => {
@@ -243,16 +248,14 @@ impl Orchestrator {
         })
     }
 
-    async fn run_claimed(
+    /// A run of the claimed task whose history folded to `state`.
+    fn task_run(
         &self,
         lease: &Lease,
+        state: &TaskState,
         drain: CancellationToken,
         abort: CancellationToken,
-    ) -> Result<RunOutcome> {
-        let state = fold(&self.store.read_stream(lease.task, 1).await?);
-        if !state.status().is_runnable() || state.cancelled {
-            return Ok(RunOutcome::NotRunnable(state.status()));
-        }
+    ) -> Result<TaskRun> {
         let workflow = self
             .registry
             .get(&state.workflow)
@@ -261,7 +264,7 @@ impl Orchestrator {
             .channel_id
             .clone()
             .ok_or(Error::TaskNotFound(lease.task))?;
-        let run = TaskRun {
+        Ok(TaskRun {
             store: self.store.clone(),
             overrides: self.overrides.clone(),
             log: Arc::new(Log::new(self.committer.clone(), lease, state.version)),
@@ -270,10 +273,64 @@ impl Orchestrator {
             input: Arc::new(state.input.clone()),
             attempt: lease.attempt,
             failed_attempts: state.failed_attempts,
-            outputs: std::sync::Mutex::new(Outputs::from_state(&state)),
+            outputs: std::sync::Mutex::new(Outputs::from_state(state)),
             drain,
             cancel: abort,
+        })
+    }
+
+    /// A task that failed or was cancelled while provider jobs of it ran is parked to
+    /// have them polled to their end (see [`TaskRun::settle`]), unless something else
+    /// already did (the cancel, a retry). Best effort: the jobs' slots lapse on their own.
+    async fn park_to_settle(&self, lease: &Lease) {
+        let parked = async {
+            let state = fold(&self.store.read_stream(lease.task, 1).await?);
+            let open = state.open_jobs();
+            if open == 0 || state.parked || !state.status().is_terminal() {
+                return Ok(false);
+            }
+            let park = Event::TaskParked {
+                until: self.store.now(),
+                jobs: u32::try_from(open).unwrap_or(u32::MAX),
+                waiting: 0,
+                schedule: state.poll_schedule(),
+            };
+            self.store
+                .append(
+                    lease.task,
+                    state.version,
+                    lease.fence(),
+                    &[NewEvent::new(park)],
+                )
+                .await?;
+            Ok::<_, Error>(true)
         };
+        match parked.await {
+            Ok(true) => {
+                tracing::info!(task = %lease.task, "the task ended with provider jobs open: parked to poll them to their end");
+            }
+            Ok(false) | Err(Error::Conflict { .. } | Error::LeaseLost { .. }) => {}
+            Err(err) => {
+                tracing::warn!(task = %lease.task, error = %err, "cannot park the task to settle its open jobs; their slots lapse on their own");
+            }
+        }
+    }
+
+    async fn run_claimed(
+        &self,
+        lease: &Lease,
+        drain: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<RunOutcome> {
+        let state = fold(&self.store.read_stream(lease.task, 1).await?);
+        if !state.status().is_runnable() || state.cancelled {
+            if state.status().is_terminal() && state.open_jobs() > 0 {
+                let run = self.task_run(lease, &state, drain, abort)?;
+                return run.settle(&state).await;
+            }
+            return Ok(RunOutcome::NotRunnable(state.status()));
+        }
+        let run = self.task_run(lease, &state, drain, abort)?;
         if let Err(reason) = run.workflow.check_input(&run.input) {
             let error = StepError::permanent(format!("invalid input: {reason}"));
             return run.fail(state.status(), None, error).await;
@@ -338,6 +395,11 @@ enum StepEnd {
         until: chrono::DateTime<Utc>,
         jobs: u32,
         waiting: u32,
+        /// The open jobs' poll schedule, for the next claim.
+        schedule: Vec<PollSchedule>,
+        /// The key (and its cap) at which items wait for room: a slot freed while the
+        /// task was parking must still wake it.
+        room: Option<(String, u32)>,
     },
 }
 
@@ -393,27 +455,70 @@ impl TaskRun {
                     return self.give_up(status, step, error, Some(item)).await;
                 }
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
-                StepEnd::Parked {
-                    until,
-                    jobs,
-                    waiting,
-                } => {
-                    self.log
-                        .append(vec![Event::TaskParked {
-                            until,
-                            jobs,
-                            waiting,
-                        }])
-                        .await?;
-                    return Ok(RunOutcome::Parked {
-                        until,
-                        jobs,
-                        waiting,
-                    });
-                }
+                parked @ StepEnd::Parked { .. } => return self.park(parked).await,
             }
         }
         self.finish(status).await
+    }
+
+    /// Parks the task (see [`StepEnd::Parked`]): the lease goes, the poll schedule goes
+    /// into the log, and a task that waits for room looks once more, now that it is
+    /// parked, whether a slot freed meanwhile (no release could have woken it before).
+    async fn park(&self, parked: StepEnd) -> Result<RunOutcome> {
+        let StepEnd::Parked {
+            until,
+            jobs,
+            waiting,
+            schedule,
+            room,
+        } = parked
+        else {
+            return Ok(RunOutcome::Stopped);
+        };
+        self.log
+            .append(vec![Event::TaskParked {
+                until,
+                jobs,
+                waiting,
+                schedule,
+            }])
+            .await?;
+        if let Some((key, cap)) = room
+            && let Err(err) = self
+                .store
+                .wake_if_room(&key, cap, self.log.lease.task)
+                .await
+        {
+            tracing::warn!(task = %self.log.lease.task, %key, error = %err, "cannot look for room after parking; a freed slot or the park's end wakes the task");
+        }
+        Ok(RunOutcome::Parked {
+            until,
+            jobs,
+            waiting,
+        })
+    }
+
+    /// Polls the jobs a failed or cancelled task left open to their end, recording what
+    /// each made and cost (or how it failed); nothing new is submitted. The task parks
+    /// between polls like any other, and is done once no job is open.
+    async fn settle(&self, state: &TaskState) -> Result<RunOutcome> {
+        for step in self.workflow.steps() {
+            let (Work::Jobs(work), Some(progress)) = (&step.work, state.step(step.name())) else {
+                continue;
+            };
+            if progress.open_jobs.is_empty() {
+                continue;
+            }
+            match JobRun::settling(self, step, work.clone(), progress)
+                .run()
+                .await?
+            {
+                StepEnd::Completed | StepEnd::GaveUp { .. } => {}
+                StepEnd::Stopped => return Ok(RunOutcome::Stopped),
+                parked @ StepEnd::Parked { .. } => return self.park(parked).await,
+            }
+        }
+        Ok(RunOutcome::NotRunnable(state.status()))
     }
 
     /// The provider limits that apply to `step`: its defaults, overridden by key.
@@ -449,9 +554,8 @@ impl TaskRun {
         let (Some(limits), Some(wait)) = (self.limits(step), error.retry_after) else {
             return;
         };
-        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
         tracing::info!(key = %limits.key, ?wait, "provider asked to retry later: pausing its key");
-        if let Err(err) = self.store.pause_provider(&limits.key, until).await {
+        if let Err(err) = self.store.pause_provider(&limits.key, wait).await {
             tracing::warn!(key = %limits.key, error = %err, "cannot record the provider's pause");
         }
     }
@@ -579,7 +683,8 @@ impl TaskRun {
     }
 
     /// Tries one item up to the step's policy, recording each outcome; a pipelined step's
-    /// completion is returned handed over, not yet durable.
+    /// completion is returned handed over, not yet durable. A refusal that says when to
+    /// come back (a 429's Retry-After) is recorded but uses no try.
     async fn run_item(
         &self,
         step: &Step,
@@ -588,7 +693,9 @@ impl TaskRun {
         no_new_items: CancellationToken,
     ) -> Result<ItemEnd> {
         let policy = step.retry;
-        for try_number in 1..=policy.max_tries.max(1) {
+        let mut try_number = 0;
+        while try_number < policy.max_tries.max(1) {
+            try_number += 1;
             tokio::select! {
                 () = self.log.room() => {}
                 () = no_new_items.cancelled() => {}
@@ -638,6 +745,7 @@ impl TaskRun {
                 Err(error) => error,
             };
             self.respect_retry_after(step, &error).await;
+            let rate_limited = error.retry_after.is_some() && !error.unanswered;
             self.log
                 .append(vec![Event::ItemFailed {
                     step: step.name().to_owned(),
@@ -646,14 +754,22 @@ impl TaskRun {
                     kind: error.kind,
                     error: error.message.clone(),
                     retry: try_number,
+                    // A call has no submission to keep open: a lost answer is a failure.
+                    unanswered: false,
+                    retry_after_ms: error
+                        .retry_after
+                        .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
                 }])
                 .await?;
+            if rate_limited && error.kind == FailureKind::Transient {
+                try_number -= 1;
+            }
             if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
                 return Ok(ItemEnd::Ended(StepEnd::GaveUp { error, item }));
             }
             let delay = policy
                 .backoff
-                .delay(try_number, rand::random::<f64>())
+                .delay(try_number.max(1), rand::random::<f64>())
                 .max(error.retry_after.unwrap_or_default());
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -752,8 +868,8 @@ impl TaskRun {
         let failures = self.failed_attempts + 1;
         if error.kind == FailureKind::Transient && failures < policy.max_attempts {
             let delay = policy.backoff.random_delay(failures);
-            let next_run_at =
-                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let next_run_at = self.store.now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             let reason = describe(step, item, &error.message);
             self.log
                 .append(vec![

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::event::{Event, FailureKind, RecordedEvent};
+use crate::event::{Event, FailureKind, PollSchedule, RecordedEvent};
 use crate::id::{ChannelId, TaskId};
 use crate::status::TaskStatus;
 
@@ -47,6 +47,19 @@ pub struct ItemFailure {
     pub error: String,
     pub retry: u32,
     pub version: u32,
+    /// A submit that got no answer: the provider may have accepted (and charge for) it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unanswered: bool,
+    /// The provider refused for now and said when to come back (a 429): no try was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ItemFailure {
+    /// A refusal for now (a 429 with its wait), which uses none of the item's tries.
+    pub fn rate_limited(&self) -> bool {
+        self.retry_after_ms.is_some() && !self.unanswered
+    }
 }
 
 /// A provider job submitted for an item and not yet closed (no completion, no failure
@@ -64,6 +77,9 @@ pub struct OpenJob {
     pub submitted_at: DateTime<Utc>,
     /// The stream version of the `item_submitted` event.
     pub version: u32,
+    /// Its poll schedule as of the last park (none before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<PollSchedule>,
 }
 
 /// Cost and time, summed.
@@ -192,6 +208,8 @@ pub struct TaskState {
     pub spent: Totals,
     /// Provider jobs submitted (every `item_submitted`, all runs and attempts).
     pub jobs_submitted: u32,
+    /// Submits that got no answer (each may have started a job the provider charges for).
+    pub submits_unanswered: u32,
     /// Times the task was parked to wait on provider jobs.
     pub parks: u32,
     /// Parked: the next claim resumes the current attempt (set by `task_parked`, cleared
@@ -221,6 +239,20 @@ impl TaskState {
     /// The state of `step` in its current run, if it ever started.
     pub fn step(&self, name: &str) -> Option<&StepState> {
         self.step_index.get(name).map(|&i| &self.steps[i])
+    }
+
+    /// Provider jobs submitted and not yet closed, over every step.
+    pub fn open_jobs(&self) -> usize {
+        self.steps.iter().map(|s| s.open_jobs.len()).sum()
+    }
+
+    /// The open jobs' poll schedules as the last park recorded them.
+    pub fn poll_schedule(&self) -> Vec<PollSchedule> {
+        self.steps
+            .iter()
+            .flat_map(|step| step.open_jobs.values())
+            .filter_map(|open| open.schedule.clone())
+            .collect()
     }
 
     /// What all resumes saved, summed.
@@ -284,12 +316,23 @@ impl TaskState {
                         job: job.clone(),
                         submitted_at: recorded.recorded_at,
                         version,
+                        schedule: None,
                     },
                 );
             }
-            Event::TaskParked { .. } => {
+            Event::TaskParked { schedule, .. } => {
                 self.parks += 1;
                 self.parked = true;
+                for planned in schedule {
+                    let Some(&index) = self.step_index.get(&planned.step) else {
+                        continue;
+                    };
+                    if let Some(open) = self.steps[index].open_jobs.get_mut(&planned.item)
+                        && open.submission == planned.submission
+                    {
+                        open.schedule = Some(planned.clone());
+                    }
+                }
             }
             Event::StepStarted {
                 step,
@@ -335,9 +378,18 @@ impl TaskState {
                 kind,
                 error,
                 retry,
+                unanswered,
+                retry_after_ms,
             } => {
+                if *unanswered {
+                    self.submits_unanswered += 1;
+                }
                 let state = self.step_mut(step);
-                state.open_jobs.remove(item);
+                if !unanswered {
+                    // It closes the item's open submission (the job failed or was lost); an
+                    // unanswered submit had none recorded.
+                    state.open_jobs.remove(item);
+                }
                 state.failures.push(ItemFailure {
                     item: *item,
                     attempt: *attempt,
@@ -345,6 +397,8 @@ impl TaskState {
                     error: error.clone(),
                     retry: *retry,
                     version,
+                    unanswered: *unanswered,
+                    retry_after_ms: *retry_after_ms,
                 });
             }
             Event::StepCompleted { step, .. } => self.step_mut(step).completed = true,
@@ -359,6 +413,11 @@ impl TaskState {
                     // An operator retry: the task gets a fresh attempt budget.
                     self.budget_base = self.attempt;
                     self.failed_attempts = 0;
+                }
+                if *to == TaskStatus::QUEUED {
+                    // Back in the queue (a retry of a task that was settling its jobs): the
+                    // next claim starts an attempt of its own.
+                    self.parked = false;
                 }
                 self.status = Some(*to);
                 self.status_shown_as.clone_from(to_display);

@@ -148,12 +148,24 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             kind,
             error,
             retry,
+            unanswered,
+            retry_after_ms,
             ..
         } => {
             row.step = Some(step.clone());
             row.item = Some(*item);
             row.error = Some(error.clone());
-            row.detail = Some(format!("{kind:?}, try {retry}").to_lowercase());
+            let mut detail = format!("{kind:?}, try {retry}").to_lowercase();
+            if *unanswered {
+                detail.push_str(", submit unanswered: the provider may have started a job");
+            }
+            if let Some(wait) = retry_after_ms {
+                detail.push_str(&format!(
+                    ", come back in {:.1}s (no try used)",
+                    *wait as f64 / 1000.0
+                ));
+            }
+            row.detail = Some(detail);
         }
         Event::ItemSubmitted {
             step,
@@ -170,6 +182,7 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             until,
             jobs,
             waiting,
+            ..
         } => {
             let mut detail = format!(
                 "until {}: {jobs} job{} open",

@@ -148,6 +148,14 @@ impl Worker {
         let mut outages = 0;
         // When tasks this worker parked are due again: look for work then, not a poll later.
         let mut due_parked = std::collections::BTreeSet::new();
+        match self.store.sync_clock().await {
+            Ok(offset) if offset.num_milliseconds().abs() >= 1000 => {
+                tracing::warn!(worker = %self.options.worker_id, offset_ms = offset.num_milliseconds(), "this machine's clock is off the database's; the worker keeps time by the database's");
+            }
+            Ok(_) => {}
+            // Claims measure it too; a database that does not answer yet is retried below.
+            Err(err) => tracing::debug!(error = %err, "cannot read the database's clock yet"),
+        }
 
         while !shutdown.is_cancelled() {
             match self
@@ -178,7 +186,8 @@ impl Worker {
                 }
             }
             let full = running.len() >= self.options.concurrency;
-            let now = chrono::Utc::now();
+            // Park ends are the database's times: compare them with its clock.
+            let now = self.store.now();
             due_parked.retain(|at: &chrono::DateTime<chrono::Utc>| *at > now);
             let poll = due_parked
                 .first()
@@ -404,9 +413,7 @@ impl TaskRunner {
             tokio::time::sleep(self.heartbeat).await;
             match self.store.extend_lease(&self.lease, self.ttl).await {
                 Ok(true) => {
-                    let keep = chrono::Utc::now()
-                        + chrono::Duration::from_std(SLOT_TTL).unwrap_or_default();
-                    if let Err(err) = self.store.extend_slots(self.lease.task, keep).await {
+                    if let Err(err) = self.store.extend_slots(self.lease.task, SLOT_TTL).await {
                         tracing::warn!(task = %self.lease.task, error = %err, "cannot extend provider slots");
                     }
                 }

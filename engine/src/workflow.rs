@@ -44,8 +44,15 @@ pub struct StepError {
     pub kind: FailureKind,
     pub message: String,
     /// The provider said when to come back (a 429's `Retry-After`): the step's provider key
-    /// is paused for every worker until then, and the retry waits at least this long.
+    /// is paused for every worker until then, and the retry waits at least this long. Such
+    /// a refusal does not use up the item's tries (the provider did no work).
     pub retry_after: Option<Duration>,
+    /// The request may have reached the provider and been acted on, but its answer never
+    /// came (a timeout after sending, a dropped connection, a gateway's 5xx, an accepted
+    /// answer that could not be read). A job step treats such a submit as possibly
+    /// accepted: its slot stays taken for the job's life and the log records a possible
+    /// payment (see [`StepError::unanswered`]).
+    pub unanswered: bool,
 }
 
 impl StepError {
@@ -65,6 +72,13 @@ impl StepError {
         self
     }
 
+    /// The same error, marked as a request whose answer was lost after the provider may
+    /// have acted on it (see [`StepError::unanswered`](field@StepError::unanswered)).
+    pub fn unanswered(mut self) -> Self {
+        self.unanswered = true;
+        self
+    }
+
     fn new(kind: FailureKind, message: &str) -> Self {
         // The log cannot store a NUL character: a provider's binary garbage in an error
         // message must not make the failure itself unrecordable.
@@ -73,6 +87,7 @@ impl StepError {
             kind,
             message: truncate_for_display(&message, ERROR_MESSAGE_MAX_CHARS),
             retry_after: None,
+            unanswered: false,
         }
     }
 }
@@ -475,7 +490,8 @@ impl Step {
     }
 
     /// How long a job's polls may keep failing before the job counts as lost and the item
-    /// is submitted anew (default [`DEFAULT_JOB_TIMEOUT`], an hour).
+    /// is submitted anew (default [`DEFAULT_JOB_TIMEOUT`], an hour); also how long a job
+    /// may run at the provider: a submit that got no answer keeps a slot this long.
     pub fn job_timeout(mut self, timeout: Duration) -> Self {
         self.job_timeout = timeout;
         self

@@ -171,6 +171,12 @@ pub(crate) fn render(report: &AuditReport) -> String {
         money(report.saved.cost_micros),
         report.saved.duration_ms as f64 / 1e3,
     );
+    if report.submits_unanswered > 0 {
+        out.push_str(&format!(
+            "  {} submit(s) got no answer: the provider may have started (and charge for) a job for each\n",
+            report.submits_unanswered
+        ));
+    }
     for violation in &report.violations {
         let rule = serde_json::to_value(violation.rule)
             .ok()
@@ -207,6 +213,14 @@ struct Stats {
     /// Provider jobs submitted (two-phase items): beside `items_run`, how many jobs it
     /// took to get the items done.
     jobs_submitted: u64,
+    /// Submits that got no answer: each may have started a job the provider charges for
+    /// (possible payments beyond `jobs_submitted`). Absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    submits_unanswered: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
@@ -239,6 +253,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
             stats.items_run += u64::from(report.items_run);
             stats.items_skipped += u64::from(report.items_skipped);
             stats.jobs_submitted += u64::from(report.jobs_submitted);
+            stats.submits_unanswered += u64::from(report.submits_unanswered);
         },
     )
     .await?;
@@ -277,6 +292,12 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
         println!(
             "provider jobs submitted: {} (items completed: {})",
             stats.jobs_submitted, stats.items_run
+        );
+    }
+    if stats.submits_unanswered > 0 {
+        println!(
+            "submits unanswered: {} (each may have started a job the provider charges for)",
+            stats.submits_unanswered
         );
     }
     if !stats.failure_reasons.is_empty() {

@@ -94,6 +94,7 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
     let step = |name: &'static str, count: u32, provider: Arc<dyn Provider>| {
         let limits = provider.limits();
         let shape = provider.shape();
+        let poll_floor = provider.min_poll_interval();
         let work = ProviderStep {
             count,
             provider,
@@ -101,8 +102,14 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
         };
         let step = match shape {
             // Jobs of one step run side by side; the provider's cap bounds them fleet-wide.
+            // A clip that no poll has answered for 15 minutes (scaled) is lost; a submit
+            // that got no answer keeps its slot that long.
             Shape::Job => Step::jobs(name, work)
-                .poll_backoff(Backoff::exponential(scaled(5.0), scaled(60.0)).with_jitter(0.1)),
+                .poll_backoff(
+                    Backoff::exponential(scaled(5.0).max(poll_floor), scaled(60.0).max(poll_floor))
+                        .with_jitter(0.1),
+                )
+                .job_timeout(scaled(900.0).max(Duration::from_secs(1))),
             Shape::Call if count == 1 => Step::atomic(name, work),
             Shape::Call => Step::itemized(name, work),
         };

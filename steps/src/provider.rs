@@ -60,6 +60,12 @@ pub trait Provider: Send + Sync + 'static {
         Shape::Call
     }
 
+    /// The shortest wait between two polls of one job, whatever `--time-scale` makes of
+    /// the step's poll backoff: a real API is never polled in a loop (default: none).
+    fn min_poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// The provider account's key and default limits (jobs or calls in flight, requests
     /// per second), enforced across every worker; `None`: unlimited.
     fn limits(&self) -> Option<ProviderLimits> {

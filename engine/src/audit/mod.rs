@@ -33,7 +33,10 @@ pub enum Rule {
     /// Status changes follow the transition table and start from the current status.
     LegalTransition,
     /// After `task_completed`, `task_cancelled` or `task_failed`, only review or retry
-    /// events may follow.
+    /// events may follow, and the settling of provider jobs the task left open: parks and
+    /// claims, the end (completion or failure) of a job that was open, and the recorded
+    /// acceptance of a submit that was in flight when the task ended (before any later
+    /// claim).
     NothingAfterTerminal,
     /// A resumed attempt runs only the items that were still missing when it started.
     RetrySkipsCompleted,
@@ -89,6 +92,10 @@ pub struct AuditReport {
     pub saved: Totals,
     /// Provider jobs submitted (two-phase items; every submission, all attempts).
     pub jobs_submitted: u32,
+    /// Submits that got no answer: each may have started a job the provider charges for
+    /// (a possible payment the log cannot confirm). Absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub submits_unanswered: u32,
     /// The state the history folds to (its completed items and their outputs), for checks
     /// beyond the log's own, such as the artifacts on disk. Not serialized.
     #[serde(skip)]
@@ -100,6 +107,10 @@ impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.violations.is_empty()
     }
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// Whether a task may move from `from` to `to`. A step's status (any status that is not
@@ -136,6 +147,7 @@ pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
         violations: Vec::new(),
         state: TaskState::default(),
         terminal: None,
+        claimed_since_terminal: false,
         resumed_with: BTreeMap::new(),
     };
     for (index, event) in events.iter().enumerate() {
@@ -154,6 +166,7 @@ pub fn audit(task: TaskId, events: &[RecordedEvent]) -> AuditReport {
         spent: state.spent,
         saved,
         jobs_submitted: state.jobs_submitted,
+        submits_unanswered: state.submits_unanswered,
         state,
     }
 }
@@ -165,6 +178,8 @@ struct Checker {
     state: TaskState,
     /// The terminal event seen last, until a retry or review reopens the task.
     terminal: Option<&'static str>,
+    /// A claim came after the terminal event (a worker settling the task's open jobs).
+    claimed_since_terminal: bool,
     /// Per step: the items already complete when the current attempt claimed the task.
     resumed_with: BTreeMap<String, BTreeSet<u32>>,
 }
@@ -305,7 +320,7 @@ impl Checker {
         if let Some(terminal) = self.terminal {
             if reopens {
                 self.terminal = None;
-            } else if !own_status {
+            } else if !own_status && !self.settles(terminal, event) {
                 self.flag(
                     version,
                     Rule::NothingAfterTerminal,
@@ -315,11 +330,40 @@ impl Checker {
         }
         match event {
             Event::TaskCompleted {} | Event::TaskCancelled { .. } => {
-                self.terminal = Some(event.event_type())
+                self.terminal = Some(event.event_type());
+                self.claimed_since_terminal = false;
             }
             // The failure's own status change rides with it.
-            Event::TaskFailed { .. } => self.terminal = Some("task_failed"),
+            Event::TaskFailed { .. } => {
+                self.terminal = Some("task_failed");
+                self.claimed_since_terminal = false;
+            }
+            Event::TaskClaimed { .. } => self.claimed_since_terminal = true,
             _ => {}
+        }
+    }
+
+    /// Whether `event`, after `terminal`, belongs to settling the jobs the task left open.
+    fn settles(&self, terminal: &str, event: &Event) -> bool {
+        if terminal == "task_completed" {
+            return false;
+        }
+        let was_open = |step: &str, item: &u32| {
+            self.state
+                .step(step)
+                .is_some_and(|s| s.open_jobs.contains_key(item))
+        };
+        match event {
+            Event::TaskClaimed { .. } | Event::TaskParked { .. } => true,
+            Event::ItemCompleted { step, item, .. } => was_open(step, item),
+            Event::ItemFailed {
+                step,
+                item,
+                unanswered,
+                ..
+            } => !unanswered && was_open(step, item),
+            Event::ItemSubmitted { .. } => !self.claimed_since_terminal,
+            _ => false,
         }
     }
 }
@@ -397,6 +441,8 @@ mod tests {
                 kind: FailureKind::Transient,
                 error: "timeout".into(),
                 retry: 1,
+                unanswered: false,
+                retry_after_ms: None,
             },
             Event::RetryScheduled {
                 attempt: 1,

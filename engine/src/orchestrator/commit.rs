@@ -112,6 +112,11 @@ impl Committer {
         }
     }
 
+    /// The stream's version as stored now.
+    pub(super) async fn stream_version(&self, stream: TaskId) -> Result<u32> {
+        self.store.stream_version(stream).await
+    }
+
     /// Appends `events` to `stream` at `expected` under `fence`, with whatever other
     /// streams' appends are waiting when the statement goes out.
     ///

@@ -4,7 +4,13 @@
 //! The log decides what is open: an item with an `item_submitted` and no completion (or
 //! failure) after it has a job in flight, and any run — after a crash, a takeover, a retry,
 //! a park — polls it and never submits it again. A new submission happens only when the
-//! provider reported the job failed or lost, and it is logged too.
+//! provider reported the job failed or lost, and it is logged too. A submit whose answer
+//! was lost may have started a job anyway: it is logged as a possible payment and its slot
+//! stays taken for the job's life.
+//!
+//! Every time that outlives the run — a park's end, the poll schedule the park carries, a
+//! job's age — is the database's (see [`PgStore::now`](crate::PgStore::now)), so a worker
+//! whose clock is off neither wakes its tasks early nor lets a job look older than it is.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,25 +21,85 @@ use serde_json::Value;
 
 use super::{PARK_AFTER, SLOT_TTL, SLOT_WAIT, StepEnd, TaskRun, guarded};
 use crate::error::Result;
-use crate::event::{Event, FailureKind};
+use crate::event::{Event, FailureKind, PollSchedule};
 use crate::outputs::Outputs;
-use crate::state::StepState;
+use crate::state::{OpenJob, StepState};
 use crate::store::SlotOwner;
 use crate::workflow::{JobStatus, JobWork, ProviderLimits, Step, StepError, Submission};
 
-/// The shortest and longest wait before a poll, whatever the provider hints.
-const POLL_HINT_MIN: Duration = Duration::from_millis(10);
-const POLL_HINT_MAX: Duration = Duration::from_secs(3600);
+/// The shortest and longest wait before a poll, whatever the provider hints or the
+/// step's backoff says (a backoff scaled to zero must not poll in a loop).
+const POLL_MIN: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_secs(3600);
+
+/// Polls that must fail in a row, besides the step's job timeout, before a job counts as
+/// lost: one unreadable answer after a long wait is not a lost job.
+const LOST_AFTER_FAILED_POLLS: u32 = 3;
+
+/// The longest a task waiting for room at a provider stays parked unwoken. A slot freed by
+/// a release wakes it at once, and a slot kept for an unanswered submit when it lapses;
+/// this covers slots that lapse with a worker that died.
+pub(super) const ROOM_WAIT_MAX: Duration = Duration::from_secs(600);
 
 /// An open job this run polls.
 struct Open {
     job: Value,
+    submission: u32,
+    /// When the submission was recorded (the database's clock).
     submitted_at: DateTime<Utc>,
     /// Polls that answered "pending".
     polls: u32,
     /// Polls that failed in a row.
     poll_errors: u32,
+    /// Since when its polls have failed without a break (the database's clock).
+    failing_since: Option<DateTime<Utc>>,
     next_poll: Instant,
+    /// How much before `next_poll` it may be polled when another job's poll is due: jobs
+    /// polled together stay together instead of drifting apart by their jitter, so a
+    /// parked task wakes once per round, not once per job.
+    early: Duration,
+}
+
+impl Open {
+    fn from_log(
+        job: &OpenJob,
+        backoff: &crate::workflow::Backoff,
+        now: Instant,
+        db_now: DateTime<Utc>,
+    ) -> Open {
+        let (next_poll, polls, poll_errors, failing_since) = match &job.schedule {
+            // The schedule the last park recorded.
+            Some(planned) => (
+                now + (planned.next_poll_at - db_now).to_std().unwrap_or_default(),
+                planned.polls,
+                planned.failed_polls,
+                planned.failing_since,
+            ),
+            // No park recorded one (a crash, a logs from before schedules): poll now, with
+            // the backoff as far along as the job's age says.
+            None => {
+                let age = (db_now - job.submitted_at).to_std().unwrap_or_default();
+                (now, polls_by(backoff, age), 0, None)
+            }
+        };
+        Open {
+            job: job.job.clone(),
+            submission: job.submission,
+            submitted_at: job.submitted_at,
+            polls,
+            poll_errors,
+            failing_since,
+            next_poll,
+            early: Duration::ZERO,
+        }
+    }
+
+    /// Polls again after `wait`, and possibly a fifth of it sooner.
+    fn again_after(&mut self, wait: Duration) {
+        let wait = wait.clamp(POLL_MIN, POLL_MAX);
+        self.next_poll = Instant::now() + wait;
+        self.early = wait / 5;
+    }
 }
 
 /// An item still to submit, from when.
@@ -51,10 +117,15 @@ pub(super) struct JobRun<'a> {
     to_submit: BTreeMap<u32, ToSubmit>,
     /// Submissions per item so far (the next one's number is one more).
     submissions: BTreeMap<u32, u32>,
-    /// Failed tries (submits refused, jobs failed or lost) per item in this run.
+    /// Failed tries (submits refused, jobs failed or lost) per item in this attempt.
     tries: BTreeMap<u32, u32>,
-    /// When items that found no room at the provider try again.
+    /// When items that found no room at the provider ask again while the run goes on.
     slot_retry: Option<Instant>,
+    /// Some items found no room at the provider: a freed slot wakes the parked task.
+    no_room: bool,
+    /// The task ended (failed or cancelled) with these jobs open: they are polled to
+    /// their end and recorded (what they cost, what they made), and nothing is submitted.
+    settling: bool,
 }
 
 impl<'a> JobRun<'a> {
@@ -66,32 +137,22 @@ impl<'a> JobRun<'a> {
         missing: Vec<u32>,
     ) -> Self {
         let now = Instant::now();
+        let db_now = run.store.now();
         let mut open = BTreeMap::new();
         let mut to_submit = BTreeMap::new();
         // Failed tries of this attempt so far: a park ends the run, not the attempt, so the
-        // item's retry budget carries over from the log.
+        // item's retry budget carries over from the log. A refusal that said when to come
+        // back (a 429) used none.
         let mut tries: BTreeMap<u32, u32> = BTreeMap::new();
         for failure in progress.iter().flat_map(|p| &p.failures) {
-            if failure.attempt == run.attempt {
+            if failure.attempt == run.attempt && !failure.rate_limited() {
                 *tries.entry(failure.item).or_default() += 1;
             }
         }
         for item in missing {
             match progress.and_then(|p| p.open_jobs.get(&item)) {
                 Some(job) => {
-                    // Polls already spent on the job, by its age: the backoff goes on
-                    // growing across parks instead of starting over.
-                    let age = (Utc::now() - job.submitted_at).to_std().unwrap_or_default();
-                    open.insert(
-                        item,
-                        Open {
-                            job: job.job.clone(),
-                            submitted_at: job.submitted_at,
-                            polls: polls_by(&step.poll_backoff, age),
-                            poll_errors: 0,
-                            next_poll: now,
-                        },
-                    );
+                    open.insert(item, Open::from_log(job, &step.poll_backoff, now, db_now));
                 }
                 None => {
                     to_submit.insert(item, ToSubmit { not_before: now });
@@ -115,6 +176,23 @@ impl<'a> JobRun<'a> {
             submissions: progress.map(|p| p.submissions.clone()).unwrap_or_default(),
             tries,
             slot_retry: None,
+            no_room: false,
+            settling: false,
+        }
+    }
+
+    /// A run that only polls the step's open jobs to their end (the task failed or was
+    /// cancelled while they ran).
+    pub(super) fn settling(
+        run: &'a TaskRun,
+        step: &'a Step,
+        work: Arc<dyn JobWork>,
+        progress: &StepState,
+    ) -> Self {
+        let open: Vec<u32> = progress.open_jobs.keys().copied().collect();
+        JobRun {
+            settling: true,
+            ..JobRun::new(run, step, work, Some(progress), open)
         }
     }
 
@@ -157,34 +235,40 @@ impl<'a> JobRun<'a> {
         Some((limits, limits.max_in_flight?))
     }
 
+    fn stopping(&self) -> bool {
+        self.run.drain.is_cancelled() || self.run.cancel.is_cancelled()
+    }
+
+    fn done(&self) -> bool {
+        self.open.is_empty() && self.to_submit.is_empty()
+    }
+
     pub(super) async fn run(mut self) -> Result<StepEnd> {
         if let Some((limits, _)) = self.capped() {
             // Jobs already in flight count against the cap, whatever it says now, for as
-            // long as they may run.
-            for (item, open) in &self.open {
-                let until = open.submitted_at
-                    + chrono::Duration::from_std(self.step.job_timeout.max(SLOT_TTL))
-                        .unwrap_or_default();
-                self.run
-                    .store
-                    .hold_slots(&limits.key, self.owner(), &[*item], until.max(Utc::now()))
-                    .await?;
-            }
+            // long as they may run (their rows normally exist already: this renews them).
+            let items: Vec<u32> = self.open.keys().copied().collect();
+            self.run
+                .store
+                .hold_slots(&limits.key, self.owner(), &items, SLOT_TTL, None)
+                .await?;
         }
         loop {
-            if self.run.drain.is_cancelled() || self.run.cancel.is_cancelled() {
+            if self.stopping() {
                 return Ok(StepEnd::Stopped);
             }
-            if self.open.is_empty() && self.to_submit.is_empty() {
+            if self.done() {
                 return Ok(StepEnd::Completed);
             }
             if let Some(end) = self.poll_due().await? {
                 return Ok(end);
             }
-            if let Some(end) = self.submit_ready().await? {
+            if !self.settling
+                && let Some(end) = self.submit_ready().await?
+            {
                 return Ok(end);
             }
-            if self.open.is_empty() && self.to_submit.is_empty() {
+            if self.done() {
                 return Ok(StepEnd::Completed);
             }
             let now = Instant::now();
@@ -194,15 +278,10 @@ impl<'a> JobRun<'a> {
                 .map(|o| o.next_poll)
                 .chain(self.next_submit())
                 .min()
-                .unwrap_or(now);
+                .unwrap_or(now + SLOT_WAIT);
             let wait = next.saturating_duration_since(now);
             if wait >= PARK_AFTER {
-                let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                return Ok(StepEnd::Parked {
-                    until,
-                    jobs: u32::try_from(self.open.len()).unwrap_or(u32::MAX),
-                    waiting: u32::try_from(self.to_submit.len()).unwrap_or(u32::MAX),
-                });
+                return self.park().await;
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -212,28 +291,88 @@ impl<'a> JobRun<'a> {
         }
     }
 
-    /// When the next item could be submitted: its backoff, or the next look for room.
+    /// When the next item could be submitted while the run goes on: its backoff, or the
+    /// next look for room.
     fn next_submit(&self) -> Option<Instant> {
-        let room = self.open.len() < self.step.concurrency;
-        let earliest = self
-            .to_submit
-            .values()
-            .map(|t| t.not_before)
-            .min()
-            .filter(|_| room)?;
+        if self.settling || self.open.len() >= self.step.concurrency {
+            return None;
+        }
+        let earliest = self.to_submit.values().map(|t| t.not_before).min()?;
         Some(match self.slot_retry {
             Some(retry) => earliest.max(retry),
             None => earliest,
         })
     }
 
-    /// Polls every open job that is due, in item order.
+    /// Everything left waits at least [`PARK_AFTER`]: the task is parked until the first
+    /// of its open jobs' next polls and its items' next chance at a submit, with the poll
+    /// schedule in the log. Items waiting for room do not set a time (a freed slot wakes
+    /// the task) beyond the next lapse of a slot and [`ROOM_WAIT_MAX`].
+    async fn park(&self) -> Result<StepEnd> {
+        let now = Instant::now();
+        let db_now = self.run.store.now();
+        let at = |instant: Instant| {
+            db_now
+                + chrono::Duration::from_std(instant.saturating_duration_since(now))
+                    .unwrap_or_default()
+        };
+        let mut until = self.open.values().map(|o| at(o.next_poll)).min();
+        let submit_at = if self.settling || self.to_submit.is_empty() {
+            None
+        } else if self.no_room {
+            let fallback = db_now + chrono::Duration::from_std(ROOM_WAIT_MAX).unwrap_or_default();
+            let lapse = match self.capped() {
+                Some((limits, _)) => self.run.store.next_lapse(&limits.key).await?,
+                None => None,
+            };
+            Some(lapse.map_or(fallback, |lapse| lapse.min(fallback)))
+        } else if self.open.len() >= self.step.concurrency {
+            // The step's own concurrency is full: an open job's end (a poll) frees it.
+            None
+        } else {
+            self.to_submit.values().map(|t| at(t.not_before)).min()
+        };
+        until = match (until, submit_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let schedule = self
+            .open
+            .iter()
+            .map(|(item, open)| PollSchedule {
+                step: self.step.name().to_owned(),
+                item: *item,
+                submission: open.submission,
+                next_poll_at: at(open.next_poll),
+                polls: open.polls,
+                failed_polls: open.poll_errors,
+                failing_since: open.failing_since,
+            })
+            .collect();
+        let room = match (self.no_room, self.capped()) {
+            (true, Some((limits, cap))) => Some((limits.key.to_string(), cap)),
+            _ => None,
+        };
+        Ok(StepEnd::Parked {
+            until: until.unwrap_or(db_now),
+            jobs: u32::try_from(self.open.len()).unwrap_or(u32::MAX),
+            waiting: u32::try_from(self.to_submit.len()).unwrap_or(u32::MAX),
+            schedule,
+            room,
+        })
+    }
+
+    /// Polls every open job that is due, in item order, and with them those due soon
+    /// enough to go in the same round (see [`Open::early`]).
     async fn poll_due(&mut self) -> Result<Option<StepEnd>> {
         let now = Instant::now();
+        if !self.open.values().any(|o| o.next_poll <= now) {
+            return Ok(None);
+        }
         let due: Vec<u32> = self
             .open
             .iter()
-            .filter(|(_, o)| o.next_poll <= now)
+            .filter(|(_, o)| o.next_poll <= now + o.early)
             .map(|(item, _)| *item)
             .collect();
         for item in due {
@@ -241,6 +380,7 @@ impl<'a> JobRun<'a> {
                 // The key is paused or its rate is spent: poll later (parking if long).
                 if let Some(open) = self.open.get_mut(&item) {
                     open.next_poll = Instant::now() + wait;
+                    open.early = Duration::ZERO;
                 }
                 continue;
             }
@@ -266,6 +406,7 @@ impl<'a> JobRun<'a> {
         polled: std::result::Result<JobStatus, StepError>,
     ) -> Result<Option<StepEnd>> {
         let step = self.step;
+        let db_now = self.run.store.now();
         let Some(open) = self.open.get_mut(&item) else {
             return Ok(None);
         };
@@ -273,20 +414,22 @@ impl<'a> JobRun<'a> {
             Ok(JobStatus::Pending { next_poll }) => {
                 open.polls += 1;
                 open.poll_errors = 0;
-                let wait = match next_poll {
-                    Some(hint) => hint.clamp(POLL_HINT_MIN, POLL_HINT_MAX),
-                    None => step.poll_backoff.random_delay(open.polls),
-                };
-                open.next_poll = Instant::now() + wait;
+                open.failing_since = None;
+                match next_poll {
+                    Some(hint) => {
+                        // A provider's hint is when to come back: go then, not much sooner.
+                        open.again_after(hint);
+                        open.early /= 4;
+                    }
+                    None => open.again_after(step.poll_backoff.random_delay(open.polls)),
+                }
                 Ok(None)
             }
             Ok(JobStatus::Done(output)) => {
                 if let Some(reason) = output.unstorable() {
                     return self.job_failed(item, StepError::permanent(reason)).await;
                 }
-                let waited = (Utc::now() - open.submitted_at)
-                    .to_std()
-                    .unwrap_or_default();
+                let waited = (db_now - open.submitted_at).to_std().unwrap_or_default();
                 let duration_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
                 self.open.remove(&item);
                 self.run.complete(step, item, output, duration_ms).await?;
@@ -294,50 +437,79 @@ impl<'a> JobRun<'a> {
                 Ok(None)
             }
             Ok(JobStatus::Failed(error)) => self.job_failed(item, error).await,
-            Err(error) => {
-                self.run.respect_retry_after(step, &error).await;
-                if error.kind == FailureKind::Permanent {
-                    // The poll was refused (a revoked key, say), not the job: it may still
-                    // run and be paid for. Its submission stays open, so once the cause is
-                    // fixed, `reel retry` polls it rather than paying again.
-                    return Ok(Some(StepEnd::GaveUp {
-                        error: StepError {
-                            message: format!("polling job: {}", error.message),
-                            ..error
-                        },
-                        item,
-                    }));
-                }
-                open.poll_errors += 1;
-                let unanswered = (Utc::now() - open.submitted_at)
-                    .to_std()
-                    .unwrap_or_default();
-                if unanswered >= step.job_timeout {
-                    let lost = StepError::transient(format!(
-                        "job lost: no answer for {}s ({})",
-                        unanswered.as_secs(),
-                        error.message
-                    ));
-                    return self.job_failed(item, lost).await;
-                }
-                tracing::warn!(task = %self.run.log.lease.task, step = %step.name(), item, error = %error.message, "poll failed; polling again later");
-                let wait = step
-                    .poll_backoff
-                    .random_delay(open.poll_errors)
-                    .max(error.retry_after.unwrap_or_default());
-                open.next_poll = Instant::now() + wait;
-                Ok(None)
-            }
+            Err(error) => self.poll_failed(item, error, db_now).await,
         }
     }
 
+    /// A poll failed (the request, not the job).
+    async fn poll_failed(
+        &mut self,
+        item: u32,
+        error: StepError,
+        db_now: DateTime<Utc>,
+    ) -> Result<Option<StepEnd>> {
+        let step = self.step;
+        self.run.respect_retry_after(step, &error).await;
+        if error.kind == FailureKind::Permanent {
+            let error = StepError {
+                message: format!("polling job: {}", error.message),
+                unanswered: false,
+                ..error
+            };
+            if self.settling {
+                // Nobody can follow the job any more: record that, and keep its slot for
+                // as long as it may still run.
+                self.open.remove(&item);
+                self.record_failure(item, &error, 1).await?;
+                return self.keep_slot_for_unanswered(item).await.map(|()| None);
+            }
+            // The poll was refused (a revoked key, say), not the job: it may still run and
+            // be paid for. Its submission stays open, so once the cause is fixed, `reel
+            // retry` polls it rather than paying again.
+            return Ok(Some(StepEnd::GaveUp { error, item }));
+        }
+        let Some(open) = self.open.get_mut(&item) else {
+            return Ok(None);
+        };
+        if let Some(wait) = error.retry_after {
+            // A rate refusal says nothing about the job: come back when told to.
+            open.again_after(wait);
+            open.early = Duration::ZERO;
+            return Ok(None);
+        }
+        open.poll_errors += 1;
+        let since = *open.failing_since.get_or_insert(db_now);
+        let unanswered = (db_now - since).to_std().unwrap_or_default();
+        if open.poll_errors >= LOST_AFTER_FAILED_POLLS && unanswered >= step.job_timeout {
+            let lost = StepError::transient(format!(
+                "job lost: its polls failed for {}s ({} in a row; {})",
+                unanswered.as_secs(),
+                open.poll_errors,
+                error.message
+            ));
+            return self.job_failed(item, lost).await;
+        }
+        tracing::warn!(task = %self.run.log.lease.task, step = %step.name(), item, error = %error.message, "poll failed; polling again later");
+        let wait = step.poll_backoff.random_delay(open.poll_errors);
+        open.again_after(wait);
+        Ok(None)
+    }
+
     /// The job ended without a result: record it (closing the submission), then submit
-    /// anew within the retry policy, or give up.
+    /// anew within the retry policy, or give up (a settling task records it and goes on).
     async fn job_failed(&mut self, item: u32, error: StepError) -> Result<Option<StepEnd>> {
+        // An answer about the job closes its submission, whatever the step marked.
+        let error = StepError {
+            unanswered: false,
+            ..error
+        };
         self.open.remove(&item);
         let tries = self.failed_try(item);
         self.record_failure(item, &error, tries).await?;
         self.release(item).await?;
+        if self.settling {
+            return Ok(None);
+        }
         Ok(self.retry_or_give_up(item, error, tries))
     }
 
@@ -359,6 +531,10 @@ impl<'a> JobRun<'a> {
                 kind: error.kind,
                 error: error.message.clone(),
                 retry: tries,
+                unanswered: error.unanswered,
+                retry_after_ms: error
+                    .retry_after
+                    .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
             }])
             .await?;
         Ok(())
@@ -371,7 +547,7 @@ impl<'a> JobRun<'a> {
         }
         let wait = policy
             .backoff
-            .random_delay(tries)
+            .random_delay(tries.max(1))
             .max(error.retry_after.unwrap_or_default());
         self.to_submit.insert(
             item,
@@ -387,12 +563,32 @@ impl<'a> JobRun<'a> {
     /// a lease, and is freed when the job ends.
     async fn keep_slot_for_job(&self, item: u32) -> Result<()> {
         if let Some((limits, _)) = self.capped() {
-            let until = Utc::now()
-                + chrono::Duration::from_std(self.step.job_timeout.max(SLOT_TTL))
-                    .unwrap_or_default();
             self.run
                 .store
-                .hold_slots(&limits.key, self.owner(), &[item], until)
+                .hold_slots(
+                    &limits.key,
+                    self.owner(),
+                    &[item],
+                    self.step.job_timeout.max(SLOT_TTL),
+                    None,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A job may run at the provider without a submission the log can poll (its submit's
+    /// answer was lost): its slot is kept, apart from the item, for the job's life.
+    async fn keep_slot_for_unanswered(&self, item: u32) -> Result<()> {
+        if let Some((limits, _)) = self.capped() {
+            self.run
+                .store
+                .keep_slot_for_unanswered(
+                    &limits.key,
+                    self.owner(),
+                    item,
+                    self.step.job_timeout.max(SLOT_TTL),
+                )
                 .await?;
         }
         Ok(())
@@ -441,13 +637,14 @@ impl<'a> JobRun<'a> {
                     .store
                     .acquire_slots(&limits.key, cap, self.owner(), &ready, SLOT_TTL)
                     .await?;
-                self.slot_retry = (granted.len() < ready.len()).then(|| Instant::now() + SLOT_WAIT);
+                self.no_room = granted.len() < ready.len();
+                self.slot_retry = self.no_room.then(|| Instant::now() + SLOT_WAIT);
                 granted
             }
             None => ready,
         };
         for item in granted {
-            if self.run.drain.is_cancelled() || self.run.cancel.is_cancelled() {
+            if self.stopping() {
                 return Ok(Some(StepEnd::Stopped));
             }
             if let Some(wait) = self.request_wait().await? {
@@ -486,45 +683,74 @@ impl<'a> JobRun<'a> {
             true => Err(StepError::permanent(
                 "the provider's job id contains a NUL character, which the log cannot \
                  store; the job may still run and be charged",
-            )),
+            )
+            .unanswered()),
             false => Ok(job),
         });
         match submitted {
-            Ok(job) => {
-                // Recorded before anything else: from here on, every run polls this job.
-                self.run
-                    .log
-                    .append(vec![Event::ItemSubmitted {
-                        step: self.step.name().to_owned(),
-                        item,
-                        attempt: self.run.attempt,
-                        submission: number,
-                        job: job.clone(),
-                    }])
-                    .await?;
-                self.submissions.insert(item, number);
-                self.to_submit.remove(&item);
-                self.keep_slot_for_job(item).await?;
-                let first_poll = self.step.poll_backoff.random_delay(1);
-                self.open.insert(
-                    item,
-                    Open {
-                        job,
-                        submitted_at: Utc::now(),
-                        polls: 0,
-                        poll_errors: 0,
-                        next_poll: Instant::now() + first_poll,
-                    },
-                );
-                Ok(None)
-            }
-            Err(error) => {
-                let tries = self.failed_try(item);
-                self.record_failure(item, &error, tries).await?;
-                self.release(item).await?;
-                Ok(self.retry_or_give_up(item, error, tries))
-            }
+            Ok(job) => self.accepted(item, number, job).await,
+            Err(error) => self.refused(item, error).await,
         }
+    }
+
+    /// The provider accepted the job: recorded before anything else (whatever it takes),
+    /// so from here on every run polls it.
+    async fn accepted(&mut self, item: u32, number: u32, job: Value) -> Result<Option<StepEnd>> {
+        let moved = self
+            .run
+            .log
+            .record(
+                Event::ItemSubmitted {
+                    step: self.step.name().to_owned(),
+                    item,
+                    attempt: self.run.attempt,
+                    submission: number,
+                    job: job.clone(),
+                },
+                &self.run.cancel,
+            )
+            .await
+            .inspect_err(|err| {
+                tracing::error!(task = %self.run.log.lease.task, step = %self.step.name(), item, job = %job, error = %err, "a job the provider accepted could not be recorded: a later run may pay for the item again");
+            })?;
+        self.submissions.insert(item, number);
+        self.to_submit.remove(&item);
+        self.keep_slot_for_job(item).await?;
+        let mut open = Open {
+            job,
+            submission: number,
+            submitted_at: self.run.store.now(),
+            polls: 0,
+            poll_errors: 0,
+            failing_since: None,
+            next_poll: Instant::now(),
+            early: Duration::ZERO,
+        };
+        open.again_after(self.step.poll_backoff.random_delay(1));
+        self.open.insert(item, open);
+        // Someone else appended meanwhile (an operator's cancel): stop and let the run
+        // read the task again; the job is recorded and will be followed.
+        Ok(moved.then_some(StepEnd::Stopped))
+    }
+
+    /// The submit failed. A refusal that said when to come back (a 429) uses no try; one
+    /// whose answer was lost may have started a job, whose slot is kept for its life.
+    async fn refused(&mut self, item: u32, error: StepError) -> Result<Option<StepEnd>> {
+        let rate_limited = error.retry_after.is_some() && !error.unanswered;
+        let tries = match rate_limited {
+            true => self.tries.get(&item).copied().unwrap_or(0),
+            false => self.failed_try(item),
+        };
+        // A refusal is recorded as the try it was (the next one), without using it up.
+        let try_number = if rate_limited { tries + 1 } else { tries };
+        self.record_failure(item, &error, try_number).await?;
+        if error.unanswered {
+            tracing::warn!(task = %self.run.log.lease.task, step = %self.step.name(), item, error = %error.message, "a submit got no answer: the provider may have started (and charge for) a job; its slot is kept for the job's life");
+            self.keep_slot_for_unanswered(item).await?;
+        } else {
+            self.release(item).await?;
+        }
+        Ok(self.retry_or_give_up(item, error, tries))
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::commit::Committer;
 
@@ -206,6 +207,73 @@ impl Log {
         written
     }
 
+    /// Appends `event` under the lease until it is stored: what the provider accepted (and
+    /// charges for) must reach the log, or a later run would pay for the item again.
+    ///
+    /// Unlike [`Log::append`], database errors are retried without a bound (an outage of
+    /// any length), with the same event id, so an append whose acknowledgement was lost is
+    /// never written twice; and an operator's append in between (a cancel: no new claim,
+    /// so the lease still fences) moves the run's version on instead of ending the run.
+    /// Only a lost lease (another worker claimed the task), a refused value or `stop`
+    /// ends the retries. Returns whether the stream moved under the run (someone else
+    /// appended): the caller re-reads the task before going on.
+    pub(super) async fn record(&self, event: Event, stop: &CancellationToken) -> Result<bool> {
+        let new = self.new_event(event);
+        let events: Arc<[NewEvent]> = Arc::from(vec![new]);
+        let mut writer = self.writer.lock().await;
+        let mut moved = false;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let appended = self
+                .committer
+                .commit(
+                    self.lease.task,
+                    writer.version,
+                    self.lease.fence(),
+                    events.clone(),
+                )
+                .await;
+            match appended {
+                Ok(appended) => {
+                    writer.version = appended.version;
+                    break;
+                }
+                Err(Error::Conflict { actual, .. }) => {
+                    writer.version = actual;
+                    moved = true;
+                }
+                // Stored by an earlier try whose answer was lost: find where the stream is.
+                Err(Error::EventIdReused { .. }) => {
+                    writer.version = self.committer.stream_version(self.lease.task).await?;
+                    break;
+                }
+                Err(Error::Database(err)) if refused_data(&err) => {
+                    return Err(Error::Database(err));
+                }
+                Err(err @ (Error::Database(_) | Error::AppendFailed { .. })) => {
+                    self.troubled.store(true, Ordering::Relaxed);
+                    tracing::warn!(task = %self.lease.task, error = %err, ?delay, "cannot record a job the provider accepted; retrying until it is recorded");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => {
+                            self.troubled.store(false, Ordering::Relaxed);
+                            return Err(err);
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => {
+                    self.troubled.store(false, Ordering::Relaxed);
+                    return Err(err);
+                }
+            }
+        }
+        self.troubled.store(false, Ordering::Relaxed);
+        drop(writer);
+        self.written.notify_waiters();
+        Ok(moved)
+    }
+
     fn new_event(&self, event: Event) -> NewEvent {
         NewEvent::new(storable(event)).with_metadata(self.metadata.clone())
     }
@@ -244,6 +312,8 @@ fn storable(event: Event) -> Event {
             kind,
             error,
             retry,
+            unanswered,
+            retry_after_ms,
         } => Event::ItemFailed {
             step,
             item,
@@ -251,6 +321,8 @@ fn storable(event: Event) -> Event {
             kind,
             error: clean(error),
             retry,
+            unanswered,
+            retry_after_ms,
         },
         Event::TaskFailed { reason, step, item } => Event::TaskFailed {
             reason: clean(reason),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::clock::Reading;
 use super::{Fence, PgStore};
 use crate::error::Result;
 use crate::event::CURRENT_SCHEMA_VERSION;
@@ -69,7 +70,7 @@ macro_rules! claim_sql {
            jsonb_build_object('correlation_id', id, 'worker_id', $1::text, 'attempt', attempt)
     FROM claimed
 )
-SELECT id, lease_epoch, attempt, version FROM claimed"#
+SELECT id, lease_epoch, attempt, version, clock_timestamp() AS db_now FROM claimed"#
         )
     };
 }
@@ -80,7 +81,8 @@ const CLAIM_SQL: &str = claim_sql!(
     r#"
     SELECT id FROM tasks
     WHERE id = $4
-      AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+      AND (status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+           OR (parked AND status IN ('failed', 'cancelled')))
       AND (lease_owner IS NULL OR lease_expires_at < now() OR lease_owner = $1)
       AND (next_run_at IS NULL OR next_run_at <= now())
     FOR UPDATE
@@ -95,13 +97,16 @@ const CLAIM_SQL: &str = claim_sql!(
 /// indexes), so a claim costs about the same with 10 or 200,000 queued tasks, of its own
 /// workflows or of others: `own` reads this worker's few leases; `due` runs only when
 /// `own` found nothing (a one-time filter) and walks each of the worker's workflows'
-/// runnable tasks in due order, stopping at the first whose lease is free or expired.
+/// runnable tasks in due order, stopping at the first whose lease is free or expired;
+/// `settle` does the same for failed or cancelled tasks with provider jobs to settle (an
+/// index that holds only those), and the earlier of the two is claimed.
 const CLAIM_NEXT_SQL: &str = claim_sql!(
     r#"
     WITH own AS (
         SELECT id FROM tasks
         WHERE lease_owner = $1
-          AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+          AND (status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+               OR (parked AND status IN ('failed', 'cancelled')))
           AND COALESCE(next_run_at, created_at) <= now()
           AND NOT (id = ANY($4))
           AND workflow = ANY($5)
@@ -111,7 +116,7 @@ const CLAIM_NEXT_SQL: &str = claim_sql!(
     ), due AS (
         -- The first free due task of each of the worker's workflows (an index walk each,
         -- in due order), then the earliest of those.
-        SELECT candidate.id FROM (
+        SELECT candidate.id, candidate.due_at FROM (
             SELECT name FROM unnest($5::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
         ) AS w
         CROSS JOIN LATERAL (
@@ -127,10 +132,47 @@ const CLAIM_NEXT_SQL: &str = claim_sql!(
         ) AS candidate
         ORDER BY candidate.due_at
         LIMIT 1
+    ), settle AS (
+        -- A failed or cancelled task whose provider jobs were left open, due to have
+        -- them polled to their end (through `tasks_settling`, empty but for those).
+        SELECT candidate.id, candidate.due_at FROM (
+            SELECT name FROM unnest($5::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
+        ) AS w
+        CROSS JOIN LATERAL (
+            SELECT id, next_run_at AS due_at FROM tasks
+            WHERE workflow = w.name
+              AND parked AND status IN ('failed', 'cancelled')
+              AND next_run_at <= now()
+              AND (lease_owner IS NULL OR lease_expires_at < now())
+              AND NOT (id = ANY($4))
+            ORDER BY next_run_at
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        ) AS candidate
+        ORDER BY candidate.due_at
+        LIMIT 1
     )
-    SELECT id FROM own UNION ALL SELECT id FROM due
+    SELECT id FROM own
+    UNION ALL
+    (SELECT id FROM (SELECT id, due_at FROM due UNION ALL SELECT id, due_at FROM settle) AS c
+     ORDER BY due_at LIMIT 1)
 "#
 );
+
+impl PgStore {
+    /// The lease a claim's row (id, epoch, attempt, version after `task_claimed`) grants;
+    /// the row's `db_now` is a reading of the database's clock.
+    fn lease_from(
+        &self,
+        row: &sqlx::postgres::PgRow,
+        worker_id: &str,
+        reading: Reading,
+    ) -> Result<Lease> {
+        let db_now: DateTime<Utc> = row.try_get("db_now")?;
+        self.clock().observe(db_now, reading.sent, reading.sent_at);
+        lease_from(row, worker_id)
+    }
+}
 
 /// The lease a claim's row (id, epoch, attempt, version after `task_claimed`) grants.
 fn lease_from(row: &sqlx::postgres::PgRow, worker_id: &str) -> Result<Lease> {
@@ -153,6 +195,7 @@ impl PgStore {
         worker_id: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>> {
+        let reading = Reading::start();
         let row = sqlx::query(CLAIM_SQL)
             .bind(worker_id)
             .bind(ttl.as_secs_f64())
@@ -160,7 +203,8 @@ impl PgStore {
             .bind(task.as_uuid())
             .fetch_optional(self.pool())
             .await?;
-        row.map(|row| lease_from(&row, worker_id)).transpose()
+        row.map(|row| self.lease_from(&row, worker_id, reading))
+            .transpose()
     }
 
     /// Claims the next runnable task of one of `workflows` for `worker_id`, skipping the
@@ -174,6 +218,7 @@ impl PgStore {
         workflows: &[String],
     ) -> Result<Option<Lease>> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
+        let reading = Reading::start();
         let row = sqlx::query(CLAIM_NEXT_SQL)
             .bind(worker_id)
             .bind(ttl.as_secs_f64())
@@ -182,22 +227,36 @@ impl PgStore {
             .bind(workflows)
             .fetch_optional(self.pool())
             .await?;
-        row.map(|row| lease_from(&row, worker_id)).transpose()
+        row.map(|row| self.lease_from(&row, worker_id, reading))
+            .transpose()
     }
 
     /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not
-    /// finished), other than those in `except` (the ones a worker has given up on).
+    /// finished), or finished with provider jobs still to settle, other than those in
+    /// `except` (the ones a worker has given up on).
     pub async fn unfinished_tasks(&self, workflows: &[String], except: &[TaskId]) -> Result<i64> {
         let except: Vec<uuid::Uuid> = except.iter().map(TaskId::as_uuid).collect();
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM tasks \
-             WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
+             WHERE (status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
+                    OR (parked AND status IN ('failed', 'cancelled'))) \
                AND workflow = ANY($1) AND NOT (id = ANY($2))",
         )
         .bind(workflows)
         .bind(&except)
         .fetch_one(self.pool())
         .await?)
+    }
+
+    /// Whether a worker holds the task's lease now (claimed, not expired, not released).
+    pub async fn lease_is_live(&self, task: TaskId) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT lease_owner IS NOT NULL AND lease_expires_at > now() FROM tasks WHERE id = $1",
+        )
+        .bind(task.as_uuid())
+        .fetch_optional(self.pool())
+        .await?
+        .unwrap_or(false))
     }
 
     /// Extends the lease by `ttl` from now; false when it was lost (another claim since).

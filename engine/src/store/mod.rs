@@ -1,6 +1,7 @@
 //! The event store on PostgreSQL: appends, stream and global reads, leases, checkpoints.
 
 mod checkpoint;
+mod clock;
 mod lease;
 mod listing;
 mod postgres;

@@ -116,12 +116,21 @@ const READ_PAGE_SQL: &str = "SELECT global_position, tx_id::text::bigint AS tx_i
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// The database's clock as seen from here (shared by the store's clones).
+    clock: std::sync::Arc<super::clock::DbClock>,
 }
 
 impl PgStore {
     /// A store on `pool` (whose database has the migrations applied: see [`PgStore::migrate`]).
     pub fn new(pool: PgPool) -> Self {
-        PgStore { pool }
+        PgStore {
+            pool,
+            clock: super::clock::DbClock::shared(),
+        }
+    }
+
+    pub(crate) fn clock(&self) -> &super::clock::DbClock {
+        &self.clock
     }
 
     /// Applies the embedded migrations (idempotent; safe to run from several processes).

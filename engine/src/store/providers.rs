@@ -27,13 +27,22 @@ pub struct SlotOwner<'a> {
 
 const ENSURE_KEY_SQL: &str = "INSERT INTO provider_keys (key) VALUES ($1) ON CONFLICT DO NOTHING";
 
+// Locks the key's row: acquisitions, releases and the look for room after a park take
+// their turns on it, and each statement after it sees what the one before it committed
+// (so a freed slot and a waiter that is parking can never miss each other).
+const LOCK_KEY_SQL: &str = "SELECT 1 FROM provider_keys WHERE key = $1 FOR UPDATE";
+
+// Times are the database's: `expires_at` is `$8` (or now) plus `$5` seconds, and never
+// sooner than `$9` seconds from now.
 const REGISTER_SQL: &str = r#"
 INSERT INTO provider_slots (key, task_id, step, item, priority, granted, holder, expires_at)
 SELECT $1, $2, $3, i,
        COALESCE((SELECT created_at FROM tasks WHERE id = $2), now()),
-       $6, $4, $5
+       $6, $4,
+       GREATEST(COALESCE($8::timestamptz, now()) + make_interval(secs => $5),
+                now() + make_interval(secs => $9))
 FROM unnest($7::int[]) AS i
-ON CONFLICT (key, task_id, step, item) DO UPDATE SET
+ON CONFLICT (key, task_id, step, item, unanswered) DO UPDATE SET
     holder     = excluded.holder,
     -- A granted row may stand for a job in flight: never shorten its life.
     expires_at = CASE WHEN provider_slots.granted
@@ -44,6 +53,7 @@ ON CONFLICT (key, task_id, step, item) DO UPDATE SET
 
 // Grants this task's waiting rows that fall within the free slots, counting every older
 // waiter (of any task) ahead of them: the queue is fleet-wide and ordered by task age.
+// Every granted row counts, the ones kept for unanswered submits included.
 const GRANT_SQL: &str = r#"
 WITH held AS (
     SELECT count(*) AS n FROM provider_slots WHERE key = $1 AND granted
@@ -54,27 +64,23 @@ WITH held AS (
 )
 UPDATE provider_slots AS s SET granted = true
 FROM queue, held
-WHERE s.key = $1 AND s.task_id = $2 AND s.step = $3
+WHERE s.key = $1 AND s.task_id = $2 AND s.step = $3 AND s.unanswered = 0
   AND queue.task_id = s.task_id AND queue.step = s.step AND queue.item = s.item
   AND held.n + queue.place <= $4
 "#;
 
 const GRANTED_SQL: &str = "SELECT item FROM provider_slots \
-     WHERE key = $1 AND task_id = $2 AND step = $3 AND granted AND item = ANY($4) ORDER BY item";
+     WHERE key = $1 AND task_id = $2 AND step = $3 AND unanswered = 0 AND granted \
+       AND item = ANY($4) ORDER BY item";
 
-// Frees one slot and wakes the parked tasks at the head of the queue (the owners of the
-// first `cap` waiting rows): their next claim is due now, and workers hear of it at once.
-const RELEASE_SQL: &str = r#"
-WITH gone AS (
-    DELETE FROM provider_slots
-    WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4
-    RETURNING granted
-), head AS (
+// The parked tasks at the head of the key's queue: the owners of the first `$3` waiting
+// rows (`$2`: a task left out). Their next claim becomes due now, and workers hear of it.
+const WAKE_HEAD_SQL: &str = r#"
+WITH head AS (
     SELECT task_id FROM provider_slots
-    WHERE key = $1 AND NOT granted AND expires_at >= now() AND task_id <> $2
-      AND EXISTS (SELECT 1 FROM gone WHERE granted)
+    WHERE key = $1 AND NOT granted AND expires_at >= now() AND task_id IS DISTINCT FROM $2
     ORDER BY priority, task_id, step, item
-    LIMIT $6
+    LIMIT $3
 ), next AS (
     SELECT DISTINCT task_id FROM head
 ), woken AS (
@@ -84,8 +90,26 @@ WITH gone AS (
       AND tasks.next_run_at > now()
     RETURNING tasks.id
 )
-SELECT (SELECT count(*) FROM gone) AS released,
-       (SELECT count(*) FROM (SELECT pg_notify($5, '') FROM woken) AS n) AS woken
+SELECT count(*) AS woken FROM (SELECT pg_notify($4, '') FROM woken) AS n
+"#;
+
+// After a park: wakes the task again at once if, by now, one of its waiting rows of the
+// key would be granted (a slot freed between its last look and its park).
+const ROOM_NOW_SQL: &str = r#"
+WITH held AS (
+    SELECT count(*) AS n FROM provider_slots WHERE key = $1 AND granted
+), queue AS (
+    SELECT task_id, row_number() OVER (ORDER BY priority, task_id, step, item) AS place
+    FROM provider_slots WHERE key = $1 AND NOT granted AND expires_at >= now()
+), woken AS (
+    UPDATE tasks SET next_run_at = now()
+    WHERE tasks.id = $2 AND tasks.parked AND tasks.lease_owner IS NULL
+      AND tasks.next_run_at > now()
+      AND EXISTS (SELECT 1 FROM queue, held
+                  WHERE queue.task_id = $2 AND held.n + queue.place <= $3)
+    RETURNING tasks.id
+)
+SELECT count(*) AS woken FROM (SELECT pg_notify($4, '') FROM woken) AS n
 "#;
 
 // One request of the key's rate: refill the bucket (burst: one second's worth, at least
@@ -126,7 +150,7 @@ impl PgStore {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("SELECT 1 FROM provider_keys WHERE key = $1 FOR UPDATE")
+        sqlx::query(LOCK_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
@@ -139,8 +163,7 @@ impl PgStore {
         .bind(key)
         .execute(&mut *tx)
         .await?;
-        let until = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
-        register(&mut tx, key, owner, &items, until, false).await?;
+        register(&mut tx, key, owner, &items, Life::from_now(ttl), false).await?;
         sqlx::query(GRANT_SQL)
             .bind(key)
             .bind(owner.task.as_uuid())
@@ -162,15 +185,18 @@ impl PgStore {
             .collect())
     }
 
-    /// Records slots of `key` as held by `items` until `until` (or later, if already held
-    /// longer), whatever the cap: their jobs are in flight at the provider (a submission
-    /// just recorded, or a resumed run's open ones), and the count must say so.
+    /// Records slots of `key` as held by `items`, whatever the cap: their jobs are in
+    /// flight at the provider (a submission just recorded, or a resumed run's open ones),
+    /// and the count must say so. Each is held until `life` after `since` (the database's
+    /// now when `None`), and at least [`SLOT_TTL`](crate::SLOT_TTL) from now; a slot
+    /// already held longer keeps its time.
     pub async fn hold_slots(
         &self,
         key: &str,
         owner: SlotOwner<'_>,
         items: &[u32],
-        until: DateTime<Utc>,
+        life: Duration,
+        since: Option<DateTime<Utc>>,
     ) -> Result<()> {
         if items.is_empty() {
             return Ok(());
@@ -181,7 +207,65 @@ impl PgStore {
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        register(&mut tx, key, owner, &items, until, true).await?;
+        let life = Life {
+            secs: life.as_secs_f64(),
+            since,
+            floor_secs: crate::SLOT_TTL.as_secs_f64(),
+        };
+        register(&mut tx, key, owner, &items, life, true).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A submit of `item` got no answer (a timeout, a dropped connection): the provider
+    /// may have started the job, and charges for it. Its item's slot becomes the lost
+    /// job's, a row of its own held for `life` (the job's expected life) whatever happens
+    /// to the task, so the cap keeps counting it; the item asks for a slot anew if it
+    /// submits again.
+    pub async fn keep_slot_for_unanswered(
+        &self,
+        key: &str,
+        owner: SlotOwner<'_>,
+        item: u32,
+        life: Duration,
+    ) -> Result<()> {
+        let item = i32::try_from(item).unwrap_or(i32::MAX);
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(ENSURE_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(LOCK_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO provider_slots \
+                 (key, task_id, step, item, unanswered, priority, granted, holder, expires_at) \
+             SELECT $1, $2, $3, $4, \
+                    (SELECT COALESCE(max(unanswered), 0) + 1 FROM provider_slots \
+                     WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4), \
+                    now(), true, $5, now() + make_interval(secs => $6)",
+        )
+        .bind(key)
+        .bind(owner.task.as_uuid())
+        .bind(owner.step)
+        .bind(item)
+        .bind(owner.holder)
+        .bind(life.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        // The item's own row goes: its slot is the lost job's now.
+        sqlx::query(
+            "DELETE FROM provider_slots \
+             WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4 AND unanswered = 0",
+        )
+        .bind(key)
+        .bind(owner.task.as_uuid())
+        .bind(owner.step)
+        .bind(item)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -196,16 +280,59 @@ impl PgStore {
         step: &str,
         item: u32,
     ) -> Result<()> {
-        sqlx::query(RELEASE_SQL)
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(LOCK_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let gone: Option<bool> = sqlx::query_scalar(
+            "DELETE FROM provider_slots \
+             WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4 AND unanswered = 0 \
+             RETURNING granted",
+        )
+        .bind(key)
+        .bind(task.as_uuid())
+        .bind(step)
+        .bind(i32::try_from(item).unwrap_or(i32::MAX))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if gone == Some(true) {
+            wake_head(&mut tx, key, Some(task), cap).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// After `task` parked waiting for room at `key`: if a slot freed meanwhile (between
+    /// its last look and its park, when no release could see it parked), wakes it now.
+    /// Returns whether it was woken.
+    pub async fn wake_if_room(&self, key: &str, cap: u32, task: TaskId) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(LOCK_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let woken: i64 = sqlx::query_scalar(ROOM_NOW_SQL)
             .bind(key)
             .bind(task.as_uuid())
-            .bind(step)
-            .bind(i32::try_from(item).unwrap_or(i32::MAX))
-            .bind(EVENTS_CHANNEL)
             .bind(i64::from(cap))
-            .execute(self.pool())
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(woken > 0)
+    }
+
+    /// When room may next appear at `key` without anyone releasing it: the earliest end of
+    /// a slot kept for an unanswered submit (those lapse rather than being released).
+    pub async fn next_lapse(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(expires_at) FROM provider_slots \
+             WHERE key = $1 AND granted AND unanswered > 0 AND expires_at >= now()",
+        )
+        .bind(key)
+        .fetch_one(self.pool())
+        .await?)
     }
 
     /// Drops the task's waiting rows (its run no longer asks for those slots, or it was
@@ -218,22 +345,26 @@ impl PgStore {
         Ok(())
     }
 
-    /// Frees every slot and place the task holds (its run ended for good).
+    /// Frees every slot and place the task holds for its items (its run ended for good);
+    /// the slots kept for its unanswered submits stay until their jobs would have ended.
     pub async fn release_task_slots(&self, task: TaskId) -> Result<()> {
-        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1")
+        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1 AND unanswered = 0")
             .bind(task.as_uuid())
             .execute(self.pool())
             .await?;
         Ok(())
     }
 
-    /// Keeps the task's slots and places until at least `until` (a heartbeat, or a park).
-    pub async fn extend_slots(&self, task: TaskId, until: DateTime<Utc>) -> Result<()> {
+    /// Keeps the task's slots and places until at least `keep` from now, by the database's
+    /// clock (a heartbeat, or a park). Slots kept for unanswered submits keep their own end.
+    pub async fn extend_slots(&self, task: TaskId, keep: Duration) -> Result<()> {
         sqlx::query(
-            "UPDATE provider_slots SET expires_at = GREATEST(expires_at, $2) WHERE task_id = $1",
+            "UPDATE provider_slots \
+             SET expires_at = GREATEST(expires_at, now() + make_interval(secs => $2)) \
+             WHERE task_id = $1 AND unanswered = 0",
         )
         .bind(task.as_uuid())
-        .bind(until)
+        .bind(keep.as_secs_f64())
         .execute(self.pool())
         .await?;
         Ok(())
@@ -270,22 +401,24 @@ impl PgStore {
         Ok(None)
     }
 
-    /// Pauses `key` for every worker until `until` (a provider's Retry-After); a pause
-    /// never shortens one already in place.
-    pub async fn pause_provider(&self, key: &str, until: DateTime<Utc>) -> Result<()> {
+    /// Pauses `key` for every worker for `wait` from now, by the database's clock (a
+    /// provider's Retry-After); a pause never shortens one already in place.
+    pub async fn pause_provider(&self, key: &str, wait: Duration) -> Result<()> {
         sqlx::query(
-            "INSERT INTO provider_keys (key, paused_until) VALUES ($1, $2) \
+            "INSERT INTO provider_keys (key, paused_until) \
+             VALUES ($1, now() + make_interval(secs => $2)) \
              ON CONFLICT (key) DO UPDATE SET paused_until = \
                  GREATEST(provider_keys.paused_until, excluded.paused_until)",
         )
         .bind(key)
-        .bind(until)
+        .bind(wait.as_secs_f64().min(86_400.0 * 366.0))
         .execute(self.pool())
         .await?;
         Ok(())
     }
 
-    /// Slots of `key` granted and not expired now (what the fleet has in flight there).
+    /// Slots of `key` granted and not expired now (what the fleet has in flight there,
+    /// the jobs of unanswered submits included).
     pub async fn provider_in_flight(&self, key: &str) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM provider_slots WHERE key = $1 AND granted AND expires_at >= now()",
@@ -296,12 +429,30 @@ impl PgStore {
     }
 }
 
+/// How long a registered row lives, by the database's clock: `secs` after `since` (now
+/// when `None`), and at least `floor_secs` from now.
+struct Life {
+    secs: f64,
+    since: Option<DateTime<Utc>>,
+    floor_secs: f64,
+}
+
+impl Life {
+    fn from_now(ttl: Duration) -> Life {
+        Life {
+            secs: ttl.as_secs_f64(),
+            since: None,
+            floor_secs: 0.0,
+        }
+    }
+}
+
 async fn register(
     tx: &mut sqlx::PgConnection,
     key: &str,
     owner: SlotOwner<'_>,
     items: &[i32],
-    until: DateTime<Utc>,
+    life: Life,
     granted: bool,
 ) -> Result<()> {
     sqlx::query(REGISTER_SQL)
@@ -309,12 +460,30 @@ async fn register(
         .bind(owner.task.as_uuid())
         .bind(owner.step)
         .bind(owner.holder)
-        .bind(until)
+        .bind(life.secs)
         .bind(granted)
         .bind(items)
+        .bind(life.since)
+        .bind(life.floor_secs)
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// Wakes the parked owners of the first `cap` waiting rows of `key` (but `except`).
+async fn wake_head(
+    tx: &mut sqlx::PgConnection,
+    key: &str,
+    except: Option<TaskId>,
+    cap: u32,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(WAKE_HEAD_SQL)
+        .bind(key)
+        .bind(except.map(|t| t.as_uuid()))
+        .bind(i64::from(cap))
+        .bind(EVENTS_CHANNEL)
+        .fetch_one(&mut *tx)
+        .await?)
 }
 
 fn to_i32(items: &[u32]) -> Vec<i32> {

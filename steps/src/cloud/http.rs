@@ -108,11 +108,15 @@ impl Api {
     /// The JSON body of a successful response.
     pub(crate) async fn json(&self, response: Response) -> Result<Value, StepError> {
         let bytes = self.body(response).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StepError::transient(format!("{}: unreadable answer: {e}", self.provider)))
+        // A success the provider sent, unreadable: it acted on the request.
+        serde_json::from_slice(&bytes).map_err(|e| {
+            StepError::transient(format!("{}: unreadable answer: {e}", self.provider)).unanswered()
+        })
     }
 
-    /// A request that got no answer: always worth another try.
+    /// A request that got no answer: always worth another try. Unless it never left
+    /// (it could not connect, or could not be built), the provider may have acted on it:
+    /// the error says so ([`StepError::unanswered`]).
     fn unsent(&self, error: &reqwest::Error) -> StepError {
         let what = if error.is_timeout() {
             format!(
@@ -126,7 +130,12 @@ impl Api {
         };
         // Without the URL: it is long, and says nothing the step does not.
         let detail = self.scrub(&error_chain(error));
-        StepError::transient(format!("{}: {what}: {detail}", self.provider))
+        let failed = StepError::transient(format!("{}: {what}: {detail}", self.provider));
+        if error.is_connect() || error.is_builder() {
+            failed
+        } else {
+            failed.unanswered()
+        }
     }
 
     /// The error a refused request is: the status classified, the provider's message kept.
@@ -151,9 +160,15 @@ impl Api {
             StatusCode::REQUEST_TIMEOUT => {
                 StepError::transient(format!("{provider}: timed out ({code}): {message}"))
             }
-            s if s.is_server_error() => StepError::transient(format!(
+            // 503 means "not now" (nothing was done); any other 5xx may come from a
+            // gateway after the provider acted on the request.
+            StatusCode::SERVICE_UNAVAILABLE => StepError::transient(format!(
                 "{provider}: server error ({code}), worth another try: {message}"
             )),
+            s if s.is_server_error() => StepError::transient(format!(
+                "{provider}: server error ({code}), worth another try: {message}"
+            ))
+            .unanswered(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => StepError::permanent(format!(
                 "{provider}: the key was refused ({code}; check {}): {message}",
                 self.key_var

@@ -101,8 +101,9 @@ impl RunwayVideo {
             .header("X-Runway-Version", API_VERSION)
             .json(&body);
         let answer = self.api.json(self.api.send(call).await?).await?;
+        // Runway answered success: a task may exist that this answer does not name.
         let id = task_id(&answer["id"]).ok_or_else(|| {
-            StepError::transient(format!("runway: the answer names no task: {answer}"))
+            StepError::transient(format!("runway: the answer names no task: {answer}")).unanswered()
         })?;
         Ok(json!({ "id": id }))
     }
@@ -209,6 +210,12 @@ impl Provider for RunwayVideo {
 
     fn limits(&self) -> Option<ProviderLimits> {
         Some(limits())
+    }
+
+    /// A clip takes a minute or more: polling a task more than once a second finds
+    /// nothing sooner (and `--time-scale 0` must not poll Runway in a loop).
+    fn min_poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
     }
 
     fn submit(

@@ -368,6 +368,15 @@ struct TaskRun {
     cancel: CancellationToken,
 }
 
+/// Whether a call-shaped item got a slot at its provider.
+enum CallSlot {
+    Granted,
+    /// The run is told to stop.
+    Stopped,
+    /// None within [`PARK_AFTER`]: the task parks.
+    NoRoom,
+}
+
 /// How one call-shaped item's tries ended.
 enum ItemEnd {
     /// Its completion, handed to the log (durable once the answer comes).
@@ -560,21 +569,24 @@ impl TaskRun {
         }
     }
 
-    /// Takes a slot of `limits` for a call-shaped item, waiting (in place) for one.
+    /// Takes a slot of `limits` for a call-shaped item, waiting in place for one at most
+    /// [`PARK_AFTER`]: past that the task parks instead of holding its worker slot (the
+    /// slots may be held by parked tasks that need a worker to see their jobs end).
     async fn acquire_call_slot(
         &self,
         limits: &ProviderLimits,
         step: &Step,
         item: u32,
-    ) -> Result<bool> {
+    ) -> Result<CallSlot> {
         let Some(cap) = limits.max_in_flight else {
-            return Ok(true);
+            return Ok(CallSlot::Granted);
         };
         let owner = SlotOwner {
             task: self.log.lease.task,
             step: step.name(),
             holder: &self.log.lease.worker_id,
         };
+        let started = Instant::now();
         let mut wait = Duration::from_millis(20);
         loop {
             let granted = self
@@ -582,15 +594,38 @@ impl TaskRun {
                 .acquire_slots(&limits.key, cap, owner, &[item], SLOT_TTL)
                 .await?;
             if !granted.is_empty() {
-                return Ok(true);
+                return Ok(CallSlot::Granted);
+            }
+            if started.elapsed() >= PARK_AFTER {
+                return Ok(CallSlot::NoRoom);
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = self.drain.cancelled() => return Ok(false),
-                () = self.cancel.cancelled() => return Ok(false),
+                () = self.drain.cancelled() => return Ok(CallSlot::Stopped),
+                () = self.cancel.cancelled() => return Ok(CallSlot::Stopped),
             }
-            wait = (wait * 2).min(Duration::from_secs(1));
+            wait = (wait * 2).min(Duration::from_millis(250));
         }
+    }
+
+    /// A call step's items found no room at `limits`' key: the task parks until a freed
+    /// slot wakes it (or the next lapse of one, at the latest [`jobs::ROOM_WAIT_MAX`]).
+    async fn park_for_room(&self, limits: &ProviderLimits, waiting: u32) -> Result<StepEnd> {
+        let fallback =
+            self.store.now() + chrono::Duration::from_std(jobs::ROOM_WAIT_MAX).unwrap_or_default();
+        let until = match self.store.next_lapse(&limits.key).await? {
+            Some(lapse) => lapse.min(fallback),
+            None => fallback,
+        };
+        Ok(StepEnd::Parked {
+            until,
+            jobs: 0,
+            waiting,
+            schedule: Vec::new(),
+            room: limits
+                .max_in_flight
+                .map(|cap| (limits.key.to_string(), cap)),
+        })
     }
 
     /// Every step is done: the task waits for its review, or is complete.
@@ -632,6 +667,8 @@ impl TaskRun {
                 .unwrap_or_else(|p| p.into_inner())
                 .before_step(step.name()),
         );
+        let planned = missing.len();
+        let mut completed = 0;
         let mut items = futures_util::stream::iter(missing)
             .map(|item| self.run_item(step, item, outputs.clone(), no_new_items.clone()))
             .buffer_unordered(step.concurrency);
@@ -654,19 +691,29 @@ impl TaskRun {
                 },
                 else => break,
             };
+            // What the step's end is, by precedence: a give-up, then a park for room (the
+            // items stopped after it wait too), then a stop.
             match ended {
-                Ok(ItemEnd::Done(done)) => recording.push(self.record(step, done)),
-                Ok(ItemEnd::Ended(StepEnd::Completed)) => {}
+                Ok(ItemEnd::Done(done)) => {
+                    completed += 1;
+                    recording.push(self.record(step, done));
+                }
+                Ok(ItemEnd::Ended(StepEnd::Completed)) => completed += 1,
                 Ok(ItemEnd::Ended(gave_up @ StepEnd::GaveUp { .. })) => {
                     no_new_items.cancel();
-                    if matches!(end, StepEnd::Completed) {
+                    if !matches!(end, StepEnd::GaveUp { .. }) {
                         end = gave_up;
                     }
                 }
-                // Calls never park.
-                Ok(ItemEnd::Ended(StepEnd::Stopped | StepEnd::Parked { .. })) => {
+                Ok(ItemEnd::Ended(parked @ StepEnd::Parked { .. })) => {
                     no_new_items.cancel();
-                    if !matches!(end, StepEnd::GaveUp { .. }) {
+                    if matches!(end, StepEnd::Completed | StepEnd::Stopped) {
+                        end = parked;
+                    }
+                }
+                Ok(ItemEnd::Ended(StepEnd::Stopped)) => {
+                    no_new_items.cancel();
+                    if matches!(end, StepEnd::Completed) {
                         end = StepEnd::Stopped;
                     }
                 }
@@ -675,6 +722,9 @@ impl TaskRun {
                     store_error.get_or_insert(err);
                 }
             }
+        }
+        if let StepEnd::Parked { waiting, .. } = &mut end {
+            *waiting = u32::try_from(planned - completed).unwrap_or(u32::MAX);
         }
         match store_error {
             Some(err) => Err(err),
@@ -709,11 +759,17 @@ impl TaskRun {
                 return Ok(ItemEnd::Ended(StepEnd::Stopped));
             }
             let limits = self.limits(step);
-            if let Some(limits) = &limits
-                && (!self.acquire_call_slot(limits, step, item).await?
-                    || !self.wait_for_request(limits).await?)
-            {
-                return Ok(ItemEnd::Ended(StepEnd::Stopped));
+            if let Some(limits) = &limits {
+                match self.acquire_call_slot(limits, step, item).await? {
+                    CallSlot::Granted => {}
+                    CallSlot::Stopped => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
+                    CallSlot::NoRoom => {
+                        return Ok(ItemEnd::Ended(self.park_for_room(limits, 1).await?));
+                    }
+                }
+                if !self.wait_for_request(limits).await? {
+                    return Ok(ItemEnd::Ended(StepEnd::Stopped));
+                }
             }
             let ctx = self.context(step, try_number, outputs.clone());
             let started = Instant::now();

@@ -583,12 +583,7 @@ impl<'a> JobRun<'a> {
         if let Some((limits, _)) = self.capped() {
             self.run
                 .store
-                .keep_slot_for_unanswered(
-                    &limits.key,
-                    self.owner(),
-                    item,
-                    self.step.job_timeout.max(SLOT_TTL),
-                )
+                .keep_slot_for_unanswered(&limits.key, self.owner(), item, self.step.job_timeout)
                 .await?;
         }
         Ok(())

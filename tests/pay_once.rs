@@ -809,3 +809,96 @@ async fn a_call_step_waiting_for_a_key_parks_instead_of_holding_the_worker() {
         audit_clean(task, &events(&store, task).await);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_accepted_while_postgres_is_down_is_recorded_once_it_is_back() {
+    // The provider accepts item 1's job; PostgreSQL goes down before the acceptance is
+    // recorded and stays down for 20 s, longer than an ordinary append retries. The
+    // acceptance is recorded once the server is back, and the job is polled, not paid for
+    // again.
+    let cluster = common::cluster::Cluster::start()
+        .unwrap_or_else(|why| panic!("cannot start a throwaway PostgreSQL cluster: {why}"));
+    let cluster = Arc::new(cluster);
+    // Half a second to get a connection: an append's own retries (8, about 11 s of
+    // waits) run out well within the outage.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect(&cluster.url("postgres"))
+        .await
+        .expect("connect");
+    let store = PgStore::new(pool);
+    store.migrate().await.expect("migrate");
+    let fake = Arc::new(Fake {
+        hint: true,
+        ..Fake::new(Duration::from_millis(300))
+    });
+    struct StopsTheServer(Arc<Fake>, Arc<common::cluster::Cluster>, Arc<AtomicU32>);
+    impl JobWork for StopsTheServer {
+        fn plan(&self, input: &Value) -> Result<u32, StepError> {
+            Provider(self.0.clone()).plan(input)
+        }
+        fn submit(
+            &self,
+            ctx: StepContext,
+            item: u32,
+            submission: Submission,
+        ) -> BoxFuture<Result<Value, StepError>> {
+            let (fake, cluster, stops) = (self.0.clone(), self.1.clone(), self.2.clone());
+            Box::pin(async move {
+                let accepted = Provider(fake).submit(ctx, item, submission).await;
+                if stops.fetch_add(1, Ordering::SeqCst) == 0 {
+                    tokio::task::spawn_blocking(move || cluster.ctl("stop"))
+                        .await
+                        .expect("join")
+                        .expect("stop the server");
+                }
+                accepted
+            })
+        }
+        fn poll(
+            &self,
+            ctx: StepContext,
+            item: u32,
+            job: Value,
+        ) -> BoxFuture<Result<JobStatus, StepError>> {
+            Provider(self.0.clone()).poll(ctx, item, job)
+        }
+    }
+    let stops = Arc::new(AtomicU32::new(0));
+    let step = Step::jobs(
+        "render",
+        StopsTheServer(fake.clone(), cluster.clone(), stops.clone()),
+    );
+    let task = submit_items(&store, 1).await;
+    let shutdown = CancellationToken::new();
+    let options = WorkerOptions {
+        lease_ttl: Duration::from_secs(3),
+        heartbeat_interval: Duration::from_secs(1),
+        poll_interval: Duration::from_millis(100),
+        ..WorkerOptions::new("survivor")
+    };
+    let worker = Worker::new(store.clone(), registry(step), options);
+    let token = shutdown.clone();
+    tokio::spawn(async move { worker.run(token).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stops.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the job was never submitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let restart = cluster.clone();
+    tokio::task::spawn_blocking(move || restart.ctl("start"))
+        .await
+        .expect("join")
+        .expect("start the server again");
+    wait_for_status(&store, task, TaskStatus::COMPLETED, Duration::from_secs(60)).await;
+    shutdown.cancel();
+    assert_eq!(fake.created(), 1, "the job was paid for once");
+    let events = events(&store, task).await;
+    assert_eq!(
+        count(&events, |e| matches!(e, Event::ItemSubmitted { .. })),
+        1
+    );
+    audit_clean(task, &events);
+}

@@ -2,131 +2,15 @@
 //! nothing is lost. Runs against a throwaway cluster this test starts itself, so other
 //! tests are not disturbed.
 
-use std::path::{Path, PathBuf};
 mod common;
 
 use std::process::{Child, Command};
+
+use common::cluster::Cluster;
 use std::time::Duration;
 
 use engine::{ChannelId, Event, NewTask, PgStore, TaskStatus};
 use serde_json::json;
-
-/// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.
-struct Cluster {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn start() -> Result<Cluster, String> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .map_err(|e| format!("no PostgreSQL binaries in /usr/lib/postgresql: {e}"))?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
-        let dir = std::env::temp_dir().join(format!("reel-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut cluster = Cluster { bin, dir, port: 0 };
-        if is_root() {
-            run(Command::new("chown").arg("postgres").arg(&cluster.dir))?;
-        }
-        let data = cluster.dir.join("data");
-        cluster.pg(&["initdb", "-D", path(&data), "-A", "trust", "-U", "postgres"])?;
-        // Every cluster needs its own port: `cargo test` runs this file's tests in one
-        // process, at the same time. A port that was free a moment ago can be taken before
-        // PostgreSQL binds it, so a failed start tries another one.
-        let mut failures = Vec::new();
-        for _ in 0..5 {
-            cluster.port = free_port()?;
-            match cluster.ctl("start") {
-                Ok(()) => return Ok(cluster),
-                Err(why) => failures.push(why),
-            }
-        }
-        Err(failures.join("\n"))
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-
-    fn ctl(&self, action: &str) -> Result<(), String> {
-        let data = self.dir.join("data");
-        let log = self.dir.join("log");
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {}",
-            self.port,
-            path(&self.dir)
-        );
-        self.pg(&[
-            "pg_ctl",
-            "-D",
-            path(&data),
-            "-l",
-            path(&log),
-            "-w",
-            "-m",
-            "fast",
-            "-o",
-            &options,
-            action,
-        ])
-    }
-
-    fn pg(&self, args: &[&str]) -> Result<(), String> {
-        let program = self.bin.join(args[0]);
-        let mut command = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        run(command.args(&args[1..]))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self.ctl("stop");
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A port nothing listens on right now: the kernel picks it for a listener we then drop.
-fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener
-        .local_addr()
-        .map(|addr| addr.port())
-        .map_err(|e| e.to_string())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
-fn run(command: &mut Command) -> Result<(), String> {
-    let out = command.output().map_err(|e| format!("{command:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_survive_a_postgres_restart_and_lose_nothing() {

@@ -2,6 +2,8 @@
 //! and fail on demand, and a driver that claims and runs a task like a worker would.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -284,6 +284,7 @@ async fn runway_tasks_and_each_failure_class() {
     let options = FakeOptions {
         job_duration: Duration::from_millis(200),
         runway_concurrency: 1,
+        ..FakeOptions::default()
     };
     let fake = FakeCloud::start(options).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -482,6 +483,7 @@ async fn the_cloud_set_reaches_final_review_and_a_sigkill_pays_for_no_clip_twice
     let fake = FakeCloud::start(FakeOptions {
         job_duration: Duration::from_secs(2),
         runway_concurrency: 20,
+        ..FakeOptions::default()
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -48,7 +48,7 @@ pub(crate) struct WorkerArgs {
     /// simulated, local, cloud; repeatable, or comma-separated in the env).
     #[arg(long = "provider", env = "REEL_PROVIDER", value_name = "STEP=NAME",
           value_delimiter = ',', value_parser = parse_step_provider)]
-    provider: Vec<(String, ProviderSet)>,
+    provider: Vec<Option<(String, ProviderSet)>>,
     /// Seconds a claim holds a task without a heartbeat (1 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
@@ -60,18 +60,18 @@ pub(crate) struct WorkerArgs {
     /// default.
     #[arg(long = "max-in-flight", env = "REEL_MAX_IN_FLIGHT", value_name = "KEY=N",
           value_delimiter = ',', value_parser = parse_cap)]
-    max_in_flight: Vec<(String, u32)>,
+    max_in_flight: Vec<Option<(String, u32)>>,
     /// Limits the requests per second to provider KEY across every worker (KEY=R, R from
     /// 0.001 to 100000; repeatable, or comma-separated in the env).
     #[arg(long = "rate", env = "REEL_RATE", value_name = "KEY=R", value_delimiter = ',',
           value_parser = parse_rate)]
-    rate: Vec<(String, f64)>,
+    rate: Vec<Option<(String, f64)>>,
     /// Simulated providers only: the seconds one item of STEP takes at real speed, before
     /// --time-scale (STEP=SECONDS; repeatable, or comma-separated in the env). For demos and
     /// tests that need one step slower or faster than the seed's figures.
     #[arg(long = "simulate", env = "REEL_SIMULATE", value_name = "STEP=SECONDS",
           value_delimiter = ',', value_parser = parse_seconds)]
-    simulate: Vec<(String, f64)>,
+    simulate: Vec<Option<(String, f64)>>,
 }
 
 pub(crate) async fn worker(
@@ -85,7 +85,7 @@ pub(crate) async fn worker(
     settings.provider_plan().check_ready().await?;
     let concurrency = usize::from(args.concurrency);
     let registry = workflows.registry(&settings);
-    for (step, _) in &args.simulate {
+    for (step, _) in args.simulate.iter().flatten() {
         let known = registry.names().iter().any(|name| {
             registry
                 .get(name)
@@ -99,7 +99,8 @@ pub(crate) async fn worker(
             .into());
         }
     }
-    let provider_limits = provider_limits(&registry, &args.max_in_flight, &args.rate)?;
+    let provider_limits =
+        provider_limits(&registry, &given(&args.max_in_flight), &given(&args.rate))?;
     let store =
         PgStore::new(engine::db::connect(url, (u32::from(args.concurrency) + 4).max(8)).await?);
     let lease_ttl = Duration::from_secs(args.lease_ttl);
@@ -139,7 +140,7 @@ pub(crate) async fn worker(
 /// environment when a step is on the cloud set) and the time scale it implies.
 fn settings(args: &WorkerArgs) -> anyhow::Result<WorkerSettings> {
     let mut plan = steps::ProviderPlan::new(args.providers);
-    for (step, set) in &args.provider {
+    for (step, set) in args.provider.iter().flatten() {
         plan = plan
             .with_step(step, *set)
             .map_err(|e| UsageError(format!("--provider: {e}")))?;
@@ -154,7 +155,7 @@ fn settings(args: &WorkerArgs) -> anyhow::Result<WorkerSettings> {
         time_scale: args
             .time_scale
             .unwrap_or(if on_cloud { 1.0 } else { 0.001 }),
-        simulated_seconds: args.simulate.iter().cloned().collect(),
+        simulated_seconds: args.simulate.iter().flatten().cloned().collect(),
         providers: plan.set,
         provider_steps: plan.steps,
         cloud: plan.cloud,
@@ -212,6 +213,24 @@ fn provider_limits(
     Ok(limits)
 }
 
+/// The values of a repeatable `KEY=VALUE` setting, without the blank ones: an empty
+/// environment variable (`REEL_MAX_IN_FLIGHT=`) or a trailing comma sets nothing.
+fn given<T: Clone>(values: &[Option<T>]) -> Vec<T> {
+    values.iter().flatten().cloned().collect()
+}
+
+/// `None` for a blank value (see [`given`]), else `parse` of it.
+fn unless_blank<T>(
+    raw: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    if raw.trim().is_empty() {
+        Ok(None)
+    } else {
+        parse(raw).map(Some)
+    }
+}
+
 /// Splits `KEY=VALUE` with a non-empty key of at most 100 characters.
 fn key_value(raw: &str) -> Result<(String, &str), String> {
     let (key, value) = raw
@@ -225,38 +244,46 @@ fn key_value(raw: &str) -> Result<(String, &str), String> {
 }
 
 /// `--max-in-flight KEY=N`: N from 1 to 100000.
-fn parse_cap(raw: &str) -> Result<(String, u32), String> {
-    let (key, value) = key_value(raw)?;
-    match value.parse::<u32>() {
-        Ok(n) if (1..=100_000).contains(&n) => Ok((key, n)),
-        _ => Err(format!("expected {key}=N with N from 1 to 100000")),
-    }
+fn parse_cap(raw: &str) -> Result<Option<(String, u32)>, String> {
+    unless_blank(raw, |raw| {
+        let (key, value) = key_value(raw)?;
+        match value.parse::<u32>() {
+            Ok(n) if (1..=100_000).contains(&n) => Ok((key, n)),
+            _ => Err(format!("expected {key}=N with N from 1 to 100000")),
+        }
+    })
 }
 
 /// `--rate KEY=R`: requests per second, from 0.001 to 100000.
-fn parse_rate(raw: &str) -> Result<(String, f64), String> {
-    let (key, value) = key_value(raw)?;
-    match value.parse::<f64>() {
-        Ok(r) if (0.001..=100_000.0).contains(&r) => Ok((key, r)),
-        _ => Err(format!("expected {key}=R with R from 0.001 to 100000")),
-    }
+fn parse_rate(raw: &str) -> Result<Option<(String, f64)>, String> {
+    unless_blank(raw, |raw| {
+        let (key, value) = key_value(raw)?;
+        match value.parse::<f64>() {
+            Ok(r) if (0.001..=100_000.0).contains(&r) => Ok((key, r)),
+            _ => Err(format!("expected {key}=R with R from 0.001 to 100000")),
+        }
+    })
 }
 
 /// `--provider STEP=NAME`: NAME one of the provider sets (the step is checked later,
 /// against the pipeline).
-fn parse_step_provider(raw: &str) -> Result<(String, ProviderSet), String> {
-    let (step, name) = key_value(raw)?;
-    let set = name.parse::<ProviderSet>().map_err(|e| e.to_string())?;
-    Ok((step, set))
+fn parse_step_provider(raw: &str) -> Result<Option<(String, ProviderSet)>, String> {
+    unless_blank(raw, |raw| {
+        let (step, name) = key_value(raw)?;
+        let set = name.parse::<ProviderSet>().map_err(|e| e.to_string())?;
+        Ok((step, set))
+    })
 }
 
 /// `--simulate STEP=SECONDS`: from 0 to 86400.
-fn parse_seconds(raw: &str) -> Result<(String, f64), String> {
-    let (key, value) = key_value(raw)?;
-    match value.parse::<f64>() {
-        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok((key, s)),
-        _ => Err(format!("expected {key}=SECONDS from 0 to 86400")),
-    }
+fn parse_seconds(raw: &str) -> Result<Option<(String, f64)>, String> {
+    unless_blank(raw, |raw| {
+        let (key, value) = key_value(raw)?;
+        match value.parse::<f64>() {
+            Ok(s) if (0.0..=86_400.0).contains(&s) => Ok((key, s)),
+            _ => Err(format!("expected {key}=SECONDS from 0 to 86400")),
+        }
+    })
 }
 
 fn default_worker_id() -> String {

@@ -71,6 +71,24 @@ pub struct FakeOptions {
     pub job_duration: Duration,
     /// Tasks RUNNING at once; later ones are THROTTLED until one finishes.
     pub runway_concurrency: usize,
+    /// Runway takes any `promptImage` data URI (the simulated composites are text), and
+    /// a task runs from its creation (so one nobody polls still ends).
+    pub any_image: bool,
+    /// Faults that keep coming, for chaos runs.
+    pub chaos: Chaos,
+}
+
+/// Faults on every Nth Runway request (counted per endpoint, from 1).
+#[derive(Clone, Debug, Default)]
+pub struct Chaos {
+    /// Every Nth image-to-video request creates its task, then answers only after this
+    /// wait (past the client's timeout, the answer is lost after Runway acted).
+    pub slow_answer_every: Option<(u32, Duration)>,
+    /// Every Nth task poll answers 503.
+    pub failing_poll_every: Option<u32>,
+    /// Every Nth image-to-video request is refused with 429 and `Retry-After: secs`,
+    /// before any task is made.
+    pub rate_limit_every: Option<(u32, u64)>,
 }
 
 impl Default for FakeOptions {
@@ -78,6 +96,8 @@ impl Default for FakeOptions {
         FakeOptions {
             job_duration: Duration::from_millis(300),
             runway_concurrency: 20,
+            any_image: false,
+            chaos: Chaos::default(),
         }
     }
 }
@@ -107,6 +127,16 @@ pub struct Counts {
     pub download_had_auth: bool,
     /// The most tasks submitted and not yet collected, at any moment.
     pub max_open: usize,
+    /// The most tasks in flight at Runway at once: created and not yet at their end,
+    /// whether or not anyone polls them (`any_image` runs only).
+    pub max_in_flight: usize,
+    /// Image-to-video requests answered with a task id only after a delay (chaos).
+    pub slow_answers: u32,
+    /// Polls answered with 503, and submits refused with 429 (chaos).
+    pub failed_polls: u32,
+    pub rate_limited_submits: u32,
+    /// Every poll's time, by task id.
+    pub poll_times: BTreeMap<String, Vec<Instant>>,
     pub speech_requests: u32,
     pub speech: u32,
     pub sfx_requests: u32,
@@ -442,27 +472,62 @@ async fn runway_submit(
     if let Some(answer) = fault(&shared, Endpoint::RunwaySubmit, key).await {
         return answer;
     }
+    let (chaos, any_image) = {
+        let inner = shared.lock();
+        (inner.options.chaos.clone(), inner.options.any_image)
+    };
+    let number = shared.lock().counts.runway_submit_requests;
+    if let Some((every, secs)) = chaos.rate_limit_every
+        && number % every == 0
+    {
+        shared.lock().counts.rate_limited_submits += 1;
+        let mut response = json_response(429, json!({"error": "You have exceeded your quota"}));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return response;
+    }
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
-    if let Err(problem) = check_image_to_video(&request) {
+    let checked = if any_image {
+        Ok(())
+    } else {
+        check_image_to_video(&request)
+    };
+    if let Err(problem) = checked {
         return json_response(400, json!({"error": problem}));
     }
     let id = uuid::Uuid::new_v4().to_string();
-    let mut inner = shared.lock();
-    let end = inner.job_ends.pop_front().unwrap_or(JobEnd::Succeed);
-    let seed = request["seed"].as_u64().unwrap_or_default();
-    inner.tasks.insert(
-        id.clone(),
-        Task {
-            seed,
-            end,
-            started: None,
-            collected: false,
-        },
-    );
-    inner.order.push(id.clone());
-    inner.counts.submissions.push(seed);
-    let open = inner.tasks.values().filter(|t| !t.collected).count();
-    inner.counts.max_open = inner.counts.max_open.max(open);
+    {
+        let mut inner = shared.lock();
+        let end = inner.job_ends.pop_front().unwrap_or(JobEnd::Succeed);
+        let seed = request["seed"].as_u64().unwrap_or_default();
+        inner.tasks.insert(
+            id.clone(),
+            Task {
+                seed,
+                end,
+                started: any_image.then(Instant::now),
+                collected: false,
+            },
+        );
+        inner.order.push(id.clone());
+        inner.counts.submissions.push(seed);
+        let open = inner.tasks.values().filter(|t| !t.collected).count();
+        inner.counts.max_open = inner.counts.max_open.max(open);
+        let duration = inner.options.job_duration;
+        let in_flight = inner
+            .tasks
+            .values()
+            .filter(|t| t.started.is_none_or(|at| at.elapsed() < duration))
+            .count();
+        inner.counts.max_in_flight = inner.counts.max_in_flight.max(in_flight);
+    }
+    if let Some((every, wait)) = chaos.slow_answer_every
+        && number % every == 0
+    {
+        shared.lock().counts.slow_answers += 1;
+        tokio::time::sleep(wait).await;
+    }
     json_response(200, json!({ "id": id }))
 }
 
@@ -502,13 +567,28 @@ async fn runway_poll(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    shared.lock().counts.polls += 1;
+    let number = {
+        let mut inner = shared.lock();
+        inner.counts.polls += 1;
+        inner
+            .counts
+            .poll_times
+            .entry(id.clone())
+            .or_default()
+            .push(Instant::now());
+        inner.counts.polls
+    };
     if let Some(refused) = runway_refusal(&headers) {
         return refused;
     }
     let key = header_str(&headers, "authorization").trim_start_matches("Bearer ");
     if let Some(answer) = fault(&shared, Endpoint::RunwayPoll, key).await {
         return answer;
+    }
+    let failing = shared.lock().options.chaos.failing_poll_every;
+    if failing.is_some_and(|every| number % every == 0) {
+        shared.lock().counts.failed_polls += 1;
+        return json_response(503, json!({"error": "Service temporarily unavailable"}));
     }
     let mut inner = shared.lock();
     advance(&mut inner);

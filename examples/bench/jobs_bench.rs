@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::prelude::*;
-use engine::{BoxFuture, ProviderLimits, Submission, Worker, WorkerOptions};
+use engine::{BoxFuture, Event, ProviderLimits, Submission, Worker, WorkerOptions};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -133,7 +133,73 @@ pub(crate) async fn run(report: &mut Report, pool: &PgPool, quick: bool) -> anyh
     saturation(report, pool, quick).await?;
     idle_load(report, pool, quick).await?;
     resume_latency(report, pool, quick).await?;
+    waiting_events(report, pool, quick).await?;
     Ok(())
+}
+
+/// (d) What waiting on a long job writes to the log: events per task-hour while a task
+/// waits on a 2-hour job with no hint (the video step's backoff, 5 s doubling to 60 s), on
+/// its own, and with a second item waiting for room behind it (a cap of 1). Run at a
+/// scale of 1/50 (a 2-hour job takes 144 s; `--quick`: a 20-minute one) and counted over
+/// the job's whole wait: the log grows with the poll schedule, not with a timer.
+async fn waiting_events(report: &mut Report, pool: &PgPool, quick: bool) -> anyhow::Result<()> {
+    let scale = 0.02;
+    let job = Duration::from_secs(if quick { 1200 } else { 7200 });
+    let backoff = Backoff::exponential(
+        Duration::from_secs(5).mul_f64(scale),
+        Duration::from_secs(60).mul_f64(scale),
+    )
+    .with_jitter(0.1);
+    let mut registry = Registry::new();
+    let mut fakes = Vec::new();
+    for (name, items) in [("alone", 1), ("behind", 2)] {
+        let fake = Arc::new(FakeProvider {
+            duration: job.mul_f64(scale),
+            hints: false,
+            jobs: Mutex::new(Vec::new()),
+        });
+        registry = registry.register(
+            Workflow::new(name).step(
+                Step::jobs("render", Jobs(fake.clone(), items))
+                    .poll_backoff(backoff)
+                    .job_timeout(Duration::from_secs(3600))
+                    .provider(ProviderLimits::new(name).max_in_flight(1)),
+            ),
+        );
+        fakes.push(fake);
+    }
+    let store = PgStore::new(pool.clone());
+    let channel = ChannelId::parse("bench")?;
+    let mut tasks = Vec::new();
+    for name in ["alone", "behind"] {
+        let created = store
+            .create_task(NewTask::new(name, channel.clone(), json!({})))
+            .await?;
+        tasks.push(created.task_id());
+    }
+    run_workers(pool, &registry, 1, 4).await?;
+    let hours = job.as_secs_f64() / 3600.0;
+    for (task, how) in tasks.iter().zip(["on its own", "with an item waiting for room"]) {
+        let events = store.read_stream(*task, 1).await?;
+        let submitted = events
+            .iter()
+            .position(|e| matches!(e.event, Event::ItemSubmitted { .. }))
+            .unwrap_or(0);
+        let done = events
+            .iter()
+            .position(|e| matches!(e.event, Event::ItemCompleted { .. }))
+            .unwrap_or(events.len());
+        let waiting = done.saturating_sub(submitted + 1);
+        report.add(
+            format!("jobs: waiting on a 2 h job {how}: events per task-hour (poll schedule, not a timer)"),
+            waiting as f64 / hours,
+            "events/h",
+        );
+    }
+    sqlx::query("DELETE FROM tasks WHERE workflow IN ('alone', 'behind')")
+        .execute(pool)
+        .await?;
+    clear(pool).await
 }
 
 /// (a) Three workers, ten tasks of 18 jobs, a cap of 5: how close to the cap the fleet

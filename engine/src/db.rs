@@ -16,14 +16,157 @@ const START_HINT: &str = "is it running? Start it with \
     `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
     or point DATABASE_URL at a running server";
 
+/// What stands between `DATABASE_URL` and PostgreSQL (`REEL_POOLER`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pooler {
+    /// Nothing (`none`, the default), or a pooler that gives each client a server
+    /// session of its own (`session`): everything works as on a direct connection.
+    #[default]
+    None,
+    /// Session pooling (PgBouncer's `pool_mode = session`): as [`Pooler::None`].
+    Session,
+    /// Transaction pooling (PgBouncer's `pool_mode = transaction`, Supabase's and Neon's
+    /// pooled URLs): every transaction may run on another server session. reel then
+    /// prepares no named statements and keeps no session state across transactions;
+    /// what needs a session (LISTEN for wake-ups, a projector's leader lock) goes over
+    /// `REEL_DIRECT_DATABASE_URL` when it is given, and otherwise falls back to polling
+    /// and a lease row.
+    Transaction,
+}
+
+impl Pooler {
+    /// The variable that names the pooler.
+    pub const VAR: &'static str = "REEL_POOLER";
+
+    /// Parses `none`, `session` or `transaction` (an empty value is `none`).
+    pub fn parse(raw: &str) -> Result<Pooler> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "none" => Ok(Pooler::None),
+            "session" => Ok(Pooler::Session),
+            "transaction" => Ok(Pooler::Transaction),
+            _ => Err(Error::InvalidInput(format!(
+                "{}={:?}: expected none, session or transaction",
+                Pooler::VAR,
+                crate::id::truncate_for_display(raw, 40)
+            ))),
+        }
+    }
+
+    /// The pooler `REEL_POOLER` names (none when unset).
+    pub fn from_env() -> Result<Pooler> {
+        std::env::var(Pooler::VAR).map_or(Ok(Pooler::None), |raw| Pooler::parse(&raw))
+    }
+
+    /// Whether a connection of the pool keeps its server session between transactions.
+    pub fn keeps_sessions(self) -> bool {
+        self != Pooler::Transaction
+    }
+}
+
+/// The variable that names a URL straight to PostgreSQL (or through a session pooler), for
+/// what needs a session when `DATABASE_URL` goes through a transaction pooler.
+pub const DIRECT_URL_VAR: &str = "REEL_DIRECT_DATABASE_URL";
+
 /// A pool on `url` with bounded waits: a dead database surfaces as an error within
-/// `acquire_timeout`, never as a hang.
+/// `acquire_timeout`, never as a hang. Through a transaction pooler (`REEL_POOLER`, see
+/// [`Pooler`]) its connections prepare no named statements.
 ///
 /// One connection is made first, so a server that is down, refuses the login or lacks the
 /// database fails at once with [`Error::Unreachable`] (a one-line cause and fix) instead of
 /// the pool's timeout after 10 s. Later outages are the pool's business: it reconnects.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    pool(parse_url(url)?, max_connections).await
+    pool(options_for(url, Pooler::from_env()?)?, max_connections).await
+}
+
+/// A store on `url` (see [`connect`]) with its session features placed as the
+/// environment says: on the pool itself, over `REEL_DIRECT_DATABASE_URL` (a pool of one
+/// connection), or nowhere (a transaction pooler without a direct URL: the store polls,
+/// and says so once).
+pub async fn connect_store(url: &str, max_connections: u32) -> Result<crate::PgStore> {
+    let pooler = Pooler::from_env()?;
+    let main = pool(options_for(url, pooler)?, max_connections).await?;
+    let store = crate::PgStore::new(main).behind(pooler);
+    let direct = std::env::var(DIRECT_URL_VAR)
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    Ok(match (direct, pooler.keeps_sessions()) {
+        (Some(direct), _) => {
+            let session = pool(options_for(&direct, Pooler::None)?, 2).await?;
+            store.with_session_pool(Some(session))
+        }
+        (None, true) => store,
+        (None, false) => {
+            tracing::debug!(
+                "{}=transaction without {DIRECT_URL_VAR}: no LISTEN through the pooler, so \
+                 workers look for work every poll interval and followers poll the log",
+                Pooler::VAR
+            );
+            store.with_session_pool(None)
+        }
+    })
+}
+
+/// [`connect_store`] for a long-running service: while PostgreSQL cannot be reached (down,
+/// starting, restarting) it says so on one line per try and tries again, 0.5 s doubling to
+/// 10 s apart, until it connects, `limit` (if any) has passed, or `stop` fires.
+/// Configuration errors (a bad URL, a refused password) fail at once.
+pub async fn connect_store_waiting(
+    url: &str,
+    max_connections: u32,
+    limit: Option<Duration>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<crate::PgStore> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1u32.. {
+        let err = match connect_store(url, max_connections).await {
+            Ok(store) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "connected to PostgreSQL");
+                }
+                return Ok(store);
+            }
+            Err(err @ Error::Unreachable { .. }) if worth_waiting_for(&err) => err,
+            Err(err) => return Err(err),
+        };
+        if limit.is_some_and(|limit| started.elapsed() + wait > limit) {
+            return Err(err);
+        }
+        tracing::warn!(attempt, retry_in = ?wait, "{err}");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return Err(err),
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+    unreachable!("the loop returns")
+}
+
+/// Whether a failed first connection may succeed later without anyone changing the
+/// configuration: the server is down, starting or not answering — not a refused login or
+/// a missing database.
+fn worth_waiting_for(err: &Error) -> bool {
+    match err {
+        Error::Unreachable { cause, .. } => {
+            !(cause.starts_with("authentication failed")
+                || cause.contains("does not exist")
+                || cause.contains("no pg_hba.conf entry")
+                || cause.contains("certificate")
+                || cause.contains("TLS"))
+        }
+        _ => false,
+    }
+}
+
+/// The connection options for `url` behind `pooler`.
+fn options_for(url: &str, pooler: Pooler) -> Result<PgConnectOptions> {
+    let options = parse_url(url)?;
+    Ok(match pooler {
+        // Named prepared statements live in a server session; through a transaction
+        // pooler the next transaction may run on another one.
+        Pooler::Transaction => options.statement_cache_capacity(0),
+        Pooler::None | Pooler::Session => options,
+    })
 }
 
 /// A pool on `options` once one connection has shown the server lets us in. The pool

@@ -140,6 +140,32 @@ impl Error {
         }
     }
 
+    /// Whether PostgreSQL could not be reached or gave up on the statement for a reason
+    /// of its own — the connection, the server shutting down or starting, its resources,
+    /// a lock or statement timeout, a serialization failure — so the same statement may
+    /// succeed later. A statement the server refused for what it says (a missing table, a
+    /// prepared statement a transaction pooler lost, a permission) is not an outage: it
+    /// will be refused again.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } => true,
+            Error::Database(err) => match err {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || ["40001", "40P01", "55P03", "57014"].contains(&code.as_ref())
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Whether retrying the same operation later may succeed (database outages, conflicts).
     pub fn is_transient(&self) -> bool {
         match self {

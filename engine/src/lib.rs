@@ -59,7 +59,7 @@ pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
     PgStore, SlotOwner, StreamAppend, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
 };
-pub use worker::{Attempt, Worker, WorkerOptions, WorkerReport};
+pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,
     JobStatus, JobWork, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,

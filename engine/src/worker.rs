@@ -23,6 +23,13 @@ use crate::workflow::{Backoff, ProviderLimits, Registry};
 const OUTAGE_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10));
 
+/// How long a worker that runs until idle waits out an outage (claims or counts failing
+/// because PostgreSQL cannot be reached) before it gives up with the error: long enough
+/// for a server restart, short enough that a script learns something is wrong. A
+/// statement the server refuses outright ends it at once. A long-running worker waits for
+/// as long as it takes.
+pub const UNTIL_IDLE_OUTAGE_LIMIT: Duration = Duration::from_secs(60);
+
 /// How a worker behaves.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -144,8 +151,12 @@ impl Worker {
         let mut running: JoinSet<(Lease, Result<RunOutcome>)> = JoinSet::new();
         let mut in_flight = InFlight::default();
         let mut report = WorkerReport::default();
-        let mut wake_ups = WakeUps::start(self.store.pool().clone()).await;
+        if self.store.session_pool().is_none() {
+            tracing::info!(worker = %self.options.worker_id, poll = ?self.options.poll_interval, "no session for LISTEN (a transaction pooler without REEL_DIRECT_DATABASE_URL): looking for work every poll interval");
+        }
+        let mut wake_ups = WakeUps::start(self.store.session_pool().cloned()).await;
         let mut outages = 0;
+        let mut outage_since: Option<Instant> = None;
         // When tasks this worker parked are due again: look for work then, not a poll later.
         let mut due_parked = std::collections::BTreeSet::new();
         match self.store.sync_clock().await {
@@ -165,8 +176,14 @@ impl Worker {
                 Ok(claimed) => {
                     report.claimed += claimed;
                     outages = 0;
+                    outage_since = None;
                 }
                 Err(err) => {
+                    if self.gives_up_on(&err, *outage_since.get_or_insert_with(Instant::now)) {
+                        tracing::error!(worker = %self.options.worker_id, error = %err, "cannot claim: giving up");
+                        self.drain(running, in_flight, report, abort).await?;
+                        return Err(err);
+                    }
                     outages += 1;
                     let wait = OUTAGE_BACKOFF.delay(outages, 0.5);
                     tracing::warn!(worker = %self.options.worker_id, error = %err, ?wait, "cannot claim; retrying");
@@ -182,7 +199,14 @@ impl Worker {
                 {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(err) => tracing::warn!(error = %err, "cannot count unfinished tasks"),
+                    Err(err) => {
+                        if self.gives_up_on(&err, *outage_since.get_or_insert_with(Instant::now)) {
+                            tracing::error!(worker = %self.options.worker_id, error = %err, "cannot count unfinished tasks: giving up");
+                            self.drain(running, in_flight, report, abort).await?;
+                            return Err(err);
+                        }
+                        tracing::warn!(error = %err, "cannot count unfinished tasks; retrying");
+                    }
                 }
             }
             let full = running.len() >= self.options.concurrency;
@@ -207,6 +231,13 @@ impl Worker {
             }
         }
         self.drain(running, in_flight, report, abort).await
+    }
+
+    /// Whether a worker running until idle stops on `err` (a database error since `since`):
+    /// a refusal at once, an outage past [`UNTIL_IDLE_OUTAGE_LIMIT`]. "Idle" must mean that
+    /// nothing is left, never that the database could not say.
+    fn gives_up_on(&self, err: &Error, since: Instant) -> bool {
+        self.options.until_idle && (!err.is_outage() || since.elapsed() >= UNTIL_IDLE_OUTAGE_LIMIT)
     }
 
     /// Claims until the worker is full or nothing is claimable; returns how many it claimed.

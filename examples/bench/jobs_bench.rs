@@ -179,7 +179,10 @@ async fn waiting_events(report: &mut Report, pool: &PgPool, quick: bool) -> anyh
     }
     run_workers(pool, &registry, 1, 4).await?;
     let hours = job.as_secs_f64() / 3600.0;
-    for (task, how) in tasks.iter().zip(["on its own", "with an item waiting for room"]) {
+    for (task, how) in tasks
+        .iter()
+        .zip(["on its own", "with an item waiting for room"])
+    {
         let events = store.read_stream(*task, 1).await?;
         let submitted = events
             .iter()

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use engine::audit::{AuditReport, Rule, ScanSummary, Scope, Violation, audit_stored, scan};
-use engine::{ChannelId, PgStore, TaskFilter, TaskId};
+use engine::{ChannelId, TaskFilter, TaskId};
 use serde::Serialize;
 use steps::{ArtifactCheck, Fingerprint, check_artifact};
 
@@ -45,7 +45,7 @@ pub(crate) struct AuditArgs {
 pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
     let task = args.task.as_deref().map(str::parse::<TaskId>).transpose()?;
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     let json = args.json;
     let artifacts = (!args.log_only).then_some(args.artifacts.as_path());
     let print = |mut report: AuditReport| {
@@ -225,7 +225,7 @@ fn is_zero(value: &u64) -> bool {
 
 pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     let mut stats = Stats::default();
     for task in store
         .list_tasks(&TaskFilter {

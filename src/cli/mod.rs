@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use engine::{PgStore, Registry, TaskState};
+use engine::{Registry, TaskState};
 
 use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
 use replay::{ReplayArgs, replay};
@@ -206,7 +206,7 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
             options.get_database().unwrap_or("postgres")
         );
     }
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     store.migrate().await?;
     println!("migrations applied");
     Ok(())

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use engine::timeline::{TimelineEntry, timeline};
-use engine::{PgStore, TaskId, TaskState, fold};
+use engine::{TaskId, TaskState, fold};
 use serde::Serialize;
 
 use super::money;
@@ -32,7 +32,7 @@ struct Replay<'a> {
 
 pub(crate) async fn replay(url: &str, args: ReplayArgs) -> anyhow::Result<()> {
     let task: TaskId = args.task.parse()?;
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     let mut events = store.read_stream(task, 1).await?;
     anyhow::ensure!(!events.is_empty(), engine::Error::TaskNotFound(task));
     if let Some(at) = args.at {

@@ -29,7 +29,7 @@ pub(crate) struct ReviewArgs {
 async fn open(url: &str, target: &TaskArg) -> anyhow::Result<(PgStore, TaskId)> {
     // Validate before connecting: a malformed id never reaches the database.
     let task: TaskId = target.task.parse()?;
-    Ok((PgStore::new(engine::db::connect(url, 2).await?), task))
+    Ok((engine::db::connect_store(url, 2).await?, task))
 }
 
 /// A review decision on a task whose workflow (known to this binary) has no review gate

@@ -1,7 +1,7 @@
 //! `reel submit`: a new task of one of the binary's workflows.
 
 use clap::Args;
-use engine::{ChannelId, NewTask, PgStore};
+use engine::{ChannelId, NewTask};
 use serde_json::{Value, json};
 use steps::Fault;
 
@@ -68,7 +68,7 @@ pub(crate) async fn submit(
             UsageError(format!("invalid input for workflow {workflow:?}: {reason}"))
         })?;
     }
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     let mut task = NewTask::new(workflow, channel, input);
     task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;

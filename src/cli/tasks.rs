@@ -1,7 +1,7 @@
 //! `reel tasks`: list tasks, filtered by status and channel.
 
 use clap::Args;
-use engine::{ChannelId, PgStore, TaskFilter, TaskStatus};
+use engine::{ChannelId, TaskFilter, TaskStatus};
 
 use super::{UsageError, WorkerSettings, Workflows};
 
@@ -27,7 +27,7 @@ pub(crate) async fn tasks(
     workflows: &dyn Workflows,
 ) -> anyhow::Result<()> {
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
-    let store = PgStore::new(engine::db::connect(url, 2).await?);
+    let store = engine::db::connect_store(url, 2).await?;
     let filter = TaskFilter {
         status: args.status,
         channel,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use engine::{PgStore, ProviderLimits, Registry, Worker, WorkerOptions};
+use engine::{ProviderLimits, Registry, Worker, WorkerOptions};
 use steps::ProviderSet;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +52,12 @@ pub(crate) struct WorkerArgs {
     /// Seconds a claim holds a task without a heartbeat (1 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
+    /// Seconds to keep trying the first connection while PostgreSQL cannot be reached
+    /// (down, starting, restarting), one log line per try (default: keep trying; 0: one
+    /// try, as the one-shot commands do).
+    #[arg(long, env = "REEL_CONNECT_TIMEOUT", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    connect_timeout: Option<u64>,
     /// Seconds items in flight may take to finish after SIGTERM (0 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     shutdown_grace: u64,
@@ -101,8 +107,20 @@ pub(crate) async fn worker(
     }
     let provider_limits =
         provider_limits(&registry, &given(&args.max_in_flight), &given(&args.rate))?;
-    let store =
-        PgStore::new(engine::db::connect(url, (u32::from(args.concurrency) + 4).max(8)).await?);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing items in flight",
+    ));
+    // A service waits for the database (a restart, a server still starting); the one-shot
+    // commands fail at once.
+    let store = engine::db::connect_store_waiting(
+        url,
+        (u32::from(args.concurrency) + 4).max(8),
+        args.connect_timeout.map(Duration::from_secs),
+        &shutdown,
+    )
+    .await?;
     let lease_ttl = Duration::from_secs(args.lease_ttl);
     let options = WorkerOptions {
         concurrency,
@@ -113,11 +131,6 @@ pub(crate) async fn worker(
         provider_limits,
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine::service::cancel_on_signals(
-        shutdown.clone(),
-        "finishing items in flight",
-    ));
     let report = Worker::new(store, registry, options)
         .run(shutdown)
         .await

@@ -41,7 +41,10 @@ const PAGES_IN_FLIGHT: usize = 2;
 type PageRead = (Vec<TaskId>, JoinHandle<Result<Vec<RecordedEvent>>>);
 
 async fn next_ids(store: &PgStore, scope: &Scope, after: Uuid) -> Result<Vec<TaskId>> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
+    let ids: Vec<Uuid> =
+        store
+            .on_pool(async |c| {
+                store.scalar(
         "SELECT id FROM tasks WHERE id > $1 AND ($2::text IS NULL OR channel_id = $2) \
          AND (NOT $3 OR status = 'failed') ORDER BY id LIMIT $4",
     )
@@ -49,8 +52,9 @@ async fn next_ids(store: &PgStore, scope: &Scope, after: Uuid) -> Result<Vec<Tas
     .bind(scope.channel.as_ref().map(ChannelId::as_str))
     .bind(scope.failed_only)
     .bind(SCAN_PAGE as i64)
-    .fetch_all(store.pool())
-    .await?;
+    .fetch_all(c).await
+            })
+            .await?;
     Ok(ids.into_iter().map(TaskId::from).collect())
 }
 

@@ -130,6 +130,12 @@ impl Committer {
         fence: Fence,
         events: Arc<[NewEvent]>,
     ) -> Result<Appended> {
+        if !self.store.keeps_sessions() {
+            // Behind a transaction pooler each append is a transaction of its own (see
+            // `PgStore::append`): there is no session to hold, and a shared statement's
+            // retries would run in one aborted transaction.
+            return self.store.append(stream, expected, fence, &events).await;
+        }
         let mut answer = self.enqueue(stream, expected, fence, events.clone());
         let result = loop {
             if let Some(result) = self.answered(&mut answer, stream, expected, fence, &events) {

@@ -40,18 +40,20 @@ const LOG_HEAD_SQL: &str = "SELECT tx_id::text, global_position FROM events \
 impl PgStore {
     /// The checkpoint of follower `name`, created at the start of the log if it has none.
     pub async fn load_checkpoint(&self, name: &str) -> Result<Checkpoint> {
-        sqlx::query(
-            "INSERT INTO projector_checkpoints (projector) VALUES ($1) ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .execute(self.pool())
+        self.on_pool(async |c| {
+            self.statement(
+                "INSERT INTO projector_checkpoints (projector) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(name)
+            .execute(c)
+            .await
+        })
         .await?;
-        let (tx_id, position): (String, i64) = sqlx::query_as(
+        let (tx_id, position): (String, i64) = self.on_pool(async |c| self.rows_as(
             "SELECT last_tx_id::text, last_position FROM projector_checkpoints WHERE projector = $1",
         )
         .bind(name)
-        .fetch_one(self.pool())
-        .await?;
+        .fetch_one(c).await).await?;
         Ok(checkpoint(&tx_id, position))
     }
 
@@ -65,19 +67,20 @@ impl PgStore {
         expected: Checkpoint,
         to: Checkpoint,
     ) -> Result<bool> {
-        let moved = sqlx::query(
-            "UPDATE projector_checkpoints \
+        let moved = self
+            .statement(
+                "UPDATE projector_checkpoints \
                 SET last_tx_id = $2::text::xid8, last_position = $3, updated_at = now() \
               WHERE projector = $1 AND last_tx_id = $4::text::xid8 AND last_position = $5",
-        )
-        .bind(name)
-        .bind(to.tx_id.to_string())
-        .bind(to.position)
-        .bind(expected.tx_id.to_string())
-        .bind(expected.position)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+            )
+            .bind(name)
+            .bind(to.tx_id.to_string())
+            .bind(to.position)
+            .bind(expected.tx_id.to_string())
+            .bind(expected.position)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
         Ok(moved == 1)
     }
 
@@ -85,8 +88,8 @@ impl PgStore {
     /// ([`Checkpoint::START`] when there is none). Events of transactions still in flight
     /// sort after it, so a follower starting here reads them.
     pub async fn log_head(&self) -> Result<Checkpoint> {
-        let head: Option<(String, i64)> = sqlx::query_as(LOG_HEAD_SQL)
-            .fetch_optional(self.pool())
+        let head: Option<(String, i64)> = self
+            .on_pool(async |c| self.rows_as(LOG_HEAD_SQL).fetch_optional(c).await)
             .await?;
         Ok(head.map_or(Checkpoint::START, |(tx_id, position)| {
             checkpoint(&tx_id, position)
@@ -97,19 +100,22 @@ impl PgStore {
     /// follower that already has a checkpoint keeps it. Returns the stored checkpoint.
     pub async fn checkpoint_at_head(&self, name: &str, keep_existing: bool) -> Result<Checkpoint> {
         let head = self.log_head().await?;
-        sqlx::query(
-            "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
+        self.on_pool(async |c| {
+            self.statement(
+                "INSERT INTO projector_checkpoints (projector, last_tx_id, last_position) \
              VALUES ($1, $2::text::xid8, $3) \
              ON CONFLICT (projector) DO UPDATE \
                 SET last_tx_id = EXCLUDED.last_tx_id, last_position = EXCLUDED.last_position, \
                     updated_at = now() \
               WHERE NOT $4",
-        )
-        .bind(name)
-        .bind(head.tx_id.to_string())
-        .bind(head.position)
-        .bind(keep_existing)
-        .execute(self.pool())
+            )
+            .bind(name)
+            .bind(head.tx_id.to_string())
+            .bind(head.position)
+            .bind(keep_existing)
+            .execute(c)
+            .await
+        })
         .await?;
         self.load_checkpoint(name).await
     }
@@ -118,14 +124,18 @@ impl PgStore {
     /// next one: [`TxIdHorizon::is_ahead`] means the log was restored from another cluster
     /// and following it in `(tx_id, position)` order would skip new events.
     pub async fn tx_id_horizon(&self) -> Result<TxIdHorizon> {
-        let (stored, next): (String, String) = sqlx::query_as(
-            "SELECT GREATEST( \
+        let (stored, next): (String, String) = self
+            .on_pool(async |c| {
+                self.rows_as(
+                    "SELECT GREATEST( \
                     (SELECT max(tx_id) FROM events), \
                     (SELECT max(last_tx_id) FROM projector_checkpoints), '0'::xid8)::text, \
                     pg_snapshot_xmax(pg_current_snapshot())::text",
-        )
-        .fetch_one(self.pool())
-        .await?;
+                )
+                .fetch_one(c)
+                .await
+            })
+            .await?;
         Ok(TxIdHorizon {
             highest_stored: stored.parse().unwrap_or(0),
             next_assigned: next.parse().unwrap_or(u64::MAX),

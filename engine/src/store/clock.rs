@@ -76,8 +76,8 @@ impl PgStore {
     /// process calls this at start.
     pub async fn sync_clock(&self) -> Result<chrono::Duration> {
         let reading = Reading::start();
-        let db_time: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(self.pool())
+        let db_time: DateTime<Utc> = self
+            .on_pool(async |c| self.scalar("SELECT clock_timestamp()").fetch_one(c).await)
             .await?;
         self.clock().observe(db_time, reading.sent, reading.sent_at);
         Ok(self.clock().now() - Utc::now())

@@ -196,12 +196,16 @@ impl PgStore {
         ttl: Duration,
     ) -> Result<Option<Lease>> {
         let reading = Reading::start();
-        let row = sqlx::query(CLAIM_SQL)
-            .bind(worker_id)
-            .bind(ttl.as_secs_f64())
-            .bind(CURRENT_SCHEMA_VERSION)
-            .bind(task.as_uuid())
-            .fetch_optional(self.pool())
+        let row = self
+            .on_pool(async |c| {
+                self.statement(CLAIM_SQL)
+                    .bind(worker_id)
+                    .bind(ttl.as_secs_f64())
+                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(task.as_uuid())
+                    .fetch_optional(c)
+                    .await
+            })
             .await?;
         row.map(|row| self.lease_from(&row, worker_id, reading))
             .transpose()
@@ -219,13 +223,17 @@ impl PgStore {
     ) -> Result<Option<Lease>> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
         let reading = Reading::start();
-        let row = sqlx::query(CLAIM_NEXT_SQL)
-            .bind(worker_id)
-            .bind(ttl.as_secs_f64())
-            .bind(CURRENT_SCHEMA_VERSION)
-            .bind(&running)
-            .bind(workflows)
-            .fetch_optional(self.pool())
+        let row = self
+            .on_pool(async |c| {
+                self.statement(CLAIM_NEXT_SQL)
+                    .bind(worker_id)
+                    .bind(ttl.as_secs_f64())
+                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(&running)
+                    .bind(workflows)
+                    .fetch_optional(c)
+                    .await
+            })
             .await?;
         row.map(|row| self.lease_from(&row, worker_id, reading))
             .transpose()
@@ -236,41 +244,52 @@ impl PgStore {
     /// `except` (the ones a worker has given up on).
     pub async fn unfinished_tasks(&self, workflows: &[String], except: &[TaskId]) -> Result<i64> {
         let except: Vec<uuid::Uuid> = except.iter().map(TaskId::as_uuid).collect();
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM tasks \
+        Ok(self
+            .on_pool(async |c| {
+                self.scalar(
+                    "SELECT count(*) FROM tasks \
              WHERE (status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
                     OR (parked AND status IN ('failed', 'cancelled'))) \
                AND workflow = ANY($1) AND NOT (id = ANY($2))",
-        )
-        .bind(workflows)
-        .bind(&except)
-        .fetch_one(self.pool())
-        .await?)
+                )
+                .bind(workflows)
+                .bind(&except)
+                .fetch_one(c)
+                .await
+            })
+            .await?)
     }
 
     /// Whether a worker holds the task's lease now (claimed, not expired, not released).
     pub async fn lease_is_live(&self, task: TaskId) -> Result<bool> {
-        Ok(sqlx::query_scalar(
+        Ok(self
+            .on_pool(async |c| {
+                self.scalar(
             "SELECT lease_owner IS NOT NULL AND lease_expires_at > now() FROM tasks WHERE id = $1",
         )
         .bind(task.as_uuid())
-        .fetch_optional(self.pool())
-        .await?
-        .unwrap_or(false))
+        .fetch_optional(c).await
+            })
+            .await?
+            .unwrap_or(false))
     }
 
     /// Extends the lease by `ttl` from now; false when it was lost (another claim since).
     pub async fn extend_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
-        let extended = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
+        let extended = self
+            .on_pool(async |c| {
+                self.statement(
+                    "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
              WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $4",
-        )
-        .bind(lease.task.as_uuid())
-        .bind(lease.epoch)
-        .bind(ttl.as_secs_f64())
-        .bind(&lease.worker_id)
-        .execute(self.pool())
-        .await?;
+                )
+                .bind(lease.task.as_uuid())
+                .bind(lease.epoch)
+                .bind(ttl.as_secs_f64())
+                .bind(&lease.worker_id)
+                .execute(c)
+                .await
+            })
+            .await?;
         Ok(extended.rows_affected() == 1)
     }
 
@@ -279,34 +298,42 @@ impl PgStore {
     /// to 1 h), so old workers in a rolling upgrade touch it ever more rarely while a newer
     /// worker can run it when due. `None`: the lease was already lost.
     pub async fn set_aside(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(
-            "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL, \
+        Ok(self
+            .on_pool(async |c| {
+                self.scalar(
+                    "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL, \
                     unreadable_since = COALESCE(unreadable_since, now()), \
                     next_run_at = now() + LEAST(interval '1 hour', GREATEST(interval '30 seconds', \
                                   now() - COALESCE(unreadable_since, now()))) \
              WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3 \
              RETURNING next_run_at",
-        )
-        .bind(lease.task.as_uuid())
-        .bind(lease.epoch)
-        .bind(&lease.worker_id)
-        .fetch_optional(self.pool())
-        .await?
-        .flatten())
+                )
+                .bind(lease.task.as_uuid())
+                .bind(lease.epoch)
+                .bind(&lease.worker_id)
+                .fetch_optional(c)
+                .await
+            })
+            .await?
+            .flatten())
     }
 
     /// Gives the lease up so another worker can claim the task at once; false when it was
     /// already released or lost.
     pub async fn release_lease(&self, lease: &Lease) -> Result<bool> {
-        let released = sqlx::query(
-            "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL \
+        let released = self
+            .on_pool(async |c| {
+                self.statement(
+                    "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3",
-        )
-        .bind(lease.task.as_uuid())
-        .bind(lease.epoch)
-        .bind(&lease.worker_id)
-        .execute(self.pool())
-        .await?;
+                )
+                .bind(lease.task.as_uuid())
+                .bind(lease.epoch)
+                .bind(&lease.worker_id)
+                .execute(c)
+                .await
+            })
+            .await?;
         Ok(released.rows_affected() == 1)
     }
 }

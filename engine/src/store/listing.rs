@@ -42,9 +42,13 @@ pub struct TaskFilter {
 impl PgStore {
     /// The task's status as the `tasks` row has it (`None`: no such task).
     pub async fn task_status(&self, task: TaskId) -> Result<Option<TaskStatus>> {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-            .bind(task.as_uuid())
-            .fetch_optional(self.pool())
+        let status: Option<String> = self
+            .on_pool(async |c| {
+                self.scalar("SELECT status FROM tasks WHERE id = $1")
+                    .bind(task.as_uuid())
+                    .fetch_optional(c)
+                    .await
+            })
             .await?;
         status
             .map(|s| {
@@ -56,7 +60,7 @@ impl PgStore {
 
     /// Tasks matching `filter`, newest first.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
-        let rows = sqlx::query(
+        let rows = self.on_pool(async |c| self.statement(
             "SELECT id, workflow, channel_id, status, status_display, attempt, version, lease_owner, next_run_at, \
                     last_error, notion_page_id, created_at, updated_at \
              FROM tasks \
@@ -67,8 +71,7 @@ impl PgStore {
         .bind(filter.status.map(TaskStatus::as_str))
         .bind(filter.channel.as_ref().map(ChannelId::as_str))
         .bind(i64::from(filter.limit))
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_all(c).await).await?;
         rows.iter().map(summary).collect()
     }
 }

@@ -116,8 +116,24 @@ const READ_PAGE_SQL: &str = "SELECT global_position, tx_id::text::bigint AS tx_i
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Where session features (LISTEN) run: the pool itself unless set otherwise.
+    session: Session,
+    /// Statements are prepared once per connection and kept (named); false through a
+    /// transaction pooler, where they are unnamed (see [`PgStore::statement`]).
+    named: bool,
     /// The database's clock as seen from here (shared by the store's clones).
     clock: std::sync::Arc<super::clock::DbClock>,
+}
+
+/// Where a store's session features run.
+#[derive(Clone, Debug)]
+enum Session {
+    /// On the store's own pool (a direct connection, or a session pooler).
+    Main,
+    /// On a pool of its own (a direct URL beside a transaction pooler).
+    Direct(PgPool),
+    /// Nowhere: the store's pool goes through a transaction pooler.
+    Unavailable,
 }
 
 impl PgStore {
@@ -125,7 +141,95 @@ impl PgStore {
     pub fn new(pool: PgPool) -> Self {
         PgStore {
             pool,
+            session: Session::Main,
+            named: true,
             clock: super::clock::DbClock::shared(),
+        }
+    }
+
+    /// The same store for a pool behind `pooler`: through a transaction pooler every
+    /// statement is unnamed (parsed on each execution, one more round trip), since a named
+    /// one lives in a server session that the next transaction may not get. Set by
+    /// [`crate::db::connect_store`]; a store made with [`PgStore::new`] prepares and keeps
+    /// its statements.
+    pub fn behind(mut self, pooler: crate::db::Pooler) -> Self {
+        self.named = pooler.keeps_sessions();
+        self
+    }
+
+    /// Whether the store's connections keep their server sessions between transactions
+    /// (no transaction pooler between them and PostgreSQL).
+    pub(crate) fn keeps_sessions(&self) -> bool {
+        self.named
+    }
+
+    /// Runs `work` on a connection of the pool. Behind a transaction pooler it runs in a
+    /// transaction of its own, committed when `work` succeeds: the pooler gives each
+    /// transaction, not each connection, a server session, and an unnamed statement is
+    /// parsed in one round trip and executed in the next (sqlx syncs between them), which
+    /// must reach the same session.
+    pub(crate) async fn on_pool<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> std::result::Result<T, sqlx::Error>,
+    ) -> Result<T> {
+        if self.named {
+            let mut conn = self.pool.acquire().await?;
+            return Ok(work(&mut conn).await?);
+        }
+        let mut tx = self.pool.begin().await?;
+        let done = work(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// A statement of the store's: named and kept per connection, or unnamed behind a
+    /// transaction pooler (see [`PgStore::behind`]).
+    pub(crate) fn statement(
+        &self,
+        sql: &'static str,
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql).persistent(self.named)
+    }
+
+    /// [`PgStore::statement`] for one column of each row.
+    pub(crate) fn scalar<O>(
+        &self,
+        sql: &'static str,
+    ) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        (O,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_scalar(sql).persistent(self.named)
+    }
+
+    /// [`PgStore::statement`] for rows read as `O`.
+    pub(crate) fn rows_as<O>(
+        &self,
+        sql: &'static str,
+    ) -> sqlx::query::QueryAs<'static, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_as(sql).persistent(self.named)
+    }
+
+    /// The same store with its session features (LISTEN for wake-ups) on `pool` — a
+    /// direct connection when the store's own pool goes through a transaction pooler —
+    /// or, with `None`, nowhere: its readers and workers then poll.
+    pub fn with_session_pool(mut self, pool: Option<PgPool>) -> Self {
+        self.session = match pool {
+            Some(pool) => Session::Direct(pool),
+            None => Session::Unavailable,
+        };
+        self
+    }
+
+    /// The pool on which session features work (`None`: none does).
+    pub fn session_pool(&self) -> Option<&PgPool> {
+        match &self.session {
+            Session::Main => Some(&self.pool),
+            Session::Direct(pool) => Some(pool),
+            Session::Unavailable => None,
         }
     }
 
@@ -173,7 +277,8 @@ impl PgStore {
     ) -> Result<Appended> {
         let batch = EncodedBatch::new(stream, expected_version, events)?;
         let change = RowChange::from_events(events);
-        let outcome = sqlx::query(APPEND_SQL)
+        let outcome = self
+            .statement(APPEND_SQL)
             .bind(stream.as_uuid())
             .bind(fence.epoch())
             .bind(batch.expected)
@@ -232,9 +337,13 @@ impl PgStore {
                 replayed: true,
             });
         }
-        let row = sqlx::query("SELECT version, lease_epoch FROM tasks WHERE id = $1")
-            .bind(stream.as_uuid())
-            .fetch_optional(&self.pool)
+        let row = self
+            .on_pool(async |c| {
+                self.statement("SELECT version, lease_epoch FROM tasks WHERE id = $1")
+                    .bind(stream.as_uuid())
+                    .fetch_optional(c)
+                    .await
+            })
             .await?;
         let Some(row) = row else {
             return Err(Error::TaskNotFound(stream));
@@ -263,12 +372,15 @@ impl PgStore {
         events: &[NewEvent],
     ) -> Result<Option<u32>> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let rows = sqlx::query(
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(
             "SELECT event_id, stream_id, stream_version FROM events WHERE event_id = ANY($1)",
         )
         .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c).await
+            })
+            .await?;
         if rows.is_empty() {
             return Ok(None);
         }
@@ -330,7 +442,7 @@ impl PgStore {
     /// scans that walk many tasks a page at a time).
     pub async fn read_streams(&self, streams: &[TaskId]) -> Result<Vec<RecordedEvent>> {
         let ids: Vec<Uuid> = streams.iter().map(TaskId::as_uuid).collect();
-        self.fetch_events(sqlx::query(READ_STREAMS_SQL).bind(ids))
+        self.fetch_events(self.statement(READ_STREAMS_SQL).bind(ids))
             .await
     }
 
@@ -342,7 +454,7 @@ impl PgStore {
     ) -> Result<Vec<RecordedEvent>> {
         let until = i32::try_from(version).unwrap_or(i32::MAX);
         self.fetch_events(
-            sqlx::query(READ_STREAM_UNTIL_SQL)
+            self.statement(READ_STREAM_UNTIL_SQL)
                 .bind(stream.as_uuid())
                 .bind(until),
         )
@@ -351,16 +463,19 @@ impl PgStore {
 
     /// The stream's current version as committed (0 if it has no events).
     pub async fn stream_version(&self, stream: TaskId) -> Result<u32> {
-        let version: Option<i32> =
-            sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = $1")
-                .bind(stream.as_uuid())
-                .fetch_one(&self.pool)
-                .await?;
+        let version: Option<i32> = self
+            .on_pool(async |c| {
+                self.scalar("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+                    .bind(stream.as_uuid())
+                    .fetch_one(c)
+                    .await
+            })
+            .await?;
         Ok(version.map(version_from_db).unwrap_or(0))
     }
 
     async fn existing_task(&self, task: &NewTask) -> Result<Created> {
-        let row = sqlx::query(
+        let row = self.on_pool(async |c| self.statement(
             "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, e.payload -> 'input' AS input \
              FROM tasks t JOIN events e ON e.stream_id = t.id AND e.stream_version = 1 \
              WHERE t.id = $1 OR t.idempotency_key = $2 \
@@ -368,8 +483,7 @@ impl PgStore {
         )
         .bind(task.id.as_uuid())
         .bind(task.idempotency_key.as_deref())
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(c).await).await?;
         let Some(row) = row else {
             // The conflicting insert rolled back meanwhile: the caller may simply retry.
             return Err(Error::Conflict {
@@ -414,12 +528,16 @@ impl PgStore {
         limit: u32,
         types: Option<&[&str]>,
     ) -> Result<LogPage> {
-        let rows = sqlx::query(READ_PAGE_SQL)
-            .bind(checkpoint.tx_id.to_string())
-            .bind(checkpoint.position)
-            .bind(i64::from(limit))
-            .bind(types)
-            .fetch_all(&self.pool)
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(READ_PAGE_SQL)
+                    .bind(checkpoint.tx_id.to_string())
+                    .bind(checkpoint.position)
+                    .bind(i64::from(limit))
+                    .bind(types)
+                    .fetch_all(c)
+                    .await
+            })
             .await?;
         let mut page = LogPage {
             events: Vec::new(),
@@ -448,7 +566,7 @@ impl PgStore {
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Vec<RecordedEvent>> {
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = self.on_pool(async |c| query.fetch_all(c).await).await?;
         rows.iter()
             .map(|row| {
                 <EventRow as sqlx::FromRow<_>>::from_row(row)
@@ -482,17 +600,21 @@ impl PgStore {
         let (_, payload) = submitted.encode()?;
         // Deterministic: a retried create after a lost acknowledgement writes nothing new.
         let event_id = Uuid::new_v5(&task.id.as_uuid(), b"task_submitted");
-        let row = sqlx::query(CREATE_TASK_SQL)
-            .bind(task.id.as_uuid())
-            .bind(&task.workflow)
-            .bind(task.channel_id.as_str())
-            .bind(task.notion_page_id.as_deref())
-            .bind(task.idempotency_key.as_deref())
-            .bind(event_id)
-            .bind(CURRENT_SCHEMA_VERSION)
-            .bind(payload)
-            .bind(EVENTS_CHANNEL)
-            .fetch_one(&self.pool)
+        let row = self
+            .on_pool(async |c| {
+                self.statement(CREATE_TASK_SQL)
+                    .bind(task.id.as_uuid())
+                    .bind(&task.workflow)
+                    .bind(task.channel_id.as_str())
+                    .bind(task.notion_page_id.as_deref())
+                    .bind(task.idempotency_key.as_deref())
+                    .bind(event_id)
+                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(payload)
+                    .bind(EVENTS_CHANNEL)
+                    .fetch_one(c)
+                    .await
+            })
             .await?;
         if row.try_get::<i64, _>("created")? == 1 {
             return Ok(Created::New(task.id));
@@ -510,9 +632,20 @@ impl PgStore {
         fence: Fence,
         events: &[NewEvent],
     ) -> Result<Appended> {
-        let mut conn = self.pool.acquire().await?;
-        self.append_in(&mut conn, stream, expected_version, fence, events)
-            .await
+        if self.named {
+            let mut conn = self.pool.acquire().await?;
+            return self
+                .append_in(&mut conn, stream, expected_version, fence, events)
+                .await;
+        }
+        // Behind a transaction pooler: the statement in a transaction of its own (see
+        // `on_pool`); a refused append rolls back as the transaction is dropped.
+        let mut tx = self.pool.begin().await?;
+        let appended = self
+            .append_in(&mut tx, stream, expected_version, fence, events)
+            .await?;
+        tx.commit().await?;
+        Ok(appended)
     }
 
     /// The stream's events with version ≥ `from_version`, in version order.
@@ -523,7 +656,7 @@ impl PgStore {
     ) -> Result<Vec<RecordedEvent>> {
         let from = i32::try_from(from_version).unwrap_or(i32::MAX);
         self.fetch_events(
-            sqlx::query(READ_STREAM_SQL)
+            self.statement(READ_STREAM_SQL)
                 .bind(stream.as_uuid())
                 .bind(from),
         )

@@ -146,16 +146,16 @@ impl PgStore {
     ) -> Result<Vec<u32>> {
         let items = to_i32(items);
         let mut tx = self.pool().begin().await?;
-        sqlx::query(ENSURE_KEY_SQL)
+        self.statement(ENSURE_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(LOCK_KEY_SQL)
+        self.statement(LOCK_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
         // Expired rows, and places still held by tasks that ended (a cancel while parked).
-        sqlx::query(
+        self.statement(
             "DELETE FROM provider_slots AS s WHERE s.key = $1 AND (s.expires_at < now() \
                OR (NOT s.granted AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = s.task_id \
                    AND t.status IN ('completed', 'failed', 'cancelled'))))",
@@ -163,15 +163,25 @@ impl PgStore {
         .bind(key)
         .execute(&mut *tx)
         .await?;
-        register(&mut tx, key, owner, &items, Life::from_now(ttl), false).await?;
-        sqlx::query(GRANT_SQL)
+        register(
+            self,
+            &mut tx,
+            key,
+            owner,
+            &items,
+            Life::from_now(ttl),
+            false,
+        )
+        .await?;
+        self.statement(GRANT_SQL)
             .bind(key)
             .bind(owner.task.as_uuid())
             .bind(owner.step)
             .bind(i64::from(cap))
             .execute(&mut *tx)
             .await?;
-        let granted: Vec<i32> = sqlx::query_scalar(GRANTED_SQL)
+        let granted: Vec<i32> = self
+            .scalar(GRANTED_SQL)
             .bind(key)
             .bind(owner.task.as_uuid())
             .bind(owner.step)
@@ -203,7 +213,7 @@ impl PgStore {
         }
         let items = to_i32(items);
         let mut tx = self.pool().begin().await?;
-        sqlx::query(ENSURE_KEY_SQL)
+        self.statement(ENSURE_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
@@ -212,7 +222,7 @@ impl PgStore {
             since,
             floor_secs: crate::SLOT_TTL.as_secs_f64(),
         };
-        register(&mut tx, key, owner, &items, life, true).await?;
+        register(self, &mut tx, key, owner, &items, life, true).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -231,15 +241,15 @@ impl PgStore {
     ) -> Result<()> {
         let item = i32::try_from(item).unwrap_or(i32::MAX);
         let mut tx = self.pool().begin().await?;
-        sqlx::query(ENSURE_KEY_SQL)
+        self.statement(ENSURE_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(LOCK_KEY_SQL)
+        self.statement(LOCK_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
+        self.statement(
             "INSERT INTO provider_slots \
                  (key, task_id, step, item, unanswered, priority, granted, holder, expires_at) \
              SELECT $1, $2, $3, $4, \
@@ -256,7 +266,7 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         // The item's own row goes: its slot is the lost job's now.
-        sqlx::query(
+        self.statement(
             "DELETE FROM provider_slots \
              WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4 AND unanswered = 0",
         )
@@ -281,23 +291,24 @@ impl PgStore {
         item: u32,
     ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query(LOCK_KEY_SQL)
+        self.statement(LOCK_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let gone: Option<bool> = sqlx::query_scalar(
-            "DELETE FROM provider_slots \
+        let gone: Option<bool> = self
+            .scalar(
+                "DELETE FROM provider_slots \
              WHERE key = $1 AND task_id = $2 AND step = $3 AND item = $4 AND unanswered = 0 \
              RETURNING granted",
-        )
-        .bind(key)
-        .bind(task.as_uuid())
-        .bind(step)
-        .bind(i32::try_from(item).unwrap_or(i32::MAX))
-        .fetch_optional(&mut *tx)
-        .await?;
+            )
+            .bind(key)
+            .bind(task.as_uuid())
+            .bind(step)
+            .bind(i32::try_from(item).unwrap_or(i32::MAX))
+            .fetch_optional(&mut *tx)
+            .await?;
         if gone == Some(true) {
-            wake_head(&mut tx, key, Some(task), cap).await?;
+            wake_head(self, &mut tx, key, Some(task), cap).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -308,11 +319,12 @@ impl PgStore {
     /// Returns whether it was woken.
     pub async fn wake_if_room(&self, key: &str, cap: u32, task: TaskId) -> Result<bool> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query(LOCK_KEY_SQL)
+        self.statement(LOCK_KEY_SQL)
             .bind(key)
             .execute(&mut *tx)
             .await?;
-        let woken: i64 = sqlx::query_scalar(ROOM_NOW_SQL)
+        let woken: i64 = self
+            .scalar(ROOM_NOW_SQL)
             .bind(key)
             .bind(task.as_uuid())
             .bind(i64::from(cap))
@@ -326,46 +338,59 @@ impl PgStore {
     /// When room may next appear at `key` without anyone releasing it: the earliest end of
     /// a slot kept for an unanswered submit (those lapse rather than being released).
     pub async fn next_lapse(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(expires_at) FROM provider_slots \
+        Ok(self
+            .on_pool(async |c| {
+                self.scalar(
+                    "SELECT min(expires_at) FROM provider_slots \
              WHERE key = $1 AND granted AND unanswered > 0 AND expires_at >= now()",
-        )
-        .bind(key)
-        .fetch_one(self.pool())
-        .await?)
+                )
+                .bind(key)
+                .fetch_one(c)
+                .await
+            })
+            .await?)
     }
 
     /// Drops the task's waiting rows (its run no longer asks for those slots, or it was
     /// cancelled).
     pub async fn withdraw_waiting(&self, task: TaskId) -> Result<()> {
-        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1 AND NOT granted")
-            .bind(task.as_uuid())
-            .execute(self.pool())
-            .await?;
+        self.on_pool(async |c| {
+            self.statement("DELETE FROM provider_slots WHERE task_id = $1 AND NOT granted")
+                .bind(task.as_uuid())
+                .execute(c)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
     /// Frees every slot and place the task holds for its items (its run ended for good);
     /// the slots kept for its unanswered submits stay until their jobs would have ended.
     pub async fn release_task_slots(&self, task: TaskId) -> Result<()> {
-        sqlx::query("DELETE FROM provider_slots WHERE task_id = $1 AND unanswered = 0")
-            .bind(task.as_uuid())
-            .execute(self.pool())
-            .await?;
+        self.on_pool(async |c| {
+            self.statement("DELETE FROM provider_slots WHERE task_id = $1 AND unanswered = 0")
+                .bind(task.as_uuid())
+                .execute(c)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
     /// Keeps the task's slots and places until at least `keep` from now, by the database's
     /// clock (a heartbeat, or a park). Slots kept for unanswered submits keep their own end.
     pub async fn extend_slots(&self, task: TaskId, keep: Duration) -> Result<()> {
-        sqlx::query(
-            "UPDATE provider_slots \
+        self.on_pool(async |c| {
+            self.statement(
+                "UPDATE provider_slots \
              SET expires_at = GREATEST(expires_at, now() + make_interval(secs => $2)) \
              WHERE task_id = $1 AND unanswered = 0",
-        )
-        .bind(task.as_uuid())
-        .bind(keep.as_secs_f64())
-        .execute(self.pool())
+            )
+            .bind(task.as_uuid())
+            .bind(keep.as_secs_f64())
+            .execute(c)
+            .await
+        })
         .await?;
         Ok(())
     }
@@ -380,15 +405,17 @@ impl PgStore {
     ) -> Result<Option<Duration>> {
         let rate = per_second.filter(|r| *r > 0.0).unwrap_or(1e9);
         for _ in 0..2 {
-            let row = sqlx::query(TAKE_REQUEST_SQL)
-                .bind(key)
-                .bind(rate)
-                .fetch_optional(self.pool())
+            let row = self
+                .on_pool(async |c| {
+                    self.statement(TAKE_REQUEST_SQL)
+                        .bind(key)
+                        .bind(rate)
+                        .fetch_optional(c)
+                        .await
+                })
                 .await?;
             let Some(row) = row else {
-                sqlx::query(ENSURE_KEY_SQL)
-                    .bind(key)
-                    .execute(self.pool())
+                self.on_pool(async |c| self.statement(ENSURE_KEY_SQL).bind(key).execute(c).await)
                     .await?;
                 continue;
             };
@@ -404,15 +431,18 @@ impl PgStore {
     /// Pauses `key` for every worker for `wait` from now, by the database's clock (a
     /// provider's Retry-After); a pause never shortens one already in place.
     pub async fn pause_provider(&self, key: &str, wait: Duration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO provider_keys (key, paused_until) \
+        self.on_pool(async |c| {
+            self.statement(
+                "INSERT INTO provider_keys (key, paused_until) \
              VALUES ($1, now() + make_interval(secs => $2)) \
              ON CONFLICT (key) DO UPDATE SET paused_until = \
                  GREATEST(provider_keys.paused_until, excluded.paused_until)",
-        )
-        .bind(key)
-        .bind(wait.as_secs_f64().min(86_400.0 * 366.0))
-        .execute(self.pool())
+            )
+            .bind(key)
+            .bind(wait.as_secs_f64().min(86_400.0 * 366.0))
+            .execute(c)
+            .await
+        })
         .await?;
         Ok(())
     }
@@ -420,12 +450,11 @@ impl PgStore {
     /// Slots of `key` granted and not expired now (what the fleet has in flight there,
     /// the jobs of unanswered submits included).
     pub async fn provider_in_flight(&self, key: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
+        Ok(self.on_pool(async |c| self.scalar(
             "SELECT count(*) FROM provider_slots WHERE key = $1 AND granted AND expires_at >= now()",
         )
         .bind(key)
-        .fetch_one(self.pool())
-        .await?)
+        .fetch_one(c).await).await?)
     }
 }
 
@@ -448,6 +477,7 @@ impl Life {
 }
 
 async fn register(
+    store: &PgStore,
     tx: &mut sqlx::PgConnection,
     key: &str,
     owner: SlotOwner<'_>,
@@ -455,7 +485,8 @@ async fn register(
     life: Life,
     granted: bool,
 ) -> Result<()> {
-    sqlx::query(REGISTER_SQL)
+    store
+        .statement(REGISTER_SQL)
         .bind(key)
         .bind(owner.task.as_uuid())
         .bind(owner.step)
@@ -472,12 +503,14 @@ async fn register(
 
 /// Wakes the parked owners of the first `cap` waiting rows of `key` (but `except`).
 async fn wake_head(
+    store: &PgStore,
     tx: &mut sqlx::PgConnection,
     key: &str,
     except: Option<TaskId>,
     cap: u32,
 ) -> Result<i64> {
-    Ok(sqlx::query_scalar(WAKE_HEAD_SQL)
+    Ok(store
+        .scalar(WAKE_HEAD_SQL)
         .bind(key)
         .bind(except.map(|t| t.as_uuid()))
         .bind(i64::from(cap))

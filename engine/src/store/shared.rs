@@ -275,12 +275,11 @@ impl PgStore {
         batch: &[StreamAppend<'_>],
     ) -> std::result::Result<HashSet<Uuid>, sqlx::Error> {
         let ids: Vec<Uuid> = batch.iter().map(|a| a.stream.as_uuid()).collect();
-        let free: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?;
+        let free: Vec<Uuid> = self
+            .scalar("SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
         Ok(ids.into_iter().filter(|id| !free.contains(id)).collect())
     }
 
@@ -290,7 +289,8 @@ impl PgStore {
         c: &Columns,
         lock_wait: Option<&str>,
     ) -> std::result::Result<Written, sqlx::Error> {
-        let row = sqlx::query(APPEND_MANY_SQL)
+        let row = self
+            .statement(APPEND_MANY_SQL)
             .bind(&c.ids)
             .bind(&c.epochs)
             .bind(&c.expected)

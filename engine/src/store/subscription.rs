@@ -50,7 +50,7 @@ impl Subscription {
     /// no notification between the two is missed.
     pub async fn start(store: PgStore, from: Checkpoint, options: SubscriptionOptions) -> Self {
         Subscription {
-            wake_ups: WakeUps::start(store.pool().clone()).await,
+            wake_ups: WakeUps::start(store.session_pool().cloned()).await,
             store,
             position: from,
             options,

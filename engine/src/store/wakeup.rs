@@ -12,14 +12,16 @@ use super::EVENTS_CHANNEL;
 /// A LISTEN connection that reconnects lazily.
 #[derive(Debug)]
 pub(crate) struct WakeUps {
-    pool: PgPool,
+    /// Where LISTEN works (`None`: through a transaction pooler, nowhere: only the timer).
+    pool: Option<PgPool>,
     listener: Option<PgListener>,
 }
 
 impl WakeUps {
     /// Starts listening at once (when the database answers), so nothing notified between
-    /// now and the caller's first read is missed.
-    pub(crate) async fn start(pool: PgPool) -> Self {
+    /// now and the caller's first read is missed. Without a pool that keeps sessions
+    /// (see [`PgStore::session_pool`](crate::PgStore::session_pool)) it only waits.
+    pub(crate) async fn start(pool: Option<PgPool>) -> Self {
         let mut wake_ups = WakeUps {
             pool,
             listener: None,
@@ -31,6 +33,10 @@ impl WakeUps {
     /// Waits up to `timeout`. True: a notification arrived or the listener had trouble
     /// (something may be waiting: look at once). False: the timeout passed quietly.
     pub(crate) async fn wait(&mut self, timeout: Duration) -> bool {
+        if self.pool.is_none() {
+            tokio::time::sleep(timeout).await;
+            return false;
+        }
         if !self.ensure_listening().await {
             tokio::time::sleep(timeout).await;
             return false;
@@ -62,8 +68,11 @@ impl WakeUps {
         if self.listener.is_some() {
             return true;
         }
+        let Some(pool) = &self.pool else {
+            return false;
+        };
         let connected = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
+            let mut listener = PgListener::connect_with(pool).await?;
             listener.listen(EVENTS_CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         }

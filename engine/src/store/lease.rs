@@ -244,20 +244,19 @@ impl PgStore {
     /// `except` (the ones a worker has given up on).
     pub async fn unfinished_tasks(&self, workflows: &[String], except: &[TaskId]) -> Result<i64> {
         let except: Vec<uuid::Uuid> = except.iter().map(TaskId::as_uuid).collect();
-        Ok(self
-            .on_pool(async |c| {
-                self.scalar(
-                    "SELECT count(*) FROM tasks \
+        self.on_pool(async |c| {
+            self.scalar(
+                "SELECT count(*) FROM tasks \
              WHERE (status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
                     OR (parked AND status IN ('failed', 'cancelled'))) \
                AND workflow = ANY($1) AND NOT (id = ANY($2))",
-                )
-                .bind(workflows)
-                .bind(&except)
-                .fetch_one(c)
-                .await
-            })
-            .await?)
+            )
+            .bind(workflows)
+            .bind(&except)
+            .fetch_one(c)
+            .await
+        })
+        .await
     }
 
     /// Whether a worker holds the task's lease now (claimed, not expired, not released).

@@ -338,17 +338,16 @@ impl PgStore {
     /// When room may next appear at `key` without anyone releasing it: the earliest end of
     /// a slot kept for an unanswered submit (those lapse rather than being released).
     pub async fn next_lapse(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
-        Ok(self
-            .on_pool(async |c| {
-                self.scalar(
-                    "SELECT min(expires_at) FROM provider_slots \
+        self.on_pool(async |c| {
+            self.scalar(
+                "SELECT min(expires_at) FROM provider_slots \
              WHERE key = $1 AND granted AND unanswered > 0 AND expires_at >= now()",
-                )
-                .bind(key)
-                .fetch_one(c)
-                .await
-            })
-            .await?)
+            )
+            .bind(key)
+            .fetch_one(c)
+            .await
+        })
+        .await
     }
 
     /// Drops the task's waiting rows (its run no longer asks for those slots, or it was
@@ -450,11 +449,9 @@ impl PgStore {
     /// Slots of `key` granted and not expired now (what the fleet has in flight there,
     /// the jobs of unanswered submits included).
     pub async fn provider_in_flight(&self, key: &str) -> Result<i64> {
-        Ok(self.on_pool(async |c| self.scalar(
-            "SELECT count(*) FROM provider_slots WHERE key = $1 AND granted AND expires_at >= now()",
-        )
-        .bind(key)
-        .fetch_one(c).await).await?)
+        const IN_FLIGHT_SQL: &str = "SELECT count(*) FROM provider_slots WHERE key = $1 AND granted AND expires_at >= now()";
+        self.on_pool(async |c| self.scalar(IN_FLIGHT_SQL).bind(key).fetch_one(c).await)
+            .await
     }
 }
 

@@ -7,283 +7,21 @@
 
 mod common;
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use common::fake_jobs::*;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::submit;
 use engine::testing::TestDatabase;
 use engine::{
     Backoff, BoxFuture, Event, ItemOutput, JobStatus, JobWork, PgStore, ProviderLimits, Registry,
-    RetryPolicy, Step, StepContext, StepError, Submission, TaskId, TaskStatus, Worker,
-    WorkerOptions, Workflow, fold,
+    RetryPolicy, Step, StepContext, StepError, Submission, TaskStatus, Worker, WorkerOptions,
+    Workflow, fold,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-/// One job the fake provider created.
-#[derive(Clone, Debug)]
-struct Job {
-    id: String,
-    item: u32,
-    created: Instant,
-    duration: Duration,
-}
-
-/// What the next submit call meets (in call order; past the queue, an acceptance).
-#[derive(Clone, Debug)]
-enum SubmitFate {
-    Accept,
-    /// The job is created, but its answer is lost (a timeout after the provider acted).
-    LoseAnswer,
-    /// Refused before any job is made.
-    Refuse(StepError),
-}
-
-/// A job provider in memory that counts what reached it.
-#[derive(Default)]
-struct Fake {
-    /// Durations of the jobs created next, in order (then `usual`).
-    durations: Mutex<VecDeque<Duration>>,
-    usual: Duration,
-    /// Pending answers carry the time left as the hint.
-    hint: bool,
-    /// The first poll of a job hints this (instead of the time left).
-    first_hint: Option<Duration>,
-    /// Jobs from this one on (0-based, in creation order) hint the time left, whatever
-    /// `hint` says.
-    hint_from_job: Option<usize>,
-    fates: Mutex<VecDeque<SubmitFate>>,
-    /// Poll calls (1-based, counted over all jobs) that fail as a transient error.
-    failing_polls: Mutex<BTreeSet<u32>>,
-    submit_calls: AtomicU32,
-    poll_calls: AtomicU32,
-    jobs: Mutex<Vec<Job>>,
-    /// (job id, when) of every poll.
-    polls: Mutex<Vec<(String, Instant)>>,
-    /// The most jobs running at the provider at once (created, not yet past their end).
-    max_running: AtomicUsize,
-}
-
-impl Fake {
-    fn new(usual: Duration) -> Fake {
-        Fake {
-            usual,
-            ..Fake::default()
-        }
-    }
-
-    fn create(&self, item: u32) -> String {
-        let duration = self
-            .durations
-            .lock()
-            .expect("lock")
-            .pop_front()
-            .unwrap_or(self.usual);
-        let mut jobs = self.jobs.lock().expect("lock");
-        let id = format!("job-{}", jobs.len() + 1);
-        let now = Instant::now();
-        jobs.push(Job {
-            id: id.clone(),
-            item,
-            created: now,
-            duration,
-        });
-        let running = jobs.iter().filter(|j| now < j.created + j.duration).count();
-        self.max_running.fetch_max(running, Ordering::SeqCst);
-        id
-    }
-
-    fn created(&self) -> usize {
-        self.jobs.lock().expect("lock").len()
-    }
-
-    fn created_for(&self, item: u32) -> usize {
-        self.jobs
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|j| j.item == item)
-            .count()
-    }
-
-    fn polls_of(&self, id: &str) -> Vec<Instant> {
-        self.polls
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(j, _)| j == id)
-            .map(|(_, at)| *at)
-            .collect()
-    }
-}
-
-struct Provider(Arc<Fake>);
-
-impl JobWork for Provider {
-    fn plan(&self, input: &Value) -> Result<u32, StepError> {
-        Ok(input["items"].as_u64().map_or(2, |n| n as u32))
-    }
-
-    fn submit(
-        &self,
-        _ctx: StepContext,
-        item: u32,
-        _submission: Submission,
-    ) -> BoxFuture<Result<Value, StepError>> {
-        let fake = self.0.clone();
-        Box::pin(async move {
-            fake.submit_calls.fetch_add(1, Ordering::SeqCst);
-            let fate = fake
-                .fates
-                .lock()
-                .expect("lock")
-                .pop_front()
-                .unwrap_or(SubmitFate::Accept);
-            match fate {
-                SubmitFate::Accept => Ok(json!({ "id": fake.create(item) })),
-                SubmitFate::LoseAnswer => {
-                    fake.create(item);
-                    Err(StepError::transient("no answer within 1 s (timeout)").unanswered())
-                }
-                SubmitFate::Refuse(error) => Err(error),
-            }
-        })
-    }
-
-    fn poll(
-        &self,
-        _ctx: StepContext,
-        item: u32,
-        job: Value,
-    ) -> BoxFuture<Result<JobStatus, StepError>> {
-        let fake = self.0.clone();
-        Box::pin(async move {
-            let call = fake.poll_calls.fetch_add(1, Ordering::SeqCst) + 1;
-            let id = job["id"].as_str().unwrap_or_default().to_owned();
-            let first = fake.polls_of(&id).is_empty();
-            fake.polls
-                .lock()
-                .expect("lock")
-                .push((id.clone(), Instant::now()));
-            if fake.failing_polls.lock().expect("lock").contains(&call) {
-                return Err(StepError::transient("503 from the poll"));
-            }
-            let (index, job) = fake
-                .jobs
-                .lock()
-                .expect("lock")
-                .iter()
-                .enumerate()
-                .find(|(_, j)| j.id == id)
-                .map(|(i, j)| (i, j.clone()))
-                .expect("a job this fake made");
-            let hints = fake.hint || fake.hint_from_job.is_some_and(|from| index >= from);
-            let left = job.duration.saturating_sub(job.created.elapsed());
-            if !left.is_zero() {
-                let hint = match (first, fake.first_hint) {
-                    (true, Some(hint)) => Some(hint),
-                    _ => hints.then_some(left),
-                };
-                return Ok(JobStatus::Pending { next_poll: hint });
-            }
-            Ok(JobStatus::Done(
-                ItemOutput::new(format!("clips/{item}.mp4"), 100_000)
-                    .with_output(json!({ "job": id }))
-                    .expect("output"),
-            ))
-        })
-    }
-}
-
-fn jobs_step(fake: &Arc<Fake>) -> Step {
-    Step::jobs("render", Provider(fake.clone())).retry(RetryPolicy {
-        max_tries: 3,
-        backoff: Backoff::none(),
-    })
-}
-
-fn fixed(every: Duration) -> Backoff {
-    Backoff::exponential(every, every)
-}
-
-fn registry(step: Step) -> Registry {
-    Registry::new().register(Workflow::new("jobs").step(step))
-}
-
-async fn submit_items(store: &PgStore, items: u32) -> TaskId {
-    let channel = engine::ChannelId::parse("history").expect("channel");
-    store
-        .create_task(engine::NewTask::new(
-            "jobs",
-            channel,
-            json!({ "items": items }),
-        ))
-        .await
-        .expect("submit")
-        .task_id()
-}
-
-/// A worker in this process until the returned token fires.
-fn start_worker(store: &PgStore, registry: Registry, concurrency: usize) -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let options = WorkerOptions {
-        concurrency,
-        poll_interval: Duration::from_millis(100),
-        heartbeat_interval: Duration::from_millis(500),
-        shutdown_grace: Duration::from_millis(200),
-        ..WorkerOptions::new(format!("w-{}", uuid::Uuid::new_v4()))
-    };
-    let worker = Worker::new(store.clone(), registry, options);
-    let token = shutdown.clone();
-    tokio::spawn(async move { worker.run(token).await });
-    shutdown
-}
-
-async fn events(store: &PgStore, task: TaskId) -> Vec<engine::RecordedEvent> {
-    store.read_stream(task, 1).await.expect("read")
-}
-
-async fn status(store: &PgStore, task: TaskId) -> TaskStatus {
-    fold(&events(store, task).await).status()
-}
-
-/// Waits until `task` is `wanted`, or panics after `limit`.
-async fn wait_for_status(store: &PgStore, task: TaskId, wanted: TaskStatus, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = status(store, task).await;
-        if now == wanted {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task {task} is {now}, not {wanted}, after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn count(events: &[engine::RecordedEvent], what: impl Fn(&Event) -> bool) -> usize {
-    events.iter().filter(|e| what(&e.event)).count()
-}
-
-fn audit_clean(task: TaskId, events: &[engine::RecordedEvent]) -> engine::audit::AuditReport {
-    let report = engine::audit::audit(task, events);
-    assert!(report.is_clean(), "{:?}", report.violations);
-    report
-}
-
-async fn live_slots(store: &PgStore, task: TaskId) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM provider_slots WHERE task_id = $1 AND expires_at >= now()",
-    )
-    .bind(task.as_uuid())
-    .fetch_one(store.pool())
-    .await
-    .expect("slots")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failed_poll_after_a_long_wait_does_not_lose_the_job() {
@@ -466,7 +204,7 @@ async fn a_cancelled_task_polls_its_open_jobs_to_their_end_and_frees_their_slots
         "what they cost is in the log"
     );
     assert_eq!(fake.created(), 3, "A's two jobs and B's one, none twice");
-    assert_eq!(live_slots(&store, a).await, 0);
+    wait_for_no_slots(&store, a, Duration::from_secs(5)).await;
     audit_clean(a, &events_a);
     audit_clean(b, &events(&store, b).await);
 }
@@ -503,7 +241,7 @@ async fn a_failed_task_settles_its_jobs_and_a_retry_pays_for_none_of_them_again(
         .map(|s| s.items.keys().copied().collect())
         .unwrap_or_default();
     assert_eq!(done, [1, 2], "the open jobs' results are kept");
-    assert_eq!(live_slots(&store, task).await, 0);
+    wait_for_no_slots(&store, task, Duration::from_secs(5)).await;
     audit_clean(task, &events(&store, task).await);
 
     engine::commands::retry(&store, task).await.expect("retry");
@@ -588,7 +326,7 @@ async fn a_cancel_while_a_submit_is_in_flight_still_records_the_job_and_settles_
         count(&events, |e| matches!(e, Event::ItemSubmitted { .. })),
         1
     );
-    assert_eq!(live_slots(&store, task).await, 0);
+    wait_for_no_slots(&store, task, Duration::from_secs(5)).await;
     assert_eq!(status(&store, task).await, TaskStatus::CANCELLED);
     audit_clean(task, &events);
 }
@@ -895,6 +633,182 @@ async fn a_job_accepted_while_postgres_is_down_is_recorded_once_it_is_back() {
     wait_for_status(&store, task, TaskStatus::COMPLETED, Duration::from_secs(60)).await;
     shutdown.cancel();
     assert_eq!(fake.created(), 1, "the job was paid for once");
+    let events = events(&store, task).await;
+    assert_eq!(
+        count(&events, |e| matches!(e, Event::ItemSubmitted { .. })),
+        1
+    );
+    audit_clean(task, &events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_provider_asked_for_is_not_counted_as_failing_polls() {
+    // Job timeout 2 s. Polls: 502, 502, then a 429 asking for 3 s, then one more 502. The
+    // 3 s nobody polled (as told) are no evidence the job is lost: it runs to its end and
+    // is paid for once.
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let fake = Arc::new(Fake::new(Duration::from_secs(6)));
+    {
+        let mut answers = fake.poll_answers.lock().expect("lock");
+        answers.push_back(Some(StepError::transient("502 Bad Gateway")));
+        answers.push_back(Some(StepError::transient("502 Bad Gateway")));
+        answers.push_back(Some(
+            StepError::transient("429 Too Many Requests").with_retry_after(Duration::from_secs(3)),
+        ));
+        answers.push_back(Some(StepError::transient("502 Bad Gateway")));
+    }
+    let step = jobs_step(&fake)
+        .job_timeout(Duration::from_secs(2))
+        .poll_backoff(fixed(Duration::from_millis(300)))
+        .provider(ProviderLimits::new("render"));
+    let task = submit_items(&store, 1).await;
+    let worker = start_worker(&store, registry(step), 2);
+    wait_for_status(&store, task, TaskStatus::COMPLETED, Duration::from_secs(20)).await;
+    worker.cancel();
+    assert_eq!(fake.created(), 1, "not declared lost");
+    audit_clean(task, &events(&store, task).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_stops_refusing_ends_the_item_within_its_policy() {
+    // Every submit is refused with 429 and `Retry-After: 0` (a spent daily quota). Five
+    // refusals are free; after that each uses a try, and the waits grow: the attempt ends,
+    // with a bounded log, instead of retrying forever.
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let fake = Arc::new(Fake::new(Duration::from_millis(200)));
+    {
+        let mut fates = fake.fates.lock().expect("lock");
+        for _ in 0..1000 {
+            fates.push_back(SubmitFate::Refuse(
+                StepError::transient("429: quota exhausted").with_retry_after(Duration::ZERO),
+            ));
+        }
+    }
+    let step = Step::jobs("render", Provider(fake.clone()))
+        .retry(RetryPolicy {
+            max_tries: 2,
+            backoff: Backoff::none(),
+        })
+        .provider(ProviderLimits::new("render"));
+    let task = submit_items(&store, 1).await;
+    let worker = start_worker(&store, registry(step), 2);
+    wait_for_status(
+        &store,
+        task,
+        TaskStatus::RETRY_SCHEDULED,
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.cancel();
+    let calls = fake.submit_calls.load(Ordering::SeqCst);
+    assert_eq!(calls, 7, "5 free refusals, then the item's 2 tries");
+    let events = events(&store, task).await;
+    assert!(events.len() < 30, "{} events", events.len());
+
+    // The same for a call step: no hot loop.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let step = Step::items(
+        "speak",
+        |_| Ok(1),
+        move |_ctx: StepContext, _item| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err::<ItemOutput, _>(
+                    StepError::transient("429: quota exhausted").with_retry_after(Duration::ZERO),
+                )
+            }
+        },
+    )
+    .retry(RetryPolicy {
+        max_tries: 2,
+        backoff: Backoff::none(),
+    })
+    .provider(ProviderLimits::new("speech"));
+    let task = common::submit(&store, "calls").await;
+    let worker = start_worker(
+        &store,
+        Registry::new().register(Workflow::new("calls").step(step)),
+        2,
+    );
+    wait_for_status(
+        &store,
+        task,
+        TaskStatus::RETRY_SCHEDULED,
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.cancel();
+    assert_eq!(calls.load(Ordering::SeqCst), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_accepted_after_the_lease_was_lost_is_adopted_not_paid_again() {
+    // Another worker takes the task over while the provider is accepting item 1's job (as
+    // after a database outage longer than the lease): the log cannot take the acceptance
+    // from the worker that lost the lease. The job is kept aside, and the task's next run
+    // records it and polls it instead of paying again.
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let fake = Arc::new(Fake {
+        hint: true,
+        ..Fake::new(Duration::from_millis(500))
+    });
+    struct TakenOver(Arc<Fake>, PgStore, Arc<AtomicU32>);
+    impl JobWork for TakenOver {
+        fn plan(&self, input: &Value) -> Result<u32, StepError> {
+            Provider(self.0.clone()).plan(input)
+        }
+        fn submit(
+            &self,
+            ctx: StepContext,
+            item: u32,
+            submission: Submission,
+        ) -> BoxFuture<Result<Value, StepError>> {
+            let (fake, store, times) = (self.0.clone(), self.1.clone(), self.2.clone());
+            let task = ctx.task_id;
+            Box::pin(async move {
+                let accepted = Provider(fake).submit(ctx, item, submission).await;
+                if times.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // A claim by a worker that then vanished: a new epoch, its lease over.
+                    sqlx::query(
+                        "UPDATE tasks SET lease_epoch = lease_epoch + 1, lease_owner = 'gone', \
+                         lease_expires_at = now() WHERE id = $1",
+                    )
+                    .bind(task.as_uuid())
+                    .execute(store.pool())
+                    .await
+                    .expect("take over");
+                }
+                accepted
+            })
+        }
+        fn poll(
+            &self,
+            ctx: StepContext,
+            item: u32,
+            job: Value,
+        ) -> BoxFuture<Result<JobStatus, StepError>> {
+            Provider(self.0.clone()).poll(ctx, item, job)
+        }
+    }
+    let step = Step::jobs(
+        "render",
+        TakenOver(fake.clone(), store.clone(), Arc::new(AtomicU32::new(0))),
+    )
+    .provider(ProviderLimits::new("render").max_in_flight(2));
+    let task = submit_items(&store, 1).await;
+    let worker = start_worker(&store, registry(step), 2);
+    wait_for_status(&store, task, TaskStatus::COMPLETED, Duration::from_secs(20)).await;
+    worker.cancel();
+    assert_eq!(fake.created(), 1, "the job was paid for once");
+    let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM orphan_jobs")
+        .fetch_one(store.pool())
+        .await
+        .expect("orphans");
+    assert_eq!(orphans, 0, "adopted, and forgotten");
     let events = events(&store, task).await;
     assert_eq!(
         count(&events, |e| matches!(e, Event::ItemSubmitted { .. })),

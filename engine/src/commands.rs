@@ -2,6 +2,9 @@
 //!
 //! Each reads the task's state, checks the action is allowed, and appends with the version
 //! it read (no lease: a racing worker or operator makes the append conflict, never both win).
+//! A conflict is looked at again: the worker may have appended something that changes
+//! nothing for the command (a park, a poll's result), and then the command goes through;
+//! if it does change something, the check says so.
 
 use crate::error::{Error, Result};
 use crate::event::{Event, NewEvent};
@@ -12,6 +15,14 @@ use crate::store::{Fence, PgStore};
 
 /// Accepts the result of a task in `final_review`: it becomes `completed`.
 pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) -> Result<TaskState> {
+    again_on_conflict(|| approve_once(store, task, reviewer.clone())).await
+}
+
+async fn approve_once(
+    store: &PgStore,
+    task: TaskId,
+    reviewer: Option<String>,
+) -> Result<TaskState> {
     let state = load(store, task).await?;
     require_review(task, &state, "approve")?;
     let events = vec![
@@ -26,6 +37,15 @@ pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) ->
 /// earlier completions are superseded); earlier steps are kept. `redo_from` must be one of
 /// the steps the task's history shows: no workflow code is needed.
 pub async fn reject(
+    store: &PgStore,
+    task: TaskId,
+    redo_from: &str,
+    reason: Option<String>,
+) -> Result<TaskState> {
+    again_on_conflict(|| reject_once(store, task, redo_from, reason.clone())).await
+}
+
+async fn reject_once(
     store: &PgStore,
     task: TaskId,
     redo_from: &str,
@@ -68,6 +88,10 @@ fn require_review(task: TaskId, state: &TaskState, action: &'static str) -> Resu
 /// Cancels a task that is not finished. A worker running it stops at its next item
 /// boundary (its next append conflicts and it re-reads the stream).
 pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Result<TaskState> {
+    again_on_conflict(|| cancel_once(store, task, reason.clone())).await
+}
+
+async fn cancel_once(store: &PgStore, task: TaskId, reason: Option<String>) -> Result<TaskState> {
     let state = match load(store, task).await {
         Err(err @ Error::Decode { .. }) => {
             return cancel_unreadable(store, task, reason, err).await;
@@ -80,13 +104,19 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
         Event::status_changed(state.status(), TaskStatus::CANCELLED),
     ];
     // Provider jobs still in flight are paid for: they are polled to their end and what
-    // they made and cost recorded. A worker running the task does that when it sees the
-    // cancel; otherwise the task is parked for any worker to do it now.
+    // they made and cost recorded. The task is parked for a worker to do that — once the
+    // lease of a worker running it now would have ended, so that a job it is submitting
+    // this moment is recorded first (its worker sees the cancel and records it).
     let open = state.open_jobs();
-    if open > 0 && !store.lease_is_live(task).await? {
+    if open > 0 {
         store.sync_clock().await?;
+        let now = store.now();
+        let until = store
+            .lease_held_until(task)
+            .await?
+            .map_or(now, |held| held.max(now));
         events.push(Event::TaskParked {
-            until: store.now(),
+            until,
             jobs: u32::try_from(open).unwrap_or(u32::MAX),
             waiting: 0,
             schedule: state.poll_schedule(),
@@ -102,6 +132,10 @@ pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Re
 /// Sends a `failed` task (or one waiting for its scheduled retry) back to the queue to
 /// run now, with a fresh attempt budget. It resumes by replay: completed items are kept.
 pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {
+    again_on_conflict(|| retry_once(store, task)).await
+}
+
+async fn retry_once(store: &PgStore, task: TaskId) -> Result<TaskState> {
     let state = load(store, task).await?;
     require(task, &state, "retry", |s| {
         s == TaskStatus::FAILED || s == TaskStatus::RETRY_SCHEDULED
@@ -141,6 +175,25 @@ async fn cancel_unreadable(
     state.version = appended.version;
     state.cancelled = true;
     Ok(state)
+}
+
+/// How often a command that conflicted with another append reads the task again.
+const CONFLICT_RETRIES: u32 = 10;
+
+/// Runs a command, again while it conflicts with a concurrent append (up to
+/// [`CONFLICT_RETRIES`] times): each try reads the task afresh and checks it again.
+async fn again_on_conflict<F, Fut>(mut command: F) -> Result<TaskState>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<TaskState>>,
+{
+    for _ in 0..CONFLICT_RETRIES {
+        match command().await {
+            Err(Error::Conflict { .. }) => continue,
+            done => return done,
+        }
+    }
+    command().await
 }
 
 async fn load(store: &PgStore, task: TaskId) -> Result<TaskState> {

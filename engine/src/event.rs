@@ -189,10 +189,19 @@ pub struct PollSchedule {
     /// Polls that failed in a row (the request, not the job).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_polls: u32,
-    /// Since when the job's polls have failed without a break (the job counts as lost
-    /// once that lasts the step's job timeout).
+    /// How long the job's polls have been failing, in milliseconds: the time between
+    /// consecutive failed polls, each gap counted at most up to the step's longest poll
+    /// wait (a pause in which nobody polled is not evidence). The job counts as lost once
+    /// this reaches the step's job timeout, after at least three failed polls.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub failing_for_ms: u64,
+    /// When the last failed poll was made (absent when the last poll answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failing_since: Option<DateTime<Utc>>,
+    pub last_failed_at: Option<DateTime<Utc>>,
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 fn is_false(value: &bool) -> bool {

@@ -57,7 +57,8 @@ pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    PgStore, SlotOwner, StreamAppend, Subscription, SubscriptionOptions, TaskFilter, TaskSummary,
+    OrphanJob, PgStore, SlotOwner, StreamAppend, Subscription, SubscriptionOptions, TaskFilter,
+    TaskSummary,
 };
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

@@ -286,8 +286,15 @@ impl Orchestrator {
         let parked = async {
             let state = fold(&self.store.read_stream(lease.task, 1).await?);
             let open = state.open_jobs();
-            if open == 0 || state.parked || !state.status().is_terminal() {
+            if open == 0 || !state.status().is_terminal() {
                 return Ok(false);
+            }
+            if state.parked {
+                // The cancel parked it until this run's lease would have ended (so that a
+                // job this run was submitting gets recorded first): the run is over, so the
+                // jobs can be followed now.
+                self.store.wake_parked(lease.task).await?;
+                return Ok(true);
             }
             let park = Event::TaskParked {
                 until: self.store.now(),
@@ -511,11 +518,25 @@ impl TaskRun {
     /// each made and cost (or how it failed); nothing new is submitted. The task parks
     /// between polls like any other, and is done once no job is open.
     async fn settle(&self, state: &TaskState) -> Result<RunOutcome> {
+        // Slots of items that were granted but never submitted go now: only the open jobs
+        // still count against their providers' caps.
+        let open: Vec<(String, u32)> = state
+            .steps
+            .iter()
+            .flat_map(|s| s.open_jobs.keys().map(|item| (s.name.clone(), *item)))
+            .collect();
+        self.store
+            .keep_only_job_slots(self.log.lease.task, &open)
+            .await?;
         for step in self.workflow.steps() {
             let (Work::Jobs(work), Some(progress)) = (&step.work, state.step(step.name())) else {
                 continue;
             };
-            if progress.open_jobs.is_empty() {
+            let orphans = self
+                .store
+                .orphan_jobs(self.log.lease.task, step.name())
+                .await?;
+            if progress.open_jobs.is_empty() && orphans.is_empty() {
                 continue;
             }
             match JobRun::settling(self, step, work.clone(), progress)
@@ -526,6 +547,13 @@ impl TaskRun {
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
                 parked @ StepEnd::Parked { .. } => return self.park(parked).await,
             }
+        }
+        // Nothing is left to follow: the task no longer waits.
+        if !self.store.settled(&self.log.lease).await? {
+            return Err(Error::LeaseLost {
+                task: self.log.lease.task,
+                epoch: self.log.lease.epoch,
+            });
         }
         Ok(RunOutcome::NotRunnable(state.status()))
     }
@@ -744,6 +772,7 @@ impl TaskRun {
     ) -> Result<ItemEnd> {
         let policy = step.retry;
         let mut try_number = 0;
+        let mut refusals = 0;
         while try_number < policy.max_tries.max(1) {
             try_number += 1;
             tokio::select! {
@@ -818,7 +847,10 @@ impl TaskRun {
                 }])
                 .await?;
             if rate_limited && error.kind == FailureKind::Transient {
-                try_number -= 1;
+                refusals += 1;
+                if refusals <= jobs::FREE_RATE_REFUSALS {
+                    try_number -= 1;
+                }
             }
             if error.kind == FailureKind::Permanent || try_number >= policy.max_tries {
                 return Ok(ItemEnd::Ended(StepEnd::GaveUp { error, item }));
@@ -826,7 +858,8 @@ impl TaskRun {
             let delay = policy
                 .backoff
                 .delay(try_number.max(1), rand::random::<f64>())
-                .max(error.retry_after.unwrap_or_default());
+                .max(error.retry_after.unwrap_or_default())
+                .max(jobs::rate_refusal_wait(refusals));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.drain.cancelled() => return Ok(ItemEnd::Ended(StepEnd::Stopped)),

@@ -434,7 +434,11 @@ impl TaskState {
                     reason: reason.clone(),
                 });
             }
-            Event::TaskFailed { reason, .. } => self.failure = Some(reason.clone()),
+            Event::TaskFailed { reason, .. } => {
+                self.failure = Some(reason.clone());
+                // Waiting is over; a park that follows (to settle open jobs) sets it again.
+                self.parked = false;
+            }
             Event::ReviewRequested {} => {
                 self.reviews_requested += 1;
                 self.review = None;
@@ -452,7 +456,10 @@ impl TaskState {
                 });
             }
             Event::TaskCompleted {} => {}
-            Event::TaskCancelled { .. } => self.cancelled = true,
+            Event::TaskCancelled { .. } => {
+                self.cancelled = true;
+                self.parked = false;
+            }
         }
     }
 

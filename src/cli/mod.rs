@@ -42,6 +42,8 @@ pub struct WorkerSettings {
     /// The cloud providers' keys, URLs and prices (from the environment when a step is on
     /// the cloud set).
     pub cloud: steps::cloud::CloudConfig,
+    /// `--job-timeout` (env `REEL_JOB_TIMEOUT`): replaces the job steps' job timeout.
+    pub job_timeout: Option<std::time::Duration>,
 }
 
 impl WorkerSettings {
@@ -51,6 +53,7 @@ impl WorkerSettings {
             set: self.providers,
             steps: self.provider_steps.clone(),
             cloud: self.cloud.clone(),
+            job_timeout: self.job_timeout,
         }
     }
 }
@@ -64,6 +67,7 @@ impl Default for WorkerSettings {
             providers: steps::ProviderSet::default(),
             provider_steps: std::collections::BTreeMap::new(),
             cloud: steps::cloud::CloudConfig::default(),
+            job_timeout: None,
         }
     }
 }

@@ -52,6 +52,12 @@ pub(crate) struct WorkerArgs {
     /// Seconds a claim holds a task without a heartbeat (1 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
+    /// Seconds a provider job may run (and its polls keep failing) before it counts as
+    /// lost — also how long a submit that got no answer keeps its slot (1 to 86400;
+    /// default: the provider's own, 15 minutes for Runway).
+    #[arg(long, env = "REEL_JOB_TIMEOUT", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    job_timeout: Option<u64>,
     /// Seconds to keep trying the first connection while PostgreSQL cannot be reached
     /// (down, starting, restarting), one log line per try (default: keep trying; 0: one
     /// try, as the one-shot commands do).
@@ -172,6 +178,7 @@ fn settings(args: &WorkerArgs) -> anyhow::Result<WorkerSettings> {
         providers: plan.set,
         provider_steps: plan.steps,
         cloud: plan.cloud,
+        job_timeout: args.job_timeout.map(Duration::from_secs),
     })
 }
 

@@ -52,6 +52,8 @@ pub struct PipelineConfig {
     pub artifacts_root: PathBuf,
     /// Multiplies waits between retries (the simulated providers take their own scale).
     pub time_scale: f64,
+    /// Replaces the job steps' job timeout (see [`ProviderPlan::job_timeout`](crate::ProviderPlan::job_timeout)).
+    pub job_timeout: Option<Duration>,
 }
 
 /// The video pipeline on the simulated providers, both at `time_scale` (what the `reel
@@ -61,6 +63,7 @@ pub fn simulated_video_workflow(artifacts_root: impl Into<PathBuf>, time_scale: 
         &PipelineConfig {
             artifacts_root: artifacts_root.into(),
             time_scale,
+            job_timeout: None,
         },
         crate::simulated::providers(time_scale),
     )
@@ -95,6 +98,11 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
         let limits = provider.limits();
         let shape = provider.shape();
         let poll_floor = provider.min_poll_interval();
+        // A real API's jobs take their own time, whatever --time-scale says.
+        let job_timeout = config
+            .job_timeout
+            .or(provider.job_life())
+            .unwrap_or_else(|| scaled(900.0).max(Duration::from_secs(1)));
         let work = ProviderStep {
             count,
             provider,
@@ -102,14 +110,15 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
         };
         let step = match shape {
             // Jobs of one step run side by side; the provider's cap bounds them fleet-wide.
-            // A clip that no poll has answered for 15 minutes (scaled) is lost; a submit
-            // that got no answer keeps its slot that long.
+            // A clip whose polls fail for 15 minutes (the provider's own time, or scaled
+            // for a simulated one) is lost; a submit that got no answer keeps its slot
+            // that long.
             Shape::Job => Step::jobs(name, work)
                 .poll_backoff(
                     Backoff::exponential(scaled(5.0).max(poll_floor), scaled(60.0).max(poll_floor))
                         .with_jitter(0.1),
                 )
-                .job_timeout(scaled(900.0).max(Duration::from_secs(1))),
+                .job_timeout(job_timeout),
             Shape::Call if count == 1 => Step::atomic(name, work),
             Shape::Call => Step::itemized(name, work),
         };

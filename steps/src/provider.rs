@@ -66,6 +66,13 @@ pub trait Provider: Send + Sync + 'static {
         std::time::Duration::ZERO
     }
 
+    /// How long one of its jobs may run, in real time (`--time-scale` does not apply): a
+    /// job whose polls fail that long is lost, and a submit that got no answer keeps its
+    /// slot that long. `None`: the pipeline's default (15 minutes, scaled).
+    fn job_life(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The provider account's key and default limits (jobs or calls in flight, requests
     /// per second), enforced across every worker; `None`: unlimited.
     fn limits(&self) -> Option<ProviderLimits> {

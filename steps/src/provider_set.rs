@@ -102,6 +102,10 @@ pub struct ProviderPlan {
     pub steps: BTreeMap<String, ProviderSet>,
     /// Keys, URLs and prices for the steps on the cloud set.
     pub cloud: CloudConfig,
+    /// How long a job step's job may run (and its polls keep failing) before it counts
+    /// as lost, and how long a submit that got no answer keeps its slot, replacing the
+    /// providers' own (`reel worker --job-timeout`).
+    pub job_timeout: Option<std::time::Duration>,
 }
 
 /// A step name that is not one of the video pipeline's.
@@ -200,6 +204,7 @@ impl ProviderPlan {
         let config = PipelineConfig {
             artifacts_root: artifacts_root.into(),
             time_scale,
+            job_timeout: self.job_timeout,
         };
         let root = &config.artifacts_root;
         let make = |set| match set {

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cluster;
+pub mod fake_jobs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

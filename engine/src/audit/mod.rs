@@ -353,16 +353,26 @@ impl Checker {
                 .step(step)
                 .is_some_and(|s| s.open_jobs.contains_key(item))
         };
+        let was_done = |step: &str, item: &u32| {
+            self.state
+                .step(step)
+                .is_some_and(|s| s.items.contains_key(item))
+        };
         match event {
             Event::TaskClaimed { .. } | Event::TaskParked { .. } => true,
             Event::ItemCompleted { step, item, .. } => was_open(step, item),
+            // The submit in flight when the task ended, answered or not: once, from the
+            // run that was going (no claim since), for an item neither done nor open.
             Event::ItemFailed {
                 step,
                 item,
-                unanswered,
+                unanswered: true,
                 ..
-            } => !unanswered && was_open(step, item),
-            Event::ItemSubmitted { .. } => !self.claimed_since_terminal,
+            }
+            | Event::ItemSubmitted { step, item, .. } => {
+                !self.claimed_since_terminal && !was_done(step, item) && !was_open(step, item)
+            }
+            Event::ItemFailed { step, item, .. } => was_open(step, item),
             _ => false,
         }
     }

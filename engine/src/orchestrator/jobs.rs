@@ -49,10 +49,11 @@ struct Open {
     submitted_at: DateTime<Utc>,
     /// Polls that answered "pending".
     polls: u32,
-    /// Polls that failed in a row.
+    /// Polls that failed in a row, and for how long (see [`PollSchedule::failing_for_ms`]).
     poll_errors: u32,
-    /// Since when its polls have failed without a break (the database's clock).
-    failing_since: Option<DateTime<Utc>>,
+    failing_for: Duration,
+    /// When the last failed poll was made (the database's clock).
+    last_failed_at: Option<DateTime<Utc>>,
     next_poll: Instant,
     /// How much before `next_poll` it may be polled when another job's poll is due: jobs
     /// polled together stay together instead of drifting apart by their jitter, so a
@@ -67,19 +68,20 @@ impl Open {
         now: Instant,
         db_now: DateTime<Utc>,
     ) -> Open {
-        let (next_poll, polls, poll_errors, failing_since) = match &job.schedule {
+        let (next_poll, polls, poll_errors, failing_for, last_failed_at) = match &job.schedule {
             // The schedule the last park recorded.
             Some(planned) => (
                 now + (planned.next_poll_at - db_now).to_std().unwrap_or_default(),
                 planned.polls,
                 planned.failed_polls,
-                planned.failing_since,
+                Duration::from_millis(planned.failing_for_ms),
+                planned.last_failed_at,
             ),
-            // No park recorded one (a crash, a logs from before schedules): poll now, with
+            // No park recorded one (a crash, a log from before schedules): poll now, with
             // the backoff as far along as the job's age says.
             None => {
                 let age = (db_now - job.submitted_at).to_std().unwrap_or_default();
-                (now, polls_by(backoff, age), 0, None)
+                (now, polls_by(backoff, age), 0, Duration::ZERO, None)
             }
         };
         Open {
@@ -88,10 +90,29 @@ impl Open {
             submitted_at: job.submitted_at,
             polls,
             poll_errors,
-            failing_since,
+            failing_for,
+            last_failed_at,
             next_poll,
             early: Duration::ZERO,
         }
+    }
+
+    /// A poll answered (pending, or a refusal for now): the job is not failing.
+    fn answered(&mut self) {
+        self.poll_errors = 0;
+        self.failing_for = Duration::ZERO;
+        self.last_failed_at = None;
+    }
+
+    /// A poll failed at `now`: the streak goes on by the time since the last failure, at
+    /// most `longest` (the step's longest poll wait: a pause in which nobody polled — a
+    /// park, a fleet outage, a provider's Retry-After — is not evidence of a lost job).
+    fn failed(&mut self, now: DateTime<Utc>, longest: Duration) {
+        if let Some(last) = self.last_failed_at {
+            self.failing_for += (now - last).to_std().unwrap_or_default().min(longest);
+        }
+        self.poll_errors += 1;
+        self.last_failed_at = Some(now);
     }
 
     /// Polls again after `wait`, and possibly a fifth of it sooner.
@@ -119,6 +140,8 @@ pub(super) struct JobRun<'a> {
     submissions: BTreeMap<u32, u32>,
     /// Failed tries (submits refused, jobs failed or lost) per item in this attempt.
     tries: BTreeMap<u32, u32>,
+    /// Rate refusals (429s) per item in this attempt (see [`FREE_RATE_REFUSALS`]).
+    refusals: BTreeMap<u32, u32>,
     /// When items that found no room at the provider ask again while the run goes on.
     slot_retry: Option<Instant>,
     /// Some items found no room at the provider: a freed slot wakes the parked task.
@@ -126,6 +149,8 @@ pub(super) struct JobRun<'a> {
     /// The task ended (failed or cancelled) with these jobs open: they are polled to
     /// their end and recorded (what they cost, what they made), and nothing is submitted.
     settling: bool,
+    /// Items of this step already complete in its current run.
+    done: std::collections::BTreeSet<u32>,
 }
 
 impl<'a> JobRun<'a> {
@@ -144,8 +169,20 @@ impl<'a> JobRun<'a> {
         // item's retry budget carries over from the log. A refusal that said when to come
         // back (a 429) used none.
         let mut tries: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut refusals: BTreeMap<u32, u32> = BTreeMap::new();
         for failure in progress.iter().flat_map(|p| &p.failures) {
-            if failure.attempt == run.attempt && !failure.rate_limited() {
+            if failure.attempt != run.attempt {
+                continue;
+            }
+            let used = match failure.rate_limited() {
+                true => {
+                    let refused = refusals.entry(failure.item).or_default();
+                    *refused += 1;
+                    *refused > FREE_RATE_REFUSALS
+                }
+                false => true,
+            };
+            if used {
                 *tries.entry(failure.item).or_default() += 1;
             }
         }
@@ -175,9 +212,13 @@ impl<'a> JobRun<'a> {
             to_submit,
             submissions: progress.map(|p| p.submissions.clone()).unwrap_or_default(),
             tries,
+            refusals,
             slot_retry: None,
             no_room: false,
             settling: false,
+            done: progress
+                .map(|p| p.items.keys().copied().collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -244,6 +285,9 @@ impl<'a> JobRun<'a> {
     }
 
     pub(super) async fn run(mut self) -> Result<StepEnd> {
+        if self.adopt_orphans().await? {
+            return Ok(StepEnd::Stopped);
+        }
         if let Some((limits, _)) = self.capped() {
             // Jobs already in flight count against the cap, whatever it says now, for as
             // long as they may run (their rows normally exist already: this renews them).
@@ -289,6 +333,82 @@ impl<'a> JobRun<'a> {
                 () = self.run.cancel.cancelled() => return Ok(StepEnd::Stopped),
             }
         }
+    }
+
+    /// Takes in the jobs the provider accepted for this step that an earlier run could not
+    /// record (it lost the lease meanwhile; see [`crate::OrphanJob`]): an item neither done
+    /// nor open gets the job as its submission, recorded now and polled like any other; a
+    /// job for an item that is done or has another job open was paid for nothing and is
+    /// recorded as a possible payment. True: someone else appended meanwhile (stop).
+    async fn adopt_orphans(&mut self) -> Result<bool> {
+        let task = self.run.log.lease.task;
+        for orphan in self.run.store.orphan_jobs(task, self.step.name()).await? {
+            let item = orphan.item;
+            let moved = if self.done.contains(&item) || self.open.contains_key(&item) {
+                if self
+                    .open
+                    .get(&item)
+                    .is_some_and(|o| o.submission == orphan.submission)
+                {
+                    false
+                } else {
+                    tracing::warn!(%task, step = %self.step.name(), item, job = %orphan.job, "a job accepted while the lease was lost is not needed: recorded as a possible payment");
+                    let error = StepError::transient(format!(
+                        "a job the provider accepted while its worker had lost the lease \
+                         ({}) was not needed",
+                        crate::id::truncate_for_display(&orphan.job.to_string(), 200)
+                    ))
+                    .unanswered();
+                    let moved = self
+                        .run
+                        .log
+                        .record(self.failure(item, &error, 0), &self.run.cancel)
+                        .await?;
+                    self.keep_slot_for_unanswered(item).await?;
+                    moved
+                }
+            } else {
+                tracing::info!(%task, step = %self.step.name(), item, job = %orphan.job, "recording a job accepted while its worker had lost the lease");
+                let moved = self
+                    .run
+                    .log
+                    .record(
+                        Event::ItemSubmitted {
+                            step: self.step.name().to_owned(),
+                            item,
+                            attempt: self.run.attempt,
+                            submission: orphan.submission,
+                            job: orphan.job.clone(),
+                        },
+                        &self.run.cancel,
+                    )
+                    .await?;
+                let number = self.submissions.entry(item).or_default();
+                *number = (*number).max(orphan.submission);
+                self.to_submit.remove(&item);
+                self.keep_slot_for_job(item).await?;
+                self.open.insert(
+                    item,
+                    Open {
+                        job: orphan.job.clone(),
+                        submission: orphan.submission,
+                        submitted_at: self.run.store.now(),
+                        polls: 0,
+                        poll_errors: 0,
+                        failing_for: Duration::ZERO,
+                        last_failed_at: None,
+                        next_poll: Instant::now(),
+                        early: Duration::ZERO,
+                    },
+                );
+                moved
+            };
+            self.run.store.forget_orphan_job(task, &orphan).await?;
+            if moved {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// When the next item could be submitted while the run goes on: its backoff, or the
@@ -346,7 +466,8 @@ impl<'a> JobRun<'a> {
                 next_poll_at: at(open.next_poll),
                 polls: open.polls,
                 failed_polls: open.poll_errors,
-                failing_since: open.failing_since,
+                failing_for_ms: u64::try_from(open.failing_for.as_millis()).unwrap_or(u64::MAX),
+                last_failed_at: open.last_failed_at,
             })
             .collect();
         let room = match (self.no_room, self.capped()) {
@@ -413,8 +534,7 @@ impl<'a> JobRun<'a> {
         match polled {
             Ok(JobStatus::Pending { next_poll }) => {
                 open.polls += 1;
-                open.poll_errors = 0;
-                open.failing_since = None;
+                open.answered();
                 match next_poll {
                     Some(hint) => {
                         // A provider's hint is when to come back: go then, not much sooner.
@@ -457,33 +577,35 @@ impl<'a> JobRun<'a> {
                 ..error
             };
             if self.settling {
-                // Nobody can follow the job any more: record that, and keep its slot for
-                // as long as it may still run.
+                // The poll was refused (a revoked key, say), not the job: nobody can
+                // follow it now. Its submission stays open — a `reel retry`, once the
+                // cause is fixed, polls it instead of paying again — and its slot is kept
+                // for as long as it may run.
+                tracing::error!(task = %self.run.log.lease.task, step = %step.name(), item, error = %error.message, "cannot follow a job the task left open; it stays open, its slot kept for the job's life");
                 self.open.remove(&item);
-                self.record_failure(item, &error, 1).await?;
-                return self.keep_slot_for_unanswered(item).await.map(|()| None);
+                self.keep_slot_for_job(item).await?;
+                return Ok(None);
             }
-            // The poll was refused (a revoked key, say), not the job: it may still run and
-            // be paid for. Its submission stays open, so once the cause is fixed, `reel
-            // retry` polls it rather than paying again.
+            // Its submission stays open, so once the cause is fixed, `reel retry` polls it
+            // rather than paying again.
             return Ok(Some(StepEnd::GaveUp { error, item }));
         }
         let Some(open) = self.open.get_mut(&item) else {
             return Ok(None);
         };
         if let Some(wait) = error.retry_after {
-            // A rate refusal says nothing about the job: come back when told to.
+            // A rate refusal is an answer: the provider is there, and says when to come
+            // back. It says nothing of the job.
+            open.answered();
             open.again_after(wait);
             open.early = Duration::ZERO;
             return Ok(None);
         }
-        open.poll_errors += 1;
-        let since = *open.failing_since.get_or_insert(db_now);
-        let unanswered = (db_now - since).to_std().unwrap_or_default();
-        if open.poll_errors >= LOST_AFTER_FAILED_POLLS && unanswered >= step.job_timeout {
+        open.failed(db_now, step.poll_backoff.max.max(POLL_MIN));
+        if open.poll_errors >= LOST_AFTER_FAILED_POLLS && open.failing_for >= step.job_timeout {
             let lost = StepError::transient(format!(
                 "job lost: its polls failed for {}s ({} in a row; {})",
-                unanswered.as_secs(),
+                open.failing_for.as_secs(),
                 open.poll_errors,
                 error.message
             ));
@@ -520,22 +642,26 @@ impl<'a> JobRun<'a> {
         *tries
     }
 
+    fn failure(&self, item: u32, error: &StepError, tries: u32) -> Event {
+        Event::ItemFailed {
+            step: self.step.name().to_owned(),
+            item,
+            attempt: self.run.attempt,
+            kind: error.kind,
+            error: error.message.clone(),
+            retry: tries,
+            unanswered: error.unanswered,
+            retry_after_ms: error
+                .retry_after
+                .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
     async fn record_failure(&self, item: u32, error: &StepError, tries: u32) -> Result<()> {
         self.run.respect_retry_after(self.step, error).await;
         self.run
             .log
-            .append(vec![Event::ItemFailed {
-                step: self.step.name().to_owned(),
-                item,
-                attempt: self.run.attempt,
-                kind: error.kind,
-                error: error.message.clone(),
-                retry: tries,
-                unanswered: error.unanswered,
-                retry_after_ms: error
-                    .retry_after
-                    .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
-            }])
+            .append(vec![self.failure(item, error, tries)])
             .await?;
         Ok(())
     }
@@ -545,10 +671,12 @@ impl<'a> JobRun<'a> {
         if error.kind == FailureKind::Permanent || tries >= policy.max_tries.max(1) {
             return Some(StepEnd::GaveUp { error, item });
         }
+        let refusals = self.refusals.get(&item).copied().unwrap_or(0);
         let wait = policy
             .backoff
             .random_delay(tries.max(1))
-            .max(error.retry_after.unwrap_or_default());
+            .max(error.retry_after.unwrap_or_default())
+            .max(rate_refusal_wait(refusals));
         self.to_submit.insert(
             item,
             ToSubmit {
@@ -704,10 +832,11 @@ impl<'a> JobRun<'a> {
                 },
                 &self.run.cancel,
             )
-            .await
-            .inspect_err(|err| {
-                tracing::error!(task = %self.run.log.lease.task, step = %self.step.name(), item, job = %job, error = %err, "a job the provider accepted could not be recorded: a later run may pay for the item again");
-            })?;
+            .await;
+        let moved = match moved {
+            Ok(moved) => moved,
+            Err(err) => return Err(self.orphaned(item, number, job, err).await),
+        };
         self.submissions.insert(item, number);
         self.to_submit.remove(&item);
         self.keep_slot_for_job(item).await?;
@@ -717,7 +846,8 @@ impl<'a> JobRun<'a> {
             submitted_at: self.run.store.now(),
             polls: 0,
             poll_errors: 0,
-            failing_since: None,
+            failing_for: Duration::ZERO,
+            last_failed_at: None,
             next_poll: Instant::now(),
             early: Duration::ZERO,
         };
@@ -728,25 +858,100 @@ impl<'a> JobRun<'a> {
         Ok(moved.then_some(StepEnd::Stopped))
     }
 
+    /// The provider accepted a job that the log could not take (`err`): the lease was
+    /// lost (another worker has the task), or the run was told to stop. The job is kept
+    /// where the task's next run adopts it ([`JobRun::adopt_orphans`]) instead of paying
+    /// for the item again. Returns `err`.
+    async fn orphaned(
+        &self,
+        item: u32,
+        submission: u32,
+        job: Value,
+        err: crate::Error,
+    ) -> crate::Error {
+        let task = self.run.log.lease.task;
+        let orphan = crate::OrphanJob {
+            step: self.step.name().to_owned(),
+            item,
+            submission,
+            job,
+        };
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..20 {
+            match self
+                .run
+                .store
+                .keep_orphan_job(task, &orphan, &self.run.log.lease.worker_id)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(%task, step = %self.step.name(), item, job = %orphan.job, error = %err, "a job the provider accepted could not be recorded; kept for the task's next run to adopt");
+                    return err;
+                }
+                Err(keep) => {
+                    tracing::warn!(%task, error = %keep, "cannot keep the job for adoption yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::error!(%task, step = %self.step.name(), item, job = %orphan.job, error = %err, "a job the provider accepted could not be recorded nor kept: a later run may pay for the item again");
+        err
+    }
+
     /// The submit failed. A refusal that said when to come back (a 429) uses no try; one
     /// whose answer was lost may have started a job, whose slot is kept for its life.
     async fn refused(&mut self, item: u32, error: StepError) -> Result<Option<StepEnd>> {
         let rate_limited = error.retry_after.is_some() && !error.unanswered;
-        let tries = match rate_limited {
-            true => self.tries.get(&item).copied().unwrap_or(0),
-            false => self.failed_try(item),
+        let counts = match rate_limited {
+            true => {
+                let refusals = self.refusals.entry(item).or_default();
+                *refusals += 1;
+                *refusals > FREE_RATE_REFUSALS
+            }
+            false => true,
         };
-        // A refusal is recorded as the try it was (the next one), without using it up.
-        let try_number = if rate_limited { tries + 1 } else { tries };
-        self.record_failure(item, &error, try_number).await?;
+        let tries = match counts {
+            true => self.failed_try(item),
+            false => self.tries.get(&item).copied().unwrap_or(0),
+        };
+        // A refusal that uses no try is recorded as the try it was (the next one).
+        let try_number = if counts { tries } else { tries + 1 };
         if error.unanswered {
+            // A possible payment: recorded whatever it takes, like an acceptance (an
+            // operator's cancel in between does not drop it), and its slot kept for the
+            // job's life.
             tracing::warn!(task = %self.run.log.lease.task, step = %self.step.name(), item, error = %error.message, "a submit got no answer: the provider may have started (and charge for) a job; its slot is kept for the job's life");
+            let moved = self
+                .run
+                .log
+                .record(self.failure(item, &error, try_number), &self.run.cancel)
+                .await?;
             self.keep_slot_for_unanswered(item).await?;
+            if moved {
+                return Ok(Some(StepEnd::Stopped));
+            }
         } else {
+            self.record_failure(item, &error, try_number).await?;
             self.release(item).await?;
         }
         Ok(self.retry_or_give_up(item, error, tries))
     }
+}
+
+/// Rate refusals (a 429 with its wait) an item may get in one attempt before each further
+/// one uses up a try: a provider that keeps refusing (a spent daily quota) ends the item
+/// within the step's retry policy instead of retrying forever.
+pub(super) const FREE_RATE_REFUSALS: u32 = 5;
+
+/// The least wait after the `refusals`-th rate refusal of an item, whatever the provider
+/// said (a `Retry-After: 0` must not make a loop): 100 ms doubling to 5 s.
+pub(super) fn rate_refusal_wait(refusals: u32) -> Duration {
+    if refusals == 0 {
+        return Duration::ZERO;
+    }
+    crate::workflow::Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
+        .delay(refusals, 0.5)
 }
 
 /// How many polls `backoff` would have made in `age` (its delays summed, without jitter).

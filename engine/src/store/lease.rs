@@ -56,8 +56,12 @@ macro_rules! claim_sql {
         lease_owner      = $1,
         lease_expires_at = now() + make_interval(secs => $2),
         attempt          = tasks.attempt + CASE WHEN tasks.parked THEN 0 ELSE 1 END,
-        parked           = false,
-        next_run_at      = NULL,
+        -- A failed or cancelled task claimed to settle its open jobs stays parked and due
+        -- until its run says they are settled: a run that dies or stops meanwhile leaves
+        -- it for the next worker.
+        parked           = tasks.parked AND tasks.status IN ('failed', 'cancelled'),
+        next_run_at      = CASE WHEN tasks.status IN ('failed', 'cancelled')
+                                THEN tasks.next_run_at END,
         version          = tasks.version + 1,
         updated_at       = now()
     FROM next
@@ -259,18 +263,52 @@ impl PgStore {
         .await
     }
 
-    /// Whether a worker holds the task's lease now (claimed, not expired, not released).
-    pub async fn lease_is_live(&self, task: TaskId) -> Result<bool> {
+    /// Until when a worker holds the task's lease (`None`: nobody does, or it expired).
+    pub async fn lease_held_until(&self, task: TaskId) -> Result<Option<DateTime<Utc>>> {
+        const HELD_SQL: &str = "SELECT lease_expires_at FROM tasks \
+             WHERE id = $1 AND lease_owner IS NOT NULL AND lease_expires_at > now()";
         Ok(self
             .on_pool(async |c| {
-                self.scalar(
-            "SELECT lease_owner IS NOT NULL AND lease_expires_at > now() FROM tasks WHERE id = $1",
-        )
-        .bind(task.as_uuid())
-        .fetch_optional(c).await
+                self.scalar::<Option<DateTime<Utc>>>(HELD_SQL)
+                    .bind(task.as_uuid())
+                    .fetch_optional(c)
+                    .await
             })
             .await?
-            .unwrap_or(false))
+            .flatten())
+    }
+
+    /// Makes a parked task due now (nobody holds its lease).
+    pub async fn wake_parked(&self, task: TaskId) -> Result<()> {
+        const WAKE_SQL: &str = "UPDATE tasks SET next_run_at = now() \
+             WHERE id = $1 AND parked AND lease_owner IS NULL AND next_run_at > now()";
+        self.on_pool(async |c| {
+            self.statement(WAKE_SQL)
+                .bind(task.as_uuid())
+                .execute(c)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A settling task's run found no job left open: it is no longer parked, and its lease
+    /// goes. False when the lease was lost.
+    pub async fn settled(&self, lease: &Lease) -> Result<bool> {
+        const SETTLED_SQL: &str = "UPDATE tasks SET parked = false, next_run_at = NULL, \
+                    lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3";
+        let done = self
+            .on_pool(async |c| {
+                self.statement(SETTLED_SQL)
+                    .bind(lease.task.as_uuid())
+                    .bind(lease.epoch)
+                    .bind(&lease.worker_id)
+                    .execute(c)
+                    .await
+            })
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Extends the lease by `ttl` from now; false when it was lost (another claim since).

@@ -764,8 +764,10 @@ impl RowChange {
                     change.status = Some(*to);
                     change.status_display.clone_from(to_display);
                     if *to == TaskStatus::QUEUED {
-                        // Sent back to the queue (review rejected, operator retry): run now.
+                        // Sent back to the queue (review rejected, operator retry): run now,
+                        // a new attempt (a retry may come while the task settles its jobs).
                         change.next_run_at = Some(None);
+                        change.parked = Some(false);
                     }
                 }
                 Event::TaskClaimed { attempt, .. } => {
@@ -793,10 +795,15 @@ impl RowChange {
                 Event::TaskFailed { reason, .. } => {
                     change.last_error = Some(truncate_for_display(reason, LAST_ERROR_MAX_CHARS));
                     change.release_lease = true;
+                    // No longer waiting: a park that follows (to settle open jobs) sets
+                    // it again.
+                    change.parked = Some(false);
                 }
-                Event::ReviewRequested {}
-                | Event::TaskCompleted {}
-                | Event::TaskCancelled { .. } => {
+                Event::TaskCancelled { .. } => {
+                    change.release_lease = true;
+                    change.parked = Some(false);
+                }
+                Event::ReviewRequested {} | Event::TaskCompleted {} => {
                     change.release_lease = true;
                 }
                 _ => {}

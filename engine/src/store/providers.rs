@@ -363,6 +363,30 @@ impl PgStore {
         Ok(())
     }
 
+    /// Frees the task's slots and places but those of its open jobs (`open`: step and
+    /// item): a task that ended with jobs open keeps counting them, and nothing else.
+    pub async fn keep_only_job_slots(&self, task: TaskId, open: &[(String, u32)]) -> Result<()> {
+        const KEEP_SQL: &str = "DELETE FROM provider_slots AS s WHERE s.task_id = $1 \
+             AND s.unanswered = 0 \
+             AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::int[]) AS o(step, item) \
+                             WHERE o.step = s.step AND o.item = s.item)";
+        let steps: Vec<&str> = open.iter().map(|(step, _)| step.as_str()).collect();
+        let items: Vec<i32> = open
+            .iter()
+            .map(|(_, item)| i32::try_from(*item).unwrap_or(i32::MAX))
+            .collect();
+        self.on_pool(async |c| {
+            self.statement(KEEP_SQL)
+                .bind(task.as_uuid())
+                .bind(&steps)
+                .bind(&items)
+                .execute(c)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Frees every slot and place the task holds for its items (its run ended for good);
     /// the slots kept for its unanswered submits stay until their jobs would have ended.
     pub async fn release_task_slots(&self, task: TaskId) -> Result<()> {

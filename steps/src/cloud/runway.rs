@@ -218,6 +218,12 @@ impl Provider for RunwayVideo {
         std::time::Duration::from_secs(1)
     }
 
+    /// A 10-second clip takes Runway a few minutes; one whose polls fail for 15 minutes
+    /// is lost, and a submit whose answer was lost keeps its slot that long.
+    fn job_life(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(900))
+    }
+
     fn submit(
         &self,
         request: ItemRequest,

@@ -969,3 +969,32 @@ async fn old_status_events_keep_their_names_and_new_ones_carry_theirs() {
     );
     assert!(failures(&store).await.is_empty());
 }
+
+/// A server or proxy that echoes the `Authorization` header into its error — in the JSON
+/// error's `code`, or in a non-JSON body where the token straddles the 120-character cut —
+/// never gets any piece of the token into an error text. (Before: the `code` was not
+/// scrubbed, and a non-JSON body was cut before it was scrubbed.)
+#[tokio::test]
+async fn an_echoed_token_never_reaches_an_error_text() {
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let client = client(&notion);
+    let token = notion.token();
+    let page = notion_projector::PageId::parse(&page).expect("page id");
+    // "Bearer " is 7 characters: offsets 100 and 105 put the cut inside the token.
+    for (json_code, offset) in [(true, 0), (false, 0), (false, 100), (false, 105)] {
+        notion.inject([Fault::EchoAuthorization { json_code, offset }]);
+        let error = client
+            .set_status(&page, "Status", STATUS, "Queued")
+            .await
+            .expect_err("a 400");
+        for text in [error.to_string(), format!("{error:?}")] {
+            let leaked = (0..token.len() - 5).find(|&i| text.contains(&token[i..i + 6]));
+            assert!(
+                leaked.is_none(),
+                "a piece of the token in {text:?} (json_code {json_code}, offset {offset})"
+            );
+        }
+    }
+}

@@ -86,8 +86,9 @@ impl Default for IntakeOptions {
 pub enum BoardError {
     #[error("the board {0:?} is not a Notion id or URL")]
     InvalidId(String),
+    /// Not a `source`: its text is already in this one's (an error chain would print it twice).
     #[error("cannot read the board: {0}")]
-    Notion(#[from] NotionError),
+    Notion(NotionError),
     #[error(
         "the database {database} has {count} data sources: pass one of them ({ids}) as --data-source"
     )]
@@ -105,6 +106,19 @@ pub enum BoardError {
         expected: &'static str,
         flag: &'static str,
     },
+}
+
+impl From<NotionError> for BoardError {
+    fn from(error: NotionError) -> BoardError {
+        BoardError::Notion(error)
+    }
+}
+
+impl BoardError {
+    /// Whether opening the board may succeed later (Notion down, slow or rate limiting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BoardError::Notion(error) if error.is_retryable())
+    }
 }
 
 /// A property the board has, with its type.

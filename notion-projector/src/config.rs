@@ -227,11 +227,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.projector_options(),
         metrics.clone(),
     );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing requests in flight",
+    ));
+    // Served while the board opens, so a liveness probe does not restart an instance
+    // that waits out a Notion outage.
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::metrics::serve(
+            addr,
+            metrics.clone(),
+            pool,
+            config.name.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "serving /healthz and /metrics");
+    }
     if let Some(board) = config.board_options() {
         let opened = projector
-            .open_board(&board)
+            .open_board_patiently(&board, &shutdown)
             .await
             .context("cannot use the board")?;
+        let Some(opened) = opened else {
+            return Ok(());
+        };
         tracing::info!(
             data_source = opened.data_source(),
             intake = config.intake,
@@ -246,23 +268,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::projector::checkpoint_at_head(&store, &config.name, true)
             .await
             .context("cannot set the starting checkpoint")?;
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine::service::cancel_on_signals(
-        shutdown.clone(),
-        "finishing requests in flight",
-    ));
-    if let Some(addr) = config.metrics_addr {
-        let bound = crate::metrics::serve(
-            addr,
-            metrics.clone(),
-            pool,
-            config.name.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%bound, "serving /healthz and /metrics");
     }
     tracing::info!(
         api = %config.notion_api_url,

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::board::{Board, BoardError, BoardOptions};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::notion::{NotionClient, PropertyType};
+use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::queue::{Origin, SendQueue};
 
 use send::{Attempt, Outcome};
@@ -278,6 +278,45 @@ impl Projector {
         )
         .await?;
         Ok(self.board.insert(board))
+    }
+
+    /// [`Projector::open_board`], waiting out Notion being down, slow or rate limiting
+    /// (each wait logged: 1 s doubling to 30 s, or the `Retry-After`), so that a restarting
+    /// instance does not crash-loop on an outage. `None` when `shutdown` came first; a board
+    /// Notion refuses (4xx) or that lacks a required property is an error at once.
+    pub async fn open_board_patiently(
+        &mut self,
+        options: &BoardOptions,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<&Board>, BoardError> {
+        let backoff =
+            Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(0.2);
+        let mut outages = 0;
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                opened = Board::open(&self.client, &self.limiter, options, &self.options.status_property) => opened,
+            };
+            let error = match opened {
+                Ok(board) => return Ok(Some(self.board.insert(board))),
+                Err(error) if error.is_transient() => error,
+                Err(error) => return Err(error),
+            };
+            let wait = match &error {
+                BoardError::Notion(NotionError::RateLimited { retry_after, .. }) => retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(MAX_RETRY_AFTER),
+                _ => {
+                    outages += 1;
+                    backoff.random_delay(outages)
+                }
+            };
+            tracing::warn!(error = %error, retry_in = ?wait, "cannot open the board yet: trying again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -274,8 +274,9 @@ async fn a_topic_over_two_thousand_characters_gets_its_card() {
     assert!(failures(&store).await.is_empty());
 }
 
-/// Notion answers 503, then 429, while the projector opens the board: it waits and tries
-/// again (a restarting standby does not crash-loop), then uses the board.
+/// Notion answers 429, then 503, while the projector opens the board: it waits and tries
+/// again (a restarting standby does not crash-loop), then uses the board. (Before: exit 1
+/// at the first answer.)
 #[tokio::test]
 async fn a_notion_outage_while_opening_the_board_is_waited_out() {
     let db = test_db().await;
@@ -283,12 +284,12 @@ async fn a_notion_outage_while_opening_the_board_is_waited_out() {
     let notion = fake().await;
     let board = notion.add_board(&BOARD);
     let task = new_task(&store, None).await;
-    notion.set_outage(Some(503));
+    notion.set_outage(Some(429));
     let args = ["--data-source", board.database_id.as_str()];
     let mut process = Process::start(&db, &notion, &notion.token(), &args);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    notion.set_outage(Some(429));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    notion.set_outage(Some(503));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let exited = process.child.try_wait().expect("try_wait");
     assert!(
         exited.is_none(),

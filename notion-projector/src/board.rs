@@ -319,6 +319,17 @@ impl Board {
         Ok(results(&answer).iter().find_map(page_id_of))
     }
 
+    /// The `PATCH /v1/pages/{id}` body that sets the task's own card to `status` (when the
+    /// board has a status property) and its Task ID to `task`.
+    pub(crate) fn card_update(&self, task: &str, status: &str) -> Value {
+        let mut properties = Map::new();
+        if let Some(property) = &self.status {
+            properties.insert(property.name.clone(), property.value(status));
+        }
+        properties.insert(self.task_id.name.clone(), self.task_id.value(task));
+        json!({ "properties": properties })
+    }
+
     /// `POST /v1/pages`: a card titled `title` for `task`, with its channel and status
     /// when the board has those properties.
     pub(crate) async fn create_card(

@@ -28,6 +28,10 @@ pub(crate) enum Origin {
 pub(crate) struct Job {
     pub(crate) target: Target,
     pub(crate) page: Option<PageId>,
+    /// The page is the task's card on the board (made by the projector, or taken in by
+    /// intake): every PATCH also sets its Task ID, so a Task ID not yet written (a crash
+    /// right after intake's submit) or cleared on the board is owed like the status.
+    pub(crate) card: bool,
     /// Failed tries so far.
     pub(crate) tries: u32,
     pub(crate) origin: Origin,
@@ -38,6 +42,7 @@ impl Job {
         Job {
             target,
             page: Some(page),
+            card: false,
             tries: 0,
             origin: Origin::Fresh,
         }
@@ -48,6 +53,7 @@ impl Job {
         Job {
             target,
             page: None,
+            card: true,
             tries: 0,
             origin: Origin::Fresh,
         }

@@ -194,8 +194,6 @@ async fn a_task_id_owed_across_a_sigkill_is_written_after_the_card_moved_on() {
     })
     .await
     .expect("the card follows its task");
-    let _ = second.sigterm().await;
-    let third = Process::start(&db, &notion, &notion.token(), &args(&intake));
     let written = wait_written_back(
         &store,
         &notion,
@@ -204,14 +202,25 @@ async fn a_task_id_owed_across_a_sigkill_is_written_after_the_card_moved_on() {
         Duration::from_secs(5),
     )
     .await;
-    let (status, log) = third.sigterm().await;
+    let (status, log) = second.sigterm().await;
     assert!(status.success(), "{log}");
     assert!(
         written,
-        "the Task ID is written: {:#?}",
+        "the Task ID is written with the status: {:#?}",
         card_by_id(&notion, &board, &page)
     );
+    // Intake, back: the card is no new card.
+    let third = Process::start(&db, &notion, &notion.token(), &args(&intake));
+    assert!(
+        third
+            .wait_log("taking in new cards", Duration::from_secs(10))
+            .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, log) = third.sigterm().await;
+    assert!(status.success(), "{log}");
     assert_eq!(task_count(&store).await, 1);
+    assert!(written_back(&store, &notion, &board, &page).await);
 }
 
 /// A card the projector made for a task: someone clears its Task ID. Intake must not make

@@ -4,12 +4,21 @@
 //! the same query).
 
 use engine::{Event, TaskId};
+use uuid::Uuid;
 
 use super::{Projector, ProjectorError};
 use crate::board::Board;
 use crate::notion::NotionError;
 use crate::page_id::PageId;
 use crate::queue::Job;
+
+/// Task ids of cards taken in by intake: `uuid_v5(CARD_NAMESPACE, page id)`.
+const CARD_NAMESPACE: Uuid = Uuid::from_u128(0x7265_656c_2d6e_6f74_696f_6e2d_6361_7264);
+
+/// The id of the task intake makes of the card `page` (the same on every run and leader).
+pub(super) fn card_task(page: &PageId) -> TaskId {
+    TaskId::from(Uuid::new_v5(&CARD_NAMESPACE, page.as_str().as_bytes()))
+}
 
 /// The task's card after [`Projector::card_of`].
 pub(super) enum Card {

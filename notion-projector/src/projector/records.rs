@@ -9,6 +9,7 @@ use engine::{Checkpoint, TaskId};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::cards::card_task;
 use super::{Failure, Projector, ProjectorError, Target, target_of};
 use crate::notion::NotionError;
 use crate::page_id::PageId;
@@ -27,8 +28,9 @@ impl Projector {
             return Ok((Vec::new(), Vec::new()));
         }
         let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
-        let rows: Vec<(Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
-            "SELECT u.id, COALESCE(NULLIF(btrim(t.notion_page_id), ''), c.page_id), s.applied_version \
+        let rows: Vec<Known> = sqlx::query_as(
+            "SELECT u.id, NULLIF(btrim(t.notion_page_id), '') AS page, c.page_id AS card, \
+                    s.applied_version AS applied \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
                LEFT JOIN notion_cards c ON c.projector = $2 AND c.task_id = u.id \
@@ -38,23 +40,24 @@ impl Projector {
         .bind(&self.options.name)
         .fetch_all(self.store.pool())
         .await?;
-        let known: HashMap<Uuid, (Option<String>, Option<i32>)> = rows
-            .into_iter()
-            .map(|(id, page, applied)| (id, (page, applied)))
-            .collect();
+        let known: HashMap<Uuid, Known> = rows.into_iter().map(|known| (known.id, known)).collect();
         let mut jobs = Vec::new();
         let mut up_to_date = Vec::new();
         let mut nothing_to_send = Vec::new();
         for target in targets {
-            let (page, applied) = known
+            let known = known
                 .get(&target.task.as_uuid())
                 .cloned()
-                .unwrap_or((None, None));
-            if applied.is_some_and(|v| i64::from(v) >= i64::from(target.version)) {
+                .unwrap_or_default();
+            if known
+                .applied
+                .is_some_and(|v| i64::from(v) >= i64::from(target.version))
+            {
                 up_to_date.push(target.task);
                 continue;
             }
-            let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
+            let from_card = known.page.is_none() && known.card.is_some();
+            let Some(raw) = known.page.or(known.card) else {
                 if self.board.is_some() {
                     jobs.push(Job::card(target));
                     continue;
@@ -65,7 +68,16 @@ impl Projector {
                 continue;
             };
             match PageId::parse(&raw) {
-                Ok(page) => jobs.push(Job::fresh(target, page)),
+                Ok(page) => {
+                    // The task's own card: one the projector made (or found) for it, or the
+                    // card intake made it of.
+                    let card =
+                        self.board.is_some() && (from_card || card_task(&page) == target.task);
+                    jobs.push(Job {
+                        card,
+                        ..Job::fresh(target, page)
+                    });
+                }
                 Err(err) => {
                     tracing::warn!(task_id = %target.task, error = %err, "invalid notion_page_id: recorded as a sync failure");
                     failures.push(Failure {
@@ -341,6 +353,16 @@ impl Projector {
         }
         Ok((targets, failures))
     }
+}
+
+/// What the database knows of a task the projector is about to send: its own page, the
+/// card recorded for it, and the version mirrored last.
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
+struct Known {
+    id: Uuid,
+    page: Option<String>,
+    card: Option<String>,
+    applied: Option<i32>,
 }
 
 fn version_to_db(version: u32) -> i32 {

@@ -88,9 +88,21 @@ impl Projector {
                 self.options.property_type,
             ),
         };
-        let request = self
-            .client
-            .set_status(&page, property, kind, &job.target.display);
+        let display = job.target.display.clone();
+        let card_update = match (&self.board, job.card) {
+            (Some(board), true) => Some(board.card_update(&job.task().to_string(), &display)),
+            _ => None,
+        };
+        let request = async {
+            match card_update {
+                Some(body) => self.client.patch_page(&page, body).await.map(|_| ()),
+                None => {
+                    self.client
+                        .set_status(&page, property, kind, &display)
+                        .await
+                }
+            }
+        };
         // Once the lock is lost, another instance may lead and send a newer status: drop
         // the request (closing its connection) rather than let its answer land after the
         // new leader's. SIGTERM lets requests in flight finish.

@@ -19,8 +19,8 @@ mod intake;
 mod records;
 mod send;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +39,7 @@ use crate::board::{Board, BoardError, BoardOptions};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::notion::{NotionClient, NotionError, PropertyType};
-use crate::queue::{Origin, SendQueue};
+use crate::queue::{Job, Origin, SendQueue};
 
 use send::{Attempt, Outcome};
 
@@ -151,6 +151,10 @@ impl Halt {
     }
 }
 
+/// Batches read ahead of the checkpoint at most (a request that hangs until its timeout
+/// holds the checkpoint, and this bounds what a crash then reads again).
+const MAX_OPEN_BATCHES: usize = 64;
+
 /// Waits after stepping back (database outage, lost lock, moved checkpoint): 100 ms
 /// doubling to 10 s.
 const STEP_BACK: Backoff =
@@ -168,9 +172,10 @@ pub(crate) struct Target {
 }
 
 /// The log events read together, whose checkpoint moves once each of their jobs had its
-/// first try.
+/// first try (and every earlier batch's checkpoint moved).
 #[derive(Debug)]
 struct Batch {
+    id: u64,
     end: Checkpoint,
     /// Fresh jobs without a first outcome yet.
     outstanding: usize,
@@ -187,9 +192,12 @@ struct Leading<'a> {
     /// start over at every answer and every turn.
     reading: Option<Reading>,
     queue: SendQueue,
-    /// The batch whose checkpoint waits for its jobs' first tries; the next read starts
-    /// when it is committed.
-    batch: Option<Batch>,
+    /// Batches whose checkpoints wait for their jobs' first tries, oldest first. Reading
+    /// goes on meanwhile (up to [`MAX_OPEN_BATCHES`]): one slow request holds back the
+    /// checkpoint, never the other tasks' statuses.
+    batches: VecDeque<Batch>,
+    /// The id of the next batch read.
+    next_batch: u64,
     in_flight: FuturesUnordered<Sending<'a>>,
     /// The wait for the limiter's next request, started when a job is ready.
     turn: Option<Turn<'a>>,
@@ -422,9 +430,10 @@ impl Projector {
         format!("reel/notion-projector/{}", self.options.name)
     }
 
-    /// Follows the log until `halt`: reads a batch, queues its jobs, and moves the
-    /// checkpoint past it once each job had its first try (a job waiting for a retry is in
-    /// `sync_retries` by then); meanwhile due retries go out beside fresh changes.
+    /// Follows the log until `halt`: reads batches, queues their jobs, and moves the
+    /// checkpoint past a batch once each of its jobs (and of every earlier batch) had its
+    /// first try (a job waiting for a retry is in `sync_retries` by then); reading goes on
+    /// while a batch waits, and due retries go out beside fresh changes.
     async fn lead(&self, halt: &Halt) -> Result<(), ProjectorError> {
         let mut leading = self.start_leading().await?;
         let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
@@ -440,7 +449,7 @@ impl Projector {
                 biased;
                 _ = halt.cancelled(), if !leading.stopping => leading.stop(),
                 Some(attempt) = leading.in_flight.next() => {
-                    self.settle(attempt?, &mut leading.queue, &mut leading.batch);
+                    self.settle(attempt?, &mut leading.queue, &mut leading.batches);
                 }
                 _ = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
                     leading.turn = None;
@@ -460,8 +469,10 @@ impl Projector {
                     let page = page?;
                     self.metrics.set_healthy(true);
                     if let Some(end) = page.end {
-                        let batch = self.read_batch(page.events, end, &mut leading.queue).await?;
-                        leading.batch = Some(batch);
+                        let id = leading.next_batch;
+                        leading.next_batch += 1;
+                        let batch = self.read_batch(id, page.events, end, &mut leading.queue).await?;
+                        leading.batches.push_back(batch);
                     }
                 }
             }
@@ -489,7 +500,8 @@ impl Projector {
             subscription: Some(subscription),
             reading: None,
             queue,
-            batch: None,
+            batches: VecDeque::new(),
+            next_batch: 0,
             in_flight: FuturesUnordered::new(),
             turn: None,
             slots: self.options.concurrency.max(1),
@@ -497,14 +509,20 @@ impl Projector {
         })
     }
 
-    /// Between two turns of the loop: commits a batch whose jobs all had their first try,
-    /// asks the limiter for a turn when a job is ready and a slot is free, and starts the
-    /// next read when no batch is open.
+    /// Between two turns of the loop: commits the oldest batches whose jobs all had their
+    /// first try (in one transaction), asks the limiter for a turn when a job is ready and a
+    /// slot is free, and starts the next read unless too many batches are open.
     async fn prepare_turn<'a>(&'a self, leading: &mut Leading<'a>) -> Result<(), ProjectorError> {
-        if let Some(done) = leading.batch.take_if(|b| b.outstanding == 0) {
-            self.commit(Some((leading.checkpoint, done.end)), &done.failures)
+        let mut end = None;
+        let mut failures = Vec::new();
+        while let Some(done) = leading.batches.pop_front_if(|b| b.outstanding == 0) {
+            end = Some(done.end);
+            failures.extend(done.failures);
+        }
+        if let Some(end) = end {
+            self.commit(Some((leading.checkpoint, end)), &failures)
                 .await?;
-            leading.checkpoint = done.end;
+            leading.checkpoint = end;
         }
         let waiting = leading.queue.waiting_retries();
         self.metrics
@@ -513,7 +531,7 @@ impl Projector {
         if leading.turn.is_none() && leading.may_send() && leading.queue.has_ready(Instant::now()) {
             leading.turn = Some(Box::pin(self.limiter.acquire()));
         }
-        if leading.batch.is_none()
+        if leading.batches.len() < MAX_OPEN_BATCHES
             && !leading.stopping
             && let Some(mut following) = leading.subscription.take()
         {
@@ -526,9 +544,11 @@ impl Projector {
     }
 
     /// Coalesces a page of events to each task's latest status and queues what needs a
-    /// request; the batch's checkpoint waits for those requests' first tries.
+    /// request; the batch's checkpoint waits for those requests' first tries (a task whose
+    /// fresh job from an earlier batch still waits joins that job instead).
     async fn read_batch(
         &self,
+        id: u64,
         events: Vec<engine::Result<RecordedEvent>>,
         end: Checkpoint,
         queue: &mut SendQueue,
@@ -574,11 +594,18 @@ impl Projector {
         let mut targets: Vec<Target> = latest.into_values().collect();
         targets.sort_by_key(|t| t.position);
         let (jobs, _settled) = self.plan(targets, &mut failures).await?;
-        let outstanding = jobs.len();
+        let mut outstanding = 0;
         for job in jobs {
-            queue.push_fresh(job);
+            let job = Job {
+                batch: Some(id),
+                ..job
+            };
+            if queue.push_fresh(job) {
+                outstanding += 1;
+            }
         }
         Ok(Batch {
+            id,
             end,
             outstanding,
             failures,
@@ -588,27 +615,27 @@ impl Projector {
     /// Takes an answered request back into the queue: a retry waits for its due time, a
     /// rate-limited request goes again (not a try), and a fresh job's first outcome counts
     /// towards its batch.
-    fn settle(&self, attempt: Attempt, queue: &mut SendQueue, batch: &mut Option<Batch>) {
+    fn settle(&self, attempt: Attempt, queue: &mut SendQueue, batches: &mut VecDeque<Batch>) {
         let Attempt { mut job, outcome } = attempt;
         let task = job.task();
         queue.finish(task);
-        let mut settled = usize::from(job.origin == Origin::Fresh);
+        let mut settled = Vec::new();
+        if !matches!(outcome, Outcome::RateLimited | Outcome::Interrupted) {
+            settled.extend(job.batch.take());
+        }
         match outcome {
             Outcome::Synced => {
-                if queue.drop_fresh_covered(task, job.target.version) {
+                if let Some(covered) = queue.drop_fresh_covered(task, job.target.version) {
                     self.metrics.skip("up_to_date", 1);
-                    settled += 1;
+                    settled.extend(covered.batch);
                 }
             }
-            Outcome::RateLimited => {
-                settled = 0;
-                match job.origin {
-                    Origin::Fresh => queue.push_fresh_front(job),
-                    Origin::Retry => {
-                        queue.push_retry(job, Instant::now());
-                    }
+            Outcome::RateLimited => match job.origin {
+                Origin::Fresh => queue.push_fresh_front(job),
+                Origin::Retry => {
+                    queue.push_retry(job, Instant::now());
                 }
-            }
+            },
             Outcome::RetryAt(due) => {
                 job.origin = Origin::Retry;
                 queue.push_retry(job, due);
@@ -616,10 +643,12 @@ impl Projector {
             Outcome::Failed => {}
             // Halted before its answer: a fresh job's batch is redelivered, a retry stays
             // in `sync_retries` for the next leader.
-            Outcome::Interrupted => settled = 0,
+            Outcome::Interrupted => {}
         }
-        if let Some(batch) = batch {
-            batch.outstanding = batch.outstanding.saturating_sub(settled);
+        for id in settled {
+            if let Some(batch) = batches.iter_mut().find(|b| b.id == id) {
+                batch.outstanding = batch.outstanding.saturating_sub(1);
+            }
         }
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct Job {
     pub(crate) card: bool,
     /// Failed tries so far.
     pub(crate) tries: u32,
+    /// The batch whose checkpoint waits for this job's first try (fresh jobs until then).
+    pub(crate) batch: Option<u64>,
     pub(crate) origin: Origin,
 }
 
@@ -44,6 +46,7 @@ impl Job {
             page: Some(page),
             card: false,
             tries: 0,
+            batch: None,
             origin: Origin::Fresh,
         }
     }
@@ -55,6 +58,7 @@ impl Job {
             page: None,
             card: true,
             tries: 0,
+            batch: None,
             origin: Origin::Fresh,
         }
     }
@@ -78,10 +82,33 @@ pub(crate) struct SendQueue {
 
 impl SendQueue {
     /// Queues a fresh change. A newer status replaces the task's waiting retry (its
-    /// `sync_retries` row stays until this job settles it).
-    pub(crate) fn push_fresh(&mut self, job: Job) {
+    /// `sync_retries` row stays until this job settles it). When a fresh job of the task
+    /// waits already (read in an earlier batch, not sent yet), that job takes the newer
+    /// status and this one is not queued (false): its batch need not wait for it, as it
+    /// commits after the earlier batch, which still waits for that job's try.
+    pub(crate) fn push_fresh(&mut self, job: Job) -> bool {
         self.remove_retry(job.task());
-        self.fresh.push_back(job);
+        // A job in `fresh` is never in flight (sending takes it out).
+        match self
+            .fresh
+            .iter_mut()
+            .find(|queued| queued.task() == job.task())
+        {
+            Some(queued) => {
+                if job.target.version > queued.target.version {
+                    queued.target = job.target;
+                    if job.page.is_some() {
+                        queued.page = job.page;
+                        queued.card = job.card;
+                    }
+                }
+                false
+            }
+            None => {
+                self.fresh.push_back(job);
+                true
+            }
+        }
     }
 
     /// Puts a fresh job back at the head of the line (after a 429: not a try).
@@ -159,13 +186,13 @@ impl SendQueue {
     }
 
     /// After the task's page was set to `version`: drops its queued fresh job if that
-    /// carries no newer status (true when one was dropped).
-    pub(crate) fn drop_fresh_covered(&mut self, task: TaskId, version: u32) -> bool {
+    /// carries no newer status, and returns it.
+    pub(crate) fn drop_fresh_covered(&mut self, task: TaskId, version: u32) -> Option<Job> {
         let covered = self
             .fresh
             .iter()
             .position(|job| job.task() == task && job.target.version <= version);
-        covered.and_then(|i| self.fresh.remove(i)).is_some()
+        covered.and_then(|i| self.fresh.remove(i))
     }
 
     /// Retries waiting for their due time.
@@ -301,10 +328,35 @@ mod tests {
         assert!(queue.contains(task(1)));
         queue.finish(in_flight.task());
         // The retry set the page to version 3 already: the fresh job has nothing newer.
-        assert!(queue.drop_fresh_covered(task(1), 3));
+        assert!(queue.drop_fresh_covered(task(1), 3).is_some());
         assert!(!queue.contains(task(1)));
         queue.push_fresh(job(1, 4));
-        assert!(!queue.drop_fresh_covered(task(1), 3));
+        assert!(queue.drop_fresh_covered(task(1), 3).is_none());
         assert_eq!(queue.pop_ready(now).map(|j| j.target.version), Some(4));
+    }
+
+    #[test]
+    fn a_newer_status_read_later_joins_the_waiting_fresh_job() {
+        let now = Instant::now();
+        let mut queue = SendQueue::default();
+        let in_batch = |n, version, batch| Job {
+            batch: Some(batch),
+            ..job(n, version)
+        };
+        assert!(queue.push_fresh(in_batch(1, 2, 1)));
+        assert!(queue.push_fresh(in_batch(2, 2, 1)));
+        // Batch 2 holds a newer status of task 1: the waiting job sends it, and batch 2
+        // does not wait for a job of its own.
+        assert!(!queue.push_fresh(in_batch(1, 5, 2)));
+        let first = queue.pop_ready(now).expect("task 1");
+        assert_eq!((first.target.version, first.batch), (5, Some(1)));
+        // While task 1's request is in flight, a newer status gets a job of its own.
+        assert!(queue.push_fresh(in_batch(1, 6, 3)));
+        let second = queue.pop_ready(now).expect("task 2");
+        assert_eq!(second.task(), task(2));
+        assert!(
+            queue.pop_ready(now).is_none(),
+            "task 1 has a request in flight"
+        );
     }
 }

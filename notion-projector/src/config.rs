@@ -83,6 +83,10 @@ pub struct Config {
     /// Requests in flight at once (the rate still applies).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
+    /// How long Notion's board query may lag a card's creation: after a card create whose
+    /// answer was lost, the card is only looked for this long before it is made again.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub card_query_lag: Duration,
     /// The checkpoint's and leader lock's name; instances with one name share one checkpoint.
     #[arg(long, env = "NOTION_PROJECTOR_NAME", default_value = "notion")]
     pub name: String,
@@ -171,6 +175,7 @@ impl Config {
             failure_retry_interval: self.failure_retry_interval,
             standby_interval: self.standby_interval,
             concurrency: usize::try_from(self.concurrency).unwrap_or(1),
+            card_query_lag: self.card_query_lag,
         }
     }
 

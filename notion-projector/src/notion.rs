@@ -104,6 +104,16 @@ impl NotionError {
         !matches!(self, NotionError::Rejected { .. })
     }
 
+    /// Whether Notion may have carried the request out though it did not say so: no
+    /// answer, a 5xx, or a success whose body could not be read. A 4xx or a 429 was
+    /// refused.
+    pub fn may_have_applied(&self) -> bool {
+        !matches!(
+            self,
+            NotionError::Rejected { .. } | NotionError::RateLimited { .. }
+        )
+    }
+
     /// The HTTP status, when Notion answered.
     pub fn http_status(&self) -> Option<u16> {
         match self {
@@ -183,6 +193,18 @@ impl NotionClient {
             token: config.token,
             timeout: config.timeout,
         })
+    }
+
+    /// The name of this token's request budget: a SHA-256 of the token (hex), never the
+    /// token itself. Every projector using the token gets the same name, whatever its API
+    /// address.
+    pub fn budget_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"reel/notion-projector/budget\0")
+            .chain_update(self.token.expose().as_bytes())
+            .finalize();
+        digest.iter().map(|byte| format!("{byte:02x}")).collect()
     }
 
     /// Sets the page's `property` (a Status or Select property) to the option `name`.

@@ -16,6 +16,7 @@
 
 mod cards;
 mod intake;
+mod leadership;
 mod records;
 mod send;
 
@@ -24,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use engine::SubscriptionOptions;
@@ -41,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::queue::{Job, Origin, SendQueue};
 
+use leadership::Halt;
 use send::{Attempt, Outcome};
 
 /// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
@@ -79,6 +82,9 @@ pub struct ProjectorOptions {
     pub standby_interval: Duration,
     /// Requests in flight at once (the limiter still spaces them).
     pub concurrency: usize,
+    /// How long Notion's query may lag a card's creation: after a create whose answer was
+    /// lost, the task's card is only looked for this long before it is made again.
+    pub card_query_lag: Duration,
 }
 
 impl Default for ProjectorOptions {
@@ -97,6 +103,7 @@ impl Default for ProjectorOptions {
             failure_retry_interval: Duration::from_secs(30),
             standby_interval: Duration::from_secs(1),
             concurrency: 3,
+            card_query_lag: Duration::from_secs(60),
         }
     }
 }
@@ -134,21 +141,6 @@ pub enum ProjectorError {
         /// The smallest xid epoch that puts new transaction ids above the restored ones.
         epoch: u64,
     },
-}
-
-/// When a leader stops: `stop` (shutdown, or the lock lost) starts no new request;
-/// `lock_lost` also abandons the requests in flight, because another instance may lead
-/// by now and send a newer status that a late answer of ours must not overwrite.
-#[derive(Clone, Debug)]
-struct Halt {
-    stop: CancellationToken,
-    lock_lost: CancellationToken,
-}
-
-impl Halt {
-    fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.stop.cancelled()
-    }
 }
 
 /// Batches read ahead of the checkpoint at most (a request that hangs until its timeout
@@ -264,8 +256,12 @@ impl Projector {
         options: ProjectorOptions,
         metrics: Arc<Metrics>,
     ) -> Projector {
+        // Notion's limit is the token's: its budget is shared, in PostgreSQL, with every
+        // projector that uses the token.
+        let limiter = Limiter::new(options.rate, options.burst)
+            .shared(store.pool().clone(), client.budget_key());
         Projector {
-            limiter: Limiter::new(options.rate, options.burst),
+            limiter,
             store,
             client,
             options,
@@ -387,20 +383,38 @@ impl Projector {
         }
         tracing::info!(projector = %self.options.name, "leading");
         self.metrics.leader.set(1);
+        let lock_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        // With a board: its card owner is whichever projector's leader holds its lock.
+        let board_lock = self.board.as_ref().map(leadership::board_lock_name);
+        let owns_board = match &board_lock {
+            Some(name) => leadership::try_lock(&mut conn, name).await?,
+            None => false,
+        };
+        if board_lock.is_some() && !owns_board {
+            tracing::info!(
+                "another projector owns the board's cards: this one mirrors its statuses to the cards that one makes"
+            );
+        }
         // The lock lives as long as its connection: a watchdog pings it, and halts this
         // leader as soon as it breaks (another instance may take the lock then).
         let halt = Halt {
             stop: shutdown.child_token(),
             lock_lost: CancellationToken::new(),
+            lock_pid,
+            owns_board: Arc::new(AtomicBool::new(owns_board)),
         };
         let done = CancellationToken::new();
-        let watchdog = tokio::spawn(watch_lock(conn, halt.clone(), done.clone()));
+        let watchdog = tokio::spawn(leadership::watch_lock(
+            conn,
+            halt.clone(),
+            done.clone(),
+            board_lock,
+        ));
         // Intake runs beside the leader and stops with it (it shares the limiter, yielding
         // to status changes).
-        let intake_halt = Halt {
-            stop: halt.stop.child_token(),
-            lock_lost: halt.lock_lost.clone(),
-        };
+        let intake_halt = halt.child();
         let (result, ()) = tokio::join!(
             async {
                 let result = self.lead(&halt).await;
@@ -412,8 +426,7 @@ impl Projector {
         done.cancel();
         self.metrics.leader.set(0);
         if let Ok(Some(mut conn)) = watchdog.await {
-            let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-                .bind(self.lock_name())
+            let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
                 .execute(&mut conn)
                 .await;
             let _ = conn.close().await;
@@ -471,7 +484,9 @@ impl Projector {
                     if let Some(end) = page.end {
                         let id = leading.next_batch;
                         leading.next_batch += 1;
-                        let batch = self.read_batch(id, page.events, end, &mut leading.queue).await?;
+                        let batch = self
+                            .read_batch(id, page.events, end, &mut leading.queue, halt.owns_board())
+                            .await?;
                         leading.batches.push_back(batch);
                     }
                 }
@@ -493,6 +508,7 @@ impl Projector {
             batch_size: self.options.batch_size,
         };
         let subscription = Subscription::start(self.store.clone(), checkpoint, options).await;
+        self.claim_unboarded_cards().await?;
         let mut queue = SendQueue::default();
         self.load_retries(&mut queue).await?;
         Ok(Leading {
@@ -552,6 +568,7 @@ impl Projector {
         events: Vec<engine::Result<RecordedEvent>>,
         end: Checkpoint,
         queue: &mut SendQueue,
+        owns_board: bool,
     ) -> Result<Batch, ProjectorError> {
         let mut failures = Vec::new();
         let mut latest: HashMap<TaskId, Target> = HashMap::new();
@@ -596,6 +613,12 @@ impl Projector {
         let (jobs, _settled) = self.plan(targets, &mut failures).await?;
         let mut outstanding = 0;
         for job in jobs {
+            if job.page.is_none() && !owns_board {
+                // The board's owner makes the card: wait for it as a retry (it needs no
+                // request until then), so the batch does not wait.
+                self.wait_for_card(job, queue).await?;
+                continue;
+            }
             let job = Job {
                 batch: Some(id),
                 ..job
@@ -710,27 +733,5 @@ async fn wait_for_turn(turn: &mut Option<Turn<'_>>) {
     match turn {
         Some(turn) => turn.as_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Pings the lock connection every second; on failure cancels `halt`. Returns the
-/// connection (to unlock it) when `done`.
-async fn watch_lock(
-    mut conn: PgConnection,
-    halt: Halt,
-    done: CancellationToken,
-) -> Option<PgConnection> {
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return Some(conn),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let ping = tokio::time::timeout(Duration::from_secs(5), conn.ping()).await;
-        if !matches!(ping, Ok(Ok(()))) {
-            tracing::warn!("the leader lock's connection failed: stepping back");
-            halt.lock_lost.cancel();
-            halt.stop.cancel();
-            return None;
-        }
     }
 }

@@ -36,6 +36,8 @@ pub(crate) struct Job {
     pub(crate) tries: u32,
     /// The batch whose checkpoint waits for this job's first try (fresh jobs until then).
     pub(crate) batch: Option<u64>,
+    /// Looks for a card made by another projector so far (each waits longer).
+    pub(crate) waits: u32,
     pub(crate) origin: Origin,
 }
 
@@ -47,6 +49,7 @@ impl Job {
             card: false,
             tries: 0,
             batch: None,
+            waits: 0,
             origin: Origin::Fresh,
         }
     }
@@ -59,6 +62,7 @@ impl Job {
             card: true,
             tries: 0,
             batch: None,
+            waits: 0,
             origin: Origin::Fresh,
         }
     }

@@ -11,6 +11,7 @@ use common::board::*;
 use common::process::Process;
 use common::*;
 use engine::TaskStatus;
+use notion_projector::fake::Fault;
 use notion_projector::{BoardOptions, Metrics, Projector};
 use serde_json::json;
 
@@ -379,9 +380,9 @@ async fn a_leader_that_lost_its_lock_makes_no_second_card() {
     // Its query for the card waits for the slow answer.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let terminated: bool = sqlx::query_scalar(
-        "SELECT bool_and(pg_terminate_backend(pid)) FROM pg_locks \
+        "SELECT bool_and(pg_terminate_backend(pid)) FROM (SELECT DISTINCT pid FROM pg_locks \
           WHERE locktype = 'advisory' AND granted AND database = \
-                (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (SELECT oid FROM pg_database WHERE datname = current_database())) AS leader",
     )
     .fetch_one(store.pool())
     .await
@@ -406,4 +407,48 @@ async fn a_leader_that_lost_its_lock_makes_no_second_card() {
         .filter(|c| text(c, "Task ID") == Some(task.to_string()))
         .collect();
     assert_eq!(cards.len(), 1, "one card for the task: {cards:#?}");
+}
+
+/// Suspected in issue 26, confirmed: a card's create answered 2xx with a body that cannot
+/// be read, while the board's query lags its writes by 2 s. The retry's query does not
+/// show the card yet; the projector must not make a second one. (Before: the retry made a
+/// second card.)
+#[tokio::test]
+async fn a_create_whose_answer_was_cut_makes_no_second_card_while_the_query_lags() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let task = new_task(&store, None).await;
+    let projector = open_board(&store, client(&notion), &board, None, fast_options()).await;
+    notion.set_query_lag(Duration::from_secs(2));
+    // The first query passes; the create is applied, its answer cut.
+    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
+    let running = run(projector);
+    let ours = || {
+        notion
+            .cards(&board)
+            .into_iter()
+            .filter(|c| text(c, "Task ID") == Some(task.to_string()))
+            .count()
+    };
+    wait_for(Duration::from_secs(5), || ours() >= 1)
+        .await
+        .expect("the card is made");
+    // Past the query's lag, a few looks and retries later.
+    let settled = wait_caught_up(&store, "notion", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    running.stop().await;
+    assert!(settled);
+    assert_eq!(ours(), 1, "one card: {:#?}", notion.cards(&board));
+    let card = &notion.cards(&board)[0];
+    assert_eq!(text(card, "Status").as_deref(), Some("Queued"));
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM notion_card_creates")
+        .fetch_one(store.pool())
+        .await
+        .expect("count pending creates");
+    assert_eq!(
+        pending, 0,
+        "the unanswered create is settled once the card is found"
+    );
 }

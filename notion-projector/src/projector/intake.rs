@@ -8,6 +8,7 @@
 //!
 //! Each card is taken on its own: a card whose request or submit fails is logged and rests
 //! (its own backoff) while the cards after it go on. Every request yields to status changes.
+//! Only the board's card owner (see `leadership`) takes cards in.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -19,7 +20,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::cards::card_task;
-use super::{Halt, MAX_RETRY_AFTER, Projector, ProjectorError};
+use super::leadership::Halt;
+use super::{MAX_RETRY_AFTER, Projector, ProjectorError};
 use crate::board::{Board, IntakeOptions, page_id_of, results};
 use crate::notion::NotionError;
 use crate::page_id::PageId;
@@ -113,6 +115,14 @@ impl Projector {
         let mut memory = Memory::default();
         tracing::info!(data_source = %board.data_source, status = %options.status, every = ?options.interval, "taking in new cards");
         loop {
+            // Only the board's card owner takes cards in (one task and one write per card).
+            if !halt.owns_board() {
+                tokio::select! {
+                    _ = halt.cancelled() => return,
+                    _ = tokio::time::sleep(options.interval) => {}
+                }
+                continue;
+            }
             let pass = tokio::select! {
                 _ = halt.cancelled() => return,
                 pass = self.intake_pass(board, options, &mut memory) => pass,

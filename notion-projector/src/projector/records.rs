@@ -9,9 +9,8 @@ use engine::{Checkpoint, TaskId};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::cards::card_task;
+use super::cards::{WAITING_FOR_OWNER, card_task};
 use super::{Failure, Projector, ProjectorError, Target, target_of};
-use crate::notion::NotionError;
 use crate::page_id::PageId;
 use crate::queue::{Job, Origin, SendQueue};
 
@@ -33,11 +32,14 @@ impl Projector {
                     s.applied_version AS applied \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
-               LEFT JOIN notion_cards c ON c.projector = $2 AND c.task_id = u.id \
+               LEFT JOIN LATERAL (SELECT page_id FROM notion_cards c \
+                                   WHERE c.task_id = u.id AND (c.projector = $2 OR c.data_source = $3) \
+                                   ORDER BY c.projector = $2 DESC, c.recorded_at LIMIT 1) c ON true \
                LEFT JOIN notion_sync s ON s.projector = $2 AND s.task_id = u.id",
         )
         .bind(&ids)
         .bind(&self.options.name)
+        .bind(self.board.as_ref().map(|b| b.data_source.as_str()))
         .fetch_all(self.store.pool())
         .await?;
         let known: HashMap<Uuid, Known> = rows.into_iter().map(|known| (known.id, known)).collect();
@@ -191,7 +193,8 @@ impl Projector {
     pub(super) async fn record_retry(
         &self,
         job: &Job,
-        error: &NotionError,
+        http_status: Option<u16>,
+        error: &str,
         delay: Duration,
     ) -> Result<(), ProjectorError> {
         sqlx::query(
@@ -211,10 +214,31 @@ impl Projector {
         .bind(job.target.position)
         .bind(i32::try_from(job.tries).unwrap_or(i32::MAX))
         .bind(delay.as_secs_f64())
-        .bind(error.http_status().map(i32::from))
-        .bind(error.to_string())
+        .bind(http_status.map(i32::from))
+        .bind(error)
         .execute(self.store.pool())
         .await?;
+        Ok(())
+    }
+
+    /// A card job on a projector that does not own the board: the owner makes the card.
+    /// Recorded and queued as a retry due in a second (not a try), so nothing is lost if
+    /// this leader stops meanwhile.
+    pub(super) async fn wait_for_card(
+        &self,
+        job: Job,
+        queue: &mut SendQueue,
+    ) -> Result<(), ProjectorError> {
+        let wait = Duration::from_secs(1);
+        self.record_retry(&job, None, WAITING_FOR_OWNER, wait)
+            .await?;
+        let job = Job {
+            origin: Origin::Retry,
+            batch: None,
+            waits: job.waits + 1,
+            ..job
+        };
+        queue.push_retry(job, Instant::now() + wait);
         Ok(())
     }
 

@@ -8,7 +8,8 @@ use engine::Backoff;
 use tokio::time::Instant;
 
 use super::cards::Card;
-use super::{Failure, Halt, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
+use super::leadership::Halt;
+use super::{Failure, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
 use crate::board::property_type;
 use crate::notion::NotionError;
 use crate::queue::Job;
@@ -53,26 +54,52 @@ impl Projector {
         }
         let page = match (&job.page, &self.board) {
             (Some(page), _) => page.clone(),
-            (None, Some(board)) => match self.card_of(board, &job).await? {
-                Ok(Card::Created(page)) => {
-                    job.page = Some(page);
-                    self.record_synced(&job).await?;
-                    return Ok(Attempt {
-                        job,
-                        outcome: Outcome::Synced,
-                    });
+            (None, Some(board)) => {
+                // A leader that lost its lock stops looking for (and making) the card too:
+                // the new leader may be making it.
+                let card = tokio::select! {
+                    card = self.card_of(board, &job, halt) => card?,
+                    _ = halt.lock_lost.cancelled() => Ok(Card::Abandoned),
+                };
+                match card {
+                    Ok(Card::Created(page)) => {
+                        job.page = Some(page);
+                        self.record_synced(&job).await?;
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::Synced,
+                        });
+                    }
+                    Ok(Card::Found(page)) => {
+                        job.page = Some(page.clone());
+                        self.limiter.acquire().await;
+                        page
+                    }
+                    Ok(Card::Recorded(page)) => {
+                        job.page = Some(page.clone());
+                        page
+                    }
+                    Ok(Card::NotYet(wait, why)) => {
+                        job.waits += 1;
+                        self.record_retry(&job, None, why, wait).await?;
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::RetryAt(Instant::now() + wait),
+                        });
+                    }
+                    Ok(Card::Abandoned) => {
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::Interrupted,
+                        });
+                    }
+                    Err(error) => {
+                        self.metrics.request(error.outcome());
+                        let outcome = self.after_failure(&mut job, &error).await?;
+                        return Ok(Attempt { job, outcome });
+                    }
                 }
-                Ok(Card::Found(page)) => {
-                    job.page = Some(page.clone());
-                    self.limiter.acquire().await;
-                    page
-                }
-                Err(error) => {
-                    self.metrics.request(error.outcome());
-                    let outcome = self.after_failure(&mut job, &error).await?;
-                    return Ok(Attempt { job, outcome });
-                }
-            },
+            }
             // Planned only with a board.
             (None, None) => {
                 return Ok(Attempt {
@@ -154,7 +181,8 @@ impl Projector {
                 }
                 let delay = self.backoff(job.tries);
                 self.metrics.retries.inc();
-                self.record_retry(job, error, delay).await?;
+                self.record_retry(job, error.http_status(), &error.to_string(), delay)
+                    .await?;
                 tracing::warn!(task_id = %task, error = %error, retry_in = ?delay, try_number = job.tries, "Notion status sync failed: retry recorded");
                 Ok(Outcome::RetryAt(Instant::now() + delay))
             }

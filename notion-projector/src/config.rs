@@ -87,6 +87,11 @@ pub struct Config {
     /// answer was lost, the card is only looked for this long before it is made again.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub card_query_lag: Duration,
+    /// How long Notion may still apply a request that got no clear answer (a timeout, a
+    /// 502/504; Notion gives up after 60 s): a newer status sent meanwhile goes once more
+    /// after this, so a late write never leaves an older status.
+    #[arg(long, default_value = "65s", value_parser = parse_duration)]
+    pub late_write_window: Duration,
     /// The checkpoint's and leader lock's name; instances with one name share one checkpoint.
     #[arg(long, env = "NOTION_PROJECTOR_NAME", default_value = "notion")]
     pub name: String,
@@ -176,6 +181,7 @@ impl Config {
             standby_interval: self.standby_interval,
             concurrency: usize::try_from(self.concurrency).unwrap_or(1),
             card_query_lag: self.card_query_lag,
+            late_write_window: self.late_write_window,
         }
     }
 

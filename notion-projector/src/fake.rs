@@ -422,6 +422,10 @@ pub(crate) enum Route {
     Query,
 }
 
+/// Handles a request. The latency (`set_latency`) is the network's: a client that gives up
+/// meanwhile closes the connection and the request never arrives. Past it the request has
+/// arrived, and like Notion the fake carries it out to the end even when the client gives
+/// up on it (a stall, `set_page_stall` or `Fault::Stall`, is Notion working slowly).
 pub(crate) async fn handle(
     state: Shared,
     method: &'static str,
@@ -432,20 +436,39 @@ pub(crate) async fn handle(
     route: Route,
 ) -> Response {
     let at = Instant::now();
+    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let handled = tokio::spawn(handle_detached(
+        state, method, path, page_id, headers, body, route, at,
+    ));
+    handled
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_detached(
+    state: Shared,
+    method: &'static str,
+    path: String,
+    page_id: String,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    route: Route,
+    at: Instant,
+) -> Response {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let parsed: Option<Value> = body.as_ref().and_then(|b| serde_json::from_slice(b).ok());
     let value = parsed.as_ref().and_then(requested_value);
-    let (latency, stall) = {
+    let stall = {
         let s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let stall = normalise(&page_id).and_then(|key| s.page_stalls.get(&key).copied());
-        (s.latency, stall)
+        normalise(&page_id).and_then(|key| s.page_stalls.get(&key).copied())
     };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
     if let Some(stall) = stall {
         tokio::time::sleep(stall).await;
     }

@@ -114,6 +114,18 @@ impl NotionError {
         )
     }
 
+    /// Whether the request may still be applied after this error was seen: no answer (a
+    /// timeout, a cut connection) or a gateway's 502/504, behind which Notion may still
+    /// work on it (Notion gives up on a request after 60 s). Notion's own 5xx answers are
+    /// final.
+    pub fn may_land_later(&self) -> bool {
+        match self {
+            NotionError::Timeout(_) | NotionError::Transport(_) => true,
+            NotionError::Unavailable { status, .. } => matches!(status, 502 | 504),
+            NotionError::RateLimited { .. } | NotionError::Rejected { .. } => false,
+        }
+    }
+
     /// The HTTP status, when Notion answered.
     pub fn http_status(&self) -> Option<u16> {
         match self {

@@ -85,6 +85,10 @@ pub struct ProjectorOptions {
     /// How long Notion's query may lag a card's creation: after a create whose answer was
     /// lost, the task's card is only looked for this long before it is made again.
     pub card_query_lag: Duration,
+    /// How long after a request with no clear answer (a timeout, a cut connection, a
+    /// 502/504) Notion may still apply it (Notion gives up after 60 s): a newer status sent
+    /// meanwhile is sent once more after this.
+    pub late_write_window: Duration,
 }
 
 impl Default for ProjectorOptions {
@@ -104,6 +108,7 @@ impl Default for ProjectorOptions {
             standby_interval: Duration::from_secs(1),
             concurrency: 3,
             card_query_lag: Duration::from_secs(60),
+            late_write_window: Duration::from_secs(65),
         }
     }
 }
@@ -647,10 +652,14 @@ impl Projector {
             settled.extend(job.batch.take());
         }
         match outcome {
-            Outcome::Synced => {
+            Outcome::Synced | Outcome::SyncedUnsettled(_) => {
                 if let Some(covered) = queue.drop_fresh_covered(task, job.target.version) {
                     self.metrics.skip("up_to_date", 1);
                     settled.extend(covered.batch);
+                }
+                if let Outcome::SyncedUnsettled(due) = outcome {
+                    job.origin = Origin::Retry;
+                    queue.push_retry(job, due);
                 }
             }
             Outcome::RateLimited => match job.origin {

@@ -38,6 +38,9 @@ pub(crate) struct Job {
     pub(crate) batch: Option<u64>,
     /// Looks for a card made by another projector so far (each waits longer).
     pub(crate) waits: u32,
+    /// An earlier request for the task got no clear answer and Notion may still apply it
+    /// until then: a success before then is followed by one more send of the newest status.
+    pub(crate) unsettled_until: Option<Instant>,
     pub(crate) origin: Origin,
 }
 
@@ -50,6 +53,7 @@ impl Job {
             tries: 0,
             batch: None,
             waits: 0,
+            unsettled_until: None,
             origin: Origin::Fresh,
         }
     }
@@ -63,8 +67,14 @@ impl Job {
             tries: 0,
             batch: None,
             waits: 0,
+            unsettled_until: None,
             origin: Origin::Fresh,
         }
+    }
+
+    /// Takes on `until` if it is later than the job's own.
+    pub(crate) fn unsettled_until(&mut self, until: Option<Instant>) {
+        self.unsettled_until = self.unsettled_until.max(until);
     }
 
     pub(crate) fn task(&self) -> TaskId {
@@ -90,8 +100,10 @@ impl SendQueue {
     /// waits already (read in an earlier batch, not sent yet), that job takes the newer
     /// status and this one is not queued (false): its batch need not wait for it, as it
     /// commits after the earlier batch, which still waits for that job's try.
-    pub(crate) fn push_fresh(&mut self, job: Job) -> bool {
-        self.remove_retry(job.task());
+    pub(crate) fn push_fresh(&mut self, mut job: Job) -> bool {
+        if let Some(retry) = self.remove_retry(job.task()) {
+            job.unsettled_until(retry.unsettled_until);
+        }
         // A job in `fresh` is never in flight (sending takes it out).
         match self
             .fresh
@@ -99,6 +111,7 @@ impl SendQueue {
             .find(|queued| queued.task() == job.task())
         {
             Some(queued) => {
+                queued.unsettled_until(job.unsettled_until);
                 if job.target.version > queued.target.version {
                     queued.target = job.target;
                     if job.page.is_some() {
@@ -121,13 +134,16 @@ impl SendQueue {
     }
 
     /// Queues a retry due at `due`; false (and dropped) when a fresh change of the task is
-    /// queued, which sends its newest status anyway.
-    pub(crate) fn push_retry(&mut self, job: Job, due: Instant) -> bool {
+    /// queued, which sends its newest status anyway (and takes on what the retry owes).
+    pub(crate) fn push_retry(&mut self, mut job: Job, due: Instant) -> bool {
         let task = job.task();
-        if self.fresh.iter().any(|f| f.task() == task) {
+        if let Some(fresh) = self.fresh.iter_mut().find(|f| f.task() == task) {
+            fresh.unsettled_until(job.unsettled_until);
             return false;
         }
-        self.remove_retry(task);
+        if let Some(waiting) = self.remove_retry(task) {
+            job.unsettled_until(waiting.unsettled_until);
+        }
         self.retry_due.insert(task, due);
         self.retries.insert((due, task), job);
         true
@@ -212,10 +228,9 @@ impl SendQueue {
             .copied()
     }
 
-    fn remove_retry(&mut self, task: TaskId) {
-        if let Some(due) = self.retry_due.remove(&task) {
-            self.retries.remove(&(due, task));
-        }
+    fn remove_retry(&mut self, task: TaskId) -> Option<Job> {
+        let due = self.retry_due.remove(&task)?;
+        self.retries.remove(&(due, task))
     }
 }
 
@@ -337,6 +352,27 @@ mod tests {
         queue.push_fresh(job(1, 4));
         assert!(queue.drop_fresh_covered(task(1), 3).is_none());
         assert_eq!(queue.pop_ready(now).map(|j| j.target.version), Some(4));
+    }
+
+    #[test]
+    fn what_a_retry_owes_passes_to_the_job_that_replaces_it() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let mut queue = SendQueue::default();
+        let mut unsettled = retry(1, 2);
+        unsettled.unsettled_until(Some(later));
+        queue.push_retry(unsettled.clone(), now);
+        queue.push_fresh(job(1, 3));
+        let sent = queue.pop_ready(now).expect("the fresh job");
+        assert_eq!(sent.unsettled_until, Some(later));
+        // And a retry dropped for a queued fresh job hands it over too.
+        let mut queue = SendQueue::default();
+        queue.push_fresh(job(1, 3));
+        assert!(!queue.push_retry(unsettled, now));
+        assert_eq!(
+            queue.pop_ready(now).and_then(|j| j.unsettled_until),
+            Some(later)
+        );
     }
 
     #[test]

@@ -998,3 +998,64 @@ async fn an_echoed_token_never_reaches_an_error_text() {
         }
     }
 }
+
+/// Suspected in issue 26, confirmed: a PATCH that timed out at the client, which Notion
+/// applied later, after the task's newer status had landed: the page must end on the
+/// newest status. (Before: it ended on the older one.)
+#[tokio::test]
+async fn a_timed_out_patch_that_lands_late_never_leaves_an_older_status() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    let running = spawn(&store, notion.client(Duration::from_secs(1)), late_writes());
+    wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Queued")
+    })
+    .await
+    .expect("Queued");
+    // Notion works on the next PATCH for 3 s; the client gives up after 1 s.
+    notion.set_page_stall(&page, Some(Duration::from_secs(3)));
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
+    let metrics = running.metrics.clone();
+    wait_for(FIVE_S, || {
+        metrics
+            .render()
+            .contains("notion_projector_requests_total{outcome=\"timeout\"} 1")
+    })
+    .await
+    .expect("the PATCH timed out");
+    notion.set_page_stall(&page, None);
+    change_status(&store, task, TaskStatus::from_static("generating_video")).await;
+    wait_for(FIVE_S, || {
+        notion
+            .page_history(&page)
+            .iter()
+            .any(|v| v == "Generating Video")
+    })
+    .await
+    .expect("the newer status lands");
+    // The stalled PATCH lands 3 s after it was sent, after the newer status.
+    let ended = wait_for(Duration::from_secs(12), || {
+        let history = notion.page_history(&page);
+        history.iter().any(|v| v == "Generating Assets")
+            && notion.page_value(&page).as_deref() == Some("Generating Video")
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        ended.is_some(),
+        "the page ends on the newest status: {:?}",
+        notion.page_history(&page)
+    );
+}
+
+/// Options for the late-write test: Notion may apply an unanswered request for 4 s.
+fn late_writes() -> ProjectorOptions {
+    ProjectorOptions {
+        late_write_window: Duration::from_secs(4),
+        ..fast_options()
+    }
+}

@@ -23,6 +23,25 @@ impl Projector {
         targets: Vec<Target>,
         failures: &mut Vec<Failure>,
     ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
+        self.plan_targets(targets, failures, true).await
+    }
+
+    /// [`Projector::plan`] for statuses owed once more (after a request with no clear
+    /// answer): sent even when `notion_sync` says the page shows them.
+    async fn plan_owed(
+        &self,
+        targets: Vec<Target>,
+        failures: &mut Vec<Failure>,
+    ) -> Result<Vec<Job>, ProjectorError> {
+        Ok(self.plan_targets(targets, failures, false).await?.0)
+    }
+
+    async fn plan_targets(
+        &self,
+        targets: Vec<Target>,
+        failures: &mut Vec<Failure>,
+        skip_up_to_date: bool,
+    ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
         if targets.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -51,9 +70,10 @@ impl Projector {
                 .get(&target.task.as_uuid())
                 .cloned()
                 .unwrap_or_default();
-            if known
-                .applied
-                .is_some_and(|v| i64::from(v) >= i64::from(target.version))
+            if skip_up_to_date
+                && known
+                    .applied
+                    .is_some_and(|v| i64::from(v) >= i64::from(target.version))
             {
                 up_to_date.push(target.task);
                 continue;
@@ -199,13 +219,15 @@ impl Projector {
     ) -> Result<(), ProjectorError> {
         sqlx::query(
             "INSERT INTO sync_retries \
-                (projector, task_id, version, global_position, tries, due_at, http_status, error) \
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, $8) \
+                (projector, task_id, version, global_position, tries, due_at, http_status, error, \
+                 unsettled_until) \
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, $8, \
+                     now() + make_interval(secs => $9)) \
              ON CONFLICT (projector, task_id) DO UPDATE \
                 SET version = EXCLUDED.version, global_position = EXCLUDED.global_position, \
                     tries = EXCLUDED.tries, due_at = EXCLUDED.due_at, \
                     http_status = EXCLUDED.http_status, error = EXCLUDED.error, \
-                    recorded_at = now() \
+                    unsettled_until = EXCLUDED.unsettled_until, recorded_at = now() \
               WHERE sync_retries.version <= EXCLUDED.version",
         )
         .bind(&self.options.name)
@@ -216,6 +238,11 @@ impl Projector {
         .bind(delay.as_secs_f64())
         .bind(http_status.map(i32::from))
         .bind(error)
+        .bind(job.unsettled_until.map(|until| {
+            until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64()
+        }))
         .execute(self.store.pool())
         .await?;
         Ok(())
@@ -246,8 +273,9 @@ impl Projector {
     /// before a crash), each with its tries so far and its due time, and the task's latest
     /// status. Rows with nothing left to send are deleted.
     pub(super) async fn load_retries(&self, queue: &mut SendQueue) -> Result<(), ProjectorError> {
-        let rows: Vec<(Uuid, i32, f64)> = sqlx::query_as(
-            "SELECT task_id, tries, GREATEST(extract(epoch FROM due_at - now()), 0)::float8 \
+        let rows: Vec<(Uuid, i32, f64, Option<f64>)> = sqlx::query_as(
+            "SELECT task_id, tries, GREATEST(extract(epoch FROM due_at - now()), 0)::float8, \
+                    extract(epoch FROM unsettled_until - now())::float8 \
                FROM sync_retries WHERE projector = $1",
         )
         .bind(&self.options.name)
@@ -256,19 +284,28 @@ impl Projector {
         if rows.is_empty() {
             return Ok(());
         }
-        let pending: HashMap<TaskId, (u32, Duration)> = rows
-            .into_iter()
-            .map(|(task, tries, wait)| {
-                let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
-                (
-                    TaskId::from(task),
-                    (u32::try_from(tries).unwrap_or(0), wait),
-                )
-            })
-            .collect();
+        let now = Instant::now();
+        let in_secs =
+            |secs: f64| now + Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default();
+        let mut unsettled = HashMap::new();
+        let mut pending: HashMap<TaskId, (u32, Duration)> = HashMap::new();
+        for (task, tries, wait, until) in rows {
+            let task = TaskId::from(task);
+            let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
+            pending.insert(task, (u32::try_from(tries).unwrap_or(0), wait));
+            if let Some(until) = until {
+                unsettled.insert(task, in_secs(until));
+            }
+        }
         let tasks: Vec<TaskId> = pending.keys().copied().collect();
         let (targets, mut failures) = self.latest_targets(&tasks).await?;
-        let (jobs, settled) = self.plan(targets, &mut failures).await?;
+        // A row owing a send after an unclear request is sent even when `notion_sync` says
+        // the page is up to date: that request may have landed since.
+        let (targets, owed): (Vec<Target>, Vec<Target>) = targets
+            .into_iter()
+            .partition(|t| !unsettled.contains_key(&t.task));
+        let (mut jobs, settled) = self.plan(targets, &mut failures).await?;
+        jobs.extend(self.plan_owed(owed, &mut failures).await?);
         let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
         sqlx::query("DELETE FROM sync_retries WHERE projector = $1 AND task_id = ANY($2)")
             .bind(&self.options.name)
@@ -276,12 +313,12 @@ impl Projector {
             .execute(self.store.pool())
             .await?;
         tracing::info!(retries = jobs.len(), "resuming pending retries");
-        let now = Instant::now();
         for job in jobs {
             let (tries, wait) = pending.get(&job.task()).copied().unwrap_or_default();
             let job = Job {
                 tries,
                 origin: Origin::Retry,
+                unsettled_until: unsettled.get(&job.task()).copied(),
                 ..job
             };
             queue.push_retry(job, now + wait);
@@ -303,17 +340,31 @@ impl Projector {
         &self,
         queue: &mut SendQueue,
     ) -> Result<(), ProjectorError> {
-        let tasks: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT task_id FROM sync_failures \
+        // With each task, how long its last unclear request (no answer, 502/504) may still
+        // land.
+        let rows: Vec<(Uuid, Option<f64>)> = sqlx::query_as(
+            "SELECT task_id, extract(epoch FROM \
+                    max(failed_at) FILTER (WHERE http_status IS NULL OR http_status IN (502, 504)) \
+                    + make_interval(secs => $2) - now())::float8 \
+               FROM sync_failures \
               WHERE projector = $1 AND resolved_at IS NULL AND retryable \
               GROUP BY task_id ORDER BY max(failed_at), task_id LIMIT 100",
         )
         .bind(&self.options.name)
+        .bind(self.options.late_write_window.as_secs_f64())
         .fetch_all(self.store.pool())
         .await?;
-        let tasks: Vec<TaskId> = tasks
+        let now = Instant::now();
+        let unsettled: HashMap<TaskId, Instant> = rows
+            .iter()
+            .filter_map(|(task, left)| {
+                let left = Duration::try_from_secs_f64(left.filter(|l| *l > 0.0)?).ok()?;
+                Some((TaskId::from(*task), now + left))
+            })
+            .collect();
+        let tasks: Vec<TaskId> = rows
             .into_iter()
-            .map(TaskId::from)
+            .map(|(task, _)| TaskId::from(task))
             .filter(|task| !queue.contains(*task))
             .collect();
         if tasks.is_empty() {
@@ -334,11 +385,11 @@ impl Projector {
             .await?;
         }
         // One try each, beside fresh changes: a pass over many failures never holds them back.
-        let now = Instant::now();
         for job in jobs {
             let job = Job {
                 tries: self.options.max_retries,
                 origin: Origin::Retry,
+                unsettled_until: unsettled.get(&job.task()).copied(),
                 ..job
             };
             queue.push_retry(job, now);

@@ -25,6 +25,9 @@ pub(crate) struct Attempt {
 pub(crate) enum Outcome {
     /// The page shows the job's status; `notion_sync` says so.
     Synced,
+    /// Synced, but an earlier request of the task may still land until this time: the
+    /// newest status is recorded (in `sync_retries`) to be sent once more then.
+    SyncedUnsettled(Instant),
     /// 429/529: every request is paused for `Retry-After`; this one goes again after the
     /// pause and it does not count as a try.
     RateLimited,
@@ -133,6 +136,7 @@ impl Projector {
         // Once the lock is lost, another instance may lead and send a newer status: drop
         // the request (closing its connection) rather than let its answer land after the
         // new leader's. SIGTERM lets requests in flight finish.
+        let sent = Instant::now();
         let result = tokio::select! {
             result = request => result,
             _ = halt.lock_lost.cancelled() => {
@@ -144,14 +148,34 @@ impl Projector {
                 self.metrics.request("ok");
                 self.record_synced(&job).await?;
                 tracing::debug!(task_id = %job.task(), status = &*job.target.display, version = job.target.version, "status mirrored");
-                Outcome::Synced
+                self.after_success(&mut job).await?
             }
             Err(error) => {
                 self.metrics.request(error.outcome());
+                if error.may_land_later() {
+                    job.unsettled_until(Some(sent + self.options.late_write_window));
+                }
                 self.after_failure(&mut job, &error).await?
             }
         };
         Ok(Attempt { job, outcome })
+    }
+
+    /// A success while an earlier request of the task may still land (it got no clear
+    /// answer): Notion has no conditional update, so the newest status is owed once more,
+    /// after that request can no longer be applied.
+    async fn after_success(&self, job: &mut Job) -> Result<Outcome, ProjectorError> {
+        let now = Instant::now();
+        let Some(until) = job.unsettled_until.filter(|until| *until > now) else {
+            job.unsettled_until = None;
+            return Ok(Outcome::Synced);
+        };
+        // Recorded with `unsettled_until`: a new leader sends it even though `notion_sync`
+        // says the page is up to date.
+        job.tries = 0;
+        self.record_retry(job, None, UNSETTLED, until - now).await?;
+        tracing::info!(task_id = %job.task(), resend_in = ?(until - now), "an earlier request of the task may still land: its newest status goes once more after it");
+        Ok(Outcome::SyncedUnsettled(until))
     }
 
     async fn after_failure(
@@ -217,6 +241,9 @@ impl Projector {
             .random_delay(failed_tries)
     }
 }
+
+/// Why a task's newest status waits to be sent once more, as `sync_retries.error` shows it.
+const UNSETTLED: &str = "an earlier request got no clear answer and may still land: the newest status is sent once more after it";
 
 fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
     Failure {

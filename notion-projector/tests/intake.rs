@@ -394,7 +394,7 @@ async fn intake_of_mixed_cards_across_twelve_sigkills_makes_each_good_card_one_t
     let mut edited: HashMap<String, ()> = HashMap::new();
     for kill in 0..12 {
         let process = Process::start(&db, &notion, &notion.token(), &args(&intake));
-        let run_for = Duration::from_millis(200 + rng.below(2300));
+        let run_for = Duration::from_millis(300 + rng.below(3700));
         let until = std::time::Instant::now() + run_for;
         while std::time::Instant::now() < until {
             // Tasks move on as workers would take them; some cards are edited meanwhile.
@@ -414,8 +414,18 @@ async fn intake_of_mixed_cards_across_twelve_sigkills_makes_each_good_card_one_t
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        eprintln!("kill {} after {run_for:?}", kill + 1);
+        let leading = process.log().contains("leading");
         process.sigkill().await;
+        let with_id = notion
+            .cards(&board)
+            .iter()
+            .filter(|c| text(c, "Task ID").is_some())
+            .count();
+        eprintln!(
+            "kill {} after {run_for:?} (led: {leading}): {} tasks, {with_id} Task IDs on the board",
+            kill + 1,
+            task_count(&store).await
+        );
     }
     let last = Process::start(&db, &notion, &notion.token(), &args(&intake));
     let all_good = wait_written_back(&store, &notion, &board, &good, Duration::from_secs(40)).await;

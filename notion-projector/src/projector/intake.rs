@@ -303,7 +303,6 @@ impl Projector {
         if memory.acted_lately(page, looks, Instant::now()) {
             return Ok(Taken::Skipped);
         }
-        tracing::warn!(page_id = %page, reason = %reason, "a card cannot become a task: marked on the board");
         let mut properties = Map::new();
         if let Some(status) = &board.status {
             properties.insert(status.name.clone(), status.value(&options.rejected_status));
@@ -318,6 +317,7 @@ impl Projector {
                 .await,
         )?;
         memory.acted.insert(page.clone(), (looks, Instant::now()));
+        tracing::warn!(page_id = %page, reason = %reason, "a card cannot become a task: marked on the board");
         Ok(Taken::Rejected)
     }
 

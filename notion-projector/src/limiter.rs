@@ -78,6 +78,10 @@ impl SharedBudget {
 /// requests/s at most.
 const JITTER_HEADROOM: f64 = 0.10;
 
+/// How late a request may leave after its turn before it takes a new one: with the
+/// headroom, `rate` requests then never leave within one second.
+const LATE_TURN: Duration = Duration::from_millis(50);
+
 /// How often a yielding caller looks again for a free token.
 const YIELD_POLL: Duration = Duration::from_millis(25);
 
@@ -133,8 +137,9 @@ impl Limiter {
         self
     }
 
-    /// Waits until a request may be sent: past any pause, then for a turn.
-    pub async fn acquire(&self) {
+    /// Waits until a request may be sent: past any pause, then for a turn. The turn's
+    /// time: send right away (see [`Limiter::on_time`]).
+    pub async fn acquire(&self) -> Instant {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&self.waiting);
         loop {
@@ -142,12 +147,22 @@ impl Limiter {
                 tokio::time::sleep_until(until).await;
                 continue;
             }
-            self.take_turn().await;
+            let turn = self.take_turn().await;
             // A 429 may have paused everything while this waited for its turn.
             if self.paused_until().is_none() {
-                return;
+                return turn;
             }
         }
+    }
+
+    /// Right before sending on the turn taken at `turn`: when work since (reading the
+    /// database) made the request more than [`LATE_TURN`] late, it takes a new turn, so
+    /// that requests leave at the spacing the budget gave them. The turn to send on.
+    pub async fn on_time(&self, turn: Instant) -> Instant {
+        if Instant::now() <= turn + LATE_TURN {
+            return turn;
+        }
+        self.acquire().await
     }
 
     /// Waits until a request may be sent and no [`Limiter::acquire`] waits: a turn is
@@ -166,6 +181,7 @@ impl Limiter {
                     }
                     continue;
                 }
+                // The local bucket: the token is taken only when free.
                 if self.bucket.try_acquire(1) {
                     return;
                 }
@@ -175,16 +191,17 @@ impl Limiter {
     }
 
     /// One turn: the next time reserved in the shared budget, or a token of the local
-    /// bucket.
-    async fn take_turn(&self) {
+    /// bucket. Its time.
+    async fn take_turn(&self) -> Instant {
         if let Some(shared) = &self.shared {
             match shared.reserve(self.interval, self.burst).await {
                 Ok(wait) => {
                     if shared.degraded.swap(false, Ordering::SeqCst) {
                         tracing::info!("the token's shared request budget is back");
                     }
-                    tokio::time::sleep(wait).await;
-                    return;
+                    let turn = Instant::now() + wait;
+                    tokio::time::sleep_until(turn).await;
+                    return turn;
                 }
                 Err(error) => {
                     if !shared.degraded.swap(true, Ordering::SeqCst) {
@@ -194,6 +211,7 @@ impl Limiter {
             }
         }
         self.bucket.acquire_one().await;
+        Instant::now()
     }
 
     /// Holds every request back for `wait` from now (a longer pause already set stays),

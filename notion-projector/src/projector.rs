@@ -224,7 +224,7 @@ impl Leading<'_> {
 }
 
 /// A wait for the limiter's next request.
-type Turn<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+type Turn<'a> = Pin<Box<dyn Future<Output = Instant> + Send + 'a>>;
 
 /// One try of one job.
 type Sending<'a> = Pin<Box<dyn Future<Output = Result<Attempt, ProjectorError>> + Send + 'a>>;
@@ -469,12 +469,12 @@ impl Projector {
                 Some(attempt) = leading.in_flight.next() => {
                     self.settle(attempt?, &mut leading.queue, &mut leading.batches);
                 }
-                _ = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
+                turn = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
                     leading.turn = None;
                     // The job that asked for the turn may be gone (a newer status replaced
                     // it): the turn then goes unused, which only slows down.
                     if let Some(job) = leading.queue.pop_ready(Instant::now()) {
-                        leading.in_flight.push(Box::pin(self.attempt(job, halt)));
+                        leading.in_flight.push(Box::pin(self.attempt(job, halt, turn)));
                     }
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
@@ -737,8 +737,8 @@ async fn wait_for_page(reading: &mut Option<Reading>) -> (Subscription, engine::
     }
 }
 
-/// Waits for the limiter's turn in progress (forever when there is none).
-async fn wait_for_turn(turn: &mut Option<Turn<'_>>) {
+/// Waits for the limiter's turn in progress (forever when there is none); the turn's time.
+async fn wait_for_turn(turn: &mut Option<Turn<'_>>) -> Instant {
     match turn {
         Some(turn) => turn.as_mut().await,
         None => std::future::pending().await,

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use engine::{Event, TaskId};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::leadership::Halt;
@@ -19,6 +20,8 @@ use crate::queue::Job;
 /// Why a card job waits, as `sync_retries.error` shows it.
 pub(super) const WAITING_FOR_OWNER: &str =
     "waiting for the board's card owner (another projector) to make the card";
+const LOCKS_NOT_HELD: &str =
+    "the leader's lock session does not hold the board's locks: the card is not made now";
 const WAITING_FOR_QUERY: &str =
     "a create of the card got no answer: waiting for the board's query to show the card";
 
@@ -44,7 +47,7 @@ pub(super) enum Card {
     /// Another projector owns the board's cards, or a create of ours got no answer and the
     /// query may not show its card yet.
     NotYet(Duration, &'static str),
-    /// The lock was lost before the create: nothing was sent.
+    /// This leader stopped (its lock lost) before the create: nothing was sent.
     Abandoned,
 }
 
@@ -63,6 +66,7 @@ impl Projector {
         board: &Board,
         job: &Job,
         halt: &Halt,
+        turn: Instant,
     ) -> Result<Result<Card, NotionError>, ProjectorError> {
         let task = job.task();
         if let Some(page) = self.recorded_card(board, task).await? {
@@ -77,6 +81,7 @@ impl Projector {
             return Ok(Ok(Card::NotYet(look_again, WAITING_FOR_OWNER)));
         }
         let id = task.to_string();
+        self.limiter.on_time(turn).await;
         match board.find_card(&self.client, &id).await {
             Ok(Some(page)) => {
                 self.metrics.request("ok");
@@ -93,13 +98,19 @@ impl Projector {
             return Ok(Ok(Card::NotYet(wait, WAITING_FOR_QUERY)));
         }
         let (title, channel) = self.card_text(task).await?;
-        self.limiter.acquire().await;
-        // Right before the one request that must not go out twice: the watchdog would
-        // notice a lost lock only at its next ping.
+        // Before the one request that must not go out twice: the watchdog would notice a
+        // lost lock only at its next ping (and while this waits for its turn, a lost lock
+        // abandons it). Checked before the turn, so the create leaves on its turn.
         if !self.still_owns_board(halt, board).await? {
-            return Ok(Ok(Card::Abandoned));
+            if halt.stop.is_cancelled() {
+                return Ok(Ok(Card::Abandoned));
+            }
+            // The watchdog has not noticed yet: wait as a recorded retry (a new leader
+            // resumes it), never drop the job while this leader goes on.
+            return Ok(Ok(Card::NotYet(look_again, LOCKS_NOT_HELD)));
         }
         self.note_create(board, task).await?;
+        self.limiter.acquire().await;
         let created = board
             .create_card(&self.client, &id, &title, &channel, &job.target.display)
             .await;

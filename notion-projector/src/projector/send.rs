@@ -41,10 +41,12 @@ pub(crate) enum Outcome {
 
 impl Projector {
     /// Sends the job's task its newest status, once.
+    /// `turn`: the limiter's turn this request goes on (see [`crate::Limiter::on_time`]).
     pub(super) async fn attempt(
         &self,
         mut job: Job,
         halt: &Halt,
+        mut turn: Instant,
     ) -> Result<Attempt, ProjectorError> {
         // Coalesce late too: while this job waited for its turn, the task may have moved
         // on. Send the newest status and skip the rest of its events when they arrive.
@@ -61,7 +63,7 @@ impl Projector {
                 // A leader that lost its lock stops looking for (and making) the card too:
                 // the new leader may be making it.
                 let card = tokio::select! {
-                    card = self.card_of(board, &job, halt) => card?,
+                    card = self.card_of(board, &job, halt, turn) => card?,
                     _ = halt.lock_lost.cancelled() => Ok(Card::Abandoned),
                 };
                 match card {
@@ -75,7 +77,7 @@ impl Projector {
                     }
                     Ok(Card::Found(page)) => {
                         job.page = Some(page.clone());
-                        self.limiter.acquire().await;
+                        turn = self.limiter.acquire().await;
                         page
                     }
                     Ok(Card::Recorded(page)) => {
@@ -136,6 +138,7 @@ impl Projector {
         // Once the lock is lost, another instance may lead and send a newer status: drop
         // the request (closing its connection) rather than let its answer land after the
         // new leader's. SIGTERM lets requests in flight finish.
+        self.limiter.on_time(turn).await;
         let sent = Instant::now();
         let result = tokio::select! {
             result = request => result,

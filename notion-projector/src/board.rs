@@ -11,8 +11,12 @@ use crate::limiter::Limiter;
 use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::page_id::PageId;
 
-/// Notion's longest rich text content.
-const TEXT_MAX_CHARS: usize = 2000;
+/// Notion's longest text content of one rich text object, and longest option name. Notion
+/// counts in UTF-16 code units (JavaScript string length), so do we.
+const TEXT_MAX_UNITS: usize = 2000;
+
+/// Notion's most rich text objects in one property value.
+const TEXT_MAX_PARTS: usize = 100;
 
 /// Which board, and which of its properties carry what.
 #[derive(Clone, Debug)]
@@ -82,8 +86,9 @@ impl Default for IntakeOptions {
 pub enum BoardError {
     #[error("the board {0:?} is not a Notion id or URL")]
     InvalidId(String),
+    /// Not a `source`: its text is already in this one's (an error chain would print it twice).
     #[error("cannot read the board: {0}")]
-    Notion(#[from] NotionError),
+    Notion(NotionError),
     #[error(
         "the database {database} has {count} data sources: pass one of them ({ids}) as --data-source"
     )]
@@ -101,6 +106,19 @@ pub enum BoardError {
         expected: &'static str,
         flag: &'static str,
     },
+}
+
+impl From<NotionError> for BoardError {
+    fn from(error: NotionError) -> BoardError {
+        BoardError::Notion(error)
+    }
+}
+
+impl BoardError {
+    /// Whether opening the board may succeed later (Notion down, slow or rate limiting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BoardError::Notion(error) if error.is_retryable())
+    }
 }
 
 /// A property the board has, with its type.
@@ -142,15 +160,22 @@ impl Kind {
 
 impl Property {
     /// The value that sets this property to `text`, as Notion takes it.
+    /// A text longer than one rich text object holds is sent as several (a title of 5,000
+    /// characters stays whole); an option name is cut to Notion's limit, "…" included.
     pub(crate) fn value(&self, text: &str) -> Value {
-        let text = engine::truncate_for_display(text, TEXT_MAX_CHARS);
         match self.kind {
             Kind::Title | Kind::Text => {
-                json!({ self.kind.key(): [{"type": "text", "text": {"content": text}}] })
+                let parts: Vec<Value> = text_parts(text)
+                    .into_iter()
+                    .map(|part| json!({"type": "text", "text": {"content": part}}))
+                    .collect();
+                json!({ self.kind.key(): parts })
             }
             // Commas are not valid in a select option's name.
-            Kind::Select => json!({"select": {"name": text.replace(',', " ")}}),
-            Kind::Status => json!({"status": {"name": text}}),
+            Kind::Select => {
+                json!({"select": {"name": fit(&text.replace(',', " "), TEXT_MAX_UNITS)}})
+            }
+            Kind::Status => json!({"status": {"name": fit(text, TEXT_MAX_UNITS)}}),
         }
     }
 
@@ -294,6 +319,17 @@ impl Board {
         Ok(results(&answer).iter().find_map(page_id_of))
     }
 
+    /// The `PATCH /v1/pages/{id}` body that sets the task's own card to `status` (when the
+    /// board has a status property) and its Task ID to `task`.
+    pub(crate) fn card_update(&self, task: &str, status: &str) -> Value {
+        let mut properties = Map::new();
+        if let Some(property) = &self.status {
+            properties.insert(property.name.clone(), property.value(status));
+        }
+        properties.insert(self.task_id.name.clone(), self.task_id.value(task));
+        json!({ "properties": properties })
+    }
+
     /// `POST /v1/pages`: a card titled `title` for `task`, with its channel and status
     /// when the board has those properties.
     pub(crate) async fn create_card(
@@ -322,6 +358,45 @@ impl Board {
             message: "the created page's answer has no id".into(),
         })
     }
+}
+
+/// `text` in pieces of at most [`TEXT_MAX_UNITS`] UTF-16 units (never splitting a
+/// character), at most [`TEXT_MAX_PARTS`] of them; a longer text ends with "…".
+fn text_parts(text: &str) -> Vec<String> {
+    let text = fit(text, TEXT_MAX_UNITS * TEXT_MAX_PARTS);
+    let mut parts = Vec::new();
+    let mut part = String::new();
+    let mut units = 0;
+    for c in text.chars() {
+        if units + c.len_utf16() > TEXT_MAX_UNITS {
+            parts.push(std::mem::take(&mut part));
+            units = 0;
+        }
+        units += c.len_utf16();
+        part.push(c);
+    }
+    if !part.is_empty() || parts.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// `text` cut to at most `max_units` UTF-16 units, "…" (one unit) included when cut.
+fn fit(text: &str, max_units: usize) -> String {
+    if text.encode_utf16().count() <= max_units {
+        return text.to_owned();
+    }
+    let mut kept = String::new();
+    let mut units = 0;
+    for c in text.chars() {
+        if units + c.len_utf16() > max_units - 1 {
+            break;
+        }
+        units += c.len_utf16();
+        kept.push(c);
+    }
+    kept.push('…');
+    kept
 }
 
 /// The `results` of a list answer.
@@ -447,5 +522,26 @@ mod tests {
             None
         );
         assert_eq!(text.read(&json!({"properties": {}})), None);
+    }
+
+    #[test]
+    fn long_texts_fit_notion_limits() {
+        let units = |s: &str| s.encode_utf16().count();
+        // 2,001 characters: two parts, nothing lost; an emoji is two UTF-16 units.
+        let text = format!("{}🐋", "a".repeat(1999));
+        let parts = text_parts(&text);
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| units(p) <= TEXT_MAX_UNITS));
+        assert_eq!(parts.concat(), text);
+        assert_eq!(text_parts(""), vec![String::new()]);
+        let huge = "b".repeat(TEXT_MAX_UNITS * TEXT_MAX_PARTS + 10);
+        let parts = text_parts(&huge);
+        assert_eq!(parts.len(), TEXT_MAX_PARTS);
+        assert!(parts.last().is_some_and(|p| p.ends_with('…')));
+        assert!(parts.iter().all(|p| units(p) <= TEXT_MAX_UNITS));
+        let name = fit(&"c".repeat(2500), TEXT_MAX_UNITS);
+        assert_eq!(units(&name), TEXT_MAX_UNITS);
+        assert!(name.ends_with('…'));
+        assert_eq!(fit("short", TEXT_MAX_UNITS), "short");
     }
 }

@@ -83,6 +83,15 @@ pub struct Config {
     /// Requests in flight at once (the rate still applies).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
+    /// How long Notion's board query may lag a card's creation: after a card create whose
+    /// answer was lost, the card is only looked for this long before it is made again.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub card_query_lag: Duration,
+    /// How long Notion may still apply a request that got no clear answer (a timeout, a
+    /// 502/504; Notion gives up after 60 s): a newer status sent meanwhile goes once more
+    /// after this, so a late write never leaves an older status.
+    #[arg(long, default_value = "65s", value_parser = parse_duration)]
+    pub late_write_window: Duration,
     /// The checkpoint's and leader lock's name; instances with one name share one checkpoint.
     #[arg(long, env = "NOTION_PROJECTOR_NAME", default_value = "notion")]
     pub name: String,
@@ -171,6 +180,8 @@ impl Config {
             failure_retry_interval: self.failure_retry_interval,
             standby_interval: self.standby_interval,
             concurrency: usize::try_from(self.concurrency).unwrap_or(1),
+            card_query_lag: self.card_query_lag,
+            late_write_window: self.late_write_window,
         }
     }
 
@@ -227,11 +238,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.projector_options(),
         metrics.clone(),
     );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing requests in flight",
+    ));
+    // Served while the board opens, so a liveness probe does not restart an instance
+    // that waits out a Notion outage.
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::metrics::serve(
+            addr,
+            metrics.clone(),
+            pool,
+            config.name.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "serving /healthz and /metrics");
+    }
     if let Some(board) = config.board_options() {
         let opened = projector
-            .open_board(&board)
+            .open_board_patiently(&board, &shutdown)
             .await
             .context("cannot use the board")?;
+        let Some(opened) = opened else {
+            return Ok(());
+        };
         tracing::info!(
             data_source = opened.data_source(),
             intake = config.intake,
@@ -246,23 +279,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::projector::checkpoint_at_head(&store, &config.name, true)
             .await
             .context("cannot set the starting checkpoint")?;
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine::service::cancel_on_signals(
-        shutdown.clone(),
-        "finishing requests in flight",
-    ));
-    if let Some(addr) = config.metrics_addr {
-        let bound = crate::metrics::serve(
-            addr,
-            metrics.clone(),
-            pool,
-            config.name.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%bound, "serving /healthz and /metrics");
     }
     tracing::info!(
         api = %config.notion_api_url,

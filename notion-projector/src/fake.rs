@@ -73,8 +73,19 @@ pub enum Fault {
     BadGatewayHtml,
     /// A 429 with `Retry-After` of this many seconds.
     RateLimited { retry_after_secs: u64 },
-    /// Wait this long, then answer normally (past the client's timeout: a timeout).
+    /// Wait this long, then answer normally (past the client's timeout: a timeout). The
+    /// request is applied before the wait.
     Delay(Duration),
+    /// Wait this long, then apply the request and answer: a request Notion works on slowly,
+    /// which still lands after a client that gave up on it.
+    Stall(Duration),
+    /// Apply the request and answer 200, but with a body cut short (not readable as JSON),
+    /// as when the connection breaks while the answer is read.
+    GarbledSuccess,
+    /// Answer 400 with the request's `Authorization` header echoed back, as a broken
+    /// server or proxy might: in the JSON error's `code` (`json_code`), or in a non-JSON
+    /// body after `offset` characters of text.
+    EchoAuthorization { json_code: bool, offset: usize },
 }
 
 /// A share of requests answered with an error, drawn from a seeded generator: the n-th
@@ -136,6 +147,12 @@ pub(crate) struct FakeState {
     boards: board::Boards,
     /// Added to every `POST /v1/pages` answer, after the page is created.
     create_delay: Duration,
+    /// Requests to these pages wait this long before they are applied and answered.
+    page_stalls: HashMap<String, Duration>,
+    /// Cards younger than this are not yet seen by queries (Notion's query lags its writes).
+    query_lag: Duration,
+    /// When the fake started: its pages' `last_edited_time` counts minutes from here.
+    started: Instant,
 }
 
 /// SplitMix64: a small seeded generator, enough to spread faults (not for secrets).
@@ -184,6 +201,9 @@ impl FakeNotion {
             requests: Vec::new(),
             boards: board::Boards::default(),
             create_delay: Duration::ZERO,
+            page_stalls: HashMap::new(),
+            query_lag: Duration::ZERO,
+            started: Instant::now(),
         }));
         let app = Router::new()
             .route("/v1/pages/{page_id}", get(get_page).patch(patch_page))
@@ -326,6 +346,23 @@ impl FakeNotion {
         self.lock().create_delay = delay;
     }
 
+    /// Holds every request to page `id` for `stall` before it is applied and answered (a
+    /// request that hangs at Notion); `None` ends it for requests that arrive later.
+    pub fn set_page_stall(&self, id: &str, stall: Option<Duration>) {
+        let key = normalise(id).unwrap_or_else(|| id.to_owned());
+        let mut state = self.lock();
+        match stall {
+            Some(stall) => state.page_stalls.insert(key, stall),
+            None => state.page_stalls.remove(&key),
+        };
+    }
+
+    /// Hides cards from queries until they are `lag` old, as Notion's query may lag its
+    /// writes (a create's page is found by a query only later).
+    pub fn set_query_lag(&self, lag: Duration) {
+        self.lock().query_lag = lag;
+    }
+
     /// Stops answering (the port closes).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -385,6 +422,10 @@ pub(crate) enum Route {
     Query,
 }
 
+/// Handles a request. The latency (`set_latency`) is the network's: a client that gives up
+/// meanwhile closes the connection and the request never arrives. Past it the request has
+/// arrived, and like Notion the fake carries it out to the end even when the client gives
+/// up on it (a stall, `set_page_stall` or `Fault::Stall`, is Notion working slowly).
 pub(crate) async fn handle(
     state: Shared,
     method: &'static str,
@@ -395,32 +436,68 @@ pub(crate) async fn handle(
     route: Route,
 ) -> Response {
     let at = Instant::now();
+    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let handled = tokio::spawn(handle_detached(
+        state, method, path, page_id, headers, body, route, at,
+    ));
+    handled
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_detached(
+    state: Shared,
+    method: &'static str,
+    path: String,
+    page_id: String,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    route: Route,
+    at: Instant,
+) -> Response {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let parsed: Option<Value> = body.as_ref().and_then(|b| serde_json::from_slice(b).ok());
     let value = parsed.as_ref().and_then(requested_value);
-    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+    let stall = {
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        normalise(&page_id).and_then(|key| s.page_stalls.get(&key).copied())
+    };
+    if let Some(stall) = stall {
+        tokio::time::sleep(stall).await;
     }
-    let (answer, delay) = {
+    let passed = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        match gate(&mut s, &page_id, &headers) {
-            Err(answer) => (answer, None),
-            Ok(delay) => {
+        gate(&mut s, &page_id, &headers)
+    };
+    if let Ok(Pass {
+        stall: Some(stall), ..
+    }) = &passed
+    {
+        tokio::time::sleep(*stall).await;
+    }
+    let (answer, delay, garbled) = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        match passed {
+            Err(answer) => (answer, None, false),
+            Ok(pass) => {
                 let answer = match route {
                     Route::Page => page_answer(&mut s, &page_id, body.as_deref(), parsed.as_ref()),
                     other => board::answer(&mut s, other, &page_id, parsed.as_ref()),
                 };
                 let delay = match route {
                     Route::CreatePage if !s.create_delay.is_zero() => {
-                        Some(delay.unwrap_or_default() + s.create_delay)
+                        Some(pass.delay.unwrap_or_default() + s.create_delay)
                     }
-                    _ => delay,
+                    _ => pass.delay,
                 };
-                (answer, delay)
+                (answer, delay, pass.garbled)
             }
         }
     };
@@ -428,7 +505,35 @@ pub(crate) async fn handle(
         tokio::time::sleep(delay).await;
     }
     let (status, response) = match answer {
+        Answer::Page(page) if garbled => {
+            let text = page.to_string();
+            let cut: String = text.chars().take(text.chars().count() / 2).collect();
+            (
+                200,
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    cut,
+                )
+                    .into_response(),
+            )
+        }
         Answer::Page(page) => (200, (StatusCode::OK, axum::Json(page)).into_response()),
+        Answer::Echo { json_code, offset } => {
+            let echoed = authorization.clone().unwrap_or_default();
+            let response = if json_code {
+                error_response(400, &echoed, "Bad request.", None)
+            } else {
+                let text = format!("{}{echoed} was refused", "x".repeat(offset));
+                (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "text/plain")],
+                    text,
+                )
+                    .into_response()
+            };
+            (400, response)
+        }
         Answer::Error {
             status,
             code,
@@ -468,6 +573,22 @@ pub(crate) enum Answer {
         retry_after: Option<u64>,
     },
     Html(u16),
+    /// A 400 that echoes the request's `Authorization` header (see [`Fault::EchoAuthorization`]).
+    Echo {
+        json_code: bool,
+        offset: usize,
+    },
+}
+
+/// A request past the checks every request gets, and the faults it still carries.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Answer this much later (after applying).
+    delay: Option<Duration>,
+    /// Apply this much later.
+    stall: Option<Duration>,
+    /// Answer 200 with a cut body.
+    garbled: bool,
 }
 
 pub(crate) fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer {
@@ -480,8 +601,9 @@ pub(crate) fn error(status: u16, code: &'static str, message: impl Into<String>)
 }
 
 /// The checks every request gets, in the order Notion makes them: authentication,
-/// version, rate limit, injected faults (`page_id`'s outage too); a delay to add on success.
-fn gate(s: &mut FakeState, page_id: &str, headers: &HeaderMap) -> Result<Option<Duration>, Answer> {
+/// version, rate limit, injected faults (`page_id`'s outage too); what is left to do to a
+/// request that passes.
+fn gate(s: &mut FakeState, page_id: &str, headers: &HeaderMap) -> Result<Pass, Answer> {
     let expected = format!("Bearer {}", s.options.token);
     if headers
         .get(header::AUTHORIZATION)
@@ -510,7 +632,7 @@ fn gate(s: &mut FakeState, page_id: &str, headers: &HeaderMap) -> Result<Option<
         });
     }
     s.bucket.tokens -= 1.0;
-    let mut delay = None;
+    let mut pass = Pass::default();
     if let Some(status) = s.outage {
         return Err(outage_answer(status));
     }
@@ -533,10 +655,15 @@ fn gate(s: &mut FakeState, page_id: &str, headers: &HeaderMap) -> Result<Option<
                 retry_after: Some(retry_after_secs),
             });
         }
-        Some(Fault::Delay(d)) => delay = Some(d),
+        Some(Fault::Delay(d)) => pass.delay = Some(d),
+        Some(Fault::Stall(d)) => pass.stall = Some(d),
+        Some(Fault::GarbledSuccess) => pass.garbled = true,
+        Some(Fault::EchoAuthorization { json_code, offset }) => {
+            return Err(Answer::Echo { json_code, offset });
+        }
         None => {}
     }
-    Ok(delay)
+    Ok(pass)
 }
 /// The answer to `GET`/`PATCH /v1/pages/{id}`: the id, the page, the body.
 fn page_answer(
@@ -575,7 +702,7 @@ fn page_answer(
             return error(400, "validation_error", message);
         }
     }
-    Answer::Page(page_object(&key, page))
+    Answer::Page(page_object(&key, page, s.started))
 }
 
 fn outage_answer(status: u16) -> Answer {
@@ -685,9 +812,9 @@ pub(crate) const BOARD_STATUS_OPTIONS: [&str; 13] = [
     "Rejected",
 ];
 
-fn page_object(id: &str, page: &FakePage) -> Value {
+fn page_object(id: &str, page: &FakePage, started: Instant) -> Value {
     if let Some(card) = &page.card {
-        return board::card_object(id, page, card);
+        return board::card_object(id, card, started);
     }
     let kind = page.kind.as_str();
     let option = page

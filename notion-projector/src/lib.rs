@@ -2,13 +2,16 @@
 //!
 //! It follows the event log gap-safely from a `(tx_id, global_position)` checkpoint
 //! (woken by NOTIFY, polling as a fallback), keeps only each task's latest status
-//! (A→B→C sends C), and PATCHes the task's Notion page under one global rate limiter.
+//! (A→B→C sends C), and PATCHes the task's Notion page within the token's rate budget,
+//! which every projector using the token shares through PostgreSQL.
 //! 429/529 pause every request for `Retry-After`; 5xx, timeouts and an unreachable Notion
 //! are retried with exponential backoff and jitter, then recorded in `sync_failures` and
 //! tried again on a later pass; 400/401/403/404 are recorded and never retried. The
 //! checkpoint moves by compare-and-set only past handled events, and no Notion call is
 //! made inside a database transaction. One instance leads (a session advisory lock);
-//! others wait as standbys. The pipeline never waits for any of this.
+//! others wait as standbys. With a board, one leader per board owns its cards (a second
+//! lock), so projectors sharing a board make one card per task. The pipeline never waits
+//! for any of this.
 //!
 //! The binary (`notion-projector --help`) wires [`Config`] to [`Projector`]; tests and
 //! the bench drive the same pieces, against [`fake::FakeNotion`] (feature `fake`).

@@ -14,6 +14,9 @@ use crate::page_id::PageId;
 /// The longest error text kept from a response or a transport error.
 pub const ERROR_MAX_CHARS: usize = 300;
 
+/// The longest error `code` kept from a JSON error body (Notion's are short names).
+const CODE_MAX_CHARS: usize = 60;
+
 /// Notion's default API address.
 pub const DEFAULT_API_URL: &str = "https://api.notion.com";
 
@@ -101,6 +104,28 @@ impl NotionError {
         !matches!(self, NotionError::Rejected { .. })
     }
 
+    /// Whether Notion may have carried the request out though it did not say so: no
+    /// answer, a 5xx, or a success whose body could not be read. A 4xx or a 429 was
+    /// refused.
+    pub fn may_have_applied(&self) -> bool {
+        !matches!(
+            self,
+            NotionError::Rejected { .. } | NotionError::RateLimited { .. }
+        )
+    }
+
+    /// Whether the request may still be applied after this error was seen: no answer (a
+    /// timeout, a cut connection) or a gateway's 502/504, behind which Notion may still
+    /// work on it (Notion gives up on a request after 60 s). Notion's own 5xx answers are
+    /// final.
+    pub fn may_land_later(&self) -> bool {
+        match self {
+            NotionError::Timeout(_) | NotionError::Transport(_) => true,
+            NotionError::Unavailable { status, .. } => matches!(status, 502 | 504),
+            NotionError::RateLimited { .. } | NotionError::Rejected { .. } => false,
+        }
+    }
+
     /// The HTTP status, when Notion answered.
     pub fn http_status(&self) -> Option<u16> {
         match self {
@@ -182,6 +207,18 @@ impl NotionClient {
         })
     }
 
+    /// The name of this token's request budget: a SHA-256 of the token (hex), never the
+    /// token itself. Every projector using the token gets the same name, whatever its API
+    /// address.
+    pub fn budget_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"reel/notion-projector/budget\0")
+            .chain_update(self.token.expose().as_bytes())
+            .finalize();
+        digest.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
     /// Sets the page's `property` (a Status or Select property) to the option `name`.
     pub async fn set_status(
         &self,
@@ -252,8 +289,11 @@ impl NotionClient {
         body: &str,
     ) -> NotionError {
         let code = status.as_u16();
-        let (error_code, message) = parse_error_body(body);
-        let message = truncate(&self.token.scrub(&message));
+        // Scrub the whole body before anything is cut from it: a token that straddles a
+        // cut would escape the scrub, half of it kept.
+        let (error_code, message) = parse_error_body(&self.token.scrub(body));
+        let message = truncate(&message);
+        let error_code = error_code.map(|code| engine::truncate_for_display(&code, CODE_MAX_CHARS));
         match code {
             429 | 529 => NotionError::RateLimited {
                 status: code,
@@ -369,6 +409,29 @@ mod tests {
             (None, "non-JSON (HTML) response body".into())
         );
         assert_eq!(parse_error_body(""), (None, "empty response body".into()));
+    }
+
+    #[test]
+    fn a_token_echoed_in_an_error_body_is_scrubbed_before_any_cut() {
+        let token = "ntn_supersecret_value_0123456789";
+        let client = NotionClient::new(NotionConfig {
+            api_url: "http://127.0.0.1:9".into(),
+            token: Token::new(token),
+            version: DEFAULT_NOTION_VERSION.into(),
+            timeout: Duration::from_secs(1),
+        })
+        .expect("client");
+        let echoed = format!("Bearer {token}");
+        let bodies = [
+            json!({"object": "error", "code": echoed, "message": "m"}).to_string(),
+            format!("{}{echoed} refused", "x".repeat(110)),
+        ];
+        for body in bodies {
+            let error = client.classify(StatusCode::BAD_REQUEST, None, &body);
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains("ntn_supersecret"), "{text}");
+            assert!(!text.contains("ntn_s"), "no piece of it either: {text}");
+        }
     }
 
     #[test]

@@ -16,14 +16,16 @@
 
 mod cards;
 mod intake;
+mod leadership;
 mod records;
 mod send;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use engine::SubscriptionOptions;
@@ -38,9 +40,10 @@ use tokio_util::sync::CancellationToken;
 use crate::board::{Board, BoardError, BoardOptions};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::notion::{NotionClient, PropertyType};
-use crate::queue::{Origin, SendQueue};
+use crate::notion::{NotionClient, NotionError, PropertyType};
+use crate::queue::{Job, Origin, SendQueue};
 
+use leadership::Halt;
 use send::{Attempt, Outcome};
 
 /// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
@@ -79,6 +82,13 @@ pub struct ProjectorOptions {
     pub standby_interval: Duration,
     /// Requests in flight at once (the limiter still spaces them).
     pub concurrency: usize,
+    /// How long Notion's query may lag a card's creation: after a create whose answer was
+    /// lost, the task's card is only looked for this long before it is made again.
+    pub card_query_lag: Duration,
+    /// How long after a request with no clear answer (a timeout, a cut connection, a
+    /// 502/504) Notion may still apply it (Notion gives up after 60 s): a newer status sent
+    /// meanwhile is sent once more after this.
+    pub late_write_window: Duration,
 }
 
 impl Default for ProjectorOptions {
@@ -97,6 +107,8 @@ impl Default for ProjectorOptions {
             failure_retry_interval: Duration::from_secs(30),
             standby_interval: Duration::from_secs(1),
             concurrency: 3,
+            card_query_lag: Duration::from_secs(60),
+            late_write_window: Duration::from_secs(65),
         }
     }
 }
@@ -136,20 +148,9 @@ pub enum ProjectorError {
     },
 }
 
-/// When a leader stops: `stop` (shutdown, or the lock lost) starts no new request;
-/// `lock_lost` also abandons the requests in flight, because another instance may lead
-/// by now and send a newer status that a late answer of ours must not overwrite.
-#[derive(Clone, Debug)]
-struct Halt {
-    stop: CancellationToken,
-    lock_lost: CancellationToken,
-}
-
-impl Halt {
-    fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.stop.cancelled()
-    }
-}
+/// Batches read ahead of the checkpoint at most (a request that hangs until its timeout
+/// holds the checkpoint, and this bounds what a crash then reads again).
+const MAX_OPEN_BATCHES: usize = 64;
 
 /// Waits after stepping back (database outage, lost lock, moved checkpoint): 100 ms
 /// doubling to 10 s.
@@ -168,9 +169,10 @@ pub(crate) struct Target {
 }
 
 /// The log events read together, whose checkpoint moves once each of their jobs had its
-/// first try.
+/// first try (and every earlier batch's checkpoint moved).
 #[derive(Debug)]
 struct Batch {
+    id: u64,
     end: Checkpoint,
     /// Fresh jobs without a first outcome yet.
     outstanding: usize,
@@ -187,9 +189,12 @@ struct Leading<'a> {
     /// start over at every answer and every turn.
     reading: Option<Reading>,
     queue: SendQueue,
-    /// The batch whose checkpoint waits for its jobs' first tries; the next read starts
-    /// when it is committed.
-    batch: Option<Batch>,
+    /// Batches whose checkpoints wait for their jobs' first tries, oldest first. Reading
+    /// goes on meanwhile (up to [`MAX_OPEN_BATCHES`]): one slow request holds back the
+    /// checkpoint, never the other tasks' statuses.
+    batches: VecDeque<Batch>,
+    /// The id of the next batch read.
+    next_batch: u64,
     in_flight: FuturesUnordered<Sending<'a>>,
     /// The wait for the limiter's next request, started when a job is ready.
     turn: Option<Turn<'a>>,
@@ -219,7 +224,7 @@ impl Leading<'_> {
 }
 
 /// A wait for the limiter's next request.
-type Turn<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+type Turn<'a> = Pin<Box<dyn Future<Output = Instant> + Send + 'a>>;
 
 /// One try of one job.
 type Sending<'a> = Pin<Box<dyn Future<Output = Result<Attempt, ProjectorError>> + Send + 'a>>;
@@ -256,8 +261,12 @@ impl Projector {
         options: ProjectorOptions,
         metrics: Arc<Metrics>,
     ) -> Projector {
+        // Notion's limit is the token's: its budget is shared, in PostgreSQL, with every
+        // projector that uses the token.
+        let limiter = Limiter::new(options.rate, options.burst)
+            .shared(store.pool().clone(), client.budget_key());
         Projector {
-            limiter: Limiter::new(options.rate, options.burst),
+            limiter,
             store,
             client,
             options,
@@ -278,6 +287,45 @@ impl Projector {
         )
         .await?;
         Ok(self.board.insert(board))
+    }
+
+    /// [`Projector::open_board`], waiting out Notion being down, slow or rate limiting
+    /// (each wait logged: 1 s doubling to 30 s, or the `Retry-After`), so that a restarting
+    /// instance does not crash-loop on an outage. `None` when `shutdown` came first; a board
+    /// Notion refuses (4xx) or that lacks a required property is an error at once.
+    pub async fn open_board_patiently(
+        &mut self,
+        options: &BoardOptions,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<&Board>, BoardError> {
+        let backoff =
+            Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(0.2);
+        let mut outages = 0;
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                opened = Board::open(&self.client, &self.limiter, options, &self.options.status_property) => opened,
+            };
+            let error = match opened {
+                Ok(board) => return Ok(Some(self.board.insert(board))),
+                Err(error) if error.is_transient() => error,
+                Err(error) => return Err(error),
+            };
+            let wait = match &error {
+                BoardError::Notion(NotionError::RateLimited { retry_after, .. }) => retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(MAX_RETRY_AFTER),
+                _ => {
+                    outages += 1;
+                    backoff.random_delay(outages)
+                }
+            };
+            tracing::warn!(error = %error, retry_in = ?wait, "cannot open the board yet: trying again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -340,20 +388,38 @@ impl Projector {
         }
         tracing::info!(projector = %self.options.name, "leading");
         self.metrics.leader.set(1);
+        let lock_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        // With a board: its card owner is whichever projector's leader holds its lock.
+        let board_lock = self.board.as_ref().map(leadership::board_lock_name);
+        let owns_board = match &board_lock {
+            Some(name) => leadership::try_lock(&mut conn, name).await?,
+            None => false,
+        };
+        if board_lock.is_some() && !owns_board {
+            tracing::info!(
+                "another projector owns the board's cards: this one mirrors its statuses to the cards that one makes"
+            );
+        }
         // The lock lives as long as its connection: a watchdog pings it, and halts this
         // leader as soon as it breaks (another instance may take the lock then).
         let halt = Halt {
             stop: shutdown.child_token(),
             lock_lost: CancellationToken::new(),
+            lock_pid,
+            owns_board: Arc::new(AtomicBool::new(owns_board)),
         };
         let done = CancellationToken::new();
-        let watchdog = tokio::spawn(watch_lock(conn, halt.clone(), done.clone()));
+        let watchdog = tokio::spawn(leadership::watch_lock(
+            conn,
+            halt.clone(),
+            done.clone(),
+            board_lock,
+        ));
         // Intake runs beside the leader and stops with it (it shares the limiter, yielding
         // to status changes).
-        let intake_halt = Halt {
-            stop: halt.stop.child_token(),
-            lock_lost: halt.lock_lost.clone(),
-        };
+        let intake_halt = halt.child();
         let (result, ()) = tokio::join!(
             async {
                 let result = self.lead(&halt).await;
@@ -365,8 +431,7 @@ impl Projector {
         done.cancel();
         self.metrics.leader.set(0);
         if let Ok(Some(mut conn)) = watchdog.await {
-            let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-                .bind(self.lock_name())
+            let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
                 .execute(&mut conn)
                 .await;
             let _ = conn.close().await;
@@ -383,9 +448,10 @@ impl Projector {
         format!("reel/notion-projector/{}", self.options.name)
     }
 
-    /// Follows the log until `halt`: reads a batch, queues its jobs, and moves the
-    /// checkpoint past it once each job had its first try (a job waiting for a retry is in
-    /// `sync_retries` by then); meanwhile due retries go out beside fresh changes.
+    /// Follows the log until `halt`: reads batches, queues their jobs, and moves the
+    /// checkpoint past a batch once each of its jobs (and of every earlier batch) had its
+    /// first try (a job waiting for a retry is in `sync_retries` by then); reading goes on
+    /// while a batch waits, and due retries go out beside fresh changes.
     async fn lead(&self, halt: &Halt) -> Result<(), ProjectorError> {
         let mut leading = self.start_leading().await?;
         let mut failure_pass = tokio::time::interval(self.options.failure_retry_interval);
@@ -401,14 +467,14 @@ impl Projector {
                 biased;
                 _ = halt.cancelled(), if !leading.stopping => leading.stop(),
                 Some(attempt) = leading.in_flight.next() => {
-                    self.settle(attempt?, &mut leading.queue, &mut leading.batch);
+                    self.settle(attempt?, &mut leading.queue, &mut leading.batches);
                 }
-                _ = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
+                turn = wait_for_turn(&mut leading.turn), if leading.turn.is_some() => {
                     leading.turn = None;
                     // The job that asked for the turn may be gone (a newer status replaced
                     // it): the turn then goes unused, which only slows down.
                     if let Some(job) = leading.queue.pop_ready(Instant::now()) {
-                        leading.in_flight.push(Box::pin(self.attempt(job, halt)));
+                        leading.in_flight.push(Box::pin(self.attempt(job, halt, turn)));
                     }
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
@@ -421,8 +487,12 @@ impl Projector {
                     let page = page?;
                     self.metrics.set_healthy(true);
                     if let Some(end) = page.end {
-                        let batch = self.read_batch(page.events, end, &mut leading.queue).await?;
-                        leading.batch = Some(batch);
+                        let id = leading.next_batch;
+                        leading.next_batch += 1;
+                        let batch = self
+                            .read_batch(id, page.events, end, &mut leading.queue, halt.owns_board())
+                            .await?;
+                        leading.batches.push_back(batch);
                     }
                 }
             }
@@ -443,6 +513,7 @@ impl Projector {
             batch_size: self.options.batch_size,
         };
         let subscription = Subscription::start(self.store.clone(), checkpoint, options).await;
+        self.claim_unboarded_cards().await?;
         let mut queue = SendQueue::default();
         self.load_retries(&mut queue).await?;
         Ok(Leading {
@@ -450,7 +521,8 @@ impl Projector {
             subscription: Some(subscription),
             reading: None,
             queue,
-            batch: None,
+            batches: VecDeque::new(),
+            next_batch: 0,
             in_flight: FuturesUnordered::new(),
             turn: None,
             slots: self.options.concurrency.max(1),
@@ -458,14 +530,20 @@ impl Projector {
         })
     }
 
-    /// Between two turns of the loop: commits a batch whose jobs all had their first try,
-    /// asks the limiter for a turn when a job is ready and a slot is free, and starts the
-    /// next read when no batch is open.
+    /// Between two turns of the loop: commits the oldest batches whose jobs all had their
+    /// first try (in one transaction), asks the limiter for a turn when a job is ready and a
+    /// slot is free, and starts the next read unless too many batches are open.
     async fn prepare_turn<'a>(&'a self, leading: &mut Leading<'a>) -> Result<(), ProjectorError> {
-        if let Some(done) = leading.batch.take_if(|b| b.outstanding == 0) {
-            self.commit(Some((leading.checkpoint, done.end)), &done.failures)
+        let mut end = None;
+        let mut failures = Vec::new();
+        while let Some(done) = leading.batches.pop_front_if(|b| b.outstanding == 0) {
+            end = Some(done.end);
+            failures.extend(done.failures);
+        }
+        if let Some(end) = end {
+            self.commit(Some((leading.checkpoint, end)), &failures)
                 .await?;
-            leading.checkpoint = done.end;
+            leading.checkpoint = end;
         }
         let waiting = leading.queue.waiting_retries();
         self.metrics
@@ -474,7 +552,7 @@ impl Projector {
         if leading.turn.is_none() && leading.may_send() && leading.queue.has_ready(Instant::now()) {
             leading.turn = Some(Box::pin(self.limiter.acquire()));
         }
-        if leading.batch.is_none()
+        if leading.batches.len() < MAX_OPEN_BATCHES
             && !leading.stopping
             && let Some(mut following) = leading.subscription.take()
         {
@@ -487,12 +565,15 @@ impl Projector {
     }
 
     /// Coalesces a page of events to each task's latest status and queues what needs a
-    /// request; the batch's checkpoint waits for those requests' first tries.
+    /// request; the batch's checkpoint waits for those requests' first tries (a task whose
+    /// fresh job from an earlier batch still waits joins that job instead).
     async fn read_batch(
         &self,
+        id: u64,
         events: Vec<engine::Result<RecordedEvent>>,
         end: Checkpoint,
         queue: &mut SendQueue,
+        owns_board: bool,
     ) -> Result<Batch, ProjectorError> {
         let mut failures = Vec::new();
         let mut latest: HashMap<TaskId, Target> = HashMap::new();
@@ -535,11 +616,24 @@ impl Projector {
         let mut targets: Vec<Target> = latest.into_values().collect();
         targets.sort_by_key(|t| t.position);
         let (jobs, _settled) = self.plan(targets, &mut failures).await?;
-        let outstanding = jobs.len();
+        let mut outstanding = 0;
         for job in jobs {
-            queue.push_fresh(job);
+            if job.page.is_none() && !owns_board {
+                // The board's owner makes the card: wait for it as a retry (it needs no
+                // request until then), so the batch does not wait.
+                self.wait_for_card(job, queue).await?;
+                continue;
+            }
+            let job = Job {
+                batch: Some(id),
+                ..job
+            };
+            if queue.push_fresh(job) {
+                outstanding += 1;
+            }
         }
         Ok(Batch {
+            id,
             end,
             outstanding,
             failures,
@@ -549,27 +643,31 @@ impl Projector {
     /// Takes an answered request back into the queue: a retry waits for its due time, a
     /// rate-limited request goes again (not a try), and a fresh job's first outcome counts
     /// towards its batch.
-    fn settle(&self, attempt: Attempt, queue: &mut SendQueue, batch: &mut Option<Batch>) {
+    fn settle(&self, attempt: Attempt, queue: &mut SendQueue, batches: &mut VecDeque<Batch>) {
         let Attempt { mut job, outcome } = attempt;
         let task = job.task();
         queue.finish(task);
-        let mut settled = usize::from(job.origin == Origin::Fresh);
+        let mut settled = Vec::new();
+        if !matches!(outcome, Outcome::RateLimited | Outcome::Interrupted) {
+            settled.extend(job.batch.take());
+        }
         match outcome {
-            Outcome::Synced => {
-                if queue.drop_fresh_covered(task, job.target.version) {
+            Outcome::Synced | Outcome::SyncedUnsettled(_) => {
+                if let Some(covered) = queue.drop_fresh_covered(task, job.target.version) {
                     self.metrics.skip("up_to_date", 1);
-                    settled += 1;
+                    settled.extend(covered.batch);
+                }
+                if let Outcome::SyncedUnsettled(due) = outcome {
+                    job.origin = Origin::Retry;
+                    queue.push_retry(job, due);
                 }
             }
-            Outcome::RateLimited => {
-                settled = 0;
-                match job.origin {
-                    Origin::Fresh => queue.push_fresh_front(job),
-                    Origin::Retry => {
-                        queue.push_retry(job, Instant::now());
-                    }
+            Outcome::RateLimited => match job.origin {
+                Origin::Fresh => queue.push_fresh_front(job),
+                Origin::Retry => {
+                    queue.push_retry(job, Instant::now());
                 }
-            }
+            },
             Outcome::RetryAt(due) => {
                 job.origin = Origin::Retry;
                 queue.push_retry(job, due);
@@ -577,10 +675,12 @@ impl Projector {
             Outcome::Failed => {}
             // Halted before its answer: a fresh job's batch is redelivered, a retry stays
             // in `sync_retries` for the next leader.
-            Outcome::Interrupted => settled = 0,
+            Outcome::Interrupted => {}
         }
-        if let Some(batch) = batch {
-            batch.outstanding = batch.outstanding.saturating_sub(settled);
+        for id in settled {
+            if let Some(batch) = batches.iter_mut().find(|b| b.id == id) {
+                batch.outstanding = batch.outstanding.saturating_sub(1);
+            }
         }
     }
 
@@ -637,32 +737,10 @@ async fn wait_for_page(reading: &mut Option<Reading>) -> (Subscription, engine::
     }
 }
 
-/// Waits for the limiter's turn in progress (forever when there is none).
-async fn wait_for_turn(turn: &mut Option<Turn<'_>>) {
+/// Waits for the limiter's turn in progress (forever when there is none); the turn's time.
+async fn wait_for_turn(turn: &mut Option<Turn<'_>>) -> Instant {
     match turn {
         Some(turn) => turn.as_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Pings the lock connection every second; on failure cancels `halt`. Returns the
-/// connection (to unlock it) when `done`.
-async fn watch_lock(
-    mut conn: PgConnection,
-    halt: Halt,
-    done: CancellationToken,
-) -> Option<PgConnection> {
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return Some(conn),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let ping = tokio::time::timeout(Duration::from_secs(5), conn.ping()).await;
-        if !matches!(ping, Ok(Ok(()))) {
-            tracing::warn!("the leader lock's connection failed: stepping back");
-            halt.lock_lost.cancel();
-            halt.stop.cancel();
-            return None;
-        }
     }
 }

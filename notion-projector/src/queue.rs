@@ -28,8 +28,19 @@ pub(crate) enum Origin {
 pub(crate) struct Job {
     pub(crate) target: Target,
     pub(crate) page: Option<PageId>,
+    /// The page is the task's card on the board (made by the projector, or taken in by
+    /// intake): every PATCH also sets its Task ID, so a Task ID not yet written (a crash
+    /// right after intake's submit) or cleared on the board is owed like the status.
+    pub(crate) card: bool,
     /// Failed tries so far.
     pub(crate) tries: u32,
+    /// The batch whose checkpoint waits for this job's first try (fresh jobs until then).
+    pub(crate) batch: Option<u64>,
+    /// Looks for a card made by another projector so far (each waits longer).
+    pub(crate) waits: u32,
+    /// An earlier request for the task got no clear answer and Notion may still apply it
+    /// until then: a success before then is followed by one more send of the newest status.
+    pub(crate) unsettled_until: Option<Instant>,
     pub(crate) origin: Origin,
 }
 
@@ -38,7 +49,11 @@ impl Job {
         Job {
             target,
             page: Some(page),
+            card: false,
             tries: 0,
+            batch: None,
+            waits: 0,
+            unsettled_until: None,
             origin: Origin::Fresh,
         }
     }
@@ -48,9 +63,18 @@ impl Job {
         Job {
             target,
             page: None,
+            card: true,
             tries: 0,
+            batch: None,
+            waits: 0,
+            unsettled_until: None,
             origin: Origin::Fresh,
         }
+    }
+
+    /// Takes on `until` if it is later than the job's own.
+    pub(crate) fn unsettled_until(&mut self, until: Option<Instant>) {
+        self.unsettled_until = self.unsettled_until.max(until);
     }
 
     pub(crate) fn task(&self) -> TaskId {
@@ -72,10 +96,36 @@ pub(crate) struct SendQueue {
 
 impl SendQueue {
     /// Queues a fresh change. A newer status replaces the task's waiting retry (its
-    /// `sync_retries` row stays until this job settles it).
-    pub(crate) fn push_fresh(&mut self, job: Job) {
-        self.remove_retry(job.task());
-        self.fresh.push_back(job);
+    /// `sync_retries` row stays until this job settles it). When a fresh job of the task
+    /// waits already (read in an earlier batch, not sent yet), that job takes the newer
+    /// status and this one is not queued (false): its batch need not wait for it, as it
+    /// commits after the earlier batch, which still waits for that job's try.
+    pub(crate) fn push_fresh(&mut self, mut job: Job) -> bool {
+        if let Some(retry) = self.remove_retry(job.task()) {
+            job.unsettled_until(retry.unsettled_until);
+        }
+        // A job in `fresh` is never in flight (sending takes it out).
+        match self
+            .fresh
+            .iter_mut()
+            .find(|queued| queued.task() == job.task())
+        {
+            Some(queued) => {
+                queued.unsettled_until(job.unsettled_until);
+                if job.target.version > queued.target.version {
+                    queued.target = job.target;
+                    if job.page.is_some() {
+                        queued.page = job.page;
+                        queued.card = job.card;
+                    }
+                }
+                false
+            }
+            None => {
+                self.fresh.push_back(job);
+                true
+            }
+        }
     }
 
     /// Puts a fresh job back at the head of the line (after a 429: not a try).
@@ -84,13 +134,16 @@ impl SendQueue {
     }
 
     /// Queues a retry due at `due`; false (and dropped) when a fresh change of the task is
-    /// queued, which sends its newest status anyway.
-    pub(crate) fn push_retry(&mut self, job: Job, due: Instant) -> bool {
+    /// queued, which sends its newest status anyway (and takes on what the retry owes).
+    pub(crate) fn push_retry(&mut self, mut job: Job, due: Instant) -> bool {
         let task = job.task();
-        if self.fresh.iter().any(|f| f.task() == task) {
+        if let Some(fresh) = self.fresh.iter_mut().find(|f| f.task() == task) {
+            fresh.unsettled_until(job.unsettled_until);
             return false;
         }
-        self.remove_retry(task);
+        if let Some(waiting) = self.remove_retry(task) {
+            job.unsettled_until(waiting.unsettled_until);
+        }
         self.retry_due.insert(task, due);
         self.retries.insert((due, task), job);
         true
@@ -153,13 +206,13 @@ impl SendQueue {
     }
 
     /// After the task's page was set to `version`: drops its queued fresh job if that
-    /// carries no newer status (true when one was dropped).
-    pub(crate) fn drop_fresh_covered(&mut self, task: TaskId, version: u32) -> bool {
+    /// carries no newer status, and returns it.
+    pub(crate) fn drop_fresh_covered(&mut self, task: TaskId, version: u32) -> Option<Job> {
         let covered = self
             .fresh
             .iter()
             .position(|job| job.task() == task && job.target.version <= version);
-        covered.and_then(|i| self.fresh.remove(i)).is_some()
+        covered.and_then(|i| self.fresh.remove(i))
     }
 
     /// Retries waiting for their due time.
@@ -175,10 +228,9 @@ impl SendQueue {
             .copied()
     }
 
-    fn remove_retry(&mut self, task: TaskId) {
-        if let Some(due) = self.retry_due.remove(&task) {
-            self.retries.remove(&(due, task));
-        }
+    fn remove_retry(&mut self, task: TaskId) -> Option<Job> {
+        let due = self.retry_due.remove(&task)?;
+        self.retries.remove(&(due, task))
     }
 }
 
@@ -295,10 +347,56 @@ mod tests {
         assert!(queue.contains(task(1)));
         queue.finish(in_flight.task());
         // The retry set the page to version 3 already: the fresh job has nothing newer.
-        assert!(queue.drop_fresh_covered(task(1), 3));
+        assert!(queue.drop_fresh_covered(task(1), 3).is_some());
         assert!(!queue.contains(task(1)));
         queue.push_fresh(job(1, 4));
-        assert!(!queue.drop_fresh_covered(task(1), 3));
+        assert!(queue.drop_fresh_covered(task(1), 3).is_none());
         assert_eq!(queue.pop_ready(now).map(|j| j.target.version), Some(4));
+    }
+
+    #[test]
+    fn what_a_retry_owes_passes_to_the_job_that_replaces_it() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let mut queue = SendQueue::default();
+        let mut unsettled = retry(1, 2);
+        unsettled.unsettled_until(Some(later));
+        queue.push_retry(unsettled.clone(), now);
+        queue.push_fresh(job(1, 3));
+        let sent = queue.pop_ready(now).expect("the fresh job");
+        assert_eq!(sent.unsettled_until, Some(later));
+        // And a retry dropped for a queued fresh job hands it over too.
+        let mut queue = SendQueue::default();
+        queue.push_fresh(job(1, 3));
+        assert!(!queue.push_retry(unsettled, now));
+        assert_eq!(
+            queue.pop_ready(now).and_then(|j| j.unsettled_until),
+            Some(later)
+        );
+    }
+
+    #[test]
+    fn a_newer_status_read_later_joins_the_waiting_fresh_job() {
+        let now = Instant::now();
+        let mut queue = SendQueue::default();
+        let in_batch = |n, version, batch| Job {
+            batch: Some(batch),
+            ..job(n, version)
+        };
+        assert!(queue.push_fresh(in_batch(1, 2, 1)));
+        assert!(queue.push_fresh(in_batch(2, 2, 1)));
+        // Batch 2 holds a newer status of task 1: the waiting job sends it, and batch 2
+        // does not wait for a job of its own.
+        assert!(!queue.push_fresh(in_batch(1, 5, 2)));
+        let first = queue.pop_ready(now).expect("task 1");
+        assert_eq!((first.target.version, first.batch), (5, Some(1)));
+        // While task 1's request is in flight, a newer status gets a job of its own.
+        assert!(queue.push_fresh(in_batch(1, 6, 3)));
+        let second = queue.pop_ready(now).expect("task 2");
+        assert_eq!(second.task(), task(2));
+        assert!(
+            queue.pop_ready(now).is_none(),
+            "task 1 has a request in flight"
+        );
     }
 }

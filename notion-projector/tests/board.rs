@@ -7,41 +7,13 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::board::*;
 use common::process::Process;
 use common::*;
 use engine::TaskStatus;
-use notion_projector::fake::{FakeBoard, FakeNotion};
-use notion_projector::{BoardOptions, IntakeOptions, Metrics, Projector};
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const BOARD: [(&str, &str); 6] = [
-    ("Name", "title"),
-    ("Task ID", "rich_text"),
-    ("Channel", "select"),
-    ("Status", "status"),
-    ("Story direction", "rich_text"),
-    ("Intake error", "rich_text"),
-];
-
-fn text(card: &Value, property: &str) -> Option<String> {
-    FakeNotion::card_text(card, property).filter(|t| !t.is_empty())
-}
-
-async fn task_count(store: &engine::PgStore) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(store.pool())
-        .await
-        .expect("count tasks")
-}
-
-fn card(title: &str) -> Value {
-    json!({
-        "Name": {"title": [{"text": {"content": title}}]},
-        "Status": {"status": {"name": "Queued"}},
-        "Story direction": {"rich_text": [{"text": {"content": "calm, for kids"}}]},
-    })
-}
+use notion_projector::fake::Fault;
+use notion_projector::{BoardOptions, Metrics, Projector};
+use serde_json::json;
 
 /// 10 tasks submitted without pages: 10 cards, each with its Task ID and its final status,
 /// though the projector is SIGKILLed while Notion has made a card whose answer it has not
@@ -109,44 +81,6 @@ async fn ten_tasks_get_ten_cards_across_a_sigkill_between_create_and_record() {
         "the restarted projector found the card it had not recorded"
     );
     assert!(!log.contains(&notion.token()), "the token is never logged");
-}
-
-/// A projector in this process, with the board opened.
-async fn spawn_with_board(
-    store: &engine::PgStore,
-    notion: &FakeNotion,
-    board: &FakeBoard,
-    intake: Option<IntakeOptions>,
-) -> Running {
-    let mut projector = Projector::new(
-        store.clone(),
-        client(notion),
-        fast_options(),
-        std::sync::Arc::new(Metrics::new()),
-    );
-    let mut options = BoardOptions::new(board.data_source_id.clone());
-    options.intake = intake;
-    projector
-        .open_board(&options)
-        .await
-        .expect("open the board");
-    let metrics = projector.metrics().clone();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let handle = tokio::spawn(async move { projector.run(stop).await });
-    Running {
-        shutdown,
-        handle,
-        metrics,
-    }
-}
-
-fn fast_intake() -> IntakeOptions {
-    IntakeOptions {
-        channel: Some("board".into()),
-        interval: Duration::from_millis(300),
-        ..IntakeOptions::default()
-    }
 }
 
 /// 10 cards: exactly 10 tasks, each card's Task ID filled and its status following the
@@ -254,7 +188,8 @@ async fn a_board_without_task_id_is_refused_naming_it() {
     assert!(error.to_string().contains("\"Task ID\""), "{error}");
 }
 
-/// Intake SIGKILLed and restarted mid-way: still exactly 10 tasks, every card filled.
+/// Intake SIGKILLed and restarted mid-way (tasks submitted, not every Task ID written
+/// back yet): still exactly 10 tasks, every card filled.
 #[tokio::test]
 async fn intake_sigkilled_mid_way_still_makes_exactly_ten_tasks() {
     let db = test_db().await;
@@ -285,9 +220,14 @@ async fn intake_sigkilled_mid_way_still_makes_exactly_ten_tasks() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.sigkill().await;
+    let filled_before = notion
+        .cards(&board)
+        .iter()
+        .filter(|c| text(c, "Task ID").is_some())
+        .count();
     assert!(
-        (1..10).contains(&submitted),
-        "killed mid-way ({submitted} tasks)"
+        submitted >= 1 && filled_before < 10,
+        "killed mid-way ({submitted} tasks, {filled_before} Task IDs written)"
     );
     let second = Process::start(&db, &notion, &notion.token(), &args);
     let filled = wait_for(Duration::from_secs(40), || {
@@ -307,4 +247,208 @@ async fn intake_sigkilled_mid_way_still_makes_exactly_ten_tasks() {
         .filter_map(|c| text(c, "Task ID"))
         .collect();
     assert_eq!(ids.len(), 10);
+}
+
+/// A topic longer than Notion's 2,000 characters per text object: the card is made, and
+/// its title holds the whole topic. (Before: cut to 2,000 plus "…", 2,001 characters, a
+/// 400 not retried, and no card ever.)
+#[tokio::test]
+async fn a_topic_over_two_thousand_characters_gets_its_card() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let topic: String = "Whale song ".repeat(230).trim().to_owned();
+    assert!(topic.chars().count() > 2_500);
+    let mut task = engine::NewTask::new(
+        "video",
+        engine::ChannelId::parse("notion-tests").expect("channel"),
+        json!({ "topic": topic }),
+    );
+    task.notion_page_id = None;
+    let task = store.create_task(task).await.expect("create").task_id();
+    let running = spawn_with_board(&store, &notion, &board, None).await;
+    let made = wait_for(Duration::from_secs(10), || !notion.cards(&board).is_empty()).await;
+    running.stop().await;
+    assert!(
+        made.is_some(),
+        "the card is made: {:?}",
+        failures(&store).await
+    );
+    let cards = notion.cards(&board);
+    assert_eq!(text(&cards[0], "Task ID"), Some(task.to_string()));
+    assert_eq!(text(&cards[0], "Name"), Some(topic));
+    assert!(failures(&store).await.is_empty());
+}
+
+/// Notion answers 429, then 503, while the projector opens the board: it waits and tries
+/// again (a restarting standby does not crash-loop), then uses the board. (Before: exit 1
+/// at the first answer.)
+#[tokio::test]
+async fn a_notion_outage_while_opening_the_board_is_waited_out() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let task = new_task(&store, None).await;
+    notion.set_outage(Some(429));
+    let args = ["--data-source", board.database_id.as_str()];
+    let mut process = Process::start(&db, &notion, &notion.token(), &args);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    notion.set_outage(Some(503));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let exited = process.child.try_wait().expect("try_wait");
+    assert!(
+        exited.is_none(),
+        "still running: {exited:?}\n{}",
+        process.log()
+    );
+    notion.set_outage(None);
+    let carded = wait_for(Duration::from_secs(15), || {
+        notion
+            .cards(&board)
+            .iter()
+            .any(|c| text(c, "Task ID") == Some(task.to_string()))
+    })
+    .await;
+    let (status, log) = process.sigterm().await;
+    assert!(carded.is_some(), "{log}");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("using the board"), "{log}");
+    assert!(
+        log.contains("503") && log.contains("429"),
+        "each wait is logged: {log}"
+    );
+}
+
+/// A board Notion refuses for good (404): exit 1, one line naming the error once.
+/// (Before: the error text was printed twice on the line.)
+#[tokio::test]
+async fn a_board_notion_refuses_exits_1_naming_the_error_once() {
+    let db = test_db().await;
+    let notion = fake().await;
+    let missing = uuid::Uuid::new_v4().to_string();
+    let args = ["--data-source", missing.as_str()];
+    let mut process = Process::start(&db, &notion, &notion.token(), &args);
+    let status = tokio::time::timeout(Duration::from_secs(10), process.child.wait())
+        .await
+        .expect("exits within 10 s")
+        .expect("wait");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("an error line: {log}"));
+    assert_eq!(error.matches("Could not find").count(), 1, "{error}");
+    assert!(!log.contains(&notion.token()));
+}
+
+/// A leader whose lock connection is terminated while it looks for (or makes) a task's
+/// card on a slow Notion: it abandons the card, so only the new leader makes one.
+/// (Before: only the status PATCH was abandoned; both leaders made a card.)
+#[tokio::test]
+async fn a_leader_that_lost_its_lock_makes_no_second_card() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let task = new_task(&store, None).await;
+    // Both open the board while Notion is fast; then every answer takes 2 s.
+    let old = open_board(
+        &store,
+        notion.client(Duration::from_secs(10)),
+        &board,
+        None,
+        fast_options(),
+    )
+    .await;
+    let new = open_board(
+        &store,
+        notion.client(Duration::from_secs(10)),
+        &board,
+        None,
+        fast_options(),
+    )
+    .await;
+    notion.set_latency(Duration::from_secs(2));
+    let old = run(old);
+    wait_for(Duration::from_secs(5), || old.metrics.leader.get() == 1)
+        .await
+        .expect("the first instance leads");
+    // Its query for the card waits for the slow answer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT bool_and(pg_terminate_backend(pid)) FROM (SELECT DISTINCT pid FROM pg_locks \
+          WHERE locktype = 'advisory' AND granted AND database = \
+                (SELECT oid FROM pg_database WHERE datname = current_database())) AS leader",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("terminate the leader lock's session");
+    assert!(terminated);
+    let new = run(new);
+    let made = wait_for(Duration::from_secs(20), || {
+        notion
+            .cards(&board)
+            .iter()
+            .any(|c| text(c, "Task ID") == Some(task.to_string()))
+    })
+    .await;
+    // Every answer takes 2 s: give the old leader time to make its card, if it would.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    old.stop().await;
+    new.stop().await;
+    assert!(made.is_some());
+    let cards: Vec<_> = notion
+        .cards(&board)
+        .into_iter()
+        .filter(|c| text(c, "Task ID") == Some(task.to_string()))
+        .collect();
+    assert_eq!(cards.len(), 1, "one card for the task: {cards:#?}");
+}
+
+/// Suspected in issue 26, confirmed: a card's create answered 2xx with a body that cannot
+/// be read, while the board's query lags its writes by 2 s. The retry's query does not
+/// show the card yet; the projector must not make a second one. (Before: the retry made a
+/// second card.)
+#[tokio::test]
+async fn a_create_whose_answer_was_cut_makes_no_second_card_while_the_query_lags() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let task = new_task(&store, None).await;
+    let projector = open_board(&store, client(&notion), &board, None, fast_options()).await;
+    notion.set_query_lag(Duration::from_secs(2));
+    // The first query passes; the create is applied, its answer cut.
+    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
+    let running = run(projector);
+    let ours = || {
+        notion
+            .cards(&board)
+            .into_iter()
+            .filter(|c| text(c, "Task ID") == Some(task.to_string()))
+            .count()
+    };
+    wait_for(Duration::from_secs(5), || ours() >= 1)
+        .await
+        .expect("the card is made");
+    // Past the query's lag, a few looks and retries later.
+    let settled = wait_caught_up(&store, "notion", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    running.stop().await;
+    assert!(settled);
+    assert_eq!(ours(), 1, "one card: {:#?}", notion.cards(&board));
+    let card = &notion.cards(&board)[0];
+    assert_eq!(text(card, "Status").as_deref(), Some("Queued"));
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM notion_card_creates")
+        .fetch_one(store.pool())
+        .await
+        .expect("count pending creates");
+    assert_eq!(
+        pending, 0,
+        "the unanswered create is settled once the card is found"
+    );
 }

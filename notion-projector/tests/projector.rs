@@ -173,7 +173,12 @@ async fn scenario_7_an_outage_is_retried_recorded_and_caught_up() {
     );
     let tries: Vec<_> = notion.requests().iter().map(|r| r.at).collect();
     assert!(tries.len() >= 4, "1 try + 3 retries, got {}", tries.len());
-    let gaps: Vec<Duration> = tries.windows(2).take(3).map(|w| w[1] - w[0]).collect();
+    // The chain that ran out into the failure: its try and 3 retries are the last four
+    // requests (a newer status read meanwhile replaced an earlier chain and started anew).
+    let gaps: Vec<Duration> = tries[tries.len() - 4..]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .collect();
     assert!(
         gaps[2] > gaps[0],
         "the waits between retries grow (backoff): {gaps:?}"
@@ -968,4 +973,94 @@ async fn old_status_events_keep_their_names_and_new_ones_carry_theirs() {
         Some("Generating SFX")
     );
     assert!(failures(&store).await.is_empty());
+}
+
+/// A server or proxy that echoes the `Authorization` header into its error — in the JSON
+/// error's `code`, or in a non-JSON body where the token straddles the 120-character cut —
+/// never gets any piece of the token into an error text. (Before: the `code` was not
+/// scrubbed, and a non-JSON body was cut before it was scrubbed.)
+#[tokio::test]
+async fn an_echoed_token_never_reaches_an_error_text() {
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let client = client(&notion);
+    let token = notion.token();
+    let page = notion_projector::PageId::parse(&page).expect("page id");
+    // "Bearer " is 7 characters: offsets 100 and 105 put the cut inside the token.
+    for (json_code, offset) in [(true, 0), (false, 0), (false, 100), (false, 105)] {
+        notion.inject([Fault::EchoAuthorization { json_code, offset }]);
+        let error = client
+            .set_status(&page, "Status", STATUS, "Queued")
+            .await
+            .expect_err("a 400");
+        for text in [error.to_string(), format!("{error:?}")] {
+            let leaked = (0..token.len() - 5).find(|&i| text.contains(&token[i..i + 6]));
+            assert!(
+                leaked.is_none(),
+                "a piece of the token in {text:?} (json_code {json_code}, offset {offset})"
+            );
+        }
+    }
+}
+
+/// Suspected in issue 26, confirmed: a PATCH that timed out at the client, which Notion
+/// applied later, after the task's newer status had landed: the page must end on the
+/// newest status. (Before: it ended on the older one.)
+#[tokio::test]
+async fn a_timed_out_patch_that_lands_late_never_leaves_an_older_status() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let page = new_page_id();
+    notion.add_page(&page);
+    let task = new_task(&store, Some(&page)).await;
+    let running = spawn(&store, notion.client(Duration::from_secs(1)), late_writes());
+    wait_for(FIVE_S, || {
+        notion.page_value(&page).as_deref() == Some("Queued")
+    })
+    .await
+    .expect("Queued");
+    // Notion works on the next PATCH for 3 s; the client gives up after 1 s.
+    notion.set_page_stall(&page, Some(Duration::from_secs(3)));
+    change_status(&store, task, TaskStatus::from_static("generating_assets")).await;
+    let metrics = running.metrics.clone();
+    wait_for(FIVE_S, || {
+        metrics
+            .render()
+            .contains("notion_projector_requests_total{outcome=\"timeout\"} 1")
+    })
+    .await
+    .expect("the PATCH timed out");
+    notion.set_page_stall(&page, None);
+    change_status(&store, task, TaskStatus::from_static("generating_video")).await;
+    wait_for(FIVE_S, || {
+        notion
+            .page_history(&page)
+            .iter()
+            .any(|v| v == "Generating Video")
+    })
+    .await
+    .expect("the newer status lands");
+    // The stalled PATCH lands 3 s after it was sent, after the newer status.
+    let ended = wait_for(Duration::from_secs(12), || {
+        let history = notion.page_history(&page);
+        history.iter().any(|v| v == "Generating Assets")
+            && notion.page_value(&page).as_deref() == Some("Generating Video")
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        ended.is_some(),
+        "the page ends on the newest status: {:?}",
+        notion.page_history(&page)
+    );
+}
+
+/// Options for the late-write test: Notion may apply an unanswered request for 4 s.
+fn late_writes() -> ProjectorOptions {
+    ProjectorOptions {
+        late_write_window: Duration::from_secs(4),
+        ..fast_options()
+    }
 }

@@ -31,8 +31,19 @@ async fn board(
     n: usize,
     options: ProjectorOptions,
 ) -> (Vec<(TaskId, String)>, Running) {
+    board_with_timeout(store, notion, n, options, Duration::from_secs(2)).await
+}
+
+/// [`board`] with the client's timeout for one answer.
+async fn board_with_timeout(
+    store: &engine::PgStore,
+    notion: &FakeNotion,
+    n: usize,
+    options: ProjectorOptions,
+    timeout: Duration,
+) -> (Vec<(TaskId, String)>, Running) {
     let tasks = tasks_with_pages(store, notion, n).await;
-    let running = spawn(store, client(notion), options);
+    let running = spawn(store, notion.client(timeout), options);
     let mirrored = wait_for(Duration::from_secs(30), || {
         tasks
             .iter()
@@ -237,4 +248,90 @@ async fn pending_retries(store: &engine::PgStore) -> i64 {
         .fetch_one(store.pool())
         .await
         .expect("count sync_retries")
+}
+
+/// Must show (issue 26): one request hangs 25 s at Notion (under the 30 s client timeout)
+/// while nine other tasks keep changing, one change every 700 ms for about 19 s: their
+/// statuses still arrive within 5 s (p95), and the hanging page ends on its task's status.
+/// (Before: the next log read waited for every job of the batch, so the other tasks' new
+/// statuses waited for the hanging request, up to 24 s.)
+#[tokio::test]
+async fn one_request_hanging_25_s_holds_back_no_other_task() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    // The binary's 30 s timeout for one answer.
+    let (tasks, running) = board_with_timeout(
+        &store,
+        &notion,
+        10,
+        default_retries(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let (hanging, hanging_page) = tasks[0].clone();
+    notion.set_page_stall(&hanging_page, Some(Duration::from_secs(25)));
+    let hung_at = Instant::now();
+    change_status(&store, hanging, FINAL).await;
+    // Its PATCH reaches the fake and hangs there (the fake records it once answered).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Later requests to the page are answered at once; the first one still hangs.
+    notion.set_page_stall(&hanging_page, None);
+    let statuses = [
+        TaskStatus::from_static("generating_assets"),
+        TaskStatus::from_static("generating_video"),
+        TaskStatus::from_static("assembling"),
+    ];
+    let mut changed: Vec<(String, Instant, String)> = Vec::new();
+    for status in statuses {
+        for (task, page) in &tasks[1..] {
+            changed.push((page.clone(), Instant::now(), display(status)));
+            change_status(&store, *task, status).await;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    }
+    let last = statuses[2].default_display().into_owned();
+    wait_for(Duration::from_secs(15), || {
+        tasks[1..]
+            .iter()
+            .all(|(_, page)| notion.page_value(page).as_deref() == Some(last.as_str()))
+    })
+    .await
+    .expect("every other page shows its last status");
+    let hung_for = hung_at.elapsed();
+    let ended = wait_for(Duration::from_secs(35), || {
+        notion.page_value(&hanging_page).as_deref() == Some("Final Review")
+    })
+    .await;
+    running.stop().await;
+    let requests = notion.requests();
+    // A status counts as arrived when the page got it or a later one (coalescing).
+    let took: Vec<Duration> = changed
+        .iter()
+        .enumerate()
+        .map(|(i, (page, at, _))| {
+            let later: Vec<&str> = changed[i..]
+                .iter()
+                .filter(|(p, _, _)| p == page)
+                .map(|(_, _, value)| value.as_str())
+                .collect();
+            let page = dashed(page);
+            requests
+                .iter()
+                .filter(|r| r.page_id == page && r.response == 200 && r.at >= *at)
+                .find(|r| r.value.as_deref().is_some_and(|v| later.contains(&v)))
+                .map_or(Duration::MAX, |r| r.at.saturating_duration_since(*at))
+        })
+        .collect();
+    let p95 = percentile(&took, 0.95);
+    eprintln!(
+        "while one request hung (changes over {hung_for:?}): latencies {took:?}, p95 {p95:?}, max {:?}",
+        took.iter().max()
+    );
+    assert!(p95 <= Duration::from_secs(5), "p95 {p95:?}: {took:?}");
+    assert!(
+        hung_for < Duration::from_secs(25),
+        "the changes came while it hung"
+    );
+    assert!(ended.is_some(), "{:?}", notion.page_history(&hanging_page));
 }

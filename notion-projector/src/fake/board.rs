@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
+use tokio::time::Instant;
 
 use super::{
     Answer, BOARD_STATUS_OPTIONS, FakeNotion, FakePage, FakeState, Route, Shared, error, handle,
@@ -66,7 +67,9 @@ pub(crate) struct Card {
     /// Property name → its value in the response shape.
     props: Map<String, Value>,
     created: u64,
-    edits: u64,
+    /// When it was created (queries lag behind it) and last edited.
+    created_at: Instant,
+    edited_at: Instant,
 }
 
 impl FakeNotion {
@@ -105,6 +108,7 @@ impl FakeNotion {
             Answer::Page(page) => Ok(page["id"].as_str().unwrap_or_default().to_owned()),
             Answer::Error { message, .. } => Err(message),
             Answer::Html(status) => Err(format!("HTTP {status}")),
+            Answer::Echo { .. } => Err("HTTP 400".into()),
         }
     }
 
@@ -131,7 +135,7 @@ impl FakeNotion {
             .filter_map(|(id, page)| {
                 let card = page.card.as_ref()?;
                 (card.data_source == board.data_source_id)
-                    .then(|| (card.created, card_object(id, page, card)))
+                    .then(|| (card.created, card_object(id, card, state.started)))
             })
             .collect();
         cards.sort_by_key(|(created, _)| *created);
@@ -312,7 +316,8 @@ fn create(s: &mut FakeState, body: &Value) -> Answer {
             data_source,
             props: Map::new(),
             created,
-            edits: 0,
+            created_at: Instant::now(),
+            edited_at: Instant::now(),
         }),
     };
     if let Err(message) = apply_card(&mut page, properties, schema) {
@@ -320,7 +325,7 @@ fn create(s: &mut FakeState, body: &Value) -> Answer {
     }
     let id = uuid::Uuid::new_v4().to_string();
     let object = match &page.card {
-        Some(card) => card_object(&id, &page, card),
+        Some(card) => card_object(&id, card, s.started),
         None => Value::Null,
     };
     s.pages.insert(id, page);
@@ -346,7 +351,7 @@ pub(crate) fn apply_card(
     let Some(card) = page.card.as_mut() else {
         return Err("not a card".into());
     };
-    card.edits += 1;
+    card.edited_at = Instant::now();
     for (name, kind, stored) in values {
         if name == page.property {
             let option = stored
@@ -416,14 +421,17 @@ fn stored_value(name: &str, kind: &str, given: &Value) -> Result<Value, String> 
     }
 }
 
-pub(crate) fn card_object(id: &str, page: &FakePage, card: &Card) -> Value {
-    let _ = page;
+/// A card as a page object. Its `last_edited_time` is rounded down to the minute, as
+/// Notion's is, on a clock that starts at 2026-01-01T00:00Z when the fake starts: edits
+/// within one minute show the same time.
+pub(crate) fn card_object(id: &str, card: &Card, started: Instant) -> Value {
+    let minutes = card.edited_at.saturating_duration_since(started).as_secs() / 60;
     json!({
         "object": "page",
         "id": id,
         "parent": {"type": "data_source_id", "data_source_id": card.data_source},
         "in_trash": false,
-        "last_edited_time": format!("2026-01-01T00:00:00.{:03}Z#{}", card.edits % 1000, card.edits),
+        "last_edited_time": format!("2026-01-01T{:02}:{:02}:00.000Z", (minutes / 60) % 24, minutes % 60),
         "properties": card.props,
     })
 }
@@ -461,7 +469,9 @@ fn run_query(s: &FakeState, data_source: &str, body: &Value) -> Answer {
         .iter()
         .filter_map(|(id, page)| {
             let card = page.card.as_ref()?;
-            (card.data_source == data_source).then(|| (card.created, card_object(id, page, card)))
+            let visible = card.created_at.elapsed() >= s.query_lag;
+            (card.data_source == data_source && visible)
+                .then(|| (card.created, card_object(id, card, s.started)))
         })
         .collect();
     cards.sort_by_key(|(created, _)| *created);

@@ -9,8 +9,8 @@ use engine::{Checkpoint, TaskId};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::cards::{WAITING_FOR_OWNER, card_task};
 use super::{Failure, Projector, ProjectorError, Target, target_of};
-use crate::notion::NotionError;
 use crate::page_id::PageId;
 use crate::queue::{Job, Origin, SendQueue};
 
@@ -23,38 +23,63 @@ impl Projector {
         targets: Vec<Target>,
         failures: &mut Vec<Failure>,
     ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
+        self.plan_targets(targets, failures, true).await
+    }
+
+    /// [`Projector::plan`] for statuses owed once more (after a request with no clear
+    /// answer): sent even when `notion_sync` says the page shows them.
+    async fn plan_owed(
+        &self,
+        targets: Vec<Target>,
+        failures: &mut Vec<Failure>,
+    ) -> Result<Vec<Job>, ProjectorError> {
+        Ok(self.plan_targets(targets, failures, false).await?.0)
+    }
+
+    async fn plan_targets(
+        &self,
+        targets: Vec<Target>,
+        failures: &mut Vec<Failure>,
+        skip_up_to_date: bool,
+    ) -> Result<(Vec<Job>, Vec<TaskId>), ProjectorError> {
         if targets.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
-        let rows: Vec<(Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
-            "SELECT u.id, COALESCE(NULLIF(btrim(t.notion_page_id), ''), c.page_id), s.applied_version \
+        let rows: Vec<Known> = sqlx::query_as(
+            "SELECT u.id, NULLIF(btrim(t.notion_page_id), '') AS page, c.page_id AS card, \
+                    s.applied_version AS applied \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
-               LEFT JOIN notion_cards c ON c.projector = $2 AND c.task_id = u.id \
+               LEFT JOIN LATERAL (SELECT page_id FROM notion_cards c \
+                                   WHERE c.task_id = u.id AND (c.projector = $2 OR c.data_source = $3) \
+                                   ORDER BY c.projector = $2 DESC, c.recorded_at LIMIT 1) c ON true \
                LEFT JOIN notion_sync s ON s.projector = $2 AND s.task_id = u.id",
         )
         .bind(&ids)
         .bind(&self.options.name)
+        .bind(self.board.as_ref().map(|b| b.data_source.as_str()))
         .fetch_all(self.store.pool())
         .await?;
-        let known: HashMap<Uuid, (Option<String>, Option<i32>)> = rows
-            .into_iter()
-            .map(|(id, page, applied)| (id, (page, applied)))
-            .collect();
+        let known: HashMap<Uuid, Known> = rows.into_iter().map(|known| (known.id, known)).collect();
         let mut jobs = Vec::new();
         let mut up_to_date = Vec::new();
         let mut nothing_to_send = Vec::new();
         for target in targets {
-            let (page, applied) = known
+            let known = known
                 .get(&target.task.as_uuid())
                 .cloned()
-                .unwrap_or((None, None));
-            if applied.is_some_and(|v| i64::from(v) >= i64::from(target.version)) {
+                .unwrap_or_default();
+            if skip_up_to_date
+                && known
+                    .applied
+                    .is_some_and(|v| i64::from(v) >= i64::from(target.version))
+            {
                 up_to_date.push(target.task);
                 continue;
             }
-            let Some(raw) = page.filter(|p| !p.trim().is_empty()) else {
+            let from_card = known.page.is_none() && known.card.is_some();
+            let Some(raw) = known.page.or(known.card) else {
                 if self.board.is_some() {
                     jobs.push(Job::card(target));
                     continue;
@@ -65,7 +90,16 @@ impl Projector {
                 continue;
             };
             match PageId::parse(&raw) {
-                Ok(page) => jobs.push(Job::fresh(target, page)),
+                Ok(page) => {
+                    // The task's own card: one the projector made (or found) for it, or the
+                    // card intake made it of.
+                    let card =
+                        self.board.is_some() && (from_card || card_task(&page) == target.task);
+                    jobs.push(Job {
+                        card,
+                        ..Job::fresh(target, page)
+                    });
+                }
                 Err(err) => {
                     tracing::warn!(task_id = %target.task, error = %err, "invalid notion_page_id: recorded as a sync failure");
                     failures.push(Failure {
@@ -179,18 +213,21 @@ impl Projector {
     pub(super) async fn record_retry(
         &self,
         job: &Job,
-        error: &NotionError,
+        http_status: Option<u16>,
+        error: &str,
         delay: Duration,
     ) -> Result<(), ProjectorError> {
         sqlx::query(
             "INSERT INTO sync_retries \
-                (projector, task_id, version, global_position, tries, due_at, http_status, error) \
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, $8) \
+                (projector, task_id, version, global_position, tries, due_at, http_status, error, \
+                 unsettled_until) \
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, $8, \
+                     now() + make_interval(secs => $9)) \
              ON CONFLICT (projector, task_id) DO UPDATE \
                 SET version = EXCLUDED.version, global_position = EXCLUDED.global_position, \
                     tries = EXCLUDED.tries, due_at = EXCLUDED.due_at, \
                     http_status = EXCLUDED.http_status, error = EXCLUDED.error, \
-                    recorded_at = now() \
+                    unsettled_until = EXCLUDED.unsettled_until, recorded_at = now() \
               WHERE sync_retries.version <= EXCLUDED.version",
         )
         .bind(&self.options.name)
@@ -199,10 +236,36 @@ impl Projector {
         .bind(job.target.position)
         .bind(i32::try_from(job.tries).unwrap_or(i32::MAX))
         .bind(delay.as_secs_f64())
-        .bind(error.http_status().map(i32::from))
-        .bind(error.to_string())
+        .bind(http_status.map(i32::from))
+        .bind(error)
+        .bind(job.unsettled_until.map(|until| {
+            until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64()
+        }))
         .execute(self.store.pool())
         .await?;
+        Ok(())
+    }
+
+    /// A card job on a projector that does not own the board: the owner makes the card.
+    /// Recorded and queued as a retry due in a second (not a try), so nothing is lost if
+    /// this leader stops meanwhile.
+    pub(super) async fn wait_for_card(
+        &self,
+        job: Job,
+        queue: &mut SendQueue,
+    ) -> Result<(), ProjectorError> {
+        let wait = Duration::from_secs(1);
+        self.record_retry(&job, None, WAITING_FOR_OWNER, wait)
+            .await?;
+        let job = Job {
+            origin: Origin::Retry,
+            batch: None,
+            waits: job.waits + 1,
+            ..job
+        };
+        queue.push_retry(job, Instant::now() + wait);
         Ok(())
     }
 
@@ -210,8 +273,9 @@ impl Projector {
     /// before a crash), each with its tries so far and its due time, and the task's latest
     /// status. Rows with nothing left to send are deleted.
     pub(super) async fn load_retries(&self, queue: &mut SendQueue) -> Result<(), ProjectorError> {
-        let rows: Vec<(Uuid, i32, f64)> = sqlx::query_as(
-            "SELECT task_id, tries, GREATEST(extract(epoch FROM due_at - now()), 0)::float8 \
+        let rows: Vec<(Uuid, i32, f64, Option<f64>)> = sqlx::query_as(
+            "SELECT task_id, tries, GREATEST(extract(epoch FROM due_at - now()), 0)::float8, \
+                    extract(epoch FROM unsettled_until - now())::float8 \
                FROM sync_retries WHERE projector = $1",
         )
         .bind(&self.options.name)
@@ -220,19 +284,28 @@ impl Projector {
         if rows.is_empty() {
             return Ok(());
         }
-        let pending: HashMap<TaskId, (u32, Duration)> = rows
-            .into_iter()
-            .map(|(task, tries, wait)| {
-                let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
-                (
-                    TaskId::from(task),
-                    (u32::try_from(tries).unwrap_or(0), wait),
-                )
-            })
-            .collect();
+        let now = Instant::now();
+        let in_secs =
+            |secs: f64| now + Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default();
+        let mut unsettled = HashMap::new();
+        let mut pending: HashMap<TaskId, (u32, Duration)> = HashMap::new();
+        for (task, tries, wait, until) in rows {
+            let task = TaskId::from(task);
+            let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
+            pending.insert(task, (u32::try_from(tries).unwrap_or(0), wait));
+            if let Some(until) = until {
+                unsettled.insert(task, in_secs(until));
+            }
+        }
         let tasks: Vec<TaskId> = pending.keys().copied().collect();
         let (targets, mut failures) = self.latest_targets(&tasks).await?;
-        let (jobs, settled) = self.plan(targets, &mut failures).await?;
+        // A row owing a send after an unclear request is sent even when `notion_sync` says
+        // the page is up to date: that request may have landed since.
+        let (targets, owed): (Vec<Target>, Vec<Target>) = targets
+            .into_iter()
+            .partition(|t| !unsettled.contains_key(&t.task));
+        let (mut jobs, settled) = self.plan(targets, &mut failures).await?;
+        jobs.extend(self.plan_owed(owed, &mut failures).await?);
         let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
         sqlx::query("DELETE FROM sync_retries WHERE projector = $1 AND task_id = ANY($2)")
             .bind(&self.options.name)
@@ -240,12 +313,12 @@ impl Projector {
             .execute(self.store.pool())
             .await?;
         tracing::info!(retries = jobs.len(), "resuming pending retries");
-        let now = Instant::now();
         for job in jobs {
             let (tries, wait) = pending.get(&job.task()).copied().unwrap_or_default();
             let job = Job {
                 tries,
                 origin: Origin::Retry,
+                unsettled_until: unsettled.get(&job.task()).copied(),
                 ..job
             };
             queue.push_retry(job, now + wait);
@@ -267,17 +340,31 @@ impl Projector {
         &self,
         queue: &mut SendQueue,
     ) -> Result<(), ProjectorError> {
-        let tasks: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT task_id FROM sync_failures \
+        // With each task, how long its last unclear request (no answer, 502/504) may still
+        // land.
+        let rows: Vec<(Uuid, Option<f64>)> = sqlx::query_as(
+            "SELECT task_id, extract(epoch FROM \
+                    max(failed_at) FILTER (WHERE http_status IS NULL OR http_status IN (502, 504)) \
+                    + make_interval(secs => $2) - now())::float8 \
+               FROM sync_failures \
               WHERE projector = $1 AND resolved_at IS NULL AND retryable \
               GROUP BY task_id ORDER BY max(failed_at), task_id LIMIT 100",
         )
         .bind(&self.options.name)
+        .bind(self.options.late_write_window.as_secs_f64())
         .fetch_all(self.store.pool())
         .await?;
-        let tasks: Vec<TaskId> = tasks
+        let now = Instant::now();
+        let unsettled: HashMap<TaskId, Instant> = rows
+            .iter()
+            .filter_map(|(task, left)| {
+                let left = Duration::try_from_secs_f64(left.filter(|l| *l > 0.0)?).ok()?;
+                Some((TaskId::from(*task), now + left))
+            })
+            .collect();
+        let tasks: Vec<TaskId> = rows
             .into_iter()
-            .map(TaskId::from)
+            .map(|(task, _)| TaskId::from(task))
             .filter(|task| !queue.contains(*task))
             .collect();
         if tasks.is_empty() {
@@ -298,11 +385,11 @@ impl Projector {
             .await?;
         }
         // One try each, beside fresh changes: a pass over many failures never holds them back.
-        let now = Instant::now();
         for job in jobs {
             let job = Job {
                 tries: self.options.max_retries,
                 origin: Origin::Retry,
+                unsettled_until: unsettled.get(&job.task()).copied(),
                 ..job
             };
             queue.push_retry(job, now);
@@ -341,6 +428,16 @@ impl Projector {
         }
         Ok((targets, failures))
     }
+}
+
+/// What the database knows of a task the projector is about to send: its own page, the
+/// card recorded for it, and the version mirrored last.
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
+struct Known {
+    id: Uuid,
+    page: Option<String>,
+    card: Option<String>,
+    applied: Option<i32>,
 }
 
 fn version_to_db(version: u32) -> i32 {

@@ -8,7 +8,8 @@ use engine::Backoff;
 use tokio::time::Instant;
 
 use super::cards::Card;
-use super::{Failure, Halt, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
+use super::leadership::Halt;
+use super::{Failure, MAX_RETRY_AFTER, Projector, ProjectorError, Target, target_of};
 use crate::board::property_type;
 use crate::notion::NotionError;
 use crate::queue::Job;
@@ -24,6 +25,9 @@ pub(crate) struct Attempt {
 pub(crate) enum Outcome {
     /// The page shows the job's status; `notion_sync` says so.
     Synced,
+    /// Synced, but an earlier request of the task may still land until this time: the
+    /// newest status is recorded (in `sync_retries`) to be sent once more then.
+    SyncedUnsettled(Instant),
     /// 429/529: every request is paused for `Retry-After`; this one goes again after the
     /// pause and it does not count as a try.
     RateLimited,
@@ -37,10 +41,12 @@ pub(crate) enum Outcome {
 
 impl Projector {
     /// Sends the job's task its newest status, once.
+    /// `turn`: the limiter's turn this request goes on (see [`crate::Limiter::on_time`]).
     pub(super) async fn attempt(
         &self,
         mut job: Job,
         halt: &Halt,
+        mut turn: Instant,
     ) -> Result<Attempt, ProjectorError> {
         // Coalesce late too: while this job waited for its turn, the task may have moved
         // on. Send the newest status and skip the rest of its events when they arrive.
@@ -53,26 +59,52 @@ impl Projector {
         }
         let page = match (&job.page, &self.board) {
             (Some(page), _) => page.clone(),
-            (None, Some(board)) => match self.card_of(board, &job).await? {
-                Ok(Card::Created(page)) => {
-                    job.page = Some(page);
-                    self.record_synced(&job).await?;
-                    return Ok(Attempt {
-                        job,
-                        outcome: Outcome::Synced,
-                    });
+            (None, Some(board)) => {
+                // A leader that lost its lock stops looking for (and making) the card too:
+                // the new leader may be making it.
+                let card = tokio::select! {
+                    card = self.card_of(board, &job, halt, turn) => card?,
+                    _ = halt.lock_lost.cancelled() => Ok(Card::Abandoned),
+                };
+                match card {
+                    Ok(Card::Created(page)) => {
+                        job.page = Some(page);
+                        self.record_synced(&job).await?;
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::Synced,
+                        });
+                    }
+                    Ok(Card::Found(page)) => {
+                        job.page = Some(page.clone());
+                        turn = self.limiter.acquire().await;
+                        page
+                    }
+                    Ok(Card::Recorded(page)) => {
+                        job.page = Some(page.clone());
+                        page
+                    }
+                    Ok(Card::NotYet(wait, why)) => {
+                        job.waits += 1;
+                        self.record_retry(&job, None, why, wait).await?;
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::RetryAt(Instant::now() + wait),
+                        });
+                    }
+                    Ok(Card::Abandoned) => {
+                        return Ok(Attempt {
+                            job,
+                            outcome: Outcome::Interrupted,
+                        });
+                    }
+                    Err(error) => {
+                        self.metrics.request(error.outcome());
+                        let outcome = self.after_failure(&mut job, &error).await?;
+                        return Ok(Attempt { job, outcome });
+                    }
                 }
-                Ok(Card::Found(page)) => {
-                    job.page = Some(page.clone());
-                    self.limiter.acquire().await;
-                    page
-                }
-                Err(error) => {
-                    self.metrics.request(error.outcome());
-                    let outcome = self.after_failure(&mut job, &error).await?;
-                    return Ok(Attempt { job, outcome });
-                }
-            },
+            }
             // Planned only with a board.
             (None, None) => {
                 return Ok(Attempt {
@@ -88,12 +120,26 @@ impl Projector {
                 self.options.property_type,
             ),
         };
-        let request = self
-            .client
-            .set_status(&page, property, kind, &job.target.display);
+        let display = job.target.display.clone();
+        let card_update = match (&self.board, job.card) {
+            (Some(board), true) => Some(board.card_update(&job.task().to_string(), &display)),
+            _ => None,
+        };
+        let request = async {
+            match card_update {
+                Some(body) => self.client.patch_page(&page, body).await.map(|_| ()),
+                None => {
+                    self.client
+                        .set_status(&page, property, kind, &display)
+                        .await
+                }
+            }
+        };
         // Once the lock is lost, another instance may lead and send a newer status: drop
         // the request (closing its connection) rather than let its answer land after the
         // new leader's. SIGTERM lets requests in flight finish.
+        self.limiter.on_time(turn).await;
+        let sent = Instant::now();
         let result = tokio::select! {
             result = request => result,
             _ = halt.lock_lost.cancelled() => {
@@ -105,14 +151,34 @@ impl Projector {
                 self.metrics.request("ok");
                 self.record_synced(&job).await?;
                 tracing::debug!(task_id = %job.task(), status = &*job.target.display, version = job.target.version, "status mirrored");
-                Outcome::Synced
+                self.after_success(&mut job).await?
             }
             Err(error) => {
                 self.metrics.request(error.outcome());
+                if error.may_land_later() {
+                    job.unsettled_until(Some(sent + self.options.late_write_window));
+                }
                 self.after_failure(&mut job, &error).await?
             }
         };
         Ok(Attempt { job, outcome })
+    }
+
+    /// A success while an earlier request of the task may still land (it got no clear
+    /// answer): Notion has no conditional update, so the newest status is owed once more,
+    /// after that request can no longer be applied.
+    async fn after_success(&self, job: &mut Job) -> Result<Outcome, ProjectorError> {
+        let now = Instant::now();
+        let Some(until) = job.unsettled_until.filter(|until| *until > now) else {
+            job.unsettled_until = None;
+            return Ok(Outcome::Synced);
+        };
+        // Recorded with `unsettled_until`: a new leader sends it even though `notion_sync`
+        // says the page is up to date.
+        job.tries = 0;
+        self.record_retry(job, None, UNSETTLED, until - now).await?;
+        tracing::info!(task_id = %job.task(), resend_in = ?(until - now), "an earlier request of the task may still land: its newest status goes once more after it");
+        Ok(Outcome::SyncedUnsettled(until))
     }
 
     async fn after_failure(
@@ -142,7 +208,8 @@ impl Projector {
                 }
                 let delay = self.backoff(job.tries);
                 self.metrics.retries.inc();
-                self.record_retry(job, error, delay).await?;
+                self.record_retry(job, error.http_status(), &error.to_string(), delay)
+                    .await?;
                 tracing::warn!(task_id = %task, error = %error, retry_in = ?delay, try_number = job.tries, "Notion status sync failed: retry recorded");
                 Ok(Outcome::RetryAt(Instant::now() + delay))
             }
@@ -177,6 +244,9 @@ impl Projector {
             .random_delay(failed_tries)
     }
 }
+
+/// Why a task's newest status waits to be sent once more, as `sync_retries.error` shows it.
+const UNSETTLED: &str = "an earlier request got no clear answer and may still land: the newest status is sent once more after it";
 
 fn failure(job: &Job, error: &NotionError, retryable: bool) -> Failure {
     Failure {

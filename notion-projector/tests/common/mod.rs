@@ -2,6 +2,7 @@
 //! changes are appended like the engine appends them, and a projector running in-process.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod board;
 pub mod process;
 
 use std::sync::Arc;

@@ -438,6 +438,7 @@ pub struct Step {
     pub(crate) provider: Option<ProviderLimits>,
     pub(crate) poll_backoff: Backoff,
     pub(crate) job_timeout: Duration,
+    pub(crate) min_poll_interval: Duration,
 }
 
 impl Step {
@@ -455,6 +456,7 @@ impl Step {
             provider: None,
             poll_backoff: DEFAULT_POLL_BACKOFF,
             job_timeout: DEFAULT_JOB_TIMEOUT,
+            min_poll_interval: Duration::ZERO,
         }
     }
 
@@ -486,6 +488,13 @@ impl Step {
     /// [`DEFAULT_POLL_BACKOFF`]: after 1 s, doubling to 30 s).
     pub fn poll_backoff(mut self, backoff: Backoff) -> Self {
         self.poll_backoff = backoff;
+        self
+    }
+
+    /// The shortest time between two polls of one job, whatever the provider hints, the
+    /// backoff's jitter or a shared polling round say (default: none beyond 10 ms).
+    pub fn min_poll_interval(mut self, floor: Duration) -> Self {
+        self.min_poll_interval = floor;
         self
     }
 

@@ -118,7 +118,8 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
                     Backoff::exponential(scaled(5.0).max(poll_floor), scaled(60.0).max(poll_floor))
                         .with_jitter(0.1),
                 )
-                .job_timeout(job_timeout),
+                .job_timeout(job_timeout)
+                .min_poll_interval(poll_floor),
             Shape::Call if count == 1 => Step::atomic(name, work),
             Shape::Call => Step::itemized(name, work),
         };

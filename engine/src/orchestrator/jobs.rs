@@ -115,11 +115,13 @@ impl Open {
         self.last_failed_at = Some(now);
     }
 
-    /// Polls again after `wait`, and possibly a fifth of it sooner.
-    fn again_after(&mut self, wait: Duration) {
-        let wait = wait.clamp(POLL_MIN, POLL_MAX);
+    /// Polls again after `wait` (never sooner than `floor`), and possibly a fifth of it
+    /// sooner — but not sooner than `floor` after now.
+    fn again_after(&mut self, wait: Duration, floor: Duration) {
+        let floor = floor.max(POLL_MIN);
+        let wait = wait.clamp(floor, POLL_MAX.max(floor));
         self.next_poll = Instant::now() + wait;
-        self.early = wait / 5;
+        self.early = (wait / 5).min(wait - floor);
     }
 }
 
@@ -538,10 +540,13 @@ impl<'a> JobRun<'a> {
                 match next_poll {
                     Some(hint) => {
                         // A provider's hint is when to come back: go then, not much sooner.
-                        open.again_after(hint);
+                        open.again_after(hint, step.min_poll_interval);
                         open.early /= 4;
                     }
-                    None => open.again_after(step.poll_backoff.random_delay(open.polls)),
+                    None => open.again_after(
+                        step.poll_backoff.random_delay(open.polls),
+                        step.min_poll_interval,
+                    ),
                 }
                 Ok(None)
             }
@@ -597,7 +602,7 @@ impl<'a> JobRun<'a> {
             // A rate refusal is an answer: the provider is there, and says when to come
             // back. It says nothing of the job.
             open.answered();
-            open.again_after(wait);
+            open.again_after(wait, step.min_poll_interval);
             open.early = Duration::ZERO;
             return Ok(None);
         }
@@ -613,7 +618,7 @@ impl<'a> JobRun<'a> {
         }
         tracing::warn!(task = %self.run.log.lease.task, step = %step.name(), item, error = %error.message, "poll failed; polling again later");
         let wait = step.poll_backoff.random_delay(open.poll_errors);
-        open.again_after(wait);
+        open.again_after(wait, step.min_poll_interval);
         Ok(None)
     }
 
@@ -851,7 +856,10 @@ impl<'a> JobRun<'a> {
             next_poll: Instant::now(),
             early: Duration::ZERO,
         };
-        open.again_after(self.step.poll_backoff.random_delay(1));
+        open.again_after(
+            self.step.poll_backoff.random_delay(1),
+            self.step.min_poll_interval,
+        );
         self.open.insert(item, open);
         // Someone else appended meanwhile (an operator's cancel): stop and let the run
         // read the task again; the job is recorded and will be followed.

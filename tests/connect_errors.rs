@@ -92,3 +92,49 @@ fn reel_against_a_missing_database_says_reel_migrate_creates_it() {
         ],
     );
 }
+
+#[test]
+fn reel_worker_keeps_trying_while_postgres_is_down_and_gives_up_only_when_told() {
+    // A service waits for the database, one line per try; `--connect-timeout` bounds it.
+    let port = closed_port();
+    let url = format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/postgres");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["worker", "--until-idle"])
+        .env("DATABASE_URL", &url)
+        .env("REEL_LOG", "warn")
+        .env_remove("REEL_CONNECT_TIMEOUT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run reel worker");
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    let still_running = child.try_wait().expect("poll").is_none();
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(still_running, "it gave up: {stderr}");
+    let tries = stderr
+        .lines()
+        .filter(|l| l.contains("connection refused"))
+        .count();
+    assert!((2..=5).contains(&tries), "{tries} lines: {stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["worker", "--until-idle", "--connect-timeout", "2"])
+        .env("DATABASE_URL", &url)
+        .env("REEL_LOG", "warn")
+        .output()
+        .expect("run reel worker");
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(1400) && took < std::time::Duration::from_secs(4),
+        "gave up after {took:?}"
+    );
+}

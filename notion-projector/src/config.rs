@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use engine::PgStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::board::{BoardOptions, IntakeOptions};
@@ -105,6 +104,11 @@ pub struct Config {
     /// Do not apply pending migrations at start (for a role without DDL rights).
     #[arg(long)]
     pub no_migrate: bool,
+    /// How long to keep trying the first connection while PostgreSQL cannot be reached
+    /// (down, starting, restarting), one log line per try: seconds, or e.g. `2m` (default:
+    /// keep trying; 0: one try). The same variable as `reel worker`'s.
+    #[arg(long, env = "REEL_CONNECT_TIMEOUT", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
     /// The team's board: a Notion data source (or a database with one data source), as an
     /// id or URL. With it, every task without a page gets a card there.
     #[arg(long = "data-source", env = "NOTION_DATA_SOURCE_ID")]
@@ -225,9 +229,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         version: config.notion_version.clone(),
         timeout: config.http_timeout,
     })?;
-    // The engine's error already names the server, the cause and the fix on one line.
-    let pool = engine::db::connect(&config.database_url, 4).await?;
-    let store = PgStore::new(pool.clone());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "finishing requests in flight",
+    ));
+    // A service waits for the database (a restart, a server still starting); the engine's
+    // error names the server, the cause and the fix on one line per try.
+    let store = engine::db::connect_store_waiting(
+        &config.database_url,
+        4,
+        config.connect_timeout,
+        &shutdown,
+    )
+    .await?;
     if !config.no_migrate {
         store.migrate().await.context("cannot apply migrations")?;
     }
@@ -238,18 +253,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.projector_options(),
         metrics.clone(),
     );
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine::service::cancel_on_signals(
-        shutdown.clone(),
-        "finishing requests in flight",
-    ));
     // Served while the board opens, so a liveness probe does not restart an instance
     // that waits out a Notion outage.
     if let Some(addr) = config.metrics_addr {
         let bound = crate::metrics::serve(
             addr,
             metrics.clone(),
-            pool,
+            store.clone(),
             config.name.clone(),
             shutdown.clone(),
         )

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use engine::PgStore;
 use leaky_bucket::RateLimiter;
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 /// The request budget shared by every task the projector syncs.
@@ -35,7 +35,7 @@ pub struct Limiter {
 /// A token's request budget in `notion_rate_budgets`.
 #[derive(Debug)]
 struct SharedBudget {
-    pool: PgPool,
+    store: PgStore,
     /// A hash of the token (see [`crate::NotionClient::budget_key`]).
     key: String,
     /// Set while the database cannot be reached: the local bucket stands in.
@@ -60,12 +60,18 @@ ON CONFLICT (budget) DO UPDATE \
 
 impl SharedBudget {
     /// The wait until this request's reserved time.
-    async fn reserve(&self, interval: Duration, burst: u32) -> Result<Duration, sqlx::Error> {
-        let wait: f64 = sqlx::query_scalar(RESERVE_SQL)
-            .bind(&self.key)
-            .bind(interval.as_secs_f64())
-            .bind(f64::from(burst))
-            .fetch_one(&self.pool)
+    async fn reserve(&self, interval: Duration, burst: u32) -> Result<Duration, engine::Error> {
+        let wait: f64 = self
+            .store
+            .on_pool(async |c| {
+                self.store
+                    .scalar(RESERVE_SQL)
+                    .bind(&self.key)
+                    .bind(interval.as_secs_f64())
+                    .bind(f64::from(burst))
+                    .fetch_one(c)
+                    .await
+            })
             .await?;
         Ok(Duration::try_from_secs_f64(wait).unwrap_or_default())
     }
@@ -128,9 +134,9 @@ impl Limiter {
     /// The same limiter, taking its turns from the budget `key` (a hash of the token) in
     /// PostgreSQL, which every projector using the token shares. While the database cannot
     /// be reached, the local bucket stands in (a warning says so).
-    pub fn shared(mut self, pool: PgPool, key: impl Into<String>) -> Limiter {
+    pub fn shared(mut self, store: PgStore, key: impl Into<String>) -> Limiter {
         self.shared = Some(SharedBudget {
-            pool,
+            store,
             key: key.into(),
             degraded: AtomicBool::new(false),
         });
@@ -225,12 +231,17 @@ impl Limiter {
             }
         }
         if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
-            let (pool, key) = (shared.pool.clone(), shared.key.clone());
+            let (store, key) = (shared.store.clone(), shared.key.clone());
             runtime.spawn(async move {
-                let written = sqlx::query(PAUSE_SQL)
-                    .bind(&key)
-                    .bind(wait.as_secs_f64())
-                    .execute(&pool)
+                let written = store
+                    .on_pool(async |c| {
+                        store
+                            .statement(PAUSE_SQL)
+                            .bind(&key)
+                            .bind(wait.as_secs_f64())
+                            .execute(c)
+                            .await
+                    })
                     .await;
                 if let Err(error) = written {
                     tracing::warn!(error = %error, "cannot share a Retry-After pause with the token's other projectors");

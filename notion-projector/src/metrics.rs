@@ -10,13 +10,13 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use engine::PgStore;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -170,19 +170,22 @@ impl Metrics {
 
     /// Reads lag and open failures from the database (the checkpoint is there, so a standby
     /// reports the leader's lag too). Keeps the old values when the database is away.
-    pub async fn refresh_from_db(&self, pool: &PgPool, projector: &str) {
-        let query = sqlx::query_as::<_, (i64, i64, Option<f64>, i64)>(
-            "SELECT c.last_position, \
+    pub async fn refresh_from_db(&self, store: &PgStore, projector: &str) {
+        const LAG_SQL: &str = "SELECT c.last_position, \
                     COALESCE((SELECT max(global_position) FROM events), 0), \
                     (SELECT extract(epoch FROM now() - e.recorded_at)::float8 FROM events e \
                       WHERE (e.tx_id, e.global_position) > (c.last_tx_id, c.last_position) \
                       ORDER BY e.tx_id, e.global_position LIMIT 1), \
                     (SELECT count(*) FROM sync_failures f \
                       WHERE f.projector = c.projector AND f.resolved_at IS NULL) \
-               FROM projector_checkpoints c WHERE c.projector = $1",
-        )
-        .bind(projector)
-        .fetch_optional(pool);
+               FROM projector_checkpoints c WHERE c.projector = $1";
+        let query = store.on_pool(async |c| {
+            store
+                .rows_as::<(i64, i64, Option<f64>, i64)>(LAG_SQL)
+                .bind(projector)
+                .fetch_optional(c)
+                .await
+        });
         match tokio::time::timeout(Duration::from_secs(2), query).await {
             Ok(Ok(Some((position, head, age, open)))) => {
                 self.lag_events.set((head - position).max(0));
@@ -199,7 +202,7 @@ impl Metrics {
 #[derive(Clone, Debug)]
 struct MetricsState {
     metrics: Arc<Metrics>,
-    pool: PgPool,
+    store: PgStore,
     projector: String,
 }
 
@@ -207,7 +210,7 @@ struct MetricsState {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    pool: PgPool,
+    store: PgStore,
     projector: String,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
@@ -218,7 +221,7 @@ pub async fn serve(
         .route("/metrics", get(render))
         .with_state(MetricsState {
             metrics,
-            pool,
+            store,
             projector,
         });
     tokio::spawn(async move {
@@ -254,7 +257,7 @@ async fn healthz(State(state): State<MetricsState>) -> impl IntoResponse {
 async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
     state
         .metrics
-        .refresh_from_db(&state.pool, &state.projector)
+        .refresh_from_db(&state.store, &state.projector)
         .await;
     (
         [(

@@ -33,7 +33,6 @@ use engine::{Backoff, TaskId, TaskStatus};
 use engine::{Checkpoint, Event, LogPage, PgStore, RecordedEvent, Subscription};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::queue::{Job, Origin, SendQueue};
 
-use leadership::Halt;
+use leadership::{Halt, Locks};
 use send::{Attempt, Outcome};
 
 /// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
@@ -263,8 +262,8 @@ impl Projector {
     ) -> Projector {
         // Notion's limit is the token's: its budget is shared, in PostgreSQL, with every
         // projector that uses the token.
-        let limiter = Limiter::new(options.rate, options.burst)
-            .shared(store.pool().clone(), client.budget_key());
+        let limiter =
+            Limiter::new(options.rate, options.burst).shared(store.clone(), client.budget_key());
         Projector {
             limiter,
             store,
@@ -364,15 +363,10 @@ impl Projector {
     }
 
     async fn standby_then_lead(&self, shutdown: &CancellationToken) -> Result<(), ProjectorError> {
-        let options = self.store.pool().connect_options();
-        let mut conn = PgConnection::connect_with(&options).await?;
+        let mut locks = Locks::open(&self.store).await?;
         let mut announced = false;
         loop {
-            let acquired: bool =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                    .bind(self.lock_name())
-                    .fetch_one(&mut conn)
-                    .await?;
+            let acquired = locks.try_lock(&self.lock_name()).await?;
             self.metrics.set_healthy(true);
             if acquired {
                 break;
@@ -388,13 +382,11 @@ impl Projector {
         }
         tracing::info!(projector = %self.options.name, "leading");
         self.metrics.leader.set(1);
-        let lock_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?;
+        let holder = locks.holder().await?;
         // With a board: its card owner is whichever projector's leader holds its lock.
         let board_lock = self.board.as_ref().map(leadership::board_lock_name);
         let owns_board = match &board_lock {
-            Some(name) => leadership::try_lock(&mut conn, name).await?,
+            Some(name) => locks.try_lock(name).await?,
             None => false,
         };
         if board_lock.is_some() && !owns_board {
@@ -402,17 +394,17 @@ impl Projector {
                 "another projector owns the board's cards: this one mirrors its statuses to the cards that one makes"
             );
         }
-        // The lock lives as long as its connection: a watchdog pings it, and halts this
-        // leader as soon as it breaks (another instance may take the lock then).
+        // The locks live as long as they are kept: a watchdog keeps them, and halts this
+        // leader as soon as they are lost (another instance may take them then).
         let halt = Halt {
             stop: shutdown.child_token(),
             lock_lost: CancellationToken::new(),
-            lock_pid,
+            holder,
             owns_board: Arc::new(AtomicBool::new(owns_board)),
         };
         let done = CancellationToken::new();
         let watchdog = tokio::spawn(leadership::watch_lock(
-            conn,
+            locks,
             halt.clone(),
             done.clone(),
             board_lock,
@@ -430,11 +422,8 @@ impl Projector {
         );
         done.cancel();
         self.metrics.leader.set(0);
-        if let Ok(Some(mut conn)) = watchdog.await {
-            let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
-                .execute(&mut conn)
-                .await;
-            let _ = conn.close().await;
+        if let Ok(Some(locks)) = watchdog.await {
+            locks.release().await;
         }
         match result {
             Ok(()) if !shutdown.is_cancelled() => Err(ProjectorError::LeadershipLost(

@@ -1,5 +1,7 @@
-//! `notion-projector` started while PostgreSQL cannot be reached: within 2 s, one line on
-//! stderr that names the server, the cause and the fix, and exit code 1.
+//! `notion-projector` started while PostgreSQL cannot be reached: a service, it keeps
+//! trying and says so once per try; told not to wait (`--connect-timeout 0`), or facing a
+//! configuration error (a missing database), it answers within 2 s with one line on stderr
+//! that names the server, the cause and the fix, and exit code 1.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,8 +17,13 @@ struct Answer {
 }
 
 fn start_projector(database_url: &str) -> Answer {
+    start_projector_with(database_url, &[])
+}
+
+fn start_projector_with(database_url: &str, args: &[&str]) -> Answer {
     let start = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_notion-projector"))
+        .args(args)
         .env("DATABASE_URL", database_url)
         .env("NOTION_TOKEN", "ntn_test_token")
         .env("REEL_LOG", "warn")
@@ -48,16 +55,21 @@ fn assert_one_line_within_2s(answer: &Answer, expected: &[&str]) {
     }
 }
 
-#[test]
-fn the_projector_against_a_closed_port_says_postgres_is_not_running_and_how_to_start_it() {
-    // A port nothing listens on: the kernel picks a free one for a listener we then drop.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port nothing listens on: the kernel picks a free one for a listener we then drop.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
-        .port();
-    let answer = start_projector(&format!(
-        "postgres://postgres:s3cret-pw@127.0.0.1:{port}/postgres"
-    ));
+        .port()
+}
+
+#[test]
+fn the_projector_against_a_closed_port_says_postgres_is_not_running_and_how_to_start_it() {
+    let port = closed_port();
+    let answer = start_projector_with(
+        &format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/postgres"),
+        &["--connect-timeout", "0"],
+    );
     assert_one_line_within_2s(
         &answer,
         &[
@@ -85,4 +97,34 @@ fn the_projector_against_a_missing_database_says_reel_migrate_creates_it() {
             "`reel migrate` creates it",
         ],
     );
+}
+
+#[test]
+fn the_projector_keeps_trying_while_postgres_is_down_saying_so_once_per_try() {
+    let port = closed_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_notion-projector"))
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/postgres"),
+        )
+        .env("NOTION_TOKEN", "ntn_test_token")
+        .env("REEL_LOG", "warn")
+        .env_remove("REEL_CONNECT_TIMEOUT")
+        .env_remove("NOTION_PROJECTOR_METRICS_ADDR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run notion-projector");
+    std::thread::sleep(Duration::from_millis(3200));
+    let still_running = child.try_wait().expect("poll").is_none();
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(still_running, "it gave up: {stderr}");
+    let tries = stderr
+        .lines()
+        .filter(|l| l.contains("connection refused") && l.contains(&format!("127.0.0.1:{port}")))
+        .count();
+    // 0.5 s, 1 s, 2 s apart: three or four tries in 3.2 s, one line each.
+    assert!((2..=5).contains(&tries), "{tries} lines: {stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
 }

@@ -159,7 +159,7 @@ impl PgStore {
 
     /// Whether the store's connections keep their server sessions between transactions
     /// (no transaction pooler between them and PostgreSQL).
-    pub(crate) fn keeps_sessions(&self) -> bool {
+    pub fn keeps_sessions(&self) -> bool {
         self.named
     }
 
@@ -168,7 +168,7 @@ impl PgStore {
     /// transaction, not each connection, a server session, and an unnamed statement is
     /// parsed in one round trip and executed in the next (sqlx syncs between them), which
     /// must reach the same session.
-    pub(crate) async fn on_pool<T>(
+    pub async fn on_pool<T>(
         &self,
         work: impl AsyncFnOnce(&mut PgConnection) -> std::result::Result<T, sqlx::Error>,
     ) -> Result<T> {
@@ -182,9 +182,10 @@ impl PgStore {
         Ok(done)
     }
 
-    /// A statement of the store's: named and kept per connection, or unnamed behind a
-    /// transaction pooler (see [`PgStore::behind`]).
-    pub(crate) fn statement(
+    /// A statement as the store makes its own: named and kept per connection, or unnamed
+    /// behind a transaction pooler (see [`PgStore::behind`]). Sidecars run their own SQL
+    /// with it (and [`PgStore::on_pool`]), so that it works wherever the store does.
+    pub fn statement(
         &self,
         sql: &'static str,
     ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
@@ -192,7 +193,7 @@ impl PgStore {
     }
 
     /// [`PgStore::statement`] for one column of each row.
-    pub(crate) fn scalar<O>(
+    pub fn scalar<O>(
         &self,
         sql: &'static str,
     ) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, O, sqlx::postgres::PgArguments>
@@ -203,7 +204,7 @@ impl PgStore {
     }
 
     /// [`PgStore::statement`] for rows read as `O`.
-    pub(crate) fn rows_as<O>(
+    pub fn rows_as<O>(
         &self,
         sql: &'static str,
     ) -> sqlx::query::QueryAs<'static, sqlx::Postgres, O, sqlx::postgres::PgArguments>
@@ -237,9 +238,24 @@ impl PgStore {
         &self.clock
     }
 
-    /// Applies the embedded migrations (idempotent; safe to run from several processes).
+    /// Applies the embedded migrations (idempotent; safe to run from several processes:
+    /// they take a session advisory lock). Behind a transaction pooler they run over the
+    /// session pool (`REEL_DIRECT_DATABASE_URL`), and without one they are refused, saying
+    /// so: a lock taken in one pooled transaction may be left on a server session.
     pub async fn migrate(&self) -> Result<()> {
-        super::MIGRATOR.run(&self.pool).await?;
+        let pool = match (&self.session, self.named) {
+            (_, true) => &self.pool,
+            (Session::Direct(direct), false) => direct,
+            (_, false) => {
+                return Err(Error::InvalidInput(format!(
+                    "migrations need a session (they hold an advisory lock), which a \
+                     transaction pooler does not keep: set {} to a URL straight to \
+                     PostgreSQL, or run `reel migrate` with DATABASE_URL pointing there",
+                    crate::db::DIRECT_URL_VAR
+                )));
+            }
+        };
+        super::MIGRATOR.run(pool).await?;
         Ok(())
     }
 

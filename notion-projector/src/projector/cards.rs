@@ -137,16 +137,22 @@ impl Projector {
         board: &Board,
         task: TaskId,
     ) -> Result<Option<PageId>, ProjectorError> {
-        let page: Option<String> = sqlx::query_scalar(
-            "SELECT page_id FROM notion_cards \
+        let page: Option<String> = self
+            .store
+            .on_pool(async |c| {
+                self.store
+                    .scalar(
+                        "SELECT page_id FROM notion_cards \
               WHERE task_id = $1 AND (projector = $2 OR data_source = $3) \
               ORDER BY projector = $2 DESC, recorded_at LIMIT 1",
-        )
-        .bind(task.as_uuid())
-        .bind(&self.options.name)
-        .bind(&board.data_source)
-        .fetch_optional(self.store.pool())
-        .await?;
+                    )
+                    .bind(task.as_uuid())
+                    .bind(&self.options.name)
+                    .bind(&board.data_source)
+                    .fetch_optional(c)
+                    .await
+            })
+            .await?;
         Ok(page.and_then(|p| PageId::parse(&p).ok()))
     }
 
@@ -157,22 +163,28 @@ impl Projector {
         board: &Board,
         task: TaskId,
     ) -> Result<Option<Duration>, ProjectorError> {
-        let left: Option<f64> = sqlx::query_scalar(
+        let left: Option<f64> = self
+            .store
+            .on_pool(async |c| {
+                self.store.scalar(
             "SELECT extract(epoch FROM sent_at + make_interval(secs => $3) - now())::float8 \
                FROM notion_card_creates WHERE data_source = $1 AND task_id = $2",
         )
         .bind(&board.data_source)
         .bind(task.as_uuid())
         .bind(self.options.card_query_lag.as_secs_f64())
-        .fetch_optional(self.store.pool())
-        .await?;
+        .fetch_optional(c).await
+            })
+            .await?;
         Ok(left
             .filter(|left| *left > 0.0)
             .map(|left| Duration::try_from_secs_f64(left).unwrap_or_default()))
     }
 
     async fn note_create(&self, board: &Board, task: TaskId) -> Result<(), ProjectorError> {
-        sqlx::query(
+        self.store
+            .on_pool(async |c| {
+                self.store.statement(
             "INSERT INTO notion_card_creates (data_source, task_id, projector) VALUES ($1, $2, $3) \
              ON CONFLICT (data_source, task_id) DO UPDATE \
                 SET sent_at = now(), projector = EXCLUDED.projector",
@@ -180,16 +192,24 @@ impl Projector {
         .bind(&board.data_source)
         .bind(task.as_uuid())
         .bind(&self.options.name)
-        .execute(self.store.pool())
-        .await?;
+        .execute(c).await
+            })
+            .await?;
         Ok(())
     }
 
     async fn forget_create(&self, board: &Board, task: TaskId) -> Result<(), ProjectorError> {
-        sqlx::query("DELETE FROM notion_card_creates WHERE data_source = $1 AND task_id = $2")
-            .bind(&board.data_source)
-            .bind(task.as_uuid())
-            .execute(self.store.pool())
+        self.store
+            .on_pool(async |c| {
+                self.store
+                    .statement(
+                        "DELETE FROM notion_card_creates WHERE data_source = $1 AND task_id = $2",
+                    )
+                    .bind(&board.data_source)
+                    .bind(task.as_uuid())
+                    .execute(c)
+                    .await
+            })
             .await?;
         Ok(())
     }
@@ -223,8 +243,11 @@ impl Projector {
         page: &PageId,
         created: bool,
     ) -> Result<(), ProjectorError> {
-        sqlx::query(
-            "WITH recorded AS ( \
+        self.store
+            .on_pool(async |c| {
+                self.store
+                    .statement(
+                        "WITH recorded AS ( \
                 INSERT INTO notion_cards (projector, task_id, page_id, created, data_source) \
                 VALUES ($1, $2, $3, $4, $5) \
                 ON CONFLICT (projector, task_id) DO UPDATE \
@@ -232,14 +255,16 @@ impl Projector {
                        recorded_at = now() \
                 RETURNING 1) \
              DELETE FROM notion_card_creates WHERE data_source = $5 AND task_id = $2",
-        )
-        .bind(&self.options.name)
-        .bind(task.as_uuid())
-        .bind(page.as_str())
-        .bind(created)
-        .bind(&board.data_source)
-        .execute(self.store.pool())
-        .await?;
+                    )
+                    .bind(&self.options.name)
+                    .bind(task.as_uuid())
+                    .bind(page.as_str())
+                    .bind(created)
+                    .bind(&board.data_source)
+                    .execute(c)
+                    .await
+            })
+            .await?;
         Ok(())
     }
 
@@ -249,13 +274,16 @@ impl Projector {
         let Some(board) = &self.board else {
             return Ok(());
         };
-        sqlx::query(
+        self.store
+            .on_pool(async |c| {
+                self.store.statement(
             "UPDATE notion_cards SET data_source = $2 WHERE projector = $1 AND data_source IS NULL",
         )
         .bind(&self.options.name)
         .bind(&board.data_source)
-        .execute(self.store.pool())
-        .await?;
+        .execute(c).await
+            })
+            .await?;
         Ok(())
     }
 }

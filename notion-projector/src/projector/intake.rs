@@ -242,16 +242,22 @@ impl Projector {
 
     /// The task that owns the card `page` already, if any: the task intake made of it, or
     /// the task the projector made it for (whatever its Task ID shows now).
-    async fn owner_of_card(&self, page: &PageId) -> Result<Option<TaskId>, sqlx::Error> {
-        let owner: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE id = $2 \
+    async fn owner_of_card(&self, page: &PageId) -> Result<Option<TaskId>, engine::Error> {
+        let owner: Option<Uuid> = self
+            .store
+            .on_pool(async |c| {
+                self.store
+                    .scalar(
+                        "SELECT id FROM tasks WHERE id = $2 \
              UNION ALL SELECT task_id FROM notion_cards WHERE page_id = $1 \
              LIMIT 1",
-        )
-        .bind(page.as_str())
-        .bind(card_task(page).as_uuid())
-        .fetch_optional(self.store.pool())
-        .await?;
+                    )
+                    .bind(page.as_str())
+                    .bind(card_task(page).as_uuid())
+                    .fetch_optional(c)
+                    .await
+            })
+            .await?;
         Ok(owner.map(TaskId::from))
     }
 
@@ -266,13 +272,17 @@ impl Projector {
         task: TaskId,
         memory: &mut Memory,
     ) -> Result<Taken, CardError> {
-        let sent: bool = sqlx::query_scalar(
+        let sent: bool = self
+            .store
+            .on_pool(async |c| {
+                self.store.scalar(
             "SELECT EXISTS (SELECT 1 FROM notion_sync WHERE projector = $1 AND task_id = $2)",
         )
         .bind(&self.options.name)
         .bind(task.as_uuid())
-        .fetch_one(self.store.pool())
-        .await?;
+        .fetch_one(c).await
+            })
+            .await?;
         let looks = fingerprint(card);
         if !sent || memory.acted_lately(page, looks, Instant::now()) {
             return Ok(Taken::Skipped);

@@ -1,19 +1,30 @@
-//! What a leader holds: the leader lock (a session advisory lock on a connection of its
-//! own, pinged every second) and, with a board, the board's lock on the same session, which
-//! makes it the board's card owner. Several projectors may mirror one board (a Status and a
-//! Stage property, under two names); only the owner makes cards and takes cards in, so one
-//! board gets one card per task. A standby for the board's lock tries it every second; a
-//! dead owner's session ends, and another projector's leader takes the board over.
+//! What a leader holds: the leader lock and, with a board, the board's lock, which makes it
+//! the board's card owner. Several projectors may mirror one board (a Status and a Stage
+//! property, under two names); only the owner makes cards and takes cards in, so one board
+//! gets one card per task. A standby for the board's lock tries it every second; a dead
+//! owner's lock ends, and another projector's leader takes the board over.
+//!
+//! The locks are session advisory locks on a connection of their own (pinged every
+//! second), when the store has a session: a direct connection, or a session pooler. Behind
+//! a transaction pooler without `REEL_DIRECT_DATABASE_URL` there is no session to hold a
+//! lock in, and the locks are lease rows instead (`leader_leases`): taken when free or
+//! expired, renewed every second for [`LEASE_TTL`]. A leader paused past its lease (a long
+//! GC pause, a frozen VM) can overlap its successor until its next renewal fails; a
+//! session lock cannot, which is why the direct URL is the better set-up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use engine::PgStore;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use super::{Projector, ProjectorError};
 use crate::board::Board;
+
+/// How long a lease row holds a lock without being renewed (renewals come every second).
+pub(super) const LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// When a leader stops: `stop` (shutdown, or the lock lost) starts no new request;
 /// `lock_lost` also abandons the requests in flight, because another instance may lead
@@ -22,11 +33,20 @@ use crate::board::Board;
 pub(super) struct Halt {
     pub(super) stop: CancellationToken,
     pub(super) lock_lost: CancellationToken,
-    /// The lock session's backend: a request that must not go out twice (a card's create)
-    /// checks that this session still holds the locks right before it is sent.
-    pub(super) lock_pid: i32,
+    /// Who holds the locks: a request that must not go out twice (a card's create) checks
+    /// that they are still held right before it is sent.
+    pub(super) holder: Holder,
     /// Whether this leader owns the board's cards (holds the board's lock).
     pub(super) owns_board: Arc<AtomicBool>,
+}
+
+/// Who holds a leader's locks.
+#[derive(Clone, Debug)]
+pub(super) enum Holder {
+    /// A session's backend, holding advisory locks.
+    Session(i32),
+    /// A lease-row holder id (unique per leadership).
+    Lease(String),
 }
 
 impl Halt {
@@ -52,47 +72,154 @@ pub(super) fn board_lock_name(board: &Board) -> String {
     format!("reel/notion-board/{}", board.data_source)
 }
 
-/// Takes the lock `name` on `conn` if it is free (never waits).
-pub(super) async fn try_lock(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-        .bind(name)
-        .fetch_one(conn)
-        .await
+/// Where a leader's locks live.
+#[derive(Debug)]
+pub(super) enum Locks {
+    /// Session advisory locks on this connection.
+    Session(PgConnection),
+    /// Lease rows held as `holder`.
+    Lease { store: PgStore, holder: String },
 }
 
-/// Pings the lock connection every second (or, while another projector owns the board,
-/// tries the board's lock instead); on failure cancels `halt`. Returns the connection (to
-/// unlock it) when `done`.
+impl Locks {
+    /// A session of its own when the store has one, else lease rows.
+    pub(super) async fn open(store: &PgStore) -> Result<Locks, ProjectorError> {
+        match store.session_pool() {
+            Some(pool) => Ok(Locks::Session(
+                PgConnection::connect_with(&pool.connect_options()).await?,
+            )),
+            None => Ok(Locks::Lease {
+                store: store.clone(),
+                holder: format!("projector-{}", uuid::Uuid::new_v4()),
+            }),
+        }
+    }
+
+    /// Takes the lock `name` if it is free (never waits).
+    pub(super) async fn try_lock(&mut self, name: &str) -> Result<bool, ProjectorError> {
+        match self {
+            Locks::Session(conn) => Ok(sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            )
+            .bind(name)
+            .fetch_one(conn)
+            .await?),
+            Locks::Lease { store, holder } => {
+                const TAKE_SQL: &str = "INSERT INTO leader_leases AS l (name, holder, expires_at) \
+                     VALUES ($1, $2, now() + make_interval(secs => $3)) \
+                     ON CONFLICT (name) DO UPDATE \
+                        SET holder = excluded.holder, expires_at = excluded.expires_at \
+                      WHERE l.expires_at < now() OR l.holder = excluded.holder \
+                     RETURNING holder";
+                let taken: Option<String> = store
+                    .on_pool(async |c| {
+                        store
+                            .scalar(TAKE_SQL)
+                            .bind(name)
+                            .bind(holder.as_str())
+                            .bind(LEASE_TTL.as_secs_f64())
+                            .fetch_optional(c)
+                            .await
+                    })
+                    .await?;
+                Ok(taken.is_some())
+            }
+        }
+    }
+
+    /// Who holds these locks, for checks from other connections.
+    pub(super) async fn holder(&mut self) -> Result<Holder, ProjectorError> {
+        match self {
+            Locks::Session(conn) => Ok(Holder::Session(
+                sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(conn)
+                    .await?,
+            )),
+            Locks::Lease { holder, .. } => Ok(Holder::Lease(holder.clone())),
+        }
+    }
+
+    /// Keeps the locks: pings the session, or renews the leases. False: they are lost.
+    async fn keep(&mut self) -> Result<bool, ProjectorError> {
+        match self {
+            Locks::Session(conn) => {
+                conn.ping().await?;
+                Ok(true)
+            }
+            Locks::Lease { store, holder } => {
+                const RENEW_SQL: &str = "UPDATE leader_leases \
+                     SET expires_at = now() + make_interval(secs => $2) \
+                     WHERE holder = $1 AND expires_at >= now()";
+                let kept = store
+                    .on_pool(async |c| {
+                        store
+                            .statement(RENEW_SQL)
+                            .bind(holder.as_str())
+                            .bind(LEASE_TTL.as_secs_f64())
+                            .execute(c)
+                            .await
+                    })
+                    .await?;
+                Ok(kept.rows_affected() > 0)
+            }
+        }
+    }
+
+    /// Gives every lock up (best effort: they end with the session or the lease anyway).
+    pub(super) async fn release(self) {
+        match self {
+            Locks::Session(mut conn) => {
+                let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                    .execute(&mut conn)
+                    .await;
+                let _ = conn.close().await;
+            }
+            Locks::Lease { store, holder } => {
+                const RELEASE_SQL: &str = "DELETE FROM leader_leases WHERE holder = $1";
+                let _ = store
+                    .on_pool(async |c| {
+                        store
+                            .statement(RELEASE_SQL)
+                            .bind(holder.as_str())
+                            .execute(c)
+                            .await
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// Keeps the locks every second (or, while another projector owns the board, tries the
+/// board's lock); when they are lost or cannot be kept, cancels `halt`. Returns the locks
+/// (to release them) when `done`.
 pub(super) async fn watch_lock(
-    mut conn: PgConnection,
+    mut locks: Locks,
     halt: Halt,
     done: CancellationToken,
     board_lock: Option<String>,
-) -> Option<PgConnection> {
+) -> Option<Locks> {
     loop {
         tokio::select! {
-            _ = done.cancelled() => return Some(conn),
+            _ = done.cancelled() => return Some(locks),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let check = async {
-            match board_lock.as_deref().filter(|_| !halt.owns_board()) {
-                Some(name) => {
-                    if try_lock(&mut conn, name).await? {
-                        halt.owns_board.store(true, Ordering::SeqCst);
-                        tracing::info!(
-                            "owning the board's cards (the board's former owner stopped)"
-                        );
-                    }
-                    Ok::<(), sqlx::Error>(())
-                }
-                None => conn.ping().await,
+            let kept = locks.keep().await?;
+            if kept
+                && let Some(name) = board_lock.as_deref().filter(|_| !halt.owns_board())
+                && locks.try_lock(name).await?
+            {
+                halt.owns_board.store(true, Ordering::SeqCst);
+                tracing::info!("owning the board's cards (the board's former owner stopped)");
             }
+            Ok::<bool, ProjectorError>(kept)
         };
         if !matches!(
             tokio::time::timeout(Duration::from_secs(5), check).await,
-            Ok(Ok(()))
+            Ok(Ok(true))
         ) {
-            tracing::warn!("the leader lock's connection failed: stepping back");
+            tracing::warn!("the leader lock was lost or cannot be kept: stepping back");
             halt.owns_board.store(false, Ordering::SeqCst);
             halt.lock_lost.cancel();
             halt.stop.cancel();
@@ -102,26 +229,50 @@ pub(super) async fn watch_lock(
 }
 
 impl Projector {
-    /// Whether the lock session still holds the leader lock and the board's lock, asked
-    /// over another connection right before a request that must not go out twice: the
-    /// watchdog notices a lost session only at its next ping.
+    /// Whether the leader still holds the leader lock and the board's lock, asked over
+    /// another connection right before a request that must not go out twice: the watchdog
+    /// notices a lost lock only at its next round.
     pub(super) async fn still_owns_board(
         &self,
         halt: &Halt,
         board: &Board,
     ) -> Result<bool, ProjectorError> {
-        let held: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks \
-              WHERE locktype = 'advisory' AND granted AND pid = $1 AND objsubid = 1 \
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                AND ((classid::int8 << 32) | objid::int8) \
-                    IN (hashtextextended($2, 0), hashtextextended($3, 0))",
-        )
-        .bind(halt.lock_pid)
-        .bind(self.lock_name())
-        .bind(board_lock_name(board))
-        .fetch_one(self.store.pool())
-        .await?;
+        let (leader, board) = (self.lock_name(), board_lock_name(board));
+        let held: i64 = match &halt.holder {
+            Holder::Session(pid) => {
+                const SESSION_SQL: &str = "SELECT count(*) FROM pg_locks \
+                      WHERE locktype = 'advisory' AND granted AND pid = $1 AND objsubid = 1 \
+                        AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                        AND ((classid::int8 << 32) | objid::int8) \
+                            IN (hashtextextended($2, 0), hashtextextended($3, 0))";
+                self.store
+                    .on_pool(async |c| {
+                        self.store
+                            .scalar(SESSION_SQL)
+                            .bind(*pid)
+                            .bind(&leader)
+                            .bind(&board)
+                            .fetch_one(c)
+                            .await
+                    })
+                    .await?
+            }
+            Holder::Lease(holder) => {
+                const LEASE_SQL: &str = "SELECT count(*) FROM leader_leases \
+                      WHERE holder = $1 AND name IN ($2, $3) AND expires_at > now()";
+                self.store
+                    .on_pool(async |c| {
+                        self.store
+                            .scalar(LEASE_SQL)
+                            .bind(holder.as_str())
+                            .bind(&leader)
+                            .bind(&board)
+                            .fetch_one(c)
+                            .await
+                    })
+                    .await?
+            }
+        };
         Ok(held == 2 && !halt.lock_lost.is_cancelled())
     }
 }

@@ -46,7 +46,7 @@ impl Projector {
             return Ok((Vec::new(), Vec::new()));
         }
         let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
-        let rows: Vec<Known> = sqlx::query_as(
+        let rows: Vec<Known> = self.store.on_pool(async |c| self.store.rows_as(
             "SELECT u.id, NULLIF(btrim(t.notion_page_id), '') AS page, c.page_id AS card, \
                     s.applied_version AS applied \
                FROM unnest($1::uuid[]) AS u(id) \
@@ -59,8 +59,7 @@ impl Projector {
         .bind(&ids)
         .bind(&self.options.name)
         .bind(self.board.as_ref().map(|b| b.data_source.as_str()))
-        .fetch_all(self.store.pool())
-        .await?;
+        .fetch_all(c).await).await?;
         let known: HashMap<Uuid, Known> = rows.into_iter().map(|known| (known.id, known)).collect();
         let mut jobs = Vec::new();
         let mut up_to_date = Vec::new();
@@ -126,24 +125,26 @@ impl Projector {
     ) -> Result<(), ProjectorError> {
         let mut tx = self.store.pool().begin().await?;
         for failure in failures {
-            sqlx::query(
-                "INSERT INTO sync_failures \
+            self.store
+                .statement(
+                    "INSERT INTO sync_failures \
                     (projector, global_position, task_id, http_status, error, retryable) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (projector, global_position) DO UPDATE \
                     SET attempts = sync_failures.attempts + 1, http_status = EXCLUDED.http_status, \
                         error = EXCLUDED.error, retryable = EXCLUDED.retryable, \
                         failed_at = now(), resolved_at = NULL",
-            )
-            .bind(&self.options.name)
-            .bind(failure.position)
-            .bind(failure.task.as_uuid())
-            .bind(failure.http_status.map(i32::from))
-            .bind(&failure.error)
-            .bind(failure.retryable)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM sync_retries WHERE projector = $1 AND task_id = $2")
+                )
+                .bind(&self.options.name)
+                .bind(failure.position)
+                .bind(failure.task.as_uuid())
+                .bind(failure.http_status.map(i32::from))
+                .bind(&failure.error)
+                .bind(failure.retryable)
+                .execute(&mut *tx)
+                .await?;
+            self.store
+                .statement("DELETE FROM sync_retries WHERE projector = $1 AND task_id = $2")
                 .bind(&self.options.name)
                 .bind(failure.task.as_uuid())
                 .execute(&mut *tx)
@@ -152,14 +153,15 @@ impl Projector {
                 // A retry sends the task's latest status whatever row asked for it, so a
                 // failure no retry can fix (a 404, an undecodable event) after a 503 ends
                 // the task's retries instead of repeating them forever.
-                sqlx::query(
-                    "UPDATE sync_failures SET retryable = false \
+                self.store
+                    .statement(
+                        "UPDATE sync_failures SET retryable = false \
                       WHERE projector = $1 AND task_id = $2 AND resolved_at IS NULL AND retryable",
-                )
-                .bind(&self.options.name)
-                .bind(failure.task.as_uuid())
-                .execute(&mut *tx)
-                .await?;
+                    )
+                    .bind(&self.options.name)
+                    .bind(failure.task.as_uuid())
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         if let Some((from, to)) = advance {
@@ -183,7 +185,7 @@ impl Projector {
     /// Marks the task mirrored at the job's version, resolves its failures and ends its
     /// pending retry (unless it waits with a newer status), in one statement.
     pub(super) async fn record_synced(&self, job: &Job) -> Result<(), ProjectorError> {
-        sqlx::query(
+        self.store.on_pool(async |c| self.store.statement(
             "WITH synced AS ( \
                 INSERT INTO notion_sync (projector, task_id, applied_version, applied_status, synced_at) \
                 VALUES ($4, $1, $2, $3, now()) \
@@ -203,8 +205,7 @@ impl Projector {
         .bind(version_to_db(job.target.version))
         .bind(job.target.status.as_str())
         .bind(&self.options.name)
-        .execute(self.store.pool())
-        .await?;
+        .execute(c).await).await?;
         Ok(())
     }
 
@@ -217,8 +218,11 @@ impl Projector {
         error: &str,
         delay: Duration,
     ) -> Result<(), ProjectorError> {
-        sqlx::query(
-            "INSERT INTO sync_retries \
+        self.store
+            .on_pool(async |c| {
+                self.store
+                    .statement(
+                        "INSERT INTO sync_retries \
                 (projector, task_id, version, global_position, tries, due_at, http_status, error, \
                  unsettled_until) \
              VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, $8, \
@@ -229,22 +233,24 @@ impl Projector {
                     http_status = EXCLUDED.http_status, error = EXCLUDED.error, \
                     unsettled_until = EXCLUDED.unsettled_until, recorded_at = now() \
               WHERE sync_retries.version <= EXCLUDED.version",
-        )
-        .bind(&self.options.name)
-        .bind(job.target.task.as_uuid())
-        .bind(version_to_db(job.target.version))
-        .bind(job.target.position)
-        .bind(i32::try_from(job.tries).unwrap_or(i32::MAX))
-        .bind(delay.as_secs_f64())
-        .bind(http_status.map(i32::from))
-        .bind(error)
-        .bind(job.unsettled_until.map(|until| {
-            until
-                .saturating_duration_since(Instant::now())
-                .as_secs_f64()
-        }))
-        .execute(self.store.pool())
-        .await?;
+                    )
+                    .bind(&self.options.name)
+                    .bind(job.target.task.as_uuid())
+                    .bind(version_to_db(job.target.version))
+                    .bind(job.target.position)
+                    .bind(i32::try_from(job.tries).unwrap_or(i32::MAX))
+                    .bind(delay.as_secs_f64())
+                    .bind(http_status.map(i32::from))
+                    .bind(error)
+                    .bind(job.unsettled_until.map(|until| {
+                        until
+                            .saturating_duration_since(Instant::now())
+                            .as_secs_f64()
+                    }))
+                    .execute(c)
+                    .await
+            })
+            .await?;
         Ok(())
     }
 
@@ -273,14 +279,18 @@ impl Projector {
     /// before a crash), each with its tries so far and its due time, and the task's latest
     /// status. Rows with nothing left to send are deleted.
     pub(super) async fn load_retries(&self, queue: &mut SendQueue) -> Result<(), ProjectorError> {
-        let rows: Vec<(Uuid, i32, f64, Option<f64>)> = sqlx::query_as(
+        let rows: Vec<(Uuid, i32, f64, Option<f64>)> = self
+            .store
+            .on_pool(async |c| {
+                self.store.rows_as(
             "SELECT task_id, tries, GREATEST(extract(epoch FROM due_at - now()), 0)::float8, \
                     extract(epoch FROM unsettled_until - now())::float8 \
                FROM sync_retries WHERE projector = $1",
         )
         .bind(&self.options.name)
-        .fetch_all(self.store.pool())
-        .await?;
+        .fetch_all(c).await
+            })
+            .await?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -307,10 +317,17 @@ impl Projector {
         let (mut jobs, settled) = self.plan(targets, &mut failures).await?;
         jobs.extend(self.plan_owed(owed, &mut failures).await?);
         let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
-        sqlx::query("DELETE FROM sync_retries WHERE projector = $1 AND task_id = ANY($2)")
-            .bind(&self.options.name)
-            .bind(&ids)
-            .execute(self.store.pool())
+        self.store
+            .on_pool(async |c| {
+                self.store
+                    .statement(
+                        "DELETE FROM sync_retries WHERE projector = $1 AND task_id = ANY($2)",
+                    )
+                    .bind(&self.options.name)
+                    .bind(&ids)
+                    .execute(c)
+                    .await
+            })
             .await?;
         tracing::info!(retries = jobs.len(), "resuming pending retries");
         for job in jobs {
@@ -342,18 +359,24 @@ impl Projector {
     ) -> Result<(), ProjectorError> {
         // With each task, how long its last unclear request (no answer, 502/504) may still
         // land.
-        let rows: Vec<(Uuid, Option<f64>)> = sqlx::query_as(
-            "SELECT task_id, extract(epoch FROM \
+        let rows: Vec<(Uuid, Option<f64>)> = self
+            .store
+            .on_pool(async |c| {
+                self.store
+                    .rows_as(
+                        "SELECT task_id, extract(epoch FROM \
                     max(failed_at) FILTER (WHERE http_status IS NULL OR http_status IN (502, 504)) \
                     + make_interval(secs => $2) - now())::float8 \
                FROM sync_failures \
               WHERE projector = $1 AND resolved_at IS NULL AND retryable \
               GROUP BY task_id ORDER BY max(failed_at), task_id LIMIT 100",
-        )
-        .bind(&self.options.name)
-        .bind(self.options.late_write_window.as_secs_f64())
-        .fetch_all(self.store.pool())
-        .await?;
+                    )
+                    .bind(&self.options.name)
+                    .bind(self.options.late_write_window.as_secs_f64())
+                    .fetch_all(c)
+                    .await
+            })
+            .await?;
         let now = Instant::now();
         let unsettled: HashMap<TaskId, Instant> = rows
             .iter()
@@ -375,14 +398,19 @@ impl Projector {
         let (jobs, settled) = self.plan(targets, &mut failures).await?;
         if !settled.is_empty() {
             let ids: Vec<Uuid> = settled.iter().map(TaskId::as_uuid).collect();
-            sqlx::query(
-                "UPDATE sync_failures SET resolved_at = now() \
+            self.store
+                .on_pool(async |c| {
+                    self.store
+                        .statement(
+                            "UPDATE sync_failures SET resolved_at = now() \
                   WHERE projector = $1 AND task_id = ANY($2) AND resolved_at IS NULL",
-            )
-            .bind(&self.options.name)
-            .bind(&ids)
-            .execute(self.store.pool())
-            .await?;
+                        )
+                        .bind(&self.options.name)
+                        .bind(&ids)
+                        .execute(c)
+                        .await
+                })
+                .await?;
         }
         // One try each, beside fresh changes: a pass over many failures never holds them back.
         for job in jobs {

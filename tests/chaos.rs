@@ -2,14 +2,13 @@
 //! still reaches final_review and every item is recorded exactly once. And SIGTERM: the
 //! item in flight finishes, the lease is released, another worker resumes at once.
 
-use std::collections::HashMap;
 mod common;
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use engine::Event;
 use engine::testing::TestDatabase;
-use engine::{Event, PgStore, TaskId, TaskStatus};
 use rand::Rng;
 
 fn spawn_worker(
@@ -19,64 +18,6 @@ fn spawn_worker(
     time_scale: &str,
 ) -> Child {
     common::spawn_reel_worker(db.url(), id, artifacts, time_scale, &["--lease-ttl", "2"])
-}
-
-/// Every task in final_review, and each (step, item) of its current runs completed once.
-async fn assert_exactly_once(store: &PgStore, tasks: &[TaskId]) {
-    for &task in tasks {
-        let events = store.read_stream(task, 1).await.expect("read");
-        let state = engine::fold(&events);
-        assert_eq!(state.status(), TaskStatus::FINAL_REVIEW, "task {task}");
-        let audit = engine::audit::audit(task, &events);
-        assert!(audit.is_clean(), "task {task}: {:?}", audit.violations);
-        let mut completions: HashMap<(String, u32), u32> = HashMap::new();
-        for event in &events {
-            if let Event::ItemCompleted { step, item, .. } = &event.event {
-                *completions.entry((step.clone(), *item)).or_default() += 1;
-            }
-        }
-        assert_eq!(
-            completions.len(),
-            22 + 1 + 18 + 18 + 18 + 1,
-            "task {task}: every item completed"
-        );
-        let twice: Vec<_> = completions.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            twice.is_empty(),
-            "task {task}: completed more than once: {twice:?}"
-        );
-        assert_assembly_built_on_the_log(&state, task);
-    }
-}
-
-/// The assembly read every clip, narration and SFX from the log — whichever worker, in
-/// whichever process, recorded them — and its output names exactly those artifacts.
-fn assert_assembly_built_on_the_log(state: &engine::TaskState, task: TaskId) {
-    let recorded: Vec<String> = ["video", "narration", "sfx"]
-        .into_iter()
-        .flat_map(|step| {
-            state
-                .step(step)
-                .map(|s| {
-                    s.items
-                        .values()
-                        .map(|r| r.artifact.clone())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        })
-        .collect();
-    assert_eq!(recorded.len(), 54, "task {task}");
-    let assembly = state.step("assembly").and_then(|s| s.items.get(&1));
-    let sources = assembly
-        .and_then(|record| record.output.as_ref())
-        .and_then(|output| output.get("sources"))
-        .cloned();
-    assert_eq!(
-        sources,
-        Some(serde_json::json!(recorded)),
-        "task {task}: the assembly's sources are the recorded artifacts"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +62,7 @@ async fn sigkill_workers_at_random_and_every_item_completes_exactly_once() {
     for worker in &mut workers {
         common::wait_for_success(worker, Duration::from_secs(90)).await;
     }
-    assert_exactly_once(&store, &tasks).await;
+    common::assert_videos_exactly_once(&store, &tasks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

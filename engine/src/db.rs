@@ -223,11 +223,26 @@ fn explain(options: &PgConnectOptions, err: &sqlx::Error) -> (String, String) {
         sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             ("connection refused".to_owned(), START_HINT)
         }
+        // A refused certificate arrives as an I/O error from the TLS handshake.
+        sqlx::Error::Io(io) if looks_like_tls(&io.to_string()) => (format!("TLS: {io}"), TLS_HINT),
         sqlx::Error::Io(io) => (io.to_string(), START_HINT),
         sqlx::Error::Database(refusal) => explain_refusal(options, refusal.as_ref()),
+        sqlx::Error::Tls(tls) => (format!("TLS: {tls}"), TLS_HINT),
         other => (other.to_string(), "check DATABASE_URL"),
     };
     (cause.replace('\n', " "), hint.to_owned())
+}
+
+/// What to check when the server's certificate is refused.
+const TLS_HINT: &str = "check sslrootcert (the CA that signed the server's certificate) and \
+    that the host in DATABASE_URL is one the certificate names";
+
+/// Whether an I/O error's text is a TLS handshake's refusal.
+fn looks_like_tls(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    ["certificate", "handshake", "tls", "ssl"]
+        .iter()
+        .any(|word| text.contains(word))
 }
 
 /// The server answered and refused the session (SQLSTATE class 28, 3D, 57, ...).

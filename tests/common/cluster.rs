@@ -10,10 +10,20 @@ pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// Server settings beyond the defaults (`-c name=value`).
+    settings: Vec<String>,
 }
 
 impl Cluster {
     pub fn start() -> Result<Cluster, String> {
+        Cluster::start_with(|_| Ok(Vec::new()))
+    }
+
+    /// A cluster whose server also gets the settings `prepare` returns (`name=value`);
+    /// `prepare` gets the cluster's directory (owned by the server's user) to put files in.
+    pub fn start_with(
+        prepare: impl FnOnce(&Path) -> Result<Vec<String>, String>,
+    ) -> Result<Cluster, String> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .map_err(|e| format!("no PostgreSQL binaries in /usr/lib/postgresql: {e}"))?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -22,12 +32,24 @@ impl Cluster {
             .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
         let dir = std::env::temp_dir().join(format!("reel-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut cluster = Cluster { bin, dir, port: 0 };
+        let mut cluster = Cluster {
+            bin,
+            dir,
+            port: 0,
+            settings: Vec::new(),
+        };
         if is_root() {
             run(Command::new("chown").arg("postgres").arg(&cluster.dir))?;
         }
         let data = cluster.dir.join("data");
         cluster.pg(&["initdb", "-D", path(&data), "-A", "trust", "-U", "postgres"])?;
+        cluster.settings = prepare(&cluster.dir)?;
+        if is_root() {
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(&cluster.dir))?;
+        }
         // Every cluster needs its own port: `cargo test` runs this file's tests in one
         // process, at the same time. A port that was free a moment ago can be taken before
         // PostgreSQL binds it, so a failed start tries another one.
@@ -42,6 +64,10 @@ impl Cluster {
         Err(failures.join("\n"))
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
@@ -49,11 +75,14 @@ impl Cluster {
     pub fn ctl(&self, action: &str) -> Result<(), String> {
         let data = self.dir.join("data");
         let log = self.dir.join("log");
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {}",
             self.port,
             path(&self.dir)
         );
+        for setting in &self.settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         self.pg(&[
             "pg_ctl",
             "-D",

@@ -351,3 +351,73 @@ pub fn one_step(store: &PgStore, workflow: &str, step: engine::Step) -> Orchestr
         Registry::new().register(engine::Workflow::new(workflow).step(step)),
     )
 }
+
+/// Every task in final_review, and each (step, item) of its current runs completed once.
+pub async fn assert_videos_exactly_once(store: &PgStore, tasks: &[TaskId]) {
+    for &task in tasks {
+        let events = store.read_stream(task, 1).await.expect("read");
+        let state = engine::fold(&events);
+        assert_eq!(state.status(), TaskStatus::FINAL_REVIEW, "task {task}");
+        let audit = engine::audit::audit(task, &events);
+        assert!(audit.is_clean(), "task {task}: {:?}", audit.violations);
+        let mut completions: HashMap<(String, u32), u32> = HashMap::new();
+        for event in &events {
+            if let Event::ItemCompleted { step, item, .. } = &event.event {
+                *completions.entry((step.clone(), *item)).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            completions.len(),
+            22 + 1 + 18 + 18 + 18 + 1,
+            "task {task}: every item completed"
+        );
+        let twice: Vec<_> = completions.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "task {task}: completed more than once: {twice:?}"
+        );
+        assert_assembly_built_on_the_log(&state, task);
+    }
+}
+
+/// The assembly read every clip, narration and SFX from the log — whichever worker, in
+/// whichever process, recorded them — and its output names exactly those artifacts.
+fn assert_assembly_built_on_the_log(state: &engine::TaskState, task: TaskId) {
+    let recorded: Vec<String> = ["video", "narration", "sfx"]
+        .into_iter()
+        .flat_map(|step| {
+            state
+                .step(step)
+                .map(|s| {
+                    s.items
+                        .values()
+                        .map(|r| r.artifact.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(recorded.len(), 54, "task {task}");
+    let assembly = state.step("assembly").and_then(|s| s.items.get(&1));
+    let sources = assembly
+        .and_then(|record| record.output.as_ref())
+        .and_then(|output| output.get("sources"))
+        .cloned();
+    assert_eq!(
+        sources,
+        Some(serde_json::json!(recorded)),
+        "task {task}: the assembly's sources are the recorded artifacts"
+    );
+}
+
+/// Polls until `check` holds; the time it took, or `None` after `within`.
+pub async fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() <= within {
+        if check() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}

@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pgbouncer::Bouncer;
 use engine::db::Pooler;
+use engine::testing::PgBouncer as Bouncer;
 use engine::testing::TestDatabase;
 use engine::{Event, PgStore, TaskId, TaskStatus, fold};
 use notion_projector::fake::{FakeNotion, FakeNotionOptions};

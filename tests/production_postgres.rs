@@ -353,3 +353,106 @@ async fn a_worker_and_a_projector_started_while_postgres_is_stopped_do_their_wor
     .expect("the projector synced the page once PostgreSQL was up");
     projector.abort();
 }
+
+/// The most connections named `application_name` open at once while `running` is true,
+/// sampled every 20 ms.
+async fn peak_connections(
+    pool: &sqlx::PgPool,
+    application_name: &str,
+    mut running: impl FnMut() -> bool,
+) -> i64 {
+    let mut peak = 0;
+    while running() {
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(application_name)
+                .fetch_one(pool)
+                .await
+                .expect("count connections");
+        peak = peak.max(open);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    peak
+}
+
+/// docs/production-postgres.md, "Connections": a worker with `--concurrency 4` running 12
+/// videos opens at most max(4 + 4, 8) + 1 connections (its pool and LISTEN), and a
+/// projector at most 4 + 2 (its pool, its locks' session and LISTEN), counted in
+/// `pg_stat_activity` by the `application_name` their URLs carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_stay_within_what_the_docs_say() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let page = uuid::Uuid::new_v4().simple().to_string();
+    for n in 0..12 {
+        let mut task = NewTask::new(
+            steps::WORKFLOW,
+            ChannelId::parse("history").expect("channel"),
+            serde_json::json!({"topic": format!("Byzantium {n}"), "faults": []}),
+        );
+        task.notion_page_id = (n == 0).then(|| page.clone());
+        store.create_task(task).await.expect("submit");
+    }
+    let named = |name: &str| {
+        let separator = if db.url().contains('?') { '&' } else { '?' };
+        format!("{}{separator}application_name={name}", db.url())
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["worker", "--until-idle", "--concurrency", "4"])
+        .env("DATABASE_URL", named("docs-worker"))
+        .env("REEL_ARTIFACTS", dir.path())
+        .env("REEL_TIME_SCALE", "0.0002")
+        .env("REEL_LOG", "warn")
+        .env_remove("REEL_POOLER")
+        .env_remove("REEL_DIRECT_DATABASE_URL")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start reel worker");
+    let mut exited = None;
+    let worker_peak = peak_connections(db.pool(), "docs-worker", || {
+        exited = worker.try_wait().expect("poll the worker");
+        exited.is_none()
+    })
+    .await;
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status <> 'final_review'")
+            .fetch_one(db.pool())
+            .await
+            .expect("count tasks");
+    assert_eq!(queued, 0, "every video reached final review");
+    eprintln!("worker --concurrency 4: at most {worker_peak} connections");
+    assert!((2..=9).contains(&worker_peak), "{worker_peak}");
+
+    let notion = FakeNotion::start(FakeNotionOptions::default())
+        .await
+        .expect("fake Notion");
+    notion.add_page(&page);
+    let config = <notion_projector::Config as clap::Parser>::try_parse_from([
+        "notion-projector",
+        "--database-url",
+        &named("docs-projector"),
+        "--notion-token",
+        &notion.token(),
+        "--notion-api-url",
+        &notion.url(),
+        "--poll-interval",
+        "200ms",
+    ])
+    .expect("projector flags");
+    let projector = tokio::spawn(notion_projector::run(config));
+    let started = Instant::now();
+    let projector_peak = peak_connections(db.pool(), "docs-projector", || {
+        started.elapsed() < Duration::from_secs(5)
+    })
+    .await;
+    projector.abort();
+    assert_eq!(
+        notion.page_value(&page).as_deref(),
+        Some("Final Review"),
+        "the projector worked while it was counted"
+    );
+    eprintln!("notion-projector: at most {projector_peak} connections");
+    assert!((2..=6).contains(&projector_peak), "{projector_peak}");
+}

@@ -12,6 +12,10 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection};
 
 use crate::store::{MIGRATOR, PgStore};
 
+mod pgbouncer;
+
+pub use pgbouncer::PgBouncer;
+
 /// Test databases older than this are left-overs of killed runs and are dropped.
 const STALE_AFTER: Duration = Duration::from_secs(3 * 3600);
 

@@ -4,12 +4,13 @@
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
-//! (store, engine, worker, breakdown, projector, jobs, audit) runs one group of rows.
+//! (store, engine, worker, breakdown, projector, jobs, pooler, audit) runs one group of rows.
 
 mod audit_bench;
 mod breakdown_bench;
 mod engine_bench;
 mod jobs_bench;
+mod pooler_bench;
 mod projector_bench;
 mod store_bench;
 mod wire;
@@ -109,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("jobs") {
         jobs_bench::run(&mut report, &pool, quick).await?;
+    }
+    if runs("pooler") {
+        pooler_bench::run(&mut report, &pool, &store, quick).await?;
     }
     if runs("audit") {
         audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;

@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::notion::{NotionClient, NotionError, PropertyType};
 use crate::queue::{Job, Origin, SendQueue};
 
-use leadership::{Halt, Locks};
+use leadership::{Halt, Locks, SideLock};
 use send::{Attempt, Outcome};
 
 /// The longest `Retry-After` honoured as given (Notion's workspace limit may ask for more
@@ -147,8 +147,9 @@ pub enum ProjectorError {
     },
 }
 
-/// Batches read ahead of the checkpoint at most (a request that hangs until its timeout
-/// holds the checkpoint, and this bounds what a crash then reads again).
+/// Batches open at once at most. A request that hangs until its timeout holds the
+/// checkpoint; reading goes on, and once this many batches wait, each new read joins the
+/// youngest one, so memory stays bounded while the other tasks' statuses keep flowing.
 const MAX_OPEN_BATCHES: usize = 64;
 
 /// Waits after stepping back (database outage, lost lock, moved checkpoint): 100 ms
@@ -179,6 +180,16 @@ struct Batch {
     failures: Vec<Failure>,
 }
 
+impl Batch {
+    /// Takes in a later read of the same id (see [`MAX_OPEN_BATCHES`]).
+    fn join(&mut self, later: Batch) {
+        debug_assert_eq!(self.id, later.id);
+        self.end = later.end;
+        self.outstanding += later.outstanding;
+        self.failures.extend(later.failures);
+    }
+}
+
 /// What a leader holds between two turns of its loop.
 struct Leading<'a> {
     checkpoint: Checkpoint,
@@ -189,8 +200,8 @@ struct Leading<'a> {
     reading: Option<Reading>,
     queue: SendQueue,
     /// Batches whose checkpoints wait for their jobs' first tries, oldest first. Reading
-    /// goes on meanwhile (up to [`MAX_OPEN_BATCHES`]): one slow request holds back the
-    /// checkpoint, never the other tasks' statuses.
+    /// goes on meanwhile (past [`MAX_OPEN_BATCHES`], reads join the youngest): one slow
+    /// request holds back the checkpoint, never the other tasks' statuses.
     batches: VecDeque<Batch>,
     /// The id of the next batch read.
     next_batch: u64,
@@ -394,6 +405,22 @@ impl Projector {
                 "another projector owns the board's cards: this one mirrors its statuses to the cards that one makes"
             );
         }
+        // With intake on: whichever such projector's leader holds the board's intake lock
+        // takes its new cards in.
+        let intake_lock = self
+            .board
+            .as_ref()
+            .filter(|board| board.intake.is_some())
+            .map(leadership::intake_lock_name);
+        let takes_in = match &intake_lock {
+            Some(name) => locks.try_lock(name).await?,
+            None => false,
+        };
+        if intake_lock.is_some() && !takes_in {
+            tracing::info!(
+                "another projector takes the board's new cards in: this one stands by for it"
+            );
+        }
         // The locks live as long as they are kept: a watchdog keeps them, and halts this
         // leader as soon as they are lost (another instance may take them then).
         let halt = Halt {
@@ -401,13 +428,27 @@ impl Projector {
             lock_lost: CancellationToken::new(),
             holder,
             owns_board: Arc::new(AtomicBool::new(owns_board)),
+            takes_in: Arc::new(AtomicBool::new(takes_in)),
         };
+        let side_locks = board_lock
+            .map(|name| SideLock {
+                name,
+                held: halt.owns_board.clone(),
+                taken_over: "owning the board's cards (the board's former owner stopped)",
+            })
+            .into_iter()
+            .chain(intake_lock.map(|name| SideLock {
+                name,
+                held: halt.takes_in.clone(),
+                taken_over: "taking the board's new cards in (the former intake stopped)",
+            }))
+            .collect();
         let done = CancellationToken::new();
         let watchdog = tokio::spawn(leadership::watch_lock(
             locks,
             halt.clone(),
             done.clone(),
-            board_lock,
+            side_locks,
         ));
         // Intake runs beside the leader and stops with it (it shares the limiter, yielding
         // to status changes).
@@ -476,12 +517,24 @@ impl Projector {
                     let page = page?;
                     self.metrics.set_healthy(true);
                     if let Some(end) = page.end {
-                        let id = leading.next_batch;
-                        leading.next_batch += 1;
+                        // At the cap, the read joins the youngest open batch: its checkpoint
+                        // then waits for both, which only widens what a crash reads again.
+                        let joined = leading
+                            .batches
+                            .back()
+                            .map(|youngest| youngest.id)
+                            .filter(|_| leading.batches.len() >= MAX_OPEN_BATCHES);
+                        let id = joined.unwrap_or_else(|| {
+                            leading.next_batch += 1;
+                            leading.next_batch - 1
+                        });
                         let batch = self
                             .read_batch(id, page.events, end, &mut leading.queue, halt.owns_board())
                             .await?;
-                        leading.batches.push_back(batch);
+                        match leading.batches.back_mut().filter(|_| joined.is_some()) {
+                            Some(youngest) => youngest.join(batch),
+                            None => leading.batches.push_back(batch),
+                        }
                     }
                 }
             }
@@ -521,7 +574,7 @@ impl Projector {
 
     /// Between two turns of the loop: commits the oldest batches whose jobs all had their
     /// first try (in one transaction), asks the limiter for a turn when a job is ready and a
-    /// slot is free, and starts the next read unless too many batches are open.
+    /// slot is free, and starts the next read.
     async fn prepare_turn<'a>(&'a self, leading: &mut Leading<'a>) -> Result<(), ProjectorError> {
         let mut end = None;
         let mut failures = Vec::new();
@@ -541,8 +594,7 @@ impl Projector {
         if leading.turn.is_none() && leading.may_send() && leading.queue.has_ready(Instant::now()) {
             leading.turn = Some(Box::pin(self.limiter.acquire()));
         }
-        if leading.batches.len() < MAX_OPEN_BATCHES
-            && !leading.stopping
+        if !leading.stopping
             && let Some(mut following) = leading.subscription.take()
         {
             leading.reading = Some(Box::pin(async move {

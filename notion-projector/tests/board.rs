@@ -12,7 +12,7 @@ use common::process::Process;
 use common::*;
 use engine::TaskStatus;
 use notion_projector::fake::Fault;
-use notion_projector::{BoardOptions, Metrics, Projector};
+use notion_projector::{BoardOptions, Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 
 /// 10 tasks submitted without pages: 10 cards, each with its Task ID and its final status,
@@ -451,4 +451,53 @@ async fn a_create_whose_answer_was_cut_makes_no_second_card_while_the_query_lags
         pending, 0,
         "the unanswered create is settled once the card is found"
     );
+}
+
+/// Review of issue 26: the pending create was stamped before the wait for the create's
+/// turn, so the window in which a lost answer is only looked for (`card_query_lag`) was
+/// partly spent before the create left. At 0.3 requests/s (a turn every 3.7 s), with the
+/// board's query lagging 5 s and a 6 s window: the look one turn after the cut answer
+/// found the window over and made a second card. Stamped when the create leaves, the
+/// window covers the lag, and the card is found instead.
+#[tokio::test]
+async fn the_wait_for_a_lost_create_counts_from_when_it_left() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let task = new_task(&store, None).await;
+    let options = ProjectorOptions {
+        rate: 0.3,
+        card_query_lag: Duration::from_secs(6),
+        ..fast_options()
+    };
+    let projector = open_board(&store, client(&notion), &board, None, options).await;
+    notion.set_query_lag(Duration::from_secs(5));
+    // The first query passes; the create is applied, its answer cut.
+    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
+    let running = run(projector);
+    let ours = || {
+        notion
+            .cards(&board)
+            .into_iter()
+            .filter(|c| text(c, "Task ID") == Some(task.to_string()))
+            .count()
+    };
+    wait_for(Duration::from_secs(15), || ours() >= 1)
+        .await
+        .expect("the card is made");
+    // Until the unanswered create is settled: its card found, or a second one made.
+    let mut settled = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !settled && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM notion_card_creates")
+            .fetch_one(store.pool())
+            .await
+            .expect("count pending creates");
+        settled = pending == 0;
+    }
+    running.stop().await;
+    assert!(settled, "the unanswered create was settled");
+    assert_eq!(ours(), 1, "one card: {:#?}", notion.cards(&board));
 }

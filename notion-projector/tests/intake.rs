@@ -12,6 +12,7 @@ use common::board::*;
 use common::process::Process;
 use common::*;
 use engine::TaskStatus;
+use notion_projector::ProjectorOptions;
 use notion_projector::fake::{FakeBoard, FakeNotion};
 use serde_json::{Value, json};
 
@@ -467,4 +468,92 @@ async fn intake_of_mixed_cards_across_twelve_sigkills_makes_each_good_card_one_t
     }
     let cards: Vec<Value> = notion.cards(&board);
     assert_eq!(cards.len(), good.len() + bad.len() + 1, "no card was made");
+}
+
+/// Review of issue 26: a task submitted by hand with a card's page as its Notion page
+/// (`reel submit --notion-page`, here the page's URL) while the card sits Queued with an
+/// empty Task ID. Intake must see that the card has its task: no second task, and the
+/// card gets that task's id. (Before: intake made a second task of the card.)
+#[tokio::test]
+async fn a_card_a_submitted_task_names_as_its_page_never_becomes_a_second_task() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let page = notion
+        .add_card(&board, card("Volcanoes"))
+        .expect("add card");
+    let url = format!("https://www.notion.so/Volcanoes-{}", page.replace('-', ""));
+    let task = new_task(&store, Some(&url)).await;
+    let running = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    let written = wait_for(Duration::from_secs(10), || {
+        text(&card_by_id(&notion, &board, &page), "Task ID") == Some(task.to_string())
+    })
+    .await;
+    // A few more passes: nothing else happens.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.stop().await;
+    assert_eq!(task_count(&store).await, 1, "no second task for the card");
+    assert!(
+        written.is_some(),
+        "the card shows its task's id: {:#?}",
+        notion.cards(&board)
+    );
+}
+
+/// Review of issue 26: two projectors on one board, and the one that owns the board's
+/// cards has no intake (it mirrors a second property). The one with intake must still take
+/// the new cards in. (Before: only the card owner took cards in, so none was.)
+#[tokio::test]
+async fn intake_runs_on_the_projector_that_has_it_whoever_owns_the_cards() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let mirror_only = spawn_with_board_options(
+        &store,
+        &notion,
+        &board,
+        None,
+        ProjectorOptions {
+            name: "mirror".into(),
+            ..fast_options()
+        },
+    )
+    .await;
+    // It leads and owns the board's cards (two advisory locks) before the other starts.
+    let mut owns = false;
+    for _ in 0..100 {
+        let locks: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("count advisory locks");
+        if locks >= 2 {
+            owns = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(owns, "the first projector owns the board");
+    let with_intake = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    let mut cards = Vec::new();
+    for n in 0..3 {
+        cards.push(
+            notion
+                .add_card(&board, card(&format!("Rivers {n}")))
+                .expect("add card"),
+        );
+    }
+    let taken = wait_written_back(&store, &notion, &board, &cards, Duration::from_secs(15)).await;
+    with_intake.stop().await;
+    mirror_only.stop().await;
+    assert!(
+        taken,
+        "every card became a task: {:#?}",
+        notion.cards(&board)
+    );
+    assert_eq!(task_count(&store).await, 3);
 }

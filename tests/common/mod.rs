@@ -4,7 +4,6 @@
 
 pub mod cluster;
 pub mod fake_jobs;
-pub mod pgbouncer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

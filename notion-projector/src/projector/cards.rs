@@ -98,9 +98,14 @@ impl Projector {
             return Ok(Ok(Card::NotYet(wait, WAITING_FOR_QUERY)));
         }
         let (title, channel) = self.card_text(task).await?;
+        // The create's own turn first: the pending create is stamped when it leaves, so
+        // the wait for the card to show in the query counts from then, however long the
+        // turn took (a stamp before the wait could end that window before the create was
+        // even sent, and a lost answer would then make a second card).
+        let turn = self.limiter.acquire().await;
         // Before the one request that must not go out twice: the watchdog would notice a
         // lost lock only at its next ping (and while this waits for its turn, a lost lock
-        // abandons it). Checked before the turn, so the create leaves on its turn.
+        // abandons it).
         if !self.still_owns_board(halt, board).await? {
             if halt.stop.is_cancelled() {
                 return Ok(Ok(Card::Abandoned));
@@ -109,8 +114,10 @@ impl Projector {
             // resumes it), never drop the job while this leader goes on.
             return Ok(Ok(Card::NotYet(look_again, LOCKS_NOT_HELD)));
         }
+        // Stamped right before it leaves (one statement): a turn made late by the check is
+        // taken again first.
+        self.limiter.on_time(turn).await;
         self.note_create(board, task).await?;
-        self.limiter.acquire().await;
         let created = board
             .create_card(&self.client, &id, &title, &channel, &job.target.display)
             .await;

@@ -8,7 +8,7 @@
 //!
 //! Each card is taken on its own: a card whose request or submit fails is logged and rests
 //! (its own backoff) while the cards after it go on. Every request yields to status changes.
-//! Only the board's card owner (see `leadership`) takes cards in.
+//! Only the holder of the board's intake lock (see `leadership`) takes cards in.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -75,21 +75,24 @@ struct Memory {
     /// Cards just marked or given their Task ID back: the card's properties as seen then,
     /// and when.
     acted: HashMap<PageId, (u64, Instant)>,
-    /// Cards whose handling failed: failures in a row, and when to try again.
-    resting: HashMap<PageId, (u32, Instant)>,
+    /// Cards whose handling failed: failures in a row, when to try again, and how long the
+    /// rest was (the count is kept for as long again after it, so the next failure rests
+    /// longer).
+    resting: HashMap<PageId, (u32, Instant, Duration)>,
 }
 
 impl Memory {
     fn rests(&self, page: &PageId, now: Instant) -> bool {
         self.resting
             .get(page)
-            .is_some_and(|(_, until)| *until > now)
+            .is_some_and(|(_, until, _)| *until > now)
     }
 
     fn rest(&mut self, page: &PageId, interval: Duration, now: Instant) -> Duration {
-        let failures = self.resting.get(page).map_or(0, |(n, _)| *n) + 1;
+        let failures = self.resting.get(page).map_or(0, |(n, _, _)| *n) + 1;
         let wait = interval * 2u32.saturating_pow(failures - 1).min(MAX_REST_INTERVALS);
-        self.resting.insert(page.clone(), (failures, now + wait));
+        self.resting
+            .insert(page.clone(), (failures, now + wait, wait));
         wait
     }
 
@@ -103,7 +106,11 @@ impl Memory {
     fn forget_old(&mut self, now: Instant) {
         self.acted
             .retain(|_, (_, at)| now.duration_since(*at) < ACTED_GRACE);
-        self.resting.retain(|_, (_, until)| *until > now);
+        // A card that failed again right after its rest must rest longer: its count goes
+        // only once it has not failed for as long again (it was fixed, or left the intake
+        // status).
+        self.resting
+            .retain(|_, (_, until, wait)| *until + *wait > now);
     }
 }
 
@@ -115,8 +122,9 @@ impl Projector {
         let mut memory = Memory::default();
         tracing::info!(data_source = %board.data_source, status = %options.status, every = ?options.interval, "taking in new cards");
         loop {
-            // Only the board's card owner takes cards in (one task and one write per card).
-            if !halt.owns_board() {
+            // Only the holder of the board's intake lock takes cards in (one task and one
+            // write per card).
+            if !halt.takes_in() {
                 tokio::select! {
                     _ = halt.cancelled() => return,
                     _ = tokio::time::sleep(options.interval) => {}
@@ -240,8 +248,9 @@ impl Projector {
         }
     }
 
-    /// The task that owns the card `page` already, if any: the task intake made of it, or
-    /// the task the projector made it for (whatever its Task ID shows now).
+    /// The task that owns the card `page` already, if any: the task intake made of it, the
+    /// task the projector made it for (whatever its Task ID shows now), or a task submitted
+    /// with the page as its Notion page (`reel submit --notion-page`, in any of its forms).
     async fn owner_of_card(&self, page: &PageId) -> Result<Option<TaskId>, engine::Error> {
         let owner: Option<Uuid> = self
             .store
@@ -250,10 +259,15 @@ impl Projector {
                     .scalar(
                         "SELECT id FROM tasks WHERE id = $2 \
              UNION ALL SELECT task_id FROM notion_cards WHERE page_id = $1 \
+             UNION ALL (SELECT id FROM tasks \
+                         WHERE notion_page_id IS NOT NULL \
+                           AND reel_notion_page_key(notion_page_id) = $3 \
+                         ORDER BY created_at LIMIT 1) \
              LIMIT 1",
                     )
                     .bind(page.as_str())
                     .bind(card_task(page).as_uuid())
+                    .bind(page.as_str().replace('-', ""))
                     .fetch_optional(c)
                     .await
             })
@@ -421,6 +435,31 @@ mod tests {
         assert_eq!(waits[7], interval * MAX_REST_INTERVALS);
         assert!(memory.rests(&page, now));
         assert!(!memory.rests(&page, now + interval * MAX_REST_INTERVALS));
+    }
+
+    /// Review of issue 26: the pass after a rest forgot the failures, so a card that kept
+    /// failing rested one interval each time and never backed off.
+    #[test]
+    fn a_card_failing_again_after_its_rest_rests_longer() {
+        let mut memory = Memory::default();
+        let page = PageId::parse("598337872cf94fdf8782e53db20768a5").expect("page id");
+        let interval = Duration::from_secs(10);
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            let wait = memory.rest(&page, interval, now);
+            waits.push(wait);
+            // The passes go on while it rests; the first pass after its rest tries it.
+            now += wait;
+            memory.forget_old(now);
+            now += interval / 2;
+            memory.forget_old(now);
+            assert!(!memory.rests(&page, now));
+        }
+        assert_eq!(waits, [1, 2, 4, 8].map(|n| interval * n));
+        // Quiet for as long again as its last rest: forgotten.
+        memory.forget_old(now + interval * 8);
+        assert!(memory.resting.is_empty());
     }
 
     #[test]

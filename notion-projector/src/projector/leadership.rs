@@ -1,7 +1,8 @@
 //! What a leader holds: the leader lock and, with a board, the board's lock, which makes it
 //! the board's card owner. Several projectors may mirror one board (a Status and a Stage
-//! property, under two names); only the owner makes cards and takes cards in, so one board
-//! gets one card per task. A standby for the board's lock tries it every second; a dead
+//! property, under two names); only the owner makes cards, so one board gets one card per
+//! task. Intake has a lock of its own, contended only by leaders with intake on: the card
+//! owner may well be a projector without it. A standby for the board's lock tries it every second; a dead
 //! owner's lock ends, and another projector's leader takes the board over.
 //!
 //! The locks are session advisory locks on a connection of their own (pinged every
@@ -38,6 +39,9 @@ pub(super) struct Halt {
     pub(super) holder: Holder,
     /// Whether this leader owns the board's cards (holds the board's lock).
     pub(super) owns_board: Arc<AtomicBool>,
+    /// Whether this leader takes the board's new cards in (holds the board's intake lock;
+    /// only leaders with intake on contend for it).
+    pub(super) takes_in: Arc<AtomicBool>,
 }
 
 /// Who holds a leader's locks.
@@ -58,6 +62,10 @@ impl Halt {
         self.owns_board.load(Ordering::SeqCst)
     }
 
+    pub(super) fn takes_in(&self) -> bool {
+        self.takes_in.load(Ordering::SeqCst)
+    }
+
     /// The same leadership with a `stop` of its own (cancelled with this one's).
     pub(super) fn child(&self) -> Halt {
         Halt {
@@ -70,6 +78,22 @@ impl Halt {
 /// The board's lock: one card owner per data source, whatever the projectors' names.
 pub(super) fn board_lock_name(board: &Board) -> String {
     format!("reel/notion-board/{}", board.data_source)
+}
+
+/// The board's intake lock: one projector takes a board's new cards in, and only one with
+/// intake on contends for it (the card owner may be a projector without intake).
+pub(super) fn intake_lock_name(board: &Board) -> String {
+    format!("reel/notion-intake/{}", board.data_source)
+}
+
+/// A lock a leader takes beside its own when it is free, and tries again every second
+/// while another projector holds it.
+#[derive(Debug)]
+pub(super) struct SideLock {
+    pub(super) name: String,
+    pub(super) held: Arc<AtomicBool>,
+    /// What the log says when this leader takes it over.
+    pub(super) taken_over: &'static str,
 }
 
 /// Where a leader's locks live.
@@ -190,14 +214,14 @@ impl Locks {
     }
 }
 
-/// Keeps the locks every second (or, while another projector owns the board, tries the
-/// board's lock); when they are lost or cannot be kept, cancels `halt`. Returns the locks
-/// (to release them) when `done`.
+/// Keeps the locks every second (and tries each side lock another projector holds: the
+/// board's, the board's intake); when they are lost or cannot be kept, cancels `halt`.
+/// Returns the locks (to release them) when `done`.
 pub(super) async fn watch_lock(
     mut locks: Locks,
     halt: Halt,
     done: CancellationToken,
-    board_lock: Option<String>,
+    side_locks: Vec<SideLock>,
 ) -> Option<Locks> {
     loop {
         tokio::select! {
@@ -206,12 +230,13 @@ pub(super) async fn watch_lock(
         }
         let check = async {
             let kept = locks.keep().await?;
-            if kept
-                && let Some(name) = board_lock.as_deref().filter(|_| !halt.owns_board())
-                && locks.try_lock(name).await?
-            {
-                halt.owns_board.store(true, Ordering::SeqCst);
-                tracing::info!("owning the board's cards (the board's former owner stopped)");
+            if kept {
+                for side in &side_locks {
+                    if !side.held.load(Ordering::SeqCst) && locks.try_lock(&side.name).await? {
+                        side.held.store(true, Ordering::SeqCst);
+                        tracing::info!("{}", side.taken_over);
+                    }
+                }
             }
             Ok::<bool, ProjectorError>(kept)
         };
@@ -220,7 +245,9 @@ pub(super) async fn watch_lock(
             Ok(Ok(true))
         ) {
             tracing::warn!("the leader lock was lost or cannot be kept: stepping back");
-            halt.owns_board.store(false, Ordering::SeqCst);
+            for side in &side_locks {
+                side.held.store(false, Ordering::SeqCst);
+            }
             halt.lock_lost.cancel();
             halt.stop.cancel();
             return None;

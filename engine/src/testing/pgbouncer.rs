@@ -1,26 +1,29 @@
-//! A real PgBouncer (Debian's package) in front of the test server, started on a free port
-//! in the pool mode a test asks for, stopped on drop.
+//! A real PgBouncer (Debian's package) in front of a PostgreSQL server, started on a free
+//! port in the pool mode a test (or the bench) asks for, stopped and removed on drop.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running PgBouncer.
-pub struct Bouncer {
+#[derive(Debug)]
+pub struct PgBouncer {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
 }
 
-impl Bouncer {
+impl PgBouncer {
     /// PgBouncer on a free port, in `pool_mode` (`transaction` or `session`), in front of
     /// the server `upstream` (`host:port`) for every database, trusting every login of the
-    /// user `postgres`.
+    /// user `postgres`. Each database gets up to 40 server connections: in session mode
+    /// every client connection holds one, and four workers' pools of 8 must fit.
     pub fn start(
         pool_mode: &str,
         upstream_host: &str,
         upstream_port: u16,
-    ) -> Result<Bouncer, String> {
+    ) -> Result<PgBouncer, String> {
         let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .map(PathBuf::from)
@@ -28,17 +31,19 @@ impl Bouncer {
             .ok_or("pgbouncer is not installed (apt-get install -y pgbouncer)")?;
         let mut failures = Vec::new();
         for _ in 0..5 {
-            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let dir = std::env::temp_dir()
+                .join(format!("reel-pgbouncer-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let port = free_port()?;
-            let config = dir.path().join("pgbouncer.ini");
-            let users = dir.path().join("users.txt");
+            let config = dir.join("pgbouncer.ini");
+            let users = dir.join("users.txt");
             std::fs::write(
                 &config,
                 format!(
                     "[databases]\n* = host={upstream_host} port={upstream_port}\n\n\
                      [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
                      unix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
-                     pool_mode = {pool_mode}\nmax_client_conn = 500\ndefault_pool_size = 20\n\
+                     pool_mode = {pool_mode}\nmax_client_conn = 500\ndefault_pool_size = 40\n\
                      ignore_startup_parameters = extra_float_digits,options\n",
                     users = users.display()
                 ),
@@ -48,7 +53,7 @@ impl Bouncer {
             let mut command = Command::new(&binary);
             if is_root() {
                 // PgBouncer refuses to run as root: it switches to `postgres` itself.
-                let _ = Command::new("chmod").arg("755").arg(dir.path()).status();
+                let _ = Command::new("chmod").arg("755").arg(&dir).status();
                 command.args(["-u", "postgres"]);
             }
             let child = command
@@ -57,7 +62,7 @@ impl Bouncer {
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("cannot start pgbouncer: {e}"))?;
-            let mut bouncer = Bouncer { child, dir, port };
+            let mut bouncer = PgBouncer { child, dir, port };
             if bouncer.wait_until_listening(Duration::from_secs(5)) {
                 return Ok(bouncer);
             }
@@ -86,10 +91,11 @@ impl Bouncer {
     }
 }
 
-impl Drop for Bouncer {
+impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

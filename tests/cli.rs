@@ -588,3 +588,83 @@ async fn a_closed_stdout_ends_reel_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 28: a task records the workflow version `reel submit` gave it (the newest the
+/// binary has), `reel tasks` shows it, and a worker records the shape of each version it
+/// serves. When an earlier build recorded another shape under the same version, the worker
+/// warns naming the workflow, the version and what changed; with `--strict-versions` it
+/// exits 2 before claiming anything.
+#[tokio::test]
+async fn a_changed_workflow_shape_under_the_same_version_warns_and_strict_refuses() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = ok(reel(
+        &db,
+        dir.path(),
+        &["submit", "--channel", "history", "--topic", "Carthage"],
+    ));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(reel(&db, dir.path(), &["tasks", "--json"]))).expect("json");
+    assert_eq!(listed[0]["id"], task.as_str());
+    assert_eq!(listed[0]["workflow_version"], 1);
+    let text = ok(reel(&db, dir.path(), &["tasks"]));
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("version")),
+        "{text}"
+    );
+
+    // What an earlier build of version 1 looked like: a step since renamed.
+    sqlx::query(
+        "INSERT INTO workflow_versions (workflow, version, fingerprint, shape, first_seen_at, first_seen_by) \
+         VALUES ('video', 1, '00000000deadbeef', 'step clips itemized call', now() - interval '1 day', 'old-build')",
+    )
+    .execute(db.pool())
+    .await
+    .expect("record an older shape");
+    let refused = reel(
+        &db,
+        dir.path(),
+        &["worker", "--until-idle", "--strict-versions"],
+    );
+    assert_eq!(refused.code, 2, "stderr: {}", refused.stderr);
+    for needle in [
+        "\"video\"",
+        "version 1",
+        "old-build",
+        "-step clips itemized call",
+    ] {
+        assert!(
+            refused.stderr.contains(needle),
+            "{needle}: {}",
+            refused.stderr
+        );
+    }
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    let claims: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'task_claimed'")
+            .fetch_one(db.pool())
+            .await
+            .expect("count claims");
+    assert_eq!(claims, 0, "nothing was claimed");
+
+    // Without --strict-versions: a warning, and the work is done.
+    let warned = reel(&db, dir.path(), &["worker", "--until-idle"]);
+    assert_eq!(warned.code, 0, "stderr: {}", warned.stderr);
+    assert!(
+        warned.stderr.contains("WARN") && warned.stderr.contains("-step clips itemized call"),
+        "{}",
+        warned.stderr
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM tasks")
+        .fetch_one(db.pool())
+        .await
+        .expect("status");
+    assert_eq!(status, "final_review");
+    let shapes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workflow_versions WHERE workflow = 'video' AND version = 1",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("count shapes");
+    assert_eq!(shapes, 2, "the older shape and this build's");
+}

@@ -364,7 +364,7 @@ async fn a_claim_is_stored_as_its_event_encodes() {
                         "worker-b",
                         std::time::Duration::from_secs(30),
                         &[],
-                        &["video".to_owned()],
+                        &["video".into()],
                     )
                     .await
             }

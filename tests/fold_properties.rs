@@ -41,6 +41,7 @@ fn build(planned: u32, actions: &[Action]) -> History {
         input: json!({}),
         notion_page_id: None,
         idempotency_key: None,
+        workflow_version: None,
     };
     let mut history = History {
         events: vec![RecordedEvent::in_memory(task, 1, submitted)],

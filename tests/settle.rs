@@ -139,7 +139,7 @@ async fn a_worker_that_dies_while_settling_leaves_the_task_to_the_next() {
         .await
         .expect("cancel");
     let doomed = store
-        .claim_next("doomed", Duration::from_secs(2), &[], &["jobs".to_owned()])
+        .claim_next("doomed", Duration::from_secs(2), &[], &["jobs".into()])
         .await
         .expect("claim")
         .expect("the settle is claimable");

@@ -466,3 +466,118 @@ async fn a_null_output_reads_back_the_same_after_a_resume() {
     assert_eq!(o1.last(), Some(&RunOutcome::Completed));
     assert_eq!(o2.last(), Some(&RunOutcome::Completed), "{o2:?}");
 }
+
+/// A workflow at version `version` whose one step records which version ran it.
+fn versioned(version: u32, step: &str) -> Workflow {
+    Workflow::new("deployed")
+        .version(version)
+        .step(Step::once(step, move |_ctx: StepContext| async move {
+            ItemOutput::value(json!({ "ran_on": version }))
+        }))
+}
+
+/// What version the task's one step recorded, if it ran.
+async fn ran_on(store: &PgStore, task: TaskId) -> Option<u64> {
+    store
+        .read_stream(task, 1)
+        .await
+        .expect("read")
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::ItemCompleted { output, .. } => output.as_ref()?.get("ran_on")?.as_u64(),
+            _ => None,
+        })
+}
+
+/// Issue 28: a task runs on the workflow version it was submitted for. A worker that serves
+/// only version 2 leaves a version-1 task alone (its until-idle run ends without it, the
+/// task still queued, no claim in its log); a worker serving both runs each task on its
+/// own version's code.
+#[tokio::test]
+async fn a_task_runs_only_on_the_version_it_was_submitted_for() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let mut old = NewTask::new(
+        "deployed",
+        ChannelId::parse("deploys").expect("channel"),
+        json!({}),
+    );
+    old.workflow_version = Some(1);
+    let old = store.create_task(old).await.expect("submit v1").task_id();
+    let mut new = NewTask::new(
+        "deployed",
+        ChannelId::parse("deploys").expect("channel"),
+        json!({}),
+    );
+    new.workflow_version = Some(2);
+    let new = store.create_task(new).await.expect("submit v2").task_id();
+    assert_eq!(state(&store, old).await.workflow_version, 1);
+    assert_eq!(state(&store, new).await.workflow_version, 2);
+
+    let report = worker(&store, Registry::new().register(versioned(2, "alpha")))
+        .run_until_idle()
+        .await
+        .expect("v2 worker");
+    assert_eq!(report.claimed, 1, "only the v2 task: {report:?}");
+    assert_eq!(ran_on(&store, new).await, Some(2));
+    assert_eq!(ran_on(&store, old).await, None);
+    assert_eq!(state(&store, old).await.attempt, 0, "never claimed");
+    assert_eq!(
+        store.task_status(old).await.expect("status"),
+        Some(TaskStatus::QUEUED)
+    );
+
+    let both = Registry::new()
+        .register(versioned(1, "a"))
+        .register(versioned(2, "alpha"));
+    let report = worker(&store, both)
+        .run_until_idle()
+        .await
+        .expect("v1+v2 worker");
+    assert_eq!(report.claimed, 1, "{report:?}");
+    assert_eq!(
+        ran_on(&store, old).await,
+        Some(1),
+        "v1's code ran the v1 task"
+    );
+    let steps: Vec<String> = state(&store, old)
+        .await
+        .steps
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(steps, ["a"]);
+}
+
+/// Workers starting together record the same new shape at once: each finds the shape
+/// first recorded, and none sees a change. (The first version read the first shape in the
+/// same statement as its insert, whose snapshot missed a row a concurrent worker had just
+/// committed: "no rows returned", and the worker exited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_starting_together_record_one_shape_without_failing() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let registry = Registry::new()
+        .register(versioned(1, "a"))
+        .register(versioned(2, "alpha"));
+    for round in 0..5 {
+        let starting: Vec<_> = (0..8)
+            .map(|n| {
+                let (store, registry) = (store.clone(), registry.clone());
+                tokio::spawn(async move {
+                    store
+                        .record_workflow_versions(&registry, &format!("w{round}-{n}"))
+                        .await
+                })
+            })
+            .collect();
+        for started in starting {
+            let changes = started.await.expect("join").expect("recorded");
+            assert!(changes.is_empty(), "{changes:?}");
+        }
+        sqlx::query("DELETE FROM workflow_versions")
+            .execute(db.pool())
+            .await
+            .expect("start over");
+    }
+}

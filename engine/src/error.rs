@@ -49,6 +49,11 @@ pub enum Error {
     #[error("idempotency key {key:?} already names task {existing} with different parameters")]
     IdempotencyKeyReused { key: String, existing: TaskId },
 
+    /// Workflow versions whose shape here differs from the one first recorded for them
+    /// (a worker with `strict_versions` refuses to start).
+    #[error("{}", shape_changes(.0))]
+    ShapeChanged(Vec<crate::store::ShapeChange>),
+
     /// The task names a workflow this process does not know.
     #[error("unknown workflow {0:?}")]
     UnknownWorkflow(String),
@@ -184,3 +189,11 @@ impl Error {
 
 /// The engine's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn shape_changes(changes: &[crate::store::ShapeChange]) -> String {
+    let changes: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    format!(
+        "refusing to start (--strict-versions): {}",
+        changes.join("; ")
+    )
+}

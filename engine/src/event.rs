@@ -39,6 +39,10 @@ pub enum Event {
         notion_page_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// The version of the workflow the task was submitted for. Absent: version 1 (every
+        /// task recorded before workflows had versions, and tasks submitted without one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workflow_version: Option<u32>,
     },
     /// A worker took the task: the lease epoch that fences its appends and the task attempt.
     TaskClaimed {
@@ -499,6 +503,7 @@ mod tests {
                 input: serde_json::json!({"topic": "Rome"}),
                 notion_page_id: None,
                 idempotency_key: None,
+                workflow_version: Some(2),
             },
             Event::ItemCompleted {
                 step: "video".into(),

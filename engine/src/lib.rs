@@ -57,14 +57,14 @@ pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    OrphanJob, PgStore, SlotOwner, StreamAppend, Subscription, SubscriptionOptions, TaskFilter,
-    TaskSummary,
+    OrphanJob, PgStore, ShapeChange, SlotOwner, StreamAppend, Subscription, SubscriptionOptions,
+    TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,
     JobStatus, JobWork, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,
-    StepStatus, StepWork, Submission, TaskRetryPolicy, Workflow,
+    StepStatus, StepWork, Submission, TaskRetryPolicy, Workflow, WorkflowVersion,
 };
 
 /// What a workflow author imports: defining workflows and steps, running them with a
@@ -75,6 +75,6 @@ pub mod prelude {
         Attempt, Backoff, ChannelId, FailureKind, ItemOutput, JobStatus, JobWork, NewTask, PgStore,
         ProviderLimits, Registry, RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork,
         Submission, TaskId, TaskRetryPolicy, TaskState, TaskStatus, Worker, WorkerOptions,
-        WorkerReport, Workflow, fold,
+        WorkerReport, Workflow, WorkflowVersion, fold,
     };
 }

@@ -256,10 +256,19 @@ impl Orchestrator {
         drain: CancellationToken,
         abort: CancellationToken,
     ) -> Result<TaskRun> {
+        // The task runs on the version it was submitted for, never on another (a worker
+        // claims only the versions it serves).
         let workflow = self
             .registry
-            .get(&state.workflow)
-            .ok_or_else(|| Error::UnknownWorkflow(state.workflow.clone()))?;
+            .get_version(&state.workflow, state.workflow_version.max(1))
+            .ok_or_else(|| match self.registry.get(&state.workflow) {
+                Some(_) => Error::UnknownWorkflow(format!(
+                    "{} version {}",
+                    state.workflow,
+                    state.workflow_version.max(1)
+                )),
+                None => Error::UnknownWorkflow(state.workflow.clone()),
+            })?;
         let channel = state
             .channel_id
             .clone()

@@ -172,11 +172,19 @@ pub enum ReviewOutcome {
     },
 }
 
+fn is_first_version(version: &u32) -> bool {
+    *version <= 1
+}
+
 /// Everything known about a task, rebuilt from its events.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct TaskState {
     pub task_id: Option<TaskId>,
     pub workflow: String,
+    /// The workflow version the task was submitted for (1 for tasks recorded before
+    /// versions; 0 before `task_submitted` was applied).
+    #[serde(skip_serializing_if = "is_first_version")]
+    pub workflow_version: u32,
     pub channel_id: Option<ChannelId>,
     pub input: Value,
     pub notion_page_id: Option<String>,
@@ -280,9 +288,11 @@ impl TaskState {
                 channel_id,
                 input,
                 notion_page_id,
+                workflow_version,
                 ..
             } => {
                 self.workflow.clone_from(workflow);
+                self.workflow_version = workflow_version.unwrap_or(1);
                 self.channel_id = Some(channel_id.clone());
                 self.input = input.clone();
                 self.notion_page_id.clone_from(notion_page_id);

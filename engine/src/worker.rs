@@ -17,7 +17,7 @@ use crate::id::TaskId;
 use crate::orchestrator::{Orchestrator, RunOutcome, SLOT_TTL};
 use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, WakeUps};
-use crate::workflow::{Backoff, ProviderLimits, Registry};
+use crate::workflow::{Backoff, ProviderLimits, Registry, WorkflowVersion};
 
 /// Waits after a failed claim while the database is unreachable: 100 ms doubling to 10 s.
 const OUTAGE_BACKOFF: Backoff =
@@ -51,6 +51,9 @@ pub struct WorkerOptions {
     pub until_idle: bool,
     /// Provider limits that replace the workflows' defaults, by key (a field set here wins).
     pub provider_limits: Vec<ProviderLimits>,
+    /// Refuse to start (with [`Error::ShapeChanged`]) when a workflow version's shape here
+    /// differs from the one first recorded for it; otherwise a warning says what changed.
+    pub strict_versions: bool,
 }
 
 impl WorkerOptions {
@@ -68,6 +71,7 @@ impl WorkerOptions {
             shutdown_grace: Duration::from_secs(30),
             until_idle: false,
             provider_limits: Vec::new(),
+            strict_versions: false,
         }
     }
 }
@@ -108,21 +112,24 @@ pub struct WorkerReport {
 pub struct Worker {
     store: PgStore,
     orchestrator: Orchestrator,
-    /// Only tasks of these workflows are claimed.
-    workflows: Vec<String>,
+    /// Only tasks of these workflow versions are claimed.
+    served: Vec<WorkflowVersion>,
+    /// The workflow versions served, whose shapes are recorded at start.
+    registry: Registry,
     options: WorkerOptions,
 }
 
 impl Worker {
     /// A worker over `store` running the workflows of `registry`.
     pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
-        let workflows = registry.names();
-        let orchestrator = Orchestrator::new(store.clone(), registry)
+        let served = registry.served();
+        let orchestrator = Orchestrator::new(store.clone(), registry.clone())
             .with_provider_limits(options.provider_limits.clone());
         Worker {
             store,
             orchestrator,
-            workflows,
+            served,
+            registry,
             options,
         }
     }
@@ -145,6 +152,16 @@ impl Worker {
                 "a worker id is 1 to {} characters",
                 WorkerOptions::WORKER_ID_MAX_CHARS
             )));
+        }
+        // Each served version's shape: recorded, and checked against the one first recorded.
+        let Some(changes) = self.record_versions(&shutdown).await? else {
+            return Ok(WorkerReport::default());
+        };
+        if self.options.strict_versions && !changes.is_empty() {
+            return Err(Error::ShapeChanged(changes));
+        }
+        for change in &changes {
+            tracing::warn!(worker = %id, workflow = %change.workflow, version = change.version, "{change}");
         }
         let drain = shutdown.child_token();
         let abort = CancellationToken::new();
@@ -194,7 +211,7 @@ impl Worker {
             if self.options.until_idle && running.is_empty() {
                 match self
                     .store
-                    .unfinished_tasks(&self.workflows, &in_flight.given_up())
+                    .unfinished_tasks(&self.served, &in_flight.given_up())
                     .await
                 {
                     Ok(0) => break,
@@ -257,7 +274,7 @@ impl Worker {
                     &self.options.worker_id,
                     self.options.lease_ttl,
                     &busy,
-                    &self.workflows,
+                    &self.served,
                 )
                 .await?
             else {
@@ -281,6 +298,35 @@ impl Worker {
             in_flight.runs.insert(handle.id(), task);
         }
         Ok(claimed)
+    }
+
+    /// Records the served versions' shapes, waiting out an outage as claims do (a worker
+    /// started during a restart of PostgreSQL keeps trying; one running until idle gives
+    /// up after [`UNTIL_IDLE_OUTAGE_LIMIT`]). `None`: shutdown came first.
+    async fn record_versions(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<crate::store::ShapeChange>>> {
+        let since = Instant::now();
+        let mut outages = 0;
+        loop {
+            outages += 1;
+            let err = match self
+                .store
+                .record_workflow_versions(&self.registry, &self.options.worker_id)
+                .await
+            {
+                Ok(changes) => return Ok(Some(changes)),
+                Err(err) if err.is_outage() && !self.gives_up_on(&err, since) => err,
+                Err(err) => return Err(err),
+            };
+            let wait = OUTAGE_BACKOFF.delay(outages, 0.5);
+            tracing::warn!(worker = %self.options.worker_id, error = %err, retry_in = ?wait, "cannot record the workflow versions this worker serves: trying again");
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Shutdown: no new items; wait for items in flight up to the grace period; then abandon

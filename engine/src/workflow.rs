@@ -17,7 +17,7 @@
 //!     }));
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -616,10 +616,14 @@ type InputCheck = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 #[derive(Clone)]
 pub struct Workflow {
     pub(crate) name: String,
+    /// The workflow's version (see [`Workflow::version`]).
+    pub(crate) version: u32,
     pub(crate) steps: Vec<Step>,
     pub(crate) task_retry: TaskRetryPolicy,
     pub(crate) review: bool,
     input_check: Option<InputCheck>,
+    /// The declared input type's name, for the shape.
+    input_type: Option<&'static str>,
 }
 
 impl Workflow {
@@ -628,11 +632,70 @@ impl Workflow {
     pub fn new(name: impl Into<String>) -> Self {
         Workflow {
             name: name.into(),
+            version: 1,
             steps: Vec::new(),
             task_retry: TaskRetryPolicy::default(),
             review: false,
             input_check: None,
+            input_type: None,
         }
+    }
+
+    /// Sets the workflow's version (default 1). Raise it when the workflow changes in a way
+    /// its tasks in flight must not meet unawares: a step renamed, added or removed, a
+    /// step's items planned differently. Tasks record the version they were submitted
+    /// with. A worker records the shape of each version it serves (see
+    /// [`Workflow::shape`]) and warns when a version's shape differs from the one first
+    /// recorded for it.
+    ///
+    /// # Panics
+    /// When `version` is 0.
+    pub fn version(mut self, version: u32) -> Self {
+        assert!(
+            version >= 1,
+            "workflow {:?}: versions start at 1",
+            self.name
+        );
+        self.version = version;
+        self
+    }
+
+    /// The workflow's version (1 unless [`Workflow::version`] set another).
+    pub fn version_number(&self) -> u32 {
+        self.version
+    }
+
+    /// What a version's tasks depend on, one line each: the steps in order with their kind
+    /// (`atomic`, or `itemized` and `call` or `job`), the review gate, the input type. Two
+    /// builds with the same shape run a task the same way; a different shape under the
+    /// same version is what [`Workflow::version`] exists to make explicit.
+    pub fn shape(&self) -> String {
+        let mut lines: Vec<String> = self
+            .steps
+            .iter()
+            .map(|step| {
+                let kind = match (&step.work, step.atomic) {
+                    (Work::Jobs(_), _) => "itemized job",
+                    (Work::Calls(_), true) => "atomic",
+                    (Work::Calls(_), false) => "itemized call",
+                };
+                format!("step {} {kind}", step.name)
+            })
+            .collect();
+        if self.review {
+            lines.push("review gate".to_owned());
+        }
+        if let Some(input) = self.input_type {
+            lines.push(format!("input {input}"));
+        }
+        lines.join("\n")
+    }
+
+    /// A short digest of [`Workflow::shape`] (16 hex digits of its SHA-256).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.shape().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Appends a step.
@@ -674,6 +737,7 @@ impl Workflow {
         self.input_check = Some(Arc::new(|input: &Value| {
             T::deserialize(input).map(drop).map_err(|e| e.to_string())
         }));
+        self.input_type = Some(std::any::type_name::<T>());
         self
     }
 
@@ -716,6 +780,7 @@ impl fmt::Debug for Workflow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Workflow")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("steps", &self.steps)
             .field("task_retry", &self.task_retry)
             .field("review", &self.review)
@@ -724,10 +789,58 @@ impl fmt::Debug for Workflow {
     }
 }
 
-/// The workflows a worker can run, by name.
+/// A workflow version a worker serves: what its claims match. From a bare name, version 1
+/// (every task recorded before versions, and every workflow that does not set one).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkflowVersion {
+    pub workflow: String,
+    pub version: u32,
+}
+
+impl WorkflowVersion {
+    pub fn new(workflow: impl Into<String>, version: u32) -> Self {
+        WorkflowVersion {
+            workflow: workflow.into(),
+            version,
+        }
+    }
+
+    /// The names and the versions, as two columns for `unnest($1::text[], $2::int[])`.
+    pub(crate) fn columns(served: &[WorkflowVersion]) -> (Vec<String>, Vec<i32>) {
+        served
+            .iter()
+            .map(|s| {
+                (
+                    s.workflow.clone(),
+                    i32::try_from(s.version).unwrap_or(i32::MAX),
+                )
+            })
+            .unzip()
+    }
+}
+
+impl From<&str> for WorkflowVersion {
+    fn from(workflow: &str) -> Self {
+        WorkflowVersion::new(workflow, 1)
+    }
+}
+
+impl From<String> for WorkflowVersion {
+    fn from(workflow: String) -> Self {
+        WorkflowVersion::new(workflow, 1)
+    }
+}
+
+impl fmt::Display for WorkflowVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} v{}", self.workflow, self.version)
+    }
+}
+
+/// The workflows a worker can run, by name and version.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
-    workflows: HashMap<String, Arc<Workflow>>,
+    workflows: HashMap<String, BTreeMap<u32, Arc<Workflow>>>,
 }
 
 impl Registry {
@@ -736,10 +849,14 @@ impl Registry {
         Registry::default()
     }
 
-    /// Adds (or replaces) a workflow.
+    /// Adds a workflow version (or replaces the same version of it). Several versions of one
+    /// workflow may be registered at once, so that a deploy keeps serving the older one
+    /// while its tasks drain; new tasks get the newest.
     pub fn register(mut self, workflow: Workflow) -> Self {
         self.workflows
-            .insert(workflow.name.clone(), Arc::new(workflow));
+            .entry(workflow.name.clone())
+            .or_default()
+            .insert(workflow.version, Arc::new(workflow));
         self
     }
 
@@ -750,16 +867,42 @@ impl Registry {
         names
     }
 
-    /// The workflow called `name`.
+    /// The newest registered version of the workflow called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Workflow>> {
-        self.workflows.get(name).cloned()
+        self.workflows
+            .get(name)
+            .and_then(|versions| versions.values().next_back())
+            .cloned()
+    }
+
+    /// Version `version` of the workflow called `name`, if registered.
+    pub fn get_version(&self, name: &str, version: u32) -> Option<Arc<Workflow>> {
+        self.workflows.get(name)?.get(&version).cloned()
+    }
+
+    /// The workflow versions registered here: what a worker with this registry claims.
+    pub fn served(&self) -> Vec<WorkflowVersion> {
+        self.versions()
+            .iter()
+            .map(|w| WorkflowVersion::new(w.name(), w.version_number()))
+            .collect()
+    }
+
+    /// Every registered workflow version, by name, then version.
+    pub fn versions(&self) -> Vec<Arc<Workflow>> {
+        let mut names: Vec<&String> = self.workflows.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|name| self.workflows[name].values().cloned())
+            .collect()
     }
 
     /// The provider accounts the workflows' steps call, by key, with their default limits
     /// (where steps sharing a key disagree, the stricter limit).
     pub fn providers(&self) -> std::collections::BTreeMap<String, ProviderLimits> {
         let mut providers = std::collections::BTreeMap::new();
-        for workflow in self.workflows.values() {
+        for workflow in self.workflows.values().flat_map(BTreeMap::values) {
             for limits in workflow.steps.iter().filter_map(|s| s.provider.as_ref()) {
                 providers
                     .entry(limits.key.to_string())
@@ -859,5 +1002,111 @@ mod tests {
             .expect_err("a number is not a topic");
         assert!(err.contains("invalid type"), "{err}");
         assert!(Workflow::new("untyped").check_input(&Value::Null).is_ok());
+    }
+
+    fn clips(name: &str) -> Step {
+        Step::items(
+            name,
+            |_: &Value| Ok(3),
+            |_ctx: StepContext, _item| async { Ok(ItemOutput::default()) },
+        )
+    }
+
+    #[test]
+    fn a_shape_names_the_steps_their_kinds_the_review_and_the_input() {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Topic {
+            topic: String,
+        }
+        let workflow = Workflow::new("video")
+            .step(noop("plan"))
+            .step(clips("clips"))
+            .review_gate()
+            .input::<Topic>();
+        let shape = workflow.shape();
+        assert_eq!(
+            shape.lines().collect::<Vec<_>>()[..3],
+            [
+                "step plan atomic",
+                "step clips itemized call",
+                "review gate"
+            ]
+        );
+        assert!(shape.ends_with("::Topic"), "{shape}");
+        assert_eq!(workflow.fingerprint().len(), 16);
+    }
+
+    #[test]
+    fn the_fingerprint_is_stable_and_changes_with_the_shape() {
+        let base = || {
+            Workflow::new("video")
+                .step(noop("plan"))
+                .step(clips("clips"))
+        };
+        assert_eq!(base().fingerprint(), base().fingerprint());
+        // Neither the version nor a step's status is the shape.
+        assert_eq!(
+            base().version(2).fingerprint(),
+            Workflow::new("video")
+                .step(noop("plan").status("planning", "Planning"))
+                .step(clips("clips"))
+                .fingerprint()
+        );
+        let changed = [
+            Workflow::new("video")
+                .step(noop("plan"))
+                .step(clips("video")),
+            Workflow::new("video")
+                .step(clips("clips"))
+                .step(noop("plan")),
+            Workflow::new("video")
+                .step(noop("plan"))
+                .step(clips("clips"))
+                .step(noop("assemble")),
+            Workflow::new("video")
+                .step(noop("plan"))
+                .step(noop("clips")),
+            base().review_gate(),
+            base().input::<String>(),
+        ];
+        for other in changed {
+            assert_ne!(
+                other.fingerprint(),
+                base().fingerprint(),
+                "{}",
+                other.shape()
+            );
+        }
+    }
+
+    #[test]
+    fn a_registry_keeps_several_versions_and_gives_the_newest() {
+        let registry = Registry::new()
+            .register(Workflow::new("video").version(3).step(noop("a")))
+            .register(Workflow::new("video").version(2).step(noop("b")))
+            .register(Workflow::new("other"));
+        assert_eq!(registry.names(), ["other", "video"]);
+        assert_eq!(registry.get("video").map(|w| w.version_number()), Some(3));
+        assert_eq!(
+            registry
+                .get_version("video", 2)
+                .map(|w| w.steps()[0].name().to_owned()),
+            Some("b".to_owned())
+        );
+        assert!(registry.get_version("video", 1).is_none());
+        let versions: Vec<(String, u32)> = registry
+            .versions()
+            .iter()
+            .map(|w| (w.name().to_owned(), w.version_number()))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                ("other".to_owned(), 1),
+                ("video".to_owned(), 2),
+                ("video".to_owned(), 3)
+            ]
+        );
     }
 }

@@ -331,6 +331,7 @@ fn submitted(_task: TaskId) -> Event {
         input: json!({}),
         notion_page_id: None,
         idempotency_key: None,
+        workflow_version: None,
     }
 }
 

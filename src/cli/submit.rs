@@ -63,13 +63,16 @@ pub(crate) async fn submit(
         },
     };
     let input = input_of(&args);
-    if let Some(known) = registry.get(&workflow) {
+    // New tasks are for the newest version this binary has.
+    let newest = registry.get(&workflow);
+    if let Some(known) = &newest {
         known.check_input(&input).map_err(|reason| {
             UsageError(format!("invalid input for workflow {workflow:?}: {reason}"))
         })?;
     }
     let store = engine::db::connect_store(url, 2).await?;
     let mut task = NewTask::new(workflow, channel, input);
+    task.workflow_version = newest.map(|w| w.version_number());
     task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;
     println!("{}", store.create_task(task).await?.task_id());

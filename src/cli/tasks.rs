@@ -54,8 +54,8 @@ pub(crate) async fn tasks(
         return Ok(());
     }
     println!(
-        "{:<36}  {:<12}  {:<22}  {:>7}  last error",
-        "task", "channel", "status", "attempt"
+        "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  last error",
+        "task", "channel", "status", "attempt", "version"
     );
     // The storage name, as scripts and `--status` know it; `--json` has the display name.
     for task in tasks {
@@ -65,11 +65,12 @@ pub(crate) async fn tasks(
             .map(|e| engine::truncate_for_display(e, 80))
             .unwrap_or_default();
         println!(
-            "{:<36}  {:<12}  {:<22}  {:>7}  {error}",
+            "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  {error}",
             task.id,
             task.channel_id,
             task.status.as_str(),
-            task.attempt
+            task.attempt,
+            task.workflow_version
         );
     }
     Ok(())

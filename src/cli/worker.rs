@@ -64,6 +64,11 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "REEL_CONNECT_TIMEOUT", value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     connect_timeout: Option<u64>,
+    /// Refuse to start (exit 2) when a workflow version's shape (its steps and their kinds,
+    /// the review gate, the input type) differs from the one first recorded for that
+    /// version; without it, a warning names what changed.
+    #[arg(long, env = "REEL_STRICT_VERSIONS")]
+    strict_versions: bool,
     /// Seconds items in flight may take to finish after SIGTERM (0 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     shutdown_grace: u64,
@@ -135,12 +140,15 @@ pub(crate) async fn worker(
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         until_idle: args.until_idle,
         provider_limits,
+        strict_versions: args.strict_versions,
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
-    let report = Worker::new(store, registry, options)
-        .run(shutdown)
-        .await
-        .context("worker stopped")?;
+    let report = match Worker::new(store, registry, options).run(shutdown).await {
+        Err(refused @ engine::Error::ShapeChanged(_)) => {
+            return Err(UsageError(refused.to_string()).into());
+        }
+        other => other.context("worker stopped")?,
+    };
     tracing::info!(
         claimed = report.claimed,
         completed = report.completed,

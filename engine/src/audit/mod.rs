@@ -396,6 +396,7 @@ mod tests {
             input: serde_json::json!({}),
             notion_page_id: None,
             idempotency_key: None,
+            workflow_version: None,
         }
     }
 

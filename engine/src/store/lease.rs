@@ -13,6 +13,7 @@ use super::{Fence, PgStore};
 use crate::error::Result;
 use crate::event::CURRENT_SCHEMA_VERSION;
 use crate::id::TaskId;
+use crate::workflow::WorkflowVersion;
 
 /// A worker's right to run a task, until `expires` unless extended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,13 +95,15 @@ const CLAIM_SQL: &str = claim_sql!(
 );
 
 /// The next due task whose lease is free, expired, or this worker's own from before a
-/// restart (never one this process is running now, `$4`), of the workflows `$5`. SKIP
-/// LOCKED: concurrent claimers never wait for each other and never take the same task.
+/// restart (never one this process is running now, `$4`), of the workflow versions the
+/// worker serves (names `$5`, versions `$6`, pairwise). SKIP LOCKED: concurrent claimers
+/// never wait for each other and never take the same task.
 ///
-/// Both lookups are index-backed (see the `tasks_workflow_due` and `tasks_lease_owner`
-/// indexes), so a claim costs about the same with 10 or 200,000 queued tasks, of its own
-/// workflows or of others: `own` reads this worker's few leases; `due` runs only when
-/// `own` found nothing (a one-time filter) and walks each of the worker's workflows'
+/// Both lookups are index-backed (see the `tasks_workflow_version_due` and
+/// `tasks_lease_owner` indexes), so a claim costs about the same with 10 or 200,000 queued
+/// tasks, of its own workflow versions or of others: `own` reads this worker's few leases;
+/// `due` runs only when `own` found nothing (a one-time filter) and walks each served
+/// workflow version's
 /// runnable tasks in due order, stopping at the first whose lease is free or expired;
 /// `settle` does the same for failed or cancelled tasks with provider jobs to settle (an
 /// index that holds only those), and the earlier of the two is claimed.
@@ -113,19 +116,20 @@ const CLAIM_NEXT_SQL: &str = claim_sql!(
                OR (parked AND status IN ('failed', 'cancelled')))
           AND COALESCE(next_run_at, created_at) <= now()
           AND NOT (id = ANY($4))
-          AND workflow = ANY($5)
+          AND (workflow, workflow_version) IN (SELECT * FROM unnest($5::text[], $6::int[]))
         ORDER BY COALESCE(next_run_at, created_at)
         LIMIT 1
         FOR UPDATE SKIP LOCKED
     ), due AS (
-        -- The first free due task of each of the worker's workflows (an index walk each,
+        -- The first free due task of each served workflow version (an index walk each,
         -- in due order), then the earliest of those.
         SELECT candidate.id, candidate.due_at FROM (
-            SELECT name FROM unnest($5::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
+            SELECT name, version FROM unnest($5::text[], $6::int[]) AS s(name, version)
+            WHERE NOT EXISTS (SELECT 1 FROM own)
         ) AS w
         CROSS JOIN LATERAL (
             SELECT id, COALESCE(next_run_at, created_at) AS due_at FROM tasks
-            WHERE workflow = w.name
+            WHERE workflow = w.name AND workflow_version = w.version
               AND status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
               AND COALESCE(next_run_at, created_at) <= now()
               AND (lease_owner IS NULL OR lease_expires_at < now())
@@ -140,11 +144,12 @@ const CLAIM_NEXT_SQL: &str = claim_sql!(
         -- A failed or cancelled task whose provider jobs were left open, due to have
         -- them polled to their end (through `tasks_settling`, empty but for those).
         SELECT candidate.id, candidate.due_at FROM (
-            SELECT name FROM unnest($5::text[]) AS name WHERE NOT EXISTS (SELECT 1 FROM own)
+            SELECT name, version FROM unnest($5::text[], $6::int[]) AS s(name, version)
+            WHERE NOT EXISTS (SELECT 1 FROM own)
         ) AS w
         CROSS JOIN LATERAL (
             SELECT id, next_run_at AS due_at FROM tasks
-            WHERE workflow = w.name
+            WHERE workflow = w.name AND workflow_version = w.version
               AND parked AND status IN ('failed', 'cancelled')
               AND next_run_at <= now()
               AND (lease_owner IS NULL OR lease_expires_at < now())
@@ -215,17 +220,19 @@ impl PgStore {
             .transpose()
     }
 
-    /// Claims the next runnable task of one of `workflows` for `worker_id`, skipping the
-    /// tasks in `running` (the ones this process runs now). Its own leases from before a
-    /// restart come first. Appends `task_claimed` in the same statement.
+    /// Claims the next runnable task of one of the workflow versions `served` for
+    /// `worker_id`, skipping the tasks in `running` (the ones this process runs now). Its
+    /// own leases from before a restart come first. Appends `task_claimed` in the same
+    /// statement. A task of a version not in `served` is never claimed.
     pub async fn claim_next(
         &self,
         worker_id: &str,
         ttl: Duration,
         running: &[TaskId],
-        workflows: &[String],
+        served: &[WorkflowVersion],
     ) -> Result<Option<Lease>> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
+        let (workflows, versions) = WorkflowVersion::columns(served);
         let reading = Reading::start();
         let row = self
             .on_pool(async |c| {
@@ -234,7 +241,8 @@ impl PgStore {
                     .bind(ttl.as_secs_f64())
                     .bind(CURRENT_SCHEMA_VERSION)
                     .bind(&running)
-                    .bind(workflows)
+                    .bind(&workflows)
+                    .bind(&versions)
                     .fetch_optional(c)
                     .await
             })
@@ -243,20 +251,27 @@ impl PgStore {
             .transpose()
     }
 
-    /// Tasks of `workflows` queued, running or scheduled for retry (not in review, not
-    /// finished), or finished with provider jobs still to settle, other than those in
-    /// `except` (the ones a worker has given up on).
-    pub async fn unfinished_tasks(&self, workflows: &[String], except: &[TaskId]) -> Result<i64> {
+    /// Tasks of the workflow versions `served` queued, running or scheduled for retry (not
+    /// in review, not finished), or finished with provider jobs still to settle, other than
+    /// those in `except` (the ones a worker has given up on).
+    pub async fn unfinished_tasks(
+        &self,
+        served: &[WorkflowVersion],
+        except: &[TaskId],
+    ) -> Result<i64> {
         let except: Vec<uuid::Uuid> = except.iter().map(TaskId::as_uuid).collect();
+        let (workflows, versions) = WorkflowVersion::columns(served);
         self.on_pool(async |c| {
             self.scalar(
                 "SELECT count(*) FROM tasks \
              WHERE (status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
                     OR (parked AND status IN ('failed', 'cancelled'))) \
-               AND workflow = ANY($1) AND NOT (id = ANY($2))",
+               AND (workflow, workflow_version) IN (SELECT * FROM unnest($1::text[], $3::int[])) \
+               AND NOT (id = ANY($2))",
             )
-            .bind(workflows)
+            .bind(&workflows)
             .bind(&except)
+            .bind(&versions)
             .fetch_one(c)
             .await
         })

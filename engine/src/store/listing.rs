@@ -14,6 +14,8 @@ use crate::status::TaskStatus;
 pub struct TaskSummary {
     pub id: TaskId,
     pub workflow: String,
+    /// The workflow version the task was submitted for (1 for tasks from before versions).
+    pub workflow_version: u32,
     pub channel_id: String,
     pub status: TaskStatus,
     /// The name the status is shown as (what the log recorded with it, else its default).
@@ -61,7 +63,7 @@ impl PgStore {
     /// Tasks matching `filter`, newest first.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
         let rows = self.on_pool(async |c| self.statement(
-            "SELECT id, workflow, channel_id, status, status_display, attempt, version, lease_owner, next_run_at, \
+            "SELECT id, workflow, workflow_version, channel_id, status, status_display, attempt, version, lease_owner, next_run_at, \
                     last_error, notion_page_id, created_at, updated_at \
              FROM tasks \
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR channel_id = $2) \
@@ -85,6 +87,7 @@ fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
     Ok(TaskSummary {
         id: TaskId::from(row.try_get::<uuid::Uuid, _>("id")?),
         workflow: row.try_get("workflow")?,
+        workflow_version: u32::try_from(row.try_get::<i32, _>("workflow_version")?).unwrap_or(1),
         channel_id: row.try_get("channel_id")?,
         status,
         status_display: shown.unwrap_or_else(|| status.default_display().into_owned()),

@@ -9,6 +9,7 @@ mod postgres;
 mod providers;
 mod shared;
 mod subscription;
+mod versions;
 mod wakeup;
 
 use serde_json::Value;
@@ -23,6 +24,7 @@ pub use providers::SlotOwner;
 pub(crate) use shared::Bounded;
 pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};
+pub use versions::ShapeChange;
 pub(crate) use wakeup::WakeUps;
 
 use crate::error::Result;
@@ -113,6 +115,9 @@ pub struct NewTask {
     pub notion_page_id: Option<String>,
     /// A repeated submit with the same key returns the task created by the first one.
     pub idempotency_key: Option<String>,
+    /// The workflow version the task is for (`None`: version 1). `reel submit` sets the
+    /// newest version its registry has.
+    pub workflow_version: Option<u32>,
 }
 
 impl NewTask {
@@ -128,6 +133,7 @@ impl NewTask {
             input,
             notion_page_id: None,
             idempotency_key: None,
+            workflow_version: None,
         }
     }
 }

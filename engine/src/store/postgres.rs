@@ -64,8 +64,9 @@ SELECT
 
 const CREATE_TASK_SQL: &str = r#"
 WITH task AS (
-    INSERT INTO tasks (id, workflow, channel_id, status, version, notion_page_id, idempotency_key)
-    VALUES ($1, $2, $3, 'queued', 1, $4, $5)
+    INSERT INTO tasks (id, workflow, channel_id, status, version, notion_page_id, idempotency_key,
+                       workflow_version)
+    VALUES ($1, $2, $3, 'queued', 1, $4, $5, $10)
     ON CONFLICT DO NOTHING
     RETURNING id
 ), submitted AS (
@@ -612,6 +613,7 @@ impl PgStore {
             input: task.input.clone(),
             notion_page_id: task.notion_page_id.clone(),
             idempotency_key: task.idempotency_key.clone(),
+            workflow_version: task.workflow_version,
         };
         let (_, payload) = submitted.encode()?;
         // Deterministic: a retried create after a lost acknowledgement writes nothing new.
@@ -628,6 +630,7 @@ impl PgStore {
                     .bind(CURRENT_SCHEMA_VERSION)
                     .bind(payload)
                     .bind(EVENTS_CHANNEL)
+                    .bind(i32::try_from(task.workflow_version.unwrap_or(1)).unwrap_or(i32::MAX))
                     .fetch_one(c)
                     .await
             })

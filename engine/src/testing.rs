@@ -14,7 +14,7 @@ use crate::store::{MIGRATOR, PgStore};
 
 mod pgbouncer;
 
-pub use pgbouncer::PgBouncer;
+pub use pgbouncer::{PgBouncer, free_port, is_root};
 
 /// Test databases older than this are left-overs of killed runs and are dropped.
 const STALE_AFTER: Duration = Duration::from_secs(3 * 3600);

@@ -11,7 +11,7 @@ use common::board::*;
 use common::process::Process;
 use common::*;
 use engine::TaskStatus;
-use notion_projector::fake::Fault;
+use notion_projector::fake::{FakeBoard, FakeNotion, Fault};
 use notion_projector::{BoardOptions, Metrics, Projector, ProjectorOptions};
 use serde_json::json;
 
@@ -409,6 +409,31 @@ async fn a_leader_that_lost_its_lock_makes_no_second_card() {
     assert_eq!(cards.len(), 1, "one card for the task: {cards:#?}");
 }
 
+/// A projector with `options` running on `board`, whose query lags its writes by
+/// `lag_secs`, and whose first card create is applied with its answer cut (the first query
+/// passes).
+async fn cut_create(
+    store: &engine::PgStore,
+    notion: &FakeNotion,
+    board: &FakeBoard,
+    options: ProjectorOptions,
+    lag_secs: u64,
+) -> common::Running {
+    let projector = open_board(store, client(notion), board, None, options).await;
+    notion.set_query_lag(Duration::from_secs(lag_secs));
+    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
+    run(projector)
+}
+
+/// The cards on `board` that carry `task`'s id.
+fn cards_of(notion: &FakeNotion, board: &FakeBoard, task: engine::TaskId) -> usize {
+    notion
+        .cards(board)
+        .into_iter()
+        .filter(|c| text(c, "Task ID") == Some(task.to_string()))
+        .count()
+}
+
 /// Suspected in issue 26, confirmed: a card's create answered 2xx with a body that cannot
 /// be read, while the board's query lags its writes by 2 s. The retry's query does not
 /// show the card yet; the projector must not make a second one. (Before: the retry made a
@@ -420,18 +445,8 @@ async fn a_create_whose_answer_was_cut_makes_no_second_card_while_the_query_lags
     let notion = fake().await;
     let board = notion.add_board(&BOARD);
     let task = new_task(&store, None).await;
-    let projector = open_board(&store, client(&notion), &board, None, fast_options()).await;
-    notion.set_query_lag(Duration::from_secs(2));
-    // The first query passes; the create is applied, its answer cut.
-    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
-    let running = run(projector);
-    let ours = || {
-        notion
-            .cards(&board)
-            .into_iter()
-            .filter(|c| text(c, "Task ID") == Some(task.to_string()))
-            .count()
-    };
+    let running = cut_create(&store, &notion, &board, fast_options(), 2).await;
+    let ours = || cards_of(&notion, &board, task);
     wait_for(Duration::from_secs(5), || ours() >= 1)
         .await
         .expect("the card is made");
@@ -471,18 +486,8 @@ async fn the_wait_for_a_lost_create_counts_from_when_it_left() {
         card_query_lag: Duration::from_secs(6),
         ..fast_options()
     };
-    let projector = open_board(&store, client(&notion), &board, None, options).await;
-    notion.set_query_lag(Duration::from_secs(5));
-    // The first query passes; the create is applied, its answer cut.
-    notion.inject([Fault::Delay(Duration::ZERO), Fault::GarbledSuccess]);
-    let running = run(projector);
-    let ours = || {
-        notion
-            .cards(&board)
-            .into_iter()
-            .filter(|c| text(c, "Task ID") == Some(task.to_string()))
-            .count()
-    };
+    let running = cut_create(&store, &notion, &board, options, 5).await;
+    let ours = || cards_of(&notion, &board, task);
     wait_for(Duration::from_secs(15), || ours() >= 1)
         .await
         .expect("the card is made");

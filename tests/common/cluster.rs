@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use engine::testing::{free_port, is_root};
+
 /// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.
 pub struct Cluster {
     bin: PathBuf,
@@ -116,23 +118,6 @@ impl Drop for Cluster {
         let _ = self.ctl("stop");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A port nothing listens on right now: the kernel picks it for a listener we then drop.
-fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener
-        .local_addr()
-        .map(|addr| addr.port())
-        .map_err(|e| e.to_string())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }
 
 fn path(p: &Path) -> &str {

@@ -99,7 +99,8 @@ impl Drop for PgBouncer {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+/// A port nothing listens on right now: the kernel picks it for a listener we then drop.
+pub fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     listener
         .local_addr()
@@ -107,7 +108,9 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (PostgreSQL's and PgBouncer's programs then run as
+/// `postgres`).
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

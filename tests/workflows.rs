@@ -581,3 +581,28 @@ async fn workers_starting_together_record_one_shape_without_failing() {
             .expect("start over");
     }
 }
+
+/// Review of issue 28: a task for version 0 (or past what the `tasks` row holds) is refused
+/// at submit, naming the range; nothing is written. (Before: stored as version 0, which no
+/// worker ever claims.)
+#[tokio::test]
+async fn a_task_for_version_0_is_refused() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    for version in [0, u32::MAX] {
+        let mut task = NewTask::new(
+            "deployed",
+            ChannelId::parse("deploys").expect("channel"),
+            json!({}),
+        );
+        task.workflow_version = Some(version);
+        let err = store.create_task(task).await.expect_err("refused");
+        assert!(matches!(err, engine::Error::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains("workflow version"), "{err}");
+    }
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    assert_eq!(tasks, 0);
+}

@@ -557,3 +557,129 @@ async fn intake_runs_on_the_projector_that_has_it_whoever_owns_the_cards() {
     );
     assert_eq!(task_count(&store).await, 3);
 }
+
+/// Review of issue 28: after a deploy of version 2 (its worker recorded its versions at
+/// start), a card taken in is a version-2 task, which the version-2 worker runs. (Before:
+/// intake made every task version 1, which no version-2 worker claims.)
+#[tokio::test]
+async fn a_card_taken_in_after_a_v2_deploy_is_a_task_a_v2_worker_runs() {
+    use engine::prelude::*;
+    let db = test_db().await;
+    let store = db.store();
+    let v2 = || {
+        Registry::new().register(
+            Workflow::new("video")
+                .version(2)
+                .step(Step::once("render", |_ctx: StepContext| async move {
+                    ItemOutput::value(json!({}))
+                })),
+        )
+    };
+    store
+        .record_workflow_versions(&v2(), "v2-worker")
+        .await
+        .expect("the v2 worker records its versions");
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let page = notion.add_card(&board, card("Glaciers")).expect("add card");
+    let running = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    let taken = wait_for(Duration::from_secs(10), || {
+        text(&card_by_id(&notion, &board, &page), "Task ID").is_some()
+    })
+    .await;
+    running.stop().await;
+    assert!(taken.is_some(), "the card became a task");
+    let version: i32 = sqlx::query_scalar("SELECT workflow_version FROM tasks")
+        .fetch_one(store.pool())
+        .await
+        .expect("the task's version");
+    assert_eq!(version, 2);
+    let options = WorkerOptions {
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::new("v2-worker")
+    };
+    let report = Worker::new(store.clone(), v2(), options)
+        .run_until_idle()
+        .await
+        .expect("v2 worker");
+    assert_eq!(
+        report.claimed, 1,
+        "the v2 worker ran the card's task: {report:?}"
+    );
+}
+
+/// Review of issue 26: a page id the projector reads as the card's page (`<id>\r\n`: the
+/// projector trims white space) names the card for intake too: no second task.
+#[tokio::test]
+async fn a_page_id_with_trailing_white_space_still_names_its_card() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let page = notion
+        .add_card(&board, card("Volcanoes"))
+        .expect("add card");
+    let raw = format!("{}\r\n", page.replace('-', ""));
+    let _task = new_task(&store, Some(&raw)).await;
+    let running = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.stop().await;
+    assert_eq!(task_count(&store).await, 1, "no second task for the card");
+}
+
+/// Review of issue 26: a page id the projector refuses (`page-<id>`) names no card: the
+/// card is taken in as a task of its own. (Before: the SQL key took the last 32 hex digits
+/// of anything, so intake thought the card owned and never took it in.)
+#[tokio::test]
+async fn a_page_id_the_projector_refuses_names_no_card() {
+    let db = test_db().await;
+    let store = db.store();
+    let notion = fake().await;
+    let board = notion.add_board(&BOARD);
+    let page = notion.add_card(&board, card("Rivers")).expect("add card");
+    let raw = format!("page-{}", page.replace('-', ""));
+    let _task = new_task(&store, Some(&raw)).await;
+    let running = spawn_with_board(&store, &notion, &board, Some(fast_intake())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.stop().await;
+    assert_eq!(
+        task_count(&store).await,
+        2,
+        "the card became a task of its own"
+    );
+}
+
+/// The SQL key and `PageId::parse` agree on every form either accepts or refuses.
+#[tokio::test]
+async fn the_sql_page_key_reads_page_ids_as_the_projector_does() {
+    let db = test_db().await;
+    let hex = "598337872cf94fdf8782e53db20768a5";
+    let dashed = "59833787-2cf9-4fdf-8782-e53db20768a5";
+    let forms = [
+        hex.to_owned(),
+        dashed.to_owned(),
+        hex.to_uppercase(),
+        format!("  {hex}\r\n"),
+        format!("{hex}\t"),
+        format!("{hex}\u{a0}"),
+        format!("https://www.notion.so/Title-{hex}"),
+        format!("https://www.notion.so/Title-{hex}?v=0123456789abcdef0123456789abcdef"),
+        format!("https://www.notion.so/{hex}/"),
+        format!("https://www.notion.so/Title-{dashed}"),
+        format!("x{hex}"),
+        format!("1{hex}"),
+        format!("page-{hex}"),
+        "not a page".to_owned(),
+    ];
+    for raw in forms {
+        let sql: Option<String> = sqlx::query_scalar("SELECT reel_notion_page_key($1)")
+            .bind(&raw)
+            .fetch_one(db.pool())
+            .await
+            .expect("key");
+        let rust = notion_projector::PageId::parse(&raw)
+            .ok()
+            .map(|p| p.as_str().replace('-', ""));
+        assert_eq!(sql, rust, "{raw:?}");
+    }
+}

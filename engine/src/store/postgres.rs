@@ -607,6 +607,14 @@ impl PgStore {
                 NewTask::IDEMPOTENCY_KEY_MAX_CHARS
             )));
         }
+        if let Some(version) = task.workflow_version
+            && (version == 0 || i32::try_from(version).is_err())
+        {
+            return Err(Error::InvalidInput(format!(
+                "a workflow version is 1 to {}, not {version}",
+                i32::MAX
+            )));
+        }
         let submitted = Event::TaskSubmitted {
             workflow: task.workflow.clone(),
             channel_id: task.channel_id.clone(),
@@ -630,7 +638,7 @@ impl PgStore {
                     .bind(CURRENT_SCHEMA_VERSION)
                     .bind(payload)
                     .bind(EVENTS_CHANNEL)
-                    .bind(i32::try_from(task.workflow_version.unwrap_or(1)).unwrap_or(i32::MAX))
+                    .bind(i32::try_from(task.workflow_version.unwrap_or(1)).unwrap_or(1))
                     .fetch_one(c)
                     .await
             })

@@ -222,7 +222,10 @@ impl Projector {
             return self.restore_task_id(board, page, card, task, memory).await;
         }
         let submitted = match task_of_card(board, options, page, card) {
-            Ok(task) => self.store.create_task(task).await,
+            Ok(mut task) => {
+                task.workflow_version = self.newest_version(&task.workflow).await?;
+                self.store.create_task(task).await
+            }
             Err(reason) => {
                 return self
                     .reject(board, options, page, card, &reason, memory)
@@ -246,6 +249,23 @@ impl Projector {
             }
             Err(other) => Err(other.into()),
         }
+    }
+
+    /// The newest version of `workflow` its workers have recorded (`workflow_versions`), for
+    /// the tasks intake makes: the projector has no registry, and a task of a version no
+    /// worker serves would wait forever. `None` (version 1) before any worker recorded one.
+    async fn newest_version(&self, workflow: &str) -> Result<Option<u32>, engine::Error> {
+        let newest: Option<i32> = self
+            .store
+            .on_pool(async |c| {
+                self.store
+                    .scalar("SELECT max(version) FROM workflow_versions WHERE workflow = $1")
+                    .bind(workflow)
+                    .fetch_one(c)
+                    .await
+            })
+            .await?;
+        Ok(newest.and_then(|v| u32::try_from(v).ok()))
     }
 
     /// The task that owns the card `page` already, if any: the task intake made of it, the

@@ -13,7 +13,8 @@
 //! }
 //!
 //! fn main() -> ExitCode {
-//!     // migrate, submit, worker, tasks, replay, audit, stats, approve, reject, retry, cancel
+//!     // migrate, submit, worker, tasks, replay, audit, stats, approve, reject, retry, cancel,
+//!     // upgrade
 //!     reel::main(Registry::new().register(newsletter()))
 //! }
 //! ```

@@ -408,7 +408,7 @@ async fn a_claim_is_stored_as_its_event_encodes() {
             row,
             (
                 event_type.to_owned(),
-                engine::CURRENT_SCHEMA_VERSION,
+                engine::FIRST_SCHEMA_VERSION,
                 payload,
                 metadata
             )

@@ -1,4 +1,4 @@
-//! Operator commands on a task: review decisions and cancellation.
+//! Operator commands on a task: review decisions, cancellation, retries and upgrades.
 //!
 //! Each reads the task's state, checks the action is allowed, and appends with the version
 //! it read (no lease: a racing worker or operator makes the append conflict, never both win).
@@ -12,6 +12,7 @@ use crate::id::TaskId;
 use crate::state::{TaskState, fold};
 use crate::status::TaskStatus;
 use crate::store::{Fence, PgStore};
+use crate::workflow::Registry;
 
 /// Accepts the result of a task in `final_review`: it becomes `completed`.
 pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) -> Result<TaskState> {
@@ -142,6 +143,64 @@ async fn retry_once(store: &PgStore, task: TaskId) -> Result<TaskState> {
     })?;
     let events = vec![Event::status_changed(state.status(), TaskStatus::QUEUED)];
     commit(store, task, state.version, events).await
+}
+
+/// Moves a task to version `to` of its workflow (`task_upgraded`, by `operator`), as the
+/// rules that version declares allow (see `Workflow::accepts`); refuses, writing nothing,
+/// when they do not cover the task's history, when `registry` lacks version `to`, or while
+/// a worker holds the task (it would be changed under a run in flight).
+pub async fn upgrade(
+    store: &PgStore,
+    registry: &Registry,
+    task: TaskId,
+    to: u32,
+) -> Result<TaskState> {
+    again_on_conflict(|| upgrade_once(store, registry, task, to)).await
+}
+
+async fn upgrade_once(
+    store: &PgStore,
+    registry: &Registry,
+    task: TaskId,
+    to: u32,
+) -> Result<TaskState> {
+    let state = load(store, task).await?;
+    let from = state.workflow_version.max(1);
+    let refused = |reason: String| Error::UpgradeRefused {
+        task,
+        workflow: state.workflow.clone(),
+        from,
+        to,
+        reason,
+    };
+    let Some(target) = registry.get_version(&state.workflow, to) else {
+        let known: Vec<String> = registry
+            .versions()
+            .iter()
+            .filter(|w| w.name() == state.workflow)
+            .map(|w| format!("v{}", w.version_number()))
+            .collect();
+        return Err(refused(if known.is_empty() {
+            format!("this binary does not have workflow {:?}", state.workflow)
+        } else {
+            format!("this binary has {} of it, not v{to}", known.join(", "))
+        }));
+    };
+    if let Some(until) = store.lease_held_until(task).await? {
+        return Err(refused(format!(
+            "a worker is running it (its lease holds until {}): upgrade it once it stops or parks",
+            until.format("%Y-%m-%d %H:%M:%S UTC")
+        )));
+    }
+    let shape = store.recorded_shape(&state.workflow, from).await?;
+    let mut upgraded = target.upgrade(&state, shape.as_deref()).map_err(refused)?;
+    if let Event::TaskUpgraded { by, .. } = &mut upgraded {
+        *by = Some("operator".to_owned());
+    }
+    store
+        .upgrade_task(task, state.version, Fence::Unleased, NewEvent::new(upgraded))
+        .await?;
+    load(store, task).await
 }
 
 /// Cancels a task whose history this build cannot fold, from its `tasks` row: an

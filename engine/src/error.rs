@@ -54,6 +54,17 @@ pub enum Error {
     #[error("{}", shape_changes(.0))]
     ShapeChanged(Vec<crate::store::ShapeChange>),
 
+    /// The task cannot move to version `to` of its workflow: the rules `to` declares
+    /// (see `Workflow::accepts`) do not cover its history, and nothing was written.
+    #[error("task {task} cannot be upgraded from {workflow} v{from} to v{to}: {reason}")]
+    UpgradeRefused {
+        task: crate::id::TaskId,
+        workflow: String,
+        from: u32,
+        to: u32,
+        reason: String,
+    },
+
     /// The task names a workflow this process does not know.
     #[error("unknown workflow {0:?}")]
     UnknownWorkflow(String),

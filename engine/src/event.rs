@@ -12,8 +12,15 @@ use crate::error::{Error, Result};
 use crate::id::{ChannelId, TaskId};
 use crate::status::TaskStatus;
 
-/// The schema version every event is written with today.
-pub const CURRENT_SCHEMA_VERSION: i16 = 1;
+/// The newest schema version this build reads and writes. Version 2 has the payloads of
+/// version 1; it marks the events a build without workflow versions must not act on (a
+/// `task_submitted` for a version above 1, a `task_upgraded`): such a build cannot read
+/// them, so it sets the task aside instead of running it on code it was not written for.
+/// Every other event is still written as version 1, which every build reads.
+pub const CURRENT_SCHEMA_VERSION: i16 = 2;
+
+/// The schema version of events every build reads.
+pub const FIRST_SCHEMA_VERSION: i16 = 1;
 
 /// How a failure should be treated: retried with backoff, or final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -176,6 +183,32 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         schedule: Vec<PollSchedule>,
     },
+    /// The task moved to a newer version of its workflow (see `Workflow::accepts`): the
+    /// steps it has history in carry over under their names in version `to` (`renamed`:
+    /// their completed items, outputs and open jobs move to the new name), steps of `to`
+    /// it never ran are `added` (they run), and steps `to` no longer has are `removed`
+    /// (their events stay in the log and their outputs readable). Written with schema
+    /// version 2 (see [`CURRENT_SCHEMA_VERSION`]).
+    TaskUpgraded {
+        from: u32,
+        to: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        renamed: Vec<StepRenamed>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        added: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        removed: Vec<String>,
+        /// Who moved it: a worker's id, or `operator` (`reel upgrade`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+}
+
+/// A step that an upgrade renamed (see [`Event::TaskUpgraded`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRenamed {
+    pub from: String,
+    pub to: String,
 }
 
 /// One open job's poll schedule, carried across a park (see [`Event::TaskParked`]).
@@ -249,7 +282,7 @@ impl Event {
     }
 
     /// Every event type name, as stored in `events.event_type`.
-    pub const TYPES: [&'static str; 16] = [
+    pub const TYPES: [&'static str; 17] = [
         "task_submitted",
         "task_claimed",
         "step_started",
@@ -266,6 +299,7 @@ impl Event {
         "task_completed",
         "task_cancelled",
         "task_parked",
+        "task_upgraded",
     ];
 
     /// The stored `event_type` of this event.
@@ -287,6 +321,20 @@ impl Event {
             Event::TaskCompleted { .. } => "task_completed",
             Event::TaskCancelled { .. } => "task_cancelled",
             Event::TaskParked { .. } => "task_parked",
+            Event::TaskUpgraded { .. } => "task_upgraded",
+        }
+    }
+
+    /// The schema version the event is written with: 2 for the events a build without
+    /// workflow versions must not act on (see [`CURRENT_SCHEMA_VERSION`]), 1 otherwise.
+    pub fn schema_version(&self) -> i16 {
+        match self {
+            Event::TaskSubmitted {
+                workflow_version: Some(version),
+                ..
+            } if *version > 1 => CURRENT_SCHEMA_VERSION,
+            Event::TaskUpgraded { .. } => CURRENT_SCHEMA_VERSION,
+            _ => FIRST_SCHEMA_VERSION,
         }
     }
 
@@ -343,7 +391,7 @@ impl Event {
 /// place where old versions are understood; an unknown version is an error, never a guess.
 pub fn upcast(event_type: &str, schema_version: i16, payload: Value) -> Result<Value, String> {
     match schema_version {
-        CURRENT_SCHEMA_VERSION => Ok(payload),
+        FIRST_SCHEMA_VERSION | CURRENT_SCHEMA_VERSION => Ok(payload),
         other => Err(format!(
             "unknown schema version {other} for {event_type:?} (this build reads up to {CURRENT_SCHEMA_VERSION})"
         )),
@@ -423,7 +471,7 @@ impl RecordedEvent {
             stream_id: stream,
             version,
             event_id: Uuid::new_v4(),
-            schema_version: CURRENT_SCHEMA_VERSION,
+            schema_version: event.schema_version(),
             event,
             metadata: EventMetadata::default(),
             recorded_at: DateTime::UNIX_EPOCH,
@@ -467,7 +515,11 @@ impl EventRow {
             schema_version: self.schema_version,
             reason,
         };
-        let event = if self.schema_version == CURRENT_SCHEMA_VERSION {
+        // Versions 1 and 2 share their payloads: both take the fast path.
+        let event = if matches!(
+            self.schema_version,
+            FIRST_SCHEMA_VERSION | CURRENT_SCHEMA_VERSION
+        ) {
             Event::decode_current_text(&self.event_type, &self.payload).map_err(&fail)?
         } else {
             let stored: Value = serde_json::from_str(&self.payload)

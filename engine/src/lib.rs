@@ -43,22 +43,22 @@ mod workflow;
 
 pub use error::{Error, Result};
 pub use event::{
-    CURRENT_SCHEMA_VERSION, Event, EventMetadata, FailureKind, NewEvent, PollSchedule,
-    RecordedEvent, upcast,
+    CURRENT_SCHEMA_VERSION, Event, EventMetadata, FIRST_SCHEMA_VERSION, FailureKind, NewEvent,
+    PollSchedule, RecordedEvent, StepRenamed, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
 pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};
 pub use outputs::{ItemOutput, Outputs};
 pub use state::{
     ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, StepState,
-    TaskState, Totals, fold,
+    TaskState, Totals, UpgradeRecord, fold,
 };
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    OrphanJob, PgStore, ShapeChange, SlotOwner, StreamAppend, Subscription, SubscriptionOptions,
-    TaskFilter, TaskSummary,
+    OrphanJob, PgStore, ShapeChange, SlotOwner, Stranded, StreamAppend, Subscription,
+    SubscriptionOptions, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

@@ -128,6 +128,7 @@ impl Orchestrator {
     ) -> Result<RunOutcome> {
         let outcome = match self.run_claimed(lease, drain, abort).await {
             Err(err) if err.is_from_a_newer_build() => return self.set_aside(lease, &err).await,
+            Err(err @ Error::UpgradeRefused { .. }) => return self.set_aside(lease, &err).await,
             Err(err @ Error::Decode { .. }) => return self.fail_unreadable(lease, &err).await,
             Err(Error::Conflict { .. }) => {
                 // Someone else appended (an operator's cancel, usually): look again.
@@ -229,18 +230,22 @@ impl Orchestrator {
                 epoch: lease.epoch,
             });
         };
-        if let Error::Decode {
-            version,
-            event_type,
-            schema_version,
-            reason,
-            ..
-        } = err
-        {
-            tracing::warn!(
+        match err {
+            Error::Decode {
+                version,
+                event_type,
+                schema_version,
+                reason,
+                ..
+            } => tracing::warn!(
                 task = %lease.task, version, event_type = %event_type, schema_version, %reason, %until,
                 "this build cannot read the task's history: set aside for a newer worker"
-            );
+            ),
+            Error::UpgradeRefused { .. } => tracing::warn!(
+                task = %lease.task, error = %err, %until,
+                "set aside for a worker that serves its version"
+            ),
+            _ => {}
         }
         Ok(RunOutcome::SetAside {
             until,
@@ -332,13 +337,65 @@ impl Orchestrator {
         }
     }
 
+    /// Whether the task is of a version this worker does not serve but takes over.
+    fn needs_upgrade(&self, state: &TaskState) -> bool {
+        let version = state.workflow_version.max(1);
+        self.registry
+            .get_version(&state.workflow, version)
+            .is_none()
+            && self
+                .registry
+                .upgrade_target(&state.workflow, version)
+                .is_some()
+    }
+
+    /// Moves the claimed task to the newest version that accepts it (`task_upgraded`, under
+    /// the lease), and returns its state after the move.
+    async fn upgrade(&self, lease: &Lease, state: &TaskState) -> Result<TaskState> {
+        let from = state.workflow_version.max(1);
+        let Some(target) = self.registry.upgrade_target(&state.workflow, from) else {
+            return Err(Error::UnknownWorkflow(format!(
+                "{} version {from}",
+                state.workflow
+            )));
+        };
+        let shape = self.store.recorded_shape(&state.workflow, from).await?;
+        let mut upgraded =
+            target
+                .upgrade(state, shape.as_deref())
+                .map_err(|reason| Error::UpgradeRefused {
+                    task: lease.task,
+                    workflow: state.workflow.clone(),
+                    from,
+                    to: target.version_number(),
+                    reason,
+                })?;
+        if let Event::TaskUpgraded { by, .. } = &mut upgraded {
+            *by = Some(lease.worker_id.clone());
+        }
+        let detail = crate::timeline::describe(&upgraded).unwrap_or_default();
+        self.store
+            .upgrade_task(
+                lease.task,
+                state.version,
+                lease.fence(),
+                NewEvent::new(upgraded),
+            )
+            .await?;
+        tracing::info!(task = %lease.task, workflow = %state.workflow, upgrade = %detail, "task upgraded");
+        Ok(fold(&self.store.read_stream(lease.task, 1).await?))
+    }
+
     async fn run_claimed(
         &self,
         lease: &Lease,
         drain: CancellationToken,
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
-        let state = fold(&self.store.read_stream(lease.task, 1).await?);
+        let mut state = fold(&self.store.read_stream(lease.task, 1).await?);
+        if self.needs_upgrade(&state) {
+            state = self.upgrade(lease, &state).await?;
+        }
         if !state.status().is_runnable() || state.cancelled {
             if state.status().is_terminal() && state.open_jobs() > 0 {
                 let run = self.task_run(lease, &state, drain, abort)?;

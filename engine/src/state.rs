@@ -119,9 +119,19 @@ pub struct StepState {
     pub open_jobs: BTreeMap<u32, OpenJob>,
     /// Submissions per item over every run (the next submission's number is one more).
     pub submissions: BTreeMap<u32, u32>,
+    /// The name the step had when the task first ran it, when an upgrade renamed it since
+    /// (provider idempotency keys keep using it, so a submit retried across the rename
+    /// is still recognised by the provider).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
 }
 
 impl StepState {
+    /// The name provider idempotency keys are derived from: the step's first name.
+    pub fn key_name(&self) -> &str {
+        self.first_name.as_deref().unwrap_or(&self.name)
+    }
+
     /// Items of `1..=planned` with no completion in this run, in order. `planned` is the
     /// step's plan now: completions beyond it are ignored (see [`StepState::extra_items`]).
     pub fn missing_items(&self, planned: u32) -> Vec<u32> {
@@ -157,6 +167,20 @@ pub struct ResumeRecord {
     pub skipped: BTreeMap<String, Vec<u32>>,
     /// Their recorded cost and time: what resuming saved.
     pub saved: Totals,
+}
+
+/// A move to a newer workflow version (see [`Event::TaskUpgraded`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpgradeRecord {
+    pub from: u32,
+    pub to: u32,
+    /// Steps renamed, old name to new.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub renamed: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The stream version of the `task_upgraded` event.
+    pub version: u32,
 }
 
 /// The human review's outcome.
@@ -206,6 +230,9 @@ pub struct TaskState {
     #[serde(skip)]
     pub failed_attempts: u32,
     pub steps: Vec<StepState>,
+    /// Moves to newer versions of the workflow, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<UpgradeRecord>,
     pub retries: Vec<RetryRecord>,
     pub resumes: Vec<ResumeRecord>,
     pub failure: Option<String>,
@@ -470,7 +497,49 @@ impl TaskState {
                 self.cancelled = true;
                 self.parked = false;
             }
+            Event::TaskUpgraded {
+                from,
+                to,
+                renamed,
+                by,
+                ..
+            } => {
+                for rename in renamed {
+                    self.rename_step(&rename.from, &rename.to);
+                }
+                self.workflow_version = *to;
+                self.upgrades.push(UpgradeRecord {
+                    from: *from,
+                    to: *to,
+                    renamed: renamed
+                        .iter()
+                        .map(|r| (r.from.clone(), r.to.clone()))
+                        .collect(),
+                    by: by.clone(),
+                    version,
+                });
+            }
         }
+    }
+
+    /// An upgrade renamed step `from` to `to`: its history (items, outputs, open jobs,
+    /// submissions) continues under the new name. A name the task has no history under,
+    /// or a new name it already has history under, changes nothing (the upgrade refuses
+    /// the latter before it is recorded).
+    fn rename_step(&mut self, from: &str, to: &str) {
+        if self.step_index.contains_key(to) {
+            return;
+        }
+        let Some(index) = self.step_index.remove(from) else {
+            return;
+        };
+        let step = &mut self.steps[index];
+        if step.first_name.is_none() {
+            step.first_name = Some(std::mem::replace(&mut step.name, to.to_owned()));
+        } else {
+            to.clone_into(&mut step.name);
+        }
+        self.step_index.insert(to.to_owned(), index);
     }
 
     fn claimed(&mut self, attempt: u32) {

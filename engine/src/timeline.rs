@@ -223,7 +223,38 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             ));
         }
         Event::TaskCancelled { reason } => row.detail = reason.clone(),
+        Event::TaskUpgraded { .. } => row.detail = describe(&recorded.event),
         Event::ReviewRequested {} | Event::TaskCompleted {} => {}
     }
     row
+}
+
+/// What an upgrade did, in a line (`None` for other events): `v1 -> v2, a renamed alpha,
+/// added c (by w-1)`.
+pub fn describe(event: &Event) -> Option<String> {
+    let Event::TaskUpgraded {
+        from,
+        to,
+        renamed,
+        added,
+        removed,
+        by,
+    } = event
+    else {
+        return None;
+    };
+    let mut detail = format!("v{from} -> v{to}");
+    for rename in renamed {
+        detail.push_str(&format!(", {} renamed {}", rename.from, rename.to));
+    }
+    if !added.is_empty() {
+        detail.push_str(&format!(", added {}", added.join(" ")));
+    }
+    if !removed.is_empty() {
+        detail.push_str(&format!(", removed {}", removed.join(" ")));
+    }
+    if let Some(by) = by {
+        detail.push_str(&format!(" (by {by})"));
+    }
+    Some(detail)
 }

@@ -54,6 +54,9 @@ pub struct WorkerOptions {
     /// Refuse to start (with [`Error::ShapeChanged`]) when a workflow version's shape here
     /// differs from the one first recorded for it; otherwise a warning says what changed.
     pub strict_versions: bool,
+    /// How often the worker warns while tasks of its workflows are stranded (of a version
+    /// no live worker claims); the first look comes one heartbeat after start.
+    pub stranded_warning_interval: Duration,
 }
 
 impl WorkerOptions {
@@ -72,6 +75,72 @@ impl WorkerOptions {
             until_idle: false,
             provider_limits: Vec::new(),
             strict_versions: false,
+            stranded_warning_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A worker's presence: a heartbeat that says which versions it claims (see
+/// [`PgStore::worker_beat`]), and a warning while tasks of its workflows are stranded.
+#[derive(Clone, Debug)]
+struct Presence {
+    store: PgStore,
+    worker_id: String,
+    claims: Vec<WorkflowVersion>,
+    /// The workflows whose stranded tasks this worker warns about.
+    workflows: Vec<String>,
+    heartbeat: Duration,
+    warn_every: Duration,
+}
+
+impl Presence {
+    /// Beats every heartbeat until `stop`, then removes the worker's row. A beat missed
+    /// (the database away) is tried again at the next; the worker goes on meanwhile.
+    async fn run(self, stop: CancellationToken) {
+        // One missed beat is tolerated: a worker that dies counts as gone at most one and a
+        // half heartbeats after its last beat.
+        let ttl = self.heartbeat + self.heartbeat / 2;
+        let mut next_warning = Instant::now() + self.heartbeat;
+        loop {
+            if let Err(err) = self
+                .store
+                .worker_beat(&self.worker_id, &self.claims, ttl)
+                .await
+            {
+                tracing::debug!(worker = %self.worker_id, error = %err, "cannot say this worker is alive yet");
+            }
+            if Instant::now() >= next_warning {
+                self.warn_if_stranded().await;
+                next_warning = Instant::now() + self.warn_every;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.heartbeat) => {}
+            }
+        }
+        if let Err(err) = self.store.worker_left(&self.worker_id).await {
+            tracing::debug!(worker = %self.worker_id, error = %err, "cannot remove this worker's presence; it expires on its own");
+        }
+    }
+
+    /// Warns, once per stranded version of this worker's workflows, with the count.
+    async fn warn_if_stranded(&self) {
+        match self.store.stranded().await {
+            Ok(stranded) => {
+                for group in stranded
+                    .iter()
+                    .filter(|s| self.workflows.contains(&s.workflow))
+                {
+                    tracing::warn!(
+                        worker = %self.worker_id, workflow = %group.workflow, version = group.version, tasks = group.tasks,
+                        "{} task(s) of {} v{} are stranded: no live worker serves or accepts v{} (reel tasks --stranded; reel upgrade TASK --to-version N)",
+                        group.tasks, group.workflow, group.version, group.version
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::debug!(worker = %self.worker_id, error = %err, "cannot look for stranded tasks")
+            }
         }
     }
 }
@@ -112,7 +181,8 @@ pub struct WorkerReport {
 pub struct Worker {
     store: PgStore,
     orchestrator: Orchestrator,
-    /// Only tasks of these workflow versions are claimed.
+    /// Only tasks of these workflow versions are claimed: those served, and the older ones
+    /// a served version takes over.
     served: Vec<WorkflowVersion>,
     /// The workflow versions served, whose shapes are recorded at start.
     registry: Registry,
@@ -122,7 +192,7 @@ pub struct Worker {
 impl Worker {
     /// A worker over `store` running the workflows of `registry`.
     pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
-        let served = registry.served();
+        let served = registry.claimable();
         let orchestrator = Orchestrator::new(store.clone(), registry.clone())
             .with_provider_limits(options.provider_limits.clone());
         Worker {
@@ -163,6 +233,27 @@ impl Worker {
         for change in &changes {
             tracing::warn!(worker = %id, workflow = %change.workflow, version = change.version, "{change}");
         }
+        let presence = Presence {
+            store: self.store.clone(),
+            worker_id: id.clone(),
+            claims: self.served.clone(),
+            workflows: self.registry.names(),
+            heartbeat: self.options.heartbeat_interval,
+            warn_every: self.options.stranded_warning_interval,
+        };
+        let present = CancellationToken::new();
+        let beating = tokio::spawn(presence.clone().run(present.clone()));
+        let served = self.serve(shutdown).await;
+        present.cancel();
+        let _ = beating.await;
+        if self.options.until_idle && served.is_ok() {
+            presence.warn_if_stranded().await;
+        }
+        served
+    }
+
+    /// The claim loop of [`Worker::run`].
+    async fn serve(&self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let drain = shutdown.child_token();
         let abort = CancellationToken::new();
         let mut running: JoinSet<(Lease, Result<RunOutcome>)> = JoinSet::new();

@@ -28,9 +28,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::FailureKind;
+use crate::event::{Event, FailureKind, StepRenamed};
 use crate::id::{ChannelId, TaskId, truncate_for_display};
 use crate::outputs::{ItemOutput, Outputs};
+use crate::state::TaskState;
 use crate::status::{TaskStatus, snake_case, title_case};
 
 /// The longest step error message stored in the log.
@@ -624,6 +625,12 @@ pub struct Workflow {
     input_check: Option<InputCheck>,
     /// The declared input type's name, for the shape.
     input_type: Option<&'static str>,
+    /// Older versions whose tasks this version takes over (see [`Workflow::accepts`]).
+    accepts: std::collections::BTreeSet<u32>,
+    /// Steps of older versions known here under another name, old name to new.
+    renamed: BTreeMap<String, String>,
+    /// Steps of older versions this version no longer has, on purpose.
+    removed: std::collections::BTreeSet<String>,
 }
 
 impl Workflow {
@@ -638,7 +645,167 @@ impl Workflow {
             review: false,
             input_check: None,
             input_type: None,
+            accepts: Default::default(),
+            renamed: BTreeMap::new(),
+            removed: Default::default(),
         }
+    }
+
+    /// Takes over tasks of the older version `older`: a worker serving this version claims
+    /// them too, and moves each to this version (`task_upgraded`) before running it, as
+    /// the rules declared here say — [`Workflow::renamed`], [`Workflow::removed`]; a step
+    /// of this version the older one did not have runs. A task whose history the rules do
+    /// not cover (a step it ran that this version neither has, renames nor removes) is
+    /// refused, not guessed at: nothing completed runs again, no open job is submitted
+    /// again.
+    ///
+    /// # Panics
+    /// When `older` is 0.
+    pub fn accepts(mut self, older: u32) -> Self {
+        assert!(older >= 1, "workflow {:?}: versions start at 1", self.name);
+        self.accepts.insert(older);
+        self
+    }
+
+    /// Step `old` of the older versions this one accepts is step `new` here: an upgraded
+    /// task's completed items, outputs and open provider jobs of `old` carry over to `new`
+    /// (provider idempotency keys keep the old name, so a retried submit is still known to
+    /// the provider).
+    pub fn renamed(mut self, old: &str, new: &str) -> Self {
+        self.renamed.insert(old.to_owned(), new.to_owned());
+        self
+    }
+
+    /// Step `old` of the older versions this one accepts is gone here, on purpose: an
+    /// upgraded task keeps its events and outputs (readable under `old`), and nothing of it
+    /// runs again. Without this (or a rename), a task with history in a step this version
+    /// does not have is refused.
+    pub fn removed(mut self, old: &str) -> Self {
+        self.removed.insert(old.to_owned());
+        self
+    }
+
+    /// Whether this version takes over tasks of version `older` (see [`Workflow::accepts`]).
+    pub fn accepts_version(&self, older: u32) -> bool {
+        older < self.version && self.accepts.contains(&older)
+    }
+
+    /// The older versions this one takes over.
+    pub fn accepted_versions(&self) -> Vec<u32> {
+        self.accepts
+            .iter()
+            .copied()
+            .filter(|v| *v < self.version)
+            .collect()
+    }
+
+    /// The `task_upgraded` event that moves the task folded to `state` to this version,
+    /// or why the rules declared here do not allow it. `from_shape` is the older version's
+    /// shape as its workers recorded it (see [`Workflow::shape`]), when known: it tells a
+    /// step this version adds from one the task simply has not reached.
+    pub fn upgrade(&self, state: &TaskState, from_shape: Option<&str>) -> Result<Event, String> {
+        let from = state.workflow_version.max(1);
+        if state.workflow != self.name {
+            return Err(format!(
+                "the task is of workflow {:?}, not {:?}",
+                state.workflow, self.name
+            ));
+        }
+        if from >= self.version {
+            return Err(format!(
+                "the task is on v{from}, not older than v{}",
+                self.version
+            ));
+        }
+        if !self.accepts_version(from) {
+            return Err(format!(
+                "{} v{} does not accept v{from} tasks: declare .accepts({from}) on it",
+                self.name, self.version
+            ));
+        }
+        // A cancelled task with provider jobs open still has them to follow to their end.
+        let status = state.status();
+        if status == TaskStatus::COMPLETED
+            || (status == TaskStatus::CANCELLED && state.open_jobs() == 0)
+        {
+            return Err(format!("the task is {status}: there is nothing left to run"));
+        }
+        let mut renamed = Vec::new();
+        let mut removed = Vec::new();
+        for step in &state.steps {
+            let name = step.name.as_str();
+            if let Some(new) = self.renamed.get(name) {
+                if self.step_index(new).is_none() {
+                    return Err(format!(
+                        "renamed({name:?}, {new:?}): v{} has no step {new:?}",
+                        self.version
+                    ));
+                }
+                if state.step(new).is_some() {
+                    return Err(format!(
+                        "renamed({name:?}, {new:?}): the task already has history under {new:?}"
+                    ));
+                }
+                renamed.push(StepRenamed {
+                    from: name.to_owned(),
+                    to: new.clone(),
+                });
+                continue;
+            }
+            let kept = self.step_index(name).map(|i| &self.steps[i]);
+            let open = step.open_jobs.len();
+            match kept {
+                Some(kept) if open > 0 && !kept.is_jobs() => {
+                    return Err(format!(
+                        "step {name:?} has {open} provider job(s) open and is not a job step in v{}",
+                        self.version
+                    ));
+                }
+                Some(_) => {}
+                None if self.removed.contains(name) && open == 0 => removed.push(name.to_owned()),
+                None if self.removed.contains(name) => {
+                    return Err(format!(
+                        "removed({name:?}): the task has {open} provider job(s) of it open; let it finish on v{from}"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "the task ran step {name:?} ({} item(s) done), which v{} does not have: declare .renamed({name:?}, NEW) or .removed({name:?})",
+                        step.items.len(),
+                        self.version
+                    ));
+                }
+            }
+        }
+        let older_steps: Option<Vec<&str>> = from_shape.map(|shape| {
+            shape
+                .lines()
+                .filter_map(|line| line.strip_prefix("step "))
+                .filter_map(|rest| rest.split(' ').next())
+                .collect()
+        });
+        let added = self
+            .steps
+            .iter()
+            .map(|s| s.name.to_string())
+            .filter(|name| {
+                let carried = state.step(name).is_some() || renamed.iter().any(|r| &r.to == name);
+                let older = older_steps.as_ref().is_some_and(|older| {
+                    older.iter().any(|o| {
+                        o == name || self.renamed.get(*o).is_some_and(|new| new == name)
+                    })
+                });
+                !carried && !older
+            })
+            .collect();
+        Ok(Event::TaskUpgraded {
+            from,
+            to: self.version,
+            renamed,
+            added,
+            removed,
+            by: None,
+        })
     }
 
     /// Sets the workflow's version (default 1). Raise it when the workflow changes in a way
@@ -886,6 +1053,32 @@ impl Registry {
             .iter()
             .map(|w| WorkflowVersion::new(w.name(), w.version_number()))
             .collect()
+    }
+
+    /// What a worker with this registry claims: the versions it serves, and the older ones
+    /// a served version takes over (see [`Workflow::accepts`]).
+    pub fn claimable(&self) -> Vec<WorkflowVersion> {
+        let mut claimable = self.served();
+        for workflow in self.versions() {
+            for older in workflow.accepted_versions() {
+                let version = WorkflowVersion::new(workflow.name(), older);
+                if !claimable.contains(&version) {
+                    claimable.push(version);
+                }
+            }
+        }
+        claimable.sort();
+        claimable
+    }
+
+    /// The newest registered version of `name` that takes over tasks of version `from`.
+    pub fn upgrade_target(&self, name: &str, from: u32) -> Option<Arc<Workflow>> {
+        self.workflows
+            .get(name)?
+            .values()
+            .rev()
+            .find(|w| w.accepts_version(from))
+            .cloned()
     }
 
     /// Every registered workflow version, by name, then version.

@@ -17,7 +17,7 @@ use engine::{Registry, TaskState};
 
 use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
 use replay::{ReplayArgs, replay};
-use review::{ReviewArgs, TaskArg, approve, cancel, reject, retry};
+use review::{ReviewArgs, TaskArg, UpgradeArgs, approve, cancel, reject, retry, upgrade};
 use submit::{SubmitArgs, submit};
 use tasks::{TasksArgs, tasks};
 use worker::{WorkerArgs, worker};
@@ -137,6 +137,9 @@ enum Command {
     Reject(ReviewArgs),
     /// Cancel a task; a worker running it stops at the next item boundary.
     Cancel(TaskArg),
+    /// Move a task to a newer version of its workflow, as that version's rules allow
+    /// (exit 2, writing nothing, when a rule is missing).
+    Upgrade(UpgradeArgs),
     /// A task's history as a timeline and the state it folds to (--at VERSION: time travel).
     Replay(ReplayArgs),
     /// Check histories' invariants; exit 3 when one is broken.
@@ -195,6 +198,7 @@ async fn run(cli: Cli, workflows: &dyn Workflows) -> anyhow::Result<()> {
         Command::Approve(args) => approve(&url, args, workflows).await?,
         Command::Reject(args) => reject(&url, args, workflows).await?,
         Command::Cancel(args) => cancel(&url, args).await?,
+        Command::Upgrade(args) => upgrade(&url, args, workflows).await?,
         Command::Replay(args) => replay(&url, args).await?,
         Command::Audit(args) => audit(&url, args).await?,
         Command::Stats(args) => stats(&url, args).await?,

@@ -3,7 +3,7 @@
 use clap::Args;
 use engine::{PgStore, TaskId, commands, fold};
 
-use super::{WorkerSettings, Workflows, print_state};
+use super::{UsageError, WorkerSettings, Workflows, print_state};
 
 #[derive(Debug, Args)]
 pub(crate) struct TaskArg {
@@ -73,6 +73,52 @@ pub(crate) async fn reject(
     require_review_gate(&store, task, workflows, "reject").await?;
     let state = commands::reject(&store, task, &args.redo_from, args.reason).await?;
     print_state(&state, args.target.json)
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpgradeArgs {
+    #[command(flatten)]
+    target: TaskArg,
+    /// The workflow version to move the task to (default: the newest this binary has).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    to_version: Option<u32>,
+}
+
+/// `reel upgrade`: moves a task to a newer version of its workflow, as that version's rules
+/// allow; a refusal (exit 2) says which rule is missing and writes nothing.
+pub(crate) async fn upgrade(
+    url: &str,
+    args: UpgradeArgs,
+    workflows: &dyn Workflows,
+) -> anyhow::Result<()> {
+    let (store, task) = open(url, &args.target).await?;
+    let registry = workflows.registry(&WorkerSettings::default());
+    let to = match args.to_version {
+        Some(to) => to,
+        None => {
+            let state = fold(&store.read_stream(task, 1).await?);
+            registry
+                .get(&state.workflow)
+                .map_or(state.workflow_version, |w| w.version_number())
+        }
+    };
+    match commands::upgrade(&store, &registry, task, to).await {
+        Ok(state) => {
+            if let Some(upgrade) = state.upgrades.last().filter(|_| !args.target.json) {
+                let renamed: String = upgrade
+                    .renamed
+                    .iter()
+                    .map(|(old, new)| format!(", {old} renamed {new}"))
+                    .collect();
+                println!("upgraded v{} -> v{}{renamed}", upgrade.from, upgrade.to);
+            }
+            print_state(&state, args.target.json)
+        }
+        Err(refused @ engine::Error::UpgradeRefused { .. }) => {
+            Err(UsageError(refused.to_string()).into())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 pub(crate) async fn retry(url: &str, target: TaskArg) -> anyhow::Result<()> {

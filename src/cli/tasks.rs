@@ -19,6 +19,10 @@ pub(crate) struct TasksArgs {
     /// One JSON array of task objects.
     #[arg(long)]
     json: bool,
+    /// Only stranded tasks: unfinished, of a workflow version no live worker serves or
+    /// accepts (a deploy dropped it). `reel upgrade` moves one to a version that accepts it.
+    #[arg(long, conflicts_with_all = ["status", "channel"])]
+    stranded: bool,
 }
 
 pub(crate) async fn tasks(
@@ -33,7 +37,11 @@ pub(crate) async fn tasks(
         channel,
         limit: args.limit,
     };
-    let tasks = store.list_tasks(&filter).await?;
+    let tasks = if args.stranded {
+        store.stranded_tasks(args.limit).await?
+    } else {
+        store.list_tasks(&filter).await?
+    };
     if let Some(status) = args.status
         && tasks.is_empty()
         && !known_statuses(workflows).contains(&status)
@@ -52,6 +60,9 @@ pub(crate) async fn tasks(
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
         return Ok(());
+    }
+    if args.stranded && tasks.is_empty() {
+        eprintln!("no stranded task: every unfinished task's version has a live worker");
     }
     println!(
         "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  last error",

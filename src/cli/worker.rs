@@ -69,6 +69,11 @@ pub(crate) struct WorkerArgs {
     /// version; without it, a warning names what changed.
     #[arg(long, env = "REEL_STRICT_VERSIONS")]
     strict_versions: bool,
+    /// Seconds between the warnings this worker logs while tasks of its workflows are
+    /// stranded (of a version no live worker serves or accepts); 1 to 86400.
+    #[arg(long, env = "REEL_STRANDED_WARNING", value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    stranded_warning: u64,
     /// Seconds items in flight may take to finish after SIGTERM (0 to 86400).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     shutdown_grace: u64,
@@ -141,6 +146,7 @@ pub(crate) async fn worker(
         until_idle: args.until_idle,
         provider_limits,
         strict_versions: args.strict_versions,
+        stranded_warning_interval: Duration::from_secs(args.stranded_warning),
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
     let report = match Worker::new(store, registry, options).run(shutdown).await {

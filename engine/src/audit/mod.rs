@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::event::{Event, RecordedEvent};
+use crate::event::{Event, RecordedEvent, StepRenamed};
 use crate::id::TaskId;
 use crate::state::{TaskState, Totals};
 use crate::status::TaskStatus;
@@ -49,11 +49,15 @@ pub enum Rule {
     /// The pure audit cannot see files: whoever knows the artifacts' root checks this
     /// (`reel audit --artifacts DIR`).
     ArtifactIntact,
+    /// A `task_upgraded` moves the task from the version it is on to a newer one, renames
+    /// only steps it has history under to names it has none under, and comes before the
+    /// task completed.
+    UpgradeForward,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::VersionsContiguous,
         Rule::SubmittedFirst,
         Rule::ItemCompletedOnce,
@@ -64,6 +68,7 @@ impl Rule {
         Rule::KnownEvents,
         Rule::OneOpenSubmission,
         Rule::ArtifactIntact,
+        Rule::UpgradeForward,
     ];
 }
 
@@ -252,6 +257,9 @@ impl Checker {
                     );
                 }
             }
+            Event::TaskUpgraded {
+                from, to, renamed, ..
+            } => self.check_upgrade(version, *from, *to, renamed),
             Event::ReviewRejected { redo_from, .. } => {
                 // The redone steps start afresh: their earlier items are not "already complete".
                 if let Some(first) = self.state.steps.iter().position(|s| &s.name == redo_from) {
@@ -261,6 +269,40 @@ impl Checker {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn check_upgrade(&mut self, version: u32, from: u32, to: u32, renamed: &[StepRenamed]) {
+        let current = self.state.workflow_version.max(1);
+        if from != current || to <= from {
+            self.flag(
+                version,
+                Rule::UpgradeForward,
+                format!("task_upgraded v{from} -> v{to}, but the task is on v{current}"),
+            );
+        }
+        if self.state.status() == TaskStatus::COMPLETED {
+            self.flag(
+                version,
+                Rule::UpgradeForward,
+                format!("task_upgraded while the task is {}", self.state.status()),
+            );
+        }
+        for rename in renamed {
+            if self.state.step(&rename.to).is_some() {
+                self.flag(
+                    version,
+                    Rule::UpgradeForward,
+                    format!(
+                        "{} renamed {}, but the task already has history under {}",
+                        rename.from, rename.to, rename.to
+                    ),
+                );
+            }
+            // What was done before the rename is still done after it.
+            if let Some(done) = self.resumed_with.remove(&rename.from) {
+                self.resumed_with.insert(rename.to.clone(), done);
+            }
         }
     }
 

@@ -140,6 +140,9 @@ pub(super) struct JobRun<'a> {
     to_submit: BTreeMap<u32, ToSubmit>,
     /// Submissions per item so far (the next one's number is one more).
     submissions: BTreeMap<u32, u32>,
+    /// The step's name in its idempotency keys: the one the task first ran it under (an
+    /// upgrade may have renamed it since).
+    key_name: String,
     /// Failed tries (submits refused, jobs failed or lost) per item in this attempt.
     tries: BTreeMap<u32, u32>,
     /// Rate refusals (429s) per item in this attempt (see [`FREE_RATE_REFUSALS`]).
@@ -213,6 +216,7 @@ impl<'a> JobRun<'a> {
             open,
             to_submit,
             submissions: progress.map(|p| p.submissions.clone()).unwrap_or_default(),
+            key_name: progress.map_or_else(|| step.name().to_owned(), |p| p.key_name().to_owned()),
             tries,
             refusals,
             slot_retry: None,
@@ -797,7 +801,7 @@ impl<'a> JobRun<'a> {
             number,
             idempotency_key: uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_OID,
-                format!("reel/{task}/{}/{item}/{number}", self.step.name()).as_bytes(),
+                format!("reel/{task}/{}/{item}/{number}", self.key_name).as_bytes(),
             )
             .to_string(),
         };

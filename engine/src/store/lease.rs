@@ -11,7 +11,7 @@ use sqlx::Row;
 use super::clock::Reading;
 use super::{Fence, PgStore};
 use crate::error::Result;
-use crate::event::CURRENT_SCHEMA_VERSION;
+use crate::event::FIRST_SCHEMA_VERSION;
 use crate::id::TaskId;
 use crate::workflow::WorkflowVersion;
 
@@ -210,7 +210,7 @@ impl PgStore {
                 self.statement(CLAIM_SQL)
                     .bind(worker_id)
                     .bind(ttl.as_secs_f64())
-                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(FIRST_SCHEMA_VERSION)
                     .bind(task.as_uuid())
                     .fetch_optional(c)
                     .await
@@ -239,7 +239,7 @@ impl PgStore {
                 self.statement(CLAIM_NEXT_SQL)
                     .bind(worker_id)
                     .bind(ttl.as_secs_f64())
-                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(FIRST_SCHEMA_VERSION)
                     .bind(&running)
                     .bind(&workflows)
                     .bind(&versions)

@@ -78,7 +78,7 @@ impl PgStore {
     }
 }
 
-fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
+pub(super) fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
     let status: TaskStatus = row
         .try_get::<String, _>("status")?
         .parse()

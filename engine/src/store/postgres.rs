@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, LogPage, NewTask};
 use crate::error::{Error, Result};
-use crate::event::{CURRENT_SCHEMA_VERSION, Event, EventRow, NewEvent, RecordedEvent};
+use crate::event::{Event, EventRow, NewEvent, RecordedEvent};
 use crate::id::{TaskId, truncate_for_display};
 use crate::status::TaskStatus;
 
@@ -40,6 +40,7 @@ WITH fence AS (
         -- Anything but a claim is written by a worker that could read the history.
         unreadable_since = CASE WHEN $18 THEN NULL ELSE unreadable_since END,
         parked           = COALESCE($19, parked),
+        workflow_version = COALESCE($21, workflow_version),
         updated_at       = now()
     -- $20, if given, bounds how long the fence waits for the task's row lock (local to
     -- this statement's transaction): a shared writer gives up a row held elsewhere.
@@ -316,6 +317,7 @@ impl PgStore {
             .bind(change.readable)
             .bind(change.parked)
             .bind(lock_wait)
+            .bind(change.workflow_version)
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -624,6 +626,7 @@ impl PgStore {
             workflow_version: task.workflow_version,
         };
         let (_, payload) = submitted.encode()?;
+        let schema_version = submitted.schema_version();
         // Deterministic: a retried create after a lost acknowledgement writes nothing new.
         let event_id = Uuid::new_v5(&task.id.as_uuid(), b"task_submitted");
         let row = self
@@ -635,7 +638,7 @@ impl PgStore {
                     .bind(task.notion_page_id.as_deref())
                     .bind(task.idempotency_key.as_deref())
                     .bind(event_id)
-                    .bind(CURRENT_SCHEMA_VERSION)
+                    .bind(schema_version)
                     .bind(payload)
                     .bind(EVENTS_CHANNEL)
                     .bind(i32::try_from(task.workflow_version.unwrap_or(1)).unwrap_or(1))
@@ -752,7 +755,7 @@ impl EncodedBatch {
             let (event_type, payload) = new.event.encode()?;
             batch.event_ids.push(new.event_id);
             batch.event_types.push(event_type);
-            batch.schema_versions.push(CURRENT_SCHEMA_VERSION);
+            batch.schema_versions.push(new.event.schema_version());
             batch.payloads.push(payload);
             batch.metadata.push(serde_json::to_value(&new.metadata)?);
         }
@@ -778,6 +781,8 @@ pub(super) struct RowChange {
     /// The batch holds more than a claim: its writer could read the history, so the task
     /// is no longer set aside as unreadable.
     pub(super) readable: bool,
+    /// The task moved to this workflow version (`task_upgraded`).
+    pub(super) workflow_version: Option<i32>,
 }
 
 impl RowChange {
@@ -832,6 +837,9 @@ impl RowChange {
                 }
                 Event::ReviewRequested {} | Event::TaskCompleted {} => {
                     change.release_lease = true;
+                }
+                Event::TaskUpgraded { to, .. } => {
+                    change.workflow_version = i32::try_from(*to).ok();
                 }
                 _ => {}
             }

@@ -26,9 +26,9 @@ const APPEND_MANY_SQL: &str = r#"
 WITH s AS (
     SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::int[], $4::int[], $5::text[], $6::text[],
                          $7::bool[], $8::timestamptz[], $9::text[], $10::bool[], $11::int[],
-                         $12::bool[], $13::bool[], $14::bool[])
+                         $12::bool[], $13::bool[], $14::bool[], $24::int[])
         AS s(id, epoch, expected, n, status, status_display, set_next_run, next_run_at,
-             last_error, release_lease, attempt, readable, parked, wakes)
+             last_error, release_lease, attempt, readable, parked, wakes, workflow_version)
 ), fence AS (
     UPDATE tasks t SET
         version          = s.expected + s.n,
@@ -41,6 +41,7 @@ WITH s AS (
         attempt          = COALESCE(s.attempt, t.attempt),
         unreadable_since = CASE WHEN s.readable THEN NULL ELSE t.unreadable_since END,
         parked           = COALESCE(s.parked, t.parked),
+        workflow_version = COALESCE(s.workflow_version, t.workflow_version),
         updated_at       = now()
     FROM s
     WHERE t.id = s.id AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
@@ -120,6 +121,7 @@ struct Columns {
     readable: Vec<bool>,
     parked: Vec<Option<bool>>,
     wakes: Vec<bool>,
+    workflow_versions: Vec<Option<i32>>,
     event_streams: Vec<Uuid>,
     ords: Vec<i32>,
     event_ids: Vec<Uuid>,
@@ -158,6 +160,7 @@ impl Columns {
         self.readable.push(change.readable);
         self.parked.push(change.parked);
         self.wakes.push(change.wakes);
+        self.workflow_versions.push(change.workflow_version);
         for (ord, _) in (1..).zip(append.events) {
             self.event_streams.push(uuid);
             self.ords.push(ord);
@@ -314,6 +317,7 @@ impl PgStore {
             .bind(&c.metadata)
             .bind(EVENTS_CHANNEL)
             .bind(lock_wait)
+            .bind(&c.workflow_versions)
             .fetch_one(&mut *conn)
             .await?;
         Ok(Written {

@@ -9,8 +9,10 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::PgStore;
-use crate::error::Result;
+use super::{Appended, Fence, PgStore};
+use crate::error::{Error, Result};
+use crate::event::{Event, NewEvent};
+use crate::id::TaskId;
 use crate::workflow::Registry;
 
 /// A workflow version whose shape here differs from the one first recorded for it.
@@ -65,8 +67,16 @@ impl fmt::Display for ShapeChange {
     }
 }
 
-/// Two statements, not one: a row another worker inserted at the same moment is not in
-/// the snapshot of a statement whose own insert waited for it (and then did nothing).
+/// Separate statements: a row another worker inserted at the same moment is not in the
+/// snapshot of a statement whose own insert waited for it (and then did nothing). The
+/// first shape of a version is the one whose row holds its `first` mark (a unique index):
+/// of two workers recording different shapes at once, the second waits for the first's
+/// mark, inserts unmarked, and finds the first's shape.
+const RECORD_FIRST_SQL: &str = "\
+INSERT INTO workflow_versions (workflow, version, fingerprint, shape, first_seen_by, first)
+VALUES ($1, $2, $3, $4, $5, true)
+ON CONFLICT DO NOTHING";
+
 const RECORD_SQL: &str = "\
 INSERT INTO workflow_versions (workflow, version, fingerprint, shape, first_seen_by)
 VALUES ($1, $2, $3, $4, $5)
@@ -75,7 +85,7 @@ ON CONFLICT DO NOTHING";
 const FIRST_SQL: &str = "\
 SELECT fingerprint, shape, first_seen_at, first_seen_by FROM workflow_versions
  WHERE workflow = $1 AND version = $2
- ORDER BY first_seen_at, fingerprint
+ ORDER BY first DESC, first_seen_at, fingerprint
  LIMIT 1";
 
 impl PgStore {
@@ -91,17 +101,23 @@ impl PgStore {
         for workflow in registry.versions() {
             let (shape, fingerprint) = (workflow.shape(), workflow.fingerprint());
             let version = i32::try_from(workflow.version_number()).unwrap_or(i32::MAX);
-            self.on_pool(async |c| {
-                self.statement(RECORD_SQL)
-                    .bind(workflow.name())
-                    .bind(version)
-                    .bind(&fingerprint)
-                    .bind(&shape)
-                    .bind(worker_id)
-                    .execute(c)
-                    .await
-            })
-            .await?;
+            for sql in [RECORD_FIRST_SQL, RECORD_SQL] {
+                let inserted = self
+                    .on_pool(async |c| {
+                        self.statement(sql)
+                            .bind(workflow.name())
+                            .bind(version)
+                            .bind(&fingerprint)
+                            .bind(&shape)
+                            .bind(worker_id)
+                            .execute(c)
+                            .await
+                    })
+                    .await?;
+                if inserted.rows_affected() == 1 {
+                    break;
+                }
+            }
             let first = self
                 .on_pool(async |c| {
                     self.statement(FIRST_SQL)
@@ -123,5 +139,69 @@ impl PgStore {
             }
         }
         Ok(changes)
+    }
+}
+
+/// Moves a task's rows of renamed steps ($2 old names, $3 new ones) to the new names.
+const RENAME_STEP_SQL: [&str; 2] = [
+    "UPDATE provider_slots t SET step = r.new FROM unnest($2::text[], $3::text[]) AS r(old, new) \
+      WHERE t.task_id = $1 AND t.step = r.old",
+    "UPDATE orphan_jobs t SET step = r.new FROM unnest($2::text[], $3::text[]) AS r(old, new) \
+      WHERE t.task_id = $1 AND t.step = r.old",
+];
+
+impl PgStore {
+    /// The shape first recorded for `version` of `workflow`, if a worker ever recorded one.
+    pub async fn recorded_shape(&self, workflow: &str, version: u32) -> Result<Option<String>> {
+        let version = i32::try_from(version).unwrap_or(i32::MAX);
+        let row = self
+            .on_pool(async |c| {
+                self.statement(FIRST_SQL)
+                    .bind(workflow)
+                    .bind(version)
+                    .fetch_optional(c)
+                    .await
+            })
+            .await?;
+        Ok(row.map(|row| row.try_get("shape")).transpose()?)
+    }
+
+    /// Appends `upgraded` (a [`Event::TaskUpgraded`]) to `task` at `expected_version` under
+    /// `fence`, and in the same transaction moves the task's provider slots and orphaned
+    /// jobs of renamed steps to their new names: a job open under the old name keeps its
+    /// place at the provider and is found by its new step when it ends.
+    pub async fn upgrade_task(
+        &self,
+        task: TaskId,
+        expected_version: u32,
+        fence: Fence,
+        upgraded: NewEvent,
+    ) -> Result<Appended> {
+        let Event::TaskUpgraded { renamed, .. } = &upgraded.event else {
+            return Err(Error::InvalidInput(format!(
+                "upgrade_task takes a task_upgraded event, not {}",
+                upgraded.event.event_type()
+            )));
+        };
+        let (old, new): (Vec<&str>, Vec<&str>) = renamed
+            .iter()
+            .map(|r| (r.from.as_str(), r.to.as_str()))
+            .unzip();
+        let mut tx = self.pool().begin().await?;
+        let appended = self
+            .append_in(&mut tx, task, expected_version, fence, std::slice::from_ref(&upgraded))
+            .await?;
+        if !old.is_empty() {
+            for sql in RENAME_STEP_SQL {
+                self.statement(sql)
+                .bind(task.as_uuid())
+                .bind(&old)
+                .bind(&new)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(appended)
     }
 }

@@ -186,19 +186,24 @@ async fn upgrade_once(
             format!("this binary has {} of it, not v{to}", known.join(", "))
         }));
     };
+    let shape = store.recorded_shape(&state.workflow, from).await?;
+    let mut upgraded = target.upgrade(&state, shape.as_deref()).map_err(&refused)?;
     if let Some(until) = store.lease_held_until(task).await? {
         return Err(refused(format!(
-            "a worker is running it (its lease holds until {}): upgrade it once it stops or parks",
+            "a worker holds it (its lease lasts until {}): upgrade it once the lease ends",
             until.format("%Y-%m-%d %H:%M:%S UTC")
         )));
     }
-    let shape = store.recorded_shape(&state.workflow, from).await?;
-    let mut upgraded = target.upgrade(&state, shape.as_deref()).map_err(refused)?;
     if let Event::TaskUpgraded { by, .. } = &mut upgraded {
         *by = Some("operator".to_owned());
     }
     store
-        .upgrade_task(task, state.version, Fence::Unleased, NewEvent::new(upgraded))
+        .upgrade_task(
+            task,
+            state.version,
+            Fence::Unleased,
+            NewEvent::new(upgraded),
+        )
         .await?;
     load(store, task).await
 }

@@ -97,9 +97,10 @@ impl Presence {
     /// Beats every heartbeat until `stop`, then removes the worker's row. A beat missed
     /// (the database away) is tried again at the next; the worker goes on meanwhile.
     async fn run(self, stop: CancellationToken) {
-        // One missed beat is tolerated: a worker that dies counts as gone at most one and a
-        // half heartbeats after its last beat.
-        let ttl = self.heartbeat + self.heartbeat / 2;
+        // Two beats per heartbeat interval, each good for one interval: a worker that dies
+        // counts as gone within one heartbeat interval, and one late beat is tolerated.
+        let ttl = self.heartbeat;
+        let every = self.heartbeat / 2;
         let mut next_warning = Instant::now() + self.heartbeat;
         loop {
             if let Err(err) = self
@@ -115,7 +116,7 @@ impl Presence {
             }
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(self.heartbeat) => {}
+                () = tokio::time::sleep(every) => {}
             }
         }
         if let Err(err) = self.store.worker_left(&self.worker_id).await {

@@ -728,7 +728,9 @@ impl Workflow {
         if status == TaskStatus::COMPLETED
             || (status == TaskStatus::CANCELLED && state.open_jobs() == 0)
         {
-            return Err(format!("the task is {status}: there is nothing left to run"));
+            return Err(format!(
+                "the task is {status}: there is nothing left to run"
+            ));
         }
         let mut renamed = Vec::new();
         let mut removed = Vec::new();
@@ -791,9 +793,9 @@ impl Workflow {
             .filter(|name| {
                 let carried = state.step(name).is_some() || renamed.iter().any(|r| &r.to == name);
                 let older = older_steps.as_ref().is_some_and(|older| {
-                    older.iter().any(|o| {
-                        o == name || self.renamed.get(*o).is_some_and(|new| new == name)
-                    })
+                    older
+                        .iter()
+                        .any(|o| o == name || self.renamed.get(*o).is_some_and(|new| new == name))
                 });
                 !carried && !older
             })

@@ -97,8 +97,7 @@ impl PgStore {
             .map(|row| {
                 Ok(Stranded {
                     workflow: row.try_get("workflow")?,
-                    version: u32::try_from(row.try_get::<i32, _>("workflow_version")?)
-                        .unwrap_or(1),
+                    version: u32::try_from(row.try_get::<i32, _>("workflow_version")?).unwrap_or(1),
                     tasks: u64::try_from(row.try_get::<i64, _>("tasks")?).unwrap_or(0),
                 })
             })

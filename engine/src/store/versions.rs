@@ -189,16 +189,22 @@ impl PgStore {
             .unzip();
         let mut tx = self.pool().begin().await?;
         let appended = self
-            .append_in(&mut tx, task, expected_version, fence, std::slice::from_ref(&upgraded))
+            .append_in(
+                &mut tx,
+                task,
+                expected_version,
+                fence,
+                std::slice::from_ref(&upgraded),
+            )
             .await?;
         if !old.is_empty() {
             for sql in RENAME_STEP_SQL {
                 self.statement(sql)
-                .bind(task.as_uuid())
-                .bind(&old)
-                .bind(&new)
-                .execute(&mut *tx)
-                .await?;
+                    .bind(task.as_uuid())
+                    .bind(&old)
+                    .bind(&new)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;

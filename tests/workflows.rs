@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{claim, reel_cli, run_to_rest, state, submit};
 use engine::prelude::*;
 use engine::testing::TestDatabase;
-use engine::{Event, Orchestrator};
+use engine::{Event, Fence, NewEvent, Orchestrator};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -605,4 +605,278 @@ async fn a_task_for_version_0_is_refused() {
         .await
         .expect("count");
     assert_eq!(tasks, 0);
+}
+
+/// A v1 task of `deployed` whose step `a` completed two items (appended as a worker would).
+async fn v1_task_with_history(store: &PgStore) -> TaskId {
+    let mut task = NewTask::new(
+        "deployed",
+        ChannelId::parse("deploys").expect("channel"),
+        json!({}),
+    );
+    task.workflow_version = Some(1);
+    let task = store.create_task(task).await.expect("submit").task_id();
+    let mut events = vec![Event::StepStarted {
+        step: "a".into(),
+        attempt: 1,
+        items: 2,
+        atomic: false,
+    }];
+    events.extend((1..=2).map(|item| Event::ItemCompleted {
+        step: "a".into(),
+        item,
+        attempt: 1,
+        artifact: format!("a/{item}"),
+        cost_micros: 100,
+        duration_ms: 1,
+        output: Some(json!({ "item": item })),
+    }));
+    let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+    store
+        .append(task, 1, Fence::Unleased, &batch)
+        .await
+        .expect("history");
+    task
+}
+
+fn two_steps(version: u32, first: &str) -> Workflow {
+    Workflow::new("deployed")
+        .version(version)
+        .step(Step::items(
+            first,
+            |_: &serde_json::Value| Ok(2),
+            |_ctx: StepContext, _item| async { ItemOutput::value("made") },
+        ))
+        .step(Step::once("b", |_ctx: StepContext| async {
+            ItemOutput::value("b")
+        }))
+}
+
+/// Issue 28: `reel upgrade`'s command refuses, writing nothing, when v2 does not accept v1,
+/// when a step the task ran has no rule, and while a worker holds the task; with the rules
+/// it records `task_upgraded` (schema version 2), moves the `tasks` row to v2 and the task's
+/// provider slots to the step's new name, and the completed items read under it.
+#[tokio::test]
+async fn an_operator_upgrade_checks_the_rules_and_carries_the_history() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = v1_task_with_history(&store).await;
+    sqlx::query("INSERT INTO provider_keys (key) VALUES ('k')")
+        .execute(db.pool())
+        .await
+        .expect("key");
+    sqlx::query(
+        "INSERT INTO provider_slots (key, task_id, step, item, priority, granted, holder, expires_at) \
+         VALUES ('k', $1, 'a', 3, now(), true, 'w', now() + interval '1 hour')",
+    )
+    .bind(task.as_uuid())
+    .execute(db.pool())
+    .await
+    .expect("slot");
+    let before = store.read_stream(task, 1).await.expect("read").len();
+    let written = || async { store.read_stream(task, 1).await.expect("read").len() };
+
+    let refusals = [
+        (
+            Registry::new().register(two_steps(2, "alpha")),
+            ".accepts(1)",
+        ),
+        (
+            Registry::new().register(two_steps(2, "alpha").accepts(1)),
+            r#".renamed("a", NEW)"#,
+        ),
+        (
+            Registry::new().register(two_steps(3, "alpha").accepts(1)),
+            "this binary has v3 of it, not v2",
+        ),
+    ];
+    for (registry, missing) in refusals {
+        let err = engine::commands::upgrade(&store, &registry, task, 2)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, engine::Error::UpgradeRefused { .. })
+                && err.to_string().contains(missing),
+            "{err}"
+        );
+        assert_eq!(written().await, before, "nothing written");
+    }
+
+    let rules = Registry::new().register(two_steps(2, "alpha").accepts(1).renamed("a", "alpha"));
+    let lease = store
+        .claim_next(
+            "holder",
+            Duration::from_secs(30),
+            &[],
+            &[WorkflowVersion::new("deployed", 1)],
+        )
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let err = engine::commands::upgrade(&store, &rules, task, 2)
+        .await
+        .expect_err("held");
+    assert!(err.to_string().contains("lease"), "{err}");
+    store.release_lease(&lease).await.expect("release");
+    let held = written().await;
+
+    let state = engine::commands::upgrade(&store, &rules, task, 2)
+        .await
+        .expect("upgraded");
+    assert_eq!(written().await, held + 1);
+    assert_eq!(state.workflow_version, 2);
+    let alpha = state.step("alpha").expect("a is alpha now");
+    assert_eq!(alpha.items.len(), 2);
+    assert_eq!(alpha.key_name(), "a");
+    assert!(state.step("a").is_none());
+    assert_eq!(
+        state.upgrades[0].by.as_deref(),
+        Some("operator"),
+        "{:?}",
+        state.upgrades
+    );
+    let (row_version, schema, slot_step): (i32, i16, String) = sqlx::query_as(
+        "SELECT t.workflow_version, e.schema_version, s.step FROM tasks t \
+           JOIN events e ON e.stream_id = t.id AND e.event_type = 'task_upgraded' \
+           JOIN provider_slots s ON s.task_id = t.id WHERE t.id = $1",
+    )
+    .bind(task.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .expect("row");
+    assert_eq!((row_version, schema, slot_step.as_str()), (2, 2, "alpha"));
+
+    // A v2 worker runs what is left: `b` only (alpha's items are done).
+    let report = worker(&store, rules)
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.completed, 1, "{report:?}");
+    let done = state_of(&store, task).await;
+    assert_eq!(done.step("alpha").expect("alpha").items.len(), 2);
+    assert_eq!(
+        done.spent.items, 3,
+        "two items of a, then b: nothing ran twice"
+    );
+}
+
+async fn state_of(store: &PgStore, task: TaskId) -> TaskState {
+    fold(&store.read_stream(task, 1).await.expect("read"))
+}
+
+/// Issue 28: a task of a version no live worker claims is stranded while a worker serving
+/// another version runs; the worker's presence row goes when it stops. A worker that
+/// accepts the version takes it over (upgrading it at its claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_no_live_worker_claims_is_stranded_until_one_accepts_it() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = v1_task_with_history(&store).await;
+    let options = WorkerOptions {
+        poll_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        ..WorkerOptions::new("v2-only")
+    };
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(
+        Worker::new(
+            store.clone(),
+            Registry::new().register(two_steps(2, "alpha")),
+            options,
+        )
+        .run(shutdown.clone()),
+    );
+    let mut stranded = Vec::new();
+    for _ in 0..100 {
+        stranded = store.stranded().await.expect("stranded");
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM workers WHERE expires_at > now()")
+            .fetch_one(db.pool())
+            .await
+            .expect("workers");
+        if live == 1 && !stranded.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stranded,
+        [engine::Stranded {
+            workflow: "deployed".into(),
+            version: 1,
+            tasks: 1
+        }]
+    );
+    let listed = store.stranded_tasks(0).await.expect("list");
+    assert_eq!(listed.iter().map(|t| t.id).collect::<Vec<_>>(), [task]);
+    shutdown.cancel();
+    running.await.expect("join").expect("worker");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM workers")
+        .fetch_one(db.pool())
+        .await
+        .expect("workers");
+    assert_eq!(rows, 0, "a worker that stops removes its presence");
+    assert_eq!(
+        state_of(&store, task).await.attempt,
+        0,
+        "the v2 worker never claimed it"
+    );
+
+    let accepting =
+        Registry::new().register(two_steps(2, "alpha").accepts(1).renamed("a", "alpha"));
+    let report = worker(&store, accepting)
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.completed, 1, "{report:?}");
+    let done = state_of(&store, task).await;
+    assert_eq!(done.workflow_version, 2);
+    assert_eq!(done.upgrades[0].by.as_deref(), Some("workflows-test"));
+    assert_eq!(done.spent.items, 3);
+    assert!(store.stranded().await.expect("stranded").is_empty());
+}
+
+/// Review of issue 28: workers recording two different shapes for one version at the same
+/// moment agree on which came first: every worker of the other shape sees the change. (The
+/// first version ordered by insert time, and two inserts racing each saw only their own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_shapes_recorded_at_once_agree_on_the_first() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    for round in 0..5 {
+        let starting: Vec<_> = (0..8)
+            .map(|n| {
+                let store = store.clone();
+                let step = if n % 2 == 0 { "a" } else { "alpha" };
+                let registry = Registry::new().register(versioned(1, step));
+                tokio::spawn(async move {
+                    let changes = store
+                        .record_workflow_versions(&registry, &format!("w{round}-{n}"))
+                        .await
+                        .expect("recorded");
+                    (step, changes.is_empty())
+                })
+            })
+            .collect();
+        let mut unchanged = std::collections::BTreeSet::new();
+        let mut changed = std::collections::BTreeSet::new();
+        for started in starting {
+            let (step, same) = started.await.expect("join");
+            if same {
+                unchanged.insert(step);
+            } else {
+                changed.insert(step);
+            }
+        }
+        assert_eq!(unchanged.len(), 1, "one shape is the first: {unchanged:?}");
+        assert_eq!(
+            changed.len(),
+            1,
+            "the other is seen as a change: {changed:?}"
+        );
+        assert!(unchanged.is_disjoint(&changed));
+        sqlx::query("DELETE FROM workflow_versions")
+            .execute(db.pool())
+            .await
+            .expect("start over");
+    }
 }

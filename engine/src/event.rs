@@ -672,4 +672,54 @@ mod tests {
         assert!(upcast("task_submitted", 99, serde_json::json!({})).is_err());
         assert!(upcast("task_submitted", 0, serde_json::json!({})).is_err());
     }
+
+    #[test]
+    fn what_an_older_build_must_not_act_on_is_written_as_schema_version_2() {
+        let submitted = |version| Event::TaskSubmitted {
+            workflow: "video".into(),
+            channel_id: ChannelId::parse("history").expect("valid"),
+            input: Value::Null,
+            notion_page_id: None,
+            idempotency_key: None,
+            workflow_version: version,
+        };
+        assert_eq!(submitted(None).schema_version(), FIRST_SCHEMA_VERSION);
+        assert_eq!(submitted(Some(1)).schema_version(), FIRST_SCHEMA_VERSION);
+        assert_eq!(submitted(Some(2)).schema_version(), CURRENT_SCHEMA_VERSION);
+        let upgraded = Event::TaskUpgraded {
+            from: 1,
+            to: 2,
+            renamed: vec![StepRenamed {
+                from: "clips".into(),
+                to: "video".into(),
+            }],
+            added: vec!["captions".into()],
+            removed: Vec::new(),
+            by: Some("operator".into()),
+        };
+        assert_eq!(upgraded.schema_version(), CURRENT_SCHEMA_VERSION);
+        assert_eq!(
+            Event::TaskCompleted {}.schema_version(),
+            FIRST_SCHEMA_VERSION
+        );
+        let (event_type, payload) = upgraded.encode().expect("encode");
+        assert_eq!(event_type, "task_upgraded");
+        assert_eq!(
+            payload,
+            serde_json::json!({"from": 1, "to": 2, "renamed": [{"from": "clips", "to": "video"}],
+                               "added": ["captions"], "by": "operator"})
+        );
+        // Both schema versions read the same payloads; a third is refused.
+        for version in [FIRST_SCHEMA_VERSION, CURRENT_SCHEMA_VERSION] {
+            assert_eq!(
+                upcast(event_type, version, payload.clone()),
+                Ok(payload.clone())
+            );
+        }
+        assert!(upcast(event_type, 3, payload.clone()).is_err());
+        assert_eq!(
+            Event::decode_current(event_type, payload).expect("decode"),
+            upgraded
+        );
+    }
 }

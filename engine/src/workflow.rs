@@ -1304,4 +1304,191 @@ mod tests {
             ]
         );
     }
+
+    /// A v1 task that finished `a` (3 items), has `b` item 1's job open, and has not
+    /// reached `c`.
+    fn v1_history() -> TaskState {
+        use crate::event::Event;
+        let channel = ChannelId::parse("deploys").expect("channel");
+        crate::state::fold(&crate::event::RecordedEvent::in_memory_stream(
+            TaskId::new(),
+            [
+                Event::TaskSubmitted {
+                    workflow: "video".into(),
+                    channel_id: channel,
+                    input: Value::Null,
+                    notion_page_id: None,
+                    idempotency_key: None,
+                    workflow_version: None,
+                },
+                Event::StepStarted {
+                    step: "a".into(),
+                    attempt: 1,
+                    items: 3,
+                    atomic: false,
+                },
+            ]
+            .into_iter()
+            .chain((1..=3).map(|item| Event::ItemCompleted {
+                step: "a".into(),
+                item,
+                attempt: 1,
+                artifact: format!("a/{item}"),
+                cost_micros: 10,
+                duration_ms: 1,
+                output: None,
+            }))
+            .chain([
+                Event::StepStarted {
+                    step: "b".into(),
+                    attempt: 1,
+                    items: 1,
+                    atomic: false,
+                },
+                Event::ItemSubmitted {
+                    step: "b".into(),
+                    item: 1,
+                    attempt: 1,
+                    submission: 1,
+                    job: serde_json::json!({"id": "job-1"}),
+                },
+            ]),
+        ))
+    }
+
+    struct NoJobs;
+
+    impl JobWork for NoJobs {
+        fn plan(&self, _: &Value) -> Result<u32, StepError> {
+            Ok(1)
+        }
+        fn submit(
+            &self,
+            _: StepContext,
+            _: u32,
+            _: Submission,
+        ) -> BoxFuture<Result<Value, StepError>> {
+            Box::pin(async { Ok(Value::Null) })
+        }
+        fn poll(
+            &self,
+            _: StepContext,
+            _: u32,
+            _: Value,
+        ) -> BoxFuture<Result<JobStatus, StepError>> {
+            Box::pin(async { Ok(JobStatus::Pending { next_poll: None }) })
+        }
+    }
+
+    fn v2() -> Workflow {
+        Workflow::new("video")
+            .version(2)
+            .step(clips("alpha"))
+            .step(Step::jobs("film", NoJobs))
+            .step(noop("c"))
+            .step(noop("d"))
+    }
+
+    #[test]
+    fn an_upgrade_needs_accepts_and_a_rule_for_every_step_the_task_ran() {
+        let state = v1_history();
+        let refused = |workflow: Workflow| workflow.upgrade(&state, None).expect_err("refused");
+        assert!(
+            refused(v2()).contains("declare .accepts(1)"),
+            "{}",
+            refused(v2())
+        );
+        let missing = refused(v2().accepts(1).renamed("b", "film"));
+        assert!(
+            missing.contains(r#"ran step "a" (3 item(s) done)"#)
+                && missing.contains(r#".renamed("a", NEW) or .removed("a")"#),
+            "{missing}"
+        );
+        let nowhere = refused(v2().accepts(1).renamed("a", "omega").renamed("b", "film"));
+        assert!(nowhere.contains(r#"v2 has no step "omega""#), "{nowhere}");
+        // An open job cannot be dropped, nor carried to a step that is not a job step.
+        let dropped = refused(v2().accepts(1).renamed("a", "alpha").removed("b"));
+        assert!(
+            dropped.contains("1 provider job(s) of it open"),
+            "{dropped}"
+        );
+        let to_calls = refused(
+            Workflow::new("video")
+                .version(2)
+                .step(clips("a"))
+                .step(noop("b"))
+                .accepts(1),
+        );
+        assert!(to_calls.contains("is not a job step in v2"), "{to_calls}");
+
+        let upgraded = v2()
+            .accepts(1)
+            .renamed("a", "alpha")
+            .renamed("b", "film")
+            .upgrade(
+                &state,
+                Some("step a itemized call\nstep b itemized job\nstep c atomic"),
+            )
+            .expect("the rules cover the history");
+        let Event::TaskUpgraded {
+            from,
+            to,
+            renamed,
+            added,
+            removed,
+            by,
+        } = upgraded
+        else {
+            panic!("not an upgrade: {upgraded:?}");
+        };
+        assert_eq!((from, to, by), (1, 2, None));
+        let renamed: Vec<(&str, &str)> = renamed
+            .iter()
+            .map(|r| (r.from.as_str(), r.to.as_str()))
+            .collect();
+        assert_eq!(renamed, [("a", "alpha"), ("b", "film")]);
+        // `c` was in v1 (the task had not reached it); `d` is new.
+        assert_eq!(added, ["d"]);
+        assert!(removed.is_empty());
+        // Without v1's shape, every step the task has no history in counts as added.
+        let Event::TaskUpgraded { added, .. } = v2()
+            .accepts(1)
+            .renamed("a", "alpha")
+            .renamed("b", "film")
+            .upgrade(&state, None)
+            .expect("upgrade")
+        else {
+            panic!("not an upgrade");
+        };
+        assert_eq!(added, ["c", "d"]);
+    }
+
+    #[test]
+    fn accepted_versions_are_claimed_and_the_newest_taker_upgrades() {
+        let registry = Registry::new()
+            .register(
+                Workflow::new("video")
+                    .version(3)
+                    .step(noop("a"))
+                    .accepts(1)
+                    .accepts(2),
+            )
+            .register(Workflow::new("video").version(2).step(noop("a")).accepts(1))
+            // Accepting a newer version means nothing.
+            .register(Workflow::new("other").step(noop("a")).accepts(4));
+        let claimable: Vec<String> = registry
+            .claimable()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(claimable, ["other v1", "video v1", "video v2", "video v3"]);
+        assert_eq!(
+            registry
+                .upgrade_target("video", 1)
+                .map(|w| w.version_number()),
+            Some(3)
+        );
+        assert!(registry.upgrade_target("video", 3).is_none());
+        assert!(registry.upgrade_target("other", 1).is_none());
+    }
 }

@@ -592,6 +592,75 @@ mod tests {
         assert!(rules(second_submit).contains(&(2, Rule::SubmittedFirst)));
     }
 
+    fn upgrade(from: u32, renamed: &[(&str, &str)]) -> Event {
+        Event::TaskUpgraded {
+            from,
+            to: from + 1,
+            renamed: renamed
+                .iter()
+                .map(|(from, to)| crate::event::StepRenamed {
+                    from: (*from).into(),
+                    to: (*to).into(),
+                })
+                .collect(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            by: Some("w".into()),
+        }
+    }
+
+    /// [`resumed_run`], upgraded to v2 right after its second claim with `video` renamed
+    /// `clips`: what follows names the new step.
+    fn upgraded_run() -> Vec<Event> {
+        let mut events = resumed_run();
+        events.insert(10, upgrade(1, &[("video", "clips")]));
+        for event in &mut events[11..] {
+            match event {
+                Event::ItemCompleted { step, .. } | Event::StepCompleted { step, .. } => {
+                    *step = "clips".into();
+                }
+                _ => {}
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn an_upgrade_carries_the_renamed_steps_history() {
+        let (task, recorded) = history(upgraded_run());
+        let report = audit(task, &recorded);
+        assert!(report.is_clean(), "{:?}", report.violations);
+        assert_eq!((report.items_run, report.items_skipped), (4, 2));
+        let steps: Vec<&str> = report.state.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(steps, ["clips"]);
+        assert_eq!(report.state.steps[0].key_name(), "video");
+        assert_eq!(report.state.workflow_version, 2);
+        assert_eq!(report.state.upgrades.len(), 1);
+
+        // An item completed before the upgrade, run again after it.
+        let mut rerun = upgraded_run();
+        rerun.insert(12, {
+            let mut again = done(1, 2);
+            if let Event::ItemCompleted { step, .. } = &mut again {
+                *step = "clips".into();
+            }
+            again
+        });
+        assert!(rules(rerun).contains(&(13, Rule::RetrySkipsCompleted)));
+
+        // From a version the task is not on; onto a step with history; after completion.
+        let mut skipped = resumed_run();
+        skipped.insert(10, upgrade(2, &[]));
+        assert!(rules(skipped).contains(&(11, Rule::UpgradeForward)));
+        let mut merged = resumed_run();
+        merged.insert(10, upgrade(1, &[("video", "video")]));
+        assert!(rules(merged).contains(&(11, Rule::UpgradeForward)));
+        let mut late = resumed_run();
+        late.push(upgrade(1, &[]));
+        let found = rules(late);
+        assert!(found.contains(&(20, Rule::UpgradeForward)), "{found:?}");
+    }
+
     #[test]
     fn a_failed_task_may_be_retried() {
         let events = vec![

@@ -13,12 +13,16 @@ use crate::error::Result;
 use crate::workflow::WorkflowVersion;
 
 /// The stranded tasks `t`: those that still need a worker (anything not finished and not
-/// waiting for a human, and finished tasks still parked to follow their provider jobs to
-/// their end) and whose version no live worker claims.
-macro_rules! stranded_where {
+/// waiting for a human, through the claim's index; and finished tasks still parked to follow
+/// their provider jobs to their end, through `tasks_settling`) and whose version no live
+/// worker claims.
+macro_rules! stranded {
     () => {
-        " WHERE (t.status NOT IN ('completed', 'failed', 'cancelled', 'final_review') OR t.parked) \
-            AND NOT EXISTS ( \
+        " FROM (SELECT * FROM tasks \
+                 WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
+                UNION ALL \
+                SELECT * FROM tasks WHERE parked AND status IN ('failed', 'cancelled')) AS t \
+          WHERE NOT EXISTS ( \
                 SELECT 1 FROM workers w, unnest(w.workflows, w.versions) AS s(workflow, version) \
                  WHERE w.expires_at > now() AND s.workflow = t.workflow \
                    AND s.version = t.workflow_version) "
@@ -26,16 +30,16 @@ macro_rules! stranded_where {
 }
 
 const STRANDED_SQL: &str = concat!(
-    "SELECT t.workflow, t.workflow_version, count(*) AS tasks FROM tasks t",
-    stranded_where!(),
+    "SELECT t.workflow, t.workflow_version, count(*) AS tasks",
+    stranded!(),
     "GROUP BY t.workflow, t.workflow_version ORDER BY t.workflow, t.workflow_version"
 );
 
 const STRANDED_TASKS_SQL: &str = concat!(
     "SELECT t.id, t.workflow, t.workflow_version, t.channel_id, t.status, t.status_display, \
             t.attempt, t.version, t.lease_owner, t.next_run_at, t.last_error, \
-            t.notion_page_id, t.created_at, t.updated_at FROM tasks t",
-    stranded_where!(),
+            t.notion_page_id, t.created_at, t.updated_at",
+    stranded!(),
     "ORDER BY t.created_at DESC, t.id LIMIT CASE WHEN $1 = 0 THEN NULL ELSE $1 END"
 );
 

@@ -72,9 +72,12 @@ impl fmt::Display for ShapeChange {
 /// first shape of a version is the one whose row holds its `first` mark (a unique index):
 /// of two workers recording different shapes at once, the second waits for the first's
 /// mark, inserts unmarked, and finds the first's shape.
+/// The mark goes only to a version's first row: a row an older build wrote (unmarked, it
+/// knew no marks) still comes first by its time.
 const RECORD_FIRST_SQL: &str = "\
 INSERT INTO workflow_versions (workflow, version, fingerprint, shape, first_seen_by, first)
-VALUES ($1, $2, $3, $4, $5, true)
+SELECT $1, $2, $3, $4, $5, true
+ WHERE NOT EXISTS (SELECT 1 FROM workflow_versions WHERE workflow = $1 AND version = $2)
 ON CONFLICT DO NOTHING";
 
 const RECORD_SQL: &str = "\

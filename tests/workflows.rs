@@ -902,3 +902,42 @@ async fn the_claim_index_holds_only_tasks_that_may_run() {
         "{definition}"
     );
 }
+
+/// Review of issue 28: a worker whose version accepts v1 but lacks a rule for a step the
+/// task ran sets the task aside, saying which rule is missing (`reel tasks`' last error),
+/// and the task counts as stranded although that worker claims its version. Once an
+/// operator moves it by hand with the rule, it is due at once (no set-aside back-off) and a
+/// worker runs it.
+#[tokio::test]
+async fn a_refused_upgrade_is_stranded_and_says_why_until_an_operator_moves_it() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = v1_task_with_history(&store).await;
+    let forgot = Registry::new().register(two_steps(2, "alpha").accepts(1));
+    let report = worker(&store, forgot)
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.set_aside, 1, "{report:?}");
+    let listed = store.stranded_tasks(0).await.expect("stranded");
+    assert_eq!(listed.len(), 1);
+    let error = listed[0].last_error.as_deref().unwrap_or_default();
+    assert!(error.contains(r#".renamed("a", NEW)"#), "{error}");
+    assert!(
+        listed[0].next_run_at > Some(chrono::Utc::now()),
+        "set aside for a while"
+    );
+
+    let rules = Registry::new().register(two_steps(2, "alpha").accepts(1).renamed("a", "alpha"));
+    engine::commands::upgrade(&store, &rules, task, 2)
+        .await
+        .expect("upgraded by hand");
+    let report = worker(&store, rules)
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.completed, 1, "due at once: {report:?}");
+    assert!(store.stranded().await.expect("stranded").is_empty());
+    let done = state_of(&store, task).await;
+    assert_eq!(done.spent.items, 3, "alpha's two items were not run again");
+}

@@ -198,6 +198,10 @@ pub enum Event {
         added: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         removed: Vec<String>,
+        /// The steps of version `to`, in order: what "this step and every later one" means
+        /// from here on (a review's `redo_from`), whatever order the task first ran them in.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        steps: Vec<String>,
         /// Who moved it: a worker's id, or `operator` (`reel upgrade`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
@@ -695,6 +699,7 @@ mod tests {
             }],
             added: vec!["captions".into()],
             removed: Vec::new(),
+            steps: vec!["video".into(), "captions".into()],
             by: Some("operator".into()),
         };
         assert_eq!(upgraded.schema_version(), CURRENT_SCHEMA_VERSION);
@@ -707,7 +712,8 @@ mod tests {
         assert_eq!(
             payload,
             serde_json::json!({"from": 1, "to": 2, "renamed": [{"from": "clips", "to": "video"}],
-                               "added": ["captions"], "by": "operator"})
+                               "added": ["captions"], "steps": ["video", "captions"],
+                               "by": "operator"})
         );
         // Both schema versions read the same payloads; a third is refused.
         for version in [FIRST_SCHEMA_VERSION, CURRENT_SCHEMA_VERSION] {

@@ -224,7 +224,8 @@ impl Orchestrator {
 
     /// Releases a task whose history this build cannot read, logging why once per wait.
     async fn set_aside(&self, lease: &Lease, err: &Error) -> Result<RunOutcome> {
-        let Some(until) = self.store.set_aside(lease).await? else {
+        let why = matches!(err, Error::UpgradeRefused { .. }).then(|| err.to_string());
+        let Some(until) = self.store.set_aside(lease, why.as_deref()).await? else {
             return Err(Error::LeaseLost {
                 task: lease.task,
                 epoch: lease.epoch,

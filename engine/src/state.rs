@@ -254,6 +254,10 @@ pub struct TaskState {
     /// Position of each step in `steps`, by name (replay stays linear in the events).
     #[serde(skip)]
     step_index: HashMap<String, usize>,
+    /// The step order of the version the task was last upgraded to: where a step that
+    /// starts later takes its place in `steps` (empty: the order steps first ran in).
+    #[serde(skip)]
+    step_order: Vec<String>,
 }
 
 impl TaskState {
@@ -501,12 +505,14 @@ impl TaskState {
                 from,
                 to,
                 renamed,
+                steps,
                 by,
                 ..
             } => {
                 for rename in renamed {
                     self.rename_step(&rename.from, &rename.to);
                 }
+                self.order_steps(steps);
                 self.workflow_version = *to;
                 self.upgrades.push(UpgradeRecord {
                     from: *from,
@@ -520,6 +526,30 @@ impl TaskState {
                 });
             }
         }
+    }
+
+    /// An upgrade put the steps in the new version's `order`: the steps it no longer has
+    /// first (their history stays, and nothing redoes them), then its own in its order.
+    /// `supersede_from` reads "this step and every later one" in this order.
+    fn order_steps(&mut self, order: &[String]) {
+        if order.is_empty() {
+            return;
+        }
+        order.clone_into(&mut self.step_order);
+        let rank = |step: &StepState| order.iter().position(|name| *name == step.name);
+        // A stable sort: removed steps keep the order they ran in.
+        self.steps
+            .sort_by_key(|step| rank(step).map_or(0, |at| at + 1));
+        self.index_steps();
+    }
+
+    fn index_steps(&mut self) {
+        self.step_index = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, step)| (step.name.clone(), index))
+            .collect();
     }
 
     /// An upgrade renamed step `from` to `to`: its history (items, outputs, open jobs,
@@ -572,14 +602,31 @@ impl TaskState {
         let index = match self.step_index.get(name) {
             Some(&index) => index,
             None => {
-                self.steps.push(StepState {
+                let step = StepState {
                     name: name.to_owned(),
                     run: 1,
                     ..StepState::default()
-                });
-                self.step_index
-                    .insert(name.to_owned(), self.steps.len() - 1);
-                self.steps.len() - 1
+                };
+                // After an upgrade, a step that starts takes its place in the version's order.
+                let rank = |name: &str| self.step_order.iter().position(|n| n == name);
+                match rank(name) {
+                    Some(at) => {
+                        let index = self
+                            .steps
+                            .iter()
+                            .position(|s| rank(&s.name).is_some_and(|other| other > at))
+                            .unwrap_or(self.steps.len());
+                        self.steps.insert(index, step);
+                        self.index_steps();
+                        index
+                    }
+                    None => {
+                        self.steps.push(step);
+                        self.step_index
+                            .insert(name.to_owned(), self.steps.len() - 1);
+                        self.steps.len() - 1
+                    }
+                }
             }
         };
         &mut self.steps[index]

@@ -239,6 +239,7 @@ pub fn describe(event: &Event) -> Option<String> {
         added,
         removed,
         by,
+        ..
     } = event
     else {
         return None;

@@ -102,21 +102,30 @@ impl Presence {
         let ttl = self.heartbeat;
         let every = self.heartbeat / 2;
         let mut next_warning = Instant::now() + self.heartbeat;
+        let mut failing = false;
         loop {
-            if let Err(err) = self
+            let beat_at = tokio::time::Instant::now();
+            match self
                 .store
                 .worker_beat(&self.worker_id, &self.claims, ttl)
                 .await
             {
-                tracing::debug!(worker = %self.worker_id, error = %err, "cannot say this worker is alive yet");
+                Ok(()) => failing = false,
+                // Once per streak: while the database is away, the claims say so too.
+                Err(err) if !std::mem::replace(&mut failing, true) => {
+                    tracing::warn!(worker = %self.worker_id, error = %err, "cannot say this worker is alive: other workers may list its versions' tasks as stranded");
+                }
+                Err(_) => {}
             }
             if Instant::now() >= next_warning {
-                self.warn_if_stranded().await;
+                // Apart from the beats: a slow count must not make this worker look gone.
+                let presence = self.clone();
+                tokio::spawn(async move { presence.warn_if_stranded().await });
                 next_warning = Instant::now() + self.warn_every;
             }
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep_until(beat_at + every) => {}
             }
         }
         if let Err(err) = self.store.worker_left(&self.worker_id).await {
@@ -140,7 +149,7 @@ impl Presence {
                 }
             }
             Err(err) => {
-                tracing::debug!(worker = %self.worker_id, error = %err, "cannot look for stranded tasks")
+                tracing::warn!(worker = %self.worker_id, error = %err, "cannot look for stranded tasks")
             }
         }
     }

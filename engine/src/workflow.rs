@@ -736,30 +736,35 @@ impl Workflow {
         let mut removed = Vec::new();
         for step in &state.steps {
             let name = step.name.as_str();
-            if let Some(new) = self.renamed.get(name) {
-                if self.step_index(new).is_none() {
-                    return Err(format!(
-                        "renamed({name:?}, {new:?}): v{} has no step {new:?}",
-                        self.version
-                    ));
-                }
-                if state.step(new).is_some() {
-                    return Err(format!(
-                        "renamed({name:?}, {new:?}): the task already has history under {new:?}"
-                    ));
-                }
-                renamed.push(StepRenamed {
-                    from: name.to_owned(),
-                    to: new.clone(),
-                });
-                continue;
-            }
-            let kept = self.step_index(name).map(|i| &self.steps[i]);
             let open = step.open_jobs.len();
-            match kept {
-                Some(kept) if open > 0 && !kept.is_jobs() => {
+            // Where the step's history goes: a renamed step, a kept one, or none (removed).
+            let carried_to = match self.renamed.get(name) {
+                Some(new) => {
+                    if state.step(new).is_some() {
+                        return Err(format!(
+                            "renamed({name:?}, {new:?}): the task already has history under {new:?}"
+                        ));
+                    }
+                    renamed.push(StepRenamed {
+                        from: name.to_owned(),
+                        to: new.clone(),
+                    });
+                    let Some(index) = self.step_index(new) else {
+                        return Err(format!(
+                            "renamed({name:?}, {new:?}): v{} has no step {new:?}",
+                            self.version
+                        ));
+                    };
+                    Some(&self.steps[index])
+                }
+                None => self.step_index(name).map(|i| &self.steps[i]),
+            };
+            match carried_to {
+                // An open job is followed to its end by a job step, never run again as a call.
+                Some(to) if open > 0 && !to.is_jobs() => {
                     return Err(format!(
-                        "step {name:?} has {open} provider job(s) open and is not a job step in v{}",
+                        "step {name:?} has {open} provider job(s) open and {:?} is not a job step in v{}",
+                        to.name(),
                         self.version
                     ));
                 }
@@ -775,6 +780,20 @@ impl Workflow {
                         "the task ran step {name:?} ({} item(s) done), which v{} does not have: declare .renamed({name:?}, NEW) or .removed({name:?})",
                         step.items.len(),
                         self.version
+                    ));
+                }
+            }
+            // A name the step ran under may not go to another step of this version: that
+            // step's provider idempotency keys (and orphaned jobs) would be this one's.
+            let destination = carried_to.map(Step::name);
+            for used in std::iter::once(name).chain(step.first_name.as_deref()) {
+                if self.step_index(used).is_some() && destination != Some(used) {
+                    return Err(format!(
+                        "v{}'s step {used:?} would take the name the task's step {name:?} ran under{}: its provider idempotency keys would repeat that step's; give it another name",
+                        self.version,
+                        destination
+                            .map(|d| format!(" (now {d:?})"))
+                            .unwrap_or_default()
                     ));
                 }
             }
@@ -806,6 +825,7 @@ impl Workflow {
             renamed,
             added,
             removed,
+            steps: self.steps.iter().map(|s| s.name.to_string()).collect(),
             by: None,
         })
     }
@@ -1436,12 +1456,14 @@ mod tests {
             renamed,
             added,
             removed,
+            steps,
             by,
         } = upgraded
         else {
             panic!("not an upgrade: {upgraded:?}");
         };
         assert_eq!((from, to, by), (1, 2, None));
+        assert_eq!(steps, ["alpha", "film", "c", "d"]);
         let renamed: Vec<(&str, &str)> = renamed
             .iter()
             .map(|r| (r.from.as_str(), r.to.as_str()))
@@ -1461,6 +1483,53 @@ mod tests {
             panic!("not an upgrade");
         };
         assert_eq!(added, ["c", "d"]);
+    }
+
+    /// Review of issue 28: an open job renamed onto a call step would be run (and paid)
+    /// again as a call; a name the task's step ran under, taken by another step of the new
+    /// version, would repeat that step's provider idempotency keys.
+    #[test]
+    fn an_upgrade_never_lets_a_paid_job_run_again_or_its_key_be_reused() {
+        let state = v1_history();
+        let onto_calls = Workflow::new("video")
+            .version(2)
+            .step(clips("alpha"))
+            .step(noop("film"))
+            .accepts(1)
+            .renamed("a", "alpha")
+            .renamed("b", "film")
+            .upgrade(&state, None)
+            .expect_err("refused");
+        assert!(
+            onto_calls
+                .contains(r#"step "b" has 1 provider job(s) open and "film" is not a job step"#),
+            "{onto_calls}"
+        );
+        // a and b swapped: b has history (its open job), so a's would land on it.
+        let swapped = Workflow::new("video")
+            .version(2)
+            .step(Step::jobs("a", NoJobs))
+            .step(clips("b"))
+            .accepts(1)
+            .renamed("a", "b")
+            .renamed("b", "a")
+            .upgrade(&state, None)
+            .expect_err("refused");
+        assert!(swapped.contains("already has history"), "{swapped}");
+        // a renamed away, and a new step called a.
+        let reused = v2()
+            .step(clips("a"))
+            .accepts(1)
+            .renamed("a", "alpha")
+            .renamed("b", "film")
+            .upgrade(&state, None)
+            .expect_err("refused");
+        assert!(
+            reused.contains(
+                r#"step "a" would take the name the task's step "a" ran under (now "alpha")"#
+            ),
+            "{reused}"
+        );
     }
 
     #[test]

@@ -401,7 +401,11 @@ impl Checker {
                 .is_some_and(|s| s.items.contains_key(item))
         };
         match event {
-            Event::TaskClaimed { .. } | Event::TaskParked { .. } => true,
+            // Settling may need a newer version (the task's own is no longer deployed), and
+            // a failed task may be moved to one before it is retried.
+            Event::TaskClaimed { .. } | Event::TaskParked { .. } | Event::TaskUpgraded { .. } => {
+                true
+            }
             Event::ItemCompleted { step, item, .. } => was_open(step, item),
             // The submit in flight when the task ended, answered or not: once, from the
             // run that was going (no claim since), for an item neither done nor open.
@@ -605,6 +609,7 @@ mod tests {
                 .collect(),
             added: Vec::new(),
             removed: Vec::new(),
+            steps: Vec::new(),
             by: Some("w".into()),
         }
     }
@@ -639,13 +644,7 @@ mod tests {
 
         // An item completed before the upgrade, run again after it.
         let mut rerun = upgraded_run();
-        rerun.insert(12, {
-            let mut again = done(1, 2);
-            if let Event::ItemCompleted { step, .. } = &mut again {
-                *step = "clips".into();
-            }
-            again
-        });
+        rerun.insert(12, done_in("clips", 1, 2));
         assert!(rules(rerun).contains(&(13, Rule::RetrySkipsCompleted)));
 
         // From a version the task is not on; onto a step with history; after completion.
@@ -659,6 +658,82 @@ mod tests {
         late.push(upgrade(1, &[]));
         let found = rules(late);
         assert!(found.contains(&(20, Rule::UpgradeForward)), "{found:?}");
+    }
+
+    fn done_in(step: &str, item: u32, attempt: u32) -> Event {
+        let mut event = done(item, attempt);
+        if let Event::ItemCompleted { step: named, .. } = &mut event {
+            *named = step.into();
+        }
+        event
+    }
+
+    /// Review of issue 28: a cancelled task with an open job, upgraded by the worker that
+    /// settles it, is the engine's own path: the audit accepts it.
+    #[test]
+    fn settling_a_cancelled_task_on_a_newer_version_is_clean() {
+        let events = vec![
+            submitted(),
+            claimed(1),
+            status(
+                TaskStatus::QUEUED,
+                TaskStatus::from_static("generating_video"),
+            ),
+            started(1),
+            Event::ItemSubmitted {
+                step: "video".into(),
+                item: 1,
+                attempt: 1,
+                submission: 1,
+                job: serde_json::json!({"id": "j"}),
+            },
+            Event::TaskCancelled { reason: None },
+            status(
+                TaskStatus::from_static("generating_video"),
+                TaskStatus::CANCELLED,
+            ),
+            claimed(2),
+            upgrade(1, &[("video", "clips")]),
+            done_in("clips", 1, 2),
+        ];
+        let found = rules(events);
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    /// Review of issue 28: after an upgrade that adds a step before one already done, "redo
+    /// from a step" follows the new version's order, not the order the steps first ran in.
+    #[test]
+    fn a_redo_after_an_upgrade_follows_the_new_versions_order() {
+        let step_done = |step: &str| {
+            [
+                Event::StepStarted {
+                    step: step.into(),
+                    attempt: 1,
+                    items: 1,
+                    atomic: true,
+                },
+                done_in(step, 1, 1),
+            ]
+        };
+        let mut events = vec![submitted(), claimed(1)];
+        events.extend(step_done("a"));
+        let mut upgraded = upgrade(1, &[]);
+        if let Event::TaskUpgraded { steps, .. } = &mut upgraded {
+            *steps = vec!["pre".into(), "a".into(), "b".into()];
+        }
+        events.push(upgraded);
+        events.extend(step_done("pre"));
+        events.extend(step_done("b"));
+        events.push(Event::ReviewRejected {
+            redo_from: "a".into(),
+            reason: None,
+        });
+        let (_, recorded) = history(events);
+        let state = crate::state::fold(&recorded);
+        let order: Vec<&str> = state.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["pre", "a", "b"]);
+        let kept: Vec<usize> = state.steps.iter().map(|s| s.items.len()).collect();
+        assert_eq!(kept, [1, 0, 0], "pre comes before a: it is not redone");
     }
 
     #[test]

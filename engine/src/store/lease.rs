@@ -348,13 +348,20 @@ impl PgStore {
     /// Releases a task whose history this build cannot read, and sets it aside: no worker
     /// claims it before the returned time, a wait as long as it has been unreadable (30 s
     /// to 1 h), so old workers in a rolling upgrade touch it ever more rarely while a newer
-    /// worker can run it when due. `None`: the lease was already lost.
-    pub async fn set_aside(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>> {
+    /// worker can run it when due. `why`, when given, becomes the task's last error (what
+    /// `reel tasks` shows). A task set aside counts as stranded until a worker runs it (see
+    /// [`PgStore::stranded`]). `None`: the lease was already lost.
+    pub async fn set_aside(
+        &self,
+        lease: &Lease,
+        why: Option<&str>,
+    ) -> Result<Option<DateTime<Utc>>> {
         Ok(self
             .on_pool(async |c| {
                 self.scalar(
                     "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL, \
                     unreadable_since = COALESCE(unreadable_since, now()), \
+                    last_error = COALESCE($4, last_error), \
                     next_run_at = now() + LEAST(interval '1 hour', GREATEST(interval '30 seconds', \
                                   now() - COALESCE(unreadable_since, now()))) \
              WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3 \
@@ -363,6 +370,7 @@ impl PgStore {
                 .bind(lease.task.as_uuid())
                 .bind(lease.epoch)
                 .bind(&lease.worker_id)
+                .bind(why.map(|w| crate::id::truncate_for_display(w, 500)))
                 .fetch_optional(c)
                 .await
             })

@@ -14,15 +14,16 @@ use crate::workflow::WorkflowVersion;
 
 /// The stranded tasks `t`: those that still need a worker (anything not finished and not
 /// waiting for a human, through the claim's index; and finished tasks still parked to follow
-/// their provider jobs to their end, through `tasks_settling`) and whose version no live
-/// worker claims.
+/// their provider jobs to their end, through `tasks_settling`) and that no live worker
+/// claims, or that the workers that claimed them set aside (they could not read the
+/// history, or their version's rules refused the upgrade) until one runs them.
 macro_rules! stranded {
     () => {
         " FROM (SELECT * FROM tasks \
                  WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
                 UNION ALL \
                 SELECT * FROM tasks WHERE parked AND status IN ('failed', 'cancelled')) AS t \
-          WHERE NOT EXISTS ( \
+          WHERE t.unreadable_since IS NOT NULL OR NOT EXISTS ( \
                 SELECT 1 FROM workers w, unnest(w.workflows, w.versions) AS s(workflow, version) \
                  WHERE w.expires_at > now() AND s.workflow = t.workflow \
                    AND s.version = t.workflow_version) "

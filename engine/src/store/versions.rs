@@ -191,6 +191,13 @@ impl PgStore {
             .map(|r| (r.from.as_str(), r.to.as_str()))
             .unzip();
         let mut tx = self.pool().begin().await?;
+        // A task that workers set aside (their rules refused it) is due again once an
+        // operator moved it: it does not wait out the set-aside's back-off.
+        let set_aside: Option<bool> = self
+            .scalar("SELECT unreadable_since IS NOT NULL AND NOT parked FROM tasks WHERE id = $1")
+            .bind(task.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
         let appended = self
             .append_in(
                 &mut tx,
@@ -209,6 +216,12 @@ impl PgStore {
                     .execute(&mut *tx)
                     .await?;
             }
+        }
+        if fence == Fence::Unleased && set_aside == Some(true) {
+            self.statement("UPDATE tasks SET next_run_at = NULL WHERE id = $1")
+                .bind(task.as_uuid())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(appended)

@@ -28,6 +28,7 @@ pub mod db;
 mod error;
 mod event;
 mod id;
+pub mod metrics;
 mod orchestrator;
 mod outputs;
 #[cfg(feature = "service")]

@@ -76,6 +76,8 @@ pub struct Orchestrator {
     overrides: Arc<Vec<ProviderLimits>>,
     /// Its runs' appends, shared between them: see [`Committer`].
     committer: Arc<Committer>,
+    /// Where its runs are counted, if anywhere.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Parks a task when its next poll (or its next chance at a provider) is at least this far
@@ -97,7 +99,14 @@ impl Orchestrator {
             store,
             registry: Arc::new(registry),
             overrides: Arc::new(Vec::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts its runs, their items and their appends in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Replaces the steps' default provider limits, by key: a field set here wins.
@@ -121,6 +130,32 @@ impl Orchestrator {
     /// Like [`Orchestrator::run`], with a gentler stop: after `drain` fires no new item (or
     /// retry) starts, but items in flight finish and are recorded; `abort` abandons them.
     pub async fn run_with(
+        &self,
+        lease: &Lease,
+        drain: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<RunOutcome> {
+        let ended = self.run_counted(lease, drain, abort).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &ended {
+                Ok(RunOutcome::AwaitingReview) => "awaiting_review",
+                Ok(RunOutcome::Completed) => "completed",
+                Ok(RunOutcome::RetryScheduled { .. }) => "rescheduled",
+                Ok(RunOutcome::Failed { .. }) => "failed",
+                Ok(RunOutcome::Cancelled) => "cancelled",
+                Ok(RunOutcome::Stopped) => "stopped",
+                Ok(RunOutcome::Parked { .. }) => "parked",
+                Ok(RunOutcome::NotRunnable(_)) => "not_runnable",
+                Ok(RunOutcome::SetAside { .. }) => "set_aside",
+                Err(Error::LeaseLost { .. }) => "lease_lost",
+                Err(_) => "error",
+            };
+            metrics.run_ended(&lease.workflow, outcome);
+        }
+        ended
+    }
+
+    async fn run_counted(
         &self,
         lease: &Lease,
         drain: CancellationToken,
@@ -282,7 +317,14 @@ impl Orchestrator {
         Ok(TaskRun {
             store: self.store.clone(),
             overrides: self.overrides.clone(),
-            log: Arc::new(Log::new(self.committer.clone(), lease, state.version)),
+            log: Arc::new(Log::new(
+                self.committer.clone(),
+                lease,
+                state.version,
+                self.metrics
+                    .clone()
+                    .map(|m| (m, channel.as_str().to_owned())),
+            )),
             workflow,
             channel,
             input: Arc::new(state.input.clone()),

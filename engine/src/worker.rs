@@ -57,6 +57,9 @@ pub struct WorkerOptions {
     /// How often the worker warns while tasks of its workflows are stranded (of a version
     /// no live worker claims); the first look comes one heartbeat after start.
     pub stranded_warning_interval: Duration,
+    /// Where the worker counts its claims, runs, items and appends (see
+    /// [`crate::metrics::Metrics`]); `None`: nowhere.
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl WorkerOptions {
@@ -76,6 +79,7 @@ impl WorkerOptions {
             provider_limits: Vec::new(),
             strict_versions: false,
             stranded_warning_interval: Duration::from_secs(300),
+            metrics: None,
         }
     }
 }
@@ -203,8 +207,23 @@ impl Worker {
     /// A worker over `store` running the workflows of `registry`.
     pub fn new(store: PgStore, registry: Registry, options: WorkerOptions) -> Self {
         let served = registry.claimable();
-        let orchestrator = Orchestrator::new(store.clone(), registry.clone())
+        let mut orchestrator = Orchestrator::new(store.clone(), registry.clone())
             .with_provider_limits(options.provider_limits.clone());
+        if let Some(metrics) = &options.metrics {
+            orchestrator = orchestrator.with_metrics(metrics.clone());
+            // The caps this worker applies: its workflows' defaults, then its overrides.
+            let mut caps: std::collections::BTreeMap<String, u32> = registry
+                .providers()
+                .into_iter()
+                .filter_map(|(key, limits)| Some((key, limits.max_in_flight?)))
+                .collect();
+            for limits in &options.provider_limits {
+                if let Some(cap) = limits.max_in_flight {
+                    caps.insert(limits.key.to_string(), cap);
+                }
+            }
+            metrics.set_caps(caps);
+        }
         Worker {
             store,
             orchestrator,
@@ -369,7 +388,8 @@ impl Worker {
         let mut claimed = 0;
         while running.len() < self.options.concurrency && !drain.is_cancelled() {
             let busy = in_flight.not_to_claim();
-            let Some(lease) = self
+            let started = Instant::now();
+            let claimed_now = self
                 .store
                 .claim_next(
                     &self.options.worker_id,
@@ -377,8 +397,14 @@ impl Worker {
                     &busy,
                     &self.served,
                 )
-                .await?
-            else {
+                .await?;
+            if let Some(metrics) = &self.options.metrics {
+                metrics.claim_took(started.elapsed());
+                if let Some(lease) = &claimed_now {
+                    metrics.claimed(&lease.workflow);
+                }
+            }
+            let Some(lease) = claimed_now else {
                 break;
             };
             tracing::info!(task = %lease.task, attempt = lease.attempt, epoch = lease.epoch, "claimed");

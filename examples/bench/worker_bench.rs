@@ -189,6 +189,7 @@ pub(crate) async fn run(
         }
     }
     connect_ms(report, pool).await?;
+    scrape_ms(report, pool, store, if quick { 5 } else { 20 }).await?;
     restart_to_first_item(report, pool, store).await?;
     runnable_to_claimed(report, pool, store, if quick { 10 } else { 40 }).await?;
     for queued in [10, 200_000] {
@@ -340,6 +341,44 @@ async fn claim_p50(
     sqlx::raw_sql("VACUUM tasks").execute(pool).await?;
     latencies.sort();
     Ok(latencies[latencies.len() / 2].as_secs_f64() * 1e3)
+}
+
+/// One `/metrics` scrape's database read (one statement: tasks per status, the oldest
+/// runnable task, the provider keys) with 100,000 tasks in the table, 90% of them finished.
+async fn scrape_ms(
+    report: &mut Report,
+    pool: &PgPool,
+    store: &PgStore,
+    reads: usize,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO tasks (id, workflow, channel_id, status, version, created_at) \
+         SELECT gen_random_uuid(), 'scrape_bench', 'bench', \
+                CASE WHEN n % 10 = 0 THEN 'queued' ELSE 'completed' END, 1, \
+                now() - make_interval(secs => n) \
+           FROM generate_series(1, 100000) AS n",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql("ANALYZE tasks").execute(pool).await?;
+    let metrics = engine::metrics::Metrics::new();
+    let mut took = Vec::with_capacity(reads);
+    for _ in 0..reads {
+        let started = Instant::now();
+        metrics.read_database(store).await?;
+        took.push(started.elapsed());
+    }
+    sqlx::raw_sql("DELETE FROM tasks WHERE workflow = 'scrape_bench'")
+        .execute(pool)
+        .await?;
+    sqlx::raw_sql("VACUUM tasks").execute(pool).await?;
+    took.sort();
+    report.add(
+        "/metrics database read p50 with 100000 tasks (1 statement, cached 5 s)",
+        took[took.len() / 2].as_secs_f64() * 1e3,
+        "ms",
+    );
+    Ok(())
 }
 
 /// A worker died holding a task's lease; the same worker id starts again.

@@ -2,6 +2,7 @@
 //! stderr with an exit code scripts can rely on.
 
 mod audit;
+mod metrics;
 mod replay;
 mod review;
 mod submit;

@@ -69,6 +69,10 @@ pub(crate) struct WorkerArgs {
     /// version; without it, a warning names what changed.
     #[arg(long, env = "REEL_STRICT_VERSIONS")]
     strict_versions: bool,
+    /// Serve `/metrics` (OpenMetrics text) and `/healthz` here, e.g. `0.0.0.0:9188`
+    /// (default: no server).
+    #[arg(long, env = "REEL_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds between the warnings this worker logs while tasks of its workflows are
     /// stranded (of a version no live worker serves or accepts); 1 to 86400.
     #[arg(long, env = "REEL_STRANDED_WARNING", value_name = "SECS", default_value_t = 300,
@@ -137,6 +141,18 @@ pub(crate) async fn worker(
         &shutdown,
     )
     .await?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let metrics = std::sync::Arc::new(engine::metrics::Metrics::new());
+            let bound =
+                super::metrics::serve(addr, metrics.clone(), store.clone(), shutdown.clone())
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            tracing::info!(%bound, "serving /metrics and /healthz");
+            Some(metrics)
+        }
+        None => None,
+    };
     let lease_ttl = Duration::from_secs(args.lease_ttl);
     let options = WorkerOptions {
         concurrency,
@@ -147,6 +163,7 @@ pub(crate) async fn worker(
         provider_limits,
         strict_versions: args.strict_versions,
         stranded_warning_interval: Duration::from_secs(args.stranded_warning),
+        metrics,
         ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
     };
     let report = match Worker::new(store, registry, options).run(shutdown).await {

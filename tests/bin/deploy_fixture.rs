@@ -1,6 +1,6 @@
 //! `reel-deploy-fixture`: the `reel` command line with a small workflow in two versions,
 //! for the rolling-deploy tests (`tests/deploys.rs`), which run it as real worker processes
-//! and SIGKILL them. `FIXTURE_WORKFLOW` picks what the binary registers:
+//! and SIGKILL them, and the worker metrics tests (`tests/metrics.rs`). `FIXTURE_WORKFLOW` picks what the binary registers:
 //!
 //! - `v1`: step `frames` (6 items, a call each), then `render` (2 provider jobs);
 //! - `v2`: `stills` (6 items), `film` (2 jobs), then `captions` (once) — no upgrade rules;
@@ -150,8 +150,9 @@ impl JobWork for Jobs {
     }
 }
 
+/// `FIXTURE_CAP=N` puts the job steps on provider key `fixture`, at most N jobs in flight.
 fn jobs(name: &'static str, version: u32, db: PgPool) -> Step {
-    Step::jobs(
+    let step = Step::jobs(
         name,
         Jobs {
             version,
@@ -160,7 +161,14 @@ fn jobs(name: &'static str, version: u32, db: PgPool) -> Step {
             takes: millis("FIXTURE_JOB_MS", 1500),
         },
     )
-    .min_poll_interval(Duration::from_millis(100))
+    .min_poll_interval(Duration::from_millis(100));
+    match std::env::var("FIXTURE_CAP")
+        .ok()
+        .and_then(|cap| cap.parse().ok())
+    {
+        Some(cap) => step.provider(engine::ProviderLimits::new("fixture").max_in_flight(cap)),
+        None => step,
+    }
 }
 
 fn v1(db: &PgPool) -> Workflow {

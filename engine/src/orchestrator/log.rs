@@ -57,6 +57,8 @@ pub(super) struct Log {
     troubled: AtomicBool,
     /// Woken after every append, kept or failed.
     written: Notify,
+    /// Where durable events are counted, with the task's channel.
+    metrics: Option<(Arc<crate::metrics::Metrics>, String)>,
 }
 
 /// Events waiting for the next append, and who waits for them.
@@ -69,7 +71,12 @@ struct Queue {
 }
 
 impl Log {
-    pub(super) fn new(committer: Arc<Committer>, lease: &Lease, version: u32) -> Self {
+    pub(super) fn new(
+        committer: Arc<Committer>,
+        lease: &Lease,
+        version: u32,
+        metrics: Option<(Arc<crate::metrics::Metrics>, String)>,
+    ) -> Self {
         committer.run_started();
         let metadata = EventMetadata {
             correlation_id: Some(lease.task.as_uuid()),
@@ -86,6 +93,19 @@ impl Log {
             unrecorded: AtomicUsize::new(0),
             troubled: AtomicBool::new(false),
             written: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// Counts events that are durable now, and the append's time.
+    fn count(&self, events: &[NewEvent], took: Duration) {
+        if let Some((metrics, channel)) = &self.metrics {
+            metrics.appended(
+                &self.lease.workflow,
+                channel,
+                events.iter().map(|e| &e.event),
+                took,
+            );
         }
     }
 
@@ -177,6 +197,7 @@ impl Log {
     async fn write(&self, writer: &mut Writer, events: Arc<[NewEvent]>) -> Result<u32> {
         let mut delay = Duration::from_millis(50);
         let mut retry = 0;
+        let started = std::time::Instant::now();
         let written = loop {
             retry += 1;
             let appended = self
@@ -191,6 +212,7 @@ impl Log {
             match appended {
                 Ok(appended) => {
                     writer.version = appended.version;
+                    self.count(&events, started.elapsed());
                     break Ok(appended.version);
                 }
                 // A value the database refuses (class 22, data exception) is refused again.
@@ -223,6 +245,7 @@ impl Log {
         let mut writer = self.writer.lock().await;
         let mut moved = false;
         let mut delay = Duration::from_millis(50);
+        let started = std::time::Instant::now();
         loop {
             let appended = self
                 .committer
@@ -236,6 +259,7 @@ impl Log {
             match appended {
                 Ok(appended) => {
                     writer.version = appended.version;
+                    self.count(&events, started.elapsed());
                     break;
                 }
                 Err(Error::Conflict { actual, .. }) => {
@@ -245,6 +269,7 @@ impl Log {
                 // Stored by an earlier try whose answer was lost: find where the stream is.
                 Err(Error::EventIdReused { .. }) => {
                     writer.version = self.committer.stream_version(self.lease.task).await?;
+                    self.count(&events, started.elapsed());
                     break;
                 }
                 Err(Error::Database(err)) if refused_data(&err) => {

@@ -26,6 +26,8 @@ pub struct Lease {
     pub attempt: u32,
     /// The stream version right after the claim's `task_claimed` event.
     pub version: u32,
+    /// The task's workflow (what metrics count the run under).
+    pub workflow: String,
 }
 
 impl Lease {
@@ -67,7 +69,7 @@ macro_rules! claim_sql {
         updated_at       = now()
     FROM next
     WHERE tasks.id = next.id
-    RETURNING tasks.id, tasks.lease_epoch, tasks.attempt, tasks.version
+    RETURNING tasks.id, tasks.lease_epoch, tasks.attempt, tasks.version, tasks.workflow
 ), recorded AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
     SELECT id, version, gen_random_uuid(), 'task_claimed', $3,
@@ -75,7 +77,7 @@ macro_rules! claim_sql {
            jsonb_build_object('correlation_id', id, 'worker_id', $1::text, 'attempt', attempt)
     FROM claimed
 )
-SELECT id, lease_epoch, attempt, version, clock_timestamp() AS db_now FROM claimed"#
+SELECT id, lease_epoch, attempt, version, workflow, clock_timestamp() AS db_now FROM claimed"#
         )
     };
 }
@@ -191,6 +193,7 @@ fn lease_from(row: &sqlx::postgres::PgRow, worker_id: &str) -> Result<Lease> {
         epoch: row.try_get("lease_epoch")?,
         attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
         version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+        workflow: row.try_get("workflow")?,
     })
 }
 

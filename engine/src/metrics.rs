@@ -33,6 +33,9 @@ use crate::store::PgStore;
 /// How long the figures read from the database are served before a scrape reads them again.
 pub const DB_FIGURES_TTL: Duration = Duration::from_secs(5);
 
+/// How long a scrape waits for the database's figures before it serves the last ones.
+const DB_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkflowLabel {
     workflow: String,
@@ -327,23 +330,30 @@ impl Metrics {
     /// [`DB_FIGURES_TTL`] (one reader at a time; the others wait for its figures). When the
     /// database does not answer, the last figures are served and the error returned, so
     /// that `/metrics` can say so.
-    pub async fn render(&self, store: &PgStore) -> (String, Result<()>) {
-        let read = {
-            let mut db = self.db.lock().await;
-            if db.read_at.is_some_and(|at| at.elapsed() < DB_FIGURES_TTL) {
-                Ok(())
-            } else {
-                let read = self.read_database(store).await;
-                if read.is_ok() {
-                    db.read_at = Some(Instant::now());
-                }
-                read
+    pub async fn render(&self, store: &PgStore) -> (String, std::result::Result<(), String>) {
+        // Held while encoding too: a read in progress clears and refills the families.
+        let mut db = self.db.lock().await;
+        let read = if db.read_at.is_some_and(|at| at.elapsed() < DB_FIGURES_TTL) {
+            Ok(())
+        } else {
+            // A database that hangs must not hang the scrapes: the last figures are served.
+            let read = match tokio::time::timeout(DB_READ_TIMEOUT, self.read_database(store)).await
+            {
+                Ok(read) => read.map_err(|err| err.to_string()),
+                Err(_) => Err(format!(
+                    "the database did not answer within {DB_READ_TIMEOUT:?}"
+                )),
+            };
+            if read.is_ok() {
+                db.read_at = Some(Instant::now());
             }
+            read
         };
         let mut text = String::new();
         if encode(&mut text, &self.registry).is_err() {
             text.clear();
         }
+        drop(db);
         (text, read)
     }
 

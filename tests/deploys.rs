@@ -7,29 +7,24 @@
 //! on v2 with one `task_upgraded`, no completed item runs again, no job is paid twice,
 //! and the audit is clean. Tasks submitted after the deploy run on v2 throughout.
 
+#[path = "common/deploy_fixture.rs"]
+mod deploy_fixture;
+
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use deploy_fixture::{kill, provider_tables};
 use engine::testing::TestDatabase;
 use engine::{Event, TaskId, fold};
 use uuid::Uuid;
-
-const FIXTURE: &str = env!("CARGO_BIN_EXE_reel-deploy-fixture");
 
 /// Seconds a claim holds a task: heartbeats (and presence beats) come every third of it.
 const LEASE_TTL: u64 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(LEASE_TTL / 3);
 
 fn fixture(db: &TestDatabase, workflow: &str) -> Command {
-    let mut command = Command::new(FIXTURE);
-    command
-        .env("DATABASE_URL", db.url())
-        .env("FIXTURE_WORKFLOW", workflow)
-        .env("FIXTURE_ITEM_MS", "150")
-        .env("FIXTURE_JOB_MS", "4000")
-        .env("REEL_LOG", "warn");
-    command
+    deploy_fixture::fixture(db, workflow, 150, 4000)
 }
 
 /// A worker process of `workflow`, its log in `log` (when given).
@@ -58,13 +53,6 @@ fn worker(db: &TestDatabase, workflow: &str, id: &str, log: Option<&std::path::P
         .expect("start a fixture worker")
 }
 
-fn kill(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
 struct Run {
     code: i32,
     stdout: String,
@@ -91,16 +79,6 @@ fn submit(db: &TestDatabase, workflow: &str) -> TaskId {
     );
     assert_eq!(run.code, 0, "submit: {}", run.stderr);
     run.stdout.trim().parse().expect("a task id")
-}
-
-async fn provider_tables(db: &TestDatabase) {
-    for sql in [
-        "CREATE TABLE fixture_runs (task_id uuid, step text, item int, version int, at timestamptz DEFAULT clock_timestamp())",
-        "CREATE TABLE fixture_submits (key text, task_id uuid, item int, version int)",
-        "CREATE TABLE fixture_jobs (key text PRIMARY KEY, task_id uuid, item int, version int, accepted_at timestamptz DEFAULT clock_timestamp())",
-    ] {
-        sqlx::query(sql).execute(db.pool()).await.expect(sql);
-    }
 }
 
 /// Counts per task of one SQL query's `(task_id, n)` rows.

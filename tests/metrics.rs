@@ -4,28 +4,24 @@
 //! worker wrote; a provider key at its cap reads in flight = cap with items waiting; the age
 //! of the oldest runnable task grows while no worker runs it.
 
+#[path = "common/deploy_fixture.rs"]
+mod deploy_fixture;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use deploy_fixture::{kill, provider_tables};
 use engine::testing::{TestDatabase, free_port};
 use openmetrics_parser::{MetricsExposition, OpenMetricsType, OpenMetricsValue};
 
-const FIXTURE: &str = env!("CARGO_BIN_EXE_reel-deploy-fixture");
-
-fn fixture(db: &TestDatabase, workflow: &str) -> Command {
-    let mut command = Command::new(FIXTURE);
-    command
-        .env("DATABASE_URL", db.url())
-        .env("FIXTURE_WORKFLOW", workflow)
-        .env("FIXTURE_ITEM_MS", "20")
-        .env("REEL_LOG", "warn");
-    command
+fn fixture(db: &TestDatabase, workflow: &str, job_ms: u64) -> Command {
+    deploy_fixture::fixture(db, workflow, 20, job_ms)
 }
 
 /// A worker of `workflow` serving metrics on a free port; returns it and the port.
-fn worker(db: &TestDatabase, workflow: &str, envs: &[(&str, &str)]) -> (Child, u16) {
+fn worker(db: &TestDatabase, workflow: &str, job_ms: u64, envs: &[(&str, &str)]) -> (Child, u16) {
     let port = free_port().expect("a free port");
-    let child = fixture(db, workflow)
+    let child = fixture(db, workflow, job_ms)
         .args([
             "worker",
             "--concurrency",
@@ -41,14 +37,9 @@ fn worker(db: &TestDatabase, workflow: &str, envs: &[(&str, &str)]) -> (Child, u
     (child, port)
 }
 
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn submit(db: &TestDatabase, workflow: &str, n: usize) {
     for _ in 0..n {
-        let out = fixture(db, workflow)
+        let out = fixture(db, workflow, 0)
             .args(["submit", "--channel", "metrics", "--input", "{}"])
             .output()
             .expect("submit");
@@ -57,16 +48,6 @@ fn submit(db: &TestDatabase, workflow: &str, n: usize) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-}
-
-async fn provider_tables(db: &TestDatabase) {
-    for sql in [
-        "CREATE TABLE fixture_runs (task_id uuid, step text, item int, version int, at timestamptz DEFAULT clock_timestamp())",
-        "CREATE TABLE fixture_submits (key text, task_id uuid, item int, version int)",
-        "CREATE TABLE fixture_jobs (key text PRIMARY KEY, task_id uuid, item int, version int, accepted_at timestamptz DEFAULT clock_timestamp())",
-    ] {
-        sqlx::query(sql).execute(db.pool()).await.expect(sql);
     }
 }
 
@@ -145,7 +126,7 @@ async fn items_counted_by_a_worker_equal_the_events_it_wrote() {
     let db = TestDatabase::create().await;
     provider_tables(&db).await;
     submit(&db, "v1", 3);
-    let (mut child, port) = worker(&db, "v1", &[("FIXTURE_JOB_MS", "200")]);
+    let (mut child, port) = worker(&db, "v1", 200, &[]);
     let started = Instant::now();
     while !all_completed(&db).await {
         assert!(
@@ -181,9 +162,23 @@ async fn items_counted_by_a_worker_equal_the_events_it_wrote() {
         Some(3.0)
     );
     assert!(value(&metrics, "reel_task_claims", &[("workflow", "deployed")]) >= Some(3.0));
+    // Unfinished tasks only: all three completed.
     assert_eq!(
         value(&metrics, "reel_tasks", &[("status", "completed")]),
-        Some(3.0)
+        None
+    );
+    assert_eq!(
+        value(&metrics, "reel_tasks", &[("status", "final_review")]),
+        Some(0.0)
+    );
+    let age = value(&metrics, "reel_db_figures_age_seconds", &[]).expect("age");
+    assert!(
+        (0.0..engine::metrics::DB_FIGURES_TTL.as_secs_f64()).contains(&age),
+        "{age}"
+    );
+    assert_eq!(
+        value(&metrics, "reel_db_figure_reads_failed", &[]),
+        Some(0.0)
     );
     assert_eq!(
         value(&metrics, "reel_oldest_runnable_task_age_seconds", &[]),
@@ -211,11 +206,7 @@ async fn a_provider_key_at_its_cap_reads_full_with_items_waiting() {
     let db = TestDatabase::create().await;
     provider_tables(&db).await;
     submit(&db, "v1", 3);
-    let (mut child, port) = worker(
-        &db,
-        "v1",
-        &[("FIXTURE_JOB_MS", "30000"), ("FIXTURE_CAP", "2")],
-    );
+    let (mut child, port) = worker(&db, "v1", 30_000, &[("FIXTURE_CAP", "2")]);
     // Three tasks, two jobs each, at most two in flight: once two are accepted, the rest
     // wait for room.
     let started = Instant::now();
@@ -251,7 +242,7 @@ async fn the_oldest_runnable_task_ages_while_no_worker_runs_it() {
     provider_tables(&db).await;
     // A v1 task, and only a v2 worker (no upgrade rules): nobody runs it.
     submit(&db, "v1", 1);
-    let (mut child, port) = worker(&db, "v2", &[]);
+    let (mut child, port) = worker(&db, "v2", 1500, &[]);
     let first = value(
         &scrape(port).await,
         "reel_oldest_runnable_task_age_seconds",

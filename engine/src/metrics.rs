@@ -76,10 +76,14 @@ struct KeyLabel {
     key: String,
 }
 
-/// The figures read from the database, and when.
+/// When the figures were last read from the database, and last tried.
 #[derive(Debug, Default)]
 struct DbFigures {
+    /// The last read that succeeded.
     read_at: Option<Instant>,
+    /// The last read tried (a failure waits out the time to live too, so that scrapes
+    /// do not pile reads onto a database that is struggling).
+    tried_at: Option<Instant>,
 }
 
 /// Every figure a worker exports. Share it (`Arc`) between the worker and the server that
@@ -103,6 +107,8 @@ pub struct Metrics {
     provider_waiting: Family<KeyLabel, Gauge>,
     provider_paused_until: Family<KeyLabel, Gauge<f64, AtomicU64>>,
     provider_tokens: Family<KeyLabel, Gauge<f64, AtomicU64>>,
+    db_figures_age: Gauge<f64, AtomicU64>,
+    db_reads_failed: Counter,
     /// Caps this worker knows (its workflows' defaults and its overrides), by key.
     caps: std::sync::Mutex<BTreeMap<String, u32>>,
     db: tokio::sync::Mutex<DbFigures>,
@@ -142,6 +148,8 @@ impl Metrics {
             provider_waiting: Family::default(),
             provider_paused_until: Family::default(),
             provider_tokens: Family::default(),
+            db_figures_age: Gauge::default(),
+            db_reads_failed: Counter::default(),
             caps: std::sync::Mutex::new(BTreeMap::new()),
             db: tokio::sync::Mutex::new(DbFigures::default()),
             registry: Registry::default(),
@@ -193,12 +201,12 @@ impl Metrics {
         );
         registry.register(
             "leases_lost",
-            "Runs stopped because another worker took their task",
+            "Runs that lost their task to another worker (found by an append or by the heartbeat)",
             metrics.leases_lost.clone(),
         );
         registry.register(
             "tasks",
-            "Tasks per status (every worker's, from the database)",
+            "Unfinished tasks per status, final_review included (every worker's, from the database; finished ones: reel stats)",
             metrics.tasks.clone(),
         );
         registry.register(
@@ -228,8 +236,18 @@ impl Metrics {
         );
         registry.register(
             "provider_tokens",
-            "Requests left in a provider key's rate bucket",
+            "Requests left in a provider key's rate bucket as of its last request",
             metrics.provider_tokens.clone(),
+        );
+        registry.register(
+            "db_figures_age_seconds",
+            "How old the figures read from the database are (tasks, oldest runnable task, provider keys); -1 before the first read",
+            metrics.db_figures_age.clone(),
+        );
+        registry.register(
+            "db_figure_reads_failed",
+            "Reads of the database's figures that failed or took longer than 2 s",
+            metrics.db_reads_failed.clone(),
         );
         Metrics {
             registry,
@@ -242,6 +260,12 @@ impl Metrics {
         let mut known = self.caps.lock().unwrap_or_else(|p| p.into_inner());
         known.clear();
         known.extend(caps);
+        self.provider_cap.clear();
+        for (key, cap) in known.iter() {
+            self.provider_cap
+                .get_or_create(&KeyLabel { key: key.clone() })
+                .set(i64::from(*cap));
+        }
     }
 
     pub(crate) fn claimed(&self, workflow: &str) {
@@ -256,9 +280,13 @@ impl Metrics {
         self.claim_seconds.observe(took.as_secs_f64());
     }
 
+    pub(crate) fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
     pub(crate) fn run_ended(&self, workflow: &str, outcome: &'static str) {
         if outcome == "lease_lost" {
-            self.leases_lost.inc();
+            self.lease_lost();
         }
         self.runs
             .get_or_create(&RunLabels {
@@ -333,9 +361,10 @@ impl Metrics {
     pub async fn render(&self, store: &PgStore) -> (String, std::result::Result<(), String>) {
         // Held while encoding too: a read in progress clears and refills the families.
         let mut db = self.db.lock().await;
-        let read = if db.read_at.is_some_and(|at| at.elapsed() < DB_FIGURES_TTL) {
+        let read = if db.tried_at.is_some_and(|at| at.elapsed() < DB_FIGURES_TTL) {
             Ok(())
         } else {
+            db.tried_at = Some(Instant::now());
             // A database that hangs must not hang the scrapes: the last figures are served.
             let read = match tokio::time::timeout(DB_READ_TIMEOUT, self.read_database(store)).await
             {
@@ -344,11 +373,16 @@ impl Metrics {
                     "the database did not answer within {DB_READ_TIMEOUT:?}"
                 )),
             };
-            if read.is_ok() {
-                db.read_at = Some(Instant::now());
+            match &read {
+                Ok(()) => db.read_at = Some(Instant::now()),
+                Err(_) => {
+                    self.db_reads_failed.inc();
+                }
             }
             read
         };
+        self.db_figures_age
+            .set(db.read_at.map_or(-1.0, |at| at.elapsed().as_secs_f64()));
         let mut text = String::new();
         if encode(&mut text, &self.registry).is_err() {
             text.clear();
@@ -359,14 +393,17 @@ impl Metrics {
 
     /// Reads the database's figures now (one statement), whatever their age.
     pub async fn read_database(&self, store: &PgStore) -> Result<()> {
-        let row: (serde_json::Value, Option<f64>, serde_json::Value) = store
-            .on_pool(async |c| {
-                store
-                    .rows_as::<(serde_json::Value, Option<f64>, serde_json::Value)>(DB_FIGURES_SQL)
-                    .fetch_one(c)
-                    .await
-            })
+        // The server gives up on it too: a read abandoned by the scrape's timeout does not
+        // keep running, holding one of the worker's connections.
+        let mut tx = store.pool().begin().await?;
+        sqlx::query("SET LOCAL statement_timeout = '2s'")
+            .execute(&mut *tx)
             .await?;
+        let row = store
+            .rows_as::<(serde_json::Value, Option<f64>, serde_json::Value)>(DB_FIGURES_SQL)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
         let (statuses, oldest, providers) = row;
         self.tasks.clear();
         if let Some(statuses) = statuses.as_object() {
@@ -379,21 +416,10 @@ impl Metrics {
             }
         }
         self.oldest_runnable.set(oldest.unwrap_or(0.0).max(0.0));
-        let caps = self.caps.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for family in [
-            &self.provider_in_flight,
-            &self.provider_waiting,
-            &self.provider_cap,
-        ] {
-            family.clear();
-        }
+        self.provider_in_flight.clear();
+        self.provider_waiting.clear();
         self.provider_paused_until.clear();
         self.provider_tokens.clear();
-        for (key, cap) in &caps {
-            self.provider_cap
-                .get_or_create(&KeyLabel { key: key.clone() })
-                .set(i64::from(*cap));
-        }
         for provider in providers.as_array().into_iter().flatten() {
             let key = KeyLabel {
                 key: provider["key"].as_str().unwrap_or_default().to_owned(),
@@ -415,20 +441,31 @@ impl Metrics {
     }
 }
 
-/// One statement for every figure read from the database: tasks per status (a scan of
-/// `tasks`), the oldest due and free task (through the due index), and each provider key's
-/// slots (through the slots' queue index).
+/// One statement for every figure read from the database, each bounded by the work in
+/// flight rather than the table's size: the unfinished tasks per status and the oldest due
+/// and free one (both through the claim's partial index, which holds only tasks that may
+/// run, and `tasks_status` for `final_review`), and each provider key's slots (through the
+/// slots' queue index). Finished tasks are not counted here (`reel stats` does).
+///
+/// The oldest is the earliest due; it waits from when it became due, or from when its last
+/// lease ended (an expired lease's end, a released one's `updated_at`), whichever is later:
+/// a task released a moment ago has not waited since it was created.
 const DB_FIGURES_SQL: &str = r#"
 SELECT
     (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
-       FROM (SELECT status, count(*) AS n FROM tasks GROUP BY status) AS s) AS statuses,
-    (SELECT extract(epoch FROM now() - COALESCE(next_run_at, created_at))::float8
-       FROM tasks
-      WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
-        AND COALESCE(next_run_at, created_at) <= now()
-        AND (lease_owner IS NULL OR lease_expires_at < now())
-      ORDER BY COALESCE(next_run_at, created_at)
-      LIMIT 1) AS oldest,
+       FROM (SELECT status, count(*) AS n FROM tasks
+              WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+              GROUP BY status
+             UNION ALL
+             SELECT 'final_review', count(*) FROM tasks WHERE status = 'final_review') AS s) AS statuses,
+    (SELECT extract(epoch FROM now() - max(waiting.since))::float8 FROM (
+        SELECT GREATEST(COALESCE(next_run_at, created_at), lease_expires_at, updated_at) AS since
+          FROM tasks
+         WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled')
+           AND COALESCE(next_run_at, created_at) <= now()
+           AND (lease_owner IS NULL OR lease_expires_at < now())
+         ORDER BY COALESCE(next_run_at, created_at)
+         LIMIT 1) AS waiting) AS oldest,
     (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                 'key', k.key,
                 'tokens', k.tokens,

@@ -415,6 +415,7 @@ impl Worker {
                 lease,
                 ttl: self.options.lease_ttl,
                 heartbeat: self.options.heartbeat_interval,
+                metrics: self.options.metrics.clone(),
             };
             let (drain, abort) = (drain.clone(), abort.child_token());
             let task = run.lease.task;
@@ -593,6 +594,7 @@ struct TaskRunner {
     lease: Lease,
     ttl: Duration,
     heartbeat: Duration,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl TaskRunner {
@@ -605,14 +607,25 @@ impl TaskRunner {
         tokio::pin!(run);
         tokio::select! {
             outcome = &mut run => outcome,
-            () = self.keep_lease(&stop, &abort) => run.await,
+            lost = self.keep_lease(&stop, &abort) => {
+                let outcome = run.await;
+                // A loss the run itself did not see (it was abandoned) is counted here.
+                if lost
+                    && !matches!(outcome, Err(Error::LeaseLost { .. }))
+                    && let Some(metrics) = &self.metrics
+                {
+                    metrics.lease_lost();
+                }
+                outcome
+            }
         }
     }
 
-    /// Extends the lease every heartbeat; returns once it is gone. A cancelled task (its
-    /// cancel released the lease) stops at the next item boundary — the item in flight
-    /// finishes; any other loss abandons the run at once.
-    async fn keep_lease(&self, stop: &CancellationToken, abort: &CancellationToken) {
+    /// Extends the lease every heartbeat; returns once it is gone: whether another worker
+    /// took it (rather than a cancel). A cancelled task (its cancel released the lease)
+    /// stops at the next item boundary — the item in flight finishes; any other loss
+    /// abandons the run at once.
+    async fn keep_lease(&self, stop: &CancellationToken, abort: &CancellationToken) -> bool {
         loop {
             tokio::time::sleep(self.heartbeat).await;
             match self.store.extend_lease(&self.lease, self.ttl).await {
@@ -626,11 +639,11 @@ impl TaskRunner {
                     if let Ok(Some(TaskStatus::CANCELLED)) = self.store.task_status(task).await {
                         tracing::info!(%task, "task cancelled: stopping at the next item boundary");
                         stop.cancel();
-                    } else {
-                        tracing::warn!(%task, epoch = self.lease.epoch, "lease lost; abandoning the task");
-                        abort.cancel();
+                        return false;
                     }
-                    return;
+                    tracing::warn!(%task, epoch = self.lease.epoch, "lease lost; abandoning the task");
+                    abort.cancel();
+                    return true;
                 }
                 Err(err) => {
                     tracing::warn!(task = %self.lease.task, error = %err, "heartbeat failed; retrying")

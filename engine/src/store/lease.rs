@@ -15,8 +15,9 @@ use crate::event::FIRST_SCHEMA_VERSION;
 use crate::id::TaskId;
 use crate::workflow::WorkflowVersion;
 
-/// A worker's right to run a task, until `expires` unless extended.
+/// A worker's right to run a task, until `expires` unless extended. Only a claim makes one.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Lease {
     pub task: TaskId,
     pub worker_id: String,
@@ -387,7 +388,7 @@ impl PgStore {
         let released = self
             .on_pool(async |c| {
                 self.statement(
-                    "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL \
+                    "UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
              WHERE id = $1 AND lease_epoch = $2 AND lease_owner = $3",
                 )
                 .bind(lease.task.as_uuid())

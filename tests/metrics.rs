@@ -4,6 +4,7 @@
 //! worker wrote; a provider key at its cap reads in flight = cap with items waiting; the age
 //! of the oldest runnable task grows while no worker runs it.
 
+mod common;
 #[path = "common/deploy_fixture.rs"]
 mod deploy_fixture;
 
@@ -265,5 +266,93 @@ async fn the_oldest_runnable_task_ages_while_no_worker_runs_it() {
         value(&scrape(port).await, "reel_tasks", &[("status", "queued")]),
         Some(1.0)
     );
+    kill(&mut child);
+}
+
+/// Review of issue 29: while PostgreSQL is down, `/metrics` still answers at once with the
+/// last figures, says how old they are and counts the failed reads; `/healthz` says 503
+/// within its 2 s bound; both recover when the server is back. Against a throwaway cluster
+/// this test stops and starts itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_during_a_database_outage_serves_the_last_figures_and_says_how_old() {
+    let cluster = common::cluster::Cluster::start()
+        .unwrap_or_else(|why| panic!("cannot start a throwaway PostgreSQL cluster: {why}"));
+    let url = cluster.url("reel");
+    let migrate = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("migrate");
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let port = free_port().expect("a free port");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["worker", "--metrics-listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &url)
+        .env("REEL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start reel worker");
+    let before = scrape(port).await;
+    assert!(value(&before, "reel_db_figures_age_seconds", &[]) < Some(1.0));
+    let health = |port: u16| async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .expect("healthz")
+    };
+    assert_eq!(health(port).await.status(), 200);
+
+    cluster.ctl("stop").expect("stop PostgreSQL");
+    tokio::time::sleep(engine::metrics::DB_FIGURES_TTL + Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let during = scrape(port).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "a scrape waits at most 2 s"
+    );
+    assert!(value(&during, "reel_db_figure_reads_failed", &[]) >= Some(1.0));
+    assert!(
+        value(&during, "reel_db_figures_age_seconds", &[])
+            >= Some(engine::metrics::DB_FIGURES_TTL.as_secs_f64()),
+        "the figures say they are old"
+    );
+    assert!(
+        value(&during, "reel_tasks", &[("status", "final_review")]).is_some(),
+        "the last figures are still served"
+    );
+    let asked = Instant::now();
+    let answer = health(port).await;
+    assert_eq!(answer.status(), 503);
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    let body = answer.text().await.expect("body");
+    assert!(
+        !body.contains("127.0.0.1") && !body.contains("postgres"),
+        "{body}"
+    );
+
+    cluster.ctl("start").expect("start PostgreSQL");
+    let started = Instant::now();
+    while health(port).await.status() != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "/healthz never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let after = scrape(port).await;
+        if value(&after, "reel_db_figures_age_seconds", &[]) < Some(1.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "figures never fresh again"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     kill(&mut child);
 }

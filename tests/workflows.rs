@@ -941,3 +941,32 @@ async fn a_refused_upgrade_is_stranded_and_says_why_until_an_operator_moves_it()
     let done = state_of(&store, task).await;
     assert_eq!(done.spent.items, 3, "alpha's two items were not run again");
 }
+
+/// Review of issue 28: a step an upgrade removed is history: a review cannot send the task
+/// back to it (that redid every step, the ones before it included).
+#[tokio::test]
+async fn a_review_cannot_redo_from_a_removed_step() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let task = v1_task_with_history(&store).await;
+    let without_a = Workflow::new("deployed")
+        .version(2)
+        .step(Step::once("b", |_ctx: StepContext| async {
+            ItemOutput::value("b")
+        }))
+        .accepts(1)
+        .removed("a");
+    let state = engine::commands::upgrade(&store, &Registry::new().register(without_a), task, 2)
+        .await
+        .expect("upgraded");
+    assert_eq!(state.step("a").and_then(|s| s.removed_in), Some(2));
+    assert_eq!(
+        state.step("a").map(|s| s.items.len()),
+        Some(2),
+        "its history stays"
+    );
+    let err = engine::commands::reject(&store, task, "a", None)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, engine::Error::UnknownStep { .. }), "{err}");
+}

@@ -53,8 +53,14 @@ async fn reject_once(
     reason: Option<String>,
 ) -> Result<TaskState> {
     let state = load(store, task).await?;
-    if state.step(redo_from).is_none() {
-        let known: Vec<&str> = state.steps.iter().map(|s| s.name.as_str()).collect();
+    // A step an upgrade removed is history: nothing runs it again.
+    if state.step(redo_from).is_none_or(|s| s.removed_in.is_some()) {
+        let known: Vec<&str> = state
+            .steps
+            .iter()
+            .filter(|s| s.removed_in.is_none())
+            .map(|s| s.name.as_str())
+            .collect();
         return Err(Error::UnknownStep {
             workflow: state.workflow.clone(),
             step: crate::id::truncate_for_display(redo_from, 40),

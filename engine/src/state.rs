@@ -124,6 +124,10 @@ pub struct StepState {
     /// is still recognised by the provider).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
+    /// The workflow version whose upgrade removed the step: its history stays, nothing
+    /// runs it again, and no later step may take its name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_in: Option<u32>,
 }
 
 impl StepState {
@@ -505,12 +509,18 @@ impl TaskState {
                 from,
                 to,
                 renamed,
+                removed,
                 steps,
                 by,
                 ..
             } => {
                 for rename in renamed {
                     self.rename_step(&rename.from, &rename.to);
+                }
+                for name in removed {
+                    if let Some(&index) = self.step_index.get(name) {
+                        self.steps[index].removed_in.get_or_insert(*to);
+                    }
                 }
                 self.order_steps(steps);
                 self.workflow_version = *to;

@@ -147,7 +147,7 @@ impl Presence {
                 {
                     tracing::warn!(
                         worker = %self.worker_id, workflow = %group.workflow, version = group.version, tasks = group.tasks,
-                        "{} task(s) of {} v{} are stranded: no live worker serves or accepts v{} (reel tasks --stranded; reel upgrade TASK --to-version N)",
+                        "{} task(s) of {} v{} are stranded: no live worker serves or accepts v{}, or the workers that claimed them set them aside (reel tasks --stranded shows why; reel upgrade TASK --to-version N)",
                         group.tasks, group.workflow, group.version, group.version
                     );
                 }

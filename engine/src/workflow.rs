@@ -736,6 +736,24 @@ impl Workflow {
         let mut removed = Vec::new();
         for step in &state.steps {
             let name = step.name.as_str();
+            if let Some(version) = step.removed_in {
+                // History only: its names stay taken.
+                for used in std::iter::once(name).chain(step.first_name.as_deref()) {
+                    if self.step_index(used).is_some() {
+                        return Err(format!(
+                            "v{}'s step {used:?} would take the name of the task's step {name:?}, which v{version} removed: its provider idempotency keys would repeat that step's; give it another name",
+                            self.version
+                        ));
+                    }
+                }
+                continue;
+            }
+            if self.removed.contains(name) && self.step_index(name).is_some() {
+                return Err(format!(
+                    "removed({name:?}), but v{} has a step {name:?}",
+                    self.version
+                ));
+            }
             let open = step.open_jobs.len();
             // Where the step's history goes: a renamed step, a kept one, or none (removed).
             let carried_to = match self.renamed.get(name) {
@@ -1530,6 +1548,57 @@ mod tests {
             ),
             "{reused}"
         );
+    }
+
+    /// Review of issue 28: a step that an upgrade removed keeps its name: a later version
+    /// may not bring back a step under it (the new step would find the old one's items
+    /// done, and repeat its keys), and a version may not both remove a step and have it.
+    #[test]
+    fn a_removed_steps_name_is_never_taken_again() {
+        let mut state = v1_history();
+        let removed = Workflow::new("video")
+            .version(2)
+            .step(clips("alpha"))
+            .step(Step::jobs("b", NoJobs))
+            .accepts(1)
+            .renamed("a", "alpha")
+            .removed("a");
+        // Renamed and removed at once: the rename wins (it is looked at first).
+        assert!(removed.upgrade(&state, None).is_ok());
+        let contradiction = Workflow::new("video")
+            .version(2)
+            .step(clips("a"))
+            .step(Step::jobs("b", NoJobs))
+            .accepts(1)
+            .removed("a")
+            .upgrade(&state, None)
+            .expect_err("refused");
+        assert!(
+            contradiction.contains(r#"removed("a"), but v2 has a step "a""#),
+            "{contradiction}"
+        );
+
+        let v2 = Workflow::new("video")
+            .version(2)
+            .step(Step::jobs("b", NoJobs))
+            .accepts(1)
+            .removed("a");
+        let upgraded = v2.upgrade(&state, None).expect("a removed");
+        let version = state.version + 1;
+        state.apply(&crate::event::RecordedEvent::in_memory(
+            state.task_id.expect("task"),
+            version,
+            upgraded,
+        ));
+        assert_eq!(state.step("a").and_then(|s| s.removed_in), Some(2));
+        let v3 = Workflow::new("video")
+            .version(3)
+            .step(clips("a"))
+            .step(Step::jobs("b", NoJobs))
+            .accepts(2)
+            .upgrade(&state, None)
+            .expect_err("refused");
+        assert!(v3.contains(r#"which v2 removed"#), "{v3}");
     }
 
     #[test]

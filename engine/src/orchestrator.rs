@@ -380,28 +380,24 @@ impl Orchestrator {
         }
     }
 
-    /// Whether the task is of a version this worker does not serve but takes over.
-    fn needs_upgrade(&self, state: &TaskState) -> bool {
+    /// The version that takes the task over, when this worker does not serve the task's own.
+    fn upgrade_target(&self, state: &TaskState) -> Option<Arc<Workflow>> {
         let version = state.workflow_version.max(1);
-        self.registry
-            .get_version(&state.workflow, version)
-            .is_none()
-            && self
-                .registry
-                .upgrade_target(&state.workflow, version)
-                .is_some()
+        match self.registry.get_version(&state.workflow, version) {
+            Some(_) => None,
+            None => self.registry.upgrade_target(&state.workflow, version),
+        }
     }
 
-    /// Moves the claimed task to the newest version that accepts it (`task_upgraded`, under
-    /// the lease), and returns its state after the move.
-    async fn upgrade(&self, lease: &Lease, state: &TaskState) -> Result<TaskState> {
+    /// Moves the claimed task to `target` (`task_upgraded`, under the lease), and returns
+    /// its state after the move.
+    async fn upgrade(
+        &self,
+        lease: &Lease,
+        state: &TaskState,
+        target: &Workflow,
+    ) -> Result<TaskState> {
         let from = state.workflow_version.max(1);
-        let Some(target) = self.registry.upgrade_target(&state.workflow, from) else {
-            return Err(Error::UnknownWorkflow(format!(
-                "{} version {from}",
-                state.workflow
-            )));
-        };
         let shape = self.store.recorded_shape(&state.workflow, from).await?;
         let mut upgraded =
             target
@@ -436,8 +432,8 @@ impl Orchestrator {
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
         let mut state = fold(&self.store.read_stream(lease.task, 1).await?);
-        if self.needs_upgrade(&state) {
-            state = self.upgrade(lease, &state).await?;
+        if let Some(target) = self.upgrade_target(&state) {
+            state = self.upgrade(lease, &state, &target).await?;
         }
         if !state.status().is_runnable() || state.cancelled {
             if state.status().is_terminal() && state.open_jobs() > 0 {

@@ -413,6 +413,13 @@ pub struct EventMetadata {
     pub worker_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The W3C `traceparent` of the span that submitted the task (on `task_submitted`
+    /// only): every later span of the task joins its trace (see [`crate::telemetry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that came with `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// An event to append. The `event_id` makes the append idempotent: appending the same id

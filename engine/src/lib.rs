@@ -36,6 +36,7 @@ pub mod service;
 mod state;
 mod status;
 mod store;
+pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod timeline;

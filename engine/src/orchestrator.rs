@@ -12,14 +12,16 @@ use std::panic::AssertUnwindSafe;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::event::{Event, FailureKind, NewEvent, PollSchedule};
+use crate::event::{Event, FailureKind, NewEvent, PollSchedule, RecordedEvent};
 use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
-use crate::state::{ItemRecord, TaskState, fold};
+use crate::state::{ItemRecord, StepState, TaskState, fold};
 use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, SlotOwner};
+use crate::telemetry::{self, TraceContext};
 use crate::workflow::{ProviderLimits, Registry, Step, StepContext, StepError, Work, Workflow};
 
 mod commit;
@@ -135,21 +137,43 @@ impl Orchestrator {
         drain: CancellationToken,
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
-        let ended = self.run_counted(lease, drain, abort).await;
+        // Read before the attempt's span exists: the span's parent is in the history.
+        let history = self.store.read_stream(lease.task, 1).await;
+        let submitted = history.as_ref().ok().and_then(|h| h.first());
+        let trace = TraceContext::for_task(lease.task, submitted.map(|e| &e.metadata));
+        let span = tracing::info_span!(
+            "reel.attempt",
+            reel.task_id = %lease.task,
+            reel.workflow = %lease.workflow,
+            reel.attempt = lease.attempt,
+            reel.worker_id = %lease.worker_id,
+            reel.lease_epoch = lease.epoch,
+            reel.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::set_parent(&span, &trace);
+        let ended = self
+            .run_counted(lease, history, drain, abort)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &ended {
+            Ok(RunOutcome::AwaitingReview) => "awaiting_review",
+            Ok(RunOutcome::Completed) => "completed",
+            Ok(RunOutcome::RetryScheduled { .. }) => "rescheduled",
+            Ok(RunOutcome::Failed { .. }) => "failed",
+            Ok(RunOutcome::Cancelled) => "cancelled",
+            Ok(RunOutcome::Stopped) => "stopped",
+            Ok(RunOutcome::Parked { .. }) => "parked",
+            Ok(RunOutcome::NotRunnable(_)) => "not_runnable",
+            Ok(RunOutcome::SetAside { .. }) => "set_aside",
+            Err(Error::LeaseLost { .. }) => "lease_lost",
+            Err(_) => "error",
+        };
+        span.record("reel.outcome", outcome);
+        if matches!(&ended, Ok(RunOutcome::Failed { .. }) | Err(_)) {
+            span.record("otel.status_code", "ERROR");
+        }
         if let Some(metrics) = &self.metrics {
-            let outcome = match &ended {
-                Ok(RunOutcome::AwaitingReview) => "awaiting_review",
-                Ok(RunOutcome::Completed) => "completed",
-                Ok(RunOutcome::RetryScheduled { .. }) => "rescheduled",
-                Ok(RunOutcome::Failed { .. }) => "failed",
-                Ok(RunOutcome::Cancelled) => "cancelled",
-                Ok(RunOutcome::Stopped) => "stopped",
-                Ok(RunOutcome::Parked { .. }) => "parked",
-                Ok(RunOutcome::NotRunnable(_)) => "not_runnable",
-                Ok(RunOutcome::SetAside { .. }) => "set_aside",
-                Err(Error::LeaseLost { .. }) => "lease_lost",
-                Err(_) => "error",
-            };
             metrics.run_ended(&lease.workflow, outcome);
         }
         ended
@@ -158,10 +182,11 @@ impl Orchestrator {
     async fn run_counted(
         &self,
         lease: &Lease,
+        history: Result<Vec<RecordedEvent>>,
         drain: CancellationToken,
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
-        let outcome = match self.run_claimed(lease, drain, abort).await {
+        let outcome = match self.run_claimed(lease, history, drain, abort).await {
             Err(err) if err.is_from_a_newer_build() => return self.set_aside(lease, &err).await,
             Err(err @ Error::UpgradeRefused { .. }) => return self.set_aside(lease, &err).await,
             Err(err @ Error::Decode { .. }) => return self.fail_unreadable(lease, &err).await,
@@ -428,10 +453,11 @@ impl Orchestrator {
     async fn run_claimed(
         &self,
         lease: &Lease,
+        history: Result<Vec<RecordedEvent>>,
         drain: CancellationToken,
         abort: CancellationToken,
     ) -> Result<RunOutcome> {
-        let mut state = fold(&self.store.read_stream(lease.task, 1).await?);
+        let mut state = fold(&history?);
         if let Some(target) = self.upgrade_target(&state) {
             state = self.upgrade(lease, &state, &target).await?;
         }
@@ -543,27 +569,20 @@ impl TaskRun {
                 });
                 status = shown.status;
             }
-            let planned = match plan_guarded(step, &self.input) {
-                Ok(planned) => planned,
+            let span = tracing::info_span!(
+                "reel.step",
+                reel.step = step.name(),
+                reel.attempt = self.attempt,
+                reel.items = tracing::field::Empty,
+                reel.missing = tracing::field::Empty,
+            );
+            let ended = match self
+                .run_step(step, progress, &span)
+                .instrument(span.clone())
+                .await?
+            {
+                Ok(ended) => ended,
                 Err(error) => return self.give_up(status, step, error, None).await,
-            };
-            if progress.and_then(|p| p.planned) != Some(planned) {
-                self.log.stage(Event::StepStarted {
-                    step: step.name().to_owned(),
-                    attempt: self.attempt,
-                    items: planned,
-                    atomic: step.atomic,
-                });
-            }
-            self.log.append(Vec::new()).await?;
-            let missing =
-                progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
-            let ended = match &step.work {
-                Work::Calls(_) => self.run_items(step, missing).await?,
-                Work::Jobs(work) => {
-                    let jobs = JobRun::new(self, step, work.clone(), progress, missing);
-                    jobs.run().await?
-                }
             };
             match ended {
                 // Recorded with the next append, which follows at once (the next step's
@@ -580,6 +599,40 @@ impl TaskRun {
             }
         }
         self.finish(status).await
+    }
+
+    /// Plans `step` (recording the plan if it is new) and runs its missing items. The
+    /// inner error: the plan failed, and the step gives up.
+    async fn run_step(
+        &self,
+        step: &Step,
+        progress: Option<&StepState>,
+        span: &tracing::Span,
+    ) -> Result<std::result::Result<StepEnd, StepError>> {
+        let planned = match plan_guarded(step, &self.input) {
+            Ok(planned) => planned,
+            Err(error) => return Ok(Err(error)),
+        };
+        if progress.and_then(|p| p.planned) != Some(planned) {
+            self.log.stage(Event::StepStarted {
+                step: step.name().to_owned(),
+                attempt: self.attempt,
+                items: planned,
+                atomic: step.atomic,
+            });
+        }
+        self.log.append(Vec::new()).await?;
+        let missing: Vec<u32> =
+            progress.map_or_else(|| (1..=planned).collect(), |p| p.missing_items(planned));
+        span.record("reel.items", planned);
+        span.record("reel.missing", missing.len());
+        Ok(Ok(match &step.work {
+            Work::Calls(_) => self.run_items(step, missing).await?,
+            Work::Jobs(work) => {
+                let jobs = JobRun::new(self, step, work.clone(), progress, missing);
+                jobs.run().await?
+            }
+        }))
     }
 
     /// Parks the task (see [`StepEnd::Parked`]): the lease goes, the poll schedule goes
@@ -803,7 +856,16 @@ impl TaskRun {
         let planned = missing.len();
         let mut completed = 0;
         let mut items = futures_util::stream::iter(missing)
-            .map(|item| self.run_item(step, item, outputs.clone(), no_new_items.clone()))
+            .map(|item| {
+                let span = item_span(step, item, self.attempt);
+                let run = self.run_item(step, item, outputs.clone(), no_new_items.clone());
+                async move {
+                    let ended = run.await;
+                    record_item_end(&tracing::Span::current(), &ended);
+                    ended
+                }
+                .instrument(span)
+            })
             .buffer_unordered(step.concurrency);
         let mut recording = futures_util::stream::FuturesUnordered::new();
         let mut items_left = true;
@@ -934,6 +996,9 @@ impl TaskRun {
                 }
                 Err(error) => error,
             };
+            let span = tracing::Span::current();
+            span.record("reel.tries", try_number);
+            span.record("reel.error", error.message.as_str());
             self.respect_retry_after(step, &error).await;
             let rate_limited = error.retry_after.is_some() && !error.unanswered;
             self.log
@@ -1118,6 +1183,46 @@ impl TaskRun {
 /// Plans a step's items. A panicking plan is a permanent error (planning is a pure function
 /// of the input: it would panic again), and an atomic step plans exactly one item — it is
 /// one unit of work that a failure re-runs whole.
+/// The span of one item of a call step: its tries, and how it ended.
+fn item_span(step: &Step, item: u32, attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        "reel.item",
+        reel.step = step.name(),
+        reel.item = item,
+        reel.attempt = attempt,
+        reel.tries = tracing::field::Empty,
+        reel.outcome = tracing::field::Empty,
+        reel.error_kind = tracing::field::Empty,
+        reel.error = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Records how an item ended on its span.
+fn record_item_end(span: &tracing::Span, ended: &Result<ItemEnd>) {
+    let outcome = match ended {
+        Ok(ItemEnd::Done(_) | ItemEnd::Ended(StepEnd::Completed)) => "completed",
+        Ok(ItemEnd::Ended(StepEnd::GaveUp { error, .. })) => {
+            let kind = match error.kind {
+                FailureKind::Transient => "transient",
+                FailureKind::Permanent => "permanent",
+            };
+            span.record("reel.error_kind", kind);
+            span.record("reel.error", error.message.as_str());
+            span.record("otel.status_code", "ERROR");
+            "gave_up"
+        }
+        Ok(ItemEnd::Ended(StepEnd::Parked { .. })) => "parked",
+        Ok(ItemEnd::Ended(StepEnd::Stopped)) => "stopped",
+        Err(err) => {
+            span.record("reel.error", tracing::field::display(err));
+            span.record("otel.status_code", "ERROR");
+            "error"
+        }
+    };
+    span.record("reel.outcome", outcome);
+}
+
 fn plan_guarded(step: &Step, input: &Value) -> std::result::Result<u32, StepError> {
     let planned = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.plan(input)))
         .unwrap_or_else(|panic| {

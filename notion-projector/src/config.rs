@@ -210,9 +210,41 @@ impl Config {
         })
     }
 
-    /// Installs the tracing subscriber (stderr; `REEL_LOG` filter, default `info`).
-    pub fn init_logging(&self) {
-        engine::service::init_logging(self.log_format == LogFormat::Json);
+    /// Installs the tracing subscriber (stderr; `REEL_LOG` filter, default `info`), and
+    /// the span exporter when the `OTEL_EXPORTER_OTLP_*` variables ask for one: keep the
+    /// returned value until the process ends (dropping it flushes the last spans).
+    pub fn init_logging(&self) -> engine::service::Telemetry {
+        engine::service::init_logging(self.log_format == LogFormat::Json)
+    }
+}
+
+/// The `notion-projector` program: its flags from `args` (the program name first) and the
+/// environment (`.env` too), logging and span export set up, run until SIGTERM/SIGINT.
+pub fn main_from<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use std::process::ExitCode;
+    let _ = dotenvy::dotenv();
+    let config = Config::parse_from(args);
+    let telemetry = config.init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(config));
+    // The last spans go out before the runtime (and the process) ends.
+    telemetry.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

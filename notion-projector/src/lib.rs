@@ -28,7 +28,7 @@ mod projector;
 mod queue;
 
 pub use board::{Board, BoardError, BoardOptions, IntakeOptions};
-pub use config::{Config, LogFormat, run};
+pub use config::{Config, LogFormat, main_from, run};
 pub use limiter::Limiter;
 pub use metrics::Metrics;
 pub use notion::{NotionClient, NotionConfig, NotionError, PropertyType, Token};

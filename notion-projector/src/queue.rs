@@ -42,6 +42,8 @@ pub(crate) struct Job {
     /// until then: a success before then is followed by one more send of the newest status.
     pub(crate) unsettled_until: Option<Instant>,
     pub(crate) origin: Origin,
+    /// The trace the task's submit stored (`None`: the one derived from the task id).
+    pub(crate) trace: Option<engine::telemetry::TraceContext>,
 }
 
 impl Job {
@@ -55,6 +57,7 @@ impl Job {
             waits: 0,
             unsettled_until: None,
             origin: Origin::Fresh,
+            trace: None,
         }
     }
 
@@ -69,6 +72,7 @@ impl Job {
             waits: 0,
             unsettled_until: None,
             origin: Origin::Fresh,
+            trace: None,
         }
     }
 

@@ -161,7 +161,7 @@ pub fn main(workflows: impl Workflows) -> ExitCode {
     exit_quietly_on_a_closed_stdout();
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    engine::service::init_logging(cli.log_format == LogFormat::Json);
+    let telemetry = engine::service::init_logging(cli.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -169,7 +169,10 @@ pub fn main(workflows: impl Workflows) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, &workflows)) {
+    let result = runtime.block_on(run(cli, &workflows));
+    // The last spans (a submit's, say) go out before the process ends.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if err.downcast_ref::<AuditFailed>().is_some() => {
             eprintln!("audit: {err}");

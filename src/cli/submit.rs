@@ -75,6 +75,7 @@ pub(crate) async fn submit(
     task.workflow_version = newest.map(|w| w.version_number());
     task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;
+    task.trace = trace_from_env()?;
     println!("{}", store.create_task(task).await?.task_id());
     Ok(())
 }
@@ -104,4 +105,19 @@ fn parse_object(raw: &str) -> Result<Value, String> {
 
 fn parse_page(raw: &str) -> Result<notion_projector::PageId, String> {
     notion_projector::PageId::parse(raw).map_err(|e| e.to_string())
+}
+
+/// `TRACEPARENT` (and `TRACESTATE`), the W3C trace context a CI job or a script passes on
+/// by environment: the submit's span, and so the task's trace, joins it.
+fn trace_from_env() -> anyhow::Result<Option<engine::telemetry::TraceContext>> {
+    let Some(parent) = std::env::var("TRACEPARENT")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let state = std::env::var("TRACESTATE").ok();
+    let trace = engine::telemetry::TraceContext::parse(&parent, state.as_deref())
+        .map_err(|err| UsageError(format!("TRACEPARENT: {err}")))?;
+    Ok(Some(trace))
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::{PARK_AFTER, SLOT_TTL, SLOT_WAIT, StepEnd, TaskRun, guarded};
 use crate::error::Result;
@@ -516,10 +517,19 @@ impl<'a> JobRun<'a> {
             };
             let ctx = self.run.context(self.step, 1, self.outputs.clone());
             let job = open.job.clone();
+            let span = provider_span("reel.provider.poll", self.step, item, self.run.attempt);
             let polled = tokio::select! {
-                polled = guarded(|| self.work.poll(ctx, item, job)) => polled,
+                polled = guarded(|| self.work.poll(ctx, item, job)).instrument(span.clone()) => polled,
                 () = self.run.cancel.cancelled() => return Ok(Some(StepEnd::Stopped)),
             };
+            record_call(
+                &span,
+                polled.as_ref().map(|status| match status {
+                    JobStatus::Pending { .. } => "pending",
+                    JobStatus::Done(_) => "done",
+                    JobStatus::Failed(_) => "job_failed",
+                }),
+            );
             if let Some(end) = self.polled(item, polled).await? {
                 return Ok(Some(end));
             }
@@ -806,10 +816,13 @@ impl<'a> JobRun<'a> {
             .to_string(),
         };
         let ctx = self.run.context(self.step, tries + 1, self.outputs.clone());
+        let span = provider_span("reel.provider.submit", self.step, item, self.run.attempt);
+        span.record("reel.submission", number);
         let submitted = tokio::select! {
-            submitted = guarded(|| self.work.submit(ctx, item, submission)) => submitted,
+            submitted = guarded(|| self.work.submit(ctx, item, submission)).instrument(span.clone()) => submitted,
             () = self.run.cancel.cancelled() => return Ok(Some(StepEnd::Stopped)),
         };
+        record_call(&span, submitted.as_ref().map(|_| "accepted"));
         // A job id the log cannot store cannot be polled by a later run either.
         let submitted = submitted.and_then(|job| match crate::outputs::holds_nul(&job) {
             true => Err(StepError::permanent(
@@ -976,4 +989,42 @@ fn polls_by(backoff: &crate::workflow::Backoff, age: Duration) -> u32 {
         }
     }
     64
+}
+
+/// The span of one provider call of a job step (`reel.provider.submit` or `.poll`).
+fn provider_span(name: &'static str, step: &Step, item: u32, attempt: u32) -> tracing::Span {
+    // A span's name is fixed at its callsite: one callsite per name.
+    match name {
+        "reel.provider.submit" => tracing::info_span!(
+            "reel.provider.submit",
+            reel.step = step.name(),
+            reel.item = item,
+            reel.attempt = attempt,
+            reel.submission = tracing::field::Empty,
+            reel.outcome = tracing::field::Empty,
+            reel.error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        ),
+        _ => tracing::info_span!(
+            "reel.provider.poll",
+            reel.step = step.name(),
+            reel.item = item,
+            reel.attempt = attempt,
+            reel.outcome = tracing::field::Empty,
+            reel.error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        ),
+    }
+}
+
+/// Records a provider call's answer on its span.
+fn record_call(span: &tracing::Span, answer: std::result::Result<&'static str, &StepError>) {
+    match answer {
+        Ok(outcome) => span.record("reel.outcome", outcome),
+        Err(error) => {
+            span.record("reel.error", error.message.as_str());
+            span.record("otel.status_code", "ERROR");
+            span.record("reel.outcome", "failed")
+        }
+    };
 }

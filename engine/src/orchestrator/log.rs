@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::commit::Committer;
 
@@ -158,7 +159,10 @@ impl Log {
             let written = if events.is_empty() {
                 Ok(base)
             } else {
-                self.write(&mut writer, events.into()).await
+                let span = append_span(&events, base);
+                self.write(&mut writer, events.into())
+                    .instrument(span)
+                    .await
             };
             self.unrecorded.fetch_sub(waiters.len(), Ordering::Relaxed);
             for (end, waiter) in waiters {
@@ -242,7 +246,19 @@ impl Log {
     pub(super) async fn record(&self, event: Event, stop: &CancellationToken) -> Result<bool> {
         let new = self.new_event(event);
         let events: Arc<[NewEvent]> = Arc::from(vec![new]);
-        let mut writer = self.writer.lock().await;
+        let writer = self.writer.lock().await;
+        let span = append_span(&events, writer.version);
+        self.record_locked(writer, events, stop)
+            .instrument(span)
+            .await
+    }
+
+    async fn record_locked(
+        &self,
+        mut writer: tokio::sync::MutexGuard<'_, Writer>,
+        events: Arc<[NewEvent]>,
+        stop: &CancellationToken,
+    ) -> Result<bool> {
         let mut moved = false;
         let mut delay = Duration::from_millis(50);
         let started = std::time::Instant::now();
@@ -308,6 +324,23 @@ impl Drop for Log {
     fn drop(&mut self) {
         self.committer.run_ended();
     }
+}
+
+/// The span of one append: how many events, their types, and the version they follow.
+fn append_span(events: &[NewEvent], version: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        "reel.append",
+        reel.events = events.len(),
+        reel.event_types = tracing::field::Empty,
+        reel.after_version = version,
+    );
+    // Only when someone records it: the append is the hot path.
+    if !span.is_disabled() {
+        let mut types: Vec<&str> = events.iter().map(|e| e.event.event_type()).collect();
+        types.dedup();
+        span.record("reel.event_types", types.join(",").as_str());
+    }
+    span
 }
 
 /// Whether the database refused a value in the statement (SQLSTATE class 22), which no

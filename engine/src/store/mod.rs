@@ -120,6 +120,11 @@ pub struct NewTask {
     /// The workflow version the task is for (`None`: version 1). `reel submit` sets the
     /// newest version its registry has.
     pub workflow_version: Option<u32>,
+    /// The parent of the task's trace (a `TRACEPARENT` from outside, say). The submit's
+    /// span is its child, or (`None`) the caller's current span's; with feature `otel`
+    /// and an OpenTelemetry layer, the submit span's context is what the log stores, and
+    /// without them this parent itself. See [`crate::telemetry`].
+    pub trace: Option<crate::telemetry::TraceContext>,
 }
 
 impl NewTask {
@@ -136,6 +141,7 @@ impl NewTask {
             notion_page_id: None,
             idempotency_key: None,
             workflow_version: None,
+            trace: None,
         }
     }
 }

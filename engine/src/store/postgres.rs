@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, LogPage, NewTask};
@@ -17,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventRow, NewEvent, RecordedEvent};
 use crate::id::{TaskId, truncate_for_display};
 use crate::status::TaskStatus;
+use crate::telemetry::TraceContext;
 
 /// Whether an append gave up waiting for a row lock (see [`PgStore::append_within`]).
 pub(crate) fn waited_too_long(result: &Result<Appended>) -> bool {
@@ -72,7 +74,7 @@ WITH task AS (
     RETURNING id
 ), submitted AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-    SELECT task.id, 1, $6, 'task_submitted', $7, $8, '{}' FROM task
+    SELECT task.id, 1, $6, 'task_submitted', $7, $8, $11 FROM task
     RETURNING global_position
 ), notified AS (
     SELECT pg_notify($9, '') FROM task
@@ -601,6 +603,21 @@ impl PgStore {
     /// Creates a task: its `task_submitted` event (version 1) and its `tasks` row,
     /// atomically. With an idempotency key, a repeat returns the existing task.
     pub async fn create_task(&self, task: NewTask) -> Result<Created> {
+        let span = tracing::info_span!(
+            "reel.submit",
+            reel.task_id = %task.id,
+            reel.workflow = %task.workflow,
+            reel.channel = %task.channel_id,
+        );
+        if let Some(parent) = &task.trace {
+            crate::telemetry::set_parent(&span, parent);
+        }
+        self.create_task_in(task, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn create_task_in(&self, task: NewTask, span: &tracing::Span) -> Result<Created> {
         if let Some(key) = &task.idempotency_key
             && (key.is_empty() || key.chars().count() > NewTask::IDEMPOTENCY_KEY_MAX_CHARS)
         {
@@ -629,6 +646,13 @@ impl PgStore {
         let schema_version = submitted.schema_version();
         // Deterministic: a retried create after a lost acknowledgement writes nothing new.
         let event_id = Uuid::new_v5(&task.id.as_uuid(), b"task_submitted");
+        let mut metadata = crate::event::EventMetadata::default();
+        // The submit's own span (a child of `task.trace` or of the caller's span) when an
+        // OpenTelemetry layer records it; else the given parent, if any.
+        if let Some(trace) = TraceContext::of_span(span).or_else(|| task.trace.clone()) {
+            trace.write_to(&mut metadata);
+        }
+        let metadata = serde_json::to_value(&metadata)?;
         let row = self
             .on_pool(async |c| {
                 self.statement(CREATE_TASK_SQL)
@@ -642,6 +666,7 @@ impl PgStore {
                     .bind(payload)
                     .bind(EVENTS_CHANNEL)
                     .bind(i32::try_from(task.workflow_version.unwrap_or(1)).unwrap_or(1))
+                    .bind(&metadata)
                     .fetch_one(c)
                     .await
             })

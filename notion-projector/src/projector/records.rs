@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use engine::telemetry::TraceContext;
 use engine::{Checkpoint, TaskId};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -48,9 +49,12 @@ impl Projector {
         let ids: Vec<Uuid> = targets.iter().map(|t| t.task.as_uuid()).collect();
         let rows: Vec<Known> = self.store.on_pool(async |c| self.store.rows_as(
             "SELECT u.id, NULLIF(btrim(t.notion_page_id), '') AS page, c.page_id AS card, \
-                    s.applied_version AS applied \
+                    s.applied_version AS applied, \
+                    e.metadata ->> 'traceparent' AS traceparent, \
+                    e.metadata ->> 'tracestate' AS tracestate \
                FROM unnest($1::uuid[]) AS u(id) \
                LEFT JOIN tasks t ON t.id = u.id \
+               LEFT JOIN events e ON e.stream_id = u.id AND e.stream_version = 1 \
                LEFT JOIN LATERAL (SELECT page_id FROM notion_cards c \
                                    WHERE c.task_id = u.id AND (c.projector = $2 OR c.data_source = $3) \
                                    ORDER BY c.projector = $2 DESC, c.recorded_at LIMIT 1) c ON true \
@@ -77,10 +81,17 @@ impl Projector {
                 up_to_date.push(target.task);
                 continue;
             }
+            let trace = known
+                .traceparent
+                .as_deref()
+                .and_then(|parent| TraceContext::parse(parent, known.tracestate.as_deref()).ok());
             let from_card = known.page.is_none() && known.card.is_some();
             let Some(raw) = known.page.or(known.card) else {
                 if self.board.is_some() {
-                    jobs.push(Job::card(target));
+                    jobs.push(Job {
+                        trace,
+                        ..Job::card(target)
+                    });
                     continue;
                 }
                 tracing::info!(task_id = %target.task, status = target.status.as_str(), "task has no notion_page_id: not mirrored");
@@ -96,6 +107,7 @@ impl Projector {
                         self.board.is_some() && (from_card || card_task(&page) == target.task);
                     jobs.push(Job {
                         card,
+                        trace,
                         ..Job::fresh(target, page)
                     });
                 }
@@ -466,6 +478,9 @@ struct Known {
     page: Option<String>,
     card: Option<String>,
     applied: Option<i32>,
+    /// The trace context the task's submit stored.
+    traceparent: Option<String>,
+    tracestate: Option<String>,
 }
 
 fn version_to_db(version: u32) -> i32 {

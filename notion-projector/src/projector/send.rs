@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use engine::Backoff;
+use engine::telemetry::{self, TraceContext};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::cards::Card;
 use super::leadership::Halt;
@@ -43,6 +45,47 @@ impl Projector {
     /// Sends the job's task its newest status, once.
     /// `turn`: the limiter's turn this request goes on (see [`crate::Limiter::on_time`]).
     pub(super) async fn attempt(
+        &self,
+        job: Job,
+        halt: &Halt,
+        turn: Instant,
+    ) -> Result<Attempt, ProjectorError> {
+        let span = tracing::info_span!(
+            "notion.sync",
+            reel.task_id = %job.task(),
+            reel.version = job.target.version,
+            reel.status = &*job.target.display,
+            notion.try = job.tries + 1,
+            notion.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let trace = job
+            .trace
+            .clone()
+            .unwrap_or_else(|| TraceContext::of_task(job.task()));
+        telemetry::set_parent(&span, &trace);
+        let attempt = self
+            .attempt_in(job, halt, turn)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &attempt {
+            Ok(Attempt { outcome, .. }) => match outcome {
+                Outcome::Synced | Outcome::SyncedUnsettled(_) => "synced",
+                Outcome::RateLimited => "rate_limited",
+                Outcome::RetryAt(_) => "retry",
+                Outcome::Failed => "failed",
+                Outcome::Interrupted => "interrupted",
+            },
+            Err(_) => "error",
+        };
+        span.record("notion.outcome", outcome);
+        if matches!(outcome, "failed" | "error") {
+            span.record("otel.status_code", "ERROR");
+        }
+        attempt
+    }
+
+    async fn attempt_in(
         &self,
         mut job: Job,
         halt: &Halt,

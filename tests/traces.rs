@@ -473,12 +473,15 @@ async fn nothing_is_exported_unless_the_variables_say_where() {
         .expect("start a worker");
     assert!(wait_for_exit(&mut worker, Duration::from_secs(60)).success());
     let all = spans(&received);
+    // One attempt, or more when the task parked on its jobs and was claimed again.
     let attempts: Vec<&ReceivedSpan> = all.iter().filter(|s| s.name == "reel.attempt").collect();
-    assert_eq!(attempts.len(), 1, "{attempts:?}");
-    assert_eq!(
-        attempts[0].attr("reel.task_id"),
-        Some(untraced.to_string().as_str())
-    );
+    assert!(!attempts.is_empty());
+    for attempt in attempts {
+        assert_eq!(
+            attempt.attr("reel.task_id"),
+            Some(untraced.to_string().as_str())
+        );
+    }
     for span in &all {
         assert_eq!(
             span.trace_id,

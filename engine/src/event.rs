@@ -415,11 +415,31 @@ pub struct EventMetadata {
     pub attempt: Option<u32>,
     /// The W3C `traceparent` of the span that submitted the task (on `task_submitted`
     /// only): every later span of the task joins its trace (see [`crate::telemetry`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Read leniently: a value that is not a string (another writer's) reads as none, as
+    /// an unknown key would, and never makes the event unreadable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_or_none"
+    )]
     pub traceparent: Option<String>,
-    /// The W3C `tracestate` that came with `traceparent`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The W3C `tracestate` that came with `traceparent` (read as leniently).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_or_none"
+    )]
     pub tracestate: Option<String>,
+}
+
+/// A string, or `None` for any other JSON value.
+fn string_or_none<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(text) => Some(text),
+        _ => None,
+    })
 }
 
 /// An event to append. The `event_id` makes the append idempotent: appending the same id
@@ -557,6 +577,28 @@ impl EventRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_context_of_another_type_reads_as_none_and_the_rest_as_written() {
+        for stored in [
+            r#"{"traceparent": {"v": 1}, "attempt": 3}"#,
+            r#"{"traceparent": null, "tracestate": 5, "attempt": 3}"#,
+            r#"{"traceparent": ["00"], "tracestate": true, "attempt": 3}"#,
+        ] {
+            let metadata: EventMetadata = serde_json::from_str(stored).expect(stored);
+            assert_eq!(metadata.traceparent, None, "{stored}");
+            assert_eq!(metadata.tracestate, None, "{stored}");
+            assert_eq!(metadata.attempt, Some(3), "{stored}");
+        }
+        let metadata: EventMetadata =
+            serde_json::from_str(r#"{"traceparent": "00-x", "tracestate": "a=b"}"#).expect("ok");
+        assert_eq!(metadata.traceparent.as_deref(), Some("00-x"));
+        assert_eq!(metadata.tracestate.as_deref(), Some("a=b"));
+        assert_eq!(
+            serde_json::to_string(&EventMetadata::default()).expect("encode"),
+            "{}"
+        );
+    }
 
     fn samples() -> Vec<Event> {
         vec![

@@ -139,8 +139,18 @@ impl Orchestrator {
     ) -> Result<RunOutcome> {
         // Read before the attempt's span exists: the span's parent is in the history.
         let history = self.store.read_stream(lease.task, 1).await;
-        let submitted = history.as_ref().ok().and_then(|h| h.first());
-        let trace = TraceContext::for_task(lease.task, submitted.map(|e| &e.metadata));
+        let submitted = match &history {
+            Ok(history) => history.first().map(|e| e.metadata.clone()),
+            // A history this build cannot read (it will be set aside or failed): its
+            // first event's metadata alone still names the trace.
+            Err(_) => self
+                .store
+                .submitted_metadata(lease.task)
+                .await
+                .ok()
+                .flatten(),
+        };
+        let trace = TraceContext::for_task(lease.task, submitted.as_ref());
         let span = tracing::info_span!(
             "reel.attempt",
             reel.task_id = %lease.task,

@@ -89,6 +89,23 @@ pub fn init_logging(json: bool) -> Telemetry {
     }
 }
 
+/// A layer exporting spans over OTLP/HTTP to `traces_url` (say
+/// `http://127.0.0.1:4318/v1/traces`), for programs that set up their own subscriber (the
+/// bench); the `OTEL_*` variables configure the rest. Keep the [`Telemetry`] until exit.
+#[cfg(feature = "otlp")]
+pub fn otlp_layer<S>(traces_url: &str) -> (Box<dyn Layer<S> + Send + Sync>, Telemetry)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    match otlp::exporting_to(Some(traces_url)) {
+        (Some(layer), telemetry) => (layer, telemetry),
+        (None, telemetry) => (
+            tracing_subscriber::layer::Identity::new().boxed(),
+            telemetry,
+        ),
+    }
+}
+
 #[cfg(feature = "otlp")]
 mod otlp {
     use opentelemetry::trace::TracerProvider as _;
@@ -130,8 +147,8 @@ mod otlp {
         Some(exe.file_stem()?.to_string_lossy().into_owned())
     }
 
-    /// The OpenTelemetry layer, when the variables ask for an export (else a layer that
-    /// is never enabled), and what to flush at exit.
+    /// The OpenTelemetry layer, when the variables ask for an export (else none), and
+    /// what to flush at exit.
     pub(super) fn layer<S>() -> (Option<Box<dyn Layer<S> + Send + Sync>>, Telemetry)
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
@@ -139,11 +156,24 @@ mod otlp {
         if !configured() {
             return (None, Telemetry::default());
         }
-        let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        exporting_to(None)
+    }
+
+    /// The layer exporting to `endpoint` (the traces URL itself), or where the variables
+    /// say; the rest of the configuration from the variables.
+    pub(super) fn exporting_to<S>(
+        endpoint: Option<&str>,
+    ) -> (Option<Box<dyn Layer<S> + Send + Sync>>, Telemetry)
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .build()
-        {
+            .with_protocol(Protocol::HttpBinary);
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let exporter = match builder.build() {
             Ok(exporter) => exporter,
             Err(err) => {
                 eprintln!(
@@ -162,8 +192,17 @@ mod otlp {
             .build();
         let filter = tracing_subscriber::EnvFilter::try_from_env("REEL_TRACE")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Spans carry what their fields say, no more: source locations, threads, targets
+        // and busy/idle timings would double each span's attributes, and activating an
+        // OpenTelemetry context on every poll of an instrumented future costs each item
+        // (reel parents its spans through `tracing`, and sets remote parents itself).
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("reel"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(filter)
             .boxed();
         (

@@ -4,7 +4,8 @@
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
-//! (store, engine, worker, breakdown, projector, jobs, pooler, audit) runs one group of rows.
+//! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces) runs one group
+//! of rows.
 
 mod audit_bench;
 mod breakdown_bench;
@@ -13,6 +14,7 @@ mod jobs_bench;
 mod pooler_bench;
 mod projector_bench;
 mod store_bench;
+mod trace_bench;
 mod wire;
 mod worker_bench;
 
@@ -113,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("pooler") {
         pooler_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("traces") {
+        trace_bench::run(&mut report, &pool, &store, quick).await?;
     }
     if runs("audit") {
         audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;

@@ -250,7 +250,7 @@ pub(crate) async fn run(
 
 /// Runs `tasks` new tasks on `workers` workers of `concurrency` each, each worker with its
 /// own pool; returns items/s.
-async fn run_workers(
+pub(crate) async fn run_workers(
     pool: &PgPool,
     store: &PgStore,
     tasks: usize,

@@ -75,7 +75,7 @@ pub(crate) async fn submit(
     task.workflow_version = newest.map(|w| w.version_number());
     task.notion_page_id = args.notion_page.map(|page| page.to_string());
     task.idempotency_key = args.idempotency_key;
-    task.trace = trace_from_env()?;
+    task.trace = trace_from_env();
     println!("{}", store.create_task(task).await?.task_id());
     Ok(())
 }
@@ -108,16 +108,19 @@ fn parse_page(raw: &str) -> Result<notion_projector::PageId, String> {
 }
 
 /// `TRACEPARENT` (and `TRACESTATE`), the W3C trace context a CI job or a script passes on
-/// by environment: the submit's span, and so the task's trace, joins it.
-fn trace_from_env() -> anyhow::Result<Option<engine::telemetry::TraceContext>> {
-    let Some(parent) = std::env::var("TRACEPARENT")
+/// by environment: the submit's span, and so the task's trace, joins it. An invalid one is
+/// ignored with a warning, as the W3C recommendation asks (the task gets a trace of its
+/// own): a stray variable never stops a submit.
+fn trace_from_env() -> Option<engine::telemetry::TraceContext> {
+    let parent = std::env::var("TRACEPARENT")
         .ok()
-        .filter(|v| !v.trim().is_empty())
-    else {
-        return Ok(None);
-    };
+        .filter(|v| !v.trim().is_empty())?;
     let state = std::env::var("TRACESTATE").ok();
-    let trace = engine::telemetry::TraceContext::parse(&parent, state.as_deref())
-        .map_err(|err| UsageError(format!("TRACEPARENT: {err}")))?;
-    Ok(Some(trace))
+    match engine::telemetry::TraceContext::parse(&parent, state.as_deref()) {
+        Ok(trace) => Some(trace),
+        Err(err) => {
+            tracing::warn!(error = %err, "TRACEPARENT ignored: the task starts a trace of its own");
+            None
+        }
+    }
 }

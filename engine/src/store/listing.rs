@@ -6,6 +6,7 @@ use sqlx::Row;
 
 use super::PgStore;
 use crate::error::{Error, Result};
+use crate::event::EventMetadata;
 use crate::id::{ChannelId, TaskId};
 use crate::status::TaskStatus;
 
@@ -43,6 +44,22 @@ pub struct TaskFilter {
 
 impl PgStore {
     /// The task's status as the `tasks` row has it (`None`: no such task).
+    /// The metadata `task_submitted` was stored with, read alone (for a history that
+    /// cannot be read whole); `None` when the task has none, or it is not JSON metadata.
+    pub async fn submitted_metadata(&self, task: TaskId) -> Result<Option<EventMetadata>> {
+        let metadata: Option<String> = self
+            .on_pool(async |c| {
+                self.scalar(
+                    "SELECT metadata::text FROM events WHERE stream_id = $1 AND stream_version = 1",
+                )
+                .bind(task.as_uuid())
+                .fetch_optional(c)
+                .await
+            })
+            .await?;
+        Ok(metadata.and_then(|text| serde_json::from_str(&text).ok()))
+    }
+
     pub async fn task_status(&self, task: TaskId) -> Result<Option<TaskStatus>> {
         let status: Option<String> = self
             .on_pool(async |c| {

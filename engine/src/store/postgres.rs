@@ -608,13 +608,22 @@ impl PgStore {
             reel.task_id = %task.id,
             reel.workflow = %task.workflow,
             reel.channel = %task.channel_id,
+            reel.existing = tracing::field::Empty,
         );
         if let Some(parent) = &task.trace {
             crate::telemetry::set_parent(&span, parent);
         }
-        self.create_task_in(task, &span)
+        let created = self
+            .create_task_in(task, &span)
             .instrument(span.clone())
-            .await
+            .await;
+        // A repeat with an idempotency key names the task that exists (its trace is the
+        // first submit's).
+        if let Ok(created) = &created {
+            span.record("reel.task_id", tracing::field::display(created.task_id()));
+            span.record("reel.existing", matches!(created, Created::Existing(_)));
+        }
+        created
     }
 
     async fn create_task_in(&self, task: NewTask, span: &tracing::Span) -> Result<Created> {

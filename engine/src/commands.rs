@@ -16,13 +16,24 @@ use crate::workflow::Registry;
 
 /// Accepts the result of a task in `final_review`: it becomes `completed`.
 pub async fn approve(store: &PgStore, task: TaskId, reviewer: Option<String>) -> Result<TaskState> {
-    again_on_conflict(|| approve_once(store, task, reviewer.clone())).await
+    approve_as(store, task, reviewer, None).await
+}
+
+/// [`approve`], recording who asked (`actor`: the events' `metadata.actor`).
+pub async fn approve_as(
+    store: &PgStore,
+    task: TaskId,
+    reviewer: Option<String>,
+    actor: Option<&str>,
+) -> Result<TaskState> {
+    again_on_conflict(|| approve_once(store, task, reviewer.clone(), actor)).await
 }
 
 async fn approve_once(
     store: &PgStore,
     task: TaskId,
     reviewer: Option<String>,
+    actor: Option<&str>,
 ) -> Result<TaskState> {
     let state = load(store, task).await?;
     require_review(task, &state, "approve")?;
@@ -31,7 +42,7 @@ async fn approve_once(
         Event::status_changed(TaskStatus::FINAL_REVIEW, TaskStatus::COMPLETED),
         Event::TaskCompleted {},
     ];
-    commit(store, task, state.version, events).await
+    commit(store, task, state.version, events, actor).await
 }
 
 /// Sends a task in `final_review` back: `redo_from` and every later step run again (their
@@ -43,7 +54,18 @@ pub async fn reject(
     redo_from: &str,
     reason: Option<String>,
 ) -> Result<TaskState> {
-    again_on_conflict(|| reject_once(store, task, redo_from, reason.clone())).await
+    reject_as(store, task, redo_from, reason, None).await
+}
+
+/// [`reject`], recording who asked (`actor`: the events' `metadata.actor`).
+pub async fn reject_as(
+    store: &PgStore,
+    task: TaskId,
+    redo_from: &str,
+    reason: Option<String>,
+    actor: Option<&str>,
+) -> Result<TaskState> {
+    again_on_conflict(|| reject_once(store, task, redo_from, reason.clone(), actor)).await
 }
 
 async fn reject_once(
@@ -51,6 +73,7 @@ async fn reject_once(
     task: TaskId,
     redo_from: &str,
     reason: Option<String>,
+    actor: Option<&str>,
 ) -> Result<TaskState> {
     let state = load(store, task).await?;
     // A step an upgrade removed is history: nothing runs it again.
@@ -75,7 +98,7 @@ async fn reject_once(
         },
         Event::status_changed(TaskStatus::FINAL_REVIEW, TaskStatus::QUEUED),
     ];
-    commit(store, task, state.version, events).await
+    commit(store, task, state.version, events, actor).await
 }
 
 /// A review decision needs a task in `final_review`; a task that finished without ever
@@ -95,13 +118,28 @@ fn require_review(task: TaskId, state: &TaskState, action: &'static str) -> Resu
 /// Cancels a task that is not finished. A worker running it stops at its next item
 /// boundary (its next append conflicts and it re-reads the stream).
 pub async fn cancel(store: &PgStore, task: TaskId, reason: Option<String>) -> Result<TaskState> {
-    again_on_conflict(|| cancel_once(store, task, reason.clone())).await
+    cancel_as(store, task, reason, None).await
 }
 
-async fn cancel_once(store: &PgStore, task: TaskId, reason: Option<String>) -> Result<TaskState> {
+/// [`cancel`], recording who asked (`actor`: the events' `metadata.actor`).
+pub async fn cancel_as(
+    store: &PgStore,
+    task: TaskId,
+    reason: Option<String>,
+    actor: Option<&str>,
+) -> Result<TaskState> {
+    again_on_conflict(|| cancel_once(store, task, reason.clone(), actor)).await
+}
+
+async fn cancel_once(
+    store: &PgStore,
+    task: TaskId,
+    reason: Option<String>,
+    actor: Option<&str>,
+) -> Result<TaskState> {
     let state = match load(store, task).await {
         Err(err @ Error::Decode { .. }) => {
-            return cancel_unreadable(store, task, reason, err).await;
+            return cancel_unreadable(store, task, reason, err, actor).await;
         }
         other => other?,
     };
@@ -129,7 +167,7 @@ async fn cancel_once(store: &PgStore, task: TaskId, reason: Option<String>) -> R
             schedule: state.poll_schedule(),
         });
     }
-    let cancelled = commit(store, task, state.version, events).await?;
+    let cancelled = commit(store, task, state.version, events, actor).await?;
     // A parked task's places in its providers' queues would hold newer tasks back; its
     // jobs still in flight keep their slots until they end.
     store.withdraw_waiting(task).await?;
@@ -139,16 +177,21 @@ async fn cancel_once(store: &PgStore, task: TaskId, reason: Option<String>) -> R
 /// Sends a `failed` task (or one waiting for its scheduled retry) back to the queue to
 /// run now, with a fresh attempt budget. It resumes by replay: completed items are kept.
 pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {
-    again_on_conflict(|| retry_once(store, task)).await
+    retry_as(store, task, None).await
 }
 
-async fn retry_once(store: &PgStore, task: TaskId) -> Result<TaskState> {
+/// [`retry`], recording who asked (`actor`: the events' `metadata.actor`).
+pub async fn retry_as(store: &PgStore, task: TaskId, actor: Option<&str>) -> Result<TaskState> {
+    again_on_conflict(|| retry_once(store, task, actor)).await
+}
+
+async fn retry_once(store: &PgStore, task: TaskId, actor: Option<&str>) -> Result<TaskState> {
     let state = load(store, task).await?;
     require(task, &state, "retry", |s| {
         s == TaskStatus::FAILED || s == TaskStatus::RETRY_SCHEDULED
     })?;
     let events = vec![Event::status_changed(state.status(), TaskStatus::QUEUED)];
-    commit(store, task, state.version, events).await
+    commit(store, task, state.version, events, actor).await
 }
 
 /// Moves a task to version `to` of its workflow (`task_upgraded`, by `operator`), as the
@@ -221,6 +264,7 @@ async fn cancel_unreadable(
     task: TaskId,
     reason: Option<String>,
     err: Error,
+    actor: Option<&str>,
 ) -> Result<TaskState> {
     let Some(status) = store.task_status(task).await? else {
         return Err(err);
@@ -237,7 +281,7 @@ async fn cancel_unreadable(
         Event::TaskCancelled { reason },
         Event::status_changed(status, TaskStatus::CANCELLED),
     ];
-    let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+    let batch = with_actor(events.into(), actor);
     let appended = store.append(task, version, Fence::Unleased, &batch).await?;
     let mut state = TaskState::default();
     state.task_id = Some(task);
@@ -296,8 +340,21 @@ async fn commit(
     task: TaskId,
     version: u32,
     events: Vec<Event>,
+    actor: Option<&str>,
 ) -> Result<TaskState> {
-    let batch: Vec<NewEvent> = events.into_iter().map(NewEvent::new).collect();
+    let batch = with_actor(events, actor);
     store.append(task, version, Fence::Unleased, &batch).await?;
     load(store, task).await
+}
+
+/// The events to append, each with `actor` (if any) in its metadata.
+fn with_actor(events: Vec<Event>, actor: Option<&str>) -> Vec<NewEvent> {
+    let metadata = crate::event::EventMetadata {
+        actor: actor.map(str::to_owned),
+        ..Default::default()
+    };
+    events
+        .into_iter()
+        .map(|event| NewEvent::new(event).with_metadata(metadata.clone()))
+        .collect()
 }

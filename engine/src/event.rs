@@ -423,6 +423,14 @@ pub struct EventMetadata {
         deserialize_with = "string_or_none"
     )]
     pub traceparent: Option<String>,
+    /// Who asked for an operator's command (approve, reject, retry, cancel), when the
+    /// tool that sent it knows: the console records its signed-in name. Read leniently.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_or_none"
+    )]
+    pub actor: Option<String>,
     /// The W3C `tracestate` that came with `traceparent` (read as leniently).
     #[serde(
         default,

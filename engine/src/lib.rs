@@ -60,7 +60,7 @@ pub use store::TxIdHorizon;
 pub use store::{
     Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
     OrphanJob, PgStore, ShapeChange, SlotOwner, Stranded, StreamAppend, Subscription,
-    SubscriptionOptions, TaskFilter, TaskSummary,
+    SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

@@ -2,6 +2,7 @@
 //! stderr with an exit code scripts can rely on.
 
 mod audit;
+mod console;
 mod metrics;
 mod replay;
 mod review;
@@ -147,6 +148,8 @@ enum Command {
     Audit(AuditArgs),
     /// Tasks per status, failure reasons, cost spent and saved.
     Stats(StatsArgs),
+    /// Watch and steer runs in a browser (read-only unless started with --token).
+    Console(console::ConsoleArgs),
 }
 
 /// Bad input caught after parsing (a task input its workflow refuses): exit code 2, like
@@ -206,6 +209,7 @@ async fn run(cli: Cli, workflows: &dyn Workflows) -> anyhow::Result<()> {
         Command::Replay(args) => replay(&url, args).await?,
         Command::Audit(args) => audit(&url, args).await?,
         Command::Stats(args) => stats(&url, args).await?,
+        Command::Console(args) => console::console(&url, args).await?,
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ pub(crate) async fn tasks(
         status: args.status,
         channel,
         limit: args.limit,
+        ..TaskFilter::default()
     };
     let tasks = if args.stranded {
         store.stranded_tasks(args.limit).await?

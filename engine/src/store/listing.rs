@@ -40,7 +40,85 @@ pub struct TaskFilter {
     pub channel: Option<ChannelId>,
     /// At most this many, newest first (0: no limit).
     pub limit: u32,
+    /// Only tasks of this workflow.
+    pub workflow: Option<String>,
+    /// Only tasks in one of these channels (empty: any). A console limited to some
+    /// channels sets it; `channel` narrows further.
+    pub channels: Vec<ChannelId>,
+    /// Only tasks whose id, workflow, channel, shown status or last error contains this
+    /// text (case-insensitive).
+    pub text: Option<String>,
+    /// Keyset pagination: only tasks older than this one, in list order (newest first).
+    pub after: Option<TaskCursor>,
 }
+
+/// A position in the task list (newest first): a task's creation time and id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: TaskId,
+}
+
+impl TaskCursor {
+    /// The position of `task` in the list.
+    pub fn of(task: &TaskSummary) -> TaskCursor {
+        TaskCursor {
+            created_at: task.created_at,
+            id: task.id,
+        }
+    }
+
+    /// `MICROS.ID` (what [`TaskCursor::parse`] reads): fits a URL as it is.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at.timestamp_micros(), self.id)
+    }
+
+    /// Reads [`TaskCursor::encode`]'s form.
+    pub fn parse(text: &str) -> Result<TaskCursor> {
+        let bad = || Error::InvalidInput(format!("invalid task cursor {:?}", truncate(text)));
+        let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+        let micros: i64 = micros.parse().map_err(|_| bad())?;
+        Ok(TaskCursor {
+            created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+            id: id.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+fn truncate(text: &str) -> String {
+    crate::id::truncate_for_display(text, 60)
+}
+
+/// The filter's conditions on `tasks` (every one but the status), as SQL over parameters
+/// $1 (channel), $2 (workflow), $3 (channels), $4 (text): shared by the list and the counts.
+macro_rules! filtered {
+    () => {
+        "($1::text IS NULL OR channel_id = $1) \
+         AND ($2::text IS NULL OR workflow = $2) \
+         AND (cardinality($3::text[]) = 0 OR channel_id = ANY($3)) \
+         AND ($4::text IS NULL OR strpos(lower(id::text || ' ' || workflow || ' ' || channel_id \
+              || ' ' || COALESCE(status_display, status) || ' ' || COALESCE(last_error, '')), \
+              lower($4)) > 0)"
+    };
+}
+
+/// The list: $5 status, $6/$7 the cursor (created_at, id), $8 the limit (0: none).
+const LIST_SQL: &str = concat!(
+    "SELECT id, workflow, workflow_version, channel_id, status, status_display, attempt, \
+            version, lease_owner, next_run_at, last_error, notion_page_id, created_at, updated_at \
+     FROM tasks WHERE ",
+    filtered!(),
+    " AND ($5::text IS NULL OR status = $5) \
+      AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7::uuid)) \
+     ORDER BY created_at DESC, id DESC \
+     LIMIT CASE WHEN $8 = 0 THEN NULL ELSE $8 END"
+);
+
+const COUNT_SQL: &str = concat!(
+    "SELECT status, count(*) FROM tasks WHERE ",
+    filtered!(),
+    " GROUP BY status ORDER BY status"
+);
 
 impl PgStore {
     /// The task's status as the `tasks` row has it (`None`: no such task).
@@ -77,21 +155,73 @@ impl PgStore {
             .transpose()
     }
 
-    /// Tasks matching `filter`, newest first.
+    /// Tasks matching `filter`, newest first (ties: by id, descending).
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
-        let rows = self.on_pool(async |c| self.statement(
-            "SELECT id, workflow, workflow_version, channel_id, status, status_display, attempt, version, lease_owner, next_run_at, \
-                    last_error, notion_page_id, created_at, updated_at \
-             FROM tasks \
-             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR channel_id = $2) \
-             ORDER BY created_at DESC, id \
-             LIMIT CASE WHEN $3 = 0 THEN NULL ELSE $3 END",
-        )
-        .bind(filter.status.map(TaskStatus::as_str))
-        .bind(filter.channel.as_ref().map(ChannelId::as_str))
-        .bind(i64::from(filter.limit))
-        .fetch_all(c).await).await?;
+        let channels: Vec<&str> = filter.channels.iter().map(ChannelId::as_str).collect();
+        let text = filter.text.as_deref().filter(|t| !t.trim().is_empty());
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(LIST_SQL)
+                    .bind(filter.channel.as_ref().map(ChannelId::as_str))
+                    .bind(filter.workflow.as_deref())
+                    .bind(&channels)
+                    .bind(text)
+                    .bind(filter.status.map(TaskStatus::as_str))
+                    .bind(filter.after.map(|a| a.created_at))
+                    .bind(filter.after.map(|a| a.id.as_uuid()))
+                    .bind(i64::from(filter.limit))
+                    .fetch_all(c)
+                    .await
+            })
+            .await?;
         rows.iter().map(summary).collect()
+    }
+
+    /// The rows of `tasks` (those that exist), in no particular order.
+    pub async fn tasks_by_id(&self, tasks: &[TaskId]) -> Result<Vec<TaskSummary>> {
+        let ids: Vec<uuid::Uuid> = tasks.iter().map(|t| t.as_uuid()).collect();
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(
+                    "SELECT id, workflow, workflow_version, channel_id, status, status_display, \
+                            attempt, version, lease_owner, next_run_at, last_error, \
+                            notion_page_id, created_at, updated_at \
+                     FROM tasks WHERE id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(c)
+                .await
+            })
+            .await?;
+        rows.iter().map(summary).collect()
+    }
+
+    /// How many tasks `filter` matches per status (its status, cursor and limit aside).
+    pub async fn count_tasks_by_status(
+        &self,
+        filter: &TaskFilter,
+    ) -> Result<Vec<(TaskStatus, i64)>> {
+        let channels: Vec<&str> = filter.channels.iter().map(ChannelId::as_str).collect();
+        let text = filter.text.as_deref().filter(|t| !t.trim().is_empty());
+        let rows: Vec<(String, i64)> = self
+            .on_pool(async |c| {
+                self.rows_as(COUNT_SQL)
+                    .bind(filter.channel.as_ref().map(ChannelId::as_str))
+                    .bind(filter.workflow.as_deref())
+                    .bind(&channels)
+                    .bind(text)
+                    .fetch_all(c)
+                    .await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(status, n)| {
+                let status = status
+                    .parse()
+                    .map_err(|e| Error::InvalidInput(format!("tasks.status: {e}")))?;
+                Ok((status, n))
+            })
+            .collect()
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
-pub use listing::{TaskFilter, TaskSummary};
+pub use listing::{TaskCursor, TaskFilter, TaskSummary};
 pub use orphans::OrphanJob;
 pub use postgres::PgStore;
 pub(crate) use postgres::waited_too_long;

@@ -1,0 +1,129 @@
+//! `reel console`: watch and steer runs in a browser.
+//!
+//! An HTTP server (axum) that reads the log and the `tasks` rows only, as `replay` and
+//! `audit` do: it needs no workflow code. Pages are rendered on the server (maud, compiled
+//! into the binary) with a little plain JavaScript for live updates. Live updates come
+//! from **one** subscription of the global log per console process ([`hub`]), fanned out
+//! to every open browser over Server-Sent Events: browsers add no database reads.
+//!
+//! Read-only unless started with a token; actions (approve, reject, retry, cancel) go
+//! through the same engine commands as the CLI and record who did them ([`auth`]).
+
+mod auth;
+mod hub;
+mod pages;
+mod svg;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use clap::Args;
+use engine::{ChannelId, PgStore};
+use tokio_util::sync::CancellationToken;
+
+use super::UsageError;
+
+/// The console's listening address when none is given: loopback only.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+#[derive(Debug, Args)]
+pub(crate) struct ConsoleArgs {
+    /// Where to listen. Off loopback, a token is required.
+    #[arg(long, env = "REEL_CONSOLE_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Actions (approve, reject, retry, cancel) need this token: a browser signs in with
+    /// it, a script sends it as `Authorization: Bearer`. Without it the console is
+    /// read-only.
+    #[arg(long, env = "REEL_CONSOLE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Only these channels are visible (repeatable); a task elsewhere is "not found".
+    #[arg(long = "channel", value_name = "CHANNEL")]
+    channels: Vec<String>,
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct Console {
+    store: PgStore,
+    auth: auth::Auth,
+    /// Empty: every channel.
+    channels: Vec<ChannelId>,
+    hub: hub::Hub,
+}
+
+impl Console {
+    /// Whether a task of `channel` may be shown.
+    fn sees(&self, channel: &str) -> bool {
+        self.channels.is_empty() || self.channels.iter().any(|c| c.as_str() == channel)
+    }
+}
+
+pub(crate) async fn console(url: &str, args: ConsoleArgs) -> anyhow::Result<()> {
+    let token = args.token.filter(|t| !t.trim().is_empty());
+    if !args.listen.ip().is_loopback() && token.is_none() {
+        return Err(UsageError(format!(
+            "--listen {} is reachable from other machines: set --token (or \
+             REEL_CONSOLE_TOKEN) so that only operators can act, or listen on 127.0.0.1",
+            args.listen
+        ))
+        .into());
+    }
+    if let Some(token) = &token
+        && token.trim().chars().count() < auth::MIN_TOKEN_CHARS
+    {
+        return Err(UsageError(format!(
+            "--token must be at least {} characters",
+            auth::MIN_TOKEN_CHARS
+        ))
+        .into());
+    }
+    let channels = args
+        .channels
+        .iter()
+        .map(|c| ChannelId::parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        shutdown.clone(),
+        "closing the console",
+    ));
+    // A service waits for the database (a restart, a server still starting).
+    let store = engine::db::connect_store_waiting(url, 4, None, &shutdown).await?;
+    let console = Arc::new(Console {
+        hub: hub::Hub::start(store.clone(), shutdown.clone()).await?,
+        store,
+        auth: auth::Auth::new(token),
+        channels,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        actions = console.auth.enabled(),
+        "reel console serving"
+    );
+    // A line scripts (and the tests) can wait for: where the console listens.
+    println!("console listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(console))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(pages::tasks))
+        .route("/tasks/{id}", get(pages::task))
+        .route("/tasks/{id}/approve", post(pages::approve))
+        .route("/tasks/{id}/reject", post(pages::reject))
+        .route("/tasks/{id}/retry", post(pages::retry))
+        .route("/tasks/{id}/cancel", post(pages::cancel))
+        .route("/live", get(hub::live))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .route("/logout", post(auth::logout))
+        .route("/static/console.js", get(pages::script))
+        .route("/static/console.css", get(pages::style))
+        .fallback(pages::not_found)
+        .with_state(console)
+}

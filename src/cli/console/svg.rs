@@ -1,0 +1,269 @@
+//! A task's timeline drawn as SVG: a lane per step and attempt (and one for the task's
+//! own moments), a bar per item per attempt from its start to its completion, failed
+//! tries, the items a resume skipped (with what they had cost), job waits, parks and the
+//! review. Each mark names its event's version: clicking it shows that event.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use engine::{Event, RecordedEvent, ResumeRecord};
+use maud::{Markup, html};
+
+use super::pages::money;
+
+const WIDTH: f64 = 1100.0;
+const LABELS: f64 = 170.0;
+const LANE: f64 = 24.0;
+const TOP: f64 = 22.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Done,
+    Failed,
+    Skipped,
+    Waiting,
+    Parked,
+    Review,
+    Claimed,
+}
+
+impl Kind {
+    fn class(self) -> &'static str {
+        match self {
+            Kind::Done => "mark done",
+            Kind::Failed => "mark failed",
+            Kind::Skipped => "mark skipped",
+            Kind::Waiting => "mark waiting",
+            Kind::Parked => "mark parked",
+            Kind::Review => "mark review",
+            Kind::Claimed => "mark claimed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Mark {
+    lane: usize,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    kind: Kind,
+    version: u32,
+    title: String,
+}
+
+/// The lanes and marks of `events` (in version order).
+struct Drawing {
+    lanes: Vec<String>,
+    marks: Vec<Mark>,
+}
+
+impl Drawing {
+    fn lane(&mut self, index: &mut HashMap<String, usize>, name: String) -> usize {
+        if let Some(&lane) = index.get(&name) {
+            return lane;
+        }
+        self.lanes.push(name.clone());
+        index.insert(name, self.lanes.len() - 1);
+        self.lanes.len() - 1
+    }
+}
+
+fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
+    let mut drawing = Drawing {
+        lanes: vec!["task".to_owned()],
+        marks: Vec::new(),
+    };
+    let mut index: HashMap<String, usize> = HashMap::from([("task".to_owned(), 0)]);
+    // What each step's items had completed (cost, attempt): a later attempt skips them.
+    let mut completed: BTreeMap<(String, u32), (i64, u32)> = BTreeMap::new();
+    let mut step_order: Vec<String> = Vec::new();
+    let mut submitted: HashMap<(String, u32), DateTime<Utc>> = HashMap::new();
+    for recorded in events {
+        let at = recorded.recorded_at;
+        let v = recorded.version;
+        match &recorded.event {
+            Event::TaskClaimed {
+                attempt, worker_id, ..
+            } => {
+                drawing.marks.push(Mark {
+                    lane: 0,
+                    start: at,
+                    end: at,
+                    kind: Kind::Claimed,
+                    version: v,
+                    title: format!("attempt {attempt} claimed by {worker_id}"),
+                });
+                // What this attempt resumed past: the items it skipped, in its own lanes.
+                for resume in resumes.iter().filter(|r| r.attempt == *attempt) {
+                    for (step, items) in &resume.skipped {
+                        let lane = drawing.lane(&mut index, format!("{step} · attempt {attempt}"));
+                        for item in items {
+                            let (cost, done_in) = completed
+                                .get(&(step.clone(), *item))
+                                .copied()
+                                .unwrap_or_default();
+                            drawing.marks.push(Mark {
+                                lane,
+                                start: at,
+                                end: at,
+                                kind: Kind::Skipped,
+                                version: v,
+                                title: format!(
+                                    "{step} {item}: skipped, done in attempt {done_in} (saved {})",
+                                    money(cost)
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            Event::StepStarted { step, .. } if !step_order.contains(step) => {
+                step_order.push(step.clone());
+            }
+            Event::ItemSubmitted { step, item, .. } => {
+                submitted.insert((step.clone(), *item), at);
+            }
+            Event::ItemCompleted {
+                step,
+                item,
+                attempt,
+                cost_micros,
+                duration_ms,
+                ..
+            } => {
+                let lane = drawing.lane(&mut index, format!("{step} · attempt {attempt}"));
+                let ran = chrono::Duration::milliseconds(i64::try_from(*duration_ms).unwrap_or(0));
+                let (start, kind) = match submitted.remove(&(step.clone(), *item)) {
+                    Some(sent) => (sent, Kind::Waiting),
+                    None => (at - ran, Kind::Done),
+                };
+                drawing.marks.push(Mark {
+                    lane,
+                    start,
+                    end: at,
+                    kind,
+                    version: v,
+                    title: format!(
+                        "{step} {item}: done in {:.1}s, {}",
+                        *duration_ms as f64 / 1e3,
+                        money(*cost_micros)
+                    ),
+                });
+                completed.insert((step.clone(), *item), (*cost_micros, *attempt));
+            }
+            Event::ItemFailed {
+                step,
+                item,
+                attempt,
+                error,
+                ..
+            } => {
+                let lane = drawing.lane(&mut index, format!("{step} · attempt {attempt}"));
+                drawing.marks.push(Mark {
+                    lane,
+                    start: at,
+                    end: at,
+                    kind: Kind::Failed,
+                    version: v,
+                    title: format!(
+                        "{step} {item} failed: {}",
+                        engine::truncate_for_display(error, 200)
+                    ),
+                });
+            }
+            Event::TaskParked { until, .. } => drawing.marks.push(Mark {
+                lane: 0,
+                start: at,
+                end: (*until).max(at),
+                kind: Kind::Parked,
+                version: v,
+                title: format!("parked until {}", until.format("%H:%M:%S")),
+            }),
+            Event::ReviewRequested {} => drawing.marks.push(Mark {
+                lane: 0,
+                start: at,
+                end: at,
+                kind: Kind::Review,
+                version: v,
+                title: "review requested".to_owned(),
+            }),
+            Event::ReviewApproved { .. } => drawing.marks.push(Mark {
+                lane: 0,
+                start: at,
+                end: at,
+                kind: Kind::Review,
+                version: v,
+                title: "approved".to_owned(),
+            }),
+            Event::ReviewRejected { redo_from, .. } => {
+                // The redone steps' completions no longer count as skipped later.
+                if let Some(from) = step_order.iter().position(|s| s == redo_from) {
+                    let redone: Vec<String> = step_order[from..].to_vec();
+                    completed.retain(|(s, _), _| !redone.contains(s));
+                }
+                drawing.marks.push(Mark {
+                    lane: 0,
+                    start: at,
+                    end: at,
+                    kind: Kind::Review,
+                    version: v,
+                    title: format!("rejected: redo from {redo_from}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    drawing
+}
+
+/// The timeline of `events` as an `<svg>`; `now` ends the axis of a task still running.
+pub(crate) fn timeline(
+    events: &[RecordedEvent],
+    resumes: &[ResumeRecord],
+    now: Option<DateTime<Utc>>,
+) -> Markup {
+    let drawing = draw(events, resumes);
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return html! { p { "No events." } };
+    };
+    let t0 = first.recorded_at;
+    let mut t1 = drawing
+        .marks
+        .iter()
+        .map(|m| m.end)
+        .chain([last.recorded_at])
+        .chain(now)
+        .max()
+        .unwrap_or(last.recorded_at);
+    if t1 <= t0 {
+        t1 = t0 + chrono::Duration::milliseconds(1);
+    }
+    let span = (t1 - t0).num_microseconds().unwrap_or(1).max(1) as f64;
+    let x = |t: DateTime<Utc>| {
+        LABELS + ((t - t0).num_microseconds().unwrap_or(0) as f64 / span) * (WIDTH - LABELS - 10.0)
+    };
+    let height = TOP + LANE * drawing.lanes.len() as f64 + 6.0;
+    let seconds = span / 1e6;
+    html! {
+        svg.timeline xmlns="http://www.w3.org/2000/svg" width=(WIDTH) height=(height)
+            viewBox=(format!("0 0 {WIDTH} {height}")) role="img"
+            aria-label="the task's timeline" {
+            text x=(LABELS) y="14" class="axis" { "0 s" }
+            text x=(WIDTH - 10.0) y="14" class="axis" text-anchor="end" { (format!("{seconds:.1} s")) }
+            @for (i, lane) in drawing.lanes.iter().enumerate() {
+                @let y = TOP + LANE * i as f64;
+                rect class="lane" x="0" y=(y) width=(WIDTH) height=(LANE) {}
+                text class="lane-name" x="6" y=(y + 16.0) { (lane) }
+            }
+            @for mark in &drawing.marks {
+                @let y = TOP + LANE * mark.lane as f64 + 4.0;
+                @let left = x(mark.start);
+                @let w = (x(mark.end) - left).max(4.0);
+                rect class=(mark.kind.class()) x=(format!("{left:.1}")) y=(y)
+                    width=(format!("{w:.1}")) height=(LANE - 8.0) data-v=(mark.version) {
+                    title { (mark.title) }
+                }
+            }
+        }
+    }
+}

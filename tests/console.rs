@@ -1,0 +1,332 @@
+//! `reel console` over HTTP (issue 30): the real binary against a real database, driven
+//! with reqwest. Security first: a read-only console acts for nobody, a wrong token is a
+//! 401 and a forged form a 403 with nothing written, a channel outside the console's is a
+//! 404, text users typed is escaped, and a console reachable from other machines needs a
+//! token. Then what the pages show: the task list with its counts and pages, a task's
+//! timeline with what a resume skipped, time travel, and the live stream.
+
+#[path = "common/console.rs"]
+mod console;
+
+use std::time::{Duration, Instant};
+
+use console::{TOKEN, event_count, reel, run_until_idle, start_console, submit};
+use engine::testing::TestDatabase;
+use reqwest::StatusCode;
+use reqwest::header::{COOKIE, ORIGIN, SET_COOKIE};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// Signs in (name, token) and returns the session cookie.
+async fn sign_in(url: &str, name: &str) -> String {
+    let response = client()
+        .post(format!("{url}/login"))
+        .header(ORIGIN, url)
+        .form(&[("name", name), ("token", TOKEN)])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response
+        .headers()
+        .get(SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(!cookie.contains(TOKEN), "the cookie never holds the token");
+    cookie.split(';').next().expect("pair").to_owned()
+}
+
+/// The CSRF value in a page's forms.
+fn csrf(page: &str) -> String {
+    let at = page
+        .find(r#"name="csrf" value=""#)
+        .expect("a form with its CSRF value");
+    let rest = &page[at + r#"name="csrf" value=""#.len()..];
+    rest[..rest.find('"').expect("end")].to_owned()
+}
+
+async fn get(url: &str, cookie: Option<&str>) -> (StatusCode, String) {
+    let mut request = client().get(url);
+    if let Some(cookie) = cookie {
+        request = request.header(COOKIE, cookie);
+    }
+    let response = request.send().await.expect("get");
+    (response.status(), response.text().await.expect("body"))
+}
+
+/// One finished review-gated task (clip 7 failed once, resumed): `final_review`.
+async fn reviewed_task(db: &TestDatabase, topic: &str) -> engine::TaskId {
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let task = submit(
+        db,
+        &["--channel", "main", "--topic", topic, "--fail", "video:7"],
+    );
+    run_until_idle(db, artifacts.path());
+    task
+}
+
+#[tokio::test]
+async fn a_read_only_console_acts_for_nobody_and_tokens_are_checked() {
+    let db = TestDatabase::create().await;
+    let task = reviewed_task(&db, "<script>alert('x')</script> & co").await;
+    let before = event_count(&db, task).await;
+
+    let read_only = start_console(&db, &[]);
+    let (status, page) = get(&format!("{}/tasks/{task}", read_only.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !page.contains("id=\"approve\""),
+        "no Approve without a token"
+    );
+    // The topic is text, never markup.
+    assert!(page.contains("&lt;script&gt;alert('x')&lt;/script&gt; &amp; co"));
+    assert!(!page.contains("<script>alert"));
+    for action in ["approve", "retry", "cancel", "reject"] {
+        let response = client()
+            .post(format!("{}/tasks/{task}/{action}", read_only.url))
+            .header(ORIGIN, &read_only.url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .form(&[("redo_from", "video")])
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{action}");
+    }
+    drop(read_only);
+
+    let console = start_console(&db, &["--token", TOKEN]);
+    let url = format!("{}/tasks/{task}/approve", console.url);
+    // A wrong token: 401 at sign-in and as a bearer.
+    let login = client()
+        .post(format!("{}/login", console.url))
+        .header(ORIGIN, &console.url)
+        .form(&[("name", "mallory"), ("token", "not-the-token-at-all")])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), StatusCode::UNAUTHORIZED);
+    assert!(login.headers().get(SET_COOKIE).is_none());
+    let bearer = client()
+        .post(&url)
+        .header("authorization", "Bearer not-the-token-at-all")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(bearer.status(), StatusCode::UNAUTHORIZED);
+    // Signed in, but the form comes from another site, or without its CSRF value.
+    let cookie = sign_in(&console.url, "Ann").await;
+    let (_, page) = get(&format!("{}/tasks/{task}", console.url), Some(&cookie)).await;
+    assert!(page.contains("id=\"approve\""));
+    let csrf = csrf(&page);
+    for (origin, value) in [
+        ("http://evil.example", csrf.as_str()),
+        (console.url.as_str(), ""),
+        (console.url.as_str(), "0000"),
+    ] {
+        let response = client()
+            .post(&url)
+            .header(COOKIE, &cookie)
+            .header(ORIGIN, origin)
+            .form(&[("csrf", value)])
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            response.status(),
+            StatusCode::FORBIDDEN,
+            "{origin} {value:?}"
+        );
+    }
+    assert_eq!(event_count(&db, task).await, before, "nothing was written");
+
+    // The real thing: approved, and the log names who did it.
+    let response = client()
+        .post(&url)
+        .header(COOKIE, &cookie)
+        .header(ORIGIN, &console.url)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let actors: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event_type, metadata->>'actor' FROM events WHERE stream_id = $1 AND stream_version > $2 \
+         ORDER BY stream_version",
+    )
+    .bind(task.as_uuid())
+    .bind(i32::try_from(before).expect("small"))
+    .fetch_all(db.pool())
+    .await
+    .expect("events");
+    assert_eq!(
+        actors,
+        vec![
+            ("review_approved".into(), Some("console:Ann".into())),
+            ("status_changed".into(), Some("console:Ann".into())),
+            ("task_completed".into(), Some("console:Ann".into())),
+        ]
+    );
+    let replay = reel(&db, &["replay", &task.to_string()]);
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("completed"));
+    // An action that no longer applies is refused, writing nothing.
+    let again = client()
+        .post(format!("{}/tasks/{task}/retry", console.url))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(event_count(&db, task).await, before + 3);
+}
+
+#[tokio::test]
+async fn unknown_malformed_and_out_of_scope_tasks_and_a_console_open_to_the_network() {
+    let db = TestDatabase::create().await;
+    let mine = submit(&db, &["--channel", "history", "--topic", "Rome"]);
+    let theirs = submit(&db, &["--channel", "secret", "--topic", "Plans"]);
+    let console = start_console(&db, &["--channel", "history", "--token", TOKEN]);
+    let (status, _) = get(&format!("{}/tasks/{mine}", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    // Outside the console's channels: the same 404 as a task that does not exist.
+    let (outside, outside_page) = get(&format!("{}/tasks/{theirs}", console.url), None).await;
+    let (unknown, unknown_page) = get(
+        &format!("{}/tasks/{}", console.url, engine::TaskId::new()),
+        None,
+    )
+    .await;
+    assert_eq!(outside, StatusCode::NOT_FOUND);
+    assert_eq!(unknown, StatusCode::NOT_FOUND);
+    assert_eq!(outside_page, unknown_page);
+    let cancel = client()
+        .post(format!("{}/tasks/{theirs}/cancel", console.url))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(cancel.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        reel(&db, &["tasks", "--channel", "secret"]).status.code(),
+        Some(0)
+    );
+    let (malformed, _) = get(&format!("{}/tasks/not-a-task", console.url), None).await;
+    assert_eq!(malformed, StatusCode::BAD_REQUEST);
+    let (_, list) = get(&format!("{}/", console.url), None).await;
+    assert!(list.contains(&mine.to_string()));
+    assert!(!list.contains(&theirs.to_string()));
+    let (_, list) = get(&format!("{}/?channel=secret", console.url), None).await;
+    assert!(!list.contains(&theirs.to_string()));
+    assert_eq!(
+        get(&format!("{}/?status=no%20such", console.url), None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        get(&format!("{}/?after=garbage", console.url), None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+
+    // Reachable from other machines without a token: refused at start, exit 2.
+    let out = reel(&db, &["console", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    let out = reel(&db, &["console", "--token", "short"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn the_list_pages_and_counts_and_a_task_page_shows_what_a_resume_skipped() {
+    let db = TestDatabase::create().await;
+    let task = reviewed_task(&db, "Rome").await;
+    for n in 0..55 {
+        submit(
+            &db,
+            &["--channel", "bulk", "--topic", &format!("topic {n}")],
+        );
+    }
+    let console = start_console(&db, &[]);
+    let (_, first) = get(&format!("{}/?channel=bulk", console.url), None).await;
+    assert_eq!(first.matches("<tr data-task=").count(), 50);
+    assert!(
+        first.contains("queued <span class=\"n\">55</span>"),
+        "{first}"
+    );
+    let next = first
+        .split("class=\"next\" href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a next page")
+        .replace("&amp;", "&");
+    let (_, second) = get(&format!("{}{next}", console.url), None).await;
+    assert_eq!(second.matches("<tr data-task=").count(), 5);
+    assert!(!second.contains("class=\"next\""));
+    let (_, search) = get(
+        &format!("{}/?q={}", console.url, &task.to_string()[..13]),
+        None,
+    )
+    .await;
+    assert_eq!(search.matches("<tr data-task=").count(), 1);
+
+    let (_, page) = get(&format!("{}/tasks/{task}", console.url), None).await;
+    // Clip 7 failed on attempt 1, and attempt 2 skipped what attempt 1 had done.
+    assert!(page.contains("video 7 failed"), "a failed mark for clip 7");
+    for clip in 1..=6 {
+        assert!(
+            page.contains(&format!("video {clip}: skipped, done in attempt 1")),
+            "clip {clip} skipped"
+        );
+    }
+    assert!(!page.contains("video 7: skipped"));
+    assert!(page.contains("class=\"saved\">$"));
+    assert!(
+        page.contains("<span class=\"ok\">clean</span>"),
+        "the audit verdict"
+    );
+    // Time travel: at version 3 the task had only just started; nothing had failed yet.
+    let (status, early) = get(&format!("{}/tasks/{task}?at=3", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(early.contains("As it was at version <strong>3</strong>"));
+    assert!(!early.contains("video 7 failed"));
+}
+
+#[tokio::test]
+async fn the_live_stream_carries_new_tasks_and_status_changes() {
+    let db = TestDatabase::create().await;
+    let console = start_console(&db, &["--channel", "live"]);
+    let response = client()
+        .get(format!("{}/live", console.url))
+        .send()
+        .await
+        .expect("live");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = response;
+    // Give the subscription a moment to be listening before the submits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hidden = submit(&db, &["--channel", "other", "--topic", "x"]);
+    let shown = submit(&db, &["--channel", "live", "--topic", "y"]);
+    let started = Instant::now();
+    let mut seen = String::new();
+    while !seen.contains(&shown.to_string()) {
+        assert!(started.elapsed() < Duration::from_secs(5), "{seen}");
+        if let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(5), stream.chunk()).await
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(seen.contains("event: change"));
+    assert!(seen.contains("\"status\":\"queued\""));
+    assert!(
+        !seen.contains(&hidden.to_string()),
+        "another channel's task"
+    );
+}

@@ -379,12 +379,20 @@ mod tests {
         let auth = Auth::new(Some("a-token-of-enough-length".into()));
         let script = headers(&[
             ("authorization", "Bearer a-token-of-enough-length"),
-            ("x-reel-actor", "nightly\u{7}job"),
+            (
+                "x-reel-actor",
+                &format!("  nightly job{}  ", "x".repeat(100)),
+            ),
         ]);
         let Ok(Caller::Script { name }) = auth.check_action(&script, None) else {
             panic!("the bearer acts");
         };
-        assert_eq!(name, "nightlyjob");
+        // Trimmed and bounded, as the log will keep it.
+        assert_eq!(
+            name,
+            format!("nightly job{}", "x".repeat(NAME_MAX_CHARS - 13))
+        );
+        assert_eq!(clean_name("a\u{7}b\nc"), "abc");
         let wrong = headers(&[("authorization", "Bearer not-the-token-at-all")]);
         assert_eq!(
             auth.check_action(&wrong, None).err(),

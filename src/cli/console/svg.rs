@@ -74,8 +74,10 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
         marks: Vec::new(),
     };
     let mut index: HashMap<String, usize> = HashMap::from([("task".to_owned(), 0)]);
-    // What each step's items had completed (cost, attempt): a later attempt skips them.
-    let mut completed: BTreeMap<(String, u32), (i64, u32)> = BTreeMap::new();
+    // What each step's items had completed (cost, attempt, start, end): a later attempt
+    // skips them.
+    type Done = (i64, u32, DateTime<Utc>, DateTime<Utc>);
+    let mut completed: BTreeMap<(String, u32), Done> = BTreeMap::new();
     let mut step_order: Vec<String> = Vec::new();
     let mut submitted: HashMap<(String, u32), DateTime<Utc>> = HashMap::new();
     for recorded in events {
@@ -98,14 +100,15 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
                     for (step, items) in &resume.skipped {
                         let lane = drawing.lane(&mut index, format!("{step} · attempt {attempt}"));
                         for item in items {
-                            let (cost, done_in) = completed
+                            // Drawn where the item had run: the work this attempt did not redo.
+                            let (cost, done_in, start, end) = completed
                                 .get(&(step.clone(), *item))
                                 .copied()
-                                .unwrap_or_default();
+                                .unwrap_or((0, 0, at, at));
                             drawing.marks.push(Mark {
                                 lane,
-                                start: at,
-                                end: at,
+                                start,
+                                end,
                                 kind: Kind::Skipped,
                                 version: v,
                                 title: format!(
@@ -149,7 +152,7 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
                         money(*cost_micros)
                     ),
                 });
-                completed.insert((step.clone(), *item), (*cost_micros, *attempt));
+                completed.insert((step.clone(), *item), (*cost_micros, *attempt, start, at));
             }
             Event::ItemFailed {
                 step,
@@ -222,7 +225,12 @@ pub(crate) fn timeline(
     resumes: &[ResumeRecord],
     now: Option<DateTime<Utc>>,
 ) -> Markup {
-    let drawing = draw(events, resumes);
+    let mut drawing = draw(events, resumes);
+    // Short marks (a failed try, a claim, the review) go on top of the bars they fall
+    // within: each stays visible and clickable.
+    drawing
+        .marks
+        .sort_by_key(|m| matches!(m.kind, Kind::Failed | Kind::Review | Kind::Claimed));
     let (Some(first), Some(last)) = (events.first(), events.last()) else {
         return html! { p { "No events." } };
     };
@@ -242,7 +250,15 @@ pub(crate) fn timeline(
     let x = |t: DateTime<Utc>| {
         LABELS + ((t - t0).num_microseconds().unwrap_or(0) as f64 / span) * (WIDTH - LABELS - 10.0)
     };
-    let height = TOP + LANE * drawing.lanes.len() as f64 + 6.0;
+    // Marks that overlap in a lane (items running at once) take rows of their own.
+    let placed = pack(&drawing, &x);
+    let mut lane_top = Vec::with_capacity(drawing.lanes.len());
+    let mut y = TOP;
+    for rows in &placed.rows {
+        lane_top.push(y);
+        y += lane_height(*rows);
+    }
+    let height = y + 6.0;
     let seconds = span / 1e6;
     html! {
         svg.timeline xmlns="http://www.w3.org/2000/svg" width=(WIDTH) height=(height)
@@ -251,19 +267,69 @@ pub(crate) fn timeline(
             text x=(LABELS) y="14" class="axis" { "0 s" }
             text x=(WIDTH - 10.0) y="14" class="axis" text-anchor="end" { (format!("{seconds:.1} s")) }
             @for (i, lane) in drawing.lanes.iter().enumerate() {
-                @let y = TOP + LANE * i as f64;
-                rect class="lane" x="0" y=(y) width=(WIDTH) height=(LANE) {}
+                @let y = lane_top[i];
+                rect class="lane" x="0" y=(y) width=(WIDTH) height=(lane_height(placed.rows[i])) {}
                 text class="lane-name" x="6" y=(y + 16.0) { (lane) }
             }
-            @for mark in &drawing.marks {
-                @let y = TOP + LANE * mark.lane as f64 + 4.0;
+            @for (mark, row) in drawing.marks.iter().zip(&placed.row) {
+                @let rows = placed.rows[mark.lane];
+                @let h = row_height(rows);
+                @let y = lane_top[mark.lane] + 4.0 + h * *row as f64;
                 @let left = x(mark.start);
                 @let w = (x(mark.end) - left).max(4.0);
-                rect class=(mark.kind.class()) x=(format!("{left:.1}")) y=(y)
-                    width=(format!("{w:.1}")) height=(LANE - 8.0) data-v=(mark.version) {
+                rect class=(mark.kind.class()) x=(format!("{left:.1}")) y=(format!("{y:.1}"))
+                    width=(format!("{w:.1}")) height=(format!("{:.1}", (h - 1.0).max(2.0)))
+                    data-v=(mark.version) {
                     title { (mark.title) }
                 }
             }
         }
     }
+}
+
+/// Where each mark goes within its lane: `row[i]` for mark i, `rows[lane]` per lane.
+struct Placed {
+    row: Vec<usize>,
+    rows: Vec<usize>,
+}
+
+/// Greedy interval packing, per lane, in pixels: a mark takes the first row whose last
+/// mark ends before it starts.
+fn pack(drawing: &Drawing, x: &dyn Fn(DateTime<Utc>) -> f64) -> Placed {
+    let mut row = vec![0; drawing.marks.len()];
+    let mut ends: Vec<Vec<f64>> = vec![Vec::new(); drawing.lanes.len()];
+    let mut order: Vec<usize> = (0..drawing.marks.len()).collect();
+    order.sort_by(|&a, &b| drawing.marks[a].start.cmp(&drawing.marks[b].start));
+    for i in order {
+        let mark = &drawing.marks[i];
+        let left = x(mark.start);
+        let right = left + (x(mark.end) - left).max(4.0);
+        let lane = &mut ends[mark.lane];
+        // Claims, reviews and parks share the task lane's one row.
+        let found = if mark.lane == 0 {
+            Some(0)
+        } else {
+            lane.iter().position(|&end| end < left)
+        };
+        let r = found.unwrap_or(lane.len());
+        if r == lane.len() {
+            lane.push(right);
+        } else {
+            lane[r] = lane[r].max(right);
+        }
+        row[i] = r;
+    }
+    Placed {
+        row,
+        rows: ends.iter().map(|e| e.len().max(1)).collect(),
+    }
+}
+
+/// A row's height in a lane of `rows` rows: lanes grow, rows thin down to 4 px.
+fn row_height(rows: usize) -> f64 {
+    ((LANE - 8.0) / rows as f64).max(4.0)
+}
+
+fn lane_height(rows: usize) -> f64 {
+    (row_height(rows) * rows as f64 + 8.0).max(LANE)
 }

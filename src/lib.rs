@@ -21,4 +21,5 @@
 
 mod cli;
 
+pub use cli::console::console_router;
 pub use cli::{WorkerSettings, Workflows, main};

@@ -330,3 +330,70 @@ async fn the_live_stream_carries_new_tasks_and_status_changes() {
         "another channel's task"
     );
 }
+
+#[tokio::test]
+async fn hostile_requests_are_refused_and_sigterm_ends_open_live_streams() {
+    let db = TestDatabase::create().await;
+    let task = submit(&db, &["--channel", "main", "--topic", "Rome"]);
+    let mut console = start_console(&db, &[]);
+    let port = console.url.rsplit(':').next().expect("port").to_owned();
+    // Another site's page reaching the loopback console by DNS rebinding.
+    let rebound = client()
+        .get(format!("{}/tasks/{task}", console.url))
+        .header(reqwest::header::HOST, format!("attacker.example:{port}"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
+    let by_name = client()
+        .get(format!("http://localhost:{port}/tasks/{task}"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(by_name.status(), StatusCode::OK);
+    for bad in [
+        "/?q=a%00b",
+        "/?workflow=%00",
+        "/?after=-8000000000000000000.0",
+        &format!("/tasks/{task}?at=0"),
+        &format!("/tasks/{task}?at=x"),
+    ] {
+        let (status, _) = get(&format!("{}{bad}", console.url), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let (status, _) = get(&format!("{}/tasks/{task}?at=", console.url), None).await;
+    assert_eq!(status, StatusCode::OK, "an empty version is now");
+
+    // A browser on the live stream does not hold a shutdown up.
+    let mut live = client()
+        .get(format!("{}/live", console.url))
+        .send()
+        .await
+        .expect("live");
+    let pid = console.child.id().to_string();
+    let signalled = Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    loop {
+        if let Some(status) = console.child.try_wait().expect("poll") {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "the console still runs 5 s after SIGTERM with a browser on /live"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The stream ended with it.
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = live.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the live stream is closed");
+}

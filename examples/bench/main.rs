@@ -4,11 +4,12 @@
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
-//! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces) runs one group
+//! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces, console) runs one group
 //! of rows.
 
 mod audit_bench;
 mod breakdown_bench;
+mod console_bench;
 mod engine_bench;
 mod jobs_bench;
 mod pooler_bench;
@@ -115,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("pooler") {
         pooler_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("console") {
+        console_bench::run(&mut report, &pool, &store, quick).await?;
     }
     if runs("traces") {
         trace_bench::run(&mut report, &pool, &store, quick).await?;

@@ -2,7 +2,7 @@
 //! stderr with an exit code scripts can rely on.
 
 mod audit;
-mod console;
+pub(crate) mod console;
 mod metrics;
 mod replay;
 mod review;

@@ -78,6 +78,11 @@ impl TaskCursor {
         let bad = || Error::InvalidInput(format!("invalid task cursor {:?}", truncate(text)));
         let (micros, id) = text.split_once('.').ok_or_else(bad)?;
         let micros: i64 = micros.parse().map_err(|_| bad())?;
+        // Within what PostgreSQL stores (and any task's creation time): 1970 to 9999.
+        const LAST: i64 = 253_402_300_799_999_999;
+        if !(0..=LAST).contains(&micros) {
+            return Err(bad());
+        }
         Ok(TaskCursor {
             created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
             id: id.parse().map_err(|_| bad())?,

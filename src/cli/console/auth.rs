@@ -15,9 +15,11 @@ use axum::Form;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
+use hmac::{KeyInit, Mac};
 use maud::html;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+
+type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
 
 use super::Console;
 use super::pages::{layout, page_error};
@@ -93,28 +95,40 @@ impl Auth {
         self.token.is_some()
     }
 
+    /// HMAC-SHA256 of `purpose` and `value`, keyed by the start secret and the token.
+    fn hmac(&self, purpose: &str, value: &str) -> HmacSha256 {
+        let mut key = self.key.to_vec();
+        key.extend_from_slice(self.token.as_deref().unwrap_or_default().as_bytes());
+        let mut mac =
+            <HmacSha256 as KeyInit>::new_from_slice(&key).expect("HMAC takes a key of any length");
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        mac
+    }
+
     fn mac(&self, purpose: &str, value: &str) -> String {
-        let mut hash = Sha256::new();
-        hash.update(self.key);
-        hash.update(self.token.as_deref().unwrap_or_default().as_bytes());
-        hash.update([0]);
-        hash.update(purpose.as_bytes());
-        hash.update([0]);
-        hash.update(value.as_bytes());
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.hmac(purpose, value).finalize().into_bytes())
+    }
+
+    /// Whether `mac` (hex) is `value`'s, compared in constant time.
+    fn verify(&self, purpose: &str, value: &str, mac: &str) -> bool {
+        let Some(bytes) = unhex(mac) else {
+            return false;
+        };
+        self.hmac(purpose, value).verify_slice(&bytes).is_ok()
     }
 
     fn token_matches(&self, given: &str) -> bool {
-        // Compared as digests, in constant time over the digest.
+        // The given token's MAC checked in constant time: no timing tells how much of it
+        // was right.
         let Some(token) = &self.token else {
             return false;
         };
-        let a = Sha256::digest(token.as_bytes());
-        let b = Sha256::digest(given.trim().as_bytes());
-        a.iter()
-            .zip(b.iter())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        let expected = self.hmac("token", token).finalize().into_bytes();
+        self.hmac("token", given.trim())
+            .verify_slice(&expected)
+            .is_ok()
     }
 
     /// The caller of a request with these headers.
@@ -125,7 +139,9 @@ impl Auth {
         if let Some(bearer) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
         {
             if self.token_matches(bearer) {
                 let name = headers
@@ -144,8 +160,10 @@ impl Auth {
         let Some((name, mac)) = session.rsplit_once('.') else {
             return Caller::Reader;
         };
-        let name = decode_name(name);
-        if self.mac("session", &name) != mac {
+        let Some(name) = decode_name(name) else {
+            return Caller::Reader;
+        };
+        if !self.verify("session", &name, mac) {
             return Caller::Reader;
         }
         Caller::Browser {
@@ -218,6 +236,38 @@ fn same_origin(headers: &HeaderMap) -> bool {
     origin_host.eq_ignore_ascii_case(host)
 }
 
+/// The Host values a loopback console answers: its own address by IP or as `localhost`.
+/// Anything else is a page of another site reaching it by DNS rebinding.
+pub(crate) fn loopback_hosts(listen: std::net::SocketAddr) -> Vec<String> {
+    let port = listen.port();
+    vec![
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        listen.to_string(),
+    ]
+}
+
+/// Refuses (421) a request whose Host is not one of `allowed`.
+pub(crate) async fn check_host(
+    allowed: Arc<Vec<String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return next.run(request).await;
+    }
+    page_error(
+        StatusCode::MISDIRECTED_REQUEST,
+        "This console answers only at its own address.",
+    )
+}
+
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
@@ -241,14 +291,25 @@ fn clean_name(name: &str) -> String {
 
 /// The name in a cookie: hex of its UTF-8 (a cookie value takes no spaces or semicolons).
 fn encode_name(name: &str) -> String {
-    name.bytes().map(|b| format!("{b:02x}")).collect()
+    hex(name.as_bytes())
 }
 
-fn decode_name(hex: &str) -> String {
-    let bytes: Vec<u8> = (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+/// The name in a cookie, if it is exactly hex of UTF-8.
+fn decode_name(hex: &str) -> Option<String> {
+    String::from_utf8(unhex(hex)?).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
 }
 
 pub(crate) async fn login_form(State(console): State<Arc<Console>>) -> Response {
@@ -369,6 +430,12 @@ mod tests {
             auth.caller(&headers(&[("cookie", &forged)])),
             Caller::Reader
         ));
+        // Not exactly hex of the name: refused.
+        let odd = format!("{COOKIE}={}ZZ.{mac}", encode_name("Ann O'Neil"));
+        assert!(matches!(
+            auth.caller(&headers(&[("cookie", &odd)])),
+            Caller::Reader
+        ));
         // Another process (another key) does not know the session.
         let restarted = Auth::new(Some("a-token-of-enough-length".into()));
         assert!(matches!(restarted.caller(&signed_in), Caller::Reader));
@@ -393,6 +460,11 @@ mod tests {
             format!("nightly job{}", "x".repeat(NAME_MAX_CHARS - 13))
         );
         assert_eq!(clean_name("a\u{7}b\nc"), "abc");
+        let lower = headers(&[("authorization", "bearer a-token-of-enough-length")]);
+        assert!(
+            auth.check_action(&lower, None).is_ok(),
+            "the scheme is case-insensitive"
+        );
         let wrong = headers(&[("authorization", "Bearer not-the-token-at-all")]);
         assert_eq!(
             auth.check_action(&wrong, None).err(),

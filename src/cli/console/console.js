@@ -39,6 +39,17 @@ function liveTasks(table) {
     }
   });
   source.addEventListener("reload", () => location.reload());
+  reloadOnReconnect(source);
+}
+
+// A stream that reconnects (the console restarted, the network blinked) may have missed
+// changes: the page reloads rather than show a stale state.
+function reloadOnReconnect(source) {
+  let opened = false;
+  source.addEventListener("open", () => {
+    if (opened) location.reload();
+    opened = true;
+  });
 }
 
 function liveTask(facts) {
@@ -71,6 +82,7 @@ function liveTask(facts) {
     }, 1000);
   });
   source.addEventListener("reload", () => location.reload());
+  reloadOnReconnect(source);
 }
 
 function wireMarks() {

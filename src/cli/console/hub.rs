@@ -142,7 +142,15 @@ pub(crate) async fn live(
     let mut changes = console.hub.changes.subscribe();
     let stream = async_stream(move |tx| async move {
         loop {
-            let event = match changes.recv().await {
+            let received = tokio::select! {
+                received = changes.recv() => received,
+                // The console is shutting down: the stream ends (a browser reconnects to
+                // the next console), so the shutdown does not wait on it.
+                () = console.stop.cancelled() => return,
+                // The browser went: stop listening now, not at the next change.
+                () = tx.closed() => return,
+            };
+            let event = match received {
                 Ok(change) if change.id.as_uuid().is_nil() => {
                     SseEvent::default().event("reload").data("")
                 }

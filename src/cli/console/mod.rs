@@ -51,6 +51,8 @@ pub(crate) struct Console {
     /// Empty: every channel.
     channels: Vec<ChannelId>,
     hub: hub::Hub,
+    /// Ends the live streams (a shutdown waits for open connections to close).
+    stop: CancellationToken,
 }
 
 impl Console {
@@ -91,24 +93,43 @@ pub(crate) async fn console(url: &str, args: ConsoleArgs) -> anyhow::Result<()> 
     ));
     // A service waits for the database (a restart, a server still starting).
     let store = engine::db::connect_store_waiting(url, 4, None, &shutdown).await?;
+    let actions = token.is_some();
+    let mut app = console_router(store, token, channels, shutdown.clone()).await?;
+    if args.listen.ip().is_loopback() {
+        // Only this machine reaches it, so only its own address may name it: a page of
+        // another site resolving its name to 127.0.0.1 (DNS rebinding) is refused.
+        let allowed = Arc::new(auth::loopback_hosts(args.listen));
+        app = app.layer(axum::middleware::from_fn(move |request, next| {
+            auth::check_host(allowed.clone(), request, next)
+        }));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, actions, "reel console serving");
+    // A line scripts (and the tests) can wait for: where the console listens.
+    println!("console listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+/// The console as an axum [`Router`], to serve from a program of your own (what
+/// `reel console` serves): `token` allows actions, `channels` (empty: all) limits what it
+/// shows. Its live updates follow the log until `stop`.
+pub async fn console_router(
+    store: PgStore,
+    token: Option<String>,
+    channels: Vec<ChannelId>,
+    stop: CancellationToken,
+) -> anyhow::Result<Router> {
     let console = Arc::new(Console {
-        hub: hub::Hub::start(store.clone(), shutdown.clone()).await?,
+        hub: hub::Hub::start(store.clone(), stop.clone()).await?,
+        stop,
         store,
         auth: auth::Auth::new(token),
         channels,
     });
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        actions = console.auth.enabled(),
-        "reel console serving"
-    );
-    // A line scripts (and the tests) can wait for: where the console listens.
-    println!("console listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(console))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
+    Ok(router(console))
 }
 
 fn router(console: Arc<Console>) -> Router {

@@ -121,6 +121,13 @@ pub(crate) async fn tasks(
         Ok(after) => after,
         Err(err) => return page_error(StatusCode::BAD_REQUEST, &err.to_string()),
     };
+    // PostgreSQL stores no NUL: a text holding one matches nothing, and says so.
+    if [&query.q, &query.workflow]
+        .iter()
+        .any(|v| v.as_deref().is_some_and(|v| v.contains('\0')))
+    {
+        return page_error(StatusCode::BAD_REQUEST, "A filter holds a NUL character.");
+    }
     // A channel outside the console's reads as empty, like an unknown one.
     let outside = channel.as_ref().is_some_and(|c| !console.sees(c.as_str()));
     let filter = TaskFilter {
@@ -233,8 +240,22 @@ fn urlencode(text: &str) -> String {
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct TaskQuery {
-    /// Time travel: the task as it was at this version.
-    at: Option<u32>,
+    /// Time travel: the task as it was at this version (empty: now).
+    at: Option<String>,
+}
+
+/// `?at=`: empty is now; otherwise a version from 1.
+fn version_at(at: Option<&str>) -> Result<Option<u32>, Box<Response>> {
+    match at.map(str::trim).filter(|a| !a.is_empty()) {
+        None => Ok(None),
+        Some(text) => match text.parse::<u32>() {
+            Ok(version) if version >= 1 => Ok(Some(version)),
+            _ => Err(Box::new(page_error(
+                StatusCode::BAD_REQUEST,
+                "A version to travel to is a number from 1.",
+            ))),
+        },
+    }
 }
 
 /// A task id from the path: malformed is a 400.
@@ -258,6 +279,10 @@ pub(crate) async fn task(
         Ok(task) => task,
         Err(response) => return *response,
     };
+    let at = match version_at(query.at.as_deref()) {
+        Ok(at) => at,
+        Err(response) => return *response,
+    };
     let caller = console.auth.caller(&headers);
     let row = match console.store.tasks_by_id(&[task]).await {
         Ok(mut rows) => rows.pop(),
@@ -266,7 +291,7 @@ pub(crate) async fn task(
     let Some(row) = row.filter(|r| console.sees(&r.channel_id)) else {
         return no_such_task();
     };
-    let events = match query.at {
+    let events = match at {
         Some(at) => {
             console
                 .store
@@ -288,7 +313,7 @@ pub(crate) async fn task(
     let report = audit(task, &events);
     let state = &report.state;
     let head = row.version;
-    let at = query.at.filter(|&at| at < head);
+    let at = at.filter(|&at| at < head);
     let running = at.is_none() && !state.status().is_terminal();
     let rows = timeline(&events);
     let input = events.first().and_then(|e| match &e.event {

@@ -3,7 +3,7 @@
 //! tries, the items a resume skipped (with what they had cost), job waits, parks and the
 //! review. Each mark names its event's version: clicking it shows that event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use engine::{Event, RecordedEvent, ResumeRecord};
@@ -80,7 +80,23 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
     let mut completed: BTreeMap<(String, u32), Done> = BTreeMap::new();
     let mut step_order: Vec<String> = Vec::new();
     let mut submitted: HashMap<(String, u32), DateTime<Utc>> = HashMap::new();
+    let mut resumed: HashSet<u32> = HashSet::new();
+    // The park drawn last, until the task's next claim (or end) cuts it short.
+    let mut open_park: Option<usize> = None;
     for recorded in events {
+        if let Some(park) = open_park
+            && matches!(
+                recorded.event,
+                Event::TaskClaimed { .. }
+                    | Event::TaskCancelled { .. }
+                    | Event::TaskFailed { .. }
+                    | Event::TaskCompleted { .. }
+            )
+        {
+            let mark = &mut drawing.marks[park];
+            mark.end = mark.end.min(recorded.recorded_at).max(mark.start);
+            open_park = None;
+        }
         let at = recorded.recorded_at;
         let v = recorded.version;
         match &recorded.event {
@@ -95,8 +111,13 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
                     version: v,
                     title: format!("attempt {attempt} claimed by {worker_id}"),
                 });
-                // What this attempt resumed past: the items it skipped, in its own lanes.
-                for resume in resumes.iter().filter(|r| r.attempt == *attempt) {
+                // What this attempt resumed past: the items it skipped, in its own lanes
+                // (once: a parked attempt is claimed again, and skips nothing more).
+                let first_claim = resumed.insert(*attempt);
+                for resume in resumes
+                    .iter()
+                    .filter(|r| first_claim && r.attempt == *attempt)
+                {
                     for (step, items) in &resume.skipped {
                         let lane = drawing.lane(&mut index, format!("{step} · attempt {attempt}"));
                         for item in items {
@@ -174,14 +195,17 @@ fn draw(events: &[RecordedEvent], resumes: &[ResumeRecord]) -> Drawing {
                     ),
                 });
             }
-            Event::TaskParked { until, .. } => drawing.marks.push(Mark {
-                lane: 0,
-                start: at,
-                end: (*until).max(at),
-                kind: Kind::Parked,
-                version: v,
-                title: format!("parked until {}", until.format("%H:%M:%S")),
-            }),
+            Event::TaskParked { until, .. } => {
+                open_park = Some(drawing.marks.len());
+                drawing.marks.push(Mark {
+                    lane: 0,
+                    start: at,
+                    end: (*until).max(at),
+                    kind: Kind::Parked,
+                    version: v,
+                    title: format!("parked until {}", until.format("%H:%M:%S")),
+                });
+            }
             Event::ReviewRequested {} => drawing.marks.push(Mark {
                 lane: 0,
                 start: at,
@@ -235,14 +259,12 @@ pub(crate) fn timeline(
         return html! { p { "No events." } };
     };
     let t0 = first.recorded_at;
-    let mut t1 = drawing
-        .marks
-        .iter()
-        .map(|m| m.end)
-        .chain([last.recorded_at])
-        .chain(now)
-        .max()
-        .unwrap_or(last.recorded_at);
+    // The axis ends at the last event (now, for a task still running); a park still open
+    // is drawn up to there, its end in its title.
+    let mut t1 = now.map_or(last.recorded_at, |now| now.max(last.recorded_at));
+    for mark in &mut drawing.marks {
+        mark.end = mark.end.min(t1).max(mark.start);
+    }
     if t1 <= t0 {
         t1 = t0 + chrono::Duration::milliseconds(1);
     }
@@ -332,4 +354,89 @@ fn row_height(rows: usize) -> f64 {
 
 fn lane_height(rows: usize) -> f64 {
     (row_height(rows) * rows as f64 + 8.0).max(LANE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::{TaskId, fold};
+
+    fn claimed(attempt: u32) -> Event {
+        Event::TaskClaimed {
+            worker_id: "w".into(),
+            lease_epoch: i64::from(attempt),
+            attempt,
+        }
+    }
+
+    fn done(item: u32, attempt: u32) -> Event {
+        Event::ItemCompleted {
+            step: "video".into(),
+            item,
+            attempt,
+            artifact: format!("video/{item}.mp4"),
+            cost_micros: 550_000,
+            duration_ms: 1_000,
+            output: None,
+        }
+    }
+
+    /// Events a second apart from the epoch.
+    fn history(events: Vec<Event>) -> Vec<RecordedEvent> {
+        let mut history = RecordedEvent::in_memory_stream(TaskId::new(), events);
+        for (i, recorded) in history.iter_mut().enumerate() {
+            recorded.recorded_at = DateTime::UNIX_EPOCH + chrono::Duration::seconds(i as i64);
+        }
+        history
+    }
+
+    #[test]
+    fn a_resume_skips_once_however_often_its_attempt_is_claimed_and_parks_end_at_the_next_claim() {
+        let far = DateTime::UNIX_EPOCH + chrono::Duration::hours(10);
+        let events = history(vec![
+            claimed(1),
+            Event::StepStarted {
+                step: "video".into(),
+                attempt: 1,
+                items: 3,
+                atomic: false,
+            },
+            done(1, 1),
+            done(2, 1),
+            claimed(2),
+            Event::TaskParked {
+                until: far,
+                jobs: 1,
+                waiting: 0,
+                schedule: Vec::new(),
+            },
+            claimed(2),
+            done(3, 2),
+        ]);
+        let state = fold(&events);
+        let drawing = draw(&events, &state.resumes);
+        let skipped: Vec<&Mark> = drawing
+            .marks
+            .iter()
+            .filter(|m| m.kind == Kind::Skipped)
+            .collect();
+        assert_eq!(skipped.len(), 2, "items 1 and 2, once: {skipped:?}");
+        assert!(
+            skipped[0]
+                .title
+                .starts_with("video 1: skipped, done in attempt 1")
+        );
+        // Drawn where they had run, in attempt 2's lane.
+        assert_eq!(drawing.lanes[skipped[0].lane], "video · attempt 2");
+        assert_eq!(skipped[0].end, events[2].recorded_at);
+        let park = drawing
+            .marks
+            .iter()
+            .find(|m| m.kind == Kind::Parked)
+            .expect("the park");
+        assert_eq!(park.end, events[6].recorded_at, "cut at the next claim");
+        // The axis is the task's own: 7 s, not the park's 10 hours.
+        let svg = timeline(&events, &state.resumes, None).into_string();
+        assert!(svg.contains(">7.0 s<"), "{svg}");
+    }
 }

@@ -498,85 +498,47 @@ fn reason(form: &ActionForm) -> Option<String> {
     nonempty(&form.reason).map(|r| r.chars().take(500).collect())
 }
 
-pub(crate) async fn approve(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = action_form(&body);
-    act(
-        console,
-        headers,
-        raw,
-        form,
-        async |console, task, actor, _| {
-            commands::approve_as(&console.store, task, Some(actor.clone()), Some(&actor)).await
-        },
-    )
-    .await
+/// The operator's actions, by the name in their URL.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Approve,
+    Reject,
+    Retry,
+    Cancel,
 }
 
-pub(crate) async fn reject(
+/// `POST /tasks/{id}/{approve|reject|retry|cancel}`.
+pub(crate) async fn action(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
-    Path(raw): Path<String>,
+    Path((raw, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
+    let action = match name.as_str() {
+        "approve" => Action::Approve,
+        "reject" => Action::Reject,
+        "retry" => Action::Retry,
+        "cancel" => Action::Cancel,
+        _ => return not_found().await,
+    };
     let form = action_form(&body);
     act(
         console,
         headers,
         raw,
         form,
-        async |console, task, actor, form| {
-            let redo_from = nonempty(&form.redo_from).unwrap_or_default().to_owned();
-            commands::reject_as(
-                &console.store,
-                task,
-                &redo_from,
-                reason(&form),
-                Some(&actor),
-            )
-            .await
-        },
-    )
-    .await
-}
-
-pub(crate) async fn retry(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = action_form(&body);
-    act(
-        console,
-        headers,
-        raw,
-        form,
-        async |console, task, actor, _| {
-            commands::retry_as(&console.store, task, Some(&actor)).await
-        },
-    )
-    .await
-}
-
-pub(crate) async fn cancel(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = action_form(&body);
-    act(
-        console,
-        headers,
-        raw,
-        form,
-        async |console, task, actor, form| {
-            commands::cancel_as(&console.store, task, reason(&form), Some(&actor)).await
+        async move |console, task, actor, form| {
+            let store = &console.store;
+            let by = Some(actor.as_str());
+            match action {
+                Action::Approve => commands::approve_as(store, task, Some(actor.clone()), by).await,
+                Action::Reject => {
+                    let redo_from = nonempty(&form.redo_from).unwrap_or_default().to_owned();
+                    commands::reject_as(store, task, &redo_from, reason(&form), by).await
+                }
+                Action::Retry => commands::retry_as(store, task, by).await,
+                Action::Cancel => commands::cancel_as(store, task, reason(&form), by).await,
+            }
         },
     )
     .await

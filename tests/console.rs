@@ -397,3 +397,37 @@ async fn hostile_requests_are_refused_and_sigterm_ends_open_live_streams() {
     .await;
     assert!(ended.is_ok(), "the live stream is closed");
 }
+
+/// The CLI's decisions name who made them too (`--by`, else `$USER`), and the console
+/// shows them.
+#[tokio::test]
+async fn the_cli_records_its_actor_and_the_console_shows_it() {
+    let db = TestDatabase::create().await;
+    let task = reviewed_task(&db, "Rome").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["approve", &task.to_string(), "--by", "Dana"])
+        .env("DATABASE_URL", db.url())
+        .env("REEL_LOG", "warn")
+        .output()
+        .expect("approve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recorded: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT metadata->>'actor', payload->>'reviewer' FROM events \
+         WHERE stream_id = $1 AND event_type = 'review_approved'",
+    )
+    .bind(task.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .expect("approved");
+    assert_eq!(
+        recorded,
+        (Some("cli:Dana".to_owned()), Some("Dana".to_owned()))
+    );
+    let console = start_console(&db, &[]);
+    let (_, page) = get(&format!("{}/tasks/{task}", console.url), None).await;
+    assert!(page.contains("by <strong>cli:Dana</strong>"));
+}

@@ -12,6 +12,31 @@ pub(crate) struct TaskArg {
     /// Print the new state as JSON.
     #[arg(long)]
     json: bool,
+    /// Who is acting, recorded in the log as `cli:NAME` (default: `$USER`).
+    #[arg(long, env = "REEL_ACTOR", value_name = "NAME")]
+    by: Option<String>,
+}
+
+impl TaskArg {
+    /// The actor the log records: `cli:` and `--by`, else `$USER`, else `cli`.
+    fn actor(&self) -> String {
+        let name = self
+            .by
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .map(|n| {
+                n.chars()
+                    .filter(|c| !c.is_control())
+                    .take(60)
+                    .collect::<String>()
+            })
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
+        match name {
+            Some(name) => format!("cli:{name}"),
+            None => "cli".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -61,7 +86,9 @@ pub(crate) async fn approve(
 ) -> anyhow::Result<()> {
     let (store, task) = open(url, &target).await?;
     require_review_gate(&store, task, workflows, "approve").await?;
-    print_state(&commands::approve(&store, task, None).await?, target.json)
+    let actor = target.actor();
+    let state = commands::approve_as(&store, task, target.by.clone(), Some(&actor)).await?;
+    print_state(&state, target.json)
 }
 
 pub(crate) async fn reject(
@@ -71,7 +98,9 @@ pub(crate) async fn reject(
 ) -> anyhow::Result<()> {
     let (store, task) = open(url, &args.target).await?;
     require_review_gate(&store, task, workflows, "reject").await?;
-    let state = commands::reject(&store, task, &args.redo_from, args.reason).await?;
+    let actor = args.target.actor();
+    let state =
+        commands::reject_as(&store, task, &args.redo_from, args.reason, Some(&actor)).await?;
     print_state(&state, args.target.json)
 }
 
@@ -123,10 +152,18 @@ pub(crate) async fn upgrade(
 
 pub(crate) async fn retry(url: &str, target: TaskArg) -> anyhow::Result<()> {
     let (store, task) = open(url, &target).await?;
-    print_state(&commands::retry(&store, task).await?, target.json)
+    let actor = target.actor();
+    print_state(
+        &commands::retry_as(&store, task, Some(&actor)).await?,
+        target.json,
+    )
 }
 
 pub(crate) async fn cancel(url: &str, target: TaskArg) -> anyhow::Result<()> {
     let (store, task) = open(url, &target).await?;
-    print_state(&commands::cancel(&store, task, None).await?, target.json)
+    let actor = target.actor();
+    print_state(
+        &commands::cancel_as(&store, task, None, Some(&actor)).await?,
+        target.json,
+    )
 }

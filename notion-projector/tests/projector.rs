@@ -304,8 +304,24 @@ async fn not_found_and_unauthorized_are_recorded_not_retried() {
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     running.stop().await;
-    assert_eq!(notion.requests().len(), 1, "{:?}", notion.requests());
-    assert_eq!(notion.count(401), 1);
+    // One request per status, never a retry. Usually the two statuses are read together
+    // and only the newest is sent; but the log's watermark is cluster-wide, so another
+    // database's open transaction (tests running beside this one) can hold the second
+    // event back until the first was sent: then each is sent once.
+    let requests = notion.requests();
+    let mut values: Vec<Option<String>> = requests.iter().map(|r| r.value.clone()).collect();
+    values.dedup();
+    assert_eq!(
+        values.len(),
+        requests.len(),
+        "a status sent twice: {requests:?}"
+    );
+    assert!((1..=2).contains(&requests.len()), "{requests:?}");
+    assert_eq!(
+        requests.last().and_then(|r| r.value.as_deref()),
+        Some("Generating Assets")
+    );
+    assert_eq!(notion.count(401), requests.len());
     let rows = failures(&store).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].http_status, Some(401));

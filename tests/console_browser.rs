@@ -16,6 +16,8 @@ use chrono::{DateTime, Utc};
 use console::{TOKEN, start_console, submit};
 use engine::testing::{TestDatabase, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 
 struct Driver(Child);
 
@@ -75,6 +77,23 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
     let artifacts = tempfile::tempdir().expect("tempdir");
     let console = start_console(&db, &["--token", TOKEN]);
     let (_driver, client) = browser().await;
+    // The session ends (and its browser with it) whether the checks pass or panic: killing
+    // chromedriver alone would leave the browser running.
+    let checked = AssertUnwindSafe(scenario_9(&db, artifacts.path(), &console, &client))
+        .catch_unwind()
+        .await;
+    let _ = client.clone().close().await;
+    if let Err(panic) = checked {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn scenario_9(
+    db: &TestDatabase,
+    artifacts: &std::path::Path,
+    console: &console::ConsoleProcess,
+    client: &Client,
+) {
     client.goto(&console.url).await.expect("the tasks page");
     // A reload would drop this.
     client
@@ -84,7 +103,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let task = submit(
-        &db,
+        db,
         &["--channel", "main", "--topic", "Rome", "--fail", "video:7"],
     );
     let mut worker = Command::new(env!("CARGO_BIN_EXE_reel"))
@@ -95,7 +114,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
             "0.002",
             "--artifacts",
         ])
-        .arg(artifacts.path())
+        .arg(artifacts)
         .env("DATABASE_URL", db.url())
         .env("REEL_LOG", "warn")
         .stdout(Stdio::null())
@@ -107,7 +126,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
     let mut seen: Vec<(DateTime<Utc>, String)> = Vec::new();
     let started = Instant::now();
     loop {
-        if let Some(text) = text_of(&client, &cell).await
+        if let Some(text) = text_of(client, &cell).await
             && seen.last().is_none_or(|(_, last)| *last != text)
         {
             seen.push((Utc::now(), text));
@@ -208,7 +227,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
         lane_names.contains(&"video · attempt 2".to_owned()),
         "{lane_names:?}"
     );
-    let saved = text_of(&client, "dd.saved").await.expect("saved");
+    let saved = text_of(client, "dd.saved").await.expect("saved");
     assert!(
         saved.starts_with('$') && !saved.starts_with("$0.000"),
         "{saved}"
@@ -221,7 +240,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
         .click()
         .await
         .expect("click");
-    let detail = text_of(&client, "#detail").await.unwrap_or_default();
+    let detail = text_of(client, "#detail").await.unwrap_or_default();
     assert!(detail.contains("item_failed"), "{detail}");
     let shot = client.screenshot().await.expect("screenshot");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-task.png");
@@ -267,7 +286,7 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
         .await
         .expect("click");
     let started = Instant::now();
-    while text_of(&client, "dd.status").await.as_deref() != Some("Completed") {
+    while text_of(client, "dd.status").await.as_deref() != Some("Completed") {
         assert!(started.elapsed() < Duration::from_secs(10), "not completed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -280,5 +299,4 @@ async fn scenario_9_in_a_browser_live_statuses_the_resume_lane_and_approve() {
     .await
     .expect("approved");
     assert_eq!(actor.as_deref(), Some("console:Browser Bea"));
-    client.close().await.expect("close the session");
 }

@@ -16,16 +16,13 @@ use serde::Deserialize;
 
 use super::Console;
 use super::auth::Caller;
+use crate::cli::money;
 
 /// Tasks per page of the list.
 const PAGE: u32 = 50;
 
 /// The longest payload shown for one event (the rest is cut, and says so).
 const PAYLOAD_MAX_CHARS: usize = 4000;
-
-pub(crate) fn money(micros: i64) -> String {
-    super::super::money(micros)
-}
 
 /// The page frame: title, navigation, who is signed in.
 pub(crate) fn layout(title: &str, caller: Option<&Caller>, body: Markup) -> Markup {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use engine::{Event, RecordedEvent, ResumeRecord};
 use maud::{Markup, html};
 
-use super::pages::money;
+use crate::cli::money;
 
 const WIDTH: f64 = 1100.0;
 const LABELS: f64 = 170.0;

@@ -21,5 +21,5 @@
 
 mod cli;
 
-pub use cli::console::console_router;
+pub use cli::console::{ConsoleOptions, console_router, console_router_with};
 pub use cli::{WorkerSettings, Workflows, main};

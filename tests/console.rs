@@ -431,3 +431,276 @@ async fn the_cli_records_its_actor_and_the_console_shows_it() {
     let (_, page) = get(&format!("{}/tasks/{task}", console.url), None).await;
     assert!(page.contains("by <strong>cli:Dana</strong>"));
 }
+
+/// The stats page shows what `reel stats --channel C` reports, per channel the console
+/// may show, and no other.
+#[tokio::test]
+async fn the_stats_page_is_reel_stats_per_visible_channel() {
+    let db = TestDatabase::create().await;
+    reviewed_task(&db, "Rome").await;
+    reviewed_task(&db, "Paris").await;
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    submit(&db, &["--channel", "hidden", "--topic", "Oslo"]);
+    run_until_idle(&db, artifacts.path());
+    let out = reel(&db, &["stats", "--channel", "main", "--json"]);
+    assert!(out.status.success());
+    let expected: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    let spent = expected["spent_micros"].as_i64().expect("spent");
+    let saved = expected["saved_micros"].as_i64().expect("saved");
+    assert!(spent > 0 && saved > 0, "{expected}");
+
+    let console = start_console(&db, &["--channel", "main"]);
+    let (status, page) = get(&format!("{}/stats", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = page
+        .split("<tr data-channel=\"main\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .expect("a row for main");
+    assert!(row.contains("<td class=\"tasks\">2</td>"), "{row}");
+    let money = |micros: i64| {
+        format!(
+            "${}.{:02}",
+            micros / 1_000_000,
+            (micros % 1_000_000) / 10_000
+        )
+    };
+    assert!(
+        row.contains(&format!("<td class=\"spent\">{}", money(spent))),
+        "{row} vs {expected}"
+    );
+    assert!(
+        row.contains(&format!("<td class=\"saved\">{}", money(saved))),
+        "{row} vs {expected}"
+    );
+    assert!(
+        !page.contains("hidden"),
+        "a channel outside the console's is not shown"
+    );
+}
+
+/// The providers page: each key's slots in flight against the cap the live workers apply
+/// (a real worker process publishes its own, `--max-in-flight` included), the waiting
+/// queue in grant order, a pause, and workers that disagree.
+#[tokio::test]
+async fn the_providers_page_shows_slots_caps_queues_and_pauses() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let first = submit(&db, &["--channel", "main", "--topic", "first"]);
+    let second = submit(&db, &["--channel", "main", "--topic", "second"]);
+    let hidden = submit(&db, &["--channel", "hidden", "--topic", "hidden"]);
+    // Two items of the first task hold `video`'s two slots; the second task and the hidden
+    // one wait behind them.
+    let owner = |task| engine::SlotOwner {
+        task,
+        step: "video",
+        holder: "test",
+    };
+    let ttl = Duration::from_secs(300);
+    let granted = store
+        .acquire_slots("video", 2, owner(first), &[1, 2], ttl)
+        .await
+        .expect("slots");
+    assert_eq!(granted, vec![1, 2]);
+    for task in [second, hidden] {
+        let granted = store
+            .acquire_slots("video", 2, owner(task), &[1, 2, 3], ttl)
+            .await
+            .expect("slots");
+        assert!(granted.is_empty());
+    }
+    store
+        .pause_provider("narration", Duration::from_secs(120))
+        .await
+        .expect("pause");
+
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "worker",
+            "--artifacts",
+            artifacts.path().to_str().expect("path"),
+            "--max-in-flight",
+            "video=2",
+            "--worker-id",
+            "w-published",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("REEL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start a worker");
+    let console = start_console(&db, &["--channel", "main"]);
+    let row_of = |page: &str, key: &str| -> String {
+        page.split(&format!("<tr data-key=\"{key}\">"))
+            .nth(1)
+            .and_then(|rest| rest.split("</tr>").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let (status, page) = get(&format!("{}/providers", console.url), None).await;
+        assert_eq!(status, StatusCode::OK);
+        if row_of(&page, "video").contains("2 / 2") || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let video = row_of(&page, "video");
+    assert!(
+        video.contains("<td class=\"in-flight\">2 / 2</td>"),
+        "{video}"
+    );
+    assert!(
+        video.contains("<td class=\"waiting\">6</td>"),
+        "fleet-wide: {video}"
+    );
+    // The simulated assets provider's default cap, as the worker applies it (the worker
+    // is running the two tasks meanwhile).
+    assert!(row_of(&page, "assets").contains(" / 10</td>"), "{page}");
+    assert!(
+        row_of(&page, "narration").contains("class=\"bad\""),
+        "paused: {page}"
+    );
+    // The queue lists the waiting task the console may show, not the hidden one.
+    let queue = page
+        .split("<table class=\"queue\" data-key=\"video\">")
+        .nth(1)
+        .expect("video's queue");
+    assert!(queue.contains(&second.to_string()));
+    assert!(!page.contains(&hidden.to_string()));
+
+    // A second worker applying another cap: the page says the workers disagree.
+    store
+        .worker_beat(
+            "w-other",
+            &[],
+            &[engine::ProviderLimits::new("video").max_in_flight(4)],
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("beat");
+    let (_, page) = get(&format!("{}/providers", console.url), None).await;
+    assert!(
+        row_of(&page, "video").contains("title=\"workers apply different caps\""),
+        "{page}"
+    );
+}
+
+/// `--artifacts DIR`: a task's media are shown and served from its own directory (ranges
+/// answered), and nothing else is: not another channel's, not a path that climbs out, not a
+/// symlink leading out, not a file type a browser would run.
+#[tokio::test]
+async fn artifacts_are_served_from_the_tasks_directory_only() {
+    let db = TestDatabase::create().await;
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let task = submit(&db, &["--channel", "main", "--topic", "Rome"]);
+    let hidden = submit(&db, &["--channel", "hidden", "--topic", "Oslo"]);
+    run_until_idle(&db, artifacts.path());
+    let dir = artifacts.path().join("main").join(task.to_string());
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("assets").join("escape.png"))
+        .expect("symlink");
+    std::fs::write(
+        dir.join("assets").join("page.html"),
+        "<script>alert(1)</script>",
+    )
+    .expect("html");
+    let root = artifacts.path().to_str().expect("path");
+    let console = start_console(&db, &["--channel", "main", "--artifacts", root]);
+
+    let (_, page) = get(&format!("{}/tasks/{task}", console.url), None).await;
+    let image = format!("/tasks/{task}/files/assets/01.png");
+    assert!(page.contains(&format!("<img src=\"{image}\"")), "{page}");
+    assert!(page.contains(&format!(
+        "<video controls preload=\"metadata\" src=\"/tasks/{task}/files/video/07.mp4\""
+    )));
+    assert!(page.contains(&format!(
+        "<audio controls preload=\"none\" src=\"/tasks/{task}/files/narration/07.mp3\""
+    )));
+
+    let on_disk = std::fs::read(dir.join("assets").join("01.png")).expect("the file");
+    let response = client()
+        .get(format!("{}{image}", console.url))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "image/png");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .expect("csp")
+            .starts_with("sandbox")
+    );
+    assert_eq!(
+        response.bytes().await.expect("body").as_ref(),
+        on_disk.as_slice()
+    );
+    let ranged = client()
+        .get(format!("{}{image}", console.url))
+        .header("range", "bytes=0-3")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(ranged.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(ranged.bytes().await.expect("body").as_ref(), &on_disk[..4]);
+
+    assert!(std::fs::metadata(artifacts.path().join("hidden").join(hidden.to_string())).is_ok());
+    for refused in [
+        format!("/tasks/{hidden}/files/assets/01.png"),
+        format!("/tasks/{task}/files/assets/escape.png"),
+        format!("/tasks/{task}/files/assets/page.html"),
+        format!("/tasks/{task}/files/..%2F..%2Fhidden/01.png"),
+        format!("/tasks/{task}/files/assets/..%2F..%2F..%2Fhidden%2F{hidden}%2Fassets%2F01.png"),
+        format!("/tasks/{task}/files/assets/%2Fetc%2Fhostname"),
+        format!("/tasks/{task}/files/assets/99.png"),
+    ] {
+        let (status, body) = get(&format!("{}{refused}", console.url), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{refused}: {body}");
+    }
+    // Without --artifacts, no media and no files.
+    let plain = start_console(&db, &[]);
+    let (_, page) = get(&format!("{}/tasks/{task}", plain.url), None).await;
+    assert!(!page.contains("<img"));
+    let (status, _) = get(&format!("{}{image}", plain.url), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// docs/console.md's flag table names only flags `reel console` has, with the env
+/// variables it reads.
+#[test]
+fn the_documented_flags_are_the_consoles() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/console.md"))
+        .expect("docs/console.md");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["console", "--help"])
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = docs.lines().filter(|l| l.starts_with("| `--")).collect();
+    assert!(rows.len() >= 4, "the flag table");
+    for row in rows {
+        let flag = row[3..].split([' ', '`']).next().expect("a flag");
+        assert!(
+            help.contains(flag),
+            "{flag} is not a flag of reel console:\n{help}"
+        );
+        if let Some(env) = row
+            .split('|')
+            .nth(2)
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let env = env.trim_matches('`');
+            assert!(
+                help.contains(&format!("env: {env}")),
+                "{env} for {flag}:\n{help}"
+            );
+        }
+    }
+}

@@ -58,9 +58,9 @@ pub use state::{
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
-    Appended, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR, NewTask,
-    OrphanJob, PgStore, ShapeChange, SlotOwner, Stranded, StreamAppend, Subscription,
-    SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
+    Appended, AppliedLimits, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR,
+    NewTask, OrphanJob, PgStore, ProviderOverview, QueuedItems, ShapeChange, SlotOwner, Stranded,
+    StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
 };
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{

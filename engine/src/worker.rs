@@ -84,6 +84,23 @@ impl WorkerOptions {
     }
 }
 
+/// The provider limits a worker applies, by key: its workflows' defaults (the tightest
+/// where steps share a key), then its overrides (`--max-in-flight`, `--rate`).
+fn effective_limits(
+    registry: &Registry,
+    overrides: &[ProviderLimits],
+) -> std::collections::BTreeMap<String, ProviderLimits> {
+    let mut limits = registry.providers();
+    for given in overrides {
+        let known = limits
+            .entry(given.key.to_string())
+            .or_insert_with(|| ProviderLimits::new(&given.key));
+        known.max_in_flight = given.max_in_flight.or(known.max_in_flight);
+        known.rate = given.rate.or(known.rate);
+    }
+    limits
+}
+
 /// A worker's presence: a heartbeat that says which versions it claims (see
 /// [`PgStore::worker_beat`]), and a warning while tasks of its workflows are stranded.
 #[derive(Clone, Debug)]
@@ -91,6 +108,8 @@ struct Presence {
     store: PgStore,
     worker_id: String,
     claims: Vec<WorkflowVersion>,
+    /// The provider limits this worker applies, published with each beat.
+    providers: Vec<ProviderLimits>,
     /// The workflows whose stranded tasks this worker warns about.
     workflows: Vec<String>,
     heartbeat: Duration,
@@ -111,7 +130,7 @@ impl Presence {
             let beat_at = tokio::time::Instant::now();
             match self
                 .store
-                .worker_beat(&self.worker_id, &self.claims, ttl)
+                .worker_beat(&self.worker_id, &self.claims, &self.providers, ttl)
                 .await
             {
                 Ok(()) => failing = false,
@@ -211,18 +230,11 @@ impl Worker {
             .with_provider_limits(options.provider_limits.clone());
         if let Some(metrics) = &options.metrics {
             orchestrator = orchestrator.with_metrics(metrics.clone());
-            // The caps this worker applies: its workflows' defaults, then its overrides.
-            let mut caps: std::collections::BTreeMap<String, u32> = registry
-                .providers()
-                .into_iter()
-                .filter_map(|(key, limits)| Some((key, limits.max_in_flight?)))
-                .collect();
-            for limits in &options.provider_limits {
-                if let Some(cap) = limits.max_in_flight {
-                    caps.insert(limits.key.to_string(), cap);
-                }
-            }
-            metrics.set_caps(caps);
+            metrics.set_caps(
+                effective_limits(&registry, &options.provider_limits)
+                    .into_values()
+                    .filter_map(|limits| Some((limits.key.to_string(), limits.max_in_flight?))),
+            );
         }
         Worker {
             store,
@@ -266,6 +278,9 @@ impl Worker {
             store: self.store.clone(),
             worker_id: id.clone(),
             claims: self.served.clone(),
+            providers: effective_limits(&self.registry, &self.options.provider_limits)
+                .into_values()
+                .collect(),
             workflows: self.registry.names(),
             heartbeat: self.options.heartbeat_interval,
             warn_every: self.options.stranded_warning_interval,

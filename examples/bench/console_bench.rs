@@ -2,7 +2,8 @@
 //! tasks (unfiltered, by status, by text); what 50 browsers on the live stream add in
 //! database transactions per second, against one browser, under the same stream of
 //! status changes; and the console's memory with 50 browsers connected. The console
-//! (`reel::console_router`) runs in this process, served over real HTTP.
+//! (`reel::console_router`) runs in a child process of its own (this program started with
+//! [`CHILD_FLAG`]), served over real HTTP, so its resident memory is its own.
 
 use std::time::{Duration, Instant};
 
@@ -20,11 +21,8 @@ pub(crate) async fn run(
     store: &PgStore,
     quick: bool,
 ) -> anyhow::Result<()> {
-    let stop = CancellationToken::new();
-    let app = reel::console_router(store.clone(), None, Vec::new(), stop.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let console = Child::start()?;
+    let url = console.url.clone();
     let http = reqwest::Client::new();
     let rounds = if quick { 5 } else { 20 };
 
@@ -99,13 +97,13 @@ pub(crate) async fn run(
 
     // The live stream: the same changes with 1 browser and with 50, interleaved 3 times
     // (the changes' own transactions are most of the figure, and vary a little).
-    let (mut ones, mut fifties, mut grown) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ones, mut fifties, mut with_fifty) = (Vec::new(), Vec::new(), Vec::new());
+    let idle = console.rss_kib();
     for _ in 0..3 {
-        ones.push(live_load(store, pool, &url, 1).await?.0);
-        let rss_before = rss_kib();
-        let (rate, rss) = live_load(store, pool, &url, 50).await?;
+        ones.push(live_load(store, pool, &url, 1, &console).await?.0);
+        let (rate, rss) = live_load(store, pool, &url, 50, &console).await?;
         fifties.push(rate);
-        grown.push((rss as f64 - rss_before as f64) / 1024.0);
+        with_fifty.push(rss as f64 / 1024.0);
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -128,12 +126,84 @@ pub(crate) async fn run(
         "tx/s",
     );
     report.add(
-        "console: resident memory added with 50 browsers connected (median of 3)",
-        median(grown),
+        "console: process resident memory, no browser",
+        idle as f64 / 1024.0,
         "MiB",
     );
-    stop.cancel();
+    report.add(
+        "console: process resident memory, 50 browsers on /live (median of 3)",
+        median(with_fifty),
+        "MiB",
+    );
     Ok(())
+}
+
+/// The argument that makes the bench program serve the console instead.
+pub(crate) const CHILD_FLAG: &str = "--console-child";
+
+/// Serves the console over `url`'s database on a free loopback port, printing the port
+/// first; ends when its parent closes its stdin.
+pub(crate) async fn serve_child(url: &str) -> anyhow::Result<()> {
+    let store = engine::db::connect_store(url, 4).await?;
+    let stop = CancellationToken::new();
+    let app = reel::console_router(store, None, Vec::new(), stop.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let ended = stop.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        ended.cancel();
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+/// The console's process (killed when dropped).
+struct Child {
+    process: std::process::Child,
+    url: String,
+}
+
+impl Child {
+    fn start() -> anyhow::Result<Child> {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(std::env::current_exe()?)
+            .arg(CHILD_FLAG)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(process.stdout.take().expect("piped")).read_line(&mut line)?;
+        let address = line.trim();
+        anyhow::ensure!(!address.is_empty(), "the console child did not start");
+        Ok(Child {
+            url: format!("http://{address}"),
+            process,
+        })
+    }
+
+    /// The console process's resident memory, in KiB.
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            })
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// `rounds` GETs of `url` (after one to warm up).
@@ -170,6 +240,7 @@ async fn live_load(
     pool: &PgPool,
     url: &str,
     browsers: usize,
+    console: &Child,
 ) -> anyhow::Result<(f64, u64)> {
     let mut streams = Vec::new();
     for _ in 0..browsers {
@@ -228,23 +299,9 @@ async fn live_load(
     // pg_stat_database is updated when a backend reports (at most every 500 ms idle).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let rate = (commits().await? - before) as f64 / started.elapsed().as_secs_f64();
-    let rss = rss_kib();
+    let rss = console.rss_kib();
     for stream in streams {
         stream.abort();
     }
     Ok((rate, rss))
-}
-
-/// This process's resident memory, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0)
 }

@@ -73,6 +73,10 @@ impl Sample {
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(console_bench::CHILD_FLAG) {
+        // The console group's console, in a process of its own (its memory is its own).
+        return console_bench::serve_child(&bench_url()?).await;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let mut report = Report {
         json: args.iter().any(|a| a == "--json"),

@@ -199,24 +199,24 @@ pub(crate) struct StatsArgs {
     json: bool,
 }
 
-/// `reel stats --json`.
-#[derive(Debug, Default, Serialize)]
-struct Stats {
-    tasks: u64,
-    by_status: BTreeMap<String, u64>,
+/// `reel stats --json` (and the console's stats page).
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Stats {
+    pub(crate) tasks: u64,
+    pub(crate) by_status: BTreeMap<String, u64>,
     /// Failure reasons (item numbers folded away), most frequent first.
-    failure_reasons: Vec<(String, u64)>,
-    spent_micros: i64,
-    saved_micros: i64,
-    items_run: u64,
-    items_skipped: u64,
+    pub(crate) failure_reasons: Vec<(String, u64)>,
+    pub(crate) spent_micros: i64,
+    pub(crate) saved_micros: i64,
+    pub(crate) items_run: u64,
+    pub(crate) items_skipped: u64,
     /// Provider jobs submitted (two-phase items): beside `items_run`, how many jobs it
     /// took to get the items done.
-    jobs_submitted: u64,
+    pub(crate) jobs_submitted: u64,
     /// Submits that got no answer: each may have started a job the provider charges for
     /// (possible payments beyond `jobs_submitted`). Absent when none.
     #[serde(skip_serializing_if = "is_zero")]
-    submits_unanswered: u64,
+    pub(crate) submits_unanswered: u64,
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -226,6 +226,21 @@ fn is_zero(value: &u64) -> bool {
 pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
     let store = engine::db::connect_store(url, 2).await?;
+    let stats = gather_stats(&store, channel).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    print!("{}", render_stats(&stats));
+    Ok(())
+}
+
+/// What `reel stats` reports about the tasks of `channel` (`None`: every channel): their
+/// statuses from the rows, and money, items and jobs from an audit of every history.
+pub(crate) async fn gather_stats(
+    store: &engine::PgStore,
+    channel: Option<ChannelId>,
+) -> engine::Result<Stats> {
     let mut stats = Stats::default();
     for task in store
         .list_tasks(&TaskFilter {
@@ -241,7 +256,7 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     }
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     scan(
-        &store,
+        store,
         &Scope {
             channel: channel.clone(),
             failed_only: false,
@@ -273,15 +288,19 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
     stats
         .failure_reasons
         .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
-        return Ok(());
-    }
-    println!("{} tasks", stats.tasks);
+    Ok(stats)
+}
+
+/// The text `reel stats` prints (the console shows the same, per channel).
+pub(crate) fn render_stats(stats: &Stats) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{} tasks", stats.tasks);
     for (status, count) in &stats.by_status {
-        println!("  {status:<22} {count}");
+        let _ = writeln!(out, "  {status:<22} {count}");
     }
-    println!(
+    let _ = writeln!(
+        out,
         "spent {} over {} items; resuming skipped {} items and saved {}",
         money(stats.spent_micros),
         stats.items_run,
@@ -289,27 +308,30 @@ pub(crate) async fn stats(url: &str, args: StatsArgs) -> anyhow::Result<()> {
         money(stats.saved_micros)
     );
     if stats.jobs_submitted > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "provider jobs submitted: {} (items completed: {})",
             stats.jobs_submitted, stats.items_run
         );
     }
     if stats.submits_unanswered > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "submits unanswered: {} (each may have started a job the provider charges for)",
             stats.submits_unanswered
         );
     }
     if !stats.failure_reasons.is_empty() {
-        println!("failure reasons:");
+        let _ = writeln!(out, "failure reasons:");
         for (reason, count) in &stats.failure_reasons {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {count:>5}  {}",
                 engine::truncate_for_display(reason, 100)
             );
         }
     }
-    Ok(())
+    out
 }
 
 /// Groups reasons that differ only in numbers ("video item 7" and "video item 9").

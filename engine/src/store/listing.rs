@@ -126,7 +126,6 @@ const COUNT_SQL: &str = concat!(
 );
 
 impl PgStore {
-    /// The task's status as the `tasks` row has it (`None`: no such task).
     /// The metadata `task_submitted` was stored with, read alone (for a history that
     /// cannot be read whole); `None` when the task has none, or it is not JSON metadata.
     pub async fn submitted_metadata(&self, task: TaskId) -> Result<Option<EventMetadata>> {
@@ -143,6 +142,28 @@ impl PgStore {
         Ok(metadata.and_then(|text| serde_json::from_str(&text).ok()))
     }
 
+    /// The channels that have tasks, in order (a skip scan of `tasks_channel_status`: one
+    /// index probe per channel, however many tasks).
+    pub async fn channels(&self) -> Result<Vec<ChannelId>> {
+        let names: Vec<String> = self
+            .on_pool(async |c| {
+                self.scalar(
+                    "WITH RECURSIVE c AS ( \
+                         (SELECT channel_id FROM tasks ORDER BY channel_id LIMIT 1) \
+                         UNION ALL \
+                         SELECT (SELECT t.channel_id FROM tasks t WHERE t.channel_id > c.channel_id \
+                                  ORDER BY t.channel_id LIMIT 1) \
+                         FROM c WHERE c.channel_id IS NOT NULL) \
+                     SELECT channel_id FROM c WHERE channel_id IS NOT NULL",
+                )
+                .fetch_all(c)
+                .await
+            })
+            .await?;
+        names.iter().map(|name| ChannelId::parse(name)).collect()
+    }
+
+    /// The task's status as the `tasks` row has it (`None`: no such task).
     pub async fn task_status(&self, task: TaskId) -> Result<Option<TaskStatus>> {
         let status: Option<String> = self
             .on_pool(async |c| {

@@ -22,7 +22,7 @@ pub use orphans::OrphanJob;
 pub use postgres::PgStore;
 pub(crate) use postgres::waited_too_long;
 pub use presence::Stranded;
-pub use providers::SlotOwner;
+pub use providers::{AppliedLimits, ProviderOverview, QueuedItems, SlotOwner};
 pub(crate) use shared::Bounded;
 pub use shared::StreamAppend;
 pub use subscription::{Subscription, SubscriptionOptions};

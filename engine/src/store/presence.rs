@@ -10,7 +10,7 @@ use sqlx::Row;
 use super::PgStore;
 use super::listing::{TaskSummary, summary};
 use crate::error::Result;
-use crate::workflow::WorkflowVersion;
+use crate::workflow::{ProviderLimits, WorkflowVersion};
 
 /// The stranded tasks `t`: those that still need a worker (anything not finished and not
 /// waiting for a human, through the claim's index; and finished tasks still parked to follow
@@ -53,27 +53,40 @@ pub struct Stranded {
 }
 
 impl PgStore {
-    /// Says that `worker_id` is alive and claims the versions `claims`, until `ttl` from now
-    /// by the database's clock.
+    /// Says that `worker_id` is alive, claims the versions `claims` and applies the
+    /// provider limits `providers`, until `ttl` from now by the database's clock.
     pub async fn worker_beat(
         &self,
         worker_id: &str,
         claims: &[WorkflowVersion],
+        providers: &[ProviderLimits],
         ttl: Duration,
     ) -> Result<()> {
         let (workflows, versions) = WorkflowVersion::columns(claims);
+        let providers: serde_json::Map<String, serde_json::Value> = providers
+            .iter()
+            .map(|limits| {
+                let applied = serde_json::json!({
+                    "max_in_flight": limits.max_in_flight,
+                    "rate": limits.rate,
+                });
+                (limits.key.to_string(), applied)
+            })
+            .collect();
         self.on_pool(async |c| {
             self.statement(
-                "INSERT INTO workers (worker_id, workflows, versions, expires_at) \
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4)) \
+                "INSERT INTO workers (worker_id, workflows, versions, expires_at, providers) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5) \
                  ON CONFLICT (worker_id) DO UPDATE SET workflows = EXCLUDED.workflows, \
                    versions = EXCLUDED.versions, seen_at = now(), expires_at = EXCLUDED.expires_at, \
+                   providers = EXCLUDED.providers, \
                    started_at = CASE WHEN workers.expires_at > now() THEN workers.started_at ELSE now() END",
             )
             .bind(worker_id)
             .bind(&workflows)
             .bind(&versions)
             .bind(ttl.as_secs_f64())
+            .bind(serde_json::Value::Object(providers.clone()))
             .execute(c)
             .await
         })

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::{EVENTS_CHANNEL, PgStore};
 use crate::error::Result;
-use crate::id::TaskId;
+use crate::id::{ChannelId, TaskId};
 
 /// Where an item's slot request comes from.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +24,96 @@ pub struct SlotOwner<'a> {
     /// The worker holding the task (whose heartbeats keep the rows alive).
     pub holder: &'a str,
 }
+
+/// A provider key as the fleet sees it now (the console's providers page).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ProviderOverview {
+    pub key: String,
+    /// Jobs or calls in flight (granted slots, unanswered submits included).
+    pub in_flight: u64,
+    /// Items waiting for a slot, fleet-wide.
+    pub waiting: u64,
+    /// No request goes out before this (a provider's Retry-After), if it is still ahead.
+    pub paused_until: Option<DateTime<Utc>>,
+    /// The request bucket as last written (`None`: no request taken yet), and how long ago.
+    pub tokens: Option<f64>,
+    pub refilled_secs_ago: Option<f64>,
+    /// The limits live workers apply to this key, each with how many workers apply it:
+    /// more than one entry means the workers disagree. Empty: no live worker calls it.
+    pub applied: Vec<AppliedLimits>,
+    /// The head of the waiting queue (in grant order), of the tasks the caller may see.
+    pub queue: Vec<QueuedItems>,
+}
+
+impl ProviderOverview {
+    /// The rate, when every live worker applies the same one.
+    pub fn rate(&self) -> Option<f64> {
+        match self.applied.as_slice() {
+            [only] => only.rate,
+            _ => None,
+        }
+    }
+
+    /// The request tokens available now, refilled at the rate the workers agree on.
+    pub fn tokens_now(&self) -> Option<f64> {
+        let (tokens, ago, rate) = (self.tokens?, self.refilled_secs_ago?, self.rate()?);
+        Some((tokens + rate * ago.max(0.0)).min(rate.max(1.0)))
+    }
+}
+
+/// One set of limits applied to a key, and how many live workers apply it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AppliedLimits {
+    pub max_in_flight: Option<u32>,
+    pub rate: Option<f64>,
+    pub workers: u32,
+}
+
+/// Items of one task's step waiting for slots of a key.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueuedItems {
+    pub task: TaskId,
+    pub step: String,
+    pub items: u32,
+    /// Its place in the queue: the task's age.
+    pub since: DateTime<Utc>,
+}
+
+// Every key known to the slots table or to a live worker; counts are fleet-wide, the queue
+// lists only tasks of the channels `$1` (empty: all), at most `$2` entries per key.
+const OVERVIEW_SQL: &str = r#"
+WITH keys AS (
+    SELECT key FROM provider_keys
+    UNION
+    SELECT jsonb_object_keys(providers) FROM workers WHERE expires_at > now()
+)
+SELECT keys.key,
+       (SELECT count(*) FROM provider_slots s
+         WHERE s.key = keys.key AND s.granted AND s.expires_at > now()) AS in_flight,
+       (SELECT count(*) FROM provider_slots s
+         WHERE s.key = keys.key AND NOT s.granted AND s.expires_at > now()) AS waiting,
+       CASE WHEN k.paused_until > now() THEN k.paused_until END AS paused_until,
+       k.tokens,
+       extract(epoch FROM now() - k.refilled_at)::float8 AS refilled_secs_ago,
+       COALESCE((SELECT jsonb_agg(l.limits || jsonb_build_object('workers', l.n)
+                                  ORDER BY l.n DESC, l.limits::text)
+                   FROM (SELECT w.providers -> keys.key AS limits, count(*) AS n
+                           FROM workers w
+                          WHERE w.expires_at > now() AND w.providers ? keys.key
+                          GROUP BY 1) AS l), '[]'::jsonb) AS applied,
+       COALESCE((SELECT jsonb_agg(jsonb_build_object('task', q.task_id, 'step', q.step,
+                                                     'items', q.n, 'since', q.since)
+                                  ORDER BY q.since, q.task_id, q.step)
+                   FROM (SELECT s.task_id, s.step, count(*) AS n, min(s.priority) AS since
+                           FROM provider_slots s JOIN tasks t ON t.id = s.task_id
+                          WHERE s.key = keys.key AND NOT s.granted AND s.expires_at > now()
+                            AND (cardinality($1::text[]) = 0 OR t.channel_id = ANY($1))
+                          GROUP BY s.task_id, s.step
+                          ORDER BY min(s.priority), s.task_id, s.step
+                          LIMIT $2) AS q), '[]'::jsonb) AS queue
+FROM keys LEFT JOIN provider_keys k ON k.key = keys.key
+ORDER BY keys.key
+"#;
 
 const ENSURE_KEY_SQL: &str = "INSERT INTO provider_keys (key) VALUES ($1) ON CONFLICT DO NOTHING";
 
@@ -133,6 +223,43 @@ RETURNING k.avail >= 1.0 AND k.paused_for <= 0.0 AS granted,
 "#;
 
 impl PgStore {
+    /// Every provider key: in flight, waiting, paused until, the request bucket, the
+    /// limits live workers apply, and the head of its queue (at most `queue` entries) among
+    /// the tasks of `channels` (empty: every channel).
+    pub async fn provider_overview(
+        &self,
+        channels: &[ChannelId],
+        queue: u32,
+    ) -> Result<Vec<ProviderOverview>> {
+        let channels: Vec<&str> = channels.iter().map(ChannelId::as_str).collect();
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(OVERVIEW_SQL)
+                    .bind(&channels)
+                    .bind(i64::from(queue))
+                    .fetch_all(c)
+                    .await
+            })
+            .await?;
+        fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T> {
+            serde_json::from_value(value).map_err(|e| sqlx::Error::Decode(e.into()).into())
+        }
+        rows.into_iter()
+            .map(|row| {
+                Ok(ProviderOverview {
+                    key: row.try_get("key")?,
+                    in_flight: u64::try_from(row.try_get::<i64, _>("in_flight")?).unwrap_or(0),
+                    waiting: u64::try_from(row.try_get::<i64, _>("waiting")?).unwrap_or(0),
+                    paused_until: row.try_get("paused_until")?,
+                    tokens: row.try_get("tokens")?,
+                    refilled_secs_ago: row.try_get("refilled_secs_ago")?,
+                    applied: decode(row.try_get("applied")?)?,
+                    queue: decode(row.try_get("queue")?)?,
+                })
+            })
+            .collect()
+    }
+
     /// Asks for a slot of `key` (at most `cap` in flight fleet-wide) for each of `items`,
     /// in order, and returns the items granted (already granted ones included). The
     /// others stay queued as waiters for `ttl`, holding their place for the task.

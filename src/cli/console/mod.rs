@@ -10,11 +10,14 @@
 //! through the same engine commands as the CLI and record who did them ([`auth`]).
 
 mod auth;
+mod files;
 mod hub;
+mod ops;
 mod pages;
 mod svg;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -41,6 +44,21 @@ pub(crate) struct ConsoleArgs {
     /// Only these channels are visible (repeatable); a task elsewhere is "not found".
     #[arg(long = "channel", value_name = "CHANNEL")]
     channels: Vec<String>,
+    /// Where the workers write artifacts (as `reel worker --artifacts`): a task's images,
+    /// audio and video are shown on its page, served from that task's directory only.
+    #[arg(long, value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+}
+
+/// What a console shows and allows, beyond the database it reads.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleOptions {
+    /// Allows actions (approve, reject, retry, cancel) to whoever presents it.
+    pub token: Option<String>,
+    /// Only these channels are visible (empty: all).
+    pub channels: Vec<ChannelId>,
+    /// The artifacts root (`reel worker --artifacts`): media shown on task pages.
+    pub artifacts: Option<PathBuf>,
 }
 
 /// What every handler shares.
@@ -51,6 +69,10 @@ pub(crate) struct Console {
     /// Empty: every channel.
     channels: Vec<ChannelId>,
     hub: hub::Hub,
+    /// The artifacts root, if media are shown.
+    artifacts: Option<PathBuf>,
+    /// The stats page's figures, computed by one request at a time and kept a while.
+    stats: ops::StatsCache,
     /// Ends the live streams (a shutdown waits for open connections to close).
     stop: CancellationToken,
 }
@@ -94,7 +116,19 @@ pub(crate) async fn console(url: &str, args: ConsoleArgs) -> anyhow::Result<()> 
     // A service waits for the database (a restart, a server still starting).
     let store = engine::db::connect_store_waiting(url, 4, None, &shutdown).await?;
     let actions = token.is_some();
-    let mut app = console_router(store, token, channels, shutdown.clone()).await?;
+    if let Some(root) = &args.artifacts
+        && !root.is_dir()
+    {
+        return Err(
+            UsageError(format!("--artifacts {} is not a directory", root.display())).into(),
+        );
+    }
+    let options = ConsoleOptions {
+        token,
+        channels,
+        artifacts: args.artifacts,
+    };
+    let mut app = console_router_with(store, options, shutdown.clone()).await?;
     if args.listen.ip().is_loopback() {
         // Only this machine reaches it, so only its own address may name it: a page of
         // another site resolving its name to 127.0.0.1 (DNS rebinding) is refused.
@@ -122,12 +156,28 @@ pub async fn console_router(
     channels: Vec<ChannelId>,
     stop: CancellationToken,
 ) -> anyhow::Result<Router> {
+    let options = ConsoleOptions {
+        token,
+        channels,
+        artifacts: None,
+    };
+    console_router_with(store, options, stop).await
+}
+
+/// The console as an axum [`Router`], with every option (see [`ConsoleOptions`]).
+pub async fn console_router_with(
+    store: PgStore,
+    options: ConsoleOptions,
+    stop: CancellationToken,
+) -> anyhow::Result<Router> {
     let console = Arc::new(Console {
         hub: hub::Hub::start(store.clone(), stop.clone()).await?,
         stop,
         store,
-        auth: auth::Auth::new(token),
-        channels,
+        auth: auth::Auth::new(options.token),
+        channels: options.channels,
+        artifacts: options.artifacts,
+        stats: ops::StatsCache::default(),
     });
     Ok(router(console))
 }
@@ -137,6 +187,9 @@ fn router(console: Arc<Console>) -> Router {
         .route("/", get(pages::tasks))
         .route("/tasks/{id}", get(pages::task))
         .route("/tasks/{id}/{action}", post(pages::action))
+        .route("/tasks/{id}/files/{step}/{file}", get(files::artifact))
+        .route("/providers", get(ops::providers))
+        .route("/stats", get(ops::stats))
         .route("/live", get(hub::live))
         .route("/login", get(auth::login_form).post(auth::login))
         .route("/logout", post(auth::logout))

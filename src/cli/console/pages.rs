@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::Console;
 use super::auth::Caller;
+use super::files::{Media, artifact_url};
 use crate::cli::money;
 
 /// Tasks per page of the list.
@@ -38,7 +39,11 @@ pub(crate) fn layout(title: &str, caller: Option<&Caller>, body: Markup) -> Mark
             }
             body {
                 nav {
-                    a href="/" { "reel console" }
+                    span.links {
+                        a href="/" { "reel console" }
+                        a href="/providers" { "Providers" }
+                        a href="/stats" { "Stats" }
+                    }
                     span.who {
                         @match caller {
                             Some(caller) if caller.may_act() => {
@@ -74,7 +79,7 @@ fn no_such_task() -> Response {
     page_error(StatusCode::NOT_FOUND, "No such task.")
 }
 
-fn store_error(err: &engine::Error) -> Response {
+pub(crate) fn store_error(err: &engine::Error) -> Response {
     tracing::error!(error = %err, "console: the database did not answer");
     page_error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -224,7 +229,7 @@ fn short(task: TaskId) -> String {
     task.to_string()[..8].to_owned()
 }
 
-fn urlencode(text: &str) -> String {
+pub(crate) fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -256,7 +261,7 @@ fn version_at(at: Option<&str>) -> Result<Option<u32>, Box<Response>> {
 }
 
 /// A task id from the path: malformed is a 400.
-fn task_id(raw: &str) -> Result<TaskId, Box<Response>> {
+pub(crate) fn task_id(raw: &str) -> Result<TaskId, Box<Response>> {
     raw.parse().map_err(|_| {
         Box::new(page_error(
             StatusCode::BAD_REQUEST,
@@ -326,6 +331,25 @@ pub(crate) async fn task(
         .filter(|s| s.removed_in.is_none())
         .map(|s| s.name.as_str())
         .collect();
+    // The current runs' files, by step (what the audit checks on disk).
+    type Files = Vec<(u32, String, Media)>;
+    let media: Vec<(&str, Files)> = state
+        .steps
+        .iter()
+        .filter(|s| s.removed_in.is_none())
+        .map(|s| {
+            let files = s
+                .items
+                .values()
+                .filter_map(|r| {
+                    let (url, kind) = artifact_url(task, &row.channel_id, &r.artifact)?;
+                    Some((r.item, url, kind))
+                })
+                .collect::<Vec<_>>();
+            (s.name.as_str(), files)
+        })
+        .filter(|(_, files)| !files.is_empty())
+        .collect();
     let body = html! {
         h1 { "Task " code { (task) } }
         @if let Some(at) = at {
@@ -387,6 +411,25 @@ pub(crate) async fn task(
         form.travel method="get" action=(format!("/tasks/{task}")) {
             label { "Time travel to version " input type="number" name="at" min="1" max=(head) value=(at.unwrap_or(head)); }
             button type="submit" { "Show" }
+        }
+        @if console.artifacts.is_some() && !media.is_empty() {
+            h2 { "Artifacts" }
+            @for (step, files) in &media {
+                h3 { (step) }
+                div.media {
+                    @for (item, url, kind) in files {
+                        figure {
+                            @match kind {
+                                Media::Image => { a href=(url) { img src=(url) loading="lazy" alt=(format!("{step} {item}")); } }
+                                Media::Audio => { audio controls preload="none" src=(url) {} }
+                                Media::Video => { video controls preload="metadata" src=(url) {} }
+                                Media::Text => { a href=(url) { "open" } }
+                            }
+                            figcaption { (step) " " (item) }
+                        }
+                    }
+                }
+            }
         }
         @if let Some(input) = input { h2 { "Input" } pre.input { (input) } }
         h2 { "Events" }

@@ -19,6 +19,7 @@
 //! }
 //! ```
 
+pub mod archive;
 mod cli;
 
 pub use cli::console::{ConsoleOptions, console_router, console_router_with};

@@ -313,7 +313,10 @@ where
 async fn load(store: &PgStore, task: TaskId) -> Result<TaskState> {
     let events = store.read_stream(task, 1).await?;
     if events.is_empty() {
-        return Err(Error::TaskNotFound(task));
+        return Err(match store.archive_location(task).await? {
+            Some(location) => Error::Archived { task, location },
+            None => Error::TaskNotFound(task),
+        });
     }
     Ok(fold(&events))
 }

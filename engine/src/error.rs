@@ -96,6 +96,13 @@ pub enum Error {
         action: &'static str,
     },
 
+    /// The task's history is in an archive (`reel archive`), not in the log: restore it
+    /// first (`reel restore`, or the archive's restore in a program).
+    #[error(
+        "task {task}'s history is archived at {location}: restore it first (reel restore {task})"
+    )]
+    Archived { task: TaskId, location: String },
+
     /// A task id that is not a UUID.
     #[error(
         "invalid task id {input:?}: expected a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427"

@@ -62,6 +62,7 @@ pub use store::{
     NewTask, OrphanJob, PgStore, ProviderOverview, QueuedItems, ShapeChange, SlotOwner, Stranded,
     StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
 };
+pub use store::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,

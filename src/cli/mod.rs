@@ -1,6 +1,7 @@
 //! The `reel` command line: parsing, the subcommands, and errors turned into one line on
 //! stderr with an exit code scripts can rely on.
 
+mod archive;
 pub(crate) mod audit;
 pub(crate) mod console;
 mod metrics;
@@ -150,6 +151,11 @@ enum Command {
     Stats(StatsArgs),
     /// Watch and steer runs in a browser (read-only unless started with --token).
     Console(console::ConsoleArgs),
+    /// Move finished tasks' histories out of PostgreSQL into an archive (a directory or
+    /// an S3 bucket); replay, audit and stats still read them.
+    Archive(archive::ArchiveArgs),
+    /// Put archived tasks' histories back into PostgreSQL.
+    Restore(archive::RestoreArgs),
 }
 
 /// Bad input caught after parsing (a task input its workflow refuses): exit code 2, like
@@ -210,6 +216,8 @@ async fn run(cli: Cli, workflows: &dyn Workflows) -> anyhow::Result<()> {
         Command::Audit(args) => audit(&url, args).await?,
         Command::Stats(args) => stats(&url, args).await?,
         Command::Console(args) => console::console(&url, args).await?,
+        Command::Archive(args) => archive::archive(&url, args).await?,
+        Command::Restore(args) => archive::restore_tasks(&url, args).await?,
     }
     Ok(())
 }

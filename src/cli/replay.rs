@@ -33,7 +33,8 @@ struct Replay<'a> {
 pub(crate) async fn replay(url: &str, args: ReplayArgs) -> anyhow::Result<()> {
     let task: TaskId = args.task.parse()?;
     let store = engine::db::connect_store(url, 2).await?;
-    let mut events = store.read_stream(task, 1).await?;
+    // Once archived, the history is read from its archive.
+    let mut events = crate::archive::history(&store, task).await?;
     anyhow::ensure!(!events.is_empty(), engine::Error::TaskNotFound(task));
     if let Some(at) = args.at {
         anyhow::ensure!(at >= 1, "--at must be a version from 1");

@@ -46,7 +46,7 @@ async fn next_ids(store: &PgStore, scope: &Scope, after: Uuid) -> Result<Vec<Tas
             .on_pool(async |c| {
                 store.scalar(
         "SELECT id FROM tasks WHERE id > $1 AND ($2::text IS NULL OR channel_id = $2) \
-         AND (NOT $3 OR status = 'failed') ORDER BY id LIMIT $4",
+         AND (NOT $3 OR status = 'failed') AND archived_at IS NULL ORDER BY id LIMIT $4",
     )
     .bind(after)
     .bind(scope.channel.as_ref().map(ChannelId::as_str))
@@ -58,7 +58,8 @@ async fn next_ids(store: &PgStore, scope: &Scope, after: Uuid) -> Result<Vec<Tas
     Ok(ids.into_iter().map(TaskId::from).collect())
 }
 
-/// Audits every task in `scope`, a page of tasks at a time (memory stays bounded however
+/// Audits every task in `scope` whose history is in the log (archived tasks are not read),
+/// a page of tasks at a time (memory stays bounded however
 /// many tasks there are), handing each report to `each` as it is made.
 pub async fn scan(
     store: &PgStore,

@@ -31,6 +31,9 @@ pub struct TaskSummary {
     pub notion_page_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When its stream moved to an archive (`reel archive`), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<DateTime<Utc>>,
 }
 
 /// Which tasks to list.
@@ -110,7 +113,8 @@ macro_rules! filtered {
 /// The list: $5 status, $6/$7 the cursor (created_at, id), $8 the limit (0: none).
 const LIST_SQL: &str = concat!(
     "SELECT id, workflow, workflow_version, channel_id, status, status_display, attempt, \
-            version, lease_owner, next_run_at, last_error, notion_page_id, created_at, updated_at \
+            version, lease_owner, next_run_at, last_error, notion_page_id, created_at, updated_at, \
+            archived_at \
      FROM tasks WHERE ",
     filtered!(),
     " AND ($5::text IS NULL OR status = $5) \
@@ -211,7 +215,7 @@ impl PgStore {
                 self.statement(
                     "SELECT id, workflow, workflow_version, channel_id, status, status_display, \
                             attempt, version, lease_owner, next_run_at, last_error, \
-                            notion_page_id, created_at, updated_at \
+                            notion_page_id, created_at, updated_at, archived_at \
                      FROM tasks WHERE id = ANY($1)",
                 )
                 .bind(&ids)
@@ -272,5 +276,7 @@ pub(super) fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
         notion_page_id: row.try_get("notion_page_id")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        // Selected by the listings that show it; absent elsewhere.
+        archived_at: row.try_get("archived_at").ok().flatten(),
     })
 }

@@ -1,5 +1,6 @@
 //! The event store on PostgreSQL: appends, stream and global reads, leases, checkpoints.
 
+mod archive;
 mod checkpoint;
 mod clock;
 mod lease;
@@ -15,6 +16,7 @@ mod wakeup;
 
 use serde_json::Value;
 
+pub use archive::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
 pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
 pub use listing::{TaskCursor, TaskFilter, TaskSummary};

@@ -46,7 +46,8 @@ WITH fence AS (
         updated_at       = now()
     -- $20, if given, bounds how long the fence waits for the task's row lock (local to
     -- this statement's transaction): a shared writer gives up a row held elsewhere.
-    WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2)
+    -- An archived task's stream is not here to append to: restore it first.
+    WHERE id = $1 AND version = $3 AND ($2::bigint IS NULL OR lease_epoch = $2) AND archived_at IS NULL
       AND ($20::text IS NULL OR set_config('lock_timeout', $20, true) IS NOT NULL)
     RETURNING id
 ), inserted AS (

@@ -45,6 +45,7 @@ WITH s AS (
         updated_at       = now()
     FROM s
     WHERE t.id = s.id AND t.version = s.expected AND (s.epoch IS NULL OR t.lease_epoch = s.epoch)
+      AND t.archived_at IS NULL
       AND ($23::text IS NULL OR set_config('lock_timeout', $23, true) IS NOT NULL)
     RETURNING t.id, s.expected, s.wakes
 ), inserted AS (

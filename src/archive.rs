@@ -109,6 +109,12 @@ impl Archive {
     /// missing) or `s3://bucket/prefix`, whose credentials, region and endpoint come from
     /// the standard `AWS_*` environment variables.
     pub fn open(target: &str) -> Result<Archive> {
+        Archive::open_with(target, &[])
+    }
+
+    /// [`Archive::open`] with S3 settings given as `AWS_*` variable names and values,
+    /// which win over the environment's (a program that keeps its credentials elsewhere).
+    pub fn open_with(target: &str, settings: &[(String, String)]) -> Result<Archive> {
         let target = target.trim();
         if target.is_empty() {
             return Err(ArchiveError::Target(
@@ -120,9 +126,15 @@ impl Archive {
             if bucket.is_empty() {
                 return Err(ArchiveError::Target(format!("{target}: no bucket")));
             }
-            let store = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()?;
+            let mut builder = object_store::aws::AmazonS3Builder::from_env();
+            for (key, value) in settings {
+                let key = key
+                    .to_ascii_lowercase()
+                    .parse()
+                    .map_err(|_| ArchiveError::Target(format!("{key} is not an S3 setting")))?;
+                builder = builder.with_config(key, value);
+            }
+            let store = builder.with_bucket_name(bucket).build()?;
             let prefix = Path::from(prefix.trim_matches('/'));
             let base = format!("s3://{bucket}/{prefix}")
                 .trim_end_matches('/')
@@ -165,7 +177,7 @@ impl Archive {
 
     /// The archive holding the object at `location` (as recorded on a task's row), and the
     /// object's path in it.
-    fn at_location(location: &str) -> Result<(Archive, Path)> {
+    fn at_location(location: &str, settings: &[(String, String)]) -> Result<(Archive, Path)> {
         let corrupt = |reason: &str| ArchiveError::Corrupt {
             location: location.to_owned(),
             reason: reason.to_owned(),
@@ -174,7 +186,7 @@ impl Archive {
             let (bucket, key) = rest
                 .split_once('/')
                 .ok_or_else(|| corrupt("no object key"))?;
-            let archive = Archive::open(&format!("s3://{bucket}"))?;
+            let archive = Archive::open_with(&format!("s3://{bucket}"), settings)?;
             return Ok((archive, Path::from(key)));
         }
         let path = location
@@ -271,7 +283,15 @@ impl Archive {
 
     /// Reads and verifies the archive object at `location`.
     pub async fn read(location: &str) -> Result<ArchivedStream> {
-        let (archive, path) = Archive::at_location(location)?;
+        Archive::read_with(location, &[]).await
+    }
+
+    /// [`Archive::read`] with S3 settings (see [`Archive::open_with`]).
+    pub async fn read_with(
+        location: &str,
+        settings: &[(String, String)],
+    ) -> Result<ArchivedStream> {
+        let (archive, path) = Archive::at_location(location, settings)?;
         let bytes = archive.store.get(&path).await?.bytes().await?;
         decode(location, &bytes)
     }

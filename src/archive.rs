@@ -313,6 +313,32 @@ pub async fn restore(store: &PgStore, task: TaskId) -> Result<RestoreOutcome> {
     Ok(store.restore_stream(task, &archived.events).await?)
 }
 
+/// `reel retry`: [`engine::commands::retry_as`], restoring an archived failed task from
+/// its archive first (it then resumes by replay as always). A task that could not be
+/// retried anyway stays archived.
+pub async fn retry(
+    store: &PgStore,
+    task: TaskId,
+    actor: Option<&str>,
+) -> Result<engine::TaskState> {
+    match engine::commands::retry_as(store, task, actor).await {
+        Err(engine::Error::Archived { .. }) => {
+            let status = store.task_status(task).await?;
+            if let Some(status) = status.filter(|s| *s != engine::TaskStatus::FAILED) {
+                return Err(engine::Error::InvalidState {
+                    task,
+                    status,
+                    action: "retry",
+                }
+                .into());
+            }
+            restore(store, task).await?;
+            Ok(engine::commands::retry_as(store, task, actor).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// `task`'s history, from the log or, once archived, from its archive: what `replay`,
 /// `audit` and the console read. Empty: no such task.
 pub async fn history(store: &PgStore, task: TaskId) -> Result<Vec<RecordedEvent>> {

@@ -364,3 +364,92 @@ async fn a_followers_unread_events_are_never_deleted(target: Target) {
     );
     assert_eq!(check_whole(&db, &target).await, 30);
 }
+
+/// An archived task on the console: its page reads the archive and says so, and Retry
+/// restores it first. A submit repeating an archived task's idempotency key gets that
+/// task back, not a second one.
+#[tokio::test]
+async fn archived_tasks_on_the_console_and_resubmitted_keys() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let target = Target::directory();
+    let mut keyed = engine::NewTask::new(
+        "chores",
+        engine::ChannelId::parse("main").expect("channel"),
+        serde_json::json!({"n": 3, "fail": true}),
+    );
+    keyed.idempotency_key = Some("order-17".into());
+    let failed = store
+        .create_task(keyed.clone())
+        .await
+        .expect("submit")
+        .task_id();
+    run_chores(&store, archive::Runs::default()).await;
+    let before = reel_ok(&db, &target, &["replay", &failed.to_string()]);
+    assert_eq!(archive_json(&db, &target, &[])["archived"], 1);
+
+    keyed.id = TaskId::new();
+    let again = store.create_task(keyed).await.expect("the same key again");
+    assert_eq!(
+        again.task_id(),
+        failed,
+        "the archived task is the one with that key"
+    );
+    assert_eq!(
+        reel_ok(&db, &target, &["replay", &failed.to_string()]),
+        before
+    );
+
+    let token = "archive-console-token-0123456789";
+    let port = engine::testing::free_port().expect("port");
+    let mut console = command(
+        &db,
+        &target,
+        &[
+            "console",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token",
+            token,
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .expect("console");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(console.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("listening");
+    let url = format!("http://127.0.0.1:{port}");
+    let page = reqwest::get(format!("{url}/tasks/{failed}"))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("body");
+    assert!(page.contains("id=\"archived\""), "{page}");
+    assert!(
+        page.contains("work 2 failed"),
+        "the timeline from the archive: {page}"
+    );
+    let retried = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .post(format!("{url}/tasks/{failed}/retry"))
+        .bearer_auth(token)
+        .header("X-Reel-Actor", "ops")
+        .send()
+        .await
+        .expect("retry");
+    let _ = console.kill();
+    let _ = console.wait();
+    assert_eq!(retried.status(), reqwest::StatusCode::SEE_OTHER);
+    assert!(store.archive_location(failed).await.expect("row").is_none());
+    assert_eq!(
+        store.task_status(failed).await.expect("status"),
+        Some(TaskStatus::QUEUED)
+    );
+}

@@ -477,6 +477,47 @@ async fn the_stats_page_is_reel_stats_per_visible_channel() {
         !page.contains("hidden"),
         "a channel outside the console's is not shown"
     );
+
+    // A database too slow for the stats (the events table locked, as a migration or a
+    // VACUUM FULL would) holds neither the other pages nor the viewer: the stats page says
+    // it is computing, and shows the figures once they are ready.
+    let console = start_console(&db, &[]);
+    let mut lock = db.pool().begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let started = Instant::now();
+    let (status, page) = get(&format!("{}/stats", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"computing\""), "{page}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    for _ in 0..3 {
+        let _ = get(&format!("{}/stats", console.url), None).await;
+    }
+    let started = Instant::now();
+    let (status, _) = get(&format!("{}/", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get(&format!("{}/providers", console.url), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "other pages answer while the stats wait: {:?}",
+        started.elapsed()
+    );
+    lock.rollback().await.expect("unlock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, page) = get(&format!("{}/stats", console.url), None).await;
+        if page.contains("<tr data-channel=\"main\">") && !page.contains("id=\"computing\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stats came once the lock went: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The providers page: each key's slots in flight against the cap the live workers apply
@@ -487,8 +528,8 @@ async fn the_providers_page_shows_slots_caps_queues_and_pauses() {
     let db = TestDatabase::create().await;
     let store = db.store();
     let first = submit(&db, &["--channel", "main", "--topic", "first"]);
-    let second = submit(&db, &["--channel", "main", "--topic", "second"]);
     let hidden = submit(&db, &["--channel", "hidden", "--topic", "hidden"]);
+    let second = submit(&db, &["--channel", "main", "--topic", "second"]);
     // Two items of the first task hold `video`'s two slots; the second task and the hidden
     // one wait behind them.
     let owner = |task| engine::SlotOwner {
@@ -502,7 +543,7 @@ async fn the_providers_page_shows_slots_caps_queues_and_pauses() {
         .await
         .expect("slots");
     assert_eq!(granted, vec![1, 2]);
-    for task in [second, hidden] {
+    for task in [hidden, second] {
         let granted = store
             .acquire_slots("video", 2, owner(task), &[1, 2, 3], ttl)
             .await
@@ -571,6 +612,11 @@ async fn the_providers_page_shows_slots_caps_queues_and_pauses() {
         .nth(1)
         .expect("video's queue");
     assert!(queue.contains(&second.to_string()));
+    // Its place counts the older waiter the console may not show.
+    assert!(
+        queue.contains("<tr><td>2</td>"),
+        "second in the whole queue: {queue}"
+    );
     assert!(!page.contains(&hidden.to_string()));
 
     // A second worker applying another cap: the page says the workers disagree.
@@ -663,6 +709,68 @@ async fn artifacts_are_served_from_the_tasks_directory_only() {
         let (status, body) = get(&format!("{}{refused}", console.url), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{refused}: {body}");
     }
+    // A symlink inside the task's directory to a file of another type is served as the
+    // type asked for (and sandboxed), never as a page.
+    std::os::unix::fs::symlink("page.html", dir.join("assets").join("html.png")).expect("symlink");
+    let response = client()
+        .get(format!(
+            "{}/tasks/{task}/files/assets/html.png",
+            console.url
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.headers()["content-type"], "image/png");
+
+    // A file swapped for a symlink out of the directory between checks and opens: what is
+    // checked is what was opened, so the secret is never served.
+    let secret = artifacts.path().join("secret.txt");
+    std::fs::write(&secret, "SECRET-OUTSIDE-TASK-DIR").expect("secret");
+    let racing = dir.join("assets").join("race.png");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, racing, secret) = (stop.clone(), racing.clone(), secret.clone());
+        std::thread::spawn(move || {
+            let (plain, link) = (
+                racing.with_extension("plain"),
+                racing.with_extension("link"),
+            );
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::write(&plain, "real");
+                let _ = std::fs::rename(&plain, &racing);
+                let _ = std::fs::remove_file(&link);
+                let _ = std::os::unix::fs::symlink(&secret, &link);
+                let _ = std::fs::rename(&link, &racing);
+            }
+        })
+    };
+    let mut served = 0;
+    for _ in 0..300 {
+        let (status, body) = get(
+            &format!("{}/tasks/{task}/files/assets/race.png", console.url),
+            None,
+        )
+        .await;
+        assert!(
+            !body.contains("SECRET"),
+            "a file outside the task was served"
+        );
+        served += usize::from(status == StatusCode::OK);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().expect("swapper");
+    assert!(served > 0, "the real file was served meanwhile");
+
+    // A task directory that is itself a symlink leads elsewhere: nothing under it is served.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(elsewhere.path().join("assets")).expect("dir");
+    std::fs::write(elsewhere.path().join("assets").join("01.png"), "elsewhere").expect("file");
+    let moved = artifacts.path().join("main").join("moved");
+    std::fs::rename(&dir, &moved).expect("move the task's directory");
+    std::os::unix::fs::symlink(elsewhere.path(), &dir).expect("symlink the task's directory");
+    let (status, _) = get(&format!("{}{image}", console.url), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // Without --artifacts, no media and no files.
     let plain = start_console(&db, &[]);
     let (_, page) = get(&format!("{}/tasks/{task}", plain.url), None).await;

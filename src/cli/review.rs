@@ -1,7 +1,7 @@
 //! `reel approve | reject | retry | cancel`: an operator's decisions on one task.
 
 use clap::Args;
-use engine::{PgStore, TaskId, TaskStatus, commands, fold};
+use engine::{PgStore, TaskId, commands, fold};
 
 use super::{UsageError, WorkerSettings, Workflows, print_state};
 
@@ -153,24 +153,8 @@ pub(crate) async fn upgrade(
 pub(crate) async fn retry(url: &str, target: TaskArg) -> anyhow::Result<()> {
     let (store, task) = open(url, &target).await?;
     let actor = target.actor();
-    let state = match commands::retry_as(&store, task, Some(&actor)).await {
-        // An archived failed task comes back from its archive first, then resumes by
-        // replay. One that could not be retried anyway stays archived.
-        Err(engine::Error::Archived { .. }) => {
-            let status = store.task_status(task).await?;
-            if let Some(status) = status.filter(|s| *s != TaskStatus::FAILED) {
-                return Err(engine::Error::InvalidState {
-                    task,
-                    status,
-                    action: "retry",
-                }
-                .into());
-            }
-            crate::archive::restore(&store, task).await?;
-            commands::retry_as(&store, task, Some(&actor)).await?
-        }
-        other => other?,
-    };
+    // An archived failed task comes back from its archive first, then resumes by replay.
+    let state = crate::archive::retry(&store, task, Some(&actor)).await?;
     print_state(&state, target.json)
 }
 

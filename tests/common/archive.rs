@@ -118,7 +118,10 @@ pub fn command(db: &TestDatabase, target: &Target, args: &[&str]) -> Command {
         .args(args)
         // Hundreds of short processes: a TLS handshake each (debug build, ~200 ms) would be
         // most of the test's time, and the test server is on loopback.
-        .env("DATABASE_URL", db.url().replace("sslmode=prefer", "sslmode=disable"))
+        .env(
+            "DATABASE_URL",
+            db.url().replace("sslmode=prefer", "sslmode=disable"),
+        )
         .env("REEL_LOG", "warn")
         .envs(target.env.iter().map(|(k, v)| (k, v)));
     command

@@ -162,6 +162,21 @@ impl PgStore {
         self
     }
 
+    /// The same store (settings, pooler, session pool) on a pool of its own of at most
+    /// `max_connections`, connected lazily: for long work (a scan over every history) that
+    /// must never take the connections quick requests wait for.
+    pub fn with_own_pool(&self, max_connections: u32) -> Self {
+        let options = self.pool.options();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(options.get_acquire_timeout())
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        PgStore {
+            pool,
+            ..self.clone()
+        }
+    }
+
     /// Whether the store's connections keep their server sessions between transactions
     /// (no transaction pooler between them and PostgreSQL).
     pub fn keeps_sessions(&self) -> bool {
@@ -498,8 +513,9 @@ impl PgStore {
 
     async fn existing_task(&self, task: &NewTask) -> Result<Created> {
         let row = self.on_pool(async |c| self.statement(
-            "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, e.payload -> 'input' AS input \
-             FROM tasks t JOIN events e ON e.stream_id = t.id AND e.stream_version = 1 \
+            "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, e.payload -> 'input' AS input, \
+                    t.archived_at IS NOT NULL AS archived \
+             FROM tasks t LEFT JOIN events e ON e.stream_id = t.id AND e.stream_version = 1 \
              WHERE t.id = $1 OR t.idempotency_key = $2 \
              ORDER BY (t.idempotency_key IS NOT DISTINCT FROM $2) DESC LIMIT 1",
         )
@@ -515,9 +531,12 @@ impl PgStore {
             });
         };
         let existing = TaskId::from(row.try_get::<Uuid, _>("id")?);
+        // An archived task's input is in its archive: its workflow and channel are compared.
+        let input = row.try_get::<Option<Value>, _>("input")?;
+        let archived = input.is_none() && row.try_get::<bool, _>("archived")?;
         let same = row.try_get::<String, _>("workflow")? == task.workflow
             && row.try_get::<String, _>("channel_id")? == task.channel_id.as_str()
-            && row.try_get::<Option<Value>, _>("input")?.as_ref() == Some(&task.input);
+            && (archived || input.as_ref() == Some(&task.input));
         match (&task.idempotency_key, same) {
             (_, true) => Ok(Created::Existing(existing)),
             (Some(key), false)

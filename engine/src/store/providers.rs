@@ -72,6 +72,8 @@ pub struct AppliedLimits {
 /// Items of one task's step waiting for slots of a key.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QueuedItems {
+    /// Its place in the whole queue (1: next), counting waiters the caller may not see.
+    pub place: u64,
     pub task: TaskId,
     pub step: String,
     pub items: u32,
@@ -80,7 +82,8 @@ pub struct QueuedItems {
 }
 
 // Every key known to the slots table or to a live worker; counts are fleet-wide, the queue
-// lists only tasks of the channels `$1` (empty: all), at most `$2` entries per key.
+// lists only tasks of the channels `$1` (empty: all), at most `$2` entries per key, each
+// with its place in the whole queue.
 const OVERVIEW_SQL: &str = r#"
 WITH keys AS (
     SELECT key FROM provider_keys
@@ -101,16 +104,21 @@ SELECT keys.key,
                            FROM workers w
                           WHERE w.expires_at > now() AND w.providers ? keys.key
                           GROUP BY 1) AS l), '[]'::jsonb) AS applied,
-       COALESCE((SELECT jsonb_agg(jsonb_build_object('task', q.task_id, 'step', q.step,
-                                                     'items', q.n, 'since', q.since)
-                                  ORDER BY q.since, q.task_id, q.step)
-                   FROM (SELECT s.task_id, s.step, count(*) AS n, min(s.priority) AS since
-                           FROM provider_slots s JOIN tasks t ON t.id = s.task_id
-                          WHERE s.key = keys.key AND NOT s.granted AND s.expires_at > now()
-                            AND (cardinality($1::text[]) = 0 OR t.channel_id = ANY($1))
-                          GROUP BY s.task_id, s.step
-                          ORDER BY min(s.priority), s.task_id, s.step
-                          LIMIT $2) AS q), '[]'::jsonb) AS queue
+       COALESCE((SELECT jsonb_agg(jsonb_build_object('place', q.place, 'task', q.task_id,
+                                                     'step', q.step, 'items', q.n,
+                                                     'since', q.since)
+                                  ORDER BY q.place)
+                   FROM (SELECT w.*, t.channel_id FROM (
+                            SELECT s.task_id, s.step, count(*) AS n, min(s.priority) AS since,
+                                   row_number() OVER (ORDER BY min(s.priority), s.task_id, s.step)
+                                       AS place
+                              FROM provider_slots s
+                             WHERE s.key = keys.key AND NOT s.granted AND s.expires_at > now()
+                             GROUP BY s.task_id, s.step) AS w
+                         JOIN tasks t ON t.id = w.task_id
+                         WHERE cardinality($1::text[]) = 0 OR t.channel_id = ANY($1)
+                         ORDER BY w.place
+                         LIMIT $2) AS q), '[]'::jsonb) AS queue
 FROM keys LEFT JOIN provider_keys k ON k.key = keys.key
 ORDER BY keys.key
 "#;

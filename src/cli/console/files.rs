@@ -7,7 +7,7 @@
 //! and text are served, each with a sandboxing Content-Security-Policy and `nosniff`: a
 //! file a provider returned never runs as a page of the console's origin.
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -70,22 +70,27 @@ fn not_found() -> Response {
     page_error(StatusCode::NOT_FOUND, "No such artifact.")
 }
 
-/// The file, if it is inside the task's directory once every symlink is followed.
-fn contained(
+/// The file, opened, if what was opened lies inside the task's directory: the check is
+/// made on the open file itself (its path as the kernel resolved it), so a symlink swapped
+/// in after the check cannot redirect what is served. `root` is canonical, and the
+/// channel's and task's directories are taken by name: a task directory that is itself a
+/// symlink leads outside, and is refused.
+fn open_contained(
     root: &FsPath,
     channel: &ChannelId,
     task: TaskId,
     step: &str,
     file: &str,
-) -> Option<PathBuf> {
+) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
     let path = steps::artifact_path(root, channel, task, step, file).ok()?;
-    let dir = root
-        .join(channel.as_str())
-        .join(task.to_string())
-        .canonicalize()
-        .ok()?;
-    let path = path.canonicalize().ok()?;
-    (path.starts_with(&dir) && path.is_file()).then_some(path)
+    let dir = root.join(channel.as_str()).join(task.to_string());
+    let opened = std::fs::File::open(&path).ok()?;
+    if !opened.metadata().ok()?.is_file() {
+        return None;
+    }
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd())).ok()?;
+    real.starts_with(&dir).then_some(opened)
 }
 
 /// `GET /tasks/{id}/files/{step}/{file}`: one artifact of a task the console may show (Range
@@ -115,17 +120,24 @@ pub(crate) async fn artifact(
     if Media::of(&file).is_none() {
         return not_found();
     }
-    let found = tokio::task::spawn_blocking(move || contained(&root, &channel, task, &step, &file))
-        .await
-        .ok()
-        .flatten();
-    let Some(path) = found else {
+    // The type the page asked for (an allowed media type), whatever the file's own name.
+    let mime = mime_guess::from_path(&file).first_or_octet_stream();
+    let found =
+        tokio::task::spawn_blocking(move || open_contained(&root, &channel, task, &step, &file))
+            .await
+            .ok()
+            .flatten();
+    let Some(opened) = found else {
         return not_found();
     };
-    let response = match ServeFile::new(path).oneshot(request).await {
+    // Served through the open file: its `/proc/self/fd` link reopens that very file (Range
+    // requests answered by tower-http), whatever the directory holds by now.
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&opened));
+    let response = match ServeFile::new_with_mime(path, &mime).oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
+    drop(opened);
     let (mut parts, body) = response.into_parts();
     let headers = &mut parts.headers;
     headers.insert(

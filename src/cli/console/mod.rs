@@ -173,11 +173,14 @@ pub async fn console_router_with(
     let console = Arc::new(Console {
         hub: hub::Hub::start(store.clone(), stop.clone()).await?,
         stop,
+        stats: ops::StatsCache::new(&store),
         store,
         auth: auth::Auth::new(options.token),
         channels: options.channels,
-        artifacts: options.artifacts,
-        stats: ops::StatsCache::default(),
+        // Canonical: a served file must lie under it once the kernel resolved its path.
+        artifacts: options
+            .artifacts
+            .map(|root| root.canonicalize().unwrap_or(root)),
     });
     Ok(router(console))
 }

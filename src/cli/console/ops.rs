@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use engine::ChannelId;
+use engine::{ChannelId, PgStore};
 use maud::html;
 
 use super::Console;
-use super::pages::{layout, store_error};
+use super::pages::{layout, page_error, store_error};
 use crate::cli::audit::{Stats, gather_stats};
 use crate::cli::money;
 
@@ -23,6 +23,9 @@ const QUEUE_SHOWN: u32 = 20;
 /// (as `reel stats` does), far too much work to redo for every view.
 const STATS_FRESH_FOR: Duration = Duration::from_secs(30);
 
+/// How long a view waits for figures being computed before it shows what it has.
+const STATS_WAIT: Duration = Duration::from_secs(3);
+
 /// Each visible channel's stats, computed at a moment.
 #[derive(Debug)]
 struct Figures {
@@ -31,9 +34,63 @@ struct Figures {
     channels: Vec<(ChannelId, Stats)>,
 }
 
-/// The stats page's figures, as of when they were computed.
 #[derive(Debug, Default)]
-pub(crate) struct StatsCache(tokio::sync::Mutex<Option<Figures>>);
+struct StatsState {
+    figures: Option<Arc<Figures>>,
+    /// A computation in flight since then.
+    running_since: Option<chrono::DateTime<Utc>>,
+    /// The last computation's failure, if it failed.
+    failed: Option<String>,
+}
+
+/// The stats page's figures. One computation at a time runs in the background, on a small
+/// pool of its own (`store`): a slow database or a big log never holds the connections
+/// the other pages need, and a viewer who leaves does not waste what was computed.
+#[derive(Debug)]
+pub(crate) struct StatsCache {
+    store: PgStore,
+    state: std::sync::Mutex<StatsState>,
+    done: tokio::sync::Notify,
+}
+
+impl StatsCache {
+    pub(crate) fn new(store: &PgStore) -> Self {
+        StatsCache {
+            store: store.with_own_pool(2),
+            state: std::sync::Mutex::default(),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, StatsState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Computes the figures into the cache, and wakes the views waiting for them.
+async fn compute_into(console: Arc<Console>) {
+    let result = compute(&console).await;
+    let cache = &console.stats;
+    {
+        let mut state = cache.state();
+        state.running_since = None;
+        match result {
+            Ok(channels) => {
+                state.failed = None;
+                state.figures = Some(Arc::new(Figures {
+                    computed: Instant::now(),
+                    at: Utc::now(),
+                    channels,
+                }));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "console: the stats could not be computed");
+                state.failed = Some(err.to_string());
+            }
+        }
+    }
+    cache.done.notify_waiters();
+}
 
 /// `GET /providers`.
 pub(crate) async fn providers(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
@@ -100,9 +157,9 @@ pub(crate) async fn providers(State(console): State<Arc<Console>>, headers: Head
             table.queue data-key=(key.key) {
                 thead { tr { th { "place" } th { "task" } th { "step" } th { "items" } th { "task since" } } }
                 tbody {
-                    @for (place, queued) in key.queue.iter().enumerate() {
+                    @for queued in &key.queue {
                         tr {
-                            td { (place + 1) }
+                            td { (queued.place) }
                             td { a href=(format!("/tasks/{}", queued.task)) { code { (queued.task) } } }
                             td { (queued.step) }
                             td { (queued.items) }
@@ -120,33 +177,77 @@ pub(crate) async fn providers(State(console): State<Arc<Console>>, headers: Head
 /// `GET /stats`: what `reel stats --channel C` prints, for each channel the console shows.
 pub(crate) async fn stats(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let caller = console.auth.caller(&headers);
-    // One computation at a time: other viewers wait for it and share its result.
-    let mut cache = console.stats.0.lock().await;
-    let fresh = cache
-        .as_ref()
-        .is_some_and(|f| f.computed.elapsed() < STATS_FRESH_FOR);
-    if !fresh {
-        match compute(&console).await {
-            Ok(channels) => {
-                *cache = Some(Figures {
-                    computed: Instant::now(),
-                    at: Utc::now(),
-                    channels,
-                });
-            }
-            Err(err) => return store_error(&err),
-        }
-    }
-    let Some(Figures {
-        at: computed_at,
-        channels: figures,
-        ..
-    }) = cache.as_ref()
-    else {
-        return store_error(&engine::Error::InvalidInput("no figures".into()));
+    let fresh = |state: &StatsState| {
+        state
+            .figures
+            .clone()
+            .filter(|f| f.computed.elapsed() < STATS_FRESH_FOR)
     };
+    let waiting = {
+        let mut state = console.stats.state();
+        if let Some(figures) = fresh(&state) {
+            return stats_page(&caller, &figures, None).into_response();
+        }
+        // Registered before the lock is let go: a computation ending now still wakes it.
+        let mut waiting = Box::pin(console.stats.done.notified());
+        waiting.as_mut().enable();
+        if state.running_since.is_none() {
+            state.running_since = Some(Utc::now());
+            tokio::spawn(compute_into(console.clone()));
+        }
+        waiting
+    };
+    let _ = tokio::time::timeout(STATS_WAIT, waiting).await;
+    let state = console.stats.state();
+    if let Some(figures) = fresh(&state) {
+        return stats_page(&caller, &figures, None).into_response();
+    }
+    match (&state.running_since, &state.failed, &state.figures) {
+        (Some(since), _, figures) => {
+            stats_page_computing(&caller, *since, figures.as_deref()).into_response()
+        }
+        (None, Some(_), _) => page_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The stats could not be computed (the database did not answer); try again in a moment.",
+        ),
+        (None, None, _) => page_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No figures yet; try again.",
+        ),
+    }
+}
+
+/// Figures still being computed: the last ones, if any, marked as such; the page reloads.
+fn stats_page_computing(
+    caller: &super::auth::Caller,
+    since: chrono::DateTime<Utc>,
+    stale: Option<&Figures>,
+) -> maud::Markup {
+    let note = html! {
+        p.hint #computing {
+            "Computing the figures (started " (since.format("%H:%M:%S")) " UTC); this page reloads until they are ready."
+        }
+    };
+    match stale {
+        Some(figures) => stats_page(caller, figures, Some(note)),
+        None => layout(
+            "Stats",
+            Some(caller),
+            html! { meta http-equiv="refresh" content="3"; h1 { "Stats" } (note) },
+        ),
+    }
+}
+
+fn stats_page(
+    caller: &super::auth::Caller,
+    figures: &Figures,
+    note: Option<maud::Markup>,
+) -> maud::Markup {
+    let (computed_at, figures) = (figures.at, &figures.channels);
     let body = html! {
+        @if note.is_some() { meta http-equiv="refresh" content="3"; }
         h1 { "Stats" }
+        @if let Some(note) = note { (note) }
         p.hint { "As " code { "reel stats --channel C" } " prints them, computed at " (computed_at.format("%H:%M:%S")) " UTC (kept " (STATS_FRESH_FOR.as_secs()) " s)." }
         table #stats {
             thead { tr { th { "channel" } th { "tasks" } th { "by status" } th { "spent" } th { "items run" } th { "skipped by resuming" } th { "saved" } th { "provider jobs" } } }
@@ -176,15 +277,16 @@ pub(crate) async fn stats(State(console): State<Arc<Console>>, headers: HeaderMa
             }
         }
     };
-    layout("Stats", Some(&caller), body).into_response()
+    layout("Stats", Some(caller), body)
 }
 
 /// Each visible channel's stats.
 async fn compute(console: &Console) -> engine::Result<Vec<(ChannelId, Stats)>> {
+    let store = &console.stats.store;
     let mut figures = Vec::new();
-    for channel in console.store.channels().await? {
+    for channel in store.channels().await? {
         if console.sees(channel.as_str()) {
-            let stats = gather_stats(&console.store, Some(channel.clone())).await?;
+            let stats = gather_stats(store, Some(channel.clone())).await?;
             figures.push((channel, stats));
         }
     }

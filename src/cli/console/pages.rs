@@ -293,14 +293,28 @@ pub(crate) async fn task(
     let Some(row) = row.filter(|r| console.sees(&r.channel_id)) else {
         return no_such_task();
     };
-    let events = match at {
-        Some(at) => {
+    let events = match (at, row.archived_at) {
+        // An archived task's history is read from its archive.
+        (_, Some(_)) => match crate::archive::history(&console.store, task).await {
+            Ok(mut events) => {
+                events.retain(|e| at.is_none_or(|at| e.version <= at));
+                Ok(events)
+            }
+            Err(crate::archive::ArchiveError::Engine(err)) => Err(err),
+            Err(err) => {
+                return page_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("The task's archive cannot be read: {err}"),
+                );
+            }
+        },
+        (Some(at), None) => {
             console
                 .store
                 .read_stream_until(task, at.saturating_add(1))
                 .await
         }
-        None => console.store.read_stream(task, 1).await,
+        (None, None) => console.store.read_stream(task, 1).await,
     };
     let events = match events {
         Ok(events) => events,
@@ -355,6 +369,9 @@ pub(crate) async fn task(
         @if let Some(at) = at {
             p.travel { "As it was at version " strong { (at) } " of " (head) ". "
                 a href=(format!("/tasks/{task}")) { "Back to now" } }
+        }
+        @if let Some(archived) = row.archived_at {
+            p.travel #archived { "Archived at " (archived.format("%Y-%m-%d %H:%M:%S")) " UTC: its history is read from its archive." }
         }
         dl.facts #facts data-task=(task) data-live=(if running { "on" } else { "off" }) {
             dt { "status" } dd.status data-status=(status.as_str()) { (state.status_display()) }
@@ -576,7 +593,11 @@ pub(crate) async fn action(
                     let redo_from = nonempty(&form.redo_from).unwrap_or_default().to_owned();
                     commands::reject_as(store, task, &redo_from, reason(&form), by).await
                 }
-                Action::Retry => commands::retry_as(store, task, by).await,
+                Action::Retry => match crate::archive::retry(store, task, by).await {
+                    Ok(state) => Ok(state),
+                    Err(crate::archive::ArchiveError::Engine(err)) => Err(err),
+                    Err(err) => Err(engine::Error::InvalidInput(err.to_string())),
+                },
                 Action::Cancel => commands::cancel_as(store, task, reason(&form), by).await,
             }
         },

@@ -453,3 +453,77 @@ async fn archived_tasks_on_the_console_and_resubmitted_keys() {
         Some(TaskStatus::QUEUED)
     );
 }
+
+/// `reel worker --retain AGE --archive-to URL` on two workers: one archives at a time (it
+/// holds the lead), and when it is SIGKILLed the other takes over.
+#[tokio::test]
+async fn workers_retain_finished_tasks_one_leader_at_a_time() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let target = Target::directory();
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    submit_chores(&store, "main", 20, 0).await;
+    run_chores(&store, archive::Runs::default()).await;
+    let worker = |id: &str| {
+        command(
+            &db,
+            &target,
+            &[
+                "worker",
+                "--worker-id",
+                id,
+                "--retain",
+                "0s",
+                "--archive-to",
+                &target.url,
+                "--archive-every",
+                "1",
+                "--artifacts",
+                artifacts.path().to_str().expect("path"),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("worker")
+    };
+    let mut workers = vec![
+        ("w1", archive::KillOnDrop(worker("w1"))),
+        ("w2", archive::KillOnDrop(worker("w2"))),
+    ];
+    let archived_all = |expected: usize| {
+        let db = &db;
+        let target = &target;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            while check_whole(db, target).await < expected {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the background archiver archived {expected} tasks"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    archived_all(20).await;
+    let leader: String =
+        sqlx::query_scalar("SELECT holder FROM leader_leases WHERE name = 'reel-archiver'")
+            .fetch_one(db.pool())
+            .await
+            .expect("a leader");
+    let at = workers
+        .iter()
+        .position(|(id, _)| *id == leader)
+        .expect("a worker leads");
+    // Dropped: SIGKILLed.
+    drop(workers.remove(at));
+
+    submit_chores(&store, "main", 20, 0).await;
+    run_chores(&store, archive::Runs::default()).await;
+    archived_all(40).await;
+    let now: String =
+        sqlx::query_scalar("SELECT holder FROM leader_leases WHERE name = 'reel-archiver'")
+            .fetch_one(db.pool())
+            .await
+            .expect("a leader");
+    assert_ne!(now, leader, "the other worker took over");
+}

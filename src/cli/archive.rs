@@ -6,6 +6,7 @@ use clap::Args;
 use engine::{ArchiveFilter, ChannelId, PgStore, RestoreOutcome, TaskId};
 use futures_util::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::UsageError;
 use crate::archive::{Archive, Archived, restore};
@@ -200,6 +201,134 @@ pub(crate) async fn restore_tasks(url: &str, args: RestoreArgs) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// The lead the background archivers of a fleet share: one archives at a time.
+const ARCHIVER_LEAD: &str = "reel-archiver";
+
+/// `reel worker --retain AGE --archive-to URL`: what the background archiver is told.
+#[derive(Clone, Debug)]
+pub(crate) struct Retention {
+    /// Tasks finished longer ago than this are archived (an age, as `--finished-before`).
+    pub(crate) age: String,
+    pub(crate) archive: Archive,
+    /// Tasks archived per second at most: deletes stay small and spread out.
+    pub(crate) rate: f64,
+    /// How long between looks for finished tasks.
+    pub(crate) every: std::time::Duration,
+}
+
+impl Retention {
+    /// Checks `age` now, so that a typo stops the worker at start.
+    pub(crate) fn new(
+        age: &str,
+        to: &str,
+        rate: f64,
+        every: std::time::Duration,
+    ) -> Result<Retention, UsageError> {
+        if DateTime::parse_from_rfc3339(age.trim()).is_ok()
+            || NaiveDate::parse_from_str(age.trim(), "%Y-%m-%d").is_ok()
+        {
+            return Err(UsageError(format!(
+                "--retain {age}: an age (30d, 12h), not a date"
+            )));
+        }
+        cutoff(age, Utc::now())?;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(UsageError("--archive-rate must be above 0".into()));
+        }
+        Ok(Retention {
+            age: age.to_owned(),
+            archive: Archive::open(to).map_err(|e| UsageError(e.to_string()))?,
+            rate,
+            every,
+        })
+    }
+
+    /// Archives in the background until `stop`, while this process holds the fleet's
+    /// archiver lead (taken when free, renewed at each look, lost when this process dies).
+    pub(crate) async fn run(self, store: PgStore, holder: String, stop: CancellationToken) {
+        let ttl = (self.every * 3).max(std::time::Duration::from_secs(10));
+        let pace = std::time::Duration::from_secs_f64(1.0 / self.rate);
+        // A batch ends well inside the lead's life: the next look renews it.
+        let batch = ((ttl.as_secs_f64() / 2.0) * self.rate).clamp(1.0, 1000.0) as u32;
+        let mut leading = false;
+        loop {
+            match store.take_lead(ARCHIVER_LEAD, &holder, ttl).await {
+                Ok(lead) => {
+                    if lead != leading {
+                        tracing::info!(worker = %holder, leading = lead, "background archiver lead");
+                    }
+                    leading = lead;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "background archiver: cannot take its lead");
+                    leading = false;
+                }
+            }
+            if leading {
+                match self.batch(&store, batch, pace, &stop).await {
+                    Ok(run) if run.archived > 0 || run.follower_behind > 0 => {
+                        tracing::info!(
+                            archived = run.archived,
+                            events = run.events,
+                            follower_behind = run.follower_behind,
+                            followers = ?run.followers,
+                            "background archiver"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "background archiver failed; it tries again")
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.every) => {}
+            }
+        }
+        if leading {
+            let _ = store.release_lead(ARCHIVER_LEAD, &holder).await;
+        }
+    }
+
+    /// Up to `max` tasks, one at a time, `pace` apart.
+    async fn batch(
+        &self,
+        store: &PgStore,
+        max: u32,
+        pace: std::time::Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<ArchiveRun> {
+        let filter = ArchiveFilter {
+            finished_before: cutoff(&self.age, Utc::now())?,
+            channel: None,
+            workflow: None,
+        };
+        let mut run = ArchiveRun::default();
+        for task in store.archive_candidates(&filter, None, max).await? {
+            if stop.is_cancelled() {
+                break;
+            }
+            match self.archive.archive_task(store, &task).await? {
+                Archived::Done { events, bytes } => {
+                    run.archived += 1;
+                    run.events += events;
+                    run.bytes += bytes;
+                }
+                Archived::Changed => run.changed += 1,
+                Archived::FollowerBehind { follower } => {
+                    run.follower_behind += 1;
+                    if !run.followers.contains(&follower) {
+                        run.followers.push(follower);
+                    }
+                }
+            }
+            tokio::time::sleep(pace).await;
+        }
+        Ok(run)
+    }
 }
 
 #[cfg(test)]

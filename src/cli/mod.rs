@@ -1,7 +1,7 @@
 //! The `reel` command line: parsing, the subcommands, and errors turned into one line on
 //! stderr with an exit code scripts can rely on.
 
-mod archive;
+pub(crate) mod archive;
 pub(crate) mod audit;
 pub(crate) mod console;
 mod metrics;

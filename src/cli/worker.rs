@@ -73,6 +73,25 @@ pub(crate) struct WorkerArgs {
     /// (default: no server).
     #[arg(long, env = "REEL_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Archive tasks that finished longer ago than AGE (`30d`, `12h`) in the background,
+    /// into --archive-to: one worker of the fleet at a time does it.
+    #[arg(long, env = "REEL_RETAIN", value_name = "AGE", requires = "archive_to")]
+    retain: Option<String>,
+    /// Where --retain archives: a directory or s3://bucket/prefix (as `reel archive --to`).
+    #[arg(long, env = "REEL_ARCHIVE_TO", value_name = "URL", requires = "retain")]
+    archive_to: Option<String>,
+    /// Tasks the background archiver archives per second at most.
+    #[arg(
+        long,
+        env = "REEL_ARCHIVE_RATE",
+        value_name = "TASKS",
+        default_value_t = 20.0
+    )]
+    archive_rate: f64,
+    /// Seconds between the background archiver's looks for finished tasks.
+    #[arg(long, env = "REEL_ARCHIVE_EVERY", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    archive_every: u64,
     /// Seconds between the warnings this worker logs while tasks of its workflows are
     /// stranded (of a version no live worker serves or accepts); 1 to 86400.
     #[arg(long, env = "REEL_STRANDED_WARNING", value_name = "SECS", default_value_t = 300,
@@ -127,6 +146,15 @@ pub(crate) async fn worker(
     }
     let provider_limits =
         provider_limits(&registry, &given(&args.max_in_flight), &given(&args.rate))?;
+    let retention = match (&args.retain, &args.archive_to) {
+        (Some(age), Some(to)) => Some(super::archive::Retention::new(
+            age,
+            to,
+            args.archive_rate,
+            Duration::from_secs(args.archive_every),
+        )?),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(engine::service::cancel_on_signals(
         shutdown.clone(),
@@ -153,6 +181,10 @@ pub(crate) async fn worker(
         }
         None => None,
     };
+    let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
+    let archiver = retention.map(|retention| {
+        tokio::spawn(retention.run(store.clone(), worker_id.clone(), shutdown.clone()))
+    });
     let lease_ttl = Duration::from_secs(args.lease_ttl);
     let options = WorkerOptions {
         concurrency,
@@ -164,9 +196,17 @@ pub(crate) async fn worker(
         strict_versions: args.strict_versions,
         stranded_warning_interval: Duration::from_secs(args.stranded_warning),
         metrics,
-        ..WorkerOptions::new(args.worker_id.unwrap_or_else(default_worker_id))
+        ..WorkerOptions::new(worker_id)
     };
-    let report = match Worker::new(store, registry, options).run(shutdown).await {
+    let report = Worker::new(store, registry, options)
+        .run(shutdown.clone())
+        .await;
+    // The background archiver stops with the worker (an --until-idle run ends it here).
+    shutdown.cancel();
+    if let Some(archiver) = archiver {
+        let _ = archiver.await;
+    }
+    let report = match report {
         Err(refused @ engine::Error::ShapeChanged(_)) => {
             return Err(UsageError(refused.to_string()).into());
         }

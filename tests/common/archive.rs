@@ -107,6 +107,16 @@ impl Drop for Moto {
     }
 }
 
+/// A process SIGKILLed when dropped (a failing test leaves none behind).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `reel ARGS` against `db`, with `target`'s environment.
 pub fn reel(db: &TestDatabase, target: &Target, args: &[&str]) -> Output {
     command(db, target, args).output().expect("run reel")

@@ -3,6 +3,7 @@
 mod archive;
 mod checkpoint;
 mod clock;
+mod leader;
 mod lease;
 mod listing;
 mod orphans;

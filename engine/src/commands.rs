@@ -35,7 +35,7 @@ async fn approve_once(
     reviewer: Option<String>,
     actor: Option<&str>,
 ) -> Result<TaskState> {
-    let state = load(store, task).await?;
+    let state = load(store, task, "approve").await?;
     require_review(task, &state, "approve")?;
     let events = vec![
         Event::ReviewApproved { reviewer },
@@ -75,7 +75,7 @@ async fn reject_once(
     reason: Option<String>,
     actor: Option<&str>,
 ) -> Result<TaskState> {
-    let state = load(store, task).await?;
+    let state = load(store, task, "reject").await?;
     // A step an upgrade removed is history: nothing runs it again.
     if state.step(redo_from).is_none_or(|s| s.removed_in.is_some()) {
         let known: Vec<&str> = state
@@ -137,7 +137,7 @@ async fn cancel_once(
     reason: Option<String>,
     actor: Option<&str>,
 ) -> Result<TaskState> {
-    let state = match load(store, task).await {
+    let state = match load(store, task, "cancel").await {
         Err(err @ Error::Decode { .. }) => {
             return cancel_unreadable(store, task, reason, err, actor).await;
         }
@@ -186,7 +186,7 @@ pub async fn retry_as(store: &PgStore, task: TaskId, actor: Option<&str>) -> Res
 }
 
 async fn retry_once(store: &PgStore, task: TaskId, actor: Option<&str>) -> Result<TaskState> {
-    let state = load(store, task).await?;
+    let state = load(store, task, "retry").await?;
     require(task, &state, "retry", |s| {
         s == TaskStatus::FAILED || s == TaskStatus::RETRY_SCHEDULED
     })?;
@@ -213,7 +213,7 @@ async fn upgrade_once(
     task: TaskId,
     to: u32,
 ) -> Result<TaskState> {
-    let state = load(store, task).await?;
+    let state = load(store, task, "upgrade").await?;
     let from = state.workflow_version.max(1);
     let refused = |reason: String| Error::UpgradeRefused {
         task,
@@ -254,7 +254,7 @@ async fn upgrade_once(
             NewEvent::new(upgraded),
         )
         .await?;
-    load(store, task).await
+    load(store, task, "upgrade").await
 }
 
 /// Cancels a task whose history this build cannot fold, from its `tasks` row: an
@@ -310,13 +310,30 @@ where
     command().await
 }
 
-async fn load(store: &PgStore, task: TaskId) -> Result<TaskState> {
+/// The task's state for `action`. An archived task is finished: only a failed one can be
+/// retried or upgraded, after a restore (`Archived` says so); any other action is refused
+/// as its status refuses it.
+async fn load(store: &PgStore, task: TaskId, action: &'static str) -> Result<TaskState> {
     let events = store.read_stream(task, 1).await?;
     if events.is_empty() {
-        return Err(match store.archive_location(task).await? {
-            Some(location) => Error::Archived { task, location },
-            None => Error::TaskNotFound(task),
-        });
+        let Some(location) = store.archive_location(task).await? else {
+            return Err(Error::TaskNotFound(task));
+        };
+        let status = store
+            .task_status(task)
+            .await?
+            .unwrap_or(TaskStatus::COMPLETED);
+        return Err(
+            if status == TaskStatus::FAILED && matches!(action, "retry" | "upgrade") {
+                Error::Archived { task, location }
+            } else {
+                Error::InvalidState {
+                    task,
+                    status,
+                    action,
+                }
+            },
+        );
     }
     Ok(fold(&events))
 }
@@ -347,7 +364,7 @@ async fn commit(
 ) -> Result<TaskState> {
     let batch = with_actor(events, actor);
     store.append(task, version, Fence::Unleased, &batch).await?;
-    load(store, task).await
+    load(store, task, "load").await
 }
 
 /// The events to append, each with `actor` (if any) in its metadata.

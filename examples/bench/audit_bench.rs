@@ -92,7 +92,7 @@ async fn seed(pool: &PgPool, tasks: i64) -> anyhow::Result<()> {
 }
 
 /// Builds the `reel` binary next to this bench (same profile) and returns its path.
-fn build_reel() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn build_reel() -> anyhow::Result<std::path::PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let release = !cfg!(debug_assertions);
     let mut build = Command::new(cargo);

@@ -4,7 +4,8 @@
 //! `name`, `value`, `unit`). Everything runs against the same PostgreSQL server in the same
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
-//! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces, console) runs one group
+//! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces, console,
+//! retention) runs one group
 //! of rows.
 
 mod audit_bench;
@@ -14,6 +15,7 @@ mod engine_bench;
 mod jobs_bench;
 mod pooler_bench;
 mod projector_bench;
+mod retention_bench;
 mod store_bench;
 mod trace_bench;
 mod wire;
@@ -126,6 +128,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("traces") {
         trace_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("retention") {
+        retention_bench::run(&mut report, &pool, &store, &bench_url()?, quick).await?;
     }
     if runs("audit") {
         audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;

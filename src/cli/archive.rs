@@ -4,7 +4,6 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::Args;
 use engine::{ArchiveFilter, ChannelId, PgStore, RestoreOutcome, TaskId};
-use futures_util::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +35,10 @@ pub(crate) struct ArchiveArgs {
     /// Archive at most this many tasks (default: all that match).
     #[arg(long)]
     limit: Option<u64>,
+    /// At most this many tasks per second, one at a time (default: as fast as it goes,
+    /// 4 at once): spreads the deletes out on a busy database.
+    #[arg(long, value_name = "TASKS")]
+    rate: Option<f64>,
     /// One JSON object with the counts.
     #[arg(long)]
     json: bool,
@@ -59,6 +62,9 @@ pub(crate) struct ArchiveRun {
     pub(crate) changed: u64,
     /// Tasks left in PostgreSQL because a follower of the log has not read them yet.
     pub(crate) follower_behind: u64,
+    /// Tasks another archiver archived first.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) already_archived: u64,
     /// The followers that held tasks back.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) followers: Vec<String>,
@@ -97,17 +103,72 @@ pub(crate) fn cutoff(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Us
     }
 }
 
-/// Archives every task `filter` picks (at most `limit`) into `archive`: the run's counts.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl ArchiveRun {
+    fn record(&mut self, outcome: Archived) {
+        match outcome {
+            Archived::Done { events, bytes } => {
+                self.archived += 1;
+                self.events += events;
+                self.bytes += bytes;
+            }
+            Archived::Changed => self.changed += 1,
+            Archived::AlreadyArchived => self.already_archived += 1,
+            Archived::FollowerBehind { follower } => {
+                self.follower_behind += 1;
+                if !self.followers.contains(&follower) {
+                    self.followers.push(follower);
+                }
+            }
+        }
+    }
+}
+
+/// Which tasks an archiving run takes, how many, how fast, and under which lead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan<'a> {
+    pub(crate) filter: &'a ArchiveFilter,
+    /// At most this many tasks (`None`: every one the filter picks).
+    pub(crate) limit: Option<u64>,
+    pub(crate) pace: Pace,
+    /// A fleet archiver's lead, renewed before each task: the run stops once it is lost.
+    pub(crate) lead: Option<&'a Lead>,
+}
+
+/// How fast an archiving run goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pace {
+    /// [`IN_FLIGHT`] tasks at once, as fast as they go.
+    Full,
+    /// One task at a time, at most this many per second.
+    PerSecond(f64),
+}
+
+/// Archives every task `filter` picks (at most `limit`) into `archive`, at `pace`, until
+/// `stop`: the run's counts.
 pub(crate) async fn archive_tasks(
     store: &PgStore,
     archive: &Archive,
-    filter: &ArchiveFilter,
-    limit: Option<u64>,
-) -> anyhow::Result<ArchiveRun> {
-    let mut run = ArchiveRun::default();
+    plan: Plan<'_>,
+    stop: &CancellationToken,
+    run: &mut ArchiveRun,
+) -> anyhow::Result<()> {
+    let Plan {
+        filter,
+        limit,
+        pace,
+        lead,
+    } = plan;
     let mut after = None;
     let mut taken = 0u64;
-    loop {
+    let (in_flight, gap) = match pace {
+        Pace::Full => (IN_FLIGHT, None),
+        Pace::PerSecond(rate) => (1, Some(std::time::Duration::from_secs_f64(1.0 / rate))),
+    };
+    while !stop.is_cancelled() {
         let room = limit.map_or(u64::from(PAGE), |l| {
             l.saturating_sub(taken).min(u64::from(PAGE))
         });
@@ -121,28 +182,39 @@ pub(crate) async fn archive_tasks(
             break;
         };
         taken += page.len() as u64;
-        let mut outcomes = futures_util::stream::iter(page.iter())
-            .map(|task| archive.archive_task(store, task))
-            .buffer_unordered(IN_FLIGHT);
-        while let Some(outcome) = outcomes.next().await {
-            match outcome? {
-                Archived::Done { events, bytes } => {
-                    run.archived += 1;
-                    run.events += events;
-                    run.bytes += bytes;
-                }
-                Archived::Changed => run.changed += 1,
-                Archived::FollowerBehind { follower } => {
-                    run.follower_behind += 1;
-                    if !run.followers.contains(&follower) {
-                        run.followers.push(follower);
-                    }
-                }
+        for chunk in page.chunks(in_flight) {
+            if stop.is_cancelled() {
+                break;
+            }
+            // A fleet's archiver renews its lead before each task, and stops once it lost it.
+            if let Some(lead) = lead
+                && !store
+                    .take_lead(ARCHIVER_LEAD, &lead.holder, lead.ttl)
+                    .await?
+            {
+                return Ok(());
+            }
+            let mut writes = Vec::with_capacity(chunk.len());
+            for task in chunk {
+                writes.push(archive.archive_task(store, task));
+            }
+            for outcome in futures_util::future::join_all(writes).await {
+                run.record(outcome?);
+            }
+            if let Some(gap) = gap {
+                tokio::time::sleep(gap).await;
             }
         }
         after = Some(last);
     }
-    Ok(run)
+    Ok(())
+}
+
+/// The fleet archiver's lead, held by `holder` for `ttl` at each renewal.
+#[derive(Clone, Debug)]
+pub(crate) struct Lead {
+    holder: String,
+    ttl: std::time::Duration,
 }
 
 pub(crate) async fn archive(url: &str, args: ArchiveArgs) -> anyhow::Result<()> {
@@ -152,8 +224,33 @@ pub(crate) async fn archive(url: &str, args: ArchiveArgs) -> anyhow::Result<()> 
         workflow: args.workflow.clone(),
     };
     let archive = Archive::open(&args.to).map_err(|e| UsageError(e.to_string()))?;
+    let pace = match args.rate {
+        None => Pace::Full,
+        Some(rate) if rate.is_finite() && rate > 0.0 => Pace::PerSecond(rate),
+        Some(_) => return Err(UsageError("--rate must be above 0".into()).into()),
+    };
     let store = engine::db::connect_store(url, 1 + IN_FLIGHT as u32).await?;
-    let run = archive_tasks(&store, &archive, &filter, args.limit).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(engine::service::cancel_on_signals(
+        stop.clone(),
+        "stopping after the tasks in hand",
+    ));
+    let mut run = ArchiveRun::default();
+    let plan = Plan {
+        filter: &filter,
+        limit: args.limit,
+        pace,
+        lead: None,
+    };
+    let done = archive_tasks(&store, &archive, plan, &stop, &mut run).await;
+    if let Err(err) = done {
+        // What the run did before it failed is done: say so.
+        eprintln!(
+            "archived {} tasks ({} events) before this error",
+            run.archived, run.events
+        );
+        return Err(err);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&run)?);
         return Ok(());
@@ -165,6 +262,12 @@ pub(crate) async fn archive(url: &str, args: ArchiveArgs) -> anyhow::Result<()> 
         run.bytes,
         archive.url()
     );
+    if run.already_archived > 0 {
+        println!(
+            "{} task(s) archived by another archiver meanwhile",
+            run.already_archived
+        );
+    }
     if run.changed > 0 {
         println!(
             "{} task(s) changed since they were picked: left in PostgreSQL",
@@ -249,7 +352,6 @@ impl Retention {
     /// archiver lead (taken when free, renewed at each look, lost when this process dies).
     pub(crate) async fn run(self, store: PgStore, holder: String, stop: CancellationToken) {
         let ttl = (self.every * 3).max(std::time::Duration::from_secs(10));
-        let pace = std::time::Duration::from_secs_f64(1.0 / self.rate);
         // A batch ends well inside the lead's life: the next look renews it.
         let batch = ((ttl.as_secs_f64() / 2.0) * self.rate).clamp(1.0, 1000.0) as u32;
         let mut leading = false;
@@ -267,7 +369,11 @@ impl Retention {
                 }
             }
             if leading {
-                match self.batch(&store, batch, pace, &stop).await {
+                let lead = Lead {
+                    holder: holder.clone(),
+                    ttl,
+                };
+                match self.batch(&store, batch, &stop, &lead).await {
                     Ok(run) if run.archived > 0 || run.follower_behind > 0 => {
                         tracing::info!(
                             archived = run.archived,
@@ -293,40 +399,27 @@ impl Retention {
         }
     }
 
-    /// Up to `max` tasks, one at a time, `pace` apart.
+    /// Up to `max` tasks, at the retention's rate.
     async fn batch(
         &self,
         store: &PgStore,
         max: u32,
-        pace: std::time::Duration,
         stop: &CancellationToken,
+        lead: &Lead,
     ) -> anyhow::Result<ArchiveRun> {
         let filter = ArchiveFilter {
             finished_before: cutoff(&self.age, Utc::now())?,
             channel: None,
             workflow: None,
         };
+        let plan = Plan {
+            filter: &filter,
+            limit: Some(u64::from(max)),
+            pace: Pace::PerSecond(self.rate),
+            lead: Some(lead),
+        };
         let mut run = ArchiveRun::default();
-        for task in store.archive_candidates(&filter, None, max).await? {
-            if stop.is_cancelled() {
-                break;
-            }
-            match self.archive.archive_task(store, &task).await? {
-                Archived::Done { events, bytes } => {
-                    run.archived += 1;
-                    run.events += events;
-                    run.bytes += bytes;
-                }
-                Archived::Changed => run.changed += 1,
-                Archived::FollowerBehind { follower } => {
-                    run.follower_behind += 1;
-                    if !run.followers.contains(&follower) {
-                        run.followers.push(follower);
-                    }
-                }
-            }
-            tokio::time::sleep(pace).await;
-        }
+        archive_tasks(store, &self.archive, plan, stop, &mut run).await?;
         Ok(run)
     }
 }

@@ -79,8 +79,20 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
                 summary.tasks_with_violations += u64::from(!report.is_clean());
             })
             .await?;
-            // Archived tasks' histories are not in the log: each is read on its own.
-            let archived = store.archive_summaries(scope.channel.as_ref()).await?.len();
+            // Archived tasks' histories are not in the log: each is read on its own. What
+            // their audit found when they were archived counts here.
+            let summaries = store.archive_summaries(scope.channel.as_ref()).await?;
+            let archived = summaries.len();
+            let archived_broken = summaries
+                .iter()
+                .filter(|s| {
+                    s.get("violations")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0)
+                        > 0
+                })
+                .count() as u64;
+            summary.tasks_with_violations += archived_broken;
             if json {
                 println!(
                     "{}",
@@ -93,7 +105,8 @@ pub(crate) async fn audit(url: &str, args: AuditArgs) -> anyhow::Result<()> {
                 );
                 if archived > 0 {
                     println!(
-                        "{archived} archived task(s) not read here: `reel audit TASK` reads one from its archive"
+                        "{archived} archived task(s) not read here ({archived_broken} had broken \
+                         invariants when archived): `reel audit TASK` reads one from its archive"
                     );
                 }
             }

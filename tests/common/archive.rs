@@ -42,7 +42,8 @@ impl Target {
         let moto = Moto::start().await;
         let env = moto.env();
         Target {
-            url: "s3://reel-archive/runs".to_owned(),
+            // A prefix with characters the object store escapes in keys.
+            url: "s3://reel-archive/runs~x[1]".to_owned(),
             env,
             _dir: None,
             _moto: Some(moto),

@@ -512,16 +512,21 @@ impl PgStore {
     }
 
     async fn existing_task(&self, task: &NewTask) -> Result<Created> {
-        let row = self.on_pool(async |c| self.statement(
-            "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, e.payload -> 'input' AS input, \
-                    t.archived_at IS NOT NULL AS archived \
+        let row = self
+            .on_pool(async |c| {
+                self.statement(
+                    "SELECT t.id, t.workflow, t.channel_id, t.idempotency_key, \
+                    COALESCE(e.payload -> 'input', t.archive_summary -> 'input') AS input \
              FROM tasks t LEFT JOIN events e ON e.stream_id = t.id AND e.stream_version = 1 \
              WHERE t.id = $1 OR t.idempotency_key = $2 \
              ORDER BY (t.idempotency_key IS NOT DISTINCT FROM $2) DESC LIMIT 1",
-        )
-        .bind(task.id.as_uuid())
-        .bind(task.idempotency_key.as_deref())
-        .fetch_optional(c).await).await?;
+                )
+                .bind(task.id.as_uuid())
+                .bind(task.idempotency_key.as_deref())
+                .fetch_optional(c)
+                .await
+            })
+            .await?;
         let Some(row) = row else {
             // The conflicting insert rolled back meanwhile: the caller may simply retry.
             return Err(Error::Conflict {
@@ -531,12 +536,10 @@ impl PgStore {
             });
         };
         let existing = TaskId::from(row.try_get::<Uuid, _>("id")?);
-        // An archived task's input is in its archive: its workflow and channel are compared.
-        let input = row.try_get::<Option<Value>, _>("input")?;
-        let archived = input.is_none() && row.try_get::<bool, _>("archived")?;
+        // An archived task's input was kept on its row when its stream left the log.
         let same = row.try_get::<String, _>("workflow")? == task.workflow
             && row.try_get::<String, _>("channel_id")? == task.channel_id.as_str()
-            && (archived || input.as_ref() == Some(&task.input));
+            && row.try_get::<Option<Value>, _>("input")?.as_ref() == Some(&task.input);
         match (&task.idempotency_key, same) {
             (_, true) => Ok(Created::Existing(existing)),
             (Some(key), false)

@@ -633,3 +633,42 @@ async fn workers_retain_finished_tasks_one_leader_at_a_time() {
             .expect("a leader");
     assert_ne!(now, leader, "the other worker took over");
 }
+
+/// docs/retention.md's flag tables name only flags `reel archive` or `reel worker` have,
+/// with the env variables they read; its commands parse.
+#[test]
+fn the_documented_flags_are_the_archivers() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/retention.md"))
+        .expect("docs/retention.md");
+    let help = |command: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args([command, "--help"])
+            .output()
+            .expect("help");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let helps = format!("{}{}{}", help("archive"), help("worker"), help("restore"));
+    let rows: Vec<&str> = docs.lines().filter(|l| l.starts_with("| `--")).collect();
+    assert!(rows.len() >= 10, "the flag tables");
+    for row in rows {
+        let flag = row[3..].split([' ', '`']).next().expect("a flag");
+        assert!(helps.contains(flag), "{flag} is documented but not a flag");
+        for env in row.split('`').filter(|w| w.starts_with("REEL_")) {
+            assert!(helps.contains(&format!("env: {env}")), "{env} for {flag}");
+        }
+    }
+    for line in docs.lines().filter(|l| l.starts_with("reel ")) {
+        let command = line.split('#').next().expect("command").trim();
+        let words: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args(&words)
+            .arg("--help")
+            .output()
+            .expect("parse");
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

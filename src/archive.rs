@@ -375,24 +375,7 @@ pub async fn audit_task(store: &PgStore, task: TaskId) -> Result<engine::audit::
     for stored in &archived.events {
         match stored.decode() {
             Ok(event) => good.push(event),
-            Err(engine::Error::Decode {
-                position,
-                version,
-                event_type,
-                schema_version,
-                reason,
-                ..
-            }) => {
-                let mut report = audit(task, &good);
-                report.violations.push(engine::audit::Violation {
-                    task,
-                    version,
-                    rule: engine::audit::Rule::KnownEvents,
-                    message: format!("event at global position {position} ({event_type} v{schema_version}) cannot be read: {reason}"),
-                });
-                return Ok(report);
-            }
-            Err(other) => return Err(other.into()),
+            Err(unreadable) => return Ok(engine::audit::audit_up_to(task, &good, unreadable)?),
         }
     }
     Ok(audit(task, &good))

@@ -40,9 +40,17 @@ impl TestDatabase {
 
     async fn try_create() -> Result<TestDatabase, String> {
         let server_url = database_url();
-        let admin: PgConnectOptions = server_url
+        let mut admin: PgConnectOptions = server_url
             .parse()
             .map_err(|e| format!("DATABASE_URL {server_url:?} is not a PostgreSQL URL: {e}"))?;
+        // A loopback server with no TLS asked for: no TLS. Every `reel` process a test starts
+        // would otherwise spend ~200 ms (debug build) on a handshake that tests nothing (the
+        // TLS tests build their own `sslmode=verify-full` URLs).
+        let loopback = matches!(admin.get_host(), "127.0.0.1" | "localhost" | "::1")
+            || admin.get_host().starts_with('/');
+        if loopback && !server_url.contains("sslmode") && std::env::var_os("PGSSLMODE").is_none() {
+            admin = admin.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        }
         let mut conn = admin
             .connect()
             .await

@@ -15,7 +15,7 @@ use crate::status::TaskStatus;
 
 mod scan;
 
-pub use scan::{ScanSummary, Scope, audit_stored, scan};
+pub use scan::{ScanSummary, Scope, audit_stored, audit_up_to, scan};
 
 /// The invariants, by stable snake_case name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -119,24 +119,37 @@ pub async fn audit_stored(store: &PgStore, task: TaskId) -> Result<AuditReport> 
     match store.read_stream(task, 1).await {
         Ok(events) if events.is_empty() => Err(Error::TaskNotFound(task)),
         Ok(events) => Ok(audit(task, &events)),
-        Err(Error::Decode {
-            position,
-            version,
-            event_type,
-            schema_version,
-            reason,
-            ..
-        }) => {
+        Err(unreadable @ Error::Decode { version, .. }) => {
             let good = store.read_stream_until(task, version).await?;
-            let mut report = audit(task, &good);
-            report.violations.push(Violation {
-                task,
-                version,
-                rule: Rule::KnownEvents,
-                message: format!("event at global position {position} ({event_type} v{schema_version}) cannot be read: {reason}"),
-            });
-            Ok(report)
+            audit_up_to(task, &good, unreadable)
         }
         Err(other) => Err(other),
     }
+}
+
+/// The audit of a history whose events after `good` cannot be read (`unreadable`, the
+/// decode error of the first of them): `good`'s audit plus a `KnownEvents` violation at
+/// that event. Any other error is returned as it is.
+pub fn audit_up_to(task: TaskId, good: &[RecordedEvent], unreadable: Error) -> Result<AuditReport> {
+    let Error::Decode {
+        position,
+        version,
+        event_type,
+        schema_version,
+        reason,
+        ..
+    } = unreadable
+    else {
+        return Err(unreadable);
+    };
+    let mut report = audit(task, good);
+    report.violations.push(Violation {
+        task,
+        version,
+        rule: Rule::KnownEvents,
+        message: format!(
+            "event at global position {position} ({event_type} v{schema_version}) cannot be read: {reason}"
+        ),
+    });
+    Ok(report)
 }

@@ -128,26 +128,7 @@ impl Locks {
             .bind(name)
             .fetch_one(conn)
             .await?),
-            Locks::Lease { store, holder } => {
-                const TAKE_SQL: &str = "INSERT INTO leader_leases AS l (name, holder, expires_at) \
-                     VALUES ($1, $2, now() + make_interval(secs => $3)) \
-                     ON CONFLICT (name) DO UPDATE \
-                        SET holder = excluded.holder, expires_at = excluded.expires_at \
-                      WHERE l.expires_at < now() OR l.holder = excluded.holder \
-                     RETURNING holder";
-                let taken: Option<String> = store
-                    .on_pool(async |c| {
-                        store
-                            .scalar(TAKE_SQL)
-                            .bind(name)
-                            .bind(holder.as_str())
-                            .bind(LEASE_TTL.as_secs_f64())
-                            .fetch_optional(c)
-                            .await
-                    })
-                    .await?;
-                Ok(taken.is_some())
-            }
+            Locks::Lease { store, holder } => Ok(store.take_lead(name, holder, LEASE_TTL).await?),
         }
     }
 

@@ -668,3 +668,52 @@ async fn a_changed_workflow_shape_under_the_same_version_warns_and_strict_refuse
     .expect("count shapes");
     assert_eq!(shapes, 2, "the older shape and this build's");
 }
+
+/// `submit --workflow` with a name this binary has no workflow for is a usage error (exit
+/// 2) that names the ones it has, and nothing is queued; `--actor` names who acted, as
+/// `--by` does.
+#[tokio::test]
+async fn an_unknown_workflow_is_refused_and_actors_are_recorded() {
+    let db = TestDatabase::create().await;
+    let artifacts = tempfile::tempdir().expect("tempdir");
+    let refused = reel(
+        &db,
+        artifacts.path(),
+        &[
+            "submit",
+            "--workflow",
+            "nope",
+            "--channel",
+            "c",
+            "--topic",
+            "t",
+        ],
+    );
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("no workflow \"nope\"") && refused.stderr.contains("video"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(task_count(&db).await, 0, "nothing queued");
+
+    let task = ok(reel(
+        &db,
+        artifacts.path(),
+        &["submit", "--channel", "c", "--topic", "t"],
+    ));
+    ok(reel(
+        &db,
+        artifacts.path(),
+        &["cancel", &task, "--actor", "Dana"],
+    ));
+    let actor: Option<String> = sqlx::query_scalar(
+        "SELECT metadata->>'actor' FROM events WHERE stream_id = $1::uuid \
+         AND event_type = 'task_cancelled'",
+    )
+    .bind(&task)
+    .fetch_one(db.pool())
+    .await
+    .expect("cancelled");
+    assert_eq!(actor.as_deref(), Some("cli:Dana"));
+}

@@ -93,6 +93,48 @@ impl StepError {
     }
 }
 
+/// `?` on JSON inside a step: data that does not (de)serialize fails the same way on every
+/// try, so the failure is permanent.
+impl From<serde_json::Error> for StepError {
+    fn from(err: serde_json::Error) -> Self {
+        StepError::permanent(format!("JSON: {err}"))
+    }
+}
+
+/// `?` on I/O inside a step: what may pass by itself (a timeout, an interruption, a
+/// connection refused, reset, aborted or not yet made, a broken pipe) is transient;
+/// anything else (not found, permission denied, invalid data, …) is permanent.
+impl From<std::io::Error> for StepError {
+    fn from(err: std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        let passing = matches!(
+            err.kind(),
+            TimedOut
+                | Interrupted
+                | WouldBlock
+                | ConnectionRefused
+                | ConnectionReset
+                | ConnectionAborted
+                | NotConnected
+                | BrokenPipe
+                | UnexpectedEof
+        );
+        let message = format!("I/O: {err}");
+        if passing {
+            StepError::transient(message)
+        } else {
+            StepError::permanent(message)
+        }
+    }
+}
+
+/// `?` on `tokio::time::timeout` inside a step: a timeout is transient.
+impl From<tokio::time::error::Elapsed> for StepError {
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        StepError::transient("timed out")
+    }
+}
+
 /// Exponential backoff with jitter: the one backoff of the orchestrator, the worker and the
 /// projector.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1159,6 +1201,40 @@ fn min_some<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn question_marks_classify_errors() {
+        fn json() -> Result<u32, StepError> {
+            Ok(serde_json::from_str::<u32>("\"seven\"")?)
+        }
+        fn io(kind: std::io::ErrorKind) -> Result<(), StepError> {
+            Err(std::io::Error::new(kind, "boom"))?
+        }
+        assert_eq!(json().map_err(|e| e.kind), Err(FailureKind::Permanent));
+        assert_eq!(
+            io(std::io::ErrorKind::TimedOut).map_err(|e| e.kind),
+            Err(FailureKind::Transient)
+        );
+        assert_eq!(
+            io(std::io::ErrorKind::ConnectionReset).map_err(|e| e.kind),
+            Err(FailureKind::Transient)
+        );
+        assert_eq!(
+            io(std::io::ErrorKind::NotFound).map_err(|e| e.kind),
+            Err(FailureKind::Permanent)
+        );
+        let elapsed: StepError = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(1), std::future::pending::<()>())
+                    .await
+                    .expect_err("elapsed")
+            })
+            .into();
+        assert_eq!(elapsed.kind, FailureKind::Transient);
+    }
     use super::*;
 
     #[test]

@@ -304,18 +304,13 @@ async fn not_found_and_unauthorized_are_recorded_not_retried() {
     assert!(wait_caught_up(&store, "notion", FIVE_S).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     running.stop().await;
-    // One request per status, never a retry. Usually the two statuses are read together
-    // and only the newest is sent; but the log's watermark is cluster-wide, so another
-    // database's open transaction (tests running beside this one) can hold the second
-    // event back until the first was sent: then each is sent once.
+    // At most one request per status event, never a retry. Usually the two events are
+    // read together and only the newest status is sent. But the log's watermark is
+    // cluster-wide, so another database's open transaction (tests running beside this
+    // one) can hold the second event back until the first was handled: then each event
+    // sends once, and both send the task's newest status (the projector sends what is
+    // current, not what the event said), so the same value may go twice.
     let requests = notion.requests();
-    let mut values: Vec<Option<String>> = requests.iter().map(|r| r.value.clone()).collect();
-    values.dedup();
-    assert_eq!(
-        values.len(),
-        requests.len(),
-        "a status sent twice: {requests:?}"
-    );
     assert!((1..=2).contains(&requests.len()), "{requests:?}");
     assert_eq!(
         requests.last().and_then(|r| r.value.as_deref()),

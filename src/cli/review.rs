@@ -13,7 +13,7 @@ pub(crate) struct TaskArg {
     #[arg(long)]
     json: bool,
     /// Who is acting, recorded in the log as `cli:NAME` (default: `$USER`).
-    #[arg(long, env = "REEL_ACTOR", value_name = "NAME")]
+    #[arg(long, visible_alias = "actor", env = "REEL_ACTOR", value_name = "NAME")]
     by: Option<String>,
 }
 

@@ -14,7 +14,8 @@ pub(crate) struct SubmitArgs {
     /// The channel (a-z, 0-9, '_' or '-').
     #[arg(long)]
     channel: String,
-    /// The task's workflow (default: the binary's only workflow, or `video`).
+    /// The task's workflow, one of this binary's (default: its only one; required when it
+    /// has several).
     #[arg(long)]
     workflow: Option<String>,
     /// The task's input as a JSON object; --topic, --story-direction and --fail set the
@@ -55,13 +56,31 @@ pub(crate) async fn submit(
         .into());
     }
     let registry = workflows.registry(&WorkerSettings::default());
-    let workflow = match args.workflow.clone() {
-        Some(name) => name,
-        None => match registry.names().as_slice() {
-            [only] => only.clone(),
-            _ => steps::WORKFLOW.to_owned(),
-        },
+    let names = registry.names();
+    let workflow = match (args.workflow.clone(), names.as_slice()) {
+        (Some(name), _) => name,
+        (None, [only]) => only.clone(),
+        (None, _) => {
+            return Err(UsageError(format!(
+                "this binary has several workflows: choose one with --workflow ({})",
+                names.join(", ")
+            ))
+            .into());
+        }
     };
+    // A name no workflow here has would queue a task no worker of this binary runs.
+    if !names.contains(&workflow) {
+        return Err(UsageError(format!(
+            "no workflow {:?} in this binary: its workflows are {}",
+            engine::truncate_for_display(&workflow, 60),
+            if names.is_empty() {
+                "(none)".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ))
+        .into());
+    }
     let input = input_of(&args);
     // New tasks are for the newest version this binary has.
     let newest = registry.get(&workflow);

@@ -672,3 +672,46 @@ fn the_documented_flags_are_the_archivers() {
         );
     }
 }
+
+/// An archiver whose clock is two days ahead of the database's takes an age from the
+/// database's clock: `--finished-before 1d` archives nothing that finished just now.
+#[tokio::test]
+async fn an_archiver_with_a_clock_ahead_goes_by_the_databases() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let target = Target::directory();
+    submit_chores(&store, "main", 5, 0).await;
+    run_chores(&store, archive::Runs::default()).await;
+    let faketime = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+        .expect("libfaketime (apt-get install -y libfaketime)");
+    let out = command(
+        &db,
+        &target,
+        &[
+            "archive",
+            "--finished-before",
+            "1d",
+            "--to",
+            &target.url,
+            "--json",
+        ],
+    )
+    .env("LD_PRELOAD", faketime)
+    .env("FAKETIME", "+2d")
+    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    .output()
+    .expect("archive");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(run["archived"], 0, "{run}");
+    assert_eq!(check_whole(&db, &target).await, 0);
+}

@@ -218,11 +218,10 @@ pub(crate) struct Lead {
 }
 
 pub(crate) async fn archive(url: &str, args: ArchiveArgs) -> anyhow::Result<()> {
-    let filter = ArchiveFilter {
-        finished_before: cutoff(&args.finished_before, Utc::now())?,
-        channel: args.channel.as_deref().map(ChannelId::parse).transpose()?,
-        workflow: args.workflow.clone(),
-    };
+    // Checked before connecting; an age is then taken back from the database's clock, the
+    // one `updated_at` was written by (this machine's may be off).
+    cutoff(&args.finished_before, Utc::now())?;
+    let channel = args.channel.as_deref().map(ChannelId::parse).transpose()?;
     let archive = Archive::open(&args.to).map_err(|e| UsageError(e.to_string()))?;
     let pace = match args.rate {
         None => Pace::Full,
@@ -230,6 +229,12 @@ pub(crate) async fn archive(url: &str, args: ArchiveArgs) -> anyhow::Result<()> 
         Some(_) => return Err(UsageError("--rate must be above 0".into()).into()),
     };
     let store = engine::db::connect_store(url, 1 + IN_FLIGHT as u32).await?;
+    store.sync_clock().await?;
+    let filter = ArchiveFilter {
+        finished_before: cutoff(&args.finished_before, store.now())?,
+        channel,
+        workflow: args.workflow.clone(),
+    };
     let stop = CancellationToken::new();
     tokio::spawn(engine::service::cancel_on_signals(
         stop.clone(),
@@ -407,8 +412,10 @@ impl Retention {
         stop: &CancellationToken,
         lead: &Lead,
     ) -> anyhow::Result<ArchiveRun> {
+        // By the database's clock, which wrote `updated_at`.
+        store.sync_clock().await?;
         let filter = ArchiveFilter {
-            finished_before: cutoff(&self.age, Utc::now())?,
+            finished_before: cutoff(&self.age, store.now())?,
             channel: None,
             workflow: None,
         };

@@ -682,13 +682,7 @@ async fn an_archiver_with_a_clock_ahead_goes_by_the_databases() {
     let target = Target::directory();
     submit_chores(&store, "main", 5, 0).await;
     run_chores(&store, archive::Runs::default()).await;
-    let faketime = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
-        .find(|lib| lib.exists())
-        .expect("libfaketime (apt-get install -y libfaketime)");
+    let faketime = engine::testing::faketime();
     let out = command(
         &db,
         &target,

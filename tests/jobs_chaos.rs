@@ -22,19 +22,6 @@ use engine::testing::TestDatabase;
 use engine::{Event, TaskId, TaskStatus, fold};
 use fakes::{Chaos, FakeCloud, FakeOptions};
 
-/// libfaketime, from Debian's `libfaketime` package (installed by `.ci/run` and the
-/// README's prerequisites), under the machine's multiarch directory.
-fn faketime() -> String {
-    std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
-        .find(|lib| lib.exists())
-        .map(|lib| lib.to_string_lossy().into_owned())
-        .expect("libfaketime (apt-get install -y libfaketime)")
-}
-
 /// The cap on Runway jobs in flight, fleet-wide, in these runs.
 const CAP: usize = 8;
 
@@ -78,7 +65,7 @@ fn worker(
         .stderr(Stdio::null());
     if let Some(offset) = skew {
         command
-            .env("LD_PRELOAD", faketime())
+            .env("LD_PRELOAD", engine::testing::faketime())
             .env("FAKETIME", offset)
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     }
@@ -271,7 +258,7 @@ async fn a_worker_ten_minutes_behind_parks_its_tasks_until_their_polls_are_due()
         .env("DATABASE_URL", db.url())
         .env("REEL_ARTIFACTS", dir.path())
         .env("REEL_LOG", "warn")
-        .env("LD_PRELOAD", faketime())
+        .env("LD_PRELOAD", engine::testing::faketime())
         .env("FAKETIME", "-600s")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .stdout(Stdio::null())

@@ -162,6 +162,20 @@ impl Drop for TestDatabase {
     }
 }
 
+/// libfaketime (Debian's `libfaketime`, installed by `.ci/run` and the README's
+/// prerequisites) under the machine's multiarch directory: `LD_PRELOAD` it with `FAKETIME`
+/// to run a process whose clock is off.
+pub fn faketime() -> String {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+        .map(|lib| lib.to_string_lossy().into_owned())
+        .expect("libfaketime (apt-get install -y libfaketime)")
+}
+
 /// `DATABASE_URL` from the environment, else from the nearest `.env`, else the local default.
 pub fn database_url() -> String {
     if let Ok(url) = std::env::var("DATABASE_URL") {

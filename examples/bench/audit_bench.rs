@@ -111,7 +111,12 @@ pub(crate) fn build_reel() -> anyhow::Result<std::path::PathBuf> {
 
 /// The process's peak resident set so far (VmHWM), from /proc.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A memory field of a process's `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in KiB.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -186,16 +186,7 @@ impl Child {
 
     /// The console process's resident memory, in KiB.
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-            })
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or(0)
+        super::audit_bench::proc_status_kib(self.process.id(), "VmRSS:").unwrap_or(0)
     }
 }
 

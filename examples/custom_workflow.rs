@@ -38,52 +38,53 @@ struct Issue {
 }
 
 fn newsletter() -> Workflow {
-    Workflow::new("newsletter")
-        .input::<Brief>()
-        .step(
-            Step::items(
-                "sections",
-                |input| {
-                    let brief = Brief::deserialize(input)
-                        .map_err(|e| StepError::permanent(e.to_string()))?;
-                    Ok(brief.sections)
-                },
-                |ctx: StepContext, item| async move {
-                    let brief: Brief = ctx.input()?;
-                    if item == 2 && ctx.attempt == 1 {
-                        return Err(StepError::transient("writer timed out"));
-                    }
-                    let section = Section {
-                        title: format!("{} — part {item}", brief.topic),
-                        words: 300 + 50 * item,
-                    };
-                    Ok(ItemOutput::value(section)?.with_cost_micros(20_000))
-                },
-            )
-            .status("writing_sections", "Writing Sections")
-            .retry(RetryPolicy {
-                max_tries: 1,
-                backoff: Backoff::none(),
-            }),
+    let mut newsletter = Workflow::new("newsletter").input::<Brief>();
+    // `add` returns a handle typed by the step's output: later steps read `Section`s
+    // through it, and a wrong name or type does not compile.
+    let sections = newsletter.add(
+        Step::fan_out(
+            "sections",
+            // The plan and the items get the input typed (`Plan<Brief>`, `StepContext<Brief>`).
+            |plan: &Plan<Brief>| Ok(plan.input.sections),
+            |ctx: StepContext<Brief>, item| async move {
+                if item == 2 && ctx.attempt == 1 {
+                    return Err(StepError::transient("writer timed out"));
+                }
+                let section = Section {
+                    title: format!("{} — part {item}", ctx.input.topic),
+                    words: 300 + 50 * item,
+                };
+                Ok(Output::of(section).with_cost_micros(20_000))
+            },
         )
-        .step(
-            Step::once("publish", |ctx: StepContext| async move {
+        .status("writing_sections", "Writing Sections")
+        .retry(RetryPolicy {
+            max_tries: 1,
+            backoff: Backoff::none(),
+        }),
+    );
+    newsletter.add(
+        Step::call("publish", move |ctx: StepContext| {
+            let sections = sections.clone();
+            async move {
                 // Every section, in order, as the log recorded it: after a crash or a
                 // retry these come from earlier attempts' events, not from memory.
-                let sections: Vec<Section> = ctx.outputs("sections")?;
+                let sections = ctx.get_all(&sections)?;
                 let issue = Issue {
                     sections: sections.len(),
                     words: sections.iter().map(|s| s.words).sum(),
                     url: format!("https://example.invalid/issues/{}", ctx.task_id),
                 };
-                Ok(ItemOutput::value(&issue)?.with_artifact(issue.url))
-            })
-            .status("publishing", "Publishing"),
-        )
-        .task_retry(TaskRetryPolicy {
-            max_attempts: 3,
-            backoff: Backoff::none(),
+                let url = issue.url.clone();
+                Ok(Output::of(issue).with_artifact(url))
+            }
         })
+        .status("publishing", "Publishing"),
+    );
+    newsletter.task_retry(TaskRetryPolicy {
+        max_attempts: 3,
+        backoff: Backoff::none(),
+    })
 }
 
 #[tokio::main]

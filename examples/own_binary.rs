@@ -20,7 +20,7 @@ fn digest() -> Workflow {
     Workflow::new("digest")
         .input::<Input>()
         .step(
-            Step::items(
+            Step::fan_out(
                 "headlines",
                 |_input| Ok(3),
                 |ctx: StepContext, item| async move {
@@ -31,7 +31,7 @@ fn digest() -> Workflow {
             .status("collecting_headlines", "Collecting Headlines"),
         )
         .step(
-            Step::once("send", |ctx: StepContext| async move {
+            Step::call("send", |ctx: StepContext| async move {
                 let headlines: Vec<String> = ctx.outputs("headlines")?;
                 ItemOutput::value(headlines.join(" / "))
             })

@@ -7,7 +7,7 @@
 //! use engine::prelude::*;
 //!
 //! fn newsletter() -> Workflow {
-//!     Workflow::new("newsletter").step(Step::once("publish", |_ctx: StepContext| async {
+//!     Workflow::new("newsletter").step(Step::call("publish", |_ctx: StepContext| async {
 //!         ItemOutput::value("published")
 //!     }))
 //! }

@@ -64,6 +64,7 @@ impl JobWork for NulJobs {
                 message: "provider said \u{0}garbage".into(),
                 retry_after: None,
                 unanswered: false,
+                waiting: None,
             }))
         })
     }
@@ -130,7 +131,7 @@ async fn a_job_failure_message_with_nul_is_recorded() {
 async fn a_step_error_literal_with_nul_is_recorded() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let step = Step::items(
+    let step = Step::fan_out(
         "clips",
         |_| Ok(1),
         |_ctx: StepContext, _item| async move {
@@ -139,6 +140,7 @@ async fn a_step_error_literal_with_nul_is_recorded() {
                 message: "provider said \u{0}garbage".into(),
                 retry_after: None,
                 unanswered: false,
+                waiting: None,
             })
         },
     )
@@ -167,7 +169,7 @@ async fn orchestrators_sharing_a_pool_leave_it_a_spare() {
     let barrier = Arc::new(tokio::sync::Barrier::new(runs));
     let gate = barrier.clone();
     let workflow = Workflow::new("shared")
-        .step(Step::items(
+        .step(Step::fan_out(
             "first",
             |_| Ok(1),
             move |_ctx: StepContext, _item| {
@@ -179,7 +181,7 @@ async fn orchestrators_sharing_a_pool_leave_it_a_spare() {
             },
         ))
         .step(
-            Step::items(
+            Step::fan_out(
                 "paid",
                 |_| Ok(1),
                 |_ctx: StepContext, _item| async move { Ok(ItemOutput::new("b", 0)) },
@@ -221,7 +223,7 @@ async fn a_pipelined_item_failing_keeps_the_completions_before_it() {
     for _ in 0..5 {
         let db = TestDatabase::create().await;
         let store = db.store();
-        let step = Step::items(
+        let step = Step::fan_out(
             "clips",
             |_| Ok(8),
             |_ctx: StepContext, item| async move {
@@ -260,7 +262,7 @@ async fn drain_during_a_pipelined_step_records_what_was_handed_over() {
     let trigger = drain.clone();
     let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = ran.clone();
-    let step = Step::items(
+    let step = Step::fan_out(
         "clips",
         |_| Ok(200),
         move |_ctx: StepContext, item| {
@@ -304,12 +306,12 @@ async fn a_held_connection_killed_during_a_slow_item_is_replaced() {
     let admin = engine::db::connect(db.url(), 1).await.expect("admin pool");
     let name = db.name().to_owned();
     let workflow = Workflow::new("kill")
-        .step(Step::items(
+        .step(Step::fan_out(
             "first",
             |_| Ok(1),
             |_ctx: StepContext, _| async move { Ok(ItemOutput::new("a", 0)) },
         ))
-        .step(Step::items(
+        .step(Step::fan_out(
             "slow",
             |_| Ok(1),
             move |_ctx: StepContext, _| {
@@ -330,7 +332,7 @@ async fn a_held_connection_killed_during_a_slow_item_is_replaced() {
             },
         ))
         .step(
-            Step::items(
+            Step::fan_out(
                 "last",
                 |_| Ok(3),
                 |_ctx: StepContext, i| async move { Ok(ItemOutput::new(format!("c{i}"), 0)) },

@@ -45,7 +45,7 @@ async fn cancel_in_a_fast_item() -> (Duration, Vec<u32>) {
     let cancel_took = Arc::new(AtomicU64::new(0));
     let took = cancel_took.clone();
     let read = Arc::new(Mutex::new(None::<(u32, TaskStatus)>));
-    let video = Step::items(
+    let video = Step::fan_out(
         "video",
         |_| Ok(6),
         move |_ctx: StepContext, item| {
@@ -137,7 +137,7 @@ async fn five_hundred_fast_items_at_concurrency_200_finish() {
 async fn five_hundred_items(pipelined: bool) {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(500),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
@@ -171,13 +171,13 @@ async fn item_records_carry_the_stored_versions() {
     let store = db.store();
     let seen = Arc::new(Mutex::new(Vec::<(u32, u32)>::new()));
     let record = seen.clone();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(40),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
     )
     .concurrency(8);
-    let read = Step::items(
+    let read = Step::fan_out(
         "read",
         |_| Ok(1),
         move |ctx: StepContext, _item| {
@@ -232,7 +232,7 @@ async fn item_records_carry_the_stored_versions() {
 async fn a_run_started_right_after_its_connections_were_killed_completes() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(4),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },
@@ -280,7 +280,7 @@ async fn a_run_started_right_after_its_connections_were_killed_completes() {
 async fn backends_killed_mid_run_the_appends_retry_and_the_run_completes() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(300),
         |_ctx: StepContext, item| async move {
@@ -335,7 +335,7 @@ async fn backends_killed_mid_run_the_appends_retry_and_the_run_completes() {
 async fn an_output_the_log_cannot_store_fails_the_item_at_once_saying_why() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(4),
         |_ctx: StepContext, item| async move {

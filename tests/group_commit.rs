@@ -22,7 +22,7 @@ const ITEMS: u32 = 18;
 
 /// Two steps of fast items; the second reads every output of the first.
 fn workflow(concurrency: usize, pipelined: bool) -> Workflow {
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(ITEMS),
         |_ctx: StepContext, item| async move {
@@ -31,7 +31,7 @@ fn workflow(concurrency: usize, pipelined: bool) -> Workflow {
     )
     .concurrency(concurrency);
     let clips = if pipelined { clips.pipelined() } else { clips };
-    let sum = Step::items(
+    let sum = Step::fan_out(
         "sum",
         |_| Ok(1),
         |ctx: StepContext, _item| async move {
@@ -127,7 +127,7 @@ async fn a_lost_lease_fails_every_completion_of_the_shared_append_and_stores_non
     let taken = Arc::new(AtomicBool::new(false));
     let flag = taken.clone();
     // Item 5 hands the task to another worker (as an expired lease's new owner would).
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(ITEMS),
         move |_ctx: StepContext, item| {
@@ -179,7 +179,7 @@ async fn by_default_each_item_is_durable_before_the_next_starts() {
     let cell = task_cell.clone();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(6),
         move |_ctx: StepContext, item| {
@@ -226,7 +226,7 @@ async fn runs_hold_connections_only_while_the_pool_keeps_its_spare() {
         .await
         .expect("pool");
     let store = engine::PgStore::new(pool.clone());
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(3),
         |_ctx: StepContext, item| async move {

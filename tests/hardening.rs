@@ -113,7 +113,7 @@ async fn cancelling_a_running_task_stops_it_at_the_item_boundary() {
     let store = db.store();
     let started = Arc::new(AtomicU32::new(0));
     let counter = started.clone();
-    let workflow = Workflow::new("slow").step(Step::items(
+    let workflow = Workflow::new("slow").step(Step::fan_out(
         "work",
         |_| Ok(5),
         move |_ctx: StepContext, _item| {
@@ -162,7 +162,7 @@ async fn a_panicking_step_fails_its_task_and_the_worker_moves_on() {
     let store = db.store();
     let workflow = Workflow::new("buggy")
         .step(
-            Step::items(
+            Step::fan_out(
                 "work",
                 |_| Ok(2),
                 |_ctx: StepContext, item| async move {
@@ -219,7 +219,7 @@ async fn the_attempt_budget_counts_failures_not_claims() {
     let failing = fail.clone();
     let workflow = Workflow::new("budget")
         .step(
-            Step::items(
+            Step::fan_out(
                 "work",
                 |_| Ok(1),
                 move |_ctx: StepContext, _item| {
@@ -228,7 +228,7 @@ async fn the_attempt_budget_counts_failures_not_claims() {
                         if fail {
                             Err(StepError::transient("provider timeout"))
                         } else {
-                            std::future::pending().await
+                            std::future::pending::<Result<ItemOutput, StepError>>().await
                         }
                     }
                 },
@@ -281,7 +281,7 @@ async fn the_attempt_budget_counts_failures_not_claims() {
 async fn an_atomic_step_that_plans_several_items_fails_permanently() {
     let db = TestDatabase::create().await;
     let store = db.store();
-    let workflow = Workflow::new("atomic").step(Step::atomic("render", PlanOf3));
+    let workflow = Workflow::new("atomic").step(Step::call_with("render", PlanOf3));
     let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
     let task = submit(&store, "atomic").await;
     let outcome = run_once(&store, &orchestrator, task).await;
@@ -323,7 +323,7 @@ async fn a_task_whose_claims_keep_dying_fails_at_the_claim_limit() {
     };
     let limit = policy.claim_limit();
     let workflow = Workflow::new("crashy")
-        .step(Step::once("work", |_ctx: StepContext| async {
+        .step(Step::call("work", |_ctx: StepContext| async {
             Ok(ItemOutput::default())
         }))
         .task_retry(policy);

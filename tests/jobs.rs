@@ -337,7 +337,7 @@ struct Limited {
 
 fn limited_workflow(provider: Arc<Limited>, worker: &'static str) -> Workflow {
     Workflow::new("limited").step(
-        Step::items(
+        Step::fan_out(
             "call",
             |_| Ok(2),
             move |_ctx: StepContext, _item| {

@@ -518,7 +518,7 @@ async fn a_call_step_waiting_for_a_key_parks_instead_of_holding_the_worker() {
         .register(Workflow::new("jobs").step(jobs_step(&fake).provider(key.clone())))
         .register(
             Workflow::new("calls").step(
-                Step::items(
+                Step::fan_out(
                     "speak",
                     |_| Ok(1),
                     move |_ctx: StepContext, _item| {
@@ -710,7 +710,7 @@ async fn a_provider_that_never_stops_refusing_ends_the_item_within_its_policy() 
     // The same for a call step: no hot loop.
     let calls = Arc::new(AtomicU32::new(0));
     let counter = calls.clone();
-    let step = Step::items(
+    let step = Step::fan_out(
         "speak",
         |_| Ok(1),
         move |_ctx: StepContext, _item| {

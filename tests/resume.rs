@@ -358,7 +358,7 @@ async fn cancel_takes_effect_at_the_next_item_boundary() {
     let cell = task_cell.clone();
     let counted = probe.clone();
     // The operator cancels while clip 3 is being generated.
-    let video = engine::Step::items(
+    let video = engine::Step::fan_out(
         "video",
         |_| Ok(18),
         move |ctx: engine::StepContext, item| {
@@ -422,7 +422,7 @@ async fn a_cancel_during_a_pipelined_step_stops_the_run_and_nothing_follows_it()
     let task_cell = std::sync::Arc::new(std::sync::OnceLock::new());
     let cell = task_cell.clone();
     let counted = probe.clone();
-    let video = engine::Step::items(
+    let video = engine::Step::fan_out(
         "video",
         |_| Ok(18),
         move |ctx: engine::StepContext, item| {

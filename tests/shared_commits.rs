@@ -267,7 +267,7 @@ async fn runs_of_one_orchestrator_share_commits_and_a_lost_lease_stays_their_own
     let flag = taken.clone();
     // Every task's first item waits for the others', so their completions arrive together;
     // item 5 of one task hands it to another worker.
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(ITEMS),
         move |ctx: StepContext, item| {
@@ -338,7 +338,7 @@ async fn runs_of_one_orchestrator_share_commits_and_a_lost_lease_stays_their_own
 
 /// A workflow `w` of one step, `clips`, of three no-op items.
 fn three_clips(store: &engine::PgStore) -> engine::Orchestrator {
-    let clips = Step::items(
+    let clips = Step::fan_out(
         "clips",
         |_| Ok(3),
         |_ctx: StepContext, item| async move { Ok(ItemOutput::new(format!("clip-{item}"), 1)) },

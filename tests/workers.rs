@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 fn timed_workflow(items: u32, millis: u64, started: Arc<AtomicU32>) -> Workflow {
     Workflow::new("timed")
         .step(
-            Step::items(
+            Step::fan_out(
                 "work",
                 move |_| Ok(items),
                 move |_ctx: StepContext, item| {

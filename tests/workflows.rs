@@ -32,14 +32,11 @@ fn newsletter() -> Workflow {
     Workflow::new("newsletter")
         .input::<Brief>()
         .step(
-            Step::items(
+            Step::fan_out(
                 "sections",
-                |input| {
-                    Brief::deserialize(input)
-                        .map(|brief| brief.sections)
-                        .map_err(|e| StepError::permanent(e.to_string()))
-                },
-                |ctx: StepContext, item| async move {
+                // Both closures get the input typed: no parsing by hand.
+                |plan: &Plan<Brief>| Ok(plan.input.sections),
+                |ctx: StepContext<Brief>, item| async move {
                     if item == 2 && ctx.attempt == 1 {
                         return Err(StepError::transient("writer timed out"));
                     }
@@ -57,7 +54,7 @@ fn newsletter() -> Workflow {
             }),
         )
         .step(
-            Step::once("summary", |ctx: StepContext| async move {
+            Step::call("summary", |ctx: StepContext| async move {
                 let sections: Vec<Section> = ctx.outputs("sections")?;
                 let words: u32 = sections.iter().map(|s| s.words).sum();
                 ItemOutput::value(json!({"sections": sections.len(), "words": words}))
@@ -167,7 +164,7 @@ async fn a_task_while_running_shows_its_steps_display_name_in_reel_tasks() {
     let entered = Arc::new(tokio::sync::Notify::new());
     let (wait, tell) = (gate.clone(), entered.clone());
     let workflow = Workflow::new("slow").step(
-        Step::once("draft", move |_ctx: StepContext| {
+        Step::call("draft", move |_ctx: StepContext| {
             let (wait, tell) = (wait.clone(), tell.clone());
             async move {
                 tell.notify_one();
@@ -202,9 +199,9 @@ async fn outputs_come_from_the_log_after_a_crash_and_resume() {
         let (drafted, seen) = (drafted.clone(), seen.clone());
         Workflow::new("reviewed")
             .input::<Brief>()
-            .step(Step::items(
+            .step(Step::fan_out(
                 "draft",
-                |input| Ok(input["sections"].as_u64().unwrap_or(0) as u32),
+                |plan: &Plan| Ok(plan.input["sections"].as_u64().unwrap_or(0) as u32),
                 move |_ctx: StepContext, item| {
                     drafted.fetch_add(1, Ordering::SeqCst);
                     // Unique to this call: only the log can hand it to a later process.
@@ -212,7 +209,7 @@ async fn outputs_come_from_the_log_after_a_crash_and_resume() {
                     async move { ItemOutput::value(nonce) }
                 },
             ))
-            .step(Step::once("edit", move |ctx: StepContext| {
+            .step(Step::call("edit", move |ctx: StepContext| {
                 let (seen, crash) = (seen.clone(), crash.clone());
                 async move {
                     let drafts: Vec<String> = ctx.outputs("draft")?;
@@ -365,7 +362,7 @@ async fn reel_submit_refuses_input_the_workflow_cannot_parse() {
 fn sequential(flaky: bool) -> Workflow {
     Workflow::new("seq")
         .step(
-            Step::items(
+            Step::fan_out(
                 "parts",
                 |_| Ok(3),
                 move |ctx: StepContext, item| async move {
@@ -429,11 +426,11 @@ async fn a_resumed_item_sees_what_an_uninterrupted_one_would() {
 /// `Option<u32>`. When `flaky`, b fails once on attempt 1 so that it reads after a resume.
 fn null_output(flaky: bool) -> Workflow {
     Workflow::new("nulls")
-        .step(Step::once("a", |_ctx: StepContext| async move {
+        .step(Step::call("a", |_ctx: StepContext| async move {
             ItemOutput::value(Option::<u32>::None)
         }))
         .step(
-            Step::once("b", move |ctx: StepContext| async move {
+            Step::call("b", move |ctx: StepContext| async move {
                 if flaky && ctx.attempt == 1 {
                     return Err(StepError::transient("flaky"));
                 }
@@ -471,7 +468,7 @@ async fn a_null_output_reads_back_the_same_after_a_resume() {
 fn versioned(version: u32, step: &str) -> Workflow {
     Workflow::new("deployed")
         .version(version)
-        .step(Step::once(step, move |_ctx: StepContext| async move {
+        .step(Step::call(step, move |_ctx: StepContext| async move {
             ItemOutput::value(json!({ "ran_on": version }))
         }))
 }
@@ -642,12 +639,12 @@ async fn v1_task_with_history(store: &PgStore) -> TaskId {
 fn two_steps(version: u32, first: &str) -> Workflow {
     Workflow::new("deployed")
         .version(version)
-        .step(Step::items(
+        .step(Step::fan_out(
             first,
-            |_: &serde_json::Value| Ok(2),
+            |_: &engine::Plan| Ok(2),
             |_ctx: StepContext, _item| async { ItemOutput::value("made") },
         ))
-        .step(Step::once("b", |_ctx: StepContext| async {
+        .step(Step::call("b", |_ctx: StepContext| async {
             ItemOutput::value("b")
         }))
 }
@@ -951,7 +948,7 @@ async fn a_review_cannot_redo_from_a_removed_step() {
     let task = v1_task_with_history(&store).await;
     let without_a = Workflow::new("deployed")
         .version(2)
-        .step(Step::once("b", |_ctx: StepContext| async {
+        .step(Step::call("b", |_ctx: StepContext| async {
             ItemOutput::value("b")
         }))
         .accepts(1)

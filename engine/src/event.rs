@@ -22,6 +22,12 @@ pub const CURRENT_SCHEMA_VERSION: i16 = 2;
 /// The schema version of events every build reads.
 pub const FIRST_SCHEMA_VERSION: i16 = 1;
 
+/// The `until` of a park that only a signal ends (a wait without a deadline): far
+/// beyond any real deadline, so the task is never due by time alone.
+pub fn no_deadline() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_214_400, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// How a failure should be treated: retried with backoff, or final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -206,6 +212,35 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// An item waits durably: for a signal (`signal`), for a time (`until`: a sleep
+    /// called `sleep`), or both (a signal with a deadline). Recorded once per wait (a run
+    /// that finds the item still waiting records nothing new); the task then parks, holding
+    /// no worker slot, until the signal arrives or the time comes. A sleep's `until` is
+    /// fixed here, by the database's clock: a later run wakes at the same time.
+    WaitStarted {
+        step: String,
+        item: u32,
+        attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sleep: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<DateTime<Utc>>,
+    },
+    /// A signal reached the task (`reel signal`, or the library's
+    /// [`PgStore::send_signal`](crate::PgStore::send_signal)): its name, the id that
+    /// makes sending it again change nothing, the data it carries, who sent it and when.
+    /// A worker records it when it next runs the task, before any item reads it.
+    SignalReceived {
+        name: String,
+        signal_id: String,
+        #[serde(default)]
+        data: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        sent_at: DateTime<Utc>,
+    },
 }
 
 /// A step that an upgrade renamed (see [`Event::TaskUpgraded`]).
@@ -286,7 +321,7 @@ impl Event {
     }
 
     /// Every event type name, as stored in `events.event_type`.
-    pub const TYPES: [&'static str; 17] = [
+    pub const TYPES: [&'static str; 19] = [
         "task_submitted",
         "task_claimed",
         "step_started",
@@ -304,6 +339,8 @@ impl Event {
         "task_cancelled",
         "task_parked",
         "task_upgraded",
+        "wait_started",
+        "signal_received",
     ];
 
     /// The stored `event_type` of this event.
@@ -326,6 +363,8 @@ impl Event {
             Event::TaskCancelled { .. } => "task_cancelled",
             Event::TaskParked { .. } => "task_parked",
             Event::TaskUpgraded { .. } => "task_upgraded",
+            Event::WaitStarted { .. } => "wait_started",
+            Event::SignalReceived { .. } => "signal_received",
         }
     }
 
@@ -642,6 +681,23 @@ mod tests {
                 output: Some(serde_json::json!({"words": 120})),
             },
             Event::ReviewRequested {},
+            Event::WaitStarted {
+                step: "storyboard".into(),
+                item: 1,
+                attempt: 1,
+                signal: Some("storyboard_approved".into()),
+                sleep: None,
+                until: None,
+            },
+            Event::SignalReceived {
+                name: "storyboard_approved".into(),
+                signal_id: "s-1".into(),
+                data: serde_json::json!({"approved": true}),
+                by: Some("alice".into()),
+                sent_at: DateTime::parse_from_rfc3339("2026-12-07T10:00:00Z")
+                    .expect("time")
+                    .with_timezone(&Utc),
+            },
         ]
     }
 

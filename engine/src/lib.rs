@@ -44,16 +44,17 @@ mod worker;
 mod workflow;
 
 pub use error::{Error, Result};
+pub use event::no_deadline;
 pub use event::{
     CURRENT_SCHEMA_VERSION, Event, EventMetadata, FIRST_SCHEMA_VERSION, FailureKind, NewEvent,
     PollSchedule, RecordedEvent, StepRenamed, upcast,
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
 pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};
-pub use outputs::{ItemOutput, Outputs};
+pub use outputs::{ItemOutput, Output, Outputs};
 pub use state::{
-    ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, StepState,
-    TaskState, Totals, UpgradeRecord, fold,
+    ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, SignalRecord,
+    StepState, TaskState, Totals, UpgradeRecord, WaitRecord, fold,
 };
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
@@ -63,21 +64,26 @@ pub use store::{
     StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
 };
 pub use store::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
+pub use store::{InboxSignal, SIGNAL_NAME_MAX_CHARS, SignalSent, check_signal_name};
+/// The token a step's [`StepContext::cancel`] is: long work watches it to stop early.
+pub use tokio_util::sync::CancellationToken;
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,
-    JobStatus, JobWork, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,
-    StepStatus, StepWork, Submission, TaskRetryPolicy, Workflow, WorkflowVersion,
+    JobStatus, JobWork, Plan, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,
+    StepRef, StepStatus, StepWork, Submission, TaskRetryPolicy, WaitFor, Workflow, WorkflowVersion,
 };
 
-/// What a workflow author imports: defining workflows and steps, running them with a
-/// worker, and reading a task's folded state. Storage (appends, leases, global reads) is
-/// not here: import it from the crate root when you need it.
+/// What a workflow author imports: defining workflows and steps (typed outputs, plans,
+/// handles, waits, cancellation), running them with a worker, and reading a task's folded
+/// state. Storage (appends, leases, global reads) is not here: import it from the crate
+/// root when you need it.
 pub mod prelude {
     pub use crate::{
-        Attempt, Backoff, ChannelId, FailureKind, ItemOutput, JobStatus, JobWork, NewTask, PgStore,
-        ProviderLimits, Registry, RetryPolicy, RunOutcome, Step, StepContext, StepError, StepWork,
-        Submission, TaskId, TaskRetryPolicy, TaskState, TaskStatus, Worker, WorkerOptions,
-        WorkerReport, Workflow, WorkflowVersion, fold,
+        Attempt, Backoff, CancellationToken, ChannelId, FailureKind, ItemOutput, JobStatus,
+        JobWork, NewTask, Output, PgStore, Plan, ProviderLimits, Registry, RetryPolicy, RunOutcome,
+        Step, StepContext, StepError, StepRef, StepWork, Submission, TaskId, TaskRetryPolicy,
+        TaskState, TaskStatus, Worker, WorkerOptions, WorkerReport, Workflow, WorkflowVersion,
+        fold,
     };
 }

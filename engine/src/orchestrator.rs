@@ -18,11 +18,13 @@ use crate::error::{Error, Result};
 use crate::event::{Event, FailureKind, NewEvent, PollSchedule, RecordedEvent};
 use crate::id::ChannelId;
 use crate::outputs::{ItemOutput, Outputs};
-use crate::state::{ItemRecord, StepState, TaskState, fold};
+use crate::state::{ItemRecord, SignalRecord, StepState, TaskState, WaitRecord, fold};
 use crate::status::TaskStatus;
 use crate::store::{Lease, PgStore, SlotOwner};
 use crate::telemetry::{self, TraceContext};
-use crate::workflow::{ProviderLimits, Registry, Step, StepContext, StepError, Work, Workflow};
+use crate::workflow::{
+    Plan, ProviderLimits, Registry, Step, StepContext, StepError, WaitFor, WaitView, Work, Workflow,
+};
 
 mod commit;
 mod jobs;
@@ -57,6 +59,15 @@ pub enum RunOutcome {
         jobs: u32,
         /// Items waiting for room at their provider.
         waiting: u32,
+    },
+    /// Items wait for a signal or a time (see `StepContext::signal`, `StepContext::sleep`):
+    /// the wait is recorded, the lease released, and the task parked, holding no worker
+    /// slot, until the signal comes (it wakes the task) or `until` (none: only a signal
+    /// ends the wait).
+    Waiting {
+        until: Option<chrono::DateTime<Utc>>,
+        /// The signals waited for.
+        signals: Vec<String>,
     },
     /// The task was not runnable (already in review or finished).
     NotRunnable(TaskStatus),
@@ -174,6 +185,7 @@ impl Orchestrator {
             Ok(RunOutcome::Cancelled) => "cancelled",
             Ok(RunOutcome::Stopped) => "stopped",
             Ok(RunOutcome::Parked { .. }) => "parked",
+            Ok(RunOutcome::Waiting { .. }) => "waiting",
             Ok(RunOutcome::NotRunnable(_)) => "not_runnable",
             Ok(RunOutcome::SetAside { .. }) => "set_aside",
             Err(Error::LeaseLost { .. }) => "lease_lost",
@@ -366,6 +378,13 @@ impl Orchestrator {
             attempt: lease.attempt,
             failed_attempts: state.failed_attempts,
             outputs: std::sync::Mutex::new(Outputs::from_state(state)),
+            signals: std::sync::Mutex::new(state.signals.clone()),
+            receiving: tokio::sync::Mutex::new(()),
+            waits: state
+                .steps
+                .iter()
+                .map(|s| (s.name.clone(), (s.run_since, s.waits.clone())))
+                .collect(),
             drain,
             cancel: abort,
         })
@@ -510,6 +529,12 @@ struct TaskRun {
     failed_attempts: u32,
     /// Every item completed so far, from the log and this run: what later steps read.
     outputs: std::sync::Mutex<Outputs>,
+    /// The signals in the log, with those this run recorded.
+    signals: std::sync::Mutex<Vec<SignalRecord>>,
+    /// Held while the inbox is read and its new signals recorded (one reader at a time).
+    receiving: tokio::sync::Mutex<()>,
+    /// Each step's recorded waits in its current run, and where that run began.
+    waits: std::collections::HashMap<String, (u32, Vec<WaitRecord>)>,
     /// No new item or retry starts once this fires.
     drain: CancellationToken,
     /// Abandons items in flight.
@@ -557,7 +582,51 @@ enum StepEnd {
         /// The key (and its cap) at which items wait for room: a slot freed while the
         /// task was parking must still wake it.
         room: Option<(String, u32)>,
+        /// Items waiting for a signal or a time.
+        waits: Vec<PendingWait>,
     },
+}
+
+/// An item that waits (see [`StepContext::signal`]).
+struct PendingWait {
+    step: String,
+    item: u32,
+    wait: WaitFor,
+}
+
+impl StepEnd {
+    /// Two reasons to park at once: the earlier end, and every wait.
+    fn merge_park(self, other: StepEnd) -> StepEnd {
+        match (self, other) {
+            (
+                StepEnd::Parked {
+                    until,
+                    jobs,
+                    waiting,
+                    schedule,
+                    room,
+                    mut waits,
+                },
+                StepEnd::Parked {
+                    until: other_until,
+                    room: other_room,
+                    waits: other_waits,
+                    ..
+                },
+            ) => {
+                waits.extend(other_waits);
+                StepEnd::Parked {
+                    until: until.min(other_until),
+                    jobs,
+                    waiting,
+                    schedule,
+                    room: room.or(other_room),
+                    waits,
+                }
+            }
+            (end, _) => end,
+        }
+    }
 }
 
 impl TaskRun {
@@ -605,7 +674,7 @@ impl TaskRun {
                     return self.give_up(status, step, error, Some(item)).await;
                 }
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
-                parked @ StepEnd::Parked { .. } => return self.park(parked).await,
+                parked @ StepEnd::Parked { .. } => return self.park(parked, Some(&state)).await,
             }
         }
         self.finish(status).await
@@ -619,7 +688,18 @@ impl TaskRun {
         progress: Option<&StepState>,
         span: &tracing::Span,
     ) -> Result<std::result::Result<StepEnd, StepError>> {
-        let planned = match plan_guarded(step, &self.input) {
+        let plan = Plan {
+            task_id: self.log.lease.task,
+            attempt: self.attempt,
+            input: self.input.clone(),
+            outputs: Arc::new(
+                self.outputs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .before_step(step.name()),
+            ),
+        };
+        let planned = match plan_guarded(step, &plan) {
             Ok(planned) => planned,
             Err(error) => return Ok(Err(error)),
         };
@@ -648,38 +728,138 @@ impl TaskRun {
     /// Parks the task (see [`StepEnd::Parked`]): the lease goes, the poll schedule goes
     /// into the log, and a task that waits for room looks once more, now that it is
     /// parked, whether a slot freed meanwhile (no release could have woken it before).
-    async fn park(&self, parked: StepEnd) -> Result<RunOutcome> {
+    /// Waits not yet recorded (in `state`, the history the run started from) are recorded
+    /// first; a task that waits for a signal looks at its inbox once more after parking,
+    /// for one sent while it was parking (see `store::signals`).
+    async fn park(&self, parked: StepEnd, state: Option<&TaskState>) -> Result<RunOutcome> {
         let StepEnd::Parked {
             until,
             jobs,
             waiting,
             schedule,
             room,
+            waits,
         } = parked
         else {
             return Ok(RunOutcome::Stopped);
         };
-        self.log
-            .append(vec![Event::TaskParked {
-                until,
-                jobs,
-                waiting,
-                schedule,
-            }])
-            .await?;
-        if let Some((key, cap)) = room
+        let mut events: Vec<Event> = Vec::new();
+        for pending in &waits {
+            let recorded = state.and_then(|s| s.step(&pending.step)).is_some_and(|s| {
+                s.waits.iter().any(|w| {
+                    w.item == pending.item
+                        && w.signal == pending.wait.signal
+                        && w.sleep == pending.wait.sleep
+                        && w.until == pending.wait.until
+                })
+            });
+            if !recorded {
+                events.push(Event::WaitStarted {
+                    step: pending.step.clone(),
+                    item: pending.item,
+                    attempt: self.attempt,
+                    signal: pending.wait.signal.clone(),
+                    sleep: pending.wait.sleep.clone(),
+                    until: pending.wait.until,
+                });
+            }
+        }
+        events.push(Event::TaskParked {
+            until,
+            jobs,
+            waiting,
+            schedule,
+        });
+        self.log.append(events).await?;
+        if let Some((key, cap)) = &room
             && let Err(err) = self
                 .store
-                .wake_if_room(&key, cap, self.log.lease.task)
+                .wake_if_room(key, *cap, self.log.lease.task)
                 .await
         {
             tracing::warn!(task = %self.log.lease.task, %key, error = %err, "cannot look for room after parking; a freed slot or the park's end wakes the task");
+        }
+        let signals: Vec<String> = waits.iter().filter_map(|w| w.wait.signal.clone()).collect();
+        if !signals.is_empty() {
+            // Best effort would lose a wake-up: an error here ends the run, and the next
+            // claim (at the park's end, or a worker's restart) looks again.
+            let known = self
+                .signals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let inbox = self.store.inbox(self.log.lease.task).await?;
+            if inbox.iter().any(|s| {
+                !known
+                    .iter()
+                    .any(|k| k.name == s.name && k.signal_id == s.signal_id)
+            }) {
+                self.store.wake_parked(self.log.lease.task).await?;
+            }
+        }
+        if !waits.is_empty() && jobs == 0 && room.is_none() {
+            return Ok(RunOutcome::Waiting {
+                until: (until < crate::event::no_deadline()).then_some(until),
+                signals,
+            });
         }
         Ok(RunOutcome::Parked {
             until,
             jobs,
             waiting,
         })
+    }
+
+    /// Reads the task's inbox and records the signals the log does not have yet
+    /// (`signal_received`), so that an item reads only what the log holds. True when
+    /// `name` is among the signals known now.
+    async fn receive_signal(&self, name: &str) -> Result<bool> {
+        let _one_reader = self.receiving.lock().await;
+        let known = self
+            .signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.iter().any(|s| s.name == name) {
+            // Another item recorded it meanwhile.
+            return Ok(true);
+        }
+        let inbox = self.store.inbox(self.log.lease.task).await?;
+        let new: Vec<_> = inbox
+            .into_iter()
+            .filter(|s| {
+                !known
+                    .iter()
+                    .any(|k| k.name == s.name && k.signal_id == s.signal_id)
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(false);
+        }
+        let events: Vec<Event> = new
+            .iter()
+            .map(|s| Event::SignalReceived {
+                name: s.name.clone(),
+                signal_id: s.signal_id.clone(),
+                data: s.data.clone(),
+                by: s.by.clone(),
+                sent_at: s.sent_at,
+            })
+            .collect();
+        let end = self.log.append(events).await?;
+        let first = end + 1 - new.len() as u32;
+        let mut signals = self.signals.lock().unwrap_or_else(|p| p.into_inner());
+        for (offset, s) in new.into_iter().enumerate() {
+            signals.push(SignalRecord {
+                name: s.name,
+                signal_id: s.signal_id,
+                data: s.data,
+                by: s.by,
+                sent_at: s.sent_at,
+                version: first + offset as u32,
+            });
+        }
+        Ok(signals.iter().any(|s| s.name == name))
     }
 
     /// Polls the jobs a failed or cancelled task left open to their end, recording what
@@ -713,7 +893,7 @@ impl TaskRun {
             {
                 StepEnd::Completed | StepEnd::GaveUp { .. } => {}
                 StepEnd::Stopped => return Ok(RunOutcome::Stopped),
-                parked @ StepEnd::Parked { .. } => return self.park(parked).await,
+                parked @ StepEnd::Parked { .. } => return self.park(parked, None).await,
             }
         }
         // Nothing is left to follow: the task no longer waits.
@@ -821,6 +1001,7 @@ impl TaskRun {
             room: limits
                 .max_in_flight
                 .map(|cap| (limits.key.to_string(), cap)),
+            waits: Vec::new(),
         })
     }
 
@@ -912,9 +1093,11 @@ impl TaskRun {
                 }
                 Ok(ItemEnd::Ended(parked @ StepEnd::Parked { .. })) => {
                     no_new_items.cancel();
-                    if matches!(end, StepEnd::Completed | StepEnd::Stopped) {
-                        end = parked;
-                    }
+                    end = match end {
+                        StepEnd::Completed | StepEnd::Stopped => parked,
+                        current @ StepEnd::Parked { .. } => current.merge_park(parked),
+                        gave_up => gave_up,
+                    };
                 }
                 Ok(ItemEnd::Ended(StepEnd::Stopped)) => {
                     no_new_items.cancel();
@@ -928,8 +1111,17 @@ impl TaskRun {
                 }
             }
         }
-        if let StepEnd::Parked { waiting, .. } = &mut end {
-            *waiting = u32::try_from(planned - completed).unwrap_or(u32::MAX);
+        if let StepEnd::Parked {
+            waiting,
+            room: Some(_),
+            waits,
+            ..
+        } = &mut end
+        {
+            // The items not done wait for room, but for those that wait for a signal or
+            // a time.
+            let left = (planned - completed).saturating_sub(waits.len());
+            *waiting = u32::try_from(left).unwrap_or(u32::MAX);
         }
         match store_error {
             Some(err) => Err(err),
@@ -977,11 +1169,19 @@ impl TaskRun {
                     return Ok(ItemEnd::Ended(StepEnd::Stopped));
                 }
             }
-            let ctx = self.context(step, try_number, outputs.clone());
+            let ctx = self.context(step, item, try_number, outputs.clone());
             let started = Instant::now();
+            let item_cancel = ctx.cancel.clone();
             let result = tokio::select! {
                 result = run_guarded(step, ctx, item) => result,
                 () = self.cancel.cancelled() => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
+                () = sleep_or_never(step.timeout) => {
+                    item_cancel.cancel();
+                    Err(StepError::transient(format!(
+                        "timed out after {}",
+                        humanize(step.timeout.unwrap_or_default())
+                    )))
+                }
             };
             if let Some(cap) = limits.as_ref().and_then(|l| l.max_in_flight) {
                 let key = limits.as_ref().map(|l| l.key.clone()).unwrap_or_default();
@@ -1006,6 +1206,29 @@ impl TaskRun {
                 }
                 Err(error) => error,
             };
+            if let Some(wait) = error.waiting.clone() {
+                if let Some(signal) = &wait.signal
+                    && self.receive_signal(signal).await?
+                {
+                    // It came while the task was parked or running: run the item again
+                    // (no try used), now that the log holds it.
+                    try_number -= 1;
+                    continue;
+                }
+                let until = wait.until.unwrap_or_else(crate::event::no_deadline);
+                return Ok(ItemEnd::Ended(StepEnd::Parked {
+                    until,
+                    jobs: 0,
+                    waiting: 0,
+                    schedule: Vec::new(),
+                    room: None,
+                    waits: vec![PendingWait {
+                        step: step.name().to_owned(),
+                        item,
+                        wait,
+                    }],
+                }));
+            }
             let span = tracing::Span::current();
             span.record("reel.tries", try_number);
             span.record("reel.error", error.message.as_str());
@@ -1109,7 +1332,26 @@ impl TaskRun {
         Ok(())
     }
 
-    fn context(&self, step: &Step, try_number: u32, outputs: Arc<Outputs>) -> StepContext {
+    fn context(
+        &self,
+        step: &Step,
+        item: u32,
+        try_number: u32,
+        outputs: Arc<Outputs>,
+    ) -> StepContext {
+        let (since, waits) = self
+            .waits
+            .get(step.name())
+            .map_or((0, Vec::new()), |(since, waits)| (*since, waits.clone()));
+        let signals = self
+            .signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|s| s.version > since)
+            .cloned()
+            .collect();
+        let store = self.store.clone();
         StepContext {
             task_id: self.log.lease.task,
             channel_id: self.channel.clone(),
@@ -1117,9 +1359,15 @@ impl TaskRun {
             step: step.name.clone(),
             attempt: self.attempt,
             try_number,
+            item,
             input: self.input.clone(),
             outputs,
             cancel: self.cancel.child_token(),
+            waits: Arc::new(WaitView {
+                signals,
+                waits,
+                clock: Arc::new(move || store.now()),
+            }),
         }
     }
 
@@ -1193,6 +1441,23 @@ impl TaskRun {
 /// Plans a step's items. A panicking plan is a permanent error (planning is a pure function
 /// of the input: it would panic again), and an atomic step plans exactly one item — it is
 /// one unit of work that a failure re-runs whole.
+/// Sleeps for `limit`, or forever without one.
+async fn sleep_or_never(limit: Option<Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A duration as people write it: `1.5s`, `250ms`.
+fn humanize(duration: Duration) -> String {
+    if duration >= Duration::from_secs(1) {
+        format!("{}s", duration.as_secs_f64())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}
+
 /// The span of one item of a call step: its tries, and how it ended.
 fn item_span(step: &Step, item: u32, attempt: u32) -> tracing::Span {
     tracing::info_span!(
@@ -1233,8 +1498,8 @@ fn record_item_end(span: &tracing::Span, ended: &Result<ItemEnd>) {
     span.record("reel.outcome", outcome);
 }
 
-fn plan_guarded(step: &Step, input: &Value) -> std::result::Result<u32, StepError> {
-    let planned = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.plan(input)))
+fn plan_guarded(step: &Step, plan: &Plan) -> std::result::Result<u32, StepError> {
+    let planned = std::panic::catch_unwind(AssertUnwindSafe(|| step.work.plan(plan)))
         .unwrap_or_else(|panic| {
             Err(StepError::permanent(format!(
                 "planning panicked: {}",

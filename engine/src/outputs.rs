@@ -13,16 +13,89 @@ use serde_json::Value;
 use crate::state::{ItemRecord, TaskState};
 use crate::workflow::StepError;
 
-/// What running one item produced: an output (any serializable value), and where there is
-/// one, an artifact (a path or URL) and what the provider charged.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ItemOutput {
+/// What running one item produced: an output (a value of type `T`, which the log stores
+/// as JSON), and where there is one, an artifact (a path or URL) and what the provider
+/// charged. A typed step (`Step::call`, `Step::fan_out` returning `Output<T>`) gives later
+/// steps a [`StepRef<T>`](crate::StepRef) to read it back as `T`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output<T = Value> {
     /// Where the result lives (a path or URL; empty when there is none).
     pub artifact: String,
     /// What the provider charged, in micro-dollars.
     pub cost_micros: i64,
-    /// The result later steps read ([`StepContext::output`](crate::StepContext::output)).
-    pub output: Option<Value>,
+    /// The result later steps read ([`StepContext::get`](crate::StepContext::get)).
+    pub output: Option<T>,
+}
+
+/// An untyped item output: its value is JSON.
+pub type ItemOutput = Output<Value>;
+
+impl<T> Default for Output<T> {
+    fn default() -> Self {
+        Output {
+            artifact: String::new(),
+            cost_micros: 0,
+            output: None,
+        }
+    }
+}
+
+impl<T> Output<T> {
+    /// An output that is `value` (no artifact, no cost).
+    pub fn of(value: T) -> Self {
+        Output {
+            artifact: String::new(),
+            cost_micros: 0,
+            output: Some(value),
+        }
+    }
+
+    /// The same output with `artifact`.
+    pub fn with_artifact(mut self, artifact: impl Into<String>) -> Self {
+        self.artifact = artifact.into();
+        self
+    }
+
+    /// The same output with its cost, in micro-dollars.
+    pub fn with_cost_micros(mut self, cost_micros: i64) -> Self {
+        self.cost_micros = cost_micros;
+        self
+    }
+}
+
+impl<T: Serialize + 'static> Output<T> {
+    /// The output as the log stores it: its value as JSON (a value that cannot be
+    /// serialized is a permanent error).
+    pub fn into_item(self) -> Result<ItemOutput, StepError> {
+        let Output {
+            artifact,
+            cost_micros,
+            output,
+        } = self;
+        let output = match output {
+            None => None,
+            Some(value) => {
+                // An untyped output is JSON already: no copy.
+                let any: Box<dyn std::any::Any> = Box::new(value);
+                match any.downcast::<Value>() {
+                    Ok(json) => Some(*json),
+                    Err(any) => {
+                        let value = any
+                            .downcast::<T>()
+                            .map_err(|_| StepError::permanent("an output changed type"))?;
+                        Some(serde_json::to_value(*value).map_err(|e| {
+                            StepError::permanent(format!("the output does not serialize: {e}"))
+                        })?)
+                    }
+                }
+            }
+        };
+        Ok(ItemOutput {
+            artifact,
+            cost_micros,
+            output,
+        })
+    }
 }
 
 impl ItemOutput {
@@ -63,18 +136,6 @@ impl ItemOutput {
             .map_err(|e| StepError::permanent(format!("the output does not serialize: {e}")))?;
         self.output = Some(value);
         Ok(self)
-    }
-
-    /// The same output with `artifact`.
-    pub fn with_artifact(mut self, artifact: impl Into<String>) -> Self {
-        self.artifact = artifact.into();
-        self
-    }
-
-    /// The same output with its cost, in micro-dollars.
-    pub fn with_cost_micros(mut self, cost_micros: i64) -> Self {
-        self.cost_micros = cost_micros;
-        self
     }
 }
 
@@ -140,6 +201,28 @@ impl Outputs {
         self.records(step)
             .map(|record| parse_output(step, record))
             .collect()
+    }
+
+    /// The output of the one-item step `step` (its item 1), as the step's type.
+    pub fn get<T: DeserializeOwned>(&self, step: &crate::StepRef<T>) -> Result<T, StepError> {
+        self.output(step.name(), 1)
+    }
+
+    /// Every completed output of `step`, in item order, as the step's type.
+    pub fn get_all<T: DeserializeOwned>(
+        &self,
+        step: &crate::StepRef<T>,
+    ) -> Result<Vec<T>, StepError> {
+        self.outputs(step.name())
+    }
+
+    /// The output of `item` of `step`, as the step's type.
+    pub fn get_item<T: DeserializeOwned>(
+        &self,
+        step: &crate::StepRef<T>,
+        item: u32,
+    ) -> Result<T, StepError> {
+        self.output(step.name(), item)
     }
 
     /// The artifact of `item` of `step`.

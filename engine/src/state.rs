@@ -128,9 +128,64 @@ pub struct StepState {
     /// runs it again, and no later step may take its name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removed_in: Option<u32>,
+    /// Waits its items started in this run (see [`Event::WaitStarted`]), in log order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waits: Vec<WaitRecord>,
+    /// The stream version where this run began (0 for the first run; a rejected review's
+    /// version for a redo): only signals received after it count for its waits, so a
+    /// redone step waits for a new signal.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub run_since: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+/// A durable wait an item started (see [`Event::WaitStarted`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaitRecord {
+    pub item: u32,
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    /// The stream version of the `wait_started` event.
+    pub version: u32,
+}
+
+/// A signal the task received (see [`Event::SignalReceived`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SignalRecord {
+    pub name: String,
+    pub signal_id: String,
+    pub data: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    pub sent_at: DateTime<Utc>,
+    /// The stream version of the `signal_received` event.
+    pub version: u32,
 }
 
 impl StepState {
+    /// The wait `item` recorded for the signal `signal` in this run, if any.
+    pub fn signal_wait(&self, item: u32, signal: &str) -> Option<&WaitRecord> {
+        self.waits
+            .iter()
+            .find(|w| w.item == item && w.signal.as_deref() == Some(signal))
+    }
+
+    /// The wait `item` recorded for its sleep called `sleep` in this run, if any: its
+    /// `until` is when the sleep ends.
+    pub fn sleep_wait(&self, item: u32, sleep: &str) -> Option<&WaitRecord> {
+        self.waits
+            .iter()
+            .find(|w| w.item == item && w.sleep.as_deref() == Some(sleep))
+    }
+
     /// The name provider idempotency keys are derived from: the step's first name.
     pub fn key_name(&self) -> &str {
         self.first_name.as_deref().unwrap_or(&self.name)
@@ -251,6 +306,9 @@ pub struct TaskState {
     pub submits_unanswered: u32,
     /// Times the task was parked to wait on provider jobs.
     pub parks: u32,
+    /// Signals received, in log order (see [`Event::SignalReceived`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<SignalRecord>,
     /// Parked: the next claim resumes the current attempt (set by `task_parked`, cleared
     /// by the claim that follows it).
     #[serde(skip)]
@@ -282,6 +340,22 @@ impl TaskState {
     /// The state of `step` in its current run, if it ever started.
     pub fn step(&self, name: &str) -> Option<&StepState> {
         self.step_index.get(name).map(|&i| &self.steps[i])
+    }
+
+    /// The first signal called `name` that `step`'s current run can see (received after
+    /// the run began: a redone step waits for a new one).
+    pub fn signal_for(&self, step: &str, name: &str) -> Option<&SignalRecord> {
+        let since = self.step(step).map_or(0, |s| s.run_since);
+        self.signals
+            .iter()
+            .find(|s| s.name == name && s.version > since)
+    }
+
+    /// Whether a signal with this name and id was received.
+    pub fn has_signal(&self, name: &str, signal_id: &str) -> bool {
+        self.signals
+            .iter()
+            .any(|s| s.name == name && s.signal_id == signal_id)
     }
 
     /// Provider jobs submitted and not yet closed, over every step.
@@ -447,6 +521,39 @@ impl TaskState {
                 });
             }
             Event::StepCompleted { step, .. } => self.step_mut(step).completed = true,
+            Event::WaitStarted {
+                step,
+                item,
+                attempt,
+                signal,
+                sleep,
+                until,
+            } => self.step_mut(step).waits.push(WaitRecord {
+                item: *item,
+                attempt: *attempt,
+                signal: signal.clone(),
+                sleep: sleep.clone(),
+                until: *until,
+                version,
+            }),
+            Event::SignalReceived {
+                name,
+                signal_id,
+                data,
+                by,
+                sent_at,
+            } => {
+                if !self.has_signal(name, signal_id) {
+                    self.signals.push(SignalRecord {
+                        name: name.clone(),
+                        signal_id: signal_id.clone(),
+                        data: data.clone(),
+                        by: by.clone(),
+                        sent_at: *sent_at,
+                        version,
+                    });
+                }
+            }
             Event::StatusChanged {
                 from,
                 to,
@@ -494,7 +601,7 @@ impl TaskState {
                 });
             }
             Event::ReviewRejected { redo_from, reason } => {
-                self.supersede_from(redo_from);
+                self.supersede_from(redo_from, version);
                 self.review = Some(ReviewOutcome::Rejected {
                     redo_from: redo_from.clone(),
                     reason: reason.clone(),
@@ -644,7 +751,7 @@ impl TaskState {
 
     /// A rejected review sends the task back to `redo_from`: that step and every step that
     /// started after it begin a new run; their completions are superseded.
-    fn supersede_from(&mut self, redo_from: &str) {
+    fn supersede_from(&mut self, redo_from: &str, version: u32) {
         let Some(&first) = self.step_index.get(redo_from) else {
             return;
         };
@@ -655,6 +762,8 @@ impl TaskState {
             step.run += 1;
             step.planned = None;
             step.completed = false;
+            step.waits.clear();
+            step.run_since = version;
         }
     }
 }

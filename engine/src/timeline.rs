@@ -184,17 +184,58 @@ fn entry(recorded: &RecordedEvent, attempt: u32) -> TimelineEntry {
             waiting,
             ..
         } => {
-            let mut detail = format!(
-                "until {}: {jobs} job{} open",
-                until.format("%Y-%m-%d %H:%M:%S%.3f"),
-                if *jobs == 1 { "" } else { "s" }
-            );
+            let mut detail = if *until >= crate::event::no_deadline() {
+                "until a signal comes".to_owned()
+            } else {
+                format!("until {}", until.format("%Y-%m-%d %H:%M:%S%.3f"))
+            };
+            if *jobs > 0 || *waiting == 0 && *until < crate::event::no_deadline() {
+                detail.push_str(&format!(
+                    ": {jobs} job{} open",
+                    if *jobs == 1 { "" } else { "s" }
+                ));
+            }
             if *waiting > 0 {
                 detail.push_str(&format!(", {waiting} waiting for the provider"));
             }
             row.detail = Some(detail);
         }
         Event::StepCompleted { step, .. } => row.step = Some(step.clone()),
+        Event::WaitStarted {
+            step,
+            item,
+            signal,
+            sleep,
+            until,
+            ..
+        } => {
+            row.step = Some(step.clone());
+            row.item = Some(*item);
+            let until = until.map(|u| u.format("%Y-%m-%d %H:%M:%S%.3f").to_string());
+            row.detail = Some(match (signal, sleep, until) {
+                (Some(signal), _, Some(until)) => {
+                    format!("waiting for signal {signal} (until {until})")
+                }
+                (Some(signal), _, None) => format!("waiting for signal {signal}"),
+                (None, Some(sleep), Some(until)) => format!("sleep {sleep} until {until}"),
+                (None, _, until) => format!("waiting until {}", until.unwrap_or_default()),
+            });
+        }
+        Event::SignalReceived {
+            name,
+            signal_id,
+            by,
+            sent_at,
+            ..
+        } => {
+            row.detail = Some(format!(
+                "{name} (id {signal_id}{}, sent {})",
+                by.as_deref()
+                    .map(|b| format!(", by {b}"))
+                    .unwrap_or_default(),
+                sent_at.format("%Y-%m-%d %H:%M:%S%.3f")
+            ));
+        }
         Event::StatusChanged { from, to, .. } => row.detail = Some(format!("{from} -> {to}")),
         Event::RetryScheduled {
             next_run_at,

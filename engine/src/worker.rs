@@ -46,8 +46,9 @@ pub struct WorkerOptions {
     /// After shutdown is requested: how long items in flight may take to finish before
     /// they are abandoned (and their tasks released for another worker).
     pub shutdown_grace: Duration,
-    /// Return once no task is queued, running or scheduled for retry (and keep every
-    /// attempt's outcome in the report).
+    /// Return once no task is queued, running, parked or scheduled for retry (and keep
+    /// every attempt's outcome in the report). A task waiting for a signal without a
+    /// deadline waits for a person, as one in review does: it does not keep the worker.
     pub until_idle: bool,
     /// Provider limits that replace the workflows' defaults, by key (a field set here wins).
     pub provider_limits: Vec<ProviderLimits>,
@@ -204,6 +205,9 @@ pub struct WorkerReport {
     pub set_aside: u64,
     /// Runs that parked their task to wait on provider jobs (see [`RunOutcome::Parked`]).
     pub parked: u64,
+    /// Runs that parked their task to wait for a signal or a time (see
+    /// [`RunOutcome::Waiting`]).
+    pub waiting: u64,
     /// Every run, in the order they ended — kept only by a worker that runs until idle (a
     /// long-running worker would hold them forever).
     pub attempts: Vec<Attempt>,
@@ -374,7 +378,9 @@ impl Worker {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
-                    if let Ok((_, (_, Ok(RunOutcome::Parked { until, .. })))) = &joined {
+                    if let Ok((_, (_, Ok(RunOutcome::Parked { until, .. }
+                        | RunOutcome::Waiting { until: Some(until), .. })))) = &joined
+                    {
                         due_parked.insert(*until);
                     }
                     record(&mut report, &mut in_flight, joined, self.options.until_idle);
@@ -557,6 +563,10 @@ fn record(
         }) => {
             tracing::debug!(%task, %until, jobs, waiting, "parked: waiting on provider jobs");
             report.parked += 1;
+        }
+        Ok(RunOutcome::Waiting { until, signals }) => {
+            tracing::info!(%task, ?until, ?signals, "waiting: parked until a signal or a time");
+            report.waiting += 1;
         }
         Ok(RunOutcome::RetryScheduled { next_run_at }) => {
             tracing::info!(%task, %next_run_at, "retry scheduled");

@@ -4,13 +4,13 @@
 //! use engine::prelude::*;
 //!
 //! let workflow = Workflow::new("greetings")
-//!     .step(Step::items("hello",
-//!         |_input| Ok(3),
+//!     .step(Step::fan_out("hello",
+//!         |_plan: &Plan| Ok(3),
 //!         |_ctx: StepContext, item| async move {
 //!             ItemOutput::value(format!("hello {item}"))
 //!         })
 //!         .status("saying_hello", "Saying Hello"))
-//!     .step(Step::once("bye", |ctx: StepContext| async move {
+//!     .step(Step::call("bye", |ctx: StepContext| async move {
 //!         // Earlier steps' outputs come from the log, in item order.
 //!         let greetings: Vec<String> = ctx.outputs("hello")?;
 //!         ItemOutput::value(greetings.join(", "))
@@ -28,9 +28,14 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+mod author;
+
+pub(crate) use author::{FnSteps, WaitView};
+pub use author::{Plan, StepRef, WaitFor};
+
 use crate::event::{Event, FailureKind, StepRenamed};
 use crate::id::{ChannelId, TaskId, truncate_for_display};
-use crate::outputs::{ItemOutput, Outputs};
+use crate::outputs::{ItemOutput, Output, Outputs};
 use crate::state::TaskState;
 use crate::status::{TaskStatus, snake_case, title_case};
 
@@ -54,6 +59,10 @@ pub struct StepError {
     /// accepted: its slot stays taken for the job's life and the log records a possible
     /// payment (see [`StepError::unanswered`]).
     pub unanswered: bool,
+    /// Not a failure: the item waits for a signal or a time (see [`StepContext::signal`],
+    /// [`StepContext::sleep`]). The engine records the wait and parks the task; nothing
+    /// counts as a try.
+    pub waiting: Option<WaitFor>,
 }
 
 impl StepError {
@@ -80,6 +89,19 @@ impl StepError {
         self
     }
 
+    /// The item waits (see [`StepError::waiting`](field@StepError::waiting)).
+    pub fn waiting(wait: WaitFor) -> Self {
+        let what = match (&wait.signal, &wait.sleep) {
+            (Some(signal), _) => format!("waiting for signal {signal}"),
+            (None, Some(sleep)) => format!("sleeping ({sleep})"),
+            (None, None) => "waiting".to_owned(),
+        };
+        StepError {
+            waiting: Some(wait),
+            ..StepError::new(FailureKind::Transient, &what)
+        }
+    }
+
     fn new(kind: FailureKind, message: &str) -> Self {
         // The log cannot store a NUL character: a provider's binary garbage in an error
         // message must not make the failure itself unrecordable.
@@ -89,6 +111,7 @@ impl StepError {
             message: truncate_for_display(&message, ERROR_MESSAGE_MAX_CHARS),
             retry_after: None,
             unanswered: false,
+            waiting: None,
         }
     }
 }
@@ -235,9 +258,11 @@ impl Default for TaskRetryPolicy {
     }
 }
 
-/// What a step's code gets to know about the item it runs, and the task's results so far.
+/// What a step's code gets to know about the item it runs, and the task's results so far:
+/// the task's input (as `I`: untyped JSON unless the step's closure asks for a type),
+/// earlier steps' outputs, the signals it may wait for, and its cancellation.
 #[derive(Clone, Debug)]
-pub struct StepContext {
+pub struct StepContext<I = Value> {
     pub task_id: TaskId,
     pub channel_id: ChannelId,
     pub workflow: Arc<str>,
@@ -246,7 +271,10 @@ pub struct StepContext {
     pub attempt: u32,
     /// The try of this item within the attempt (1 = first try).
     pub try_number: u32,
-    pub input: Arc<Value>,
+    /// The item (1-based).
+    pub item: u32,
+    /// The task's input.
+    pub input: Arc<I>,
     /// The completed items of the earlier steps, as the log records them (earlier attempts
     /// included; never this step's own): read with [`StepContext::output`] and
     /// [`StepContext::outputs`].
@@ -254,6 +282,8 @@ pub struct StepContext {
     /// Cancelled when the task is cancelled, the lease is lost or the worker shuts down:
     /// long-running work should stop early.
     pub cancel: CancellationToken,
+    /// Signals and recorded waits (see [`StepContext::signal`]).
+    pub(crate) waits: Arc<WaitView>,
 }
 
 impl StepContext {
@@ -261,6 +291,47 @@ impl StepContext {
     pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
         T::deserialize(&*self.input)
             .map_err(|e| StepError::permanent(format!("invalid input: {e}")))
+    }
+
+    /// The same context with the input as `J` (no copy when it already is one).
+    pub(crate) fn typed<J>(self) -> Result<StepContext<J>, StepError>
+    where
+        J: DeserializeOwned + Send + Sync + 'static,
+    {
+        Ok(StepContext {
+            input: author::typed_input(&self.input)?,
+            task_id: self.task_id,
+            channel_id: self.channel_id,
+            workflow: self.workflow,
+            step: self.step,
+            attempt: self.attempt,
+            try_number: self.try_number,
+            item: self.item,
+            outputs: self.outputs,
+            cancel: self.cancel,
+            waits: self.waits,
+        })
+    }
+}
+
+impl<I> StepContext<I> {
+    /// The output of the one-item step `step` (its item 1), as the step's output type.
+    pub fn get<T: DeserializeOwned>(&self, step: &StepRef<T>) -> Result<T, StepError> {
+        self.outputs.get(step)
+    }
+
+    /// Every completed output of `step`, in item order, as the step's output type.
+    pub fn get_all<T: DeserializeOwned>(&self, step: &StepRef<T>) -> Result<Vec<T>, StepError> {
+        self.outputs.get_all(step)
+    }
+
+    /// The output of `item` of `step`, as the step's output type.
+    pub fn get_item<T: DeserializeOwned>(
+        &self,
+        step: &StepRef<T>,
+        item: u32,
+    ) -> Result<T, StepError> {
+        self.outputs.get_item(step, item)
     }
 
     /// The output `item` of `step` recorded, as `T`.
@@ -286,6 +357,13 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait StepWork: Send + Sync + 'static {
     /// How many items the step has for this input (deterministic). Atomic steps: 1.
     fn plan(&self, input: &Value) -> Result<u32, StepError>;
+
+    /// How many items the step has, from the input and the earlier steps' outputs (what
+    /// the engine calls; by default [`StepWork::plan`] of the input). Override it to size
+    /// the step by an earlier result.
+    fn plan_from(&self, plan: &Plan) -> Result<u32, StepError> {
+        self.plan(&plan.input)
+    }
 
     /// Runs one item (1-based).
     fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>>;
@@ -324,6 +402,12 @@ pub trait JobWork: Send + Sync + 'static {
     /// How many items the step has for this input (deterministic).
     fn plan(&self, input: &Value) -> Result<u32, StepError>;
 
+    /// How many items the step has, from the input and the earlier steps' outputs (what
+    /// the engine calls; by default [`JobWork::plan`] of the input).
+    fn plan_from(&self, plan: &Plan) -> Result<u32, StepError> {
+        self.plan(&plan.input)
+    }
+
     /// Submits item `item`'s job and returns what polling it needs (the provider's job id,
     /// and anything else), as soon as the provider accepted it.
     fn submit(
@@ -352,10 +436,10 @@ pub(crate) enum Work {
 }
 
 impl Work {
-    pub(crate) fn plan(&self, input: &Value) -> Result<u32, StepError> {
+    pub(crate) fn plan(&self, plan: &Plan) -> Result<u32, StepError> {
         match self {
-            Work::Calls(work) => work.plan(input),
-            Work::Jobs(work) => work.plan(input),
+            Work::Calls(work) => work.plan_from(plan),
+            Work::Jobs(work) => work.plan_from(plan),
         }
     }
 }
@@ -393,26 +477,6 @@ impl ProviderLimits {
     pub fn rate(mut self, per_second: f64) -> Self {
         self.rate = Some(per_second).filter(|r| r.is_finite() && *r > 0.0);
         self
-    }
-}
-
-struct FnItems<P, R> {
-    plan: P,
-    run: R,
-}
-
-impl<P, R, Fut> StepWork for FnItems<P, R>
-where
-    P: Fn(&Value) -> Result<u32, StepError> + Send + Sync + 'static,
-    R: Fn(StepContext, u32) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
-{
-    fn plan(&self, input: &Value) -> Result<u32, StepError> {
-        (self.plan)(input)
-    }
-
-    fn run(&self, ctx: StepContext, item: u32) -> BoxFuture<Result<ItemOutput, StepError>> {
-        Box::pin((self.run)(ctx, item))
     }
 }
 
@@ -466,9 +530,18 @@ pub const DEFAULT_POLL_BACKOFF: Backoff =
 /// How long a job may go unanswered (its polls failing) before it counts as lost.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// One step of a workflow.
-#[derive(Clone)]
-pub struct Step {
+/// One step of a workflow, whose items return `O` (JSON, `Value`, for untyped steps).
+///
+/// | | one item | N items |
+/// |---|---|---|
+/// | a closure that calls | [`Step::call`] | [`Step::fan_out`] |
+/// | your type that calls ([`StepWork`]) | [`Step::call_with`] | [`Step::fan_out_with`] |
+/// | provider jobs: submit, then poll ([`JobWork`]) | | [`Step::jobs`] |
+///
+/// One item is one unit of work: a failure runs it again whole. N items are planned
+/// (`step_started` records how many) and each completion is recorded as it happens, so a
+/// retry runs only the missing ones.
+pub struct Step<O = Value> {
     pub(crate) name: Arc<str>,
     pub(crate) status: StepStatus,
     pub(crate) atomic: bool,
@@ -482,25 +555,103 @@ pub struct Step {
     pub(crate) poll_backoff: Backoff,
     pub(crate) job_timeout: Duration,
     pub(crate) min_poll_interval: Duration,
+    /// How long one try of an item may run (see [`Step::timeout`]).
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) output: std::marker::PhantomData<fn() -> O>,
+}
+
+impl<O> Clone for Step<O> {
+    fn clone(&self) -> Self {
+        Step {
+            name: self.name.clone(),
+            status: self.status.clone(),
+            atomic: self.atomic,
+            work: self.work.clone(),
+            retry: self.retry,
+            concurrency: self.concurrency,
+            pipelined: self.pipelined,
+            provider: self.provider.clone(),
+            poll_backoff: self.poll_backoff,
+            job_timeout: self.job_timeout,
+            min_poll_interval: self.min_poll_interval,
+            timeout: self.timeout,
+            output: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<O: serde::Serialize + Send + 'static> Step<O> {
+    /// A one-item step from a closure: `run(ctx)` makes its [`Output`]. The closure's
+    /// context may ask for the input typed (`StepContext<Brief>`: a task whose input does
+    /// not parse fails permanently).
+    ///
+    /// ```no_run
+    /// use engine::prelude::*;
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Script { scenes: u32 }
+    ///
+    /// let script: Step<Script> = Step::call("script", |_ctx: StepContext| async {
+    ///     Ok(Output::of(Script { scenes: 4 }).with_cost_micros(2_000))
+    /// });
+    /// ```
+    pub fn call<I, R, Fut>(name: &str, run: R) -> Self
+    where
+        I: serde::de::DeserializeOwned + Send + Sync + 'static,
+        R: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Output<O>, StepError>> + Send + 'static,
+    {
+        let work = FnSteps {
+            plan: |_: &Plan<I>| Ok(1),
+            run: move |ctx, _item| run(ctx),
+            types: std::marker::PhantomData,
+        };
+        Step::from_work(name, true, Work::Calls(Arc::new(work)))
+    }
+
+    /// A step of N items from two closures: `plan` sizes it from a [`Plan`] (the input,
+    /// typed as the closure asks, and the earlier steps' outputs), and `run(ctx, item)`
+    /// makes one item's [`Output`].
+    ///
+    /// ```no_run
+    /// use engine::prelude::*;
+    ///
+    /// let mut workflow = Workflow::new("film");
+    /// let script = workflow.add(Step::call("script", |_ctx: StepContext| async {
+    ///     Ok(Output::of(4_u32))
+    /// }));
+    /// // As many scenes as the script said: the plan reads its output from the log.
+    /// workflow.add(Step::fan_out(
+    ///     "scenes",
+    ///     move |plan: &Plan| plan.get(&script),
+    ///     |_ctx: StepContext, item| async move { Ok(Output::of(format!("scene {item}"))) },
+    /// ));
+    /// ```
+    pub fn fan_out<I, P, R, Fut>(name: &str, plan: P, run: R) -> Self
+    where
+        I: serde::de::DeserializeOwned + Send + Sync + 'static,
+        P: Fn(&Plan<I>) -> Result<u32, StepError> + Send + Sync + 'static,
+        R: Fn(StepContext<I>, u32) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Output<O>, StepError>> + Send + 'static,
+    {
+        let work = FnSteps {
+            plan,
+            run,
+            types: std::marker::PhantomData,
+        };
+        Step::from_work(name, false, Work::Calls(Arc::new(work)))
+    }
 }
 
 impl Step {
-    /// An itemized step from its code. It shows the status named after the step until
-    /// [`Step::status`] sets one.
-    pub fn itemized(name: &str, work: impl StepWork) -> Self {
-        Step {
-            name: name.into(),
-            status: StepStatus::for_step(name),
-            atomic: false,
-            work: Work::Calls(Arc::new(work)),
-            retry: RetryPolicy::default(),
-            concurrency: 1,
-            pipelined: false,
-            provider: None,
-            poll_backoff: DEFAULT_POLL_BACKOFF,
-            job_timeout: DEFAULT_JOB_TIMEOUT,
-            min_poll_interval: Duration::ZERO,
-        }
+    /// A one-item step from your own [`StepWork`] (its plan must say 1).
+    pub fn call_with(name: &str, work: impl StepWork) -> Self {
+        Step::from_work(name, true, Work::Calls(Arc::new(work)))
+    }
+
+    /// A step of N items from your own [`StepWork`].
+    pub fn fan_out_with(name: &str, work: impl StepWork) -> Self {
+        Step::from_work(name, false, Work::Calls(Arc::new(work)))
     }
 
     /// A step whose items are provider jobs (see [`JobWork`]). Up to its concurrency's
@@ -508,15 +659,112 @@ impl Step {
     /// fleet-wide).
     pub fn jobs(name: &str, work: impl JobWork) -> Self {
         Step {
-            work: Work::Jobs(Arc::new(work)),
             concurrency: usize::MAX,
-            ..Step::itemized(
-                name,
-                FnItems {
-                    plan: |_: &Value| Ok(0),
-                    run: |_ctx: StepContext, _item| async { Ok(ItemOutput::default()) },
-                },
-            )
+            ..Step::from_work(name, false, Work::Jobs(Arc::new(work)))
+        }
+    }
+
+    /// A one-item step that waits for the signal `signal` and outputs its data (see
+    /// [`StepContext::signal`]): the task parks, holding no worker slot, until
+    /// `reel signal TASK SIGNAL --data JSON` sends it.
+    pub fn wait_for_signal<T>(name: &str, signal: &str) -> Step<T>
+    where
+        T: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+    {
+        let signal: Arc<str> = Arc::from(signal);
+        Step::call(name, move |ctx: StepContext| {
+            let signal = signal.clone();
+            async move { Ok(Output::of(ctx.signal::<T>(&signal)?)) }
+        })
+    }
+
+    /// A one-item step that sleeps durably for `duration` (see [`StepContext::sleep`]):
+    /// the task parks until then, holding no worker slot, and a restart does not start
+    /// the sleep over. Its output is when it woke.
+    pub fn sleep(name: &str, duration: Duration) -> Step<chrono::DateTime<chrono::Utc>> {
+        Step::call(name, move |ctx: StepContext| async move {
+            ctx.sleep("sleep", duration)?;
+            Ok(Output::of(ctx.now()))
+        })
+    }
+
+    /// An itemized step from its code.
+    #[deprecated(since = "0.2.0", note = "renamed Step::fan_out_with")]
+    pub fn itemized(name: &str, work: impl StepWork) -> Self {
+        Step::fan_out_with(name, work)
+    }
+
+    /// An atomic step (one unit of work; a failure re-runs it whole) from its code.
+    #[deprecated(since = "0.2.0", note = "renamed Step::call_with")]
+    pub fn atomic(name: &str, work: impl StepWork) -> Self {
+        Step::call_with(name, work)
+    }
+
+    /// An itemized step from two closures: `plan(input) -> count` and `run(ctx, item)`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use Step::fan_out, whose plan gets a Plan (the input and earlier outputs)"
+    )]
+    pub fn items<P, R, Fut>(name: &str, plan: P, run: R) -> Self
+    where
+        P: Fn(&Value) -> Result<u32, StepError> + Send + Sync + 'static,
+        R: Fn(StepContext, u32) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
+    {
+        Step::fan_out(name, move |p: &Plan| plan(&p.input), run)
+    }
+
+    /// An atomic step from one closure.
+    #[deprecated(since = "0.2.0", note = "renamed Step::call")]
+    pub fn once<R, Fut>(name: &str, run: R) -> Self
+    where
+        R: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
+    {
+        Step::call(name, run)
+    }
+}
+
+impl<O> Step<O> {
+    fn from_work(name: &str, atomic: bool, work: Work) -> Self {
+        Step {
+            name: name.into(),
+            status: StepStatus::for_step(name),
+            atomic,
+            work,
+            retry: RetryPolicy::default(),
+            concurrency: 1,
+            pipelined: false,
+            provider: None,
+            poll_backoff: DEFAULT_POLL_BACKOFF,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+            min_poll_interval: Duration::ZERO,
+            timeout: None,
+            output: std::marker::PhantomData,
+        }
+    }
+
+    /// A handle later steps read this step's outputs with (see [`Workflow::add`]).
+    pub fn handle(&self) -> StepRef<O> {
+        StepRef::new(self.name.clone())
+    }
+
+    /// The step without its output type (how a workflow keeps it).
+    pub(crate) fn erase(self) -> Step {
+        Step {
+            name: self.name,
+            status: self.status,
+            atomic: self.atomic,
+            work: self.work,
+            retry: self.retry,
+            concurrency: self.concurrency,
+            pipelined: self.pipelined,
+            provider: self.provider,
+            poll_backoff: self.poll_backoff,
+            job_timeout: self.job_timeout,
+            min_poll_interval: self.min_poll_interval,
+            timeout: self.timeout,
+            output: std::marker::PhantomData,
         }
     }
 
@@ -549,6 +797,15 @@ impl Step {
         self
     }
 
+    /// How long one try of a call step's item may run: past it the try is abandoned
+    /// (its future dropped, its cancellation token fired) and recorded as a transient
+    /// failure (`item_failed`, "timed out after …"), retried within the step's policy.
+    /// Default: no limit. (A job step's items are bounded by [`Step::job_timeout`].)
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
     /// Whether the step's items are provider jobs.
     pub fn is_jobs(&self) -> bool {
         matches!(self.work, Work::Jobs(_))
@@ -557,37 +814,6 @@ impl Step {
     /// The provider account the step calls, if it declared one.
     pub fn provider_limits(&self) -> Option<&ProviderLimits> {
         self.provider.as_ref()
-    }
-
-    /// An atomic step (one unit of work; a failure re-runs it whole) from its code.
-    pub fn atomic(name: &str, work: impl StepWork) -> Self {
-        Step {
-            atomic: true,
-            ..Step::itemized(name, work)
-        }
-    }
-
-    /// An itemized step from two closures: `plan(input) -> count` and `run(ctx, item)`.
-    pub fn items<P, R, Fut>(name: &str, plan: P, run: R) -> Self
-    where
-        P: Fn(&Value) -> Result<u32, StepError> + Send + Sync + 'static,
-        R: Fn(StepContext, u32) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
-    {
-        Step::itemized(name, FnItems { plan, run })
-    }
-
-    /// An atomic step from one closure.
-    pub fn once<R, Fut>(name: &str, run: R) -> Self
-    where
-        R: Fn(StepContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<ItemOutput, StepError>> + Send + 'static,
-    {
-        let work = FnItems {
-            plan: |_: &Value| Ok(1),
-            run: move |ctx, _item| run(ctx),
-        };
-        Step::atomic(name, work)
     }
 
     /// The status the task shows while this step runs: `storage` (snake_case; stored in
@@ -637,7 +863,7 @@ impl Step {
     }
 }
 
-impl fmt::Debug for Step {
+impl<O> fmt::Debug for Step<O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Step")
             .field("name", &self.name)
@@ -648,6 +874,7 @@ impl fmt::Debug for Step {
             .field("pipelined", &self.pipelined)
             .field("jobs", &self.is_jobs())
             .field("provider", &self.provider)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -951,7 +1178,23 @@ impl Workflow {
     ///
     /// # Panics
     /// When a step of the same name or the same status is already there.
-    pub fn step(mut self, step: Step) -> Self {
+    pub fn step<O>(mut self, step: Step<O>) -> Self {
+        self.push(step.erase());
+        self
+    }
+
+    /// Appends a step and returns the handle later steps read its outputs with, typed by
+    /// what the step returns (see [`StepRef`]).
+    ///
+    /// # Panics
+    /// When a step of the same name or the same status is already there.
+    pub fn add<O>(&mut self, step: Step<O>) -> StepRef<O> {
+        let handle = step.handle();
+        self.push(step.erase());
+        handle
+    }
+
+    fn push(&mut self, step: Step) {
         for other in &self.steps {
             assert!(
                 other.name != step.name,
@@ -969,7 +1212,6 @@ impl Workflow {
             );
         }
         self.steps.push(step);
-        self
     }
 
     /// After the last step, the task waits in `final_review` for a human to approve it
@@ -1263,7 +1505,7 @@ mod tests {
     }
 
     fn noop(name: &str) -> Step {
-        Step::once(name, |_ctx: StepContext| async {
+        Step::call(name, |_ctx: StepContext| async {
             Ok(ItemOutput::default())
         })
     }
@@ -1314,9 +1556,9 @@ mod tests {
     }
 
     fn clips(name: &str) -> Step {
-        Step::items(
+        Step::fan_out(
             name,
-            |_: &Value| Ok(3),
+            |_: &Plan| Ok(3),
             |_ctx: StepContext, _item| async { Ok(ItemOutput::default()) },
         )
     }

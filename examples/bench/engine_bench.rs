@@ -265,7 +265,7 @@ async fn lone_claimed_run(
     busy: bool,
     stamp: impl Fn(Instant, Instant) + Clone + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let workflow = Workflow::new("lone").step(Step::items(
+    let workflow = Workflow::new("lone").step(Step::fan_out(
         "clips",
         move |_| Ok(items),
         move |_ctx: StepContext, item| {

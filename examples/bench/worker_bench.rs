@@ -33,7 +33,7 @@ pub(crate) fn pipelined_noop_workflow() -> Workflow {
 }
 
 fn noop_steps(first_item: Option<Arc<Notify>>, pipelined: bool) -> Workflow {
-    let step = Step::items(
+    let step = Step::fan_out(
         "clips",
         |_| Ok(ITEMS),
         move |_ctx: StepContext, item| {

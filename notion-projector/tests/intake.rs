@@ -570,7 +570,7 @@ async fn a_card_taken_in_after_a_v2_deploy_is_a_task_a_v2_worker_runs() {
         Registry::new().register(
             Workflow::new("video")
                 .version(2)
-                .step(Step::once("render", |_ctx: StepContext| async move {
+                .step(Step::call("render", |_ctx: StepContext| async move {
                     ItemOutput::value(json!({}))
                 })),
         )

@@ -120,8 +120,8 @@ pub fn video_workflow(config: &PipelineConfig, providers: Providers) -> Workflow
                 )
                 .job_timeout(job_timeout)
                 .min_poll_interval(poll_floor),
-            Shape::Call if count == 1 => Step::atomic(name, work),
-            Shape::Call => Step::itemized(name, work),
+            Shape::Call if count == 1 => Step::call_with(name, work),
+            Shape::Call => Step::fan_out_with(name, work),
         };
         let step = match limits {
             Some(limits) => step.provider(limits),

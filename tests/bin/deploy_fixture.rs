@@ -45,9 +45,9 @@ fn transient(err: sqlx::Error) -> StepError {
 /// A call step: each item is a row of `fixture_runs`, then a few naps.
 fn calls(name: &'static str, version: u32, items: u32, db: PgPool) -> Step {
     let nap = millis("FIXTURE_ITEM_MS", 200);
-    Step::items(
+    Step::fan_out(
         name,
-        move |_input: &Value| Ok(items),
+        move |_: &Plan| Ok(items),
         move |ctx: StepContext, item: u32| {
             let db = db.clone();
             async move {

@@ -159,9 +159,9 @@ pub type Runs = Arc<Mutex<Vec<(TaskId, u32, u32)>>>;
 pub fn chores(runs: Runs) -> Workflow {
     Workflow::new("chores")
         .step(
-            Step::items(
+            Step::fan_out(
                 "work",
-                |input| Ok(input["n"].as_u64().unwrap_or(3) as u32),
+                |plan: &Plan| Ok(plan.input["n"].as_u64().unwrap_or(3) as u32),
                 move |ctx: StepContext, item| {
                     let runs = runs.clone();
                     async move {
@@ -181,7 +181,7 @@ pub fn chores(runs: Runs) -> Workflow {
                 backoff: Backoff::none(),
             }),
         )
-        .step(Step::once("summary", |_ctx: StepContext| async {
+        .step(Step::call("summary", |_ctx: StepContext| async {
             ItemOutput::value("done")
         }))
 }

@@ -95,7 +95,7 @@ impl Probe {
     /// An itemized step with `count` items.
     pub fn items(&self, name: &str, status: TaskStatus, count: u32) -> Step {
         let probe = self.clone();
-        Step::items(
+        Step::fan_out(
             name,
             move |_input| Ok(count),
             move |ctx: StepContext, item| {
@@ -110,7 +110,7 @@ impl Probe {
     /// An atomic step.
     pub fn once(&self, name: &str, status: TaskStatus) -> Step {
         let probe = self.clone();
-        Step::once(name, move |ctx: StepContext| {
+        Step::call(name, move |ctx: StepContext| {
             let result = probe.call(&ctx, 1);
             async move { result }
         })

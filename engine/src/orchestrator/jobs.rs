@@ -487,6 +487,7 @@ impl<'a> JobRun<'a> {
             waiting: u32::try_from(self.to_submit.len()).unwrap_or(u32::MAX),
             schedule,
             room,
+            waits: Vec::new(),
         })
     }
 
@@ -515,7 +516,7 @@ impl<'a> JobRun<'a> {
             let Some(open) = self.open.get(&item) else {
                 continue;
             };
-            let ctx = self.run.context(self.step, 1, self.outputs.clone());
+            let ctx = self.run.context(self.step, item, 1, self.outputs.clone());
             let job = open.job.clone();
             let span = provider_span("reel.provider.poll", self.step, item, self.run.attempt);
             let polled = tokio::select! {
@@ -815,7 +816,9 @@ impl<'a> JobRun<'a> {
             )
             .to_string(),
         };
-        let ctx = self.run.context(self.step, tries + 1, self.outputs.clone());
+        let ctx = self
+            .run
+            .context(self.step, item, tries + 1, self.outputs.clone());
         let span = provider_span("reel.provider.submit", self.step, item, self.run.attempt);
         span.record("reel.submission", number);
         let submitted = tokio::select! {

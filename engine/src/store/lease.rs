@@ -271,7 +271,8 @@ impl PgStore {
              WHERE (status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
                     OR (parked AND status IN ('failed', 'cancelled'))) \
                AND (workflow, workflow_version) IN (SELECT * FROM unnest($1::text[], $3::int[])) \
-               AND NOT (id = ANY($2))",
+               AND NOT (id = ANY($2)) \
+               AND NOT (parked AND next_run_at >= timestamptz '9999-12-31 00:00:00+00')",
             )
             .bind(&workflows)
             .bind(&except)

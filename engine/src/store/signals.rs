@@ -1,0 +1,177 @@
+//! Signals: data sent to a task from outside (an approval, a choice), which a waiting
+//! item reads.
+//!
+//! A signal is written to the task's inbox (`task_signals`), never appended under a worker
+//! running the task: such an append would make the run's next append conflict, and a
+//! completion of a paid item in it would be lost. The worker that runs the task next
+//! records the inbox's new signals in the log (`signal_received`) before any item reads
+//! them, so what an item saw is always in the log.
+//!
+//! Wake-ups cannot be lost: the sender locks the task's row, then writes the signal, then
+//! wakes the task if it is parked, in one transaction; a run that parks the task looks at
+//! the inbox once more after its park committed. Either the sender sees the park, or the
+//! run sees the signal.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::Row;
+
+use super::{EVENTS_CHANNEL, PgStore};
+use crate::error::{Error, Result};
+use crate::id::TaskId;
+use crate::status::TaskStatus;
+
+/// The longest signal name or id.
+pub const SIGNAL_NAME_MAX_CHARS: usize = 200;
+
+/// What sending a signal did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalSent {
+    /// False: a signal with this name and id had been sent before; nothing changed (the
+    /// first one's data stands).
+    pub new: bool,
+    /// The task was parked and is due now.
+    pub woke: bool,
+    /// The task's status when the signal was sent.
+    pub status: TaskStatus,
+}
+
+/// A signal in a task's inbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboxSignal {
+    pub name: String,
+    pub signal_id: String,
+    pub data: Value,
+    pub by: Option<String>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Checks a signal's name or id: not empty, printable, at most
+/// [`SIGNAL_NAME_MAX_CHARS`].
+pub fn check_signal_name(what: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "a signal {what} cannot be empty"
+        )));
+    }
+    if value.chars().count() > SIGNAL_NAME_MAX_CHARS {
+        return Err(Error::InvalidInput(format!(
+            "a signal {what} has at most {SIGNAL_NAME_MAX_CHARS} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::InvalidInput(format!(
+            "a signal {what} cannot hold control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl PgStore {
+    /// Sends the signal `name` with `data` to `task`, idempotent by `signal_id`: sending
+    /// the same name and id again changes nothing. A parked task is woken. Refused for a
+    /// task that is completed, cancelled or archived (nothing of it will run again), and
+    /// for one that does not exist.
+    pub async fn send_signal(
+        &self,
+        task: TaskId,
+        name: &str,
+        signal_id: &str,
+        data: &Value,
+        by: Option<&str>,
+    ) -> Result<SignalSent> {
+        check_signal_name("name", name)?;
+        check_signal_name("id", signal_id)?;
+        if crate::outputs::holds_nul(data) {
+            return Err(Error::InvalidInput(
+                "a signal's data cannot hold a NUL character (the log cannot store it)".into(),
+            ));
+        }
+        let mut tx = self.pool().begin().await?;
+        // The row lock orders this with a run's park (which updates the row): see the
+        // module's note.
+        let row = self
+            .statement(
+                "SELECT status, archived_at IS NOT NULL AS archived FROM tasks WHERE id = $1 FOR UPDATE",
+            )
+            .bind(task.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(Error::TaskNotFound(task));
+        };
+        let status: String = row.try_get("status")?;
+        let status = TaskStatus::parse(&status).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let archived: bool = row.try_get("archived")?;
+        if archived || status == TaskStatus::COMPLETED || status == TaskStatus::CANCELLED {
+            return Err(Error::InvalidState {
+                task,
+                status,
+                action: "signal",
+            });
+        }
+        let inserted = self
+            .statement(
+                "INSERT INTO task_signals (task_id, name, signal_id, data, sent_by) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(task.as_uuid())
+            .bind(name)
+            .bind(signal_id)
+            .bind(data)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let woken = if inserted > 0 {
+            self.statement(
+                "UPDATE tasks SET next_run_at = now() \
+                 WHERE id = $1 AND parked AND lease_owner IS NULL AND next_run_at > now()",
+            )
+            .bind(task.as_uuid())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        } else {
+            0
+        };
+        if woken > 0 {
+            self.statement("SELECT pg_notify($1, '')")
+                .bind(EVENTS_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(SignalSent {
+            new: inserted > 0,
+            woke: woken > 0,
+            status,
+        })
+    }
+
+    /// Every signal in `task`'s inbox, oldest first (those already in the log too).
+    pub async fn inbox(&self, task: TaskId) -> Result<Vec<InboxSignal>> {
+        let rows = self
+            .on_pool(async |c| {
+                self.statement(
+                    "SELECT name, signal_id, data, sent_by, sent_at FROM task_signals \
+                     WHERE task_id = $1 ORDER BY sent_at, name, signal_id",
+                )
+                .bind(task.as_uuid())
+                .fetch_all(c)
+                .await
+            })
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(InboxSignal {
+                    name: row.try_get("name")?,
+                    signal_id: row.try_get("signal_id")?,
+                    data: row.try_get("data")?,
+                    by: row.try_get("sent_by")?,
+                    sent_at: row.try_get("sent_at")?,
+                })
+            })
+            .collect()
+    }
+}

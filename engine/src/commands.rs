@@ -174,6 +174,20 @@ async fn cancel_once(
     Ok(cancelled)
 }
 
+/// Sends `task` the signal `name` carrying `data`, idempotent by `signal_id` (see
+/// [`PgStore::send_signal`]), as `actor`. A task parked waiting for it is woken; a task
+/// not waiting yet reads it when it does.
+pub async fn signal(
+    store: &PgStore,
+    task: TaskId,
+    name: &str,
+    signal_id: &str,
+    data: &serde_json::Value,
+    actor: Option<&str>,
+) -> Result<crate::store::SignalSent> {
+    store.send_signal(task, name, signal_id, data, actor).await
+}
+
 /// Sends a `failed` task (or one waiting for its scheduled retry) back to the queue to
 /// run now, with a fresh attempt budget. It resumes by replay: completed items are kept.
 pub async fn retry(store: &PgStore, task: TaskId) -> Result<TaskState> {

@@ -20,7 +20,9 @@ use engine::{Registry, TaskState};
 
 use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
 use replay::{ReplayArgs, replay};
-use review::{ReviewArgs, TaskArg, UpgradeArgs, approve, cancel, reject, retry, upgrade};
+use review::{
+    ReviewArgs, SignalArgs, TaskArg, UpgradeArgs, approve, cancel, reject, retry, signal, upgrade,
+};
 use submit::{SubmitArgs, submit};
 use tasks::{TasksArgs, tasks};
 use worker::{WorkerArgs, worker};
@@ -140,6 +142,9 @@ enum Command {
     Reject(ReviewArgs),
     /// Cancel a task; a worker running it stops at the next item boundary.
     Cancel(TaskArg),
+    /// Send a task a signal with data (--data JSON); a task waiting for it wakes up.
+    /// Idempotent by --id.
+    Signal(SignalArgs),
     /// Move a task to a newer version of its workflow, as that version's rules allow
     /// (exit 2, writing nothing, when a rule is missing).
     Upgrade(UpgradeArgs),
@@ -211,6 +216,7 @@ async fn run(cli: Cli, workflows: &dyn Workflows) -> anyhow::Result<()> {
         Command::Approve(args) => approve(&url, args, workflows).await?,
         Command::Reject(args) => reject(&url, args, workflows).await?,
         Command::Cancel(args) => cancel(&url, args).await?,
+        Command::Signal(args) => signal(&url, args).await?,
         Command::Upgrade(args) => upgrade(&url, args, workflows).await?,
         Command::Replay(args) => replay(&url, args).await?,
         Command::Audit(args) => audit(&url, args).await?,

@@ -166,3 +166,68 @@ pub(crate) async fn cancel(url: &str, target: TaskArg) -> anyhow::Result<()> {
         target.json,
     )
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct SignalArgs {
+    #[command(flatten)]
+    target: TaskArg,
+    /// The signal's name, as the workflow waits for it (e.g. `storyboard_approved`).
+    name: String,
+    /// The data it carries, as JSON (default: null).
+    #[arg(long, value_name = "JSON")]
+    data: Option<String>,
+    /// Makes sending it again change nothing: a signal with the same name and id is
+    /// received once (default: a new id, so each send counts).
+    #[arg(long = "id", value_name = "ID")]
+    signal_id: Option<String>,
+}
+
+/// `reel signal`: sends a task a signal; a task parked waiting for it is woken.
+pub(crate) async fn signal(url: &str, args: SignalArgs) -> anyhow::Result<()> {
+    let data: serde_json::Value = match &args.data {
+        None => serde_json::Value::Null,
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| UsageError(format!("--data is not JSON: {e}")))?,
+    };
+    let signal_id = args
+        .signal_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    for (what, value) in [("name", &args.name), ("id", &signal_id)] {
+        engine::check_signal_name(what, value).map_err(|e| UsageError(e.to_string()))?;
+    }
+    let (store, task) = open(url, &args.target).await?;
+    let actor = args.target.actor();
+    let sent = commands::signal(&store, task, &args.name, &signal_id, &data, Some(&actor)).await?;
+    if args.target.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "task": task.to_string(),
+                "signal": args.name,
+                "id": signal_id,
+                "new": sent.new,
+                "woke": sent.woke,
+                "status": sent.status,
+            })
+        );
+        return Ok(());
+    }
+    if !sent.new {
+        println!(
+            "task {task}: signal {} (id {signal_id}) was already sent: nothing changed",
+            args.name
+        );
+    } else if sent.woke {
+        println!(
+            "task {task}: signal {} sent (id {signal_id}); the task was waiting and is due now",
+            args.name
+        );
+    } else {
+        println!(
+            "task {task}: signal {} sent (id {signal_id}); the task ({}) reads it when it waits for it",
+            args.name, sent.status
+        );
+    }
+    Ok(())
+}

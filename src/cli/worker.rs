@@ -21,7 +21,8 @@ pub(crate) struct WorkerArgs {
     /// 200 characters).
     #[arg(long, value_parser = parse_worker_id)]
     worker_id: Option<String>,
-    /// Exit 0 once no task is queued, running or scheduled for retry.
+    /// Exit 0 once no task is queued, running, parked or scheduled for retry (tasks in
+    /// review, or waiting for a signal without a deadline, wait for a person).
     #[arg(long)]
     until_idle: bool,
     /// Scales the simulated providers' durations and the retry and poll waits (0 to 10;

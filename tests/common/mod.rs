@@ -344,7 +344,7 @@ pub async fn submit_videos(store: &PgStore, channel: &str, n: usize) -> Vec<Task
 }
 
 /// An orchestrator on `store` for a workflow of the single `step`.
-pub fn one_step(store: &PgStore, workflow: &str, step: engine::Step) -> Orchestrator {
+pub fn one_step<O>(store: &PgStore, workflow: &str, step: engine::Step<O>) -> Orchestrator {
     Orchestrator::new(
         store.clone(),
         Registry::new().register(engine::Workflow::new(workflow).step(step)),

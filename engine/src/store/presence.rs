@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::workflow::{ProviderLimits, WorkflowVersion};
 
 /// The stranded tasks `t`: those that still need a worker (anything not finished and not
-/// waiting for a human, through the claim's index; and finished tasks still parked to follow
+/// waiting for a human — in review, or for a signal without a deadline — through the claim's index; and finished tasks still parked to follow
 /// their provider jobs to their end, through `tasks_settling`) and that no live worker
 /// claims, or that the workers that claimed them set aside (they could not read the
 /// history, or their version's rules refused the upgrade) until one runs them.
@@ -21,6 +21,7 @@ macro_rules! stranded {
     () => {
         " FROM (SELECT * FROM tasks \
                  WHERE status NOT IN ('final_review', 'completed', 'failed', 'cancelled') \
+                   AND NOT (parked AND next_run_at >= timestamptz '9999-12-31 00:00:00+00') \
                 UNION ALL \
                 SELECT * FROM tasks WHERE parked AND status IN ('failed', 'cancelled')) AS t \
           WHERE t.unreadable_since IS NOT NULL OR NOT EXISTS ( \

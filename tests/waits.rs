@@ -1,0 +1,546 @@
+//! Waits anywhere, durably (issue 32): signals and sleeps park a task, holding no worker
+//! slot; a signal is idempotent by its id, lands in the log before an item reads it, and
+//! survives a SIGKILL of the worker that waited for it; a sleep's end is recorded once.
+//! Plans sized by earlier results, typed outputs, and the per-try timeout, through the
+//! storyboard example's own binary and the library.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use engine::prelude::*;
+use engine::testing::TestDatabase;
+use engine::{Event, Orchestrator, RecordedEvent};
+use serde::{Deserialize, Serialize};
+
+const STORYBOARD: &str = env!("CARGO_BIN_EXE_reel-storyboard-fixture");
+
+fn storyboard(db: &TestDatabase) -> Command {
+    let mut command = Command::new(STORYBOARD);
+    command
+        .env("DATABASE_URL", db.url())
+        .env("REEL_LOG", "warn");
+    command
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(db: &TestDatabase, args: &[&str]) -> Run {
+    let out = storyboard(db)
+        .args(args)
+        .output()
+        .expect("run the storyboard binary");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn worker(db: &TestDatabase, artifacts: &std::path::Path, extra: &[&str]) -> Child {
+    storyboard(db)
+        .args(["worker", "--artifacts"])
+        .arg(artifacts)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the storyboard worker")
+}
+
+async fn events(store: &PgStore, task: TaskId) -> Vec<RecordedEvent> {
+    store.read_stream(task, 1).await.expect("read the stream")
+}
+
+fn count(events: &[RecordedEvent], event_type: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.event.event_type() == event_type)
+        .count()
+}
+
+/// The must-show of issue 32: the example's `script` sizes `scenes`; the task waits for
+/// `storyboard_approved` before the paid `render`; the worker is SIGKILLed while it
+/// waits; `reel signal` (sent twice with one id) wakes it; a new worker finishes it after
+/// the release sleep. No item runs twice, the signal is in the log once, and `replay`
+/// shows the wait.
+#[tokio::test]
+async fn a_storyboard_waits_for_its_signal_through_a_sigkill() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let artifacts = tempfile::tempdir().expect("artifacts dir");
+    let submitted = cli(
+        &db,
+        &[
+            "submit",
+            "--channel",
+            "films",
+            "--input",
+            r#"{"topic": "Rome", "wait_seconds": 1}"#,
+        ],
+    );
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let task: TaskId = submitted.stdout.trim().parse().expect("a task id");
+
+    let mut first = worker(&db, artifacts.path(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = common::state(&store, task).await;
+        if state.parked && state.status().as_str() == "awaiting_storyboard" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never parked on its storyboard: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The task holds no lease while it waits: the worker is not running it.
+    assert_eq!(common::lease_owner(&db, task).await, None);
+    first.kill().expect("SIGKILL the worker");
+    first.wait().expect("reap");
+
+    let history = events(&store, task).await;
+    let state = fold(&history);
+    // `scenes` was sized by the script's output (2 + len("Rome") % 3 = 3 scenes).
+    assert_eq!(state.step("script").and_then(|s| s.planned), Some(1));
+    assert_eq!(state.step("scenes").and_then(|s| s.planned), Some(3));
+    assert!(
+        state.step("render").is_none(),
+        "nothing paid before approval"
+    );
+    assert_eq!(count(&history, "wait_started"), 1);
+
+    let sent = cli(
+        &db,
+        &[
+            "signal",
+            &task.to_string(),
+            "storyboard_approved",
+            "--data",
+            r#"{"notes": "warmer light"}"#,
+            "--id",
+            "approval-1",
+            "--actor",
+            "alice",
+        ],
+    );
+    assert_eq!(sent.code, 0, "{}", sent.stderr);
+    assert!(sent.stdout.contains("due now"), "{}", sent.stdout);
+    let again = cli(
+        &db,
+        &[
+            "signal",
+            &task.to_string(),
+            "storyboard_approved",
+            "--data",
+            r#"{"notes": "something else"}"#,
+            "--id",
+            "approval-1",
+        ],
+    );
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stdout.contains("nothing changed"), "{}", again.stdout);
+
+    let mut second = worker(&db, artifacts.path(), &["--until-idle"]);
+    common::wait_for_success(&mut second, Duration::from_secs(60)).await;
+
+    let history = events(&store, task).await;
+    let state = fold(&history);
+    assert_eq!(state.status(), TaskStatus::COMPLETED, "{history:#?}");
+    for step in &state.steps {
+        assert!(
+            step.duplicates.is_empty(),
+            "{} ran an item twice",
+            step.name
+        );
+        assert!(
+            step.failures.is_empty(),
+            "{}: {:?}",
+            step.name,
+            step.failures
+        );
+        assert!(step.superseded.is_empty());
+    }
+    assert_eq!(count(&history, "item_completed"), 1 + 3 + 1 + 3 + 1 + 1);
+    // The paid renders ran once each, by the provider's own ledger.
+    let ledger =
+        std::fs::read_to_string(artifacts.path().join(task.to_string()).join("renders.log"))
+            .expect("renders.log");
+    let mut renders: Vec<&str> = ledger.lines().collect();
+    renders.sort_unstable();
+    assert_eq!(renders, ["render 1", "render 2", "render 3"]);
+    // The signal is in the log once, with the first send's data and its sender.
+    let signals: Vec<&Event> = history
+        .iter()
+        .map(|e| &e.event)
+        .filter(|e| e.event_type() == "signal_received")
+        .collect();
+    assert_eq!(signals.len(), 1, "{signals:?}");
+    let Event::SignalReceived {
+        name,
+        signal_id,
+        data,
+        by,
+        ..
+    } = signals[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (name.as_str(), signal_id.as_str(), by.as_deref()),
+        ("storyboard_approved", "approval-1", Some("cli:alice"))
+    );
+    assert_eq!(data["notes"], "warmer light");
+    // The render read the approval; the release slept once, recorded once.
+    let clip = std::fs::read_to_string(artifacts.path().join(task.to_string()).join("clip-01.txt"))
+        .expect("clip 1");
+    assert!(clip.contains("warmer light"), "{clip}");
+    let sleeps: Vec<_> = state
+        .step("release_window")
+        .map(|s| s.waits.clone())
+        .unwrap_or_default();
+    assert_eq!(sleeps.len(), 1, "{sleeps:?}");
+    assert_eq!(sleeps[0].sleep.as_deref(), Some("release"));
+
+    let replay = cli(&db, &["replay", &task.to_string()]);
+    assert_eq!(replay.code, 0, "{}", replay.stderr);
+    assert!(
+        replay
+            .stdout
+            .contains("waiting for signal storyboard_approved"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("until a signal comes"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("signal_received"),
+        "{}",
+        replay.stdout
+    );
+    assert!(
+        replay.stdout.contains("sleep release until"),
+        "{}",
+        replay.stdout
+    );
+    let audit = cli(&db, &["audit", &task.to_string()]);
+    assert_eq!(audit.code, 0, "{}{}", audit.stdout, audit.stderr);
+
+    // A finished task takes no more signals.
+    let late = cli(&db, &["signal", &task.to_string(), "storyboard_approved"]);
+    assert_eq!(late.code, 1, "{}", late.stdout);
+    assert!(late.stderr.contains("completed"), "{}", late.stderr);
+    // Bad input is refused before anything is written.
+    let bad = cli(&db, &["signal", &task.to_string(), "x", "--data", "{nope"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Go {
+    go: bool,
+}
+
+/// A one-step approval workflow: `approve` waits for `go`, then `work` counts its runs.
+fn gated(runs: Arc<AtomicU32>) -> Workflow {
+    let mut workflow = Workflow::new("gated");
+    let approval = workflow.add(Step::wait_for_signal::<Go>("approve", "go"));
+    workflow.add(Step::call("work", move |ctx: StepContext| {
+        let (runs, approval) = (runs.clone(), approval.clone());
+        async move {
+            let go = ctx.get(&approval)?;
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(Output::of(go.go))
+        }
+    }));
+    workflow
+}
+
+fn quick() -> Workflow {
+    Workflow::new("quick").step(Step::call("only", |_ctx: StepContext| async {
+        Ok(Output::of("done"))
+    }))
+}
+
+fn options(concurrency: usize) -> WorkerOptions {
+    WorkerOptions {
+        concurrency,
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::new("waits-test")
+    }
+}
+
+/// With one worker slot, five tasks waiting for a signal and one that does not: the other
+/// task runs (the waiting ones hold no slot), and a worker running until idle stops with
+/// the five still waiting. A signal sent twice with one id is received once; each task
+/// then finishes, its gated work run once.
+#[tokio::test]
+async fn waiting_tasks_hold_no_worker_slot_and_a_repeated_signal_changes_nothing() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let runs = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new()
+        .register(gated(runs.clone()))
+        .register(quick());
+    let channel = ChannelId::parse("gates").expect("channel");
+    let mut waiting = Vec::new();
+    for _ in 0..5 {
+        let task = store
+            .create_task(NewTask::new(
+                "gated",
+                channel.clone(),
+                serde_json::json!({}),
+            ))
+            .await
+            .expect("submit")
+            .task_id();
+        waiting.push(task);
+    }
+    let other = store
+        .create_task(NewTask::new(
+            "quick",
+            channel.clone(),
+            serde_json::json!({}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
+    )
+    .await
+    .expect("an until-idle worker is not kept by tasks waiting for a signal")
+    .expect("worker");
+    assert_eq!(report.waiting, 5, "{report:?}");
+    assert_eq!(report.completed, 1, "{report:?}");
+    assert_eq!(
+        common::state(&store, other).await.status(),
+        TaskStatus::COMPLETED
+    );
+    for task in &waiting {
+        let state = common::state(&store, *task).await;
+        assert!(state.parked, "{task} is not parked");
+        assert_eq!(common::lease_owner(&db, *task).await, None);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // One signal id, sent twice with different data: the first stands.
+    let first = engine::commands::signal(
+        &store,
+        waiting[0],
+        "go",
+        "once",
+        &serde_json::json!({"go": true}),
+        Some("cli:bob"),
+    )
+    .await
+    .expect("signal");
+    assert!(first.new && first.woke, "{first:?}");
+    let repeated = engine::commands::signal(
+        &store,
+        waiting[0],
+        "go",
+        "once",
+        &serde_json::json!({"go": false}),
+        None,
+    )
+    .await
+    .expect("signal again");
+    assert!(!repeated.new && !repeated.woke, "{repeated:?}");
+    for task in &waiting[1..] {
+        engine::commands::signal(
+            &store,
+            *task,
+            "go",
+            "s",
+            &serde_json::json!({"go": true}),
+            None,
+        )
+        .await
+        .expect("signal");
+    }
+    let report = Worker::new(store.clone(), registry, options(1))
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.completed, 5, "{report:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 5, "each gated work ran once");
+    for task in &waiting {
+        let history = events(&store, *task).await;
+        assert_eq!(count(&history, "signal_received"), 1);
+        assert_eq!(count(&history, "wait_started"), 1);
+        let state = fold(&history);
+        assert_eq!(state.status(), TaskStatus::COMPLETED);
+        assert_eq!(
+            state
+                .step("work")
+                .and_then(|s| s.items.get(&1))
+                .and_then(|r| r.output.clone()),
+            Some(serde_json::json!(true))
+        );
+    }
+}
+
+/// A signal sent before the task reaches its wait is read at the wait, without parking;
+/// a signal to a task that does not exist, or with an empty name, is refused.
+#[tokio::test]
+async fn a_signal_sent_early_is_read_without_parking() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let runs = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new().register(gated(runs.clone()));
+    let task = store
+        .create_task(NewTask::new(
+            "gated",
+            ChannelId::parse("gates").expect("channel"),
+            serde_json::json!({}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+    let sent = engine::commands::signal(
+        &store,
+        task,
+        "go",
+        "early",
+        &serde_json::json!({"go": true}),
+        None,
+    )
+    .await
+    .expect("signal");
+    assert!(
+        sent.new && !sent.woke,
+        "a queued task is not parked: {sent:?}"
+    );
+    let report = Worker::new(store.clone(), registry, options(1))
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!((report.completed, report.waiting), (1, 0), "{report:?}");
+    let history = events(&store, task).await;
+    assert_eq!(count(&history, "wait_started"), 0);
+    assert_eq!(count(&history, "task_parked"), 0);
+    assert_eq!(count(&history, "signal_received"), 1);
+
+    let missing = engine::commands::signal(
+        &store,
+        TaskId::new(),
+        "go",
+        "x",
+        &serde_json::Value::Null,
+        None,
+    )
+    .await
+    .expect_err("no such task");
+    assert!(
+        matches!(missing, engine::Error::TaskNotFound(_)),
+        "{missing}"
+    );
+    let empty = engine::commands::signal(&store, task, " ", "x", &serde_json::Value::Null, None)
+        .await
+        .expect_err("an empty name");
+    assert!(matches!(empty, engine::Error::InvalidInput(_)), "{empty}");
+}
+
+/// A sleep parks the task until its end, recorded once: a run before the end (a restart)
+/// parks again until the same time, writing no second wait; after it, the task goes on.
+#[tokio::test]
+async fn a_sleep_ends_at_the_time_first_recorded() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let workflow = Workflow::new("sleepy")
+        .step(Step::sleep("nap", Duration::from_secs(2)))
+        .step(Step::call("after", |_ctx: StepContext| async {
+            Ok(Output::of(1))
+        }));
+    let orchestrator = Orchestrator::new(store.clone(), Registry::new().register(workflow));
+    let task = common::submit(&store, "sleepy").await;
+    let RunOutcome::Waiting {
+        until: Some(until),
+        signals,
+    } = common::run_once(&store, &orchestrator, task).await
+    else {
+        panic!("the task should wait for its sleep");
+    };
+    assert!(signals.is_empty());
+    // A claim before the end: it parks again, until the same time, and records nothing new.
+    sqlx::query("UPDATE tasks SET next_run_at = now() WHERE id = $1")
+        .bind(task.as_uuid())
+        .execute(store.pool())
+        .await
+        .expect("make it due early");
+    let again = common::run_once(&store, &orchestrator, task).await;
+    assert_eq!(
+        again,
+        RunOutcome::Waiting {
+            until: Some(until),
+            signals: Vec::new()
+        }
+    );
+    assert_eq!(count(&events(&store, task).await, "wait_started"), 1);
+    // Once the end has come, the sleep is over.
+    tokio::time::sleep((until - store.now()).to_std().unwrap_or_default()).await;
+    assert_eq!(
+        common::run_once(&store, &orchestrator, task).await,
+        RunOutcome::Completed
+    );
+    let state = common::state(&store, task).await;
+    let woke: chrono::DateTime<chrono::Utc> = serde_json::from_value(
+        state
+            .step("nap")
+            .and_then(|s| s.items[&1].output.clone())
+            .expect("output"),
+    )
+    .expect("a time");
+    assert!(woke >= until, "{woke} < {until}");
+}
+
+/// A try past its step's timeout is abandoned and recorded as a transient failure; the
+/// next try runs.
+#[tokio::test]
+async fn a_try_past_its_timeout_is_a_transient_failure() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let tries = Arc::new(AtomicU32::new(0));
+    let counted = tries.clone();
+    let step = Step::fan_out(
+        "slow",
+        |_| Ok(1),
+        move |ctx: StepContext, _item| {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    // Stops early when told to: the timeout fires the item's token.
+                    ctx.cancel.cancelled().await;
+                }
+                Ok(Output::of(ctx.try_number))
+            }
+        },
+    )
+    .timeout(Duration::from_millis(200))
+    .retry(common::fast_retry(2));
+    let orchestrator = common::one_step(&store, "timed", step);
+    let task = common::submit(&store, "timed").await;
+    assert_eq!(
+        common::run_once(&store, &orchestrator, task).await,
+        RunOutcome::Completed
+    );
+    let state = common::state(&store, task).await;
+    let slow = state.step("slow").expect("slow");
+    assert_eq!(slow.failures.len(), 1, "{:?}", slow.failures);
+    assert_eq!(slow.failures[0].kind, FailureKind::Transient);
+    assert_eq!(slow.failures[0].error, "timed out after 200ms");
+    assert_eq!(slow.items[&1].output, Some(serde_json::json!(2)));
+}

@@ -45,10 +45,31 @@ use crate::state::{SignalRecord, WaitRecord};
 /// let script = workflow.add(Step::call("script", |_ctx: StepContext| async {
 ///     Ok(Output::of(3_u32))
 /// }));
-/// workflow.add(Step::call("scenes", move |ctx: StepContext| async move {
-///     // A step named wrong is a name that does not exist: a compile error.
-///     let scenes: u32 = ctx.get(&scirpt)?;
-///     Ok(Output::of(scenes))
+/// workflow.add(Step::call("scenes", move |ctx: StepContext| {
+///     let script = script.clone();
+///     async move {
+///         // A step named wrong is a name that does not exist: a compile error.
+///         let scenes: u32 = ctx.get(&scirpt)?;
+///         Ok(Output::of(scenes))
+///     }
+/// }));
+/// ```
+///
+/// With the right name and type, the same compiles:
+///
+/// ```no_run
+/// use engine::prelude::*;
+///
+/// let mut workflow = Workflow::new("w");
+/// let script = workflow.add(Step::call("script", |_ctx: StepContext| async {
+///     Ok(Output::of(3_u32))
+/// }));
+/// workflow.add(Step::call("scenes", move |ctx: StepContext| {
+///     let script = script.clone();
+///     async move {
+///         let scenes: u32 = ctx.get(&script)?;
+///         Ok(Output::of(scenes))
+///     }
 /// }));
 /// ```
 ///

@@ -2,9 +2,9 @@
 //! then:     cargo run --example own_binary -- worker --until-idle
 //!
 //! The smallest complete workflow and worker binary: two steps with their own statuses,
-//! the second reading the first's outputs from the log, typed input, and the whole `reel`
-//! command line (migrate, submit, worker, tasks, replay, audit, stats, approve, reject,
-//! retry, cancel) for it. Uses the database `DATABASE_URL` names (run `migrate` first).
+//! the second reading the first's outputs from the log through a typed handle, typed
+//! input, and the whole `reel` command line (migrate, submit, worker, tasks, replay, audit,
+//! stats, signal, approve, reject, retry, cancel) for it. Uses the database `DATABASE_URL` names (run `migrate` first).
 
 use std::process::ExitCode;
 
@@ -17,26 +17,28 @@ struct Input {
 }
 
 fn digest() -> Workflow {
-    Workflow::new("digest")
-        .input::<Input>()
-        .step(
-            Step::fan_out(
-                "headlines",
-                |_input| Ok(3),
-                |ctx: StepContext, item| async move {
-                    let input: Input = ctx.input()?;
-                    ItemOutput::value(format!("{} headline {item}", input.topic))
-                },
-            )
-            .status("collecting_headlines", "Collecting Headlines"),
+    let mut digest = Workflow::new("digest").input::<Input>(); // `submit` checks the input
+    let headlines = digest.add(
+        Step::fan_out(
+            "headlines",
+            |_plan: &Plan<Input>| Ok(3),
+            |ctx: StepContext<Input>, item| async move {
+                Ok(Output::of(format!("{} headline {item}", ctx.input.topic)))
+            },
         )
-        .step(
-            Step::call("send", |ctx: StepContext| async move {
-                let headlines: Vec<String> = ctx.outputs("headlines")?;
-                ItemOutput::value(headlines.join(" / "))
-            })
-            .status("sending", "Sending"),
-        )
+        .status("collecting_headlines", "Collecting Headlines"),
+    );
+    digest.add(
+        Step::call("send", move |ctx: StepContext| {
+            let headlines = headlines.clone();
+            async move {
+                let headlines: Vec<String> = ctx.get_all(&headlines)?; // from the log
+                Ok(Output::of(headlines.join(" / ")))
+            }
+        })
+        .status("sending", "Sending"),
+    );
+    digest
 }
 
 fn main() -> ExitCode {

@@ -23,4 +23,4 @@ pub mod archive;
 mod cli;
 
 pub use cli::console::{ConsoleOptions, console_router, console_router_with};
-pub use cli::{WorkerSettings, Workflows, main};
+pub use cli::{VideoPipeline, WorkerSettings, Workflows, main};

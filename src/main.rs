@@ -5,14 +5,6 @@
 
 use std::process::ExitCode;
 
-use engine::Registry;
-
 fn main() -> ExitCode {
-    reel::main(|settings: &reel::WorkerSettings| {
-        Registry::new().register(settings.provider_plan().video_workflow(
-            &settings.artifacts,
-            settings.time_scale,
-            &settings.simulated_seconds,
-        ))
-    })
+    reel::main(reel::VideoPipeline)
 }

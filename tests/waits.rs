@@ -544,3 +544,124 @@ async fn a_try_past_its_timeout_is_a_transient_failure() {
     assert_eq!(slow.failures[0].error, "timed out after 200ms");
     assert_eq!(slow.items[&1].output, Some(serde_json::json!(2)));
 }
+
+/// A binary of your own (`reel::main`) shows and takes the engine's flags alone: the video
+/// pipeline's are neither in its help nor accepted (exit 2, naming the flag), and its
+/// submit puts nothing of the pipeline's in the input. The `reel` binary keeps them.
+#[tokio::test]
+async fn a_binary_of_your_own_has_only_the_engines_flags() {
+    let db = TestDatabase::create().await;
+    let video_flags = [
+        "--topic",
+        "--story-direction",
+        "--fail",
+        "--providers",
+        "--provider",
+        "--simulate",
+        "--time-scale",
+        "--job-timeout",
+    ];
+    let own_help = |sub: &str| cli(&db, &[sub, "--help"]).stdout;
+    let reel_help = |sub: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args([sub, "--help"])
+            .output()
+            .expect("reel --help");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let flags = |help: &str| -> Vec<String> {
+        help.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("--"))
+            .filter_map(|l| l.split([' ', ',']).next())
+            .map(|f| format!("--{f}"))
+            .collect()
+    };
+    for sub in ["submit", "worker"] {
+        let own = flags(&own_help(sub));
+        let reel = flags(&reel_help(sub));
+        for flag in video_flags {
+            assert!(
+                !own.contains(&flag.to_owned()),
+                "{sub} shows {flag}: {own:?}"
+            );
+        }
+        assert!(own.contains(&"--channel".to_owned()) || sub == "worker");
+        assert!(own.contains(&"--concurrency".to_owned()) || sub == "submit");
+        let video_here: Vec<&str> = video_flags
+            .iter()
+            .copied()
+            .filter(|f| reel.contains(&(*f).to_owned()))
+            .collect();
+        assert!(
+            !video_here.is_empty(),
+            "reel {sub} lost its flags: {reel:?}"
+        );
+    }
+    let refused = cli(&db, &["submit", "--channel", "films", "--topic", "Rome"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("--topic"), "{}", refused.stderr);
+    let refused = cli(&db, &["worker", "--providers", "local", "--until-idle"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+
+    let submitted = cli(
+        &db,
+        &[
+            "submit",
+            "--channel",
+            "films",
+            "--input",
+            r#"{"topic": "Rome"}"#,
+        ],
+    );
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let task: TaskId = submitted.stdout.trim().parse().expect("id");
+    let state = common::state(&db.store(), task).await;
+    assert_eq!(state.input, serde_json::json!({"topic": "Rome"}));
+}
+
+/// docs/workflows.md: its flag table names `reel signal`'s flags, and its commands parse;
+/// the README's own-workflow program is examples/own_binary.rs (which CI compiles).
+#[test]
+fn the_workflow_docs_match_the_binaries() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/workflows.md")).expect("docs");
+    let reel = env!("CARGO_BIN_EXE_reel");
+    let help = Command::new(reel)
+        .args(["signal", "--help"])
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let rows: Vec<&str> = docs.lines().filter(|l| l.starts_with("| `--")).collect();
+    assert_eq!(rows.len(), 4, "the signal flag table");
+    for row in rows {
+        let flag = row[3..].split([' ', '`']).next().expect("a flag");
+        assert!(help.contains(flag), "{flag} is documented but not a flag");
+    }
+    for line in docs.lines().filter(|l| l.starts_with("reel ")) {
+        // As a shell reads it (the JSON is quoted), with the binary built here.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("\"$REEL\" {} --help", &line["reel ".len()..]))
+            .env("REEL", reel)
+            .output()
+            .expect("parse");
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README");
+    let start = readme
+        .find("```rust\nuse std::process::ExitCode;")
+        .expect("the README's program");
+    let block = &readme[start + "```rust\n".len()..];
+    let block = &block[..block.find("```\n").expect("its end")];
+    let example =
+        std::fs::read_to_string(format!("{root}/examples/own_binary.rs")).expect("own_binary");
+    let code = &example[example.find("use std::process::ExitCode;").expect("code")..];
+    assert_eq!(
+        block, code,
+        "README's program and examples/own_binary.rs differ"
+    );
+}

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use engine::{Registry, TaskState};
 
 use audit::{AuditArgs, AuditFailed, StatsArgs, audit, stats};
@@ -82,6 +83,68 @@ impl Default for WorkerSettings {
 pub trait Workflows: Send + Sync + 'static {
     /// The registry for a worker (or `submit`'s input check) with these settings.
     fn registry(&self, settings: &WorkerSettings) -> Registry;
+
+    /// Whether the binary takes the video pipeline's flags (`submit --topic
+    /// --story-direction --fail`, `worker --providers --provider --simulate --time-scale
+    /// --job-timeout`). Only [`VideoPipeline`] does: a binary of your own shows and
+    /// accepts the engine's flags alone.
+    fn video_flags(&self) -> bool {
+        false
+    }
+}
+
+/// The video pipeline (the `reel` binary's workflow), on the providers the worker's flags
+/// name, with the pipeline's own flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VideoPipeline;
+
+impl Workflows for VideoPipeline {
+    fn registry(&self, settings: &WorkerSettings) -> Registry {
+        Registry::new().register(settings.provider_plan().video_workflow(
+            &settings.artifacts,
+            settings.time_scale,
+            &settings.simulated_seconds,
+        ))
+    }
+
+    fn video_flags(&self) -> bool {
+        true
+    }
+}
+
+/// The video pipeline's flags, by subcommand and argument id.
+const VIDEO_FLAGS: [(&str, &str, &str); 8] = [
+    ("submit", "topic", "--topic"),
+    ("submit", "story_direction", "--story-direction"),
+    ("submit", "faults", "--fail"),
+    ("worker", "time_scale", "--time-scale"),
+    ("worker", "providers", "--providers"),
+    ("worker", "provider", "--provider"),
+    ("worker", "simulate", "--simulate"),
+    ("worker", "job_timeout", "--job-timeout"),
+];
+
+/// Parses the command line; without the video pipeline, its flags are neither shown nor
+/// taken (exit 2 names the flag).
+fn parse(video: bool) -> Cli {
+    let mut command = Cli::command();
+    if !video {
+        for (sub, id, _) in VIDEO_FLAGS {
+            command = command.mut_subcommand(sub, |s| s.mut_arg(id, |a| a.hide(true)));
+        }
+    }
+    let matches = command.get_matches();
+    if !video && let Some((sub, given)) = matches.subcommand() {
+        for (flag_sub, id, flag) in VIDEO_FLAGS {
+            if flag_sub == sub && given.value_source(id) == Some(ValueSource::CommandLine) {
+                eprintln!(
+                    "error: {flag} is a flag of the video pipeline's binary (`reel`), not of this one's workflows"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit())
 }
 
 impl Workflows for Registry {
@@ -174,7 +237,7 @@ pub(crate) struct UsageError(pub(crate) String);
 pub fn main(workflows: impl Workflows) -> ExitCode {
     exit_quietly_on_a_closed_stdout();
     let _ = dotenvy::dotenv();
-    let cli = Cli::parse();
+    let cli = parse(workflows.video_flags());
     let telemetry = engine::service::init_logging(cli.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -18,8 +18,8 @@ pub(crate) struct SubmitArgs {
     /// has several).
     #[arg(long)]
     workflow: Option<String>,
-    /// The task's input as a JSON object; --topic, --story-direction and --fail set the
-    /// fields of the same names in it.
+    /// The task's input as a JSON object (in the video pipeline, --topic,
+    /// --story-direction and --fail set the fields of the same names in it).
     #[arg(long, value_parser = parse_object)]
     input: Option<Value>,
     /// The video's topic (the input's `topic`).
@@ -81,7 +81,11 @@ pub(crate) async fn submit(
         ))
         .into());
     }
-    let input = input_of(&args);
+    let input = if workflows.video_flags() {
+        video_input(&args)
+    } else {
+        args.input.clone().unwrap_or_else(|| json!({}))
+    };
     // New tasks are for the newest version this binary has.
     let newest = registry.get(&workflow);
     if let Some(known) = &newest {
@@ -99,8 +103,8 @@ pub(crate) async fn submit(
     Ok(())
 }
 
-/// `--input` with the convenience flags' fields set in it.
-fn input_of(args: &SubmitArgs) -> Value {
+/// `--input` with the video pipeline's convenience flags' fields set in it.
+fn video_input(args: &SubmitArgs) -> Value {
     let mut input = args.input.clone().unwrap_or_else(|| json!({}));
     if let Some(topic) = &args.topic {
         input["topic"] = json!(topic);

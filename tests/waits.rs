@@ -665,3 +665,65 @@ fn the_workflow_docs_match_the_binaries() {
         "README's program and examples/own_binary.rs differ"
     );
 }
+
+/// A review that sends the waiting step back makes it wait for a new signal: the one it
+/// already had is from before the redo. (It used to be read as present and absent at once,
+/// and the item ran again without end.)
+#[tokio::test]
+async fn a_redone_step_waits_for_a_new_signal() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let runs = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new().register(gated(runs.clone()).review_gate());
+    let task = store
+        .create_task(NewTask::new(
+            "gated",
+            ChannelId::parse("gates").expect("channel"),
+            serde_json::json!({}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+    let send = |id: &'static str, go: bool| {
+        let store = store.clone();
+        async move {
+            engine::commands::signal(&store, task, "go", id, &serde_json::json!({"go": go}), None)
+                .await
+                .expect("signal")
+        }
+    };
+    send("first", true).await;
+    let run = || {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
+        )
+    };
+    let report = run().await.expect("not stuck").expect("worker");
+    assert_eq!(report.awaiting_review, 1, "{report:?}");
+    engine::commands::reject(&store, task, "approve", Some("again".into()))
+        .await
+        .expect("reject");
+    let report = run().await.expect("not stuck").expect("worker");
+    assert_eq!(report.waiting, 1, "{report:?}");
+    let state = common::state(&store, task).await;
+    assert!(state.parked);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the work waits for the new signal"
+    );
+    send("second", false).await;
+    let report = run().await.expect("not stuck").expect("worker");
+    assert_eq!(report.awaiting_review, 1, "{report:?}");
+    let state = common::state(&store, task).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        state
+            .step("work")
+            .and_then(|s| s.items.get(&1))
+            .and_then(|r| r.output.clone()),
+        Some(serde_json::json!(false)),
+        "the redo read the new signal's data"
+    );
+}

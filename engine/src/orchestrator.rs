@@ -811,16 +811,17 @@ impl TaskRun {
     }
 
     /// Reads the task's inbox and records the signals the log does not have yet
-    /// (`signal_received`), so that an item reads only what the log holds. True when
-    /// `name` is among the signals known now.
-    async fn receive_signal(&self, name: &str) -> Result<bool> {
+    /// (`signal_received`), so that an item reads only what the log holds. True when a
+    /// signal called `name` that a step whose run began at version `since` can see is
+    /// known now (false: the item waits; a signal from before a redo does not count).
+    async fn receive_signal(&self, name: &str, since: u32) -> Result<bool> {
         let _one_reader = self.receiving.lock().await;
         let known = self
             .signals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if known.iter().any(|s| s.name == name) {
+        if known.iter().any(|s| s.name == name && s.version > since) {
             // Another item recorded it meanwhile.
             return Ok(true);
         }
@@ -859,7 +860,7 @@ impl TaskRun {
                 version: first + offset as u32,
             });
         }
-        Ok(signals.iter().any(|s| s.name == name))
+        Ok(signals.iter().any(|s| s.name == name && s.version > since))
     }
 
     /// Polls the jobs a failed or cancelled task left open to their end, recording what
@@ -1207,8 +1208,9 @@ impl TaskRun {
                 Err(error) => error,
             };
             if let Some(wait) = error.waiting.clone() {
+                let since = self.waits.get(step.name()).map_or(0, |(since, _)| *since);
                 if let Some(signal) = &wait.signal
-                    && self.receive_signal(signal).await?
+                    && self.receive_signal(signal, since).await?
                 {
                     // It came while the task was parked or running: run the item again
                     // (no try used), now that the log holds it.

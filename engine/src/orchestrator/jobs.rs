@@ -835,6 +835,15 @@ impl<'a> JobRun<'a> {
             .unanswered()),
             false => Ok(job),
         });
+        // Waits are for call steps: a submit that asks to wait would be retried as a
+        // failure until the step gives up. Say so instead.
+        let submitted = submitted.map_err(|error| match error.waiting {
+            Some(_) => StepError::permanent(format!(
+                "{}: a job step's submit cannot wait; wait in a call step before it",
+                error.message
+            )),
+            None => error,
+        });
         match submitted {
             Ok(job) => self.accepted(item, number, job).await,
             Err(error) => self.refused(item, error).await,

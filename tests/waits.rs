@@ -727,3 +727,145 @@ async fn a_redone_step_waits_for_a_new_signal() {
         "the redo read the new signal's data"
     );
 }
+
+/// Review of issue 32: a signal sent after the parking run last read the inbox, but before
+/// its park committed, found the task not parked (nothing to wake) — and the run, killed
+/// or failing before it looked again, left the task parked until a signal that had come.
+/// The park's own append now makes the task due when more signals were sent than the log
+/// holds. Here the sender commits while the park waits for the task's row.
+#[tokio::test]
+async fn a_signal_sent_while_the_run_parks_wakes_the_task() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let (looked, mut looked_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let workflow = Workflow::new("racy").step(Step::call("approve", move |ctx: StepContext| {
+        let looked = looked.clone();
+        async move {
+            let go = ctx.signal::<bool>("go");
+            if go.is_err() {
+                // Gives the test its moment: it takes the task's row before the park.
+                let _ = looked.send(());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(Output::of(go?))
+        }
+    }));
+    let registry = Registry::new().register(workflow);
+    let orchestrator = Orchestrator::new(store.clone(), registry.clone());
+    let task = common::submit(&store, "racy").await;
+    let run = tokio::spawn({
+        let store = store.clone();
+        async move { common::run_once(&store, &orchestrator, task).await }
+    });
+    looked_rx
+        .recv()
+        .await
+        .expect("the item looked for its signal");
+    let mut sender = store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(task.as_uuid())
+        .execute(&mut *sender)
+        .await
+        .expect("lock the row");
+    // The run reads the inbox (empty) and its park now waits for the row.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!run.is_finished(), "the park should wait for the row");
+    // What `send_signal` writes for a task that is not parked (yet): nothing to wake.
+    sqlx::query(
+        "INSERT INTO task_signals (task_id, name, signal_id, data) VALUES ($1, 'go', 'g', 'true')",
+    )
+    .bind(task.as_uuid())
+    .execute(&mut *sender)
+    .await
+    .expect("insert");
+    sqlx::query("UPDATE tasks SET signals_sent = signals_sent + 1 WHERE id = $1")
+        .bind(task.as_uuid())
+        .execute(&mut *sender)
+        .await
+        .expect("count");
+    sender.commit().await.expect("commit");
+    let outcome = run.await.expect("run");
+    assert!(matches!(outcome, RunOutcome::Waiting { .. }), "{outcome:?}");
+    let due: bool = sqlx::query_scalar("SELECT next_run_at <= now() FROM tasks WHERE id = $1")
+        .bind(task.as_uuid())
+        .fetch_one(store.pool())
+        .await
+        .expect("due");
+    assert!(
+        due,
+        "the park left the task waiting for a signal that had come"
+    );
+    let report = Worker::new(store.clone(), registry, options(1))
+        .run_until_idle()
+        .await
+        .expect("worker");
+    assert_eq!(report.completed, 1, "{report:?}");
+}
+
+/// Review of issue 32: a signal whose data the step cannot read (sent with no data, say)
+/// used to fail the task for good, and a corrected one could not help. It is passed over:
+/// the task keeps waiting, and a corrected signal (a new id) is the one read.
+#[tokio::test]
+async fn a_signal_the_step_cannot_read_is_passed_over() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let runs = Arc::new(AtomicU32::new(0));
+    let registry = Registry::new().register(gated(runs.clone()));
+    let task = store
+        .create_task(NewTask::new(
+            "gated",
+            ChannelId::parse("gates").expect("channel"),
+            serde_json::json!({}),
+        ))
+        .await
+        .expect("submit")
+        .task_id();
+    let run = || {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
+        )
+    };
+    run().await.expect("not stuck").expect("worker");
+    for (id, data) in [
+        ("empty", serde_json::Value::Null),
+        ("typo", serde_json::json!({"og": 1})),
+    ] {
+        engine::commands::signal(&store, task, "go", id, &data, None)
+            .await
+            .expect("signal");
+    }
+    let report = run().await.expect("not stuck").expect("worker");
+    assert_eq!((report.waiting, report.failed), (1, 0), "{report:?}");
+    let state = common::state(&store, task).await;
+    assert_eq!(state.signals.len(), 2, "both are in the log");
+    assert!(state.parked);
+    engine::commands::signal(
+        &store,
+        task,
+        "go",
+        "fixed",
+        &serde_json::json!({"go": true}),
+        None,
+    )
+    .await
+    .expect("signal");
+    let report = run().await.expect("not stuck").expect("worker");
+    assert_eq!(report.completed, 1, "{report:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Names and data the log could not show or store are refused.
+    for (name, data) in [
+        ("go\u{200b}", serde_json::Value::Null),
+        ("a b", serde_json::Value::Null),
+        ("go", serde_json::json!({"x": "\u{0}"})),
+    ] {
+        let task = common::submit(&store, "gated").await;
+        let refused = engine::commands::signal(&store, task, name, "x", &data, None)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(refused, engine::Error::InvalidInput(_)),
+            "{refused}"
+        );
+    }
+}

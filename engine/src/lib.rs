@@ -64,7 +64,9 @@ pub use store::{
     StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
 };
 pub use store::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
-pub use store::{InboxSignal, SIGNAL_NAME_MAX_CHARS, SignalSent, check_signal_name};
+pub use store::{
+    InboxSignal, SIGNAL_NAME_MAX_CHARS, SignalSent, check_signal_data, check_signal_name,
+};
 /// The token a step's [`StepContext::cancel`] is: long work watches it to stop early.
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};

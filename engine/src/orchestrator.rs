@@ -743,7 +743,24 @@ impl TaskRun {
         else {
             return Ok(RunOutcome::Stopped);
         };
-        let mut events: Vec<Event> = Vec::new();
+        let mut until = until;
+        // Signals sent since the items looked go in with the park: the append then knows
+        // how many the log holds (a signal sent after this read makes the park due at once,
+        // see `store::signals`), and one an item waits for means it runs again now.
+        let (mut events, received) = if waits.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.unrecorded_signals().await?
+        };
+        // (Signals known before were there for the items to read, or passed over.)
+        if waits.iter().any(|w| {
+            w.wait
+                .signal
+                .as_deref()
+                .is_some_and(|name| received.iter().any(|s| s.name == name))
+        }) {
+            until = self.store.now();
+        }
         for pending in &waits {
             let recorded = state.and_then(|s| s.step(&pending.step)).is_some_and(|s| {
                 s.waits.iter().any(|w| {
@@ -780,23 +797,6 @@ impl TaskRun {
             tracing::warn!(task = %self.log.lease.task, %key, error = %err, "cannot look for room after parking; a freed slot or the park's end wakes the task");
         }
         let signals: Vec<String> = waits.iter().filter_map(|w| w.wait.signal.clone()).collect();
-        if !signals.is_empty() {
-            // Best effort would lose a wake-up: an error here ends the run, and the next
-            // claim (at the park's end, or a worker's restart) looks again.
-            let known = self
-                .signals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let inbox = self.store.inbox(self.log.lease.task).await?;
-            if inbox.iter().any(|s| {
-                !known
-                    .iter()
-                    .any(|k| k.name == s.name && k.signal_id == s.signal_id)
-            }) {
-                self.store.wake_parked(self.log.lease.task).await?;
-            }
-        }
         if !waits.is_empty() && jobs == 0 && room.is_none() {
             return Ok(RunOutcome::Waiting {
                 until: (until < crate::event::no_deadline()).then_some(until),
@@ -810,23 +810,18 @@ impl TaskRun {
         })
     }
 
-    /// Reads the task's inbox and records the signals the log does not have yet
-    /// (`signal_received`), so that an item reads only what the log holds. True when a
-    /// signal called `name` that a step whose run began at version `since` can see is
-    /// known now (false: the item waits; a signal from before a redo does not count).
-    async fn receive_signal(&self, name: &str, since: u32) -> Result<bool> {
-        let _one_reader = self.receiving.lock().await;
+    /// The inbox's signals the log does not hold yet, as the events that record them
+    /// (`signal_received`), and the signals themselves.
+    async fn unrecorded_signals(&self) -> Result<(Vec<Event>, Vec<crate::store::InboxSignal>)> {
         let known = self
             .signals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if known.iter().any(|s| s.name == name && s.version > since) {
-            // Another item recorded it meanwhile.
-            return Ok(true);
-        }
-        let inbox = self.store.inbox(self.log.lease.task).await?;
-        let new: Vec<_> = inbox
+        let new: Vec<_> = self
+            .store
+            .inbox(self.log.lease.task)
+            .await?
             .into_iter()
             .filter(|s| {
                 !known
@@ -834,10 +829,7 @@ impl TaskRun {
                     .any(|k| k.name == s.name && k.signal_id == s.signal_id)
             })
             .collect();
-        if new.is_empty() {
-            return Ok(false);
-        }
-        let events: Vec<Event> = new
+        let events = new
             .iter()
             .map(|s| Event::SignalReceived {
                 name: s.name.clone(),
@@ -847,6 +839,31 @@ impl TaskRun {
                 sent_at: s.sent_at,
             })
             .collect();
+        Ok((events, new))
+    }
+
+    /// Reads the task's inbox and records the signals the log does not have yet
+    /// (`signal_received`), so that an item reads only what the log holds. True when a
+    /// signal called `name`, that a step whose run began at version `since` can see, is
+    /// known now and was not when the item looked (it knew the first `seen` signals): the
+    /// item runs again to read it. False: the item waits (a signal from before a redo, or
+    /// one the item passed over, does not count).
+    async fn receive_signal(&self, name: &str, since: u32, seen: usize) -> Result<bool> {
+        let _one_reader = self.receiving.lock().await;
+        let visible = |signals: &[SignalRecord]| {
+            signals
+                .iter()
+                .skip(seen)
+                .any(|s| s.name == name && s.version > since)
+        };
+        if visible(&self.signals.lock().unwrap_or_else(|p| p.into_inner())) {
+            // Another item recorded it meanwhile.
+            return Ok(true);
+        }
+        let (events, new) = self.unrecorded_signals().await?;
+        if new.is_empty() {
+            return Ok(false);
+        }
         let end = self.log.append(events).await?;
         let first = end + 1 - new.len() as u32;
         let mut signals = self.signals.lock().unwrap_or_else(|p| p.into_inner());
@@ -860,7 +877,7 @@ impl TaskRun {
                 version: first + offset as u32,
             });
         }
-        Ok(signals.iter().any(|s| s.name == name && s.version > since))
+        Ok(visible(&signals))
     }
 
     /// Polls the jobs a failed or cancelled task left open to their end, recording what
@@ -1170,6 +1187,7 @@ impl TaskRun {
                     return Ok(ItemEnd::Ended(StepEnd::Stopped));
                 }
             }
+            let seen_signals = self.signals.lock().unwrap_or_else(|p| p.into_inner()).len();
             let ctx = self.context(step, item, try_number, outputs.clone());
             let started = Instant::now();
             let item_cancel = ctx.cancel.clone();
@@ -1210,7 +1228,7 @@ impl TaskRun {
             if let Some(wait) = error.waiting.clone() {
                 let since = self.waits.get(step.name()).map_or(0, |(since, _)| *since);
                 if let Some(signal) = &wait.signal
-                    && self.receive_signal(signal, since).await?
+                    && self.receive_signal(signal, since, seen_signals).await?
                 {
                     // It came while the task was parked or running: run the item again
                     // (no try used), now that the log holds it.

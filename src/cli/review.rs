@@ -196,6 +196,7 @@ pub(crate) async fn signal(url: &str, args: SignalArgs) -> anyhow::Result<()> {
     for (what, value) in [("name", &args.name), ("id", &signal_id)] {
         engine::check_signal_name(what, value).map_err(|e| UsageError(e.to_string()))?;
     }
+    engine::check_signal_data(&data).map_err(|e| UsageError(e.to_string()))?;
     let (store, task) = open(url, &args.target).await?;
     let actor = args.target.actor();
     let sent = commands::signal(&store, task, &args.name, &signal_id, &data, Some(&actor)).await?;

@@ -311,11 +311,6 @@ impl PgStore {
                 "task {task}'s stream holds {deleted} events, its row says {version}: not archived"
             )));
         }
-        // Its signals are in the log (a finished task has no pending one that matters).
-        self.statement("DELETE FROM task_signals WHERE task_id = $1")
-            .bind(task.as_uuid())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(ArchiveCommit::Archived { events: deleted })
     }

@@ -29,7 +29,9 @@ pub use presence::Stranded;
 pub use providers::{AppliedLimits, ProviderOverview, QueuedItems, SlotOwner};
 pub(crate) use shared::Bounded;
 pub use shared::StreamAppend;
-pub use signals::{InboxSignal, SIGNAL_NAME_MAX_CHARS, SignalSent, check_signal_name};
+pub use signals::{
+    InboxSignal, SIGNAL_NAME_MAX_CHARS, SignalSent, check_signal_data, check_signal_name,
+};
 pub use subscription::{Subscription, SubscriptionOptions};
 pub use versions::ShapeChange;
 pub(crate) use wakeup::WakeUps;

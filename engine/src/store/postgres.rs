@@ -34,7 +34,10 @@ WITH fence AS (
         version          = $3 + cardinality($4::uuid[]),
         status           = COALESCE($9, status),
         status_display   = CASE WHEN $9 IS NULL THEN status_display ELSE $17 END,
-        next_run_at      = CASE WHEN $10 THEN $11 ELSE next_run_at END,
+        -- A park for a wait with signals sent that the log does not hold yet: due now.
+        next_run_at      = CASE WHEN $23 AND signals_sent > signals_seen + $22 THEN now()
+                                WHEN $10 THEN $11 ELSE next_run_at END,
+        signals_seen     = signals_seen + $22,
         last_error       = COALESCE($12, last_error),
         lease_owner      = CASE WHEN $13 THEN NULL ELSE lease_owner END,
         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
@@ -336,6 +339,8 @@ impl PgStore {
             .bind(change.parked)
             .bind(lock_wait)
             .bind(change.workflow_version)
+            .bind(change.signals_seen)
+            .bind(change.wait_park)
             .fetch_one(&mut *conn)
             .await;
         let row = match outcome {
@@ -840,6 +845,11 @@ pub(super) struct RowChange {
     pub(super) readable: bool,
     /// The task moved to this workflow version (`task_upgraded`).
     pub(super) workflow_version: Option<i32>,
+    /// Signals the batch records (`signal_received`).
+    pub(super) signals_seen: i32,
+    /// The batch parks the task for a wait (no job open, nothing waiting for room): it is
+    /// due at once if signals were sent that the log does not hold.
+    pub(super) wait_park: bool,
 }
 
 impl RowChange {
@@ -864,7 +874,14 @@ impl RowChange {
                     change.next_run_at = Some(None);
                     change.parked = Some(false);
                 }
-                Event::TaskParked { until, .. } => {
+                Event::SignalReceived { .. } => change.signals_seen += 1,
+                Event::TaskParked {
+                    until,
+                    jobs,
+                    waiting,
+                    ..
+                } => {
+                    change.wait_park = *jobs == 0 && *waiting == 0;
                     change.next_run_at = Some(Some(*until));
                     change.release_lease = true;
                     change.parked = Some(true);

@@ -26,15 +26,20 @@ const APPEND_MANY_SQL: &str = r#"
 WITH s AS (
     SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::int[], $4::int[], $5::text[], $6::text[],
                          $7::bool[], $8::timestamptz[], $9::text[], $10::bool[], $11::int[],
-                         $12::bool[], $13::bool[], $14::bool[], $24::int[])
+                         $12::bool[], $13::bool[], $14::bool[], $24::int[], $25::int[],
+                         $26::bool[])
         AS s(id, epoch, expected, n, status, status_display, set_next_run, next_run_at,
-             last_error, release_lease, attempt, readable, parked, wakes, workflow_version)
+             last_error, release_lease, attempt, readable, parked, wakes, workflow_version,
+             signals_seen, wait_park)
 ), fence AS (
     UPDATE tasks t SET
         version          = s.expected + s.n,
         status           = COALESCE(s.status, t.status),
         status_display   = CASE WHEN s.status IS NULL THEN t.status_display ELSE s.status_display END,
-        next_run_at      = CASE WHEN s.set_next_run THEN s.next_run_at ELSE t.next_run_at END,
+        next_run_at      = CASE WHEN s.wait_park AND t.signals_sent > t.signals_seen + s.signals_seen
+                                THEN now()
+                                WHEN s.set_next_run THEN s.next_run_at ELSE t.next_run_at END,
+        signals_seen     = t.signals_seen + s.signals_seen,
         last_error       = COALESCE(s.last_error, t.last_error),
         lease_owner      = CASE WHEN s.release_lease THEN NULL ELSE t.lease_owner END,
         lease_expires_at = CASE WHEN s.release_lease THEN NULL ELSE t.lease_expires_at END,
@@ -123,6 +128,8 @@ struct Columns {
     parked: Vec<Option<bool>>,
     wakes: Vec<bool>,
     workflow_versions: Vec<Option<i32>>,
+    signals_seen: Vec<i32>,
+    wait_park: Vec<bool>,
     event_streams: Vec<Uuid>,
     ords: Vec<i32>,
     event_ids: Vec<Uuid>,
@@ -162,6 +169,8 @@ impl Columns {
         self.parked.push(change.parked);
         self.wakes.push(change.wakes);
         self.workflow_versions.push(change.workflow_version);
+        self.signals_seen.push(change.signals_seen);
+        self.wait_park.push(change.wait_park);
         for (ord, _) in (1..).zip(append.events) {
             self.event_streams.push(uuid);
             self.ords.push(ord);
@@ -319,6 +328,8 @@ impl PgStore {
             .bind(EVENTS_CHANNEL)
             .bind(lock_wait)
             .bind(&c.workflow_versions)
+            .bind(&c.signals_seen)
+            .bind(&c.wait_park)
             .fetch_one(&mut *conn)
             .await?;
         Ok(Written {

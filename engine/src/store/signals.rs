@@ -7,10 +7,12 @@
 //! records the inbox's new signals in the log (`signal_received`) before any item reads
 //! them, so what an item saw is always in the log.
 //!
-//! Wake-ups cannot be lost: the sender locks the task's row, then writes the signal, then
-//! wakes the task if it is parked, in one transaction; a run that parks the task looks at
-//! the inbox once more after its park committed. Either the sender sees the park, or the
-//! run sees the signal.
+//! Wake-ups cannot be lost: the sender locks the task's row, writes the signal, counts it
+//! (`tasks.signals_sent`) and wakes the task if it is parked, in one transaction. A run
+//! that parks the task for a wait records the inbox's new signals in the same append, and
+//! that append (under the same row lock) makes the task due at once if more signals were
+//! sent than the log holds (`tasks.signals_seen`). Either the sender sees the park, or the
+//! park sees the signal, whatever becomes of the worker after its park committed.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -46,23 +48,39 @@ pub struct InboxSignal {
     pub sent_at: DateTime<Utc>,
 }
 
-/// Checks a signal's name or id: not empty, printable, at most
-/// [`SIGNAL_NAME_MAX_CHARS`].
+/// Checks a signal's name or id (`what`: "name" or "id"): 1 to [`SIGNAL_NAME_MAX_CHARS`]
+/// visible ASCII characters; a name is letters, digits, `_`, `-`, `.` and `:` only (it
+/// is an identifier the workflow's code names, shown as is by `replay`, so nothing that
+/// displays as something else).
 pub fn check_signal_name(what: &str, value: &str) -> Result<()> {
-    if value.trim().is_empty() {
+    if value.is_empty() || value.chars().count() > SIGNAL_NAME_MAX_CHARS {
         return Err(Error::InvalidInput(format!(
-            "a signal {what} cannot be empty"
+            "a signal {what} has 1 to {SIGNAL_NAME_MAX_CHARS} characters"
         )));
     }
-    if value.chars().count() > SIGNAL_NAME_MAX_CHARS {
+    let allowed = |c: char| match what {
+        "name" => c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'),
+        _ => c.is_ascii_graphic(),
+    };
+    if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
         return Err(Error::InvalidInput(format!(
-            "a signal {what} has at most {SIGNAL_NAME_MAX_CHARS} characters"
+            "a signal {what} cannot hold {bad:?}: {}",
+            if what == "name" {
+                "letters, digits, '_', '-', '.' and ':' only"
+            } else {
+                "visible ASCII characters only"
+            }
         )));
     }
-    if value.chars().any(char::is_control) {
-        return Err(Error::InvalidInput(format!(
-            "a signal {what} cannot hold control characters"
-        )));
+    Ok(())
+}
+
+/// Checks a signal's data: the log cannot store a NUL character.
+pub fn check_signal_data(data: &Value) -> Result<()> {
+    if crate::outputs::holds_nul(data) {
+        return Err(Error::InvalidInput(
+            "a signal's data cannot hold a NUL character (the log cannot store it)".into(),
+        ));
     }
     Ok(())
 }
@@ -82,11 +100,7 @@ impl PgStore {
     ) -> Result<SignalSent> {
         check_signal_name("name", name)?;
         check_signal_name("id", signal_id)?;
-        if crate::outputs::holds_nul(data) {
-            return Err(Error::InvalidInput(
-                "a signal's data cannot hold a NUL character (the log cannot store it)".into(),
-            ));
-        }
+        check_signal_data(data)?;
         let mut tx = self.pool().begin().await?;
         // The row lock orders this with a run's park (which updates the row): see the
         // module's note.
@@ -123,19 +137,23 @@ impl PgStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        // Counted (see the module's note), and a parked task woken.
         let woken = if inserted > 0 {
-            self.statement(
-                "UPDATE tasks SET next_run_at = now() \
-                 WHERE id = $1 AND parked AND lease_owner IS NULL AND next_run_at > now()",
+            self.scalar::<bool>(
+                "UPDATE tasks SET signals_sent = signals_sent + 1, \
+                        next_run_at = CASE WHEN parked AND lease_owner IS NULL \
+                                            AND next_run_at > now() \
+                                           THEN now() ELSE next_run_at END \
+                 WHERE id = $1 \
+                 RETURNING parked AND lease_owner IS NULL AND next_run_at = now()",
             )
             .bind(task.as_uuid())
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?
-            .rows_affected()
         } else {
-            0
+            false
         };
-        if woken > 0 {
+        if woken {
             self.statement("SELECT pg_notify($1, '')")
                 .bind(EVENTS_CHANNEL)
                 .execute(&mut *tx)
@@ -144,7 +162,7 @@ impl PgStore {
         tx.commit().await?;
         Ok(SignalSent {
             new: inserted > 0,
-            woke: woken > 0,
+            woke: woken,
             status,
         })
     }

@@ -212,18 +212,28 @@ impl fmt::Debug for WaitView {
 
 impl<I> StepContext<I> {
     /// The data of the signal `name` as `T`: the first one received since this step's
-    /// run began. While none has come, this returns an error that (with `?`) ends the
-    /// item and parks the task, holding no worker slot; the signal wakes it, and the item
-    /// runs again from its start. So put the wait before the work it guards, and let
-    /// the `?` through (do not map the error away).
+    /// run began whose data parses as `T`. While none has come, this returns an error that
+    /// (with `?`) ends the item and parks the task, holding no worker slot; the signal
+    /// wakes it, and the item runs again from its start. So put the wait before the work
+    /// it guards, and let the `?` through (do not map the error away).
     ///
-    /// Data that does not parse as `T` is a permanent error.
+    /// A signal whose data does not parse as `T` is passed over (and logged): the item
+    /// keeps waiting, and a corrected signal, sent with a new id, is the one it reads.
     pub fn signal<T: DeserializeOwned>(&self, name: &str) -> Result<T, StepError> {
         crate::store::check_signal_name("name", name)
             .map_err(|e| StepError::permanent(e.to_string()))?;
-        if let Some(signal) = self.waits.signals.iter().find(|s| s.name == name) {
-            return T::deserialize(&signal.data)
-                .map_err(|e| StepError::permanent(format!("signal {name}: unexpected data: {e}")));
+        for signal in self.waits.signals.iter().filter(|s| s.name == name) {
+            match T::deserialize(&signal.data) {
+                Ok(data) => return Ok(data),
+                Err(err) => tracing::warn!(
+                    task = %self.task_id,
+                    step = %self.step,
+                    signal = name,
+                    signal_id = %signal.signal_id,
+                    error = %err,
+                    "a signal's data does not fit what the step reads: passed over; send a corrected one with a new id"
+                ),
+            }
         }
         Err(StepError::waiting(WaitFor {
             signal: Some(name.to_owned()),

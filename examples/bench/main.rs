@@ -5,7 +5,7 @@
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
 //! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces, console,
-//! retention) runs one group
+//! retention, waits) runs one group
 //! of rows.
 
 mod audit_bench;
@@ -18,6 +18,7 @@ mod projector_bench;
 mod retention_bench;
 mod store_bench;
 mod trace_bench;
+mod waits_bench;
 mod wire;
 mod worker_bench;
 
@@ -131,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("retention") {
         retention_bench::run(&mut report, &pool, &store, &bench_url()?, quick).await?;
+    }
+    if runs("waits") {
+        waits_bench::run(&mut report, &pool, &store, quick).await?;
     }
     if runs("audit") {
         audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;

@@ -53,11 +53,15 @@ pub enum Rule {
     /// only steps it has history under to names it has none under, and comes before the
     /// task completed.
     UpgradeForward,
+    /// An item that waited for a signal completes only once a signal of that name reached
+    /// its step's run (or its wait's deadline passed); one that slept completes only once
+    /// its sleep ended (by the log's clock, within a second).
+    WaitHonored,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::VersionsContiguous,
         Rule::SubmittedFirst,
         Rule::ItemCompletedOnce,
@@ -69,6 +73,7 @@ impl Rule {
         Rule::OneOpenSubmission,
         Rule::ArtifactIntact,
         Rule::UpgradeForward,
+        Rule::WaitHonored,
     ];
 }
 
@@ -228,7 +233,10 @@ impl Checker {
                     .map(|s| (s.name.clone(), s.items.keys().copied().collect()))
                     .collect();
             }
-            Event::ItemCompleted { step, item, .. } => self.check_completion(version, step, *item),
+            Event::ItemCompleted { step, item, .. } => {
+                self.check_completion(version, step, *item);
+                self.check_waits(version, step, *item, recorded.recorded_at);
+            }
             Event::ItemSubmitted { step, item, .. } => {
                 if let Some(open) = self.state.step(step).and_then(|s| s.open_jobs.get(item)) {
                     self.flag(
@@ -338,6 +346,46 @@ impl Checker {
                 rule,
                 format!("{step} item {item}: {why} (first at version {first})"),
             );
+        }
+    }
+
+    fn check_waits(
+        &mut self,
+        version: u32,
+        step: &str,
+        item: u32,
+        at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let Some(progress) = self.state.step(step) else {
+            return;
+        };
+        // The log's clock against the worker's estimate of it: a second of slack.
+        let passed = |until: Option<chrono::DateTime<chrono::Utc>>| {
+            until.is_some_and(|until| at + chrono::Duration::seconds(1) >= until)
+        };
+        let mut broken = Vec::new();
+        for wait in progress.waits.iter().filter(|w| w.item == item) {
+            if let Some(name) = &wait.signal
+                && self.state.signal_for(step, name).is_none()
+                && !passed(wait.until)
+            {
+                broken.push(format!(
+                    "{step} item {item} completed without the signal {name} it waited for (wait at version {})",
+                    wait.version
+                ));
+            }
+            if let Some(name) = &wait.sleep
+                && wait.until.is_some()
+                && !passed(wait.until)
+            {
+                broken.push(format!(
+                    "{step} item {item} completed before its sleep {name} ended (wait at version {})",
+                    wait.version
+                ));
+            }
+        }
+        for message in broken {
+            self.flag(version, Rule::WaitHonored, message);
         }
     }
 
@@ -594,6 +642,60 @@ mod tests {
         let mut second_submit = resumed_run();
         second_submit.insert(1, submitted());
         assert!(rules(second_submit).contains(&(2, Rule::SubmittedFirst)));
+    }
+
+    /// An item that waited for `go` (or slept an hour), completed with or without it.
+    #[test]
+    fn an_item_that_waited_completes_only_after_its_signal_or_its_sleep() {
+        let waited = |signal: Option<&str>, sleep: Option<&str>, until, received: bool| {
+            let mut events = vec![
+                submitted(),
+                claimed(1),
+                started(1),
+                Event::WaitStarted {
+                    step: "video".into(),
+                    item: 1,
+                    attempt: 1,
+                    signal: signal.map(str::to_owned),
+                    sleep: sleep.map(str::to_owned),
+                    until,
+                },
+                Event::TaskParked {
+                    until: crate::event::no_deadline(),
+                    jobs: 0,
+                    waiting: 0,
+                    schedule: Vec::new(),
+                },
+                claimed(1),
+            ];
+            if received {
+                events.push(Event::SignalReceived {
+                    name: "go".into(),
+                    signal_id: "1".into(),
+                    data: serde_json::Value::Null,
+                    by: None,
+                    sent_at: chrono::Utc::now(),
+                });
+            }
+            events.push(done(1, 1));
+            rules(events)
+        };
+        let at_done = |received: bool| if received { 8 } else { 7 };
+        assert_eq!(
+            waited(Some("go"), None, None, false),
+            [(at_done(false), Rule::WaitHonored)]
+        );
+        assert!(waited(Some("go"), None, None, true).is_empty());
+        // A deadline that passed ends the wait without the signal (in-memory events are
+        // recorded at the epoch).
+        let past = chrono::DateTime::UNIX_EPOCH - chrono::Duration::minutes(1);
+        assert!(waited(Some("go"), None, Some(past), false).is_empty());
+        let later = chrono::DateTime::UNIX_EPOCH + chrono::Duration::hours(1);
+        assert_eq!(
+            waited(None, Some("nap"), Some(later), false),
+            [(at_done(false), Rule::WaitHonored)]
+        );
+        assert!(waited(None, Some("nap"), Some(past), false).is_empty());
     }
 
     fn upgrade(from: u32, renamed: &[(&str, &str)]) -> Event {

@@ -12,11 +12,3 @@ CREATE TABLE task_signals (
     sent_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task_id, name, signal_id)
 );
-
--- Signals sent (new rows above) and signals the log holds (`signal_received`): a park for
--- a wait that finds more sent than held makes the task due at once, in the same statement
--- (under the row lock a sender takes too), so a signal sent while the run was parking is
--- never left waiting for a wake-up that already passed.
-ALTER TABLE tasks
-    ADD COLUMN signals_sent int NOT NULL DEFAULT 0,
-    ADD COLUMN signals_seen int NOT NULL DEFAULT 0;

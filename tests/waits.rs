@@ -667,8 +667,9 @@ fn the_workflow_docs_match_the_binaries() {
 }
 
 /// A review that sends the waiting step back makes it wait for a new signal: the one it
-/// already had is from before the redo. (It used to be read as present and absent at once,
-/// and the item ran again without end.)
+/// already had, and one sent while the task was in review, are from before the redo. (The
+/// first used to be read as present and absent at once, and the item ran again without
+/// end; the second satisfied the redone wait.)
 #[tokio::test]
 async fn a_redone_step_waits_for_a_new_signal() {
     let db = TestDatabase::create().await;
@@ -701,6 +702,10 @@ async fn a_redone_step_waits_for_a_new_signal() {
     };
     let report = run().await.expect("not stuck").expect("worker");
     assert_eq!(report.awaiting_review, 1, "{report:?}");
+    // Sent while the task is in review, before the rejection: the earlier run's, although
+    // no worker records it until after the rejection (the second review caught this).
+    send("during_review", true).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     engine::commands::reject(&store, task, "approve", Some("again".into()))
         .await
         .expect("reject");
@@ -868,4 +873,65 @@ async fn a_signal_the_step_cannot_read_is_passed_over() {
             "{refused}"
         );
     }
+}
+
+/// Review of issue 32: JSON nested deeper than the log can read back (serde_json stops at
+/// 128 levels, and an event wraps a value in a few more) is refused where it comes in — a
+/// signal's data, a task's input, an item's output — instead of breaking the task's
+/// history for every later read.
+#[tokio::test]
+async fn json_the_log_could_not_read_back_is_refused() {
+    let db = TestDatabase::create().await;
+    let store = db.store();
+    let deep = |levels: usize| -> serde_json::Value {
+        serde_json::from_str(&format!("{}{}", "[".repeat(levels), "]".repeat(levels)))
+            .expect("json")
+    };
+    let fine = common::submit(&store, "gated").await;
+    let refused = engine::commands::signal(&store, fine, "go", "deep", &deep(126), None)
+        .await
+        .expect_err("too deep");
+    assert!(
+        matches!(refused, engine::Error::InvalidInput(_)),
+        "{refused}"
+    );
+    engine::commands::signal(&store, fine, "go", "ok", &deep(60), None)
+        .await
+        .expect("60 levels are fine");
+    let input = serde_json::json!({ "x": deep(126) });
+    let refused = store
+        .create_task(NewTask::new(
+            "gated",
+            ChannelId::parse("c").expect("c"),
+            input,
+        ))
+        .await
+        .expect_err("too deep");
+    assert!(
+        matches!(refused, engine::Error::InvalidInput(_)),
+        "{refused}"
+    );
+    let data = "[".repeat(126) + &"]".repeat(126);
+    let cli_signal = cli(&db, &["signal", &fine.to_string(), "go", "--data", &data]);
+    assert_eq!(cli_signal.code, 2, "{}", cli_signal.stderr);
+    let input = format!(r#"{{"x": {data}}}"#);
+    let cli_submit = cli(&db, &["submit", "--channel", "c", "--input", &input]);
+    assert_eq!(cli_submit.code, 2, "{}", cli_submit.stderr);
+
+    let step = Step::call("deep", |_ctx: StepContext| async {
+        let value: serde_json::Value =
+            serde_json::from_str(&format!("{}{}", "[".repeat(126), "]".repeat(126)))?;
+        Ok(Output::of(value))
+    })
+    .retry(common::fast_retry(1));
+    let orchestrator = common::one_step(&store, "deep", step);
+    let task = common::submit(&store, "deep").await;
+    let outcome = common::run_once(&store, &orchestrator, task).await;
+    assert!(
+        common::failure_reason(outcome).contains("deeper than 64 levels"),
+        "the output is refused, permanently"
+    );
+    // The history still reads.
+    let audit = cli(&db, &["audit", &task.to_string()]);
+    assert_eq!(audit.code, 0, "{}{}", audit.stdout, audit.stderr);
 }

@@ -240,6 +240,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
         sent_at: DateTime<Utc>,
+        /// Its place among the task's signals in the order they were sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u32>,
     },
 }
 
@@ -697,6 +700,7 @@ mod tests {
                 sent_at: DateTime::parse_from_rfc3339("2026-12-07T10:00:00Z")
                     .expect("time")
                     .with_timezone(&Utc),
+                seq: Some(1),
             },
         ]
     }

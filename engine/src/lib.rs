@@ -51,10 +51,10 @@ pub use event::{
 };
 pub use id::{ChannelId, TaskId, truncate_for_display};
 pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TTL};
-pub use outputs::{ItemOutput, Output, Outputs};
+pub use outputs::{ItemOutput, JSON_DEPTH_MAX, Output, Outputs, too_deep};
 pub use state::{
     ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, SignalRecord,
-    StepState, TaskState, Totals, UpgradeRecord, WaitRecord, fold,
+    StepState, TaskState, Totals, UpgradeRecord, WaitRecord, fold, signal_seen_since,
 };
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;

@@ -383,7 +383,16 @@ impl Orchestrator {
             waits: state
                 .steps
                 .iter()
-                .map(|s| (s.name.clone(), (s.run_since, s.waits.clone())))
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        StepWaits {
+                            since: s.run_since,
+                            since_at: s.run_since_at,
+                            waits: s.waits.clone(),
+                        },
+                    )
+                })
                 .collect(),
             drain,
             cancel: abort,
@@ -534,7 +543,7 @@ struct TaskRun {
     /// Held while the inbox is read and its new signals recorded (one reader at a time).
     receiving: tokio::sync::Mutex<()>,
     /// Each step's recorded waits in its current run, and where that run began.
-    waits: std::collections::HashMap<String, (u32, Vec<WaitRecord>)>,
+    waits: std::collections::HashMap<String, StepWaits>,
     /// No new item or retry starts once this fires.
     drain: CancellationToken,
     /// Abandons items in flight.
@@ -585,6 +594,26 @@ enum StepEnd {
         /// Items waiting for a signal or a time.
         waits: Vec<PendingWait>,
     },
+}
+
+/// A step's recorded waits in its current run, and when that run began (what signals it
+/// reads: see [`crate::signal_seen_since`]).
+#[derive(Clone, Debug, Default)]
+struct StepWaits {
+    since: u32,
+    since_at: Option<chrono::DateTime<Utc>>,
+    waits: Vec<WaitRecord>,
+}
+
+impl StepWaits {
+    fn sees(&self, signal: &SignalRecord) -> bool {
+        crate::state::signal_seen_since(signal, self.since, self.since_at)
+    }
+
+    /// Whether a signal sent at `sent_at`, recorded from now on, is this run's.
+    fn sent_in_run(&self, sent_at: chrono::DateTime<Utc>) -> bool {
+        self.since_at.is_none_or(|at| sent_at >= at)
+    }
 }
 
 /// An item that waits (see [`StepContext::signal`]).
@@ -754,10 +783,12 @@ impl TaskRun {
         };
         // (Signals known before were there for the items to read, or passed over.)
         if waits.iter().any(|w| {
-            w.wait
-                .signal
-                .as_deref()
-                .is_some_and(|name| received.iter().any(|s| s.name == name))
+            let window = self.waits.get(&w.step).cloned().unwrap_or_default();
+            w.wait.signal.as_deref().is_some_and(|name| {
+                received
+                    .iter()
+                    .any(|s| s.name == name && window.sent_in_run(s.sent_at))
+            })
         }) {
             until = self.store.now();
         }
@@ -813,21 +844,23 @@ impl TaskRun {
     /// The inbox's signals the log does not hold yet, as the events that record them
     /// (`signal_received`), and the signals themselves.
     async fn unrecorded_signals(&self) -> Result<(Vec<Event>, Vec<crate::store::InboxSignal>)> {
-        let known = self
-            .signals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        // Only those sent after the last the log holds are read (by their numbers).
+        let (after, known): (u32, std::collections::HashSet<(String, String)>) = {
+            let signals = self.signals.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                signals.iter().filter_map(|s| s.seq).max().unwrap_or(0),
+                signals
+                    .iter()
+                    .map(|s| (s.name.clone(), s.signal_id.clone()))
+                    .collect(),
+            )
+        };
         let new: Vec<_> = self
             .store
-            .inbox(self.log.lease.task)
+            .inbox(self.log.lease.task, after)
             .await?
             .into_iter()
-            .filter(|s| {
-                !known
-                    .iter()
-                    .any(|k| k.name == s.name && k.signal_id == s.signal_id)
-            })
+            .filter(|s| !known.contains(&(s.name.clone(), s.signal_id.clone())))
             .collect();
         let events = new
             .iter()
@@ -837,6 +870,7 @@ impl TaskRun {
                 data: s.data.clone(),
                 by: s.by.clone(),
                 sent_at: s.sent_at,
+                seq: s.seq,
             })
             .collect();
         Ok((events, new))
@@ -848,13 +882,13 @@ impl TaskRun {
     /// known now and was not when the item looked (it knew the first `seen` signals): the
     /// item runs again to read it. False: the item waits (a signal from before a redo, or
     /// one the item passed over, does not count).
-    async fn receive_signal(&self, name: &str, since: u32, seen: usize) -> Result<bool> {
+    async fn receive_signal(&self, name: &str, window: &StepWaits, seen: usize) -> Result<bool> {
         let _one_reader = self.receiving.lock().await;
         let visible = |signals: &[SignalRecord]| {
             signals
                 .iter()
                 .skip(seen)
-                .any(|s| s.name == name && s.version > since)
+                .any(|s| s.name == name && window.sees(s))
         };
         if visible(&self.signals.lock().unwrap_or_else(|p| p.into_inner())) {
             // Another item recorded it meanwhile.
@@ -874,6 +908,7 @@ impl TaskRun {
                 data: s.data,
                 by: s.by,
                 sent_at: s.sent_at,
+                seq: s.seq,
                 version: first + offset as u32,
             });
         }
@@ -1226,9 +1261,9 @@ impl TaskRun {
                 Err(error) => error,
             };
             if let Some(wait) = error.waiting.clone() {
-                let since = self.waits.get(step.name()).map_or(0, |(since, _)| *since);
+                let window = self.waits.get(step.name()).cloned().unwrap_or_default();
                 if let Some(signal) = &wait.signal
-                    && self.receive_signal(signal, since, seen_signals).await?
+                    && self.receive_signal(signal, &window, seen_signals).await?
                 {
                     // It came while the task was parked or running: run the item again
                     // (no try used), now that the log holds it.
@@ -1359,18 +1394,16 @@ impl TaskRun {
         try_number: u32,
         outputs: Arc<Outputs>,
     ) -> StepContext {
-        let (since, waits) = self
-            .waits
-            .get(step.name())
-            .map_or((0, Vec::new()), |(since, waits)| (*since, waits.clone()));
+        let window = self.waits.get(step.name()).cloned().unwrap_or_default();
         let signals = self
             .signals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|s| s.version > since)
+            .filter(|s| window.sees(s))
             .cloned()
             .collect();
+        let waits = window.waits;
         let store = self.store.clone();
         StepContext {
             task_id: self.log.lease.task,

@@ -112,6 +112,11 @@ impl ItemOutput {
                 "the item's output contains a NUL character, which the log cannot store".into(),
             );
         }
+        if self.output.as_ref().is_some_and(too_deep) {
+            return Some(format!(
+                "the item's output nests deeper than {JSON_DEPTH_MAX} levels, which the log could not read back"
+            ));
+        }
         None
     }
 
@@ -241,6 +246,22 @@ fn parse_output<T: DeserializeOwned>(step: &str, record: &ItemRecord) -> Result<
         .ok_or_else(|| StepError::permanent(format!("{step} item {item} recorded no output")))?;
     T::deserialize(value)
         .map_err(|e| StepError::permanent(format!("{step} item {item}: unexpected output: {e}")))
+}
+
+/// How deep JSON a value in the log may nest: an event wraps it in a few levels more, and
+/// reading the log back (serde_json, 128 levels) must never fail on what was written.
+pub const JSON_DEPTH_MAX: usize = 64;
+
+/// Whether `value` nests deeper than [`JSON_DEPTH_MAX`] (arrays and objects are levels).
+pub fn too_deep(value: &Value) -> bool {
+    fn depth_over(value: &Value, left: usize) -> bool {
+        match value {
+            Value::Array(items) => left == 0 || items.iter().any(|v| depth_over(v, left - 1)),
+            Value::Object(fields) => left == 0 || fields.values().any(|v| depth_over(v, left - 1)),
+            _ => false,
+        }
+    }
+    depth_over(value, JSON_DEPTH_MAX)
 }
 
 /// Whether `value` holds a NUL character (in a string or a key), which PostgreSQL's

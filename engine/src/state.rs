@@ -136,6 +136,10 @@ pub struct StepState {
     /// redone step waits for a new signal.
     #[serde(skip_serializing_if = "is_zero")]
     pub run_since: u32,
+    /// When this run began (the rejected review's time): a signal sent before it, even if
+    /// a worker records it only later, is the earlier run's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_since_at: Option<DateTime<Utc>>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -157,6 +161,15 @@ pub struct WaitRecord {
     pub version: u32,
 }
 
+/// Whether a run that began at stream version `since` (at `since_at`) reads `signal`.
+pub fn signal_seen_since(
+    signal: &SignalRecord,
+    since: u32,
+    since_at: Option<DateTime<Utc>>,
+) -> bool {
+    signal.version > since && since_at.is_none_or(|at| signal.sent_at >= at)
+}
+
 /// A signal the task received (see [`Event::SignalReceived`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SignalRecord {
@@ -166,11 +179,21 @@ pub struct SignalRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     pub sent_at: DateTime<Utc>,
+    /// Its place among the task's signals in the order they were sent (absent in logs
+    /// that did not record it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
     /// The stream version of the `signal_received` event.
     pub version: u32,
 }
 
 impl StepState {
+    /// Whether this run of the step reads `signal`: recorded after the run began and sent
+    /// after it began (a redone step waits for a new signal).
+    pub fn sees(&self, signal: &SignalRecord) -> bool {
+        signal_seen_since(signal, self.run_since, self.run_since_at)
+    }
+
     /// The wait `item` recorded for the signal `signal` in this run, if any.
     pub fn signal_wait(&self, item: u32, signal: &str) -> Option<&WaitRecord> {
         self.waits
@@ -309,6 +332,9 @@ pub struct TaskState {
     /// Signals received, in log order (see [`Event::SignalReceived`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub signals: Vec<SignalRecord>,
+    /// The (name, id) of each signal received: a repeat changes nothing.
+    #[serde(skip)]
+    signal_keys: std::collections::HashSet<(String, String)>,
     /// Parked: the next claim resumes the current attempt (set by `task_parked`, cleared
     /// by the claim that follows it).
     #[serde(skip)]
@@ -345,17 +371,21 @@ impl TaskState {
     /// The first signal called `name` that `step`'s current run can see (received after
     /// the run began: a redone step waits for a new one).
     pub fn signal_for(&self, step: &str, name: &str) -> Option<&SignalRecord> {
-        let since = self.step(step).map_or(0, |s| s.run_since);
+        let step = self.step(step);
         self.signals
             .iter()
-            .find(|s| s.name == name && s.version > since)
+            .find(|s| s.name == name && step.is_none_or(|step| step.sees(s)))
     }
 
     /// Whether a signal with this name and id was received.
     pub fn has_signal(&self, name: &str, signal_id: &str) -> bool {
-        self.signals
-            .iter()
-            .any(|s| s.name == name && s.signal_id == signal_id)
+        self.signal_keys
+            .contains(&(name.to_owned(), signal_id.to_owned()))
+    }
+
+    /// The highest `seq` of the signals the log holds (0: none).
+    pub fn last_signal_seq(&self) -> u32 {
+        self.signals.iter().filter_map(|s| s.seq).max().unwrap_or(0)
     }
 
     /// Provider jobs submitted and not yet closed, over every step.
@@ -542,14 +572,16 @@ impl TaskState {
                 data,
                 by,
                 sent_at,
+                seq,
             } => {
-                if !self.has_signal(name, signal_id) {
+                if self.signal_keys.insert((name.clone(), signal_id.clone())) {
                     self.signals.push(SignalRecord {
                         name: name.clone(),
                         signal_id: signal_id.clone(),
                         data: data.clone(),
                         by: by.clone(),
                         sent_at: *sent_at,
+                        seq: *seq,
                         version,
                     });
                 }
@@ -601,7 +633,7 @@ impl TaskState {
                 });
             }
             Event::ReviewRejected { redo_from, reason } => {
-                self.supersede_from(redo_from, version);
+                self.supersede_from(redo_from, version, recorded.recorded_at);
                 self.review = Some(ReviewOutcome::Rejected {
                     redo_from: redo_from.clone(),
                     reason: reason.clone(),
@@ -751,7 +783,7 @@ impl TaskState {
 
     /// A rejected review sends the task back to `redo_from`: that step and every step that
     /// started after it begin a new run; their completions are superseded.
-    fn supersede_from(&mut self, redo_from: &str, version: u32) {
+    fn supersede_from(&mut self, redo_from: &str, version: u32, at: DateTime<Utc>) {
         let Some(&first) = self.step_index.get(redo_from) else {
             return;
         };
@@ -764,6 +796,7 @@ impl TaskState {
             step.completed = false;
             step.waits.clear();
             step.run_since = version;
+            step.run_since_at = Some(at);
         }
     }
 }

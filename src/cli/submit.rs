@@ -120,6 +120,10 @@ fn video_input(args: &SubmitArgs) -> Value {
 
 fn parse_object(raw: &str) -> Result<Value, String> {
     match serde_json::from_str::<Value>(raw) {
+        Ok(value) if engine::too_deep(&value) => Err(format!(
+            "the input nests deeper than {} levels",
+            engine::JSON_DEPTH_MAX
+        )),
         Ok(value @ Value::Object(_)) => Ok(value),
         Ok(_) => Err("the input must be a JSON object".into()),
         Err(e) => Err(format!("not JSON: {e}")),

@@ -675,6 +675,7 @@ mod tests {
                     data: serde_json::Value::Null,
                     by: None,
                     sent_at: chrono::Utc::now(),
+                    seq: Some(1),
                 });
             }
             events.push(done(1, 1));

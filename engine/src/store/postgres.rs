@@ -663,6 +663,12 @@ impl PgStore {
                 NewTask::IDEMPOTENCY_KEY_MAX_CHARS
             )));
         }
+        if crate::outputs::too_deep(&task.input) {
+            return Err(Error::InvalidInput(format!(
+                "a task's input nests deeper than {} levels (the log could not read it back)",
+                crate::outputs::JSON_DEPTH_MAX
+            )));
+        }
         if let Some(version) = task.workflow_version
             && (version == 0 || i32::try_from(version).is_err())
         {

@@ -46,6 +46,8 @@ pub struct InboxSignal {
     pub data: Value,
     pub by: Option<String>,
     pub sent_at: DateTime<Utc>,
+    /// Its place among the task's signals in the order they were sent.
+    pub seq: Option<u32>,
 }
 
 /// Checks a signal's name or id (`what`: "name" or "id"): 1 to [`SIGNAL_NAME_MAX_CHARS`]
@@ -75,12 +77,19 @@ pub fn check_signal_name(what: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a signal's data: the log cannot store a NUL character.
+/// Checks a signal's data: the log cannot store a NUL character, nor read back JSON
+/// deeper than [`JSON_DEPTH_MAX`](crate::outputs::JSON_DEPTH_MAX) levels.
 pub fn check_signal_data(data: &Value) -> Result<()> {
     if crate::outputs::holds_nul(data) {
         return Err(Error::InvalidInput(
             "a signal's data cannot hold a NUL character (the log cannot store it)".into(),
         ));
+    }
+    if crate::outputs::too_deep(data) {
+        return Err(Error::InvalidInput(format!(
+            "a signal's data nests deeper than {} levels (the log could not read it back)",
+            crate::outputs::JSON_DEPTH_MAX
+        )));
     }
     Ok(())
 }
@@ -137,19 +146,33 @@ impl PgStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        // Counted (see the module's note), and a parked task woken.
+        // Counted and numbered (see the module's note), and a parked task woken.
         let woken = if inserted > 0 {
-            self.scalar::<bool>(
-                "UPDATE tasks SET signals_sent = signals_sent + 1, \
-                        next_run_at = CASE WHEN parked AND lease_owner IS NULL \
-                                            AND next_run_at > now() \
-                                           THEN now() ELSE next_run_at END \
-                 WHERE id = $1 \
-                 RETURNING parked AND lease_owner IS NULL AND next_run_at = now()",
+            let row = self
+                .statement(
+                    "UPDATE tasks SET signals_sent = signals_sent + 1, \
+                            next_run_at = CASE WHEN parked AND lease_owner IS NULL \
+                                                AND next_run_at > now() \
+                                               THEN now() ELSE next_run_at END \
+                     WHERE id = $1 \
+                     RETURNING signals_sent, \
+                               parked AND lease_owner IS NULL AND next_run_at = now() AS woke",
+                )
+                .bind(task.as_uuid())
+                .fetch_one(&mut *tx)
+                .await?;
+            let seq: i32 = row.try_get("signals_sent")?;
+            self.statement(
+                "UPDATE task_signals SET seq = $4 \
+                 WHERE task_id = $1 AND name = $2 AND signal_id = $3",
             )
             .bind(task.as_uuid())
-            .fetch_one(&mut *tx)
-            .await?
+            .bind(name)
+            .bind(signal_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            row.try_get::<bool, _>("woke")?
         } else {
             false
         };
@@ -167,15 +190,19 @@ impl PgStore {
         })
     }
 
-    /// Every signal in `task`'s inbox, oldest first (those already in the log too).
-    pub async fn inbox(&self, task: TaskId) -> Result<Vec<InboxSignal>> {
+    /// The signals in `task`'s inbox sent after the `after`-th (by `seq`; 0: all), in the
+    /// order they were sent, with any that have no `seq` (sent before it was kept).
+    pub async fn inbox(&self, task: TaskId, after: u32) -> Result<Vec<InboxSignal>> {
+        let after = i32::try_from(after).unwrap_or(i32::MAX);
         let rows = self
             .on_pool(async |c| {
                 self.statement(
-                    "SELECT name, signal_id, data, sent_by, sent_at FROM task_signals \
-                     WHERE task_id = $1 ORDER BY sent_at, name, signal_id",
+                    "SELECT name, signal_id, data, sent_by, sent_at, seq FROM task_signals \
+                     WHERE task_id = $1 AND (seq > $2 OR seq IS NULL) \
+                     ORDER BY seq NULLS FIRST, sent_at, name, signal_id",
                 )
                 .bind(task.as_uuid())
+                .bind(after)
                 .fetch_all(c)
                 .await
             })
@@ -188,6 +215,9 @@ impl PgStore {
                     data: row.try_get("data")?,
                     by: row.try_get("sent_by")?,
                     sent_at: row.try_get("sent_at")?,
+                    seq: row
+                        .try_get::<Option<i32>, _>("seq")?
+                        .and_then(|seq| u32::try_from(seq).ok()),
                 })
             })
             .collect()

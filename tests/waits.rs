@@ -266,6 +266,30 @@ fn gated(runs: Arc<AtomicU32>) -> Workflow {
     workflow
 }
 
+/// A new task of [`gated`].
+async fn gated_task(store: &PgStore) -> TaskId {
+    store
+        .create_task(NewTask::new(
+            "gated",
+            ChannelId::parse("gates").expect("channel"),
+            serde_json::json!({}),
+        ))
+        .await
+        .expect("submit")
+        .task_id()
+}
+
+/// A worker (one slot) that runs until idle, within 30 s.
+async fn until_idle(store: &PgStore, registry: &Registry) -> engine::WorkerReport {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
+    )
+    .await
+    .expect("an until-idle worker is not kept by tasks waiting for a signal")
+    .expect("worker")
+}
+
 fn quick() -> Workflow {
     Workflow::new("quick").step(Step::call("only", |_ctx: StepContext| async {
         Ok(Output::of("done"))
@@ -295,15 +319,7 @@ async fn waiting_tasks_hold_no_worker_slot_and_a_repeated_signal_changes_nothing
     let channel = ChannelId::parse("gates").expect("channel");
     let mut waiting = Vec::new();
     for _ in 0..5 {
-        let task = store
-            .create_task(NewTask::new(
-                "gated",
-                channel.clone(),
-                serde_json::json!({}),
-            ))
-            .await
-            .expect("submit")
-            .task_id();
+        let task = gated_task(&store).await;
         waiting.push(task);
     }
     let other = store
@@ -316,13 +332,7 @@ async fn waiting_tasks_hold_no_worker_slot_and_a_repeated_signal_changes_nothing
         .expect("submit")
         .task_id();
 
-    let report = tokio::time::timeout(
-        Duration::from_secs(30),
-        Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
-    )
-    .await
-    .expect("an until-idle worker is not kept by tasks waiting for a signal")
-    .expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.waiting, 5, "{report:?}");
     assert_eq!(report.completed, 1, "{report:?}");
     assert_eq!(
@@ -371,10 +381,7 @@ async fn waiting_tasks_hold_no_worker_slot_and_a_repeated_signal_changes_nothing
         .await
         .expect("signal");
     }
-    let report = Worker::new(store.clone(), registry, options(1))
-        .run_until_idle()
-        .await
-        .expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.completed, 5, "{report:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 5, "each gated work ran once");
     for task in &waiting {
@@ -401,15 +408,7 @@ async fn a_signal_sent_early_is_read_without_parking() {
     let store = db.store();
     let runs = Arc::new(AtomicU32::new(0));
     let registry = Registry::new().register(gated(runs.clone()));
-    let task = store
-        .create_task(NewTask::new(
-            "gated",
-            ChannelId::parse("gates").expect("channel"),
-            serde_json::json!({}),
-        ))
-        .await
-        .expect("submit")
-        .task_id();
+    let task = gated_task(&store).await;
     let sent = engine::commands::signal(
         &store,
         task,
@@ -424,10 +423,7 @@ async fn a_signal_sent_early_is_read_without_parking() {
         sent.new && !sent.woke,
         "a queued task is not parked: {sent:?}"
     );
-    let report = Worker::new(store.clone(), registry, options(1))
-        .run_until_idle()
-        .await
-        .expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!((report.completed, report.waiting), (1, 0), "{report:?}");
     let history = events(&store, task).await;
     assert_eq!(count(&history, "wait_started"), 0);
@@ -676,15 +672,7 @@ async fn a_redone_step_waits_for_a_new_signal() {
     let store = db.store();
     let runs = Arc::new(AtomicU32::new(0));
     let registry = Registry::new().register(gated(runs.clone()).review_gate());
-    let task = store
-        .create_task(NewTask::new(
-            "gated",
-            ChannelId::parse("gates").expect("channel"),
-            serde_json::json!({}),
-        ))
-        .await
-        .expect("submit")
-        .task_id();
+    let task = gated_task(&store).await;
     let send = |id: &'static str, go: bool| {
         let store = store.clone();
         async move {
@@ -694,13 +682,7 @@ async fn a_redone_step_waits_for_a_new_signal() {
         }
     };
     send("first", true).await;
-    let run = || {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
-        )
-    };
-    let report = run().await.expect("not stuck").expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.awaiting_review, 1, "{report:?}");
     // Sent while the task is in review, before the rejection: the earlier run's, although
     // no worker records it until after the rejection (the second review caught this).
@@ -709,7 +691,7 @@ async fn a_redone_step_waits_for_a_new_signal() {
     engine::commands::reject(&store, task, "approve", Some("again".into()))
         .await
         .expect("reject");
-    let report = run().await.expect("not stuck").expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.waiting, 1, "{report:?}");
     let state = common::state(&store, task).await;
     assert!(state.parked);
@@ -719,7 +701,7 @@ async fn a_redone_step_waits_for_a_new_signal() {
         "the work waits for the new signal"
     );
     send("second", false).await;
-    let report = run().await.expect("not stuck").expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.awaiting_review, 1, "{report:?}");
     let state = common::state(&store, task).await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -800,10 +782,7 @@ async fn a_signal_sent_while_the_run_parks_wakes_the_task() {
         due,
         "the park left the task waiting for a signal that had come"
     );
-    let report = Worker::new(store.clone(), registry, options(1))
-        .run_until_idle()
-        .await
-        .expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.completed, 1, "{report:?}");
 }
 
@@ -816,22 +795,8 @@ async fn a_signal_the_step_cannot_read_is_passed_over() {
     let store = db.store();
     let runs = Arc::new(AtomicU32::new(0));
     let registry = Registry::new().register(gated(runs.clone()));
-    let task = store
-        .create_task(NewTask::new(
-            "gated",
-            ChannelId::parse("gates").expect("channel"),
-            serde_json::json!({}),
-        ))
-        .await
-        .expect("submit")
-        .task_id();
-    let run = || {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            Worker::new(store.clone(), registry.clone(), options(1)).run_until_idle(),
-        )
-    };
-    run().await.expect("not stuck").expect("worker");
+    let task = gated_task(&store).await;
+    until_idle(&store, &registry).await;
     for (id, data) in [
         ("empty", serde_json::Value::Null),
         ("typo", serde_json::json!({"og": 1})),
@@ -840,7 +805,7 @@ async fn a_signal_the_step_cannot_read_is_passed_over() {
             .await
             .expect("signal");
     }
-    let report = run().await.expect("not stuck").expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!((report.waiting, report.failed), (1, 0), "{report:?}");
     let state = common::state(&store, task).await;
     assert_eq!(state.signals.len(), 2, "both are in the log");
@@ -855,7 +820,7 @@ async fn a_signal_the_step_cannot_read_is_passed_over() {
     )
     .await
     .expect("signal");
-    let report = run().await.expect("not stuck").expect("worker");
+    let report = until_idle(&store, &registry).await;
     assert_eq!(report.completed, 1, "{report:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // Names and data the log could not show or store are refused.

@@ -758,8 +758,9 @@ impl TaskRun {
     /// into the log, and a task that waits for room looks once more, now that it is
     /// parked, whether a slot freed meanwhile (no release could have woken it before).
     /// Waits not yet recorded (in `state`, the history the run started from) are recorded
-    /// first; a task that waits for a signal looks at its inbox once more after parking,
-    /// for one sent while it was parking (see `store::signals`).
+    /// with the park, and so are the inbox's signals the log does not hold yet: a waited
+    /// one among them makes the task due at once, and one sent after this read makes the
+    /// park's own append do so (see `store::signals`).
     async fn park(&self, parked: StepEnd, state: Option<&TaskState>) -> Result<RunOutcome> {
         let StepEnd::Parked {
             until,

@@ -1,9 +1,10 @@
 //! Wait rows (issue 32): how long parking a task on a signal takes, how soon a signal
 //! makes its item run, and that a waiting task costs nothing while it waits.
 //!
-//! `TASKS` tasks of a one-step workflow wait for the signal `go`; a worker (4 at a time)
-//! parks them all, then runs on while the signals are sent one after another; each item
-//! notes when it ran. Workers run in this process, with pools built as `reel worker`
+//! 300 tasks of a one-step workflow wait for the signal `go`; a worker (4 at a time)
+//! parks them all; an idle worker's look for work is timed with none and with all of them
+//! waiting; then a worker runs while the signals are sent one after another, and each
+//! item notes when it ran. Workers run in this process, with pools built as `reel worker`
 //! builds them.
 
 use std::collections::HashMap;
@@ -40,6 +41,15 @@ pub(crate) async fn run(
     let tasks = if quick { 50 } else { 300 };
     let ran = Arc::new(Mutex::new(HashMap::new()));
     let registry = Registry::new().register(gated(ran.clone()));
+    let looks = if quick { 200 } else { 1000 };
+    // An idle worker looks for work once per poll interval (or notification), whatever
+    // waits; what a look costs with nothing waiting, for the row below.
+    let idle_nothing = idle_claim_p50(store, looks).await?;
+    report.add(
+        "waits: idle worker's look for work, no task waiting, p50",
+        idle_nothing,
+        "ms",
+    );
     let channel = ChannelId::parse("waits")?;
     let mut ids = Vec::with_capacity(tasks);
     for _ in 0..tasks {
@@ -72,27 +82,32 @@ pub(crate) async fn run(
         parked_in.as_secs_f64() * 1e3 / tasks as f64,
         "ms",
     );
-    // Waiting costs nothing: a worker with every task parked claims nothing.
+    // Waiting costs nothing: the same look, with every task parked.
+    sqlx::raw_sql("ANALYZE tasks").execute(pool).await?;
+    let idle_waiting = idle_claim_p50(store, looks).await?;
+    report.add(
+        format!("waits: idle worker's look for work, {tasks} tasks waiting, p50"),
+        idle_waiting,
+        "ms",
+    );
+    report.add(
+        "waits: look for work, waiting / none (goal <= 1.2)",
+        idle_waiting / idle_nothing.max(f64::MIN_POSITIVE),
+        "x",
+    );
+    // The worker that is woken.
     let idle_store = own_pool(pool).await?;
-    let before = statements(pool).await?;
     let stop = CancellationToken::new();
     let idle = tokio::spawn({
         let (registry, stop) = (registry.clone(), stop.clone());
         async move {
-            Worker::new(idle_store, registry, options("waits-idle", false))
+            Worker::new(idle_store, registry, options("waits-woken", false))
                 .run(stop)
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_secs(if quick { 2 } else { 5 })).await;
-    let after = statements(pool).await?;
-    let window = if quick { 2.0 } else { 5.0 };
-    report.add(
-        format!("waits: idle worker, {tasks} tasks waiting, transactions/s"),
-        (after - before) as f64 / window,
-        "/s",
-    );
-    // Wake-ups: a signal, then the item runs (the idle worker above is the one woken).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Wake-ups: a signal, then the item runs (in the worker just started).
     let mut sent = Vec::with_capacity(tasks);
     let wall = Instant::now();
     for task in &ids {
@@ -127,13 +142,22 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Transactions the server has finished so far in the bench database (each autocommit
-/// query of a worker is one).
-async fn statements(pool: &PgPool) -> anyhow::Result<i64> {
-    let (commits, rollbacks): (i64, i64) = sqlx::query_as(
-        "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(commits + rollbacks)
+/// The p50 of an idle worker's look for work (a claim that finds nothing due), in ms.
+async fn idle_claim_p50(store: &PgStore, looks: usize) -> anyhow::Result<f64> {
+    let served = [engine::WorkflowVersion::from("gated")];
+    let mut latencies = Vec::with_capacity(looks);
+    let started = Instant::now();
+    for _ in 0..looks {
+        let look = Instant::now();
+        let claimed = store
+            .claim_next("waits-bench", Duration::from_secs(60), &[], &served)
+            .await?;
+        anyhow::ensure!(claimed.is_none(), "nothing should be due");
+        latencies.push(look.elapsed());
+    }
+    Ok(Sample {
+        latencies,
+        wall: started.elapsed(),
+    }
+    .percentile_ms(0.5))
 }

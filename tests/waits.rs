@@ -266,6 +266,16 @@ fn gated(runs: Arc<AtomicU32>) -> Workflow {
     workflow
 }
 
+/// Sends `task` the signal `go` with `data`, idempotent by `id`, from nobody in particular.
+async fn send_go(
+    store: &PgStore,
+    task: TaskId,
+    id: &str,
+    data: &serde_json::Value,
+) -> engine::Result<engine::SignalSent> {
+    engine::commands::signal(store, task, "go", id, data, None).await
+}
+
 /// A new task of [`gated`].
 async fn gated_task(store: &PgStore) -> TaskId {
     store
@@ -358,28 +368,19 @@ async fn waiting_tasks_hold_no_worker_slot_and_a_repeated_signal_changes_nothing
     .await
     .expect("signal");
     assert!(first.new && first.woke, "{first:?}");
-    let repeated = engine::commands::signal(
+    let repeated = send_go(
         &store,
         waiting[0],
-        "go",
         "once",
         &serde_json::json!({"go": false}),
-        None,
     )
     .await
     .expect("signal again");
     assert!(!repeated.new && !repeated.woke, "{repeated:?}");
     for task in &waiting[1..] {
-        engine::commands::signal(
-            &store,
-            *task,
-            "go",
-            "s",
-            &serde_json::json!({"go": true}),
-            None,
-        )
-        .await
-        .expect("signal");
+        send_go(&store, *task, "s", &serde_json::json!({"go": true}))
+            .await
+            .expect("signal");
     }
     let report = until_idle(&store, &registry).await;
     assert_eq!(report.completed, 5, "{report:?}");
@@ -409,16 +410,9 @@ async fn a_signal_sent_early_is_read_without_parking() {
     let runs = Arc::new(AtomicU32::new(0));
     let registry = Registry::new().register(gated(runs.clone()));
     let task = gated_task(&store).await;
-    let sent = engine::commands::signal(
-        &store,
-        task,
-        "go",
-        "early",
-        &serde_json::json!({"go": true}),
-        None,
-    )
-    .await
-    .expect("signal");
+    let sent = send_go(&store, task, "early", &serde_json::json!({"go": true}))
+        .await
+        .expect("signal");
     assert!(
         sent.new && !sent.woke,
         "a queued task is not parked: {sent:?}"
@@ -430,16 +424,9 @@ async fn a_signal_sent_early_is_read_without_parking() {
     assert_eq!(count(&history, "task_parked"), 0);
     assert_eq!(count(&history, "signal_received"), 1);
 
-    let missing = engine::commands::signal(
-        &store,
-        TaskId::new(),
-        "go",
-        "x",
-        &serde_json::Value::Null,
-        None,
-    )
-    .await
-    .expect_err("no such task");
+    let missing = send_go(&store, TaskId::new(), "x", &serde_json::Value::Null)
+        .await
+        .expect_err("no such task");
     assert!(
         matches!(missing, engine::Error::TaskNotFound(_)),
         "{missing}"
@@ -810,16 +797,9 @@ async fn a_signal_the_step_cannot_read_is_passed_over() {
     let state = common::state(&store, task).await;
     assert_eq!(state.signals.len(), 2, "both are in the log");
     assert!(state.parked);
-    engine::commands::signal(
-        &store,
-        task,
-        "go",
-        "fixed",
-        &serde_json::json!({"go": true}),
-        None,
-    )
-    .await
-    .expect("signal");
+    send_go(&store, task, "fixed", &serde_json::json!({"go": true}))
+        .await
+        .expect("signal");
     let report = until_idle(&store, &registry).await;
     assert_eq!(report.completed, 1, "{report:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -853,14 +833,14 @@ async fn json_the_log_could_not_read_back_is_refused() {
             .expect("json")
     };
     let fine = common::submit(&store, "gated").await;
-    let refused = engine::commands::signal(&store, fine, "go", "deep", &deep(126), None)
+    let refused = send_go(&store, fine, "deep", &deep(126))
         .await
         .expect_err("too deep");
     assert!(
         matches!(refused, engine::Error::InvalidInput(_)),
         "{refused}"
     );
-    engine::commands::signal(&store, fine, "go", "ok", &deep(60), None)
+    send_go(&store, fine, "ok", &deep(60))
         .await
         .expect("60 levels are fine");
     let input = serde_json::json!({ "x": deep(126) });

@@ -116,6 +116,7 @@ async fn chaos_run(skew: Option<&str>) {
             failing_poll_every: Some(5),
             rate_limit_every: Some((17, 1)),
         },
+        ..FakeOptions::default()
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");

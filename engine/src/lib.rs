@@ -54,7 +54,7 @@ pub use orchestrator::{HOLD_SPARE, Orchestrator, PARK_AFTER, RunOutcome, SLOT_TT
 pub use outputs::{ItemOutput, JSON_DEPTH_MAX, Output, Outputs, too_deep};
 pub use state::{
     ItemFailure, ItemRecord, OpenJob, ResumeRecord, RetryRecord, ReviewOutcome, SignalRecord,
-    StepState, TaskState, Totals, UpgradeRecord, WaitRecord, fold, signal_seen_since,
+    StepProgress, StepState, TaskState, Totals, UpgradeRecord, WaitRecord, fold, signal_seen_since,
 };
 pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
@@ -72,8 +72,9 @@ pub use tokio_util::sync::CancellationToken;
 pub use worker::{Attempt, UNTIL_IDLE_OUTAGE_LIMIT, Worker, WorkerOptions, WorkerReport};
 pub use workflow::{
     Backoff, BoxFuture, DEFAULT_JOB_TIMEOUT, DEFAULT_POLL_BACKOFF, ERROR_MESSAGE_MAX_CHARS,
-    JobStatus, JobWork, Plan, ProviderLimits, Registry, RetryPolicy, Step, StepContext, StepError,
-    StepRef, StepStatus, StepWork, Submission, TaskRetryPolicy, WaitFor, Workflow, WorkflowVersion,
+    JobStatus, JobWork, Plan, ProviderLimits, RATE_PACED_WIDTH, Registry, RetryPolicy, Step,
+    StepContext, StepError, StepRef, StepStatus, StepWork, Submission, TaskRetryPolicy, WaitFor,
+    Workflow, WorkflowVersion,
 };
 
 /// What a workflow author imports: defining workflows and steps (typed outputs, plans,

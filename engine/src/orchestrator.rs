@@ -4,6 +4,7 @@
 //! fenced by the lease. Decisions come from the fold; the log records every outcome.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -559,6 +560,22 @@ enum CallSlot {
     NoRoom,
 }
 
+/// One of a run's items holds a provider slot (counted while this lives).
+struct Holding<'a>(&'a AtomicUsize);
+
+impl<'a> Holding<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Holding(count)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// How one call-shaped item's tries ended.
 enum ItemEnd {
     /// Its completion, handed to the log (durable once the answer comes).
@@ -1000,13 +1017,16 @@ impl TaskRun {
     }
 
     /// Takes a slot of `limits` for a call-shaped item, waiting in place for one at most
-    /// [`PARK_AFTER`]: past that the task parks instead of holding its worker slot (the
-    /// slots may be held by parked tasks that need a worker to see their jobs end).
+    /// [`PARK_AFTER`] while none of the step's items in this run holds one (`holding`):
+    /// past that the task parks instead of holding its worker slot (the slots may be held
+    /// by parked tasks that need a worker to see their jobs end). While a sibling holds
+    /// one, the run is busy anyway, and the item waits for room in place.
     async fn acquire_call_slot(
         &self,
         limits: &ProviderLimits,
         step: &Step,
         item: u32,
+        holding: &AtomicUsize,
     ) -> Result<CallSlot> {
         let Some(cap) = limits.max_in_flight else {
             return Ok(CallSlot::Granted);
@@ -1026,7 +1046,7 @@ impl TaskRun {
             if !granted.is_empty() {
                 return Ok(CallSlot::Granted);
             }
-            if started.elapsed() >= PARK_AFTER {
+            if started.elapsed() >= PARK_AFTER && holding.load(Ordering::Acquire) == 0 {
                 return Ok(CallSlot::NoRoom);
             }
             tokio::select! {
@@ -1100,10 +1120,14 @@ impl TaskRun {
         );
         let planned = missing.len();
         let mut completed = 0;
+        // This run's items holding a provider slot: while one does, the others wait in
+        // place for room instead of parking the task.
+        let holding = AtomicUsize::new(0);
         let mut items = futures_util::stream::iter(missing)
             .map(|item| {
                 let span = item_span(step, item, self.attempt);
-                let run = self.run_item(step, item, outputs.clone(), no_new_items.clone());
+                let run =
+                    self.run_item(step, item, outputs.clone(), no_new_items.clone(), &holding);
                 async move {
                     let ended = run.await;
                     record_item_end(&tracing::Span::current(), &ended);
@@ -1111,7 +1135,7 @@ impl TaskRun {
                 }
                 .instrument(span)
             })
-            .buffer_unordered(step.concurrency);
+            .buffer_unordered(step.width(self.limits(step).as_ref()));
         let mut recording = futures_util::stream::FuturesUnordered::new();
         let mut items_left = true;
         let mut end = StepEnd::Completed;
@@ -1165,6 +1189,29 @@ impl TaskRun {
                 }
             }
         }
+        // Every item of the run ended on its own (a stop may have cut a call off, whose
+        // slot then lapses as before): a slot a sibling's look for room granted to an item
+        // that had stopped waiting must not stay held, least of all through a park.
+        if let Some(limits) = self.limits(step)
+            && let Some(cap) = limits.max_in_flight
+            && !matches!(end, StepEnd::Stopped)
+            && !self.cancel.is_cancelled()
+        {
+            let parked_for_room = matches!(end, StepEnd::Parked { room: Some(_), .. });
+            let settled = self
+                .store
+                .settle_call_slots(
+                    &limits.key,
+                    cap,
+                    self.log.lease.task,
+                    step.name(),
+                    parked_for_room,
+                )
+                .await;
+            if let Err(err) = settled {
+                store_error.get_or_insert(err);
+            }
+        }
         if let StepEnd::Parked {
             waiting,
             room: Some(_),
@@ -1192,6 +1239,7 @@ impl TaskRun {
         item: u32,
         outputs: Arc<Outputs>,
         no_new_items: CancellationToken,
+        holding: &AtomicUsize,
     ) -> Result<ItemEnd> {
         let policy = step.retry;
         let mut try_number = 0;
@@ -1211,9 +1259,10 @@ impl TaskRun {
                 return Ok(ItemEnd::Ended(StepEnd::Stopped));
             }
             let limits = self.limits(step);
+            let mut held = None;
             if let Some(limits) = &limits {
-                match self.acquire_call_slot(limits, step, item).await? {
-                    CallSlot::Granted => {}
+                match self.acquire_call_slot(limits, step, item, holding).await? {
+                    CallSlot::Granted => held = Some(Holding::new(holding)),
                     CallSlot::Stopped => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
                     CallSlot::NoRoom => {
                         return Ok(ItemEnd::Ended(self.park_for_room(limits, 1).await?));
@@ -1244,6 +1293,7 @@ impl TaskRun {
                     .release_slot(&key, cap, self.log.lease.task, step.name(), item)
                     .await?;
             }
+            drop(held);
             let result = result.and_then(|output| match output.unstorable() {
                 Some(reason) => Err(StepError::permanent(reason)),
                 None => Ok(output),

@@ -98,6 +98,16 @@ impl Totals {
     }
 }
 
+/// How far the running step is (what `reel tasks` shows as "12/18").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StepProgress {
+    pub step: String,
+    /// Items complete in the step's current run.
+    pub done: u32,
+    /// Items it planned.
+    pub of: u32,
+}
+
 /// A step's progress in its current run (a rejected review starts a new run).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StepState {
@@ -339,6 +349,10 @@ pub struct TaskState {
     /// by the claim that follows it).
     #[serde(skip)]
     pub parked: bool,
+    /// The step whose `step_started` came last, and the status the task had then: while
+    /// the task still has it, that step is the one running (see [`TaskState::progress`]).
+    #[serde(skip)]
+    running_step: Option<(String, TaskStatus)>,
     /// Position of each step in `steps`, by name (replay stays linear in the events).
     #[serde(skip)]
     step_index: HashMap<String, usize>,
@@ -361,6 +375,30 @@ impl TaskState {
             Some(name) => std::borrow::Cow::Borrowed(name),
             None => self.status().default_display(),
         }
+    }
+
+    /// How far the running step is: its items done in this run, of those it planned
+    /// (`None` while no step runs: queued, parked between steps, in review, ended).
+    pub fn progress(&self) -> Option<StepProgress> {
+        let (name, status) = self.running_step.as_ref()?;
+        if self.status() != *status || !status.is_step_status() {
+            return None;
+        }
+        let step = self.step(name)?;
+        let of = step.planned?;
+        if step.completed {
+            return None;
+        }
+        let done = step
+            .items
+            .keys()
+            .filter(|&&i| (1..=of).contains(&i))
+            .count();
+        Some(StepProgress {
+            step: name.clone(),
+            done: u32::try_from(done).unwrap_or(u32::MAX),
+            of,
+        })
     }
 
     /// The state of `step` in its current run, if it ever started.
@@ -489,6 +527,7 @@ impl TaskState {
                 atomic,
                 ..
             } => {
+                self.running_step = Some((step.clone(), self.status()));
                 let state = self.step_mut(step);
                 state.planned = Some(*items);
                 state.atomic = *atomic;

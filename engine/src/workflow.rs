@@ -523,6 +523,10 @@ impl StepStatus {
     }
 }
 
+/// How many items at once a call step runs by default when its provider has a request
+/// rate but no cap on calls in flight: the rate paces them (see [`Step::width`]).
+pub const RATE_PACED_WIDTH: usize = 8;
+
 /// How a job step polls by default: after 1 s, doubling to 30 s, ±10%.
 pub const DEFAULT_POLL_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(0.1);
@@ -547,7 +551,8 @@ pub struct Step<O = Value> {
     pub(crate) atomic: bool,
     pub(crate) work: Work,
     pub(crate) retry: RetryPolicy,
-    pub(crate) concurrency: usize,
+    /// Items at once, as [`Step::concurrency`] set it (`None`: see [`Step::width`]).
+    pub(crate) concurrency: Option<usize>,
     /// Whether an item's slot frees before its completion is durable (see
     /// [`Step::pipelined`]).
     pub(crate) pipelined: bool,
@@ -555,6 +560,8 @@ pub struct Step<O = Value> {
     pub(crate) poll_backoff: Backoff,
     pub(crate) job_timeout: Duration,
     pub(crate) min_poll_interval: Duration,
+    /// How long a job takes, before the fleet saw one end (see [`Step::expected_job_duration`]).
+    pub(crate) expected_job_duration: Option<Duration>,
     /// How long one try of an item may run (see [`Step::timeout`]).
     pub(crate) timeout: Option<Duration>,
     pub(crate) output: std::marker::PhantomData<fn() -> O>,
@@ -574,6 +581,7 @@ impl<O> Clone for Step<O> {
             poll_backoff: self.poll_backoff,
             job_timeout: self.job_timeout,
             min_poll_interval: self.min_poll_interval,
+            expected_job_duration: self.expected_job_duration,
             timeout: self.timeout,
             output: std::marker::PhantomData,
         }
@@ -655,13 +663,10 @@ impl Step {
     }
 
     /// A step whose items are provider jobs (see [`JobWork`]). Up to its concurrency's
-    /// jobs are open at once (default: all of its items; [`Step::provider`] limits them
-    /// fleet-wide).
+    /// jobs are open at once (default: all of its items; [`Step::provider`]'s cap bounds
+    /// them fleet-wide).
     pub fn jobs(name: &str, work: impl JobWork) -> Self {
-        Step {
-            concurrency: usize::MAX,
-            ..Step::from_work(name, false, Work::Jobs(Arc::new(work)))
-        }
+        Step::from_work(name, false, Work::Jobs(Arc::new(work)))
     }
 
     /// A one-item step that waits for the signal `signal` and outputs its data (see
@@ -733,12 +738,13 @@ impl<O> Step<O> {
             atomic,
             work,
             retry: RetryPolicy::default(),
-            concurrency: 1,
+            concurrency: None,
             pipelined: false,
             provider: None,
             poll_backoff: DEFAULT_POLL_BACKOFF,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             min_poll_interval: Duration::ZERO,
+            expected_job_duration: None,
             timeout: None,
             output: std::marker::PhantomData,
         }
@@ -763,6 +769,7 @@ impl<O> Step<O> {
             poll_backoff: self.poll_backoff,
             job_timeout: self.job_timeout,
             min_poll_interval: self.min_poll_interval,
+            expected_job_duration: self.expected_job_duration,
             timeout: self.timeout,
             output: std::marker::PhantomData,
         }
@@ -786,6 +793,16 @@ impl<O> Step<O> {
     /// backoff's jitter or a shared polling round say (default: none beyond 10 ms).
     pub fn min_poll_interval(mut self, floor: Duration) -> Self {
         self.min_poll_interval = floor;
+        self
+    }
+
+    /// How long a job of this step usually takes, until the fleet has seen some end (then
+    /// what it saw wins: `job_durations` keeps a moving average per step). A job step
+    /// without a provider's hint polls by its backoff while a job is far from its expected
+    /// end, and near it often enough that an ended job is seen within a tenth of its
+    /// duration; while nobody knows the duration, that from the first poll on.
+    pub fn expected_job_duration(mut self, duration: Duration) -> Self {
+        self.expected_job_duration = Some(duration);
         self
     }
 
@@ -832,10 +849,35 @@ impl<O> Step<O> {
         self
     }
 
-    /// Runs up to `n` items at once (default 1).
+    /// Runs up to `n` items at once, in each run of the step (at least 1). Without it a
+    /// step is as wide as its provider allows (see [`Step::width`]).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = Some(n.max(1));
         self
+    }
+
+    /// How many items one run of the step runs at once, under the provider limits that
+    /// apply (`limits`: the step's own, after a worker's `--max-in-flight` and `--rate`):
+    /// [`Step::concurrency`] when set; otherwise a job step opens all its jobs, and a call
+    /// step runs as many items as the provider's cap takes ([`ProviderLimits::max_in_flight`]),
+    /// [`RATE_PACED_WIDTH`] when the provider has a rate but no cap, and one at a time
+    /// without a provider. The cap still bounds every worker together: a task's items that
+    /// find no free slot wait for one.
+    pub fn width(&self, limits: Option<&ProviderLimits>) -> usize {
+        if let Some(n) = self.concurrency {
+            return n;
+        }
+        if self.is_jobs() {
+            return usize::MAX;
+        }
+        match limits {
+            Some(ProviderLimits {
+                max_in_flight: Some(cap),
+                ..
+            }) => usize::try_from(*cap).unwrap_or(usize::MAX).max(1),
+            Some(ProviderLimits { rate: Some(_), .. }) => RATE_PACED_WIDTH,
+            _ => 1,
+        }
     }
 
     /// Lets the next item start while the last one's completion is still being written.

@@ -5,13 +5,16 @@
 //! run, so ratios compare like with like. It uses (and recreates) the `reel_bench` database
 //! on the server named by `DATABASE_URL`. `--quick` runs fewer iterations; `--only NAME`
 //! (store, engine, worker, breakdown, projector, jobs, pooler, audit, traces, console,
-//! retention, waits) runs one group
+//! retention, waits, wallclock) runs one group
 //! of rows.
 
 mod audit_bench;
 mod breakdown_bench;
 mod console_bench;
 mod engine_bench;
+/// The local fakes of the cloud APIs the tests use (real HTTP).
+#[path = "../../tests/fakes/mod.rs"]
+mod fakes;
 mod jobs_bench;
 mod pooler_bench;
 mod projector_bench;
@@ -19,6 +22,7 @@ mod retention_bench;
 mod store_bench;
 mod trace_bench;
 mod waits_bench;
+mod wallclock_bench;
 mod wire;
 mod worker_bench;
 
@@ -135,6 +139,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("waits") {
         waits_bench::run(&mut report, &pool, &store, quick).await?;
+    }
+    if runs("wallclock") {
+        wallclock_bench::run(&mut report, &pool, quick).await?;
     }
     if runs("audit") {
         audit_bench::run(&mut report, &pool, &bench_url()?, quick).await?;

@@ -38,11 +38,12 @@ pub(crate) async fn tasks(
         limit: args.limit,
         ..TaskFilter::default()
     };
-    let tasks = if args.stranded {
+    let mut tasks = if args.stranded {
         store.stranded_tasks(args.limit).await?
     } else {
         store.list_tasks(&filter).await?
     };
+    store.with_progress(&mut tasks).await?;
     if let Some(status) = args.status
         && tasks.is_empty()
         && !known_statuses(workflows).contains(&status)
@@ -66,8 +67,8 @@ pub(crate) async fn tasks(
         eprintln!("no stranded task: every unfinished task's version has a live worker");
     }
     println!(
-        "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  last error",
-        "task", "channel", "status", "attempt", "version"
+        "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  {:>8}  last error",
+        "task", "channel", "status", "attempt", "version", "progress"
     );
     // The storage name, as scripts and `--status` know it; `--json` has the display name.
     for task in tasks {
@@ -76,8 +77,13 @@ pub(crate) async fn tasks(
             .as_deref()
             .map(|e| engine::truncate_for_display(e, 80))
             .unwrap_or_default();
+        // The running step's items done of those planned ("12/18"), "-" between steps.
+        let progress = task
+            .progress
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.done, p.of));
         println!(
-            "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  {error}",
+            "{:<36}  {:<12}  {:<22}  {:>7}  {:>7}  {progress:>8}  {error}",
             task.id,
             task.channel_id,
             task.status.as_str(),

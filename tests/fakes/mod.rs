@@ -76,6 +76,11 @@ pub struct FakeOptions {
     pub any_image: bool,
     /// Faults that keep coming, for chaos runs.
     pub chaos: Chaos,
+    /// How long a generating call takes to answer (Gemini, a Runway submit, ElevenLabs'
+    /// speech and sound), like the real APIs' latencies scaled down.
+    pub call_latency: Duration,
+    /// How long a Runway poll or download takes to answer.
+    pub poll_latency: Duration,
 }
 
 /// Faults on every Nth Runway request (counted per endpoint, from 1).
@@ -98,6 +103,8 @@ impl Default for FakeOptions {
             runway_concurrency: 20,
             any_image: false,
             chaos: Chaos::default(),
+            call_latency: Duration::ZERO,
+            poll_latency: Duration::ZERO,
         }
     }
 }
@@ -141,6 +148,64 @@ pub struct Counts {
     pub speech: u32,
     pub sfx_requests: u32,
     pub sfx: u32,
+    /// The most generating calls answered at once, by provider ("gemini", "runway" for
+    /// submits, "elevenlabs" for speech and sound together: one account).
+    pub max_calls: BTreeMap<&'static str, usize>,
+    /// Each Runway task's end (`any_image` runs: creation plus the job's duration) and
+    /// when a poll first answered it, by task id (wall clock, to compare with the log's).
+    pub job_ends: BTreeMap<String, JobTimes>,
+}
+
+/// When a Runway task ended, and when a poll first saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct JobTimes {
+    pub ended: std::time::SystemTime,
+    pub seen: Option<std::time::SystemTime>,
+}
+
+/// A generating call in progress at one provider, counted until dropped.
+struct Call {
+    shared: Arc<Shared>,
+    provider: &'static str,
+}
+
+impl Call {
+    /// Counts a call at `provider`, then waits the call latency.
+    async fn start(shared: &Arc<Shared>, provider: &'static str) -> Call {
+        let latency = {
+            let mut inner = shared.lock();
+            let now = inner.calls.entry(provider).or_default();
+            *now += 1;
+            let now = *now;
+            let most = inner.counts.max_calls.entry(provider).or_default();
+            *most = (*most).max(now);
+            inner.options.call_latency
+        };
+        let call = Call {
+            shared: shared.clone(),
+            provider,
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        call
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(now) = self.shared.lock().calls.get_mut(self.provider) {
+            *now = now.saturating_sub(1);
+        }
+    }
+}
+
+/// Waits a poll's or download's latency.
+async fn poll_latency(shared: &Shared) {
+    let latency = shared.lock().options.poll_latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
 }
 
 /// The media every answer carries, made once by ffmpeg.
@@ -157,6 +222,8 @@ struct Inner {
     tasks: BTreeMap<String, Task>,
     order: Vec<String>,
     counts: Counts,
+    /// Generating calls in progress, by provider.
+    calls: HashMap<&'static str, usize>,
 }
 
 struct Shared {
@@ -193,6 +260,7 @@ impl FakeCloud {
                 tasks: BTreeMap::new(),
                 order: Vec::new(),
                 counts: Counts::default(),
+                calls: HashMap::new(),
             }),
         });
         let app = Router::new()
@@ -417,6 +485,7 @@ async fn gemini(
     if let Some(answer) = fault(&shared, Endpoint::Gemini, key).await {
         return answer;
     }
+    let _call = Call::start(&shared, "gemini").await;
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
     let prompt = request["contents"][0]["parts"][0]["text"]
         .as_str()
@@ -472,6 +541,7 @@ async fn runway_submit(
     if let Some(answer) = fault(&shared, Endpoint::RunwaySubmit, key).await {
         return answer;
     }
+    let _call = Call::start(&shared, "runway").await;
     let (chaos, any_image) = {
         let inner = shared.lock();
         (inner.options.chaos.clone(), inner.options.any_image)
@@ -512,6 +582,13 @@ async fn runway_submit(
         );
         inner.order.push(id.clone());
         inner.counts.submissions.push(seed);
+        if any_image {
+            let ended = std::time::SystemTime::now() + inner.options.job_duration;
+            inner
+                .counts
+                .job_ends
+                .insert(id.clone(), JobTimes { ended, seen: None });
+        }
         let open = inner.tasks.values().filter(|t| !t.collected).count();
         inner.counts.max_open = inner.counts.max_open.max(open);
         let duration = inner.options.job_duration;
@@ -585,13 +662,15 @@ async fn runway_poll(
     if let Some(answer) = fault(&shared, Endpoint::RunwayPoll, key).await {
         return answer;
     }
+    poll_latency(&shared).await;
     let failing = shared.lock().options.chaos.failing_poll_every;
     if failing.is_some_and(|every| number % every == 0) {
         shared.lock().counts.failed_polls += 1;
         return json_response(503, json!({"error": "Service temporarily unavailable"}));
     }
-    let mut inner = shared.lock();
-    advance(&mut inner);
+    let mut guard = shared.lock();
+    let inner = &mut *guard;
+    advance(inner);
     let duration = inner.options.job_duration;
     let Some(task) = inner.tasks.get_mut(&id) else {
         return json_response(404, json!({"error": "Task not found"}));
@@ -604,6 +683,11 @@ async fn runway_poll(
         }
         (Some(_), JobEnd::Succeed) => {
             task.collected = true;
+            if let Some(times) = inner.counts.job_ends.get_mut(&id)
+                && times.seen.is_none()
+            {
+                times.seen = Some(std::time::SystemTime::now());
+            }
             json!({"id": id, "status": "SUCCEEDED", "createdAt": created,
                    "output": [format!("{}/outputs/{id}.mp4", shared.url)]})
         }
@@ -645,6 +729,7 @@ async fn download(
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    poll_latency(&shared).await;
     let mut inner = shared.lock();
     inner.counts.downloads += 1;
     if headers.contains_key(header::AUTHORIZATION) {
@@ -706,6 +791,7 @@ async fn speech(
     {
         return answer;
     }
+    let _call = Call::start(&shared, "elevenlabs").await;
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
     if voice != VOICE_ID {
         return json_response(
@@ -739,6 +825,7 @@ async fn sound_effects(
     {
         return answer;
     }
+    let _call = Call::start(&shared, "elevenlabs").await;
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
     let seconds_ok = request["duration_seconds"]
         .as_f64()

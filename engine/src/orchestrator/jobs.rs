@@ -33,6 +33,20 @@ use crate::workflow::{JobStatus, JobWork, ProviderLimits, Step, StepError, Submi
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_secs(3600);
 
+/// Near a job's expected end, polls fall on a grid that ends just after it (at this share
+/// past it: a job that takes as long as the last ones is seen at once), spaced
+/// [`NEAR_END_STEP`] of the expected duration apart, from [`NEAR_END_FROM`] of it on.
+/// Before that the step's backoff applies.
+const NEAR_END_MARGIN: f64 = 0.02;
+const NEAR_END_FROM: f64 = 0.7;
+/// A job that ends 20% sooner than expected is still seen within 8.75% of its duration.
+const NEAR_END_STEP: f64 = 0.07;
+
+/// A job past its expected end, or one whose step never saw a job end, is polled again
+/// after at most this share of its age: an ended job is seen within that share of its
+/// duration (the goal is a tenth, with room for the poll's own round trip).
+const AGE_STEP: f64 = 0.08;
+
 /// Polls that must fail in a row, besides the step's job timeout, before a job counts as
 /// lost: one unreadable answer after a long wait is not a lost job.
 const LOST_AFTER_FAILED_POLLS: u32 = 3;
@@ -50,6 +64,9 @@ struct Open {
     submitted_at: DateTime<Utc>,
     /// Polls that answered "pending".
     polls: u32,
+    /// The job's age at the last poll that answered "pending" in this run: it ended
+    /// between then and the poll that saw its end.
+    pending_at_age: Option<Duration>,
     /// Polls that failed in a row, and for how long (see [`PollSchedule::failing_for_ms`]).
     poll_errors: u32,
     failing_for: Duration,
@@ -90,6 +107,7 @@ impl Open {
             submission: job.submission,
             submitted_at: job.submitted_at,
             polls,
+            pending_at_age: None,
             poll_errors,
             failing_for,
             last_failed_at,
@@ -157,6 +175,9 @@ pub(super) struct JobRun<'a> {
     settling: bool,
     /// Items of this step already complete in its current run.
     done: std::collections::BTreeSet<u32>,
+    /// How long this step's jobs take, as the fleet saw them end (or the step's
+    /// [`Step::expected_job_duration`] before any did).
+    expected: Option<Duration>,
 }
 
 impl<'a> JobRun<'a> {
@@ -226,6 +247,7 @@ impl<'a> JobRun<'a> {
             done: progress
                 .map(|p| p.items.keys().copied().collect())
                 .unwrap_or_default(),
+            expected: step.expected_job_duration,
         }
     }
 
@@ -283,6 +305,11 @@ impl<'a> JobRun<'a> {
         Some((limits, limits.max_in_flight?))
     }
 
+    /// Jobs open at once in this run (see [`Step::width`]).
+    fn width(&self) -> usize {
+        self.step.width(self.limits.as_ref())
+    }
+
     fn stopping(&self) -> bool {
         self.run.drain.is_cancelled() || self.run.cancel.is_cancelled()
     }
@@ -292,6 +319,12 @@ impl<'a> JobRun<'a> {
     }
 
     pub(super) async fn run(mut self) -> Result<StepEnd> {
+        let learned = self
+            .run
+            .store
+            .expected_job_duration(&self.run.workflow.name, self.step.name())
+            .await?;
+        self.expected = learned.or(self.expected);
         if self.adopt_orphans().await? {
             return Ok(StepEnd::Stopped);
         }
@@ -401,6 +434,7 @@ impl<'a> JobRun<'a> {
                         submission: orphan.submission,
                         submitted_at: self.run.store.now(),
                         polls: 0,
+                        pending_at_age: None,
                         poll_errors: 0,
                         failing_for: Duration::ZERO,
                         last_failed_at: None,
@@ -421,7 +455,7 @@ impl<'a> JobRun<'a> {
     /// When the next item could be submitted while the run goes on: its backoff, or the
     /// next look for room.
     fn next_submit(&self) -> Option<Instant> {
-        if self.settling || self.open.len() >= self.step.concurrency {
+        if self.settling || self.open.len() >= self.width() {
             return None;
         }
         let earliest = self.to_submit.values().map(|t| t.not_before).min()?;
@@ -453,7 +487,7 @@ impl<'a> JobRun<'a> {
                 None => None,
             };
             Some(lapse.map_or(fallback, |lapse| lapse.min(fallback)))
-        } else if self.open.len() >= self.step.concurrency {
+        } else if self.open.len() >= self.width() {
             // The step's own concurrency is full: an open job's end (a poll) frees it.
             None
         } else {
@@ -552,16 +586,23 @@ impl<'a> JobRun<'a> {
             Ok(JobStatus::Pending { next_poll }) => {
                 open.polls += 1;
                 open.answered();
+                let age = (db_now - open.submitted_at).to_std().unwrap_or_default();
+                open.pending_at_age = Some(age);
                 match next_poll {
                     Some(hint) => {
                         // A provider's hint is when to come back: go then, not much sooner.
                         open.again_after(hint, step.min_poll_interval);
                         open.early /= 4;
                     }
-                    None => open.again_after(
-                        step.poll_backoff.random_delay(open.polls),
-                        step.min_poll_interval,
-                    ),
+                    None => {
+                        let wait = unhinted_wait(
+                            step.poll_backoff.random_delay(open.polls),
+                            age,
+                            self.expected,
+                            step.min_poll_interval,
+                        );
+                        open.again_after(wait, step.min_poll_interval);
+                    }
                 }
                 Ok(None)
             }
@@ -571,13 +612,38 @@ impl<'a> JobRun<'a> {
                 }
                 let waited = (db_now - open.submitted_at).to_std().unwrap_or_default();
                 let duration_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+                // It ended between the last "pending" and now: the middle is the best guess.
+                let took = open
+                    .pending_at_age
+                    .filter(|pending| *pending <= waited)
+                    .map_or(waited, |pending| (pending + waited) / 2);
                 self.open.remove(&item);
                 self.run.complete(step, item, output, duration_ms).await?;
                 self.release(item).await?;
+                self.learn(took).await;
                 Ok(None)
             }
             Ok(JobStatus::Failed(error)) => self.job_failed(item, error).await,
             Err(error) => self.poll_failed(item, error, db_now).await,
+        }
+    }
+
+    /// A job ended after `took`: the step's expected job duration moves toward it. The
+    /// completion is durable already; a failure here only leaves the expectation as it was.
+    async fn learn(&mut self, took: Duration) {
+        let workflow = &self.run.workflow.name;
+        match self
+            .run
+            .store
+            .observe_job_duration(workflow, self.step.name(), took)
+            .await
+        {
+            Ok(expected) => self.expected = Some(expected),
+            Err(err) => tracing::warn!(
+                step = self.step.name(),
+                error = %err,
+                "cannot record how long the job took"
+            ),
         }
     }
 
@@ -762,7 +828,7 @@ impl<'a> JobRun<'a> {
         if self.slot_retry.is_some_and(|at| at > now) {
             return Ok(None);
         }
-        let room = self.step.concurrency.saturating_sub(self.open.len());
+        let room = self.width().saturating_sub(self.open.len());
         let ready: Vec<u32> = self
             .to_submit
             .iter()
@@ -879,6 +945,7 @@ impl<'a> JobRun<'a> {
             submission: number,
             submitted_at: self.run.store.now(),
             polls: 0,
+            pending_at_age: None,
             poll_errors: 0,
             failing_for: Duration::ZERO,
             last_failed_at: None,
@@ -983,6 +1050,41 @@ pub(super) const FREE_RATE_REFUSALS: u32 = 5;
 
 /// The least wait after the `refusals`-th rate refusal of an item, whatever the provider
 /// said (a `Retry-After: 0` must not make a loop): 100 ms doubling to 5 s.
+/// How long to wait before polling a job that is still running, when the provider gave no
+/// hint: `backoff` (the step's wait for this poll) while the job is far from its
+/// `expected` end; near the end, the grid of [`NEAR_END_STEP`]s that ends just past it;
+/// past it, or while no job of the step was seen to end, at most [`AGE_STEP`] of the
+/// job's `age`. Never less than `floor`. A job that ended is so seen within a tenth of its
+/// duration (given a floor that allows it), at the cost of a few polls near its end.
+pub(super) fn unhinted_wait(
+    backoff: Duration,
+    age: Duration,
+    expected: Option<Duration>,
+    floor: Duration,
+) -> Duration {
+    let floor = floor.max(POLL_MIN);
+    let by_age = || backoff.min(age.mul_f64(AGE_STEP)).max(floor);
+    let Some(expected) = expected.filter(|e| !e.is_zero()) else {
+        return by_age();
+    };
+    let anchor = expected.mul_f64(1.0 + NEAR_END_MARGIN).as_secs_f64();
+    let age_s = age.as_secs_f64();
+    if age_s >= anchor {
+        return by_age();
+    }
+    let step = expected.mul_f64(NEAR_END_STEP).max(floor).as_secs_f64();
+    // The grid's points are anchor - k·step; the next one after `age`, and the first one
+    // of the near end.
+    let next = anchor - ((anchor - age_s) / step).floor() * step;
+    let first = anchor - ((anchor - expected.as_secs_f64() * NEAR_END_FROM) / step).floor() * step;
+    let wait = if next < first {
+        backoff.min(Duration::from_secs_f64(first - age_s))
+    } else {
+        Duration::from_secs_f64(next - age_s)
+    };
+    wait.max(floor)
+}
+
 pub(super) fn rate_refusal_wait(refusals: u32) -> Duration {
     if refusals == 0 {
         return Duration::ZERO;
@@ -1039,4 +1141,69 @@ fn record_call(span: &tracing::Span, answer: std::result::Result<&'static str, &
             span.record("reel.outcome", "failed")
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::Backoff;
+    use proptest::prelude::*;
+
+    /// When a job that ends at `ends` is first seen, and how many polls that took, when
+    /// polled after `first` and then by [`unhinted_wait`] (jitter at `unit`).
+    fn seen(
+        backoff: &Backoff,
+        ends: Duration,
+        expected: Option<Duration>,
+        floor: Duration,
+        unit: f64,
+    ) -> (Duration, u32) {
+        let mut at = backoff.delay(1, unit).max(floor);
+        let mut polls = 1;
+        while at < ends {
+            at += unhinted_wait(backoff.delay(polls + 1, unit), at, expected, floor);
+            polls += 1;
+        }
+        (at, polls)
+    }
+
+    proptest! {
+        /// A job is seen within a tenth of its duration, whether the step knows roughly
+        /// how long its jobs take (a job may take 20% longer or shorter than expected) or
+        /// not at all, as long as the floor allows it.
+        #[test]
+        fn an_ended_job_is_seen_within_a_tenth_of_its_duration(
+            ends_ms in 2_000u64..3_600_000,
+            known in any::<bool>(),
+            off in -0.2f64..0.25,
+            unit in 0.0f64..1.0,
+        ) {
+            let backoff = Backoff::exponential(Duration::from_secs(5), Duration::from_secs(60))
+                .with_jitter(0.1);
+            let ends = Duration::from_millis(ends_ms);
+            let floor = Duration::from_secs(1).min(ends / 12);
+            let expected = known.then(|| ends.mul_f64(1.0 + off));
+            let (at, _) = seen(&backoff, ends, expected, floor, unit);
+            let lag = at.saturating_sub(ends);
+            prop_assert!(
+                lag <= ends / 10 || lag <= backoff.delay(1, unit).max(floor),
+                "a job of {ends:?} seen {lag:?} late (expected {expected:?})"
+            );
+        }
+    }
+
+    /// Knowing the duration saves the polls of the job's early life: a 5-minute job is
+    /// polled a handful of times, not every 8% of its age from the start.
+    #[test]
+    fn a_known_duration_skips_the_early_polls() {
+        let backoff =
+            Backoff::exponential(Duration::from_secs(5), Duration::from_secs(60)).with_jitter(0.1);
+        let ends = Duration::from_secs(300);
+        let floor = Duration::from_secs(1);
+        let (_, cold) = seen(&backoff, ends, None, floor, 0.5);
+        let (at, known) = seen(&backoff, ends, Some(ends), floor, 0.5);
+        assert!(at - ends <= ends / 10, "seen {:?} late", at - ends);
+        assert!(known <= 12, "{known} polls with the duration known");
+        assert!(cold > known * 2, "{cold} polls cold vs {known} known");
+    }
 }

@@ -8,6 +8,7 @@ use super::PgStore;
 use crate::error::{Error, Result};
 use crate::event::EventMetadata;
 use crate::id::{ChannelId, TaskId};
+use crate::state::StepProgress;
 use crate::status::TaskStatus;
 
 /// One task, as the `tasks` table shows it.
@@ -34,6 +35,9 @@ pub struct TaskSummary {
     /// When its stream moved to an archive (`reel archive`), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archived_at: Option<DateTime<Utc>>,
+    /// How far its running step is, when [`PgStore::with_progress`] read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<StepProgress>,
 }
 
 /// Which tasks to list.
@@ -177,6 +181,32 @@ impl PgStore {
             .collect())
     }
 
+    /// Fills in the progress of the tasks that are in a step ("Generating Video 12/18"),
+    /// read from their streams in one query and folded (archived tasks and tasks between
+    /// steps have none).
+    pub async fn with_progress(&self, tasks: &mut [TaskSummary]) -> Result<()> {
+        let running: Vec<TaskId> = tasks
+            .iter()
+            .filter(|t| t.status.is_step_status() && t.archived_at.is_none())
+            .map(|t| t.id)
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        let events = self.read_streams(&running).await?;
+        let mut streams: std::collections::HashMap<TaskId, Vec<crate::event::RecordedEvent>> =
+            std::collections::HashMap::new();
+        for event in events {
+            streams.entry(event.stream_id).or_default().push(event);
+        }
+        for task in tasks.iter_mut() {
+            if let Some(events) = streams.get(&task.id) {
+                task.progress = crate::state::fold(events).progress();
+            }
+        }
+        Ok(())
+    }
+
     /// The task's status as the `tasks` row has it (`None`: no such task).
     pub async fn task_status(&self, task: TaskId) -> Result<Option<TaskStatus>> {
         let status: Option<String> = self
@@ -288,5 +318,6 @@ pub(super) fn summary(row: &sqlx::postgres::PgRow) -> Result<TaskSummary> {
         updated_at: row.try_get("updated_at")?,
         // Selected by the listings that show it; absent elsewhere.
         archived_at: row.try_get("archived_at").ok().flatten(),
+        progress: None,
     })
 }

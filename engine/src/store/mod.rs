@@ -3,6 +3,7 @@
 mod archive;
 mod checkpoint;
 mod clock;
+mod durations;
 mod leader;
 mod lease;
 mod listing;

@@ -449,6 +449,48 @@ impl PgStore {
         Ok(())
     }
 
+    /// A call step's run of `task` ended with none of its items in flight: the slots of
+    /// `key` its items still hold — granted to an item that had given up waiting, by a
+    /// sibling's look for room — go back to the queue (`keep_places`: the task parks
+    /// waiting for room, and its places stand) or away, and the freed room wakes the
+    /// parked tasks at the head of the queue. A parked task never holds room it does not
+    /// use. Slots kept for unanswered calls stay.
+    pub async fn settle_call_slots(
+        &self,
+        key: &str,
+        cap: u32,
+        task: TaskId,
+        step: &str,
+        keep_places: bool,
+    ) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        self.statement(LOCK_KEY_SQL)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let sql = if keep_places {
+            "WITH freed AS (UPDATE provider_slots SET granted = false \
+               WHERE key = $1 AND task_id = $2 AND step = $3 AND granted AND unanswered = 0 \
+               RETURNING 1) SELECT count(*) FROM freed"
+        } else {
+            "WITH freed AS (DELETE FROM provider_slots \
+               WHERE key = $1 AND task_id = $2 AND step = $3 AND unanswered = 0 \
+               RETURNING granted) SELECT count(*) FILTER (WHERE granted) FROM freed"
+        };
+        let freed: i64 = self
+            .scalar(sql)
+            .bind(key)
+            .bind(task.as_uuid())
+            .bind(step)
+            .fetch_one(&mut *tx)
+            .await?;
+        if freed > 0 {
+            wake_head(self, &mut tx, key, Some(task), cap).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// After `task` parked waiting for room at `key`: if a slot freed meanwhile (between
     /// its last look and its park, when no release could see it parked), wakes it now.
     /// Returns whether it was woken.

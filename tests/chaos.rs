@@ -88,7 +88,9 @@ async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_work
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(150)).await; // asset 1 is in flight
+    // The first wave of assets is in flight: the step is as wide as the simulated image
+    // provider's cap, 10.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let signalled = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status()
@@ -99,10 +101,45 @@ async fn sigterm_finishes_the_item_in_flight_releases_the_lease_and_another_work
 
     let state = engine::fold(&store.read_stream(task, 1).await.expect("read"));
     let assets = state.step("assets").expect("assets");
+    let recorded: Vec<u32> = assets.items.keys().copied().collect();
     assert_eq!(
-        assets.items.len(),
-        1,
-        "the asset in flight finished and was recorded; no other started"
+        recorded,
+        (1..=10).collect::<Vec<u32>>(),
+        "the assets in flight finished and were recorded; no other started"
+    );
+    // `reel tasks` shows where the step stands: 10 of its 22 assets.
+    let tasks = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_reel"));
+        command.args(["tasks", "--channel", "chaos"]);
+        if json {
+            command.arg("--json");
+        }
+        let out = command
+            .env("DATABASE_URL", db.url())
+            .output()
+            .expect("reel tasks");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let table = tasks(false);
+    let row = table
+        .lines()
+        .find(|line| line.contains(&task.to_string()))
+        .expect("the task is listed");
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("progress"))
+            && row.contains("generating_assets")
+            && row.contains("10/22"),
+        "{table}"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&tasks(true)).expect("json");
+    assert_eq!(
+        listed[0]["progress"],
+        serde_json::json!({"step": "assets", "done": 10, "of": 22})
     );
     let owner = common::lease_owner(&db, task).await;
     assert_eq!(owner, None, "the lease is released");

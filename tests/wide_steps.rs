@@ -183,9 +183,9 @@ async fn sigkills_during_wide_steps_complete_each_item_once_within_every_cap() {
         counts.max_calls
     );
     assert!(
-        counts.max_open <= RUNWAY_CAP,
-        "{} Runway tasks open under a cap of {RUNWAY_CAP}",
-        counts.max_open
+        counts.max_in_flight <= RUNWAY_CAP,
+        "{} Runway tasks running at once under a cap of {RUNWAY_CAP}",
+        counts.max_in_flight
     );
     // The steps ran wide (else this proves nothing about wide steps).
     assert!(
@@ -250,7 +250,7 @@ async fn sigkills_during_wide_steps_complete_each_item_once_within_every_cap() {
         "wide steps under {kills} kills: most in flight {:?}, Runway {} (caps {GEMINI_CAP}/{ELEVENLABS_CAP}/{RUNWAY_CAP}); \
          {} images, {} narrations, {} sounds made for {} of each recorded",
         counts.max_calls,
-        counts.max_open,
+        counts.max_in_flight,
         counts.images,
         counts.speech,
         counts.sfx,

@@ -277,6 +277,10 @@ pub struct PollSchedule {
     /// When the last failed poll was made (absent when the last poll answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failed_at: Option<DateTime<Utc>>,
+    /// The job's age, in milliseconds, at the last poll that answered "pending": it ends
+    /// after that (what the step learns how long its jobs take from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_age_ms: Option<u64>,
 }
 
 fn is_zero_u64(value: &u64) -> bool {

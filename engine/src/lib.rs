@@ -60,8 +60,9 @@ pub use status::{InvalidStatus, TaskStatus};
 pub use store::TxIdHorizon;
 pub use store::{
     Appended, AppliedLimits, Checkpoint, Created, EVENTS_CHANNEL, Fence, Lease, LogPage, MIGRATOR,
-    NewTask, OrphanJob, PgStore, ProviderOverview, QueuedItems, ShapeChange, SlotOwner, Stranded,
-    StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter, TaskSummary,
+    NewTask, OrphanJob, PROGRESS_MAX_TASKS, PgStore, ProviderOverview, QueuedItems, ShapeChange,
+    SlotOwner, Stranded, StreamAppend, Subscription, SubscriptionOptions, TaskCursor, TaskFilter,
+    TaskSummary,
 };
 pub use store::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
 pub use store::{

@@ -560,6 +560,17 @@ enum CallSlot {
     NoRoom,
 }
 
+/// What an item waiting for room at a provider knows of its run's other items.
+#[derive(Clone, Copy)]
+struct Room<'a> {
+    /// How many of them hold a slot.
+    holding: &'a AtomicUsize,
+    /// Notified when one releases its slot.
+    released: &'a tokio::sync::Notify,
+    /// Cancelled once one gave up or parked: no new item starts.
+    no_new_items: &'a CancellationToken,
+}
+
 /// One of a run's items holds a provider slot (counted while this lives).
 struct Holding<'a>(&'a AtomicUsize);
 
@@ -988,15 +999,23 @@ impl TaskRun {
     }
 
     /// Waits for a request of `limits`' rate (and for its key's pause to end), unless the
-    /// run is told to stop. False: stopped. Call-shaped items wait in place (they hold
+    /// run is told to stop or a sibling gave up. False: stopped. Call-shaped items wait in place (they hold
     /// their worker slot while they run anyway); job steps park instead.
-    async fn wait_for_request(&self, limits: &ProviderLimits) -> Result<bool> {
+    async fn wait_for_request(
+        &self,
+        limits: &ProviderLimits,
+        no_new_items: &CancellationToken,
+    ) -> Result<bool> {
         loop {
+            if no_new_items.is_cancelled() {
+                return Ok(false);
+            }
             match self.store.take_request(&limits.key, limits.rate).await? {
-                None => return Ok(true),
+                None => return Ok(!no_new_items.is_cancelled()),
                 Some(wait) => {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
+                        () = no_new_items.cancelled() => return Ok(false),
                         () = self.drain.cancelled() => return Ok(false),
                         () = self.cancel.cancelled() => return Ok(false),
                     }
@@ -1026,7 +1045,7 @@ impl TaskRun {
         limits: &ProviderLimits,
         step: &Step,
         item: u32,
-        holding: &AtomicUsize,
+        room: Room<'_>,
     ) -> Result<CallSlot> {
         let Some(cap) = limits.max_in_flight else {
             return Ok(CallSlot::Granted);
@@ -1043,18 +1062,33 @@ impl TaskRun {
                 .store
                 .acquire_slots(&limits.key, cap, owner, &[item], SLOT_TTL)
                 .await?;
+            if room.no_new_items.is_cancelled() {
+                // A sibling gave up (or the run stops): no new call starts. A slot just
+                // granted is settled with the run (see `run_items`).
+                return Ok(CallSlot::Stopped);
+            }
             if !granted.is_empty() {
                 return Ok(CallSlot::Granted);
             }
-            if started.elapsed() >= PARK_AFTER && holding.load(Ordering::Acquire) == 0 {
+            let siblings_hold = room.holding.load(Ordering::Acquire) > 0;
+            if started.elapsed() >= PARK_AFTER && !siblings_hold {
                 return Ok(CallSlot::NoRoom);
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                () = room.released.notified() => {}
+                () = room.no_new_items.cancelled() => return Ok(CallSlot::Stopped),
                 () = self.drain.cancelled() => return Ok(CallSlot::Stopped),
                 () = self.cancel.cancelled() => return Ok(CallSlot::Stopped),
             }
-            wait = (wait * 2).min(Duration::from_millis(250));
+            // While siblings hold slots, their releases wake this item; other tasks'
+            // releases are looked for at most once a second (each look locks the key).
+            let longest = if siblings_hold {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(250)
+            };
+            wait = (wait * 2).min(longest);
         }
     }
 
@@ -1123,11 +1157,19 @@ impl TaskRun {
         // This run's items holding a provider slot: while one does, the others wait in
         // place for room instead of parking the task.
         let holding = AtomicUsize::new(0);
+        // A slot an item releases: the siblings waiting for room look again at once.
+        let released = tokio::sync::Notify::new();
         let mut items = futures_util::stream::iter(missing)
             .map(|item| {
                 let span = item_span(step, item, self.attempt);
-                let run =
-                    self.run_item(step, item, outputs.clone(), no_new_items.clone(), &holding);
+                let run = self.run_item(
+                    step,
+                    item,
+                    outputs.clone(),
+                    no_new_items.clone(),
+                    &holding,
+                    &released,
+                );
                 async move {
                     let ended = run.await;
                     record_item_end(&tracing::Span::current(), &ended);
@@ -1189,13 +1231,15 @@ impl TaskRun {
                 }
             }
         }
-        // Every item of the run ended on its own (a stop may have cut a call off, whose
-        // slot then lapses as before): a slot a sibling's look for room granted to an item
-        // that had stopped waiting must not stay held, least of all through a park.
+        // Every item of the run has ended (an abort may have cut a call off, whose slot
+        // then lapses as before; a drain lets calls finish): a slot a sibling's look for
+        // room granted to an item that had stopped waiting must not stay held, least of
+        // all through a park. A run that lost the task leaves the slots to the new owner.
+        let lost = matches!(store_error, Some(Error::LeaseLost { .. }));
         if let Some(limits) = self.limits(step)
             && let Some(cap) = limits.max_in_flight
-            && !matches!(end, StepEnd::Stopped)
             && !self.cancel.is_cancelled()
+            && !lost
         {
             let parked_for_room = matches!(end, StepEnd::Parked { room: Some(_), .. });
             let settled = self
@@ -1205,11 +1249,13 @@ impl TaskRun {
                     cap,
                     self.log.lease.task,
                     step.name(),
+                    &self.log.lease.worker_id,
                     parked_for_room,
                 )
                 .await;
             if let Err(err) = settled {
-                store_error.get_or_insert(err);
+                // Every completion is durable; the rows lapse on their own (SLOT_TTL).
+                tracing::warn!(step = step.name(), error = %err, "cannot settle the step's provider slots; they lapse on their own");
             }
         }
         if let StepEnd::Parked {
@@ -1240,6 +1286,7 @@ impl TaskRun {
         outputs: Arc<Outputs>,
         no_new_items: CancellationToken,
         holding: &AtomicUsize,
+        released: &tokio::sync::Notify,
     ) -> Result<ItemEnd> {
         let policy = step.retry;
         let mut try_number = 0;
@@ -1261,14 +1308,19 @@ impl TaskRun {
             let limits = self.limits(step);
             let mut held = None;
             if let Some(limits) = &limits {
-                match self.acquire_call_slot(limits, step, item, holding).await? {
+                let room = Room {
+                    holding,
+                    released,
+                    no_new_items: &no_new_items,
+                };
+                match self.acquire_call_slot(limits, step, item, room).await? {
                     CallSlot::Granted => held = Some(Holding::new(holding)),
                     CallSlot::Stopped => return Ok(ItemEnd::Ended(StepEnd::Stopped)),
                     CallSlot::NoRoom => {
                         return Ok(ItemEnd::Ended(self.park_for_room(limits, 1).await?));
                     }
                 }
-                if !self.wait_for_request(limits).await? {
+                if !self.wait_for_request(limits, &no_new_items).await? {
                     return Ok(ItemEnd::Ended(StepEnd::Stopped));
                 }
             }
@@ -1292,6 +1344,7 @@ impl TaskRun {
                 self.store
                     .release_slot(&key, cap, self.log.lease.task, step.name(), item)
                     .await?;
+                released.notify_waiters();
             }
             drop(held);
             let result = result.and_then(|output| match output.unstorable() {

@@ -758,6 +758,11 @@ impl TaskState {
             to.clone_into(&mut step.name);
         }
         self.step_index.insert(to.to_owned(), index);
+        if let Some((running, _)) = &mut self.running_step
+            && running == from
+        {
+            to.clone_into(running);
+        }
     }
 
     fn claimed(&mut self, attempt: u32) {

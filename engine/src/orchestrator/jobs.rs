@@ -42,10 +42,13 @@ const NEAR_END_FROM: f64 = 0.7;
 /// A job that ends 20% sooner than expected is still seen within 8.75% of its duration.
 const NEAR_END_STEP: f64 = 0.07;
 
-/// A job past its expected end, or one whose step never saw a job end, is polled again
-/// after at most this share of its age: an ended job is seen within that share of its
-/// duration (the goal is a tenth, with room for the poll's own round trip).
+/// A job past its expected end is polled again after at most this share of its age: an
+/// ended job is seen within that share of its duration (the goal is a tenth, with room
+/// for the poll's own round trip).
 const AGE_STEP: f64 = 0.08;
+
+/// The longest expected job duration the schedule takes (a longer one polls as if a year).
+const EXPECTED_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Polls that must fail in a row, besides the step's job timeout, before a job counts as
 /// lost: one unreadable answer after a long wait is not a lost job.
@@ -67,6 +70,8 @@ struct Open {
     /// The job's age at the last poll that answered "pending" in this run: it ended
     /// between then and the poll that saw its end.
     pending_at_age: Option<Duration>,
+    /// Adopted from an orphaned submission: its age counts from the adoption.
+    adopted: bool,
     /// Polls that failed in a row, and for how long (see [`PollSchedule::failing_for_ms`]).
     poll_errors: u32,
     failing_for: Duration,
@@ -86,6 +91,11 @@ impl Open {
         now: Instant,
         db_now: DateTime<Utc>,
     ) -> Open {
+        let pending_at_age = job
+            .schedule
+            .as_ref()
+            .and_then(|planned| planned.pending_age_ms)
+            .map(Duration::from_millis);
         let (next_poll, polls, poll_errors, failing_for, last_failed_at) = match &job.schedule {
             // The schedule the last park recorded.
             Some(planned) => (
@@ -107,7 +117,8 @@ impl Open {
             submission: job.submission,
             submitted_at: job.submitted_at,
             polls,
-            pending_at_age: None,
+            pending_at_age,
+            adopted: false,
             poll_errors,
             failing_for,
             last_failed_at,
@@ -319,12 +330,21 @@ impl<'a> JobRun<'a> {
     }
 
     pub(super) async fn run(mut self) -> Result<StepEnd> {
-        let learned = self
+        // Only the poll schedule depends on it: without it (a worker deployed before the
+        // migration, a failed read), polls follow the job's age.
+        match self
             .run
             .store
             .expected_job_duration(&self.run.workflow.name, self.step.name())
-            .await?;
-        self.expected = learned.or(self.expected);
+            .await
+        {
+            Ok(learned) => self.expected = learned.or(self.expected),
+            Err(err) => tracing::warn!(
+                step = self.step.name(),
+                error = %err,
+                "cannot read how long the step's jobs take; polls follow each job's age"
+            ),
+        }
         if self.adopt_orphans().await? {
             return Ok(StepEnd::Stopped);
         }
@@ -435,6 +455,8 @@ impl<'a> JobRun<'a> {
                         submitted_at: self.run.store.now(),
                         polls: 0,
                         pending_at_age: None,
+                        // When the provider took it is unknown: its end teaches nothing.
+                        adopted: true,
                         poll_errors: 0,
                         failing_for: Duration::ZERO,
                         last_failed_at: None,
@@ -509,6 +531,9 @@ impl<'a> JobRun<'a> {
                 failed_polls: open.poll_errors,
                 failing_for_ms: u64::try_from(open.failing_for.as_millis()).unwrap_or(u64::MAX),
                 last_failed_at: open.last_failed_at,
+                pending_age_ms: open
+                    .pending_at_age
+                    .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect();
         let room = match (self.no_room, self.capped()) {
@@ -612,15 +637,14 @@ impl<'a> JobRun<'a> {
                 }
                 let waited = (db_now - open.submitted_at).to_std().unwrap_or_default();
                 let duration_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-                // It ended between the last "pending" and now: the middle is the best guess.
-                let took = open
-                    .pending_at_age
-                    .filter(|pending| *pending <= waited)
-                    .map_or(waited, |pending| (pending + waited) / 2);
+                let sample = learned_sample(open.pending_at_age, waited, self.expected)
+                    .filter(|_| !open.adopted);
                 self.open.remove(&item);
                 self.run.complete(step, item, output, duration_ms).await?;
                 self.release(item).await?;
-                self.learn(took).await;
+                if let Some(took) = sample {
+                    self.learn(took).await;
+                }
                 Ok(None)
             }
             Ok(JobStatus::Failed(error)) => self.job_failed(item, error).await,
@@ -946,6 +970,7 @@ impl<'a> JobRun<'a> {
             submitted_at: self.run.store.now(),
             polls: 0,
             pending_at_age: None,
+            adopted: false,
             poll_errors: 0,
             failing_for: Duration::ZERO,
             last_failed_at: None,
@@ -1051,11 +1076,12 @@ pub(super) const FREE_RATE_REFUSALS: u32 = 5;
 /// The least wait after the `refusals`-th rate refusal of an item, whatever the provider
 /// said (a `Retry-After: 0` must not make a loop): 100 ms doubling to 5 s.
 /// How long to wait before polling a job that is still running, when the provider gave no
-/// hint: `backoff` (the step's wait for this poll) while the job is far from its
-/// `expected` end; near the end, the grid of [`NEAR_END_STEP`]s that ends just past it;
-/// past it, or while no job of the step was seen to end, at most [`AGE_STEP`] of the
-/// job's `age`. Never less than `floor`. A job that ended is so seen within a tenth of its
-/// duration (given a floor that allows it), at the cost of a few polls near its end.
+/// hint: `backoff` (the step's wait for this poll) while no job of the step was seen to
+/// end, or while the job is far from its `expected` end; near the end, the grid of
+/// [`NEAR_END_STEP`]s that ends just past it; past it, at most [`AGE_STEP`] of the job's
+/// `age`. Never less than `floor`. Once the step knows how long its jobs take, a job that
+/// ended is so seen within a tenth of its duration (given a floor that allows it), at the
+/// cost of a few polls near its end.
 pub(super) fn unhinted_wait(
     backoff: Duration,
     age: Duration,
@@ -1064,8 +1090,13 @@ pub(super) fn unhinted_wait(
 ) -> Duration {
     let floor = floor.max(POLL_MIN);
     let by_age = || backoff.min(age.mul_f64(AGE_STEP)).max(floor);
-    let Some(expected) = expected.filter(|e| !e.is_zero()) else {
-        return by_age();
+    // Until a job of the step was seen to end, the backoff: what it costs to poll a job
+    // more often is not worth paying before anyone knows when jobs end.
+    let Some(expected) = expected
+        .filter(|e| !e.is_zero())
+        .map(|e| e.min(EXPECTED_MAX))
+    else {
+        return backoff.max(floor);
     };
     let anchor = expected.mul_f64(1.0 + NEAR_END_MARGIN).as_secs_f64();
     let age_s = age.as_secs_f64();
@@ -1083,6 +1114,26 @@ pub(super) fn unhinted_wait(
         Duration::from_secs_f64(next - age_s)
     };
     wait.max(floor)
+}
+
+/// What a job that ended teaches about the step's job durations: it ended after the last
+/// poll that answered "pending" (`pending`, its age then) and by the poll that saw it
+/// (`seen`), so the middle. Nothing when no "pending" is known (an adopted orphan's
+/// submission time is unknown too), or when the interval is wide (a pause, an outage or a
+/// long park between the polls) and the job took longer than expected: such a sample
+/// would only stretch the expectation. One that ended sooner than expected, or the step's
+/// first, is taken whatever the interval (it makes polls come sooner, never later).
+fn learned_sample(
+    pending: Option<Duration>,
+    seen: Duration,
+    expected: Option<Duration>,
+) -> Option<Duration> {
+    let pending = pending.filter(|p| *p <= seen)?;
+    let middle = (pending + seen) / 2;
+    let narrow = seen - pending <= seen / 4;
+    // The step's first sample is taken however wide (it replaces knowing nothing).
+    let sooner = expected.is_none_or(|e| middle < e);
+    (narrow || sooner).then_some(middle)
 }
 
 pub(super) fn rate_refusal_wait(refusals: u32) -> Duration {
@@ -1168,9 +1219,9 @@ mod tests {
     }
 
     proptest! {
-        /// A job is seen within a tenth of its duration, whether the step knows roughly
-        /// how long its jobs take (a job may take 20% longer or shorter than expected) or
-        /// not at all, as long as the floor allows it.
+        /// A job is seen within a tenth of its duration once the step knows roughly how
+        /// long its jobs take (a job may take 20% longer or shorter than expected), as
+        /// long as the floor allows it; before that, within its backoff's wait.
         #[test]
         fn an_ended_job_is_seen_within_a_tenth_of_its_duration(
             ends_ms in 2_000u64..3_600_000,
@@ -1185,25 +1236,86 @@ mod tests {
             let expected = known.then(|| ends.mul_f64(1.0 + off));
             let (at, _) = seen(&backoff, ends, expected, floor, unit);
             let lag = at.saturating_sub(ends);
+            let allowed = match expected {
+                Some(_) => (ends / 10).max(backoff.delay(1, unit).max(floor)),
+                None => backoff.max,
+            };
             prop_assert!(
-                lag <= ends / 10 || lag <= backoff.delay(1, unit).max(floor),
+                lag <= allowed,
                 "a job of {ends:?} seen {lag:?} late (expected {expected:?})"
             );
         }
     }
 
-    /// Knowing the duration saves the polls of the job's early life: a 5-minute job is
-    /// polled a handful of times, not every 8% of its age from the start.
+    /// A job's end teaches the middle of the interval it ended in, unless the interval is
+    /// wide and the job looks longer than expected (a pause between two polls must not
+    /// stretch the expectation); one that ended sooner is always taken.
     #[test]
-    fn a_known_duration_skips_the_early_polls() {
+    fn a_sample_comes_from_a_narrow_interval_or_a_sooner_end() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            learned_sample(Some(s(9)), s(10), Some(s(10))),
+            Some(Duration::from_millis(9500))
+        );
+        assert_eq!(learned_sample(Some(s(5)), s(15), None), Some(s(10)));
+        assert_eq!(learned_sample(None, s(10), Some(s(10))), None);
+        // An hour's pause between "pending" at 4 min and the end seen at 64 min.
+        assert_eq!(learned_sample(Some(s(240)), s(3840), Some(s(300))), None);
+        // Ended well before the expected 5 minutes, seen by a backoff poll.
+        assert_eq!(
+            learned_sample(Some(s(60)), s(120), Some(s(300))),
+            Some(s(90))
+        );
+        assert_eq!(learned_sample(Some(s(11)), s(10), None), None);
+    }
+
+    /// An expected duration of any size polls sooner or later, without a panic.
+    #[test]
+    fn huge_expected_durations_do_not_overflow() {
+        let backoff = Duration::from_secs(5);
+        for expected in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_nanos(1),
+        ] {
+            for age in [
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(86_400 * 400),
+            ] {
+                let wait = unhinted_wait(backoff, age, Some(expected), Duration::ZERO);
+                assert!(
+                    wait >= POLL_MIN && wait <= backoff.max(POLL_MIN),
+                    "{wait:?}"
+                );
+            }
+        }
+    }
+
+    /// Knowing the duration sees a job's end within a tenth of it, at a few polls more
+    /// than the backoff alone, all near the end.
+    #[test]
+    fn a_known_duration_sees_the_end_sooner_for_a_few_polls() {
         let backoff =
             Backoff::exponential(Duration::from_secs(5), Duration::from_secs(60)).with_jitter(0.1);
-        let ends = Duration::from_secs(300);
         let floor = Duration::from_secs(1);
-        let (_, cold) = seen(&backoff, ends, None, floor, 0.5);
-        let (at, known) = seen(&backoff, ends, Some(ends), floor, 0.5);
-        assert!(at - ends <= ends / 10, "seen {:?} late", at - ends);
-        assert!(known <= 12, "{known} polls with the duration known");
-        assert!(cold > known * 2, "{cold} polls cold vs {known} known");
+        for ends in [
+            Duration::from_secs(10),
+            Duration::from_secs(70),
+            Duration::from_secs(300),
+        ] {
+            let (cold_at, cold) = seen(&backoff, ends, None, floor, 0.5);
+            let (at, known) = seen(&backoff, ends, Some(ends), floor, 0.5);
+            assert!(
+                at - ends <= ends / 10,
+                "{ends:?}: seen {:?} late",
+                at - ends
+            );
+            assert!(at <= cold_at, "{ends:?}: known {at:?}, cold {cold_at:?}");
+            assert!(
+                known <= cold + 8,
+                "{ends:?}: {known} polls known vs {cold} cold"
+            );
+        }
     }
 }

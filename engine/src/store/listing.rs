@@ -11,6 +11,9 @@ use crate::id::{ChannelId, TaskId};
 use crate::state::StepProgress;
 use crate::status::TaskStatus;
 
+/// The most tasks [`PgStore::with_progress`] reads the streams of.
+pub const PROGRESS_MAX_TASKS: usize = 500;
+
 /// One task, as the `tasks` table shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TaskSummary {
@@ -182,22 +185,41 @@ impl PgStore {
     }
 
     /// Fills in the progress of the tasks that are in a step ("Generating Video 12/18"),
-    /// read from their streams in one query and folded (archived tasks and tasks between
-    /// steps have none).
+    /// read from their streams in one query and folded (archived tasks, tasks between
+    /// steps, a task whose history this build cannot read, and tasks past the first
+    /// [`PROGRESS_MAX_TASKS`] in a step have none).
     pub async fn with_progress(&self, tasks: &mut [TaskSummary]) -> Result<()> {
         let running: Vec<TaskId> = tasks
             .iter()
             .filter(|t| t.status.is_step_status() && t.archived_at.is_none())
             .map(|t| t.id)
+            .take(PROGRESS_MAX_TASKS)
             .collect();
         if running.is_empty() {
             return Ok(());
         }
-        let events = self.read_streams(&running).await?;
         let mut streams: std::collections::HashMap<TaskId, Vec<crate::event::RecordedEvent>> =
             std::collections::HashMap::new();
-        for event in events {
-            streams.entry(event.stream_id).or_default().push(event);
+        match self.read_streams(&running).await {
+            Ok(events) => {
+                for event in events {
+                    streams.entry(event.stream_id).or_default().push(event);
+                }
+            }
+            // An event this build cannot read (a newer build's, a corrupt one): the tasks
+            // that read are shown with their progress, the others without.
+            Err(Error::Decode { .. }) => {
+                for task in &running {
+                    match self.read_stream(*task, 1).await {
+                        Ok(events) => {
+                            streams.insert(*task, events);
+                        }
+                        Err(Error::Decode { .. }) => {}
+                        Err(other) => return Err(other),
+                    }
+                }
+            }
+            Err(other) => return Err(other),
         }
         for task in tasks.iter_mut() {
             if let Some(events) = streams.get(&task.id) {

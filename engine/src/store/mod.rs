@@ -22,7 +22,7 @@ use serde_json::Value;
 pub use archive::{ArchiveCandidate, ArchiveCommit, ArchiveFilter, RestoreOutcome, StoredEvent};
 pub use checkpoint::TxIdHorizon;
 pub use lease::Lease;
-pub use listing::{TaskCursor, TaskFilter, TaskSummary};
+pub use listing::{PROGRESS_MAX_TASKS, TaskCursor, TaskFilter, TaskSummary};
 pub use orphans::OrphanJob;
 pub use postgres::PgStore;
 pub(crate) use postgres::waited_too_long;

@@ -454,13 +454,16 @@ impl PgStore {
     /// sibling's look for room — go back to the queue (`keep_places`: the task parks
     /// waiting for room, and its places stand) or away, and the freed room wakes the
     /// parked tasks at the head of the queue. A parked task never holds room it does not
-    /// use. Slots kept for unanswered calls stay.
+    /// use. Only rows `holder` registered last are touched (a worker that lost the task
+    /// leaves the new owner's alone), and, whoever held them, those of items the log holds
+    /// complete; slots kept for unanswered calls stay.
     pub async fn settle_call_slots(
         &self,
         key: &str,
         cap: u32,
         task: TaskId,
         step: &str,
+        holder: &str,
         keep_places: bool,
     ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
@@ -471,14 +474,33 @@ impl PgStore {
         let sql = if keep_places {
             "WITH freed AS (UPDATE provider_slots SET granted = false \
                WHERE key = $1 AND task_id = $2 AND step = $3 AND granted AND unanswered = 0 \
+                 AND holder = $4 \
                RETURNING 1) SELECT count(*) FROM freed"
         } else {
             "WITH freed AS (DELETE FROM provider_slots \
                WHERE key = $1 AND task_id = $2 AND step = $3 AND unanswered = 0 \
+                 AND holder = $4 \
                RETURNING granted) SELECT count(*) FILTER (WHERE granted) FROM freed"
         };
-        let freed: i64 = self
+        let mut freed: i64 = self
             .scalar(sql)
+            .bind(key)
+            .bind(task.as_uuid())
+            .bind(step)
+            .bind(holder)
+            .fetch_one(&mut *tx)
+            .await?;
+        // Whoever held them: the slots of items the log holds complete (a worker that died
+        // between an item's completion and its release; nothing of it is in flight).
+        freed += self
+            .scalar::<i64>(
+                "WITH freed AS (DELETE FROM provider_slots s \
+                   WHERE s.key = $1 AND s.task_id = $2 AND s.step = $3 AND s.unanswered = 0 \
+                     AND EXISTS (SELECT 1 FROM events e WHERE e.stream_id = s.task_id \
+                       AND e.event_type = 'item_completed' AND e.payload->>'step' = s.step \
+                       AND e.payload->>'item' = s.item::text) \
+                   RETURNING granted) SELECT count(*) FILTER (WHERE granted) FROM freed",
+            )
             .bind(key)
             .bind(task.as_uuid())
             .bind(step)

@@ -1118,7 +1118,7 @@ pub(super) fn unhinted_wait(
 
 /// What a job that ended teaches about the step's job durations: it ended after the last
 /// poll that answered "pending" (`pending`, its age then) and by the poll that saw it
-/// (`seen`), so the middle. Nothing when no "pending" is known (an adopted orphan's
+/// (`seen`). Nothing when no "pending" is known (an adopted orphan's
 /// submission time is unknown too), or when the interval is wide (a pause, an outage or a
 /// long park between the polls) and the job took longer than expected: such a sample
 /// would only stretch the expectation. One that ended sooner than expected, or the step's
@@ -1129,11 +1129,17 @@ fn learned_sample(
     expected: Option<Duration>,
 ) -> Option<Duration> {
     let pending = pending.filter(|p| *p <= seen)?;
-    let middle = (pending + seen) / 2;
+    let Some(expected) = expected else {
+        // The step's first: the middle, however wide (it replaces knowing nothing).
+        return Some((pending + seen) / 2);
+    };
+    // The near-end grid ends just past the expected end: the sample is the expectation
+    // that would have put the grid's end on the poll that saw it. A job seen there took
+    // what was expected (no drift); one seen a step later raises the expectation by a
+    // fifth of the step, until the grid's end is just past the jobs' end.
+    let sample = seen.div_f64(1.0 + NEAR_END_MARGIN);
     let narrow = seen - pending <= seen / 4;
-    // The step's first sample is taken however wide (it replaces knowing nothing).
-    let sooner = expected.is_none_or(|e| middle < e);
-    (narrow || sooner).then_some(middle)
+    (narrow || sample < expected).then_some(sample)
 }
 
 pub(super) fn rate_refusal_wait(refusals: u32) -> Duration {
@@ -1253,18 +1259,21 @@ mod tests {
     #[test]
     fn a_sample_comes_from_a_narrow_interval_or_a_sooner_end() {
         let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Seen by the grid's last poll, 2% past the expected 10 s: as expected.
         assert_eq!(
-            learned_sample(Some(s(9)), s(10), Some(s(10))),
-            Some(Duration::from_millis(9500))
+            learned_sample(Some(s(9)), ms(10_200), Some(s(10))),
+            Some(s(10))
         );
+        // The step's first, seen by the backoff: the middle.
         assert_eq!(learned_sample(Some(s(5)), s(15), None), Some(s(10)));
         assert_eq!(learned_sample(None, s(10), Some(s(10))), None);
         // An hour's pause between "pending" at 4 min and the end seen at 64 min.
         assert_eq!(learned_sample(Some(s(240)), s(3840), Some(s(300))), None);
         // Ended well before the expected 5 minutes, seen by a backoff poll.
         assert_eq!(
-            learned_sample(Some(s(60)), s(120), Some(s(300))),
-            Some(s(90))
+            learned_sample(Some(s(60)), ms(122_400), Some(s(300))),
+            Some(s(120))
         );
         assert_eq!(learned_sample(Some(s(11)), s(10), None), None);
     }
